@@ -1,0 +1,508 @@
+"""Typed, strict run configs: YAML (`yaml.safe_load`) + dotted overrides -> dataclasses.
+
+One dataclass per part (data, vae, model, diffusion, train, validation). Loading rejects
+unknown keys (naming the closest valid one), wrong types and broken invariants, always
+naming the key and the value. Nothing in a config is evaluated or executed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from utils.errors import ConfigError, MissingFileError
+
+# --------------------------------------------------------------------------- sections
+
+DEVICE_HELP = "use auto, cpu, cuda or cuda:N"
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "demo"
+    runs_dir: str = "runs"  # run directory is <runs_dir>/<name>
+    seed: int = 0  # seeds python, numpy, torch and the data order
+
+
+@dataclass
+class BuiltinDataConfig:
+    """`data.path: builtin:moving_shapes`: procedural clips, deterministic from the seed."""
+    num_clips: int = 256  # training clips; held-out clips use a different seed
+    num_val_clips: int = 16
+    clip_frames: int = 24  # source frames per clip, before frame_stride / windows
+    num_shapes: int = 1  # shapes per clip
+    background: Literal["plain", "gradient"] = "plain"
+    min_size: float = 0.25  # shape size as a fraction of the frame side
+    max_size: float = 0.4
+    max_speed: float = 0.06  # fraction of the frame side per source frame
+
+    def validate(self, prefix: str) -> None:
+        _positive(self, prefix, "num_clips", "num_val_clips", "clip_frames", "num_shapes")
+        if not 0 < self.min_size <= self.max_size <= 1:
+            raise ConfigError(f"{prefix}.min_size / max_size = {self.min_size} / {self.max_size}: "
+                              "need 0 < min_size <= max_size <= 1")
+        if self.max_speed < 0:
+            raise ConfigError(f"{prefix}.max_speed = {self.max_speed}: must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    path: str = "builtin:moving_shapes"  # or a folder of videos / frame folders
+    num_frames: int = 8  # frames per training clip (after frame_stride)
+    resolution: int = 32  # square side in pixels
+    frame_stride: int = 1  # take every k-th source frame
+    window_stride: int = 4  # start a new window every k source frames
+    random_crop: bool = False  # else center crop after resizing the shorter side
+    hflip: bool = False  # random horizontal flip
+    val_fraction: float = 0.1  # folders: share of videos held out for validation
+    labels: Literal["none", "subfolder"] = "none"  # folders: class = top-level subfolder
+    num_workers: int = 0  # DataLoader worker processes
+    cache: Literal["off", "auto"] = "off"  # latent cache (stage 2)
+    builtin: BuiltinDataConfig = field(default_factory=BuiltinDataConfig)
+
+    def validate(self, prefix: str = "data") -> None:
+        _positive(self, prefix, "num_frames", "resolution", "frame_stride", "window_stride")
+        if self.num_workers < 0:
+            raise ConfigError(f"{prefix}.num_workers = {self.num_workers}: must be >= 0")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"{prefix}.val_fraction = {self.val_fraction}: must be in [0, 1)")
+        if self.path.startswith("builtin:") and self.path != "builtin:moving_shapes":
+            raise ConfigError(f"{prefix}.path = {self.path!r}: the only built-in dataset is "
+                              "'builtin:moving_shapes'; otherwise give a folder of videos")
+        self.builtin.validate(prefix + ".builtin")
+
+
+@dataclass
+class VAEArchConfig:
+    """Stage 1: the diffusers AutoencoderKL to train (applied per frame)."""
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 16
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def validate(self, prefix: str = "vae") -> None:
+        if len(self.block_out_channels) not in (3, 4):
+            raise ConfigError(f"{prefix}.block_out_channels = {self.block_out_channels}: give 3 "
+                              "blocks (4x spatial downsampling) or 4 blocks (8x)")
+        for c in self.block_out_channels:
+            if c <= 0 or c % self.norm_num_groups:
+                raise ConfigError(f"{prefix}.block_out_channels = {self.block_out_channels}: each "
+                                  f"must be a positive multiple of norm_num_groups={self.norm_num_groups}")
+        _positive(self, prefix, "layers_per_block", "latent_channels", "norm_num_groups")
+
+
+@dataclass
+class VAERefConfig:
+    """Stage 2 / predict: a frozen diffusers AutoencoderKL directory on disk."""
+    path: Optional[str] = None  # e.g. runs/vae/vae (stage 1 output) or any SD-style VAE dir
+    encode_batch_frames: int = 64  # frames per VAE call (memory bound)
+    sample_posterior: bool = True  # train on posterior samples (False: posterior mean)
+
+    def validate(self, prefix: str = "vae") -> None:
+        _positive(self, prefix, "encode_batch_frames")
+
+
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    # name: hidden_size, depth, num_heads (DiT paper sizes), patch from the suffix
+    "DiT-T": dict(hidden_size=192, depth=6, num_heads=3),
+    "DiT-S": dict(hidden_size=384, depth=12, num_heads=6),
+    "DiT-B": dict(hidden_size=768, depth=12, num_heads=12),
+    "DiT-L": dict(hidden_size=1024, depth=24, num_heads=16),
+    "DiT-XL": dict(hidden_size=1152, depth=28, num_heads=16),
+}
+
+
+@dataclass
+class ModelConfig:
+    """The video DiT. Its input size derives from data + VAE, never from here."""
+    preset: Optional[str] = None  # e.g. "DiT-S/2": overrides hidden_size/depth/num_heads/patch_size
+    hidden_size: int = 256
+    depth: int = 6
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    patch_size: int = 2  # spatial patch side in latent pixels
+    patch_t: int = 1  # temporal patch length in latent frames
+    attention: Literal["factorized", "full"] = "factorized"  # spatial/temporal alternating, or space-time
+    qk_norm: bool = True
+    class_conditional: bool = True  # uses the dataset's labels if it has any
+    class_dropout: float = 0.1  # label dropout for classifier-free guidance
+
+    def resolved(self) -> "ModelConfig":
+        """Copy with the preset applied (presets are names for sizes, nothing more)."""
+        if self.preset is None:
+            return dataclasses.replace(self)
+        name, _, patch = self.preset.partition("/")
+        sizes = dict(MODEL_PRESETS[name])
+        if patch:
+            sizes["patch_size"] = int(patch)
+        return dataclasses.replace(self, preset=None, **sizes)
+
+    def validate(self, prefix: str = "model") -> None:
+        if self.preset is not None:
+            name, _, patch = self.preset.partition("/")
+            if name not in MODEL_PRESETS or (patch and not patch.isdigit()):
+                raise ConfigError(f"{prefix}.preset = {self.preset!r}: use one of "
+                                  f"{sorted(MODEL_PRESETS)} with an optional '/<patch>', e.g. 'DiT-S/2'")
+        _positive(self, prefix, "hidden_size", "depth", "num_heads", "patch_size", "patch_t")
+        r = self.resolved()
+        if r.hidden_size % r.num_heads:
+            raise ConfigError(f"{prefix}.hidden_size = {r.hidden_size} is not divisible by "
+                              f"num_heads = {r.num_heads}")
+        if (r.hidden_size // r.num_heads) % 2:
+            raise ConfigError(f"{prefix}: head dim {r.hidden_size // r.num_heads} must be even")
+        if not 0 <= self.class_dropout < 1:
+            raise ConfigError(f"{prefix}.class_dropout = {self.class_dropout}: must be in [0, 1)")
+
+
+@dataclass
+class DiffusionConfig:
+    """Training schedule; predict and validation rebuild diffusers schedulers from it."""
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    rescale_betas_zero_snr: bool = True
+    min_snr_gamma: Optional[float] = 5.0  # min-SNR-gamma loss weighting; null = plain v MSE
+
+    def validate(self, prefix: str = "diffusion") -> None:
+        _positive(self, prefix, "num_train_timesteps")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise ConfigError(f"{prefix}.beta_start / beta_end = {self.beta_start} / {self.beta_end}: "
+                              "need 0 < beta_start < beta_end < 1")
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+            raise ConfigError(f"{prefix}.min_snr_gamma = {self.min_snr_gamma}: must be > 0 or null")
+
+
+@dataclass
+class TrainConfig:
+    """Stage 2 optimisation."""
+    epochs: int = 100
+    max_steps: Optional[int] = None  # stop at whichever comes first; null = epochs decide
+    batch_size: int = 8  # per process
+    grad_accum_steps: int = 1
+    lr: float = 3e-4  # peak learning rate
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 100
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    grad_clip: Optional[float] = 1.0  # max global grad norm; null = no clipping
+    ema_decay: float = 0.999
+    ema_warmup_steps: int = 100  # EMA decay ramps up over this many steps
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    tf32: bool = True  # CUDA only
+    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile the DiT
+    log_every: int = 10  # optimizer steps between scalar logs
+    checkpoint_every: int = 200  # write latest.pth every k optimizer steps (and at the end)
+    epoch_checkpoint_every: int = 0  # write epoch_XXXX.pth every k epochs; 0 = never
+    keep_last: int = 3  # epoch_XXXX.pth files kept; 0 = keep all
+    resume: Optional[str] = None  # null, auto, or a checkpoint path
+    max_nonfinite_steps: int = 5  # stop after this many NaN/Inf losses in a row
+
+    def validate(self, prefix: str = "train") -> None:
+        _positive(self, prefix, "epochs", "batch_size", "grad_accum_steps", "log_every",
+                  "checkpoint_every", "max_nonfinite_steps")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"{prefix}.max_steps = {self.max_steps}: must be >= 1 or null")
+        if self.lr <= 0:
+            raise ConfigError(f"{prefix}.lr = {self.lr}: must be > 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"{prefix}.ema_decay = {self.ema_decay}: must be in [0, 1)")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"{prefix}.betas = {self.betas}: give two numbers in [0, 1)")
+        for k in ("warmup_steps", "ema_warmup_steps", "epoch_checkpoint_every", "keep_last"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"{prefix}.{k} = {getattr(self, k)}: must be >= 0")
+
+
+@dataclass
+class ValidationConfig:
+    every_epochs: int = 10  # sample validation videos every k epochs (and at the end); 0 = never
+    num_videos: int = 4
+    sampler: Literal["ddim", "dpm++", "euler", "ddpm"] = "ddim"
+    num_steps: int = 50
+    guidance_scale: float = 1.0  # classifier-free guidance; 1 = off
+    fps: int = 8
+    seed: int = 1234
+
+    def validate(self, prefix: str = "validation") -> None:
+        _positive(self, prefix, "num_videos", "num_steps", "fps")
+        if self.every_epochs < 0:
+            raise ConfigError(f"{prefix}.every_epochs = {self.every_epochs}: must be >= 0")
+
+
+@dataclass
+class VAETrainConfig:
+    """Stage 1 optimisation."""
+    epochs: int = 1000
+    max_steps: Optional[int] = 700
+    time_limit_minutes: Optional[float] = None  # stop early after this wall time
+    batch_size: int = 4  # clips per batch; their frames are the VAE batch
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    l1_weight: float = 1.0
+    mse_weight: float = 1.0
+    kl_weight: float = 1e-6
+    grad_clip: Optional[float] = 1.0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    tf32: bool = True
+    log_every: int = 25
+    image_every: int = 200  # steps between reconstruction grids in TensorBoard
+    checkpoint_every: int = 200
+    resume: Optional[str] = None  # null, auto, or a checkpoint path
+    scale_num_clips: int = 64  # training clips used to measure the latent scaling_factor
+
+    def validate(self, prefix: str = "train") -> None:
+        _positive(self, prefix, "epochs", "batch_size", "log_every", "image_every",
+                  "checkpoint_every", "scale_num_clips")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"{prefix}.max_steps = {self.max_steps}: must be >= 1 or null")
+        if self.lr <= 0:
+            raise ConfigError(f"{prefix}.lr = {self.lr}: must be > 0")
+        if min(self.l1_weight, self.mse_weight, self.kl_weight) < 0:
+            raise ConfigError(f"{prefix}: loss weights must be >= 0")
+        if self.l1_weight + self.mse_weight == 0:
+            raise ConfigError(f"{prefix}.l1_weight and mse_weight are both 0: "
+                              "the VAE needs a reconstruction loss")
+
+
+# --------------------------------------------------------------------------- run configs
+
+
+@dataclass
+class VAERunConfig:
+    """`train_vae.py --config config_vae.yaml`"""
+    device: str = "auto"
+    experiment: ExperimentConfig = field(default_factory=lambda: ExperimentConfig(name="vae"))
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VAEArchConfig = field(default_factory=VAEArchConfig)
+    train: VAETrainConfig = field(default_factory=VAETrainConfig)
+
+    def validate(self) -> None:
+        _check_device(self.device)
+        self.data.validate()
+        self.vae.validate()
+        self.train.validate()
+        factor = self.vae.downsample_factor
+        if self.data.resolution % factor:
+            raise ConfigError(f"data.resolution = {self.data.resolution} is not divisible by the "
+                              f"VAE's downsampling factor {factor}; pick a multiple of {factor}")
+
+
+@dataclass
+class TrainRunConfig:
+    """`train_advanced.py --config config_advanced.yaml`"""
+    device: str = "auto"
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VAERefConfig = field(default_factory=VAERefConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    def validate(self) -> None:
+        _check_device(self.device)
+        for part in ("data", "vae", "model", "diffusion", "train", "validation"):
+            getattr(self, part).validate(part)
+        if self.vae.path is None:
+            raise ConfigError("vae.path is not set: point it at a diffusers AutoencoderKL directory, "
+                              "e.g. the vae/ folder that train_vae.py writes into its run directory")
+
+
+@dataclass
+class PredictVAEConfig:
+    path: Optional[str] = None  # null: the VAE path recorded in the checkpoint
+
+
+@dataclass
+class PredictConfig:
+    """`predict_advanced.py --config predict_advanced.yaml`"""
+    device: str = "auto"
+    checkpoint: str = "runs/demo/latest.pth"
+    output_dir: str = "runs/demo/predict"
+    num_videos: int = 4
+    batch_size: int = 4  # videos sampled at once
+    sampler: Literal["ddim", "dpm++", "euler", "ddpm"] = "ddim"
+    num_steps: int = 50
+    guidance_scale: float = 1.0  # classifier-free guidance; 1 = off
+    class_labels: Optional[list[int]] = None  # one per video, cycled; null = 0, 1, 2, ...
+    seed: int = 0  # sample i uses seed + i: same seed, same video
+    fps: int = 8
+    use_ema: bool = True  # False: the raw (non-EMA) weights
+    vae: PredictVAEConfig = field(default_factory=PredictVAEConfig)
+
+    def validate(self) -> None:
+        _check_device(self.device)
+        _positive(self, "", "num_videos", "batch_size", "num_steps", "fps")
+        if self.guidance_scale < 0:
+            raise ConfigError(f"guidance_scale = {self.guidance_scale}: must be >= 0")
+
+
+# --------------------------------------------------------------------------- loading
+
+# Keys of the original script that trained the VAE together with the DiT. Such a config is
+# refused: a VAE that moves under the DiT gives scrambled "jigsaw" samples.
+LEGACY_VAE_LOSS_KEYS = ("vae_loss_weight", "kl_loss_weight")
+
+
+def load_config(cls: type, path: Optional[str], overrides: list[str] = ()) -> Any:
+    """YAML file + dotted `key.sub=value` overrides -> validated `cls` instance."""
+    raw: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise MissingFileError(f"config file not found: {path} (pass --config <file.yaml>)")
+        with open(path) as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: write it as key.sub=value")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            parsed = value
+        _set_dotted(raw, key.strip().split("."), parsed, item)
+    _refuse_vae_training(raw, "")
+    cfg = _build(cls, raw, "")
+    cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(cls: type, raw: dict) -> Any:
+    """Rebuild a config stored in a checkpoint (already resolved; still type-checked)."""
+    cfg = _build(cls, raw, "")
+    cfg.validate()
+    return cfg
+
+
+def dump_config(cfg: Any, path: str) -> None:
+    """Write the resolved config (every key, defaults filled in) next to the run."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def _set_dotted(raw: dict, keys: list[str], value: Any, item: str) -> None:
+    node = raw
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {item!r}: {k} is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def _refuse_vae_training(raw: dict, prefix: str) -> None:
+    for key in list(raw):
+        full = f"{prefix}{key}"
+        value = raw[key]
+        if isinstance(value, dict):
+            _refuse_vae_training(value, full + ".")
+        elif key in LEGACY_VAE_LOSS_KEYS:
+            if isinstance(value, (int, float)) and value > 0:
+                raise ConfigError(
+                    f"{full} = {value}: this repo never trains the VAE during diffusion training. "
+                    "A VAE trained together with the DiT keeps moving its latent space, the DiT learns "
+                    "to denoise a space that no longer exists, and samples come out as scrambled "
+                    "'jigsaw' patches. Train the VAE first with train_vae.py, point vae.path at it, "
+                    "and remove this key.")
+            raise ConfigError(f"{full} = {value}: remove this key; the VAE is always frozen in stage 2 "
+                              "(train it with train_vae.py)")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a section (mapping), "
+                          f"got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else \
+                f"; valid keys here: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {full!r}{hint}")
+        kwargs[key] = _coerce(hints[key], value, full)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} = {value!r}: must be one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} = {value!r}: expected a list, e.g. [1, 2]")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} = {value!r}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 3e-4 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} = {value!r}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} = {value!r}: expected a string")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")  # a bug in this file
+
+
+def _positive(obj: Any, prefix: str, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if v < 1:
+            key = f"{prefix}.{n}" if prefix else n
+            raise ConfigError(f"{key} = {v}: must be >= 1")
+
+
+def _check_device(device: str) -> None:
+    ok = device in ("auto", "cpu", "cuda") or (
+        device.startswith("cuda:") and device[5:].isdigit())
+    if not ok:
+        raise ConfigError(f"device = {device!r}: {DEVICE_HELP}")
