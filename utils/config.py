@@ -40,15 +40,17 @@ class BuiltinDataConfig:
     background: Literal["plain", "gradient"] = "plain"
     min_size: float = 0.25  # shape size as a fraction of the frame side
     max_size: float = 0.4
-    max_speed: float = 0.06  # fraction of the frame side per source frame
+    min_speed: float = 0.03  # fraction of the frame side per source frame
+    max_speed: float = 0.06
 
     def validate(self, prefix: str) -> None:
         _positive(self, prefix, "num_clips", "num_val_clips", "clip_frames", "num_shapes")
         if not 0 < self.min_size <= self.max_size <= 1:
             raise ConfigError(f"{prefix}.min_size / max_size = {self.min_size} / {self.max_size}: "
                               "need 0 < min_size <= max_size <= 1")
-        if self.max_speed < 0:
-            raise ConfigError(f"{prefix}.max_speed = {self.max_speed}: must be >= 0")
+        if not 0 <= self.min_speed <= self.max_speed:
+            raise ConfigError(f"{prefix}.min_speed / max_speed = {self.min_speed} / {self.max_speed}: "
+                              "need 0 <= min_speed <= max_speed")
 
 
 @dataclass
@@ -85,6 +87,7 @@ class VAEArchConfig:
     layers_per_block: int = 1
     latent_channels: int = 4
     norm_num_groups: int = 16
+    mid_block_attention: bool = True  # self-attention in the mid block (at the latent resolution)
 
     @property
     def downsample_factor(self) -> int:
@@ -252,6 +255,8 @@ class VAETrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 50
+    lr_schedule: Literal["cosine", "constant"] = "cosine"  # after warmup, over the step budget
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
     l1_weight: float = 1.0
     mse_weight: float = 1.0
     kl_weight: float = 1e-6
@@ -271,6 +276,13 @@ class VAETrainConfig:
             raise ConfigError(f"{prefix}.max_steps = {self.max_steps}: must be >= 1 or null")
         if self.lr <= 0:
             raise ConfigError(f"{prefix}.lr = {self.lr}: must be > 0")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{prefix}.warmup_steps = {self.warmup_steps}: must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"{prefix}.min_lr_ratio = {self.min_lr_ratio}: must be in [0, 1]")
+        if self.time_limit_minutes is not None and self.time_limit_minutes <= 0:
+            raise ConfigError(f"{prefix}.time_limit_minutes = {self.time_limit_minutes}: "
+                              "must be > 0 or null")
         if min(self.l1_weight, self.mse_weight, self.kl_weight) < 0:
             raise ConfigError(f"{prefix}: loss weights must be >= 0")
         if self.l1_weight + self.mse_weight == 0:

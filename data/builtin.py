@@ -1,0 +1,149 @@
+"""`data.path: builtin:moving_shapes`: procedural clips of coloured shapes that bounce.
+
+Each clip is rendered on demand from its own `np.random.default_rng((seed, split, clip))`,
+so nothing is stored and the same (seed, split, clip index) always gives the same pixels.
+Motion is analytic (a constant velocity folded into the frame by reflection), so any frame
+of a clip is rendered directly, without simulating the frames before it.
+
+The default scene is deliberately plain (one shape, a flat background, a few distinct
+colours, sizes of 25-40% of the frame, motion visible within 8 frames): a small DiT trained
+for minutes on a CPU has to be able to learn it. `background: gradient` and `num_shapes > 1`
+make it harder.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from utils.config import DataConfig
+from utils.errors import ConfigError
+
+CLASS_NAMES = ["circle", "square", "triangle"]
+SPLIT_STREAMS = {"train": 0, "val": 1}  # val clips come from a different seed stream
+
+# Flat, well separated colours in [0, 1]: dark backgrounds, saturated or light shapes.
+BACKGROUNDS = np.array([[0.08, 0.08, 0.10], [0.12, 0.18, 0.38], [0.35, 0.12, 0.14],
+                        [0.10, 0.30, 0.18]], dtype=np.float32)
+SHAPE_COLOURS = np.array([[0.95, 0.25, 0.20], [0.25, 0.85, 0.30], [0.30, 0.55, 1.00],
+                          [1.00, 0.85, 0.20], [0.95, 0.95, 0.95], [0.90, 0.40, 0.95]],
+                         dtype=np.float32)
+# Outward edge normals of an upward-pointing equilateral triangle, (3, 2) as (x, y-up).
+TRIANGLE_NORMALS = np.array([[np.cos(a), np.sin(a)] for a in
+                             np.deg2rad([270.0, 30.0, 150.0])], dtype=np.float32)
+
+
+def window_span(num_frames: int, frame_stride: int) -> int:
+    """Source frames covered by one window of `num_frames` frames every `frame_stride`."""
+    return (num_frames - 1) * frame_stride + 1
+
+
+def windows_per_clip(length: int, num_frames: int, frame_stride: int, window_stride: int) -> int:
+    """Sliding windows in a clip of `length` source frames (same rule as for real videos)."""
+    return max(0, (length - window_span(num_frames, frame_stride)) // window_stride + 1)
+
+
+class MovingShapes(torch.utils.data.Dataset):
+    """Items: {"video": (3, T, H, W) float in [-1, 1], "label": shape kind}."""
+
+    class_names = CLASS_NAMES
+    num_classes = len(CLASS_NAMES)
+
+    def __init__(self, cfg: DataConfig, split: str = "train", seed: int = 0):
+        if split not in SPLIT_STREAMS:
+            raise ValueError(f"split = {split!r}: use 'train' or 'val'")
+        self.cfg, self.split, self.seed = cfg, split, seed
+        b = cfg.builtin
+        self.num_clips = b.num_clips if split == "train" else b.num_val_clips
+        self.windows = windows_per_clip(b.clip_frames, cfg.num_frames, cfg.frame_stride,
+                                        cfg.window_stride)
+        if self.windows == 0:
+            span = window_span(cfg.num_frames, cfg.frame_stride)
+            raise ConfigError(
+                f"data.num_frames = {cfg.num_frames} with data.frame_stride = {cfg.frame_stride} "
+                f"spans {span} source frames, but data.builtin.clip_frames = {b.clip_frames}: "
+                f"no window fits; raise data.builtin.clip_frames to >= {span} or lower data.num_frames")
+        # Pixel centres in frame units [0, 1], shared by every frame.
+        r = cfg.resolution
+        coords = (np.arange(r, dtype=np.float32) + 0.5) / r
+        self._x, self._y = np.meshgrid(coords, coords)  # (H, W) each
+
+    def __len__(self) -> int:
+        return self.num_clips * self.windows
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        clip, w = divmod(index, self.windows)
+        start = w * self.cfg.window_stride
+        times = start + self.cfg.frame_stride * np.arange(self.cfg.num_frames)  # source frames
+        scene = self.scene(clip)
+        video = np.stack([self.render(scene, t) for t in times], axis=1)  # (3, T, H, W) in [0, 1]
+        return {"video": torch.from_numpy(video * 2 - 1), "label": scene["label"]}
+
+    def scene(self, clip: int) -> dict:
+        """Random scene parameters of one clip (everything drawn from the clip's own RNG)."""
+        b = self.cfg.builtin
+        rng = np.random.default_rng((self.seed, SPLIT_STREAMS[self.split], clip))
+        label = int(rng.integers(self.num_classes))
+        bg = rng.choice(len(BACKGROUNDS), size=2, replace=False)
+        n = b.num_shapes
+        sizes = rng.uniform(b.min_size, b.max_size, n)  # fraction of the frame side
+        half = sizes / 2
+        speed = rng.uniform(b.min_speed, b.max_speed, n)  # frame sides per source frame
+        angle = rng.uniform(0, 2 * np.pi, n)
+        return {
+            "label": label,
+            "background": BACKGROUNDS[bg],  # (2, 3): gradient end colours
+            "gradient_dir": rng.normal(size=2),
+            "colours": SHAPE_COLOURS[rng.choice(len(SHAPE_COLOURS), size=n, replace=n > len(SHAPE_COLOURS))],
+            "half": half,
+            "pos0": rng.uniform(half[:, None], 1 - half[:, None], (n, 2)),  # (n, 2): x, y
+            "vel": speed[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1),  # (n, 2)
+        }
+
+    def render(self, scene: dict, t: float) -> np.ndarray:
+        """Frame at source time `t` (frames) -> (3, H, W) float32 in [0, 1]."""
+        img = self._background(scene)  # (3, H, W)
+        lo = scene["half"][:, None]  # (n, 1): centres stay this far from the borders
+        pos = _bounce(scene["pos0"] + t * scene["vel"], lo, 1 - lo)  # (n, 2)
+        for (cx, cy), h, colour in zip(pos, scene["half"], scene["colours"]):
+            cover = _coverage(self._sdf(scene["label"], self._x - cx, self._y - cy, h),
+                              1.0 / self.cfg.resolution)  # (H, W)
+            img = img + cover * (colour[:, None, None] - img)
+        return img.astype(np.float32)
+
+    def _background(self, scene: dict) -> np.ndarray:
+        c0, c1 = scene["background"][:, :, None, None]  # (3, 1, 1) each
+        if self.cfg.builtin.background == "plain":
+            return np.broadcast_to(c0, (3,) + self._x.shape).astype(np.float32)
+        d = scene["gradient_dir"] / (np.linalg.norm(scene["gradient_dir"]) + 1e-8)
+        ramp = (self._x - 0.5) * d[0] + (self._y - 0.5) * d[1]  # in [-0.71, 0.71]
+        a = np.clip(ramp / 1.42 + 0.5, 0, 1)[None]  # (1, H, W)
+        return (c0 + a * (c1 - c0)).astype(np.float32)
+
+    @staticmethod
+    def _sdf(label: int, dx: np.ndarray, dy: np.ndarray, half: float) -> np.ndarray:
+        """Signed distance (frame units, < 0 inside) to a shape of half-extent `half`."""
+        kind = CLASS_NAMES[label]
+        if kind == "circle":
+            return np.hypot(dx, dy) - half
+        if kind == "square":
+            return np.maximum(np.abs(dx), np.abs(dy)) - half * 0.9  # same visual area as the circle
+        # Equilateral triangle pointing up whose bounding box is 2*half wide: circumradius
+        # R = 2*half/sqrt(3); its centroid sits R/4 below the box centre, so the box spans
+        # +-0.75 R = +-0.87 half vertically. Distance = max over the three edge lines.
+        R = 2 * half / np.sqrt(3)
+        p = np.stack([dx, -(dy - R / 4)], -1)  # (H, W, 2), relative to the centroid, y up
+        return (p @ TRIANGLE_NORMALS.T).max(-1) - R / 2  # inradius R/2
+
+
+def _bounce(p: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Fold free motion into [lo, hi] by reflection at the borders (a triangle wave)."""
+    width = hi - lo
+    q = np.mod(p - lo, 2 * width)
+    return lo + np.where(q > width, 2 * width - q, q)
+
+
+def _coverage(sdf: np.ndarray, pixel: float) -> np.ndarray:
+    """Anti-aliased coverage: a linear ramp one pixel wide across the edge."""
+    return np.clip(0.5 - sdf / pixel, 0.0, 1.0)

@@ -1,0 +1,389 @@
+"""Stage 2: train the video DiT with v-prediction on the latents of a frozen VAE.
+
+The VAE is loaded once, frozen (`requires_grad_(False)`, eval, never in the optimizer) and
+its identity goes into every checkpoint. `setup()` builds the parts, `train()` is the one
+training loop, in headed phases.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from data import build_dataset
+from data.loader import ResumableSampler, make_loader
+from models.diffusion import Diffusion
+from models.dit import VideoDiT
+from models.vae import FrozenVAE
+from training import checkpoints as ckpts
+from training.sampling import default_labels, generate_videos, save_videos, side_by_side
+from utils.checkpoint import atomic_save, capture_rng, load_checkpoint, restore_rng
+from utils.config import TrainRunConfig, config_to_dict
+from utils.dist import DistInfo, all_reduce_mean, all_reduce_sum, barrier, broadcast_flag
+from utils.errors import ConfigError, UserError
+from utils.logging import RunLogger
+from utils.train_utils import (EMA, GracefulStop, autocast_context, count_parameters,
+                               lr_multiplier, make_grad_scaler)
+
+NUM_T_BUCKETS = 10  # loss per timestep bucket, so learning at high noise is visible
+
+
+@dataclass
+class Position:
+    """Where training is: optimizer steps done, epoch, micro-batches consumed in that epoch."""
+    step: int = 0
+    epoch: int = 0
+    micro: int = 0
+
+
+@dataclass
+class Stage2:
+    """Everything the loop needs, built once by `setup()`."""
+    cfg: TrainRunConfig
+    run_dir: str
+    dist: DistInfo
+    device: torch.device
+    dtype: torch.dtype
+    log: RunLogger
+    vae: FrozenVAE
+    diffusion: Diffusion
+    model: VideoDiT  # the bare module: EMA, checkpoints and sampling use this
+    net: nn.Module  # what the loop calls: maybe DDP-wrapped and/or compiled
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    lr_sched: torch.optim.lr_scheduler.LambdaLR
+    loader: torch.utils.data.DataLoader
+    sampler: ResumableSampler
+    noise_gen: torch.Generator  # t, noise and posterior samples: its state is checkpointed
+    dims: dict
+    class_names: list
+    pos: Position
+    total_steps: int
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def latent_dims(cfg: TrainRunConfig, vae: FrozenVAE, num_classes: int) -> dict:
+    """The DiT's input geometry, derived from data + VAE (never a second copy in `model`)."""
+    mcfg, factor = cfg.model.resolved(), vae.downsample_factor
+    res = cfg.data.resolution
+    if res % (factor * mcfg.patch_size):
+        raise ConfigError(
+            f"data.resolution = {res} must be divisible by VAE factor {factor} x model.patch_size "
+            f"{mcfg.patch_size} = {factor * mcfg.patch_size}; pick a multiple of it")
+    if cfg.data.num_frames % mcfg.patch_t:
+        raise ConfigError(f"data.num_frames = {cfg.data.num_frames} is not divisible by "
+                          f"model.patch_t = {mcfg.patch_t}")
+    return dict(in_channels=vae.latent_channels, num_frames=cfg.data.num_frames,
+                latent_size=res // factor, num_classes=num_classes if mcfg.class_conditional else 0)
+
+
+def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.device,
+          dtype: torch.dtype, log: RunLogger, resume_path: Optional[str]) -> Stage2:
+    tcfg = cfg.train
+    vae = FrozenVAE.from_pretrained(cfg.vae.path, device, encode_batch_frames=cfg.vae.encode_batch_frames)
+    log.info(f"VAE {vae.path}: fingerprint {vae.fingerprint}, scaling_factor {vae.scaling_factor:.4f}, "
+             f"{vae.latent_channels} latent channels, {vae.downsample_factor}x down (frozen)")
+    dataset = build_dataset(cfg.data, "train", cfg.experiment.seed)
+    loader = make_loader(dataset, tcfg.batch_size, shuffle=True, seed=cfg.experiment.seed,
+                         num_workers=cfg.data.num_workers, rank=dist.rank,
+                         world_size=dist.world_size, drop_last=True, device_type=device.type)
+    dims = latent_dims(cfg, vae, dataset.num_classes)
+    model = VideoDiT(cfg.model.resolved(), **dims).to(device)
+    model.activation_checkpointing = tcfg.activation_checkpointing
+    ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup_steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=tuple(tcfg.betas),
+                                  weight_decay=tcfg.weight_decay)
+    steps_per_epoch = len(loader) // tcfg.grad_accum_steps
+    if steps_per_epoch == 0:
+        raise UserError(f"one epoch has {len(loader)} batches, fewer than train.grad_accum_steps = "
+                        f"{tcfg.grad_accum_steps}; lower it or train.batch_size")
+    total = tcfg.epochs * steps_per_epoch
+    total = min(total, tcfg.max_steps) if tcfg.max_steps else total
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(
+        s, warmup_steps=tcfg.warmup_steps, total_steps=total, schedule=tcfg.lr_schedule,
+        min_lr_ratio=tcfg.min_lr_ratio))
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if dist.enabled else model
+    net = torch.compile(net) if tcfg.compile else net
+    noise_gen = torch.Generator(device).manual_seed(cfg.experiment.seed * 1000 + dist.rank)
+    s = Stage2(cfg, run_dir, dist, device, dtype, log, vae, Diffusion(cfg.diffusion), model, net, ema,
+               optimizer, make_grad_scaler(device, dtype), lr_sched, loader, loader.sampler, noise_gen,
+               dims, list(getattr(dataset, "class_names", [])), Position(), total)
+    _log_setup(s, dataset, steps_per_epoch)
+    if resume_path:
+        _resume(s, resume_path)
+    return s
+
+
+def _log_setup(s: Stage2, dataset, steps_per_epoch: int) -> None:
+    trainable, total = count_parameters(s.model)
+    vae_trainable, vae_total = count_parameters(s.vae)
+    t = s.cfg.train
+    global_batch = t.batch_size * s.dist.world_size * t.grad_accum_steps
+    s.log.info(f"DiT {trainable / 1e6:.2f}M trainable of {total / 1e6:.2f}M; VAE {vae_trainable} "
+               f"trainable of {vae_total / 1e6:.2f}M (frozen); optimizer holds DiT parameters only")
+    s.log.info(f"latents (C, T, h, w) = ({s.dims['in_channels']}, {s.dims['num_frames']}, "
+               f"{s.dims['latent_size']}, {s.dims['latent_size']}), classes {s.dims['num_classes']}; "
+               f"{len(dataset)} training clips, {steps_per_epoch} steps/epoch, {s.total_steps} steps total")
+    s.log.info(f"device {s.device}, precision {str(s.dtype).replace('torch.', '')}, world size "
+               f"{s.dist.world_size}, global batch {global_batch} = {t.batch_size} per process x "
+               f"{s.dist.world_size} processes x {t.grad_accum_steps} accumulation")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dict(s: Stage2) -> dict:
+    return {
+        "format": ckpts.FORMAT,
+        "step": s.pos.step, "epoch": s.pos.epoch, "micro": s.pos.micro,
+        "world_size": s.dist.world_size, "batch_size": s.cfg.train.batch_size,
+        "model": ckpts.model_record(s.cfg.model, s.dims),
+        "model_state": s.model.state_dict(),
+        "ema_state": s.ema.state_dict(),
+        "optimizer": s.optimizer.state_dict(),
+        "scaler": s.scaler.state_dict(),
+        "lr_sched": s.lr_sched.state_dict(),
+        "rng": capture_rng(),
+        "noise_gen": s.noise_gen.get_state(),
+        "vae": ckpts.vae_record(s.vae),
+        "diffusion": asdict(s.cfg.diffusion),
+        "class_names": list(s.class_names),
+        "config": config_to_dict(s.cfg),
+    }
+
+
+def save(s: Stage2, name: str = "latest.pth") -> None:
+    """Rank 0 writes (atomically); everyone waits so no rank races ahead of a checkpoint."""
+    if s.dist.is_main:
+        atomic_save(checkpoint_dict(s), os.path.join(s.run_dir, name))
+    barrier(s.dist)
+
+
+def _resume(s: Stage2, path: str) -> None:
+    ckpt = load_checkpoint(path, map_location="cpu")
+    ckpts.check_format(ckpt, path)
+    ckpts.check_model(ckpt, ckpts.model_record(s.cfg.model, s.dims), path)
+    ckpts.check_vae(ckpt, s.vae, path)
+    if ckpt["diffusion"] != asdict(s.cfg.diffusion):
+        raise UserError(f"{path} was trained with diffusion schedule {ckpt['diffusion']}, the config "
+                        f"says {asdict(s.cfg.diffusion)}; resume with the checkpoint's schedule")
+    s.model.load_state_dict(ckpt["model_state"])
+    s.ema.load_state_dict(ckpt["ema_state"])
+    s.optimizer.load_state_dict(ckpt["optimizer"])
+    s.scaler.load_state_dict(ckpt["scaler"])
+    s.lr_sched.load_state_dict(ckpt["lr_sched"])
+    restore_rng(ckpt["rng"])
+    s.noise_gen.set_state(ckpt["noise_gen"])
+    s.pos = Position(ckpt["step"], ckpt["epoch"], ckpt["micro"])
+    if (ckpt["world_size"], ckpt["batch_size"]) != (s.dist.world_size, s.cfg.train.batch_size):
+        s.log.info("warning: world size or batch size changed since the checkpoint; the data "
+                   "position cannot be restored exactly, continuing from the next epoch")
+        s.pos = Position(s.pos.step, s.pos.epoch + (s.pos.micro > 0), 0)
+    s.log.info(f"resumed from {path} ({ckpts.checkpoint_summary(ckpt)})")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class LossStats:
+    """Device-side sums between log steps: no host sync on ordinary steps."""
+
+    def __init__(self, device: torch.device, num_train_timesteps: int):
+        self.device, self.T = device, num_train_timesteps
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros(NUM_T_BUCKETS, device=self.device, dtype=torch.float64)
+        self.count = torch.zeros(NUM_T_BUCKETS, device=self.device, dtype=torch.float64)
+        self.grad_norm_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.steps, self.samples, self.data_wait, self.t0 = 0, 0, 0.0, time.perf_counter()
+
+    def add(self, per_sample: torch.Tensor, t: torch.Tensor) -> None:
+        bucket = (t * NUM_T_BUCKETS // self.T).clamp_(max=NUM_T_BUCKETS - 1)
+        self.loss_sum.index_add_(0, bucket, per_sample.detach().double())
+        self.count.index_add_(0, bucket, torch.ones_like(per_sample, dtype=torch.float64))
+        self.samples += per_sample.shape[0]
+
+    def summary(self, dist: DistInfo) -> dict[str, float]:
+        sums = all_reduce_sum(torch.stack([self.loss_sum, self.count]), dist)  # (2, buckets)
+        elapsed = time.perf_counter() - self.t0
+        out = {"train/loss": (sums[0].sum() / sums[1].sum().clamp(min=1)).item(),
+               "train/grad_norm": (all_reduce_mean(self.grad_norm_sum, dist) / max(1, self.steps)).item(),
+               "perf/samples_per_sec": self.samples * dist.world_size / elapsed,
+               "perf/sec_per_step": elapsed / max(1, self.steps),
+               "perf/data_wait_fraction": self.data_wait / elapsed}
+        width = self.T // NUM_T_BUCKETS
+        for b in range(NUM_T_BUCKETS):
+            if sums[1, b] > 0:
+                out[f"train_loss_by_t/t{b * width:04d}-{(b + 1) * width - 1:04d}"] = \
+                    (sums[0, b] / sums[1, b]).item()
+        return out
+
+
+def train(s: Stage2) -> Position:
+    tcfg, T = s.cfg.train, s.cfg.diffusion.num_train_timesteps
+    stats = LossStats(s.device, T)
+    bad_steps = 0
+    bar = tqdm(total=s.total_steps, initial=s.pos.step, disable=not s.dist.is_main,
+               dynamic_ncols=True, desc=_epoch_desc(s))
+    with GracefulStop() as stop:
+        while s.pos.step < s.total_steps and s.pos.epoch < tcfg.epochs and not stop.requested:
+            s.sampler.set_epoch(s.pos.epoch)
+            s.sampler.set_start(s.pos.micro * tcfg.batch_size)
+            s.optimizer.zero_grad(set_to_none=True)
+            bar.set_description(_epoch_desc(s))
+            wait_start = time.perf_counter()
+            for batch in s.loader:
+                stats.data_wait += time.perf_counter() - wait_start
+                # Encode with the frozen VAE (no graph: the VAE never sees a gradient).
+                x0 = s.vae.encode(batch["video"].to(s.device, non_blocking=True),
+                                  sample=s.cfg.vae.sample_posterior, generator=s.noise_gen)  # (B, C, T, h, w)
+                y = batch["label"].to(s.device) if s.dims["num_classes"] else None
+                # Sample t and noise.
+                t = torch.randint(0, T, (x0.shape[0],), device=s.device, generator=s.noise_gen)
+                noise = torch.randn(x0.shape, device=s.device, generator=s.noise_gen)
+                x_t = s.diffusion.add_noise(x0, noise, t)
+                # Forward and backward.
+                s.pos.micro += 1
+                sync = s.pos.micro % tcfg.grad_accum_steps == 0
+                with _maybe_no_sync(s.net, sync), autocast_context(s.device, s.dtype):
+                    v_pred = s.net(x_t, t, y)  # (B, C, T, h, w)
+                per_sample = s.diffusion.loss(v_pred.float(), x0, noise, t)  # (B,)
+                s.scaler.scale(per_sample.mean() / tcfg.grad_accum_steps).backward()
+                stats.add(per_sample, t)
+                if not sync:
+                    wait_start = time.perf_counter()
+                    continue
+                # Step.
+                ok = _optimizer_step(s, stats, per_sample)
+                bad_steps = 0 if ok else bad_steps + 1
+                if bad_steps:
+                    _handle_nonfinite(s, bad_steps, batch)
+                s.pos.step += 1
+                # EMA.
+                s.ema.update(s.model, s.pos.step)
+                # Log, sample, checkpoint.
+                bar.update(1)
+                if s.pos.step % tcfg.log_every == 0 or s.pos.step == s.total_steps:
+                    _log_step(s, stats, bar)
+                if s.pos.step % tcfg.checkpoint_every == 0:
+                    save(s)
+                stopping = broadcast_flag(stop.requested, s.dist, s.device)
+                if s.pos.step >= s.total_steps or stopping:
+                    stop.requested = stopping
+                    break
+                wait_start = time.perf_counter()
+            else:
+                _end_epoch(s)
+    bar.close()
+    _finish(s, interrupted=stop.requested)
+    return s.pos
+
+
+def _optimizer_step(s: Stage2, stats: LossStats, per_sample: torch.Tensor) -> bool:
+    """Clip, step, schedule. Returns False (and skips the update) on a NaN/Inf loss or gradient."""
+    s.scaler.unscale_(s.optimizer)
+    clip = s.cfg.train.grad_clip if s.cfg.train.grad_clip is not None else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), clip)
+    finite = torch.isfinite(per_sample).all() & (torch.isfinite(grad_norm) | s.scaler.is_enabled())
+    ok = bool(finite)  # the one host sync per optimizer step (fp16's GradScaler makes one too)
+    if ok:
+        s.scaler.step(s.optimizer)
+        stats.grad_norm_sum += grad_norm.double()
+        stats.steps += 1
+    s.scaler.update()
+    s.optimizer.zero_grad(set_to_none=True)
+    s.lr_sched.step()
+    return ok
+
+
+def _handle_nonfinite(s: Stage2, bad_steps: int, batch: dict) -> None:
+    limit = s.cfg.train.max_nonfinite_steps
+    s.log.info(f"warning: non-finite loss or gradient at step {s.pos.step + 1}; update skipped "
+               f"({bad_steps} in a row, stopping at {limit})")
+    if bad_steps < limit:
+        return
+    path = os.path.join(s.run_dir, f"nonfinite_batch_rank{s.dist.rank}.pt")
+    torch.save({k: v for k, v in batch.items() if torch.is_tensor(v)}, path)
+    raise UserError(f"{limit} non-finite losses in a row at step {s.pos.step + 1}: stopped. The "
+                    f"offending batch is saved in {path}; latest.pth holds the last good state. Try "
+                    "a lower train.lr, train.grad_clip, or precision=fp32 / bf16.")
+
+
+def _end_epoch(s: Stage2) -> None:
+    s.pos.epoch += 1
+    s.pos.micro = 0
+    every, tcfg = s.cfg.validation.every_epochs, s.cfg.train
+    if every and s.pos.epoch % every == 0 and s.pos.step < s.total_steps:
+        validate(s)
+    if tcfg.epoch_checkpoint_every and s.pos.epoch % tcfg.epoch_checkpoint_every == 0:
+        save(s, f"epoch_{s.pos.epoch:04d}.pth")
+        if s.dist.is_main:
+            ckpts.prune_epoch_checkpoints(s.run_dir, tcfg.keep_last)
+
+
+def _finish(s: Stage2, interrupted: bool) -> None:
+    save(s)
+    if interrupted:
+        s.log.info(f"stopped by signal at step {s.pos.step}; saved {s.run_dir}/latest.pth "
+                   "(continue with train.resume=auto)")
+        return
+    if s.cfg.validation.every_epochs:
+        validate(s)
+    s.log.info(f"done: {s.pos.step} steps; checkpoint {s.run_dir}/latest.pth")
+
+
+def _log_step(s: Stage2, stats: LossStats, bar: tqdm) -> None:
+    values = stats.summary(s.dist)
+    values["train/lr"] = s.lr_sched.get_last_lr()[0]
+    s.log.scalars(values, s.pos.step)
+    bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}",
+                    refresh=False)
+    s.log.info(f"step {s.pos.step}/{s.total_steps} epoch {s.pos.epoch + 1} "
+               f"loss {values['train/loss']:.4f} grad_norm {values['train/grad_norm']:.3f} "
+               f"lr {values['train/lr']:.2e} {values['perf/samples_per_sec']:.1f} samples/s",
+               echo=False)  # the progress bar shows it; log.txt keeps every log step
+    stats.reset()
+
+
+def validate(s: Stage2) -> None:
+    """EMA samples -> VAE decode -> mp4/gif under samples/ and a GIF in TensorBoard (rank 0)."""
+    if s.dist.is_main:
+        v = s.cfg.validation
+        labels = default_labels(v.num_videos, s.dims["num_classes"])
+        videos = generate_videos(
+            s.ema.model, s.vae, s.cfg.diffusion, latent_shape=_latent_shape(s.dims),
+            seeds=[v.seed + i for i in range(v.num_videos)], labels=labels, sampler=v.sampler,
+            num_steps=v.num_steps, guidance_scale=v.guidance_scale,
+            null_class_id=s.model.null_class_id, device=s.device)
+        out = os.path.join(s.run_dir, "samples", f"step_{s.pos.step:07d}")
+        save_videos(out, videos, v.fps)
+        s.log.video("val/samples", side_by_side(videos), s.pos.step, v.fps)
+        s.log.info(f"validation samples: {out}")
+    barrier(s.dist)
+
+
+def _latent_shape(dims: dict) -> tuple[int, int, int, int]:
+    return (dims["in_channels"], dims["num_frames"], dims["latent_size"], dims["latent_size"])
+
+
+def _epoch_desc(s: Stage2) -> str:
+    return f"epoch {min(s.pos.epoch + 1, s.cfg.train.epochs)}/{s.cfg.train.epochs}"
+
+
+def _maybe_no_sync(net: nn.Module, sync: bool):
+    import contextlib
+    if sync or not isinstance(net, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return net.no_sync()

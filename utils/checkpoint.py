@@ -1,0 +1,97 @@
+"""Checkpoints: plain dicts (tensors, numbers, strings), written atomically, read safely.
+
+Atomic: the dict goes to a temp file in the same directory, is fsynced, then `os.replace`d
+over the target, so a crash or `kill -9` at any moment leaves the previous file intact.
+Safe: always `torch.load(..., weights_only=True)`: nothing in a checkpoint is executed.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from typing import Any
+
+import numpy as np
+import torch
+
+from utils.errors import MissingFileError, UserError
+
+MIN_FREE_BYTES_FACTOR = 2  # need this many times the last checkpoint's size free on disk
+
+
+def atomic_save(obj: dict, path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    _check_free_space(path, directory)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(directory)
+
+
+def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
+    if not os.path.isfile(path):
+        raise MissingFileError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated, corrupt or not a torch file: all user-facing
+        raise UserError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); it is "
+                        "corrupt or truncated. Use another checkpoint or start fresh "
+                        "(train.resume=null).") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"checkpoint {path} is not a checkpoint of this repo (not a dict)")
+    return ckpt
+
+
+def capture_rng() -> dict:
+    """RNG states of python, numpy, torch (CPU and CUDA) as checkpoint-safe values."""
+    np_state = np.random.get_state()
+    _, py_words, py_gauss = random.getstate()
+    state = {
+        "python": torch.tensor(py_words, dtype=torch.int64),
+        "python_gauss": float("nan") if py_gauss is None else float(py_gauss),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    gauss = state["python_gauss"]
+    random.setstate((3, tuple(int(x) for x in state["python"].tolist()),
+                     None if gauss != gauss else gauss))  # NaN marks "no cached gauss"
+    keys = state["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_free_space(path: str, directory: str) -> None:
+    needed = os.path.getsize(path) * MIN_FREE_BYTES_FACTOR if os.path.exists(path) else 0
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise UserError(f"not enough free disk space to write {path}: {free / 2**20:.0f} MiB free, "
+                        f"about {needed / 2**20:.0f} MiB needed. Free some space; the previous "
+                        "checkpoint is intact.")
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # some filesystems do not allow opening directories; the file itself is synced
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,36 @@
+"""Command-line plumbing shared by the entry scripts: `--config file.yaml key.sub=value ...`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Optional
+
+from utils.errors import UserError
+
+
+def parse_args(argv: Optional[list[str]], description: str,
+               flags: tuple[str, ...] = ()) -> tuple[str, list[str], dict[str, Optional[str]]]:
+    """Returns (config path, dotted overrides, {flag: value}). `flags` are optional `--name VALUE`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="YAML config file")
+    for name in flags:
+        parser.add_argument(f"--{name}", default=None)
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
+    args = parser.parse_args(argv)
+    for item in args.overrides:
+        if "=" not in item:
+            raise UserError(f"argument {item!r}: overrides are written key.sub=value")
+    return args.config, list(args.overrides), {n: getattr(args, n.replace("-", "_")) for n in flags}
+
+
+def run_main(main: Callable[[Optional[list[str]]], Optional[int]]) -> None:
+    """Run an entry point; a user mistake prints its message (no traceback) and exits 2."""
+    try:
+        code = main(None)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,133 @@
+"""Training helpers that live beside the loops: device, precision, seeding, LR, EMA."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import random
+
+import numpy as np
+import torch
+from torch import nn
+
+from utils.errors import UserError
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` = cuda if available, else cpu. Asking for CUDA on a machine without it is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device = {name!r} but CUDA is not available here; use device=cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device = {name!r} but only {torch.cuda.device_count()} CUDA devices exist")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype. CPU always trains in fp32: bf16/fp16 matmuls are ~500x slower there."""
+    if device.type != "cuda":
+        return torch.float32
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler:
+    """Loss scaling is needed for fp16 only; disabled scalers are no-ops (and still checkpointable)."""
+    return torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
+
+
+def set_tf32(enabled: bool) -> None:
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
+def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: str,
+                  min_lr_ratio: float = 0.0) -> float:
+    """Linear warmup over `warmup_steps`, then constant or cosine decay to `min_lr_ratio` at `total_steps`."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class EMA:
+    """Exponential moving average of a model's weights; decay ramps up over `warmup_steps`."""
+
+    def __init__(self, model: nn.Module, decay: float, warmup_steps: int = 0):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.warmup_steps = warmup_steps
+
+    def decay_at(self, step: int) -> float:
+        if self.warmup_steps == 0:
+            return self.decay
+        return self.decay * min(1.0, step / self.warmup_steps)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = self.decay_at(step)
+        ema_params = list(self.model.parameters())
+        params = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - d)  # ema += (1 - d) * (p - ema)
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+    def state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+class GracefulStop:
+    """SIGINT/SIGTERM set a flag the loop checks after each step (it then saves and exits).
+
+    A second SIGINT raises KeyboardInterrupt at once, for a user who really wants out.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> "GracefulStop":
+        import signal
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
