@@ -1,0 +1,18 @@
+"""Datasets: `build_dataset` picks the built-in moving shapes or a folder of videos."""
+from __future__ import annotations
+
+from torch.utils.data import Dataset
+
+from utils.config import DataConfig
+
+BUILTIN_MOVING_SHAPES = "builtin:moving_shapes"
+
+
+def build_dataset(cfg: DataConfig, split: str, seed: int) -> Dataset:
+    """Items: {"video": (3, T, H, W) float in [-1, 1], "label": int}; also `num_classes`
+    (0 = unconditional) and `class_names`."""
+    if cfg.path == BUILTIN_MOVING_SHAPES:
+        from data.builtin import MovingShapes  # imported here: folder users never need it
+        return MovingShapes(cfg, split, seed)
+    from data.videos import VideoFolder
+    return VideoFolder(cfg, split, seed)

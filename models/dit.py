@@ -10,8 +10,9 @@ Design (DiT, Peebles & Xie 2023; Latte, Ma et al. 2024):
 - Blocks: pre-norm transformer blocks with adaLN-Zero conditioning on c = emb(t) + emb(y).
   `model.attention = "factorized"` alternates spatial blocks (the S tokens of one frame attend
   to each other) and temporal blocks (the T tokens at one spatial position attend to each
-  other), as Latte; `"full"` attends over all T * S tokens in every block. Attention groups are
-  views of one fused qkv projection, so no copies are made to regroup tokens.
+  other), as Latte; `"full"` attends over all T * S tokens in every block. Every block keeps
+  the tokens as (B, N, D); only attention regroups them, from one fused qkv projection.
+  qk-norm (`model.qk_norm`) is a LayerNorm over each head's q and k.
 - Classes: an embedding table with one extra row, the null class `null_class_id =
   num_classes`, used for label dropout in training and for the unconditional half of
   classifier-free guidance (pass y = null_class_id; y = None means unconditional too).
@@ -120,36 +121,38 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return torch.addcmul(shift, x, scale + 1)
 
 
-# einops patterns from fused qkv (B, N, 3*D) to q/k/v stacked in front. Every pattern keeps
-# the batch dims separate (SDPA takes any number), so each is a view, never a copy.
+# einops patterns from fused qkv (B, N, 3*D) to q/k/v (stacked in front) as 4-D
+# (batch, heads, sequence, head_dim): 4-D inputs take SDPA's fused CPU/GPU kernels (5-D falls
+# back to the slow math path). Spatial and full are views; temporal regroups with one copy.
 _QKV_IN = {
     "full": "b n (k h e) -> k b h n e",  # sequence: all T*S tokens
-    "spatial": "b (t s) (k h e) -> k b t h s e",  # sequence: the S tokens of one frame
-    "temporal": "b (t s) (k h e) -> k b s h t e",  # sequence: the T tokens of one position
+    "spatial": "b (t s) (k h e) -> k (b t) h s e",  # sequence: the S tokens of one frame
+    "temporal": "b (t s) (k h e) -> k (b s) h t e",  # sequence: the T tokens of one position
 }
 _OUT = {
     "full": "b h n e -> b n (h e)",
-    "spatial": "b t h s e -> b (t s) (h e)",
-    "temporal": "b s h t e -> b (t s) (h e)",
+    "spatial": "(b t) h s e -> b (t s) (h e)",
+    "temporal": "(b s) h t e -> b (t s) (h e)",
 }
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over `kind` groups of tokens, with optional qk RMSNorm."""
+    """Multi-head self-attention over `kind` groups of tokens, with optional qk-norm."""
 
     def __init__(self, dim: int, num_heads: int, kind: str, qk_norm: bool):
         super().__init__()
         self.num_heads, self.kind = num_heads, kind
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = nn.RMSNorm(dim // num_heads, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(dim // num_heads, eps=1e-6) if qk_norm else nn.Identity()
+        # qk-norm per head: LayerNorm, a fused kernel on CPU (RMSNorm is ~5 ops there)
+        self.q_norm = nn.LayerNorm(dim // num_heads, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(dim // num_heads, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
         group = {} if self.kind == "full" else {"t": frames}
         q, k, v = rearrange(self.qkv(x), _QKV_IN[self.kind], k=3, h=self.num_heads, **group)
-        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)  # (..., L, e)
-        return self.proj(rearrange(out, _OUT[self.kind]))  # (B, N, D)
+        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)  # (batch, h, L, e)
+        return self.proj(rearrange(out, _OUT[self.kind], b=x.shape[0]))  # (B, N, D)
 
 
 class Block(nn.Module):

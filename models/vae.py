@@ -70,6 +70,7 @@ class FrozenVAE(nn.Module):
         self._path = path
         self.encode_batch_frames = encode_batch_frames  # frames per VAE call (memory bound)
         self._fingerprint = vae_fingerprint(ae)
+        self.eval()  # the wrapper too: `.training` is False from the start
 
     @classmethod
     def from_pretrained(cls, path: str, device: torch.device | str = "cpu",
@@ -83,7 +84,7 @@ class FrozenVAE(nn.Module):
                                    "AutoencoderKL directory. Point vae.path at one (e.g. the vae/ "
                                    "folder written by train_vae.py)")
         try:
-            ae = AutoencoderKL.from_pretrained(path)
+            ae = AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False)  # no accelerate here
         except Exception as e:  # corrupt config/weights surface as many error types
             raise UserError(f"could not load the VAE in {path} ({type(e).__name__}: {e}). The "
                             "directory is corrupt or incomplete: re-run train_vae.py or fix "

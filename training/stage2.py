@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import build_dataset
-from data.loader import ResumableSampler, make_loader
+from data.loader import ResumableSampler, batches_per_epoch, make_loader, set_epoch
 from models.diffusion import Diffusion
 from models.dit import VideoDiT
 from models.vae import FrozenVAE
@@ -103,9 +103,9 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
     ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=tuple(tcfg.betas),
                                   weight_decay=tcfg.weight_decay)
-    steps_per_epoch = len(loader) // tcfg.grad_accum_steps
+    steps_per_epoch = batches_per_epoch(loader) // tcfg.grad_accum_steps
     if steps_per_epoch == 0:
-        raise UserError(f"one epoch has {len(loader)} batches, fewer than train.grad_accum_steps = "
+        raise UserError(f"one epoch has {batches_per_epoch(loader)} batches, fewer than train.grad_accum_steps = "
                         f"{tcfg.grad_accum_steps}; lower it or train.batch_size")
     total = tcfg.epochs * steps_per_epoch
     total = min(total, tcfg.max_steps) if tcfg.max_steps else total
@@ -239,8 +239,8 @@ def train(s: Stage2) -> Position:
                dynamic_ncols=True, desc=_epoch_desc(s))
     with GracefulStop() as stop:
         while s.pos.step < s.total_steps and s.pos.epoch < tcfg.epochs and not stop.requested:
-            s.sampler.set_epoch(s.pos.epoch)
-            s.sampler.set_start(s.pos.micro * tcfg.batch_size)
+            set_epoch(s.loader, s.pos.epoch)  # sampler order and per-item augmentation
+            s.sampler.set_start(s.pos.micro * tcfg.batch_size)  # mid-epoch resume: skip what was seen
             s.optimizer.zero_grad(set_to_none=True)
             bar.set_description(_epoch_desc(s))
             wait_start = time.perf_counter()
@@ -259,7 +259,7 @@ def train(s: Stage2) -> Position:
                 sync = s.pos.micro % tcfg.grad_accum_steps == 0
                 with _maybe_no_sync(s.net, sync), autocast_context(s.device, s.dtype):
                     v_pred = s.net(x_t, t, y)  # (B, C, T, h, w)
-                per_sample = s.diffusion.loss(v_pred.float(), x0, noise, t)  # (B,)
+                per_sample = s.diffusion.loss(v_pred.float(), x0, noise, t).loss  # (B,)
                 s.scaler.scale(per_sample.mean() / tcfg.grad_accum_steps).backward()
                 stats.add(per_sample, t)
                 if not sync:

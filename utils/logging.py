@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -22,6 +23,11 @@ class RunLogger:
         if self.enabled:
             os.makedirs(run_dir, exist_ok=True)
             self._log_file = open(os.path.join(run_dir, "log.txt"), "a", buffering=1)
+            self._showwarning = warnings.showwarning
+            warnings.showwarning = self._warning  # data warnings (skipped files...) reach log.txt
+
+    def _warning(self, message, category, filename, lineno, file=None, line=None) -> None:
+        self.info(f"warning: {message}")
 
     @property
     def writer(self):
@@ -70,6 +76,8 @@ class RunLogger:
             self._writer.flush()
 
     def close(self) -> None:
+        if self.enabled and warnings.showwarning == self._warning:
+            warnings.showwarning = self._showwarning
         if self._writer is not None:
             self._writer.close()
             self._writer = None

@@ -1,0 +1,105 @@
+"""The built-in moving-shapes dataset: determinism, held-out split, labels, windows, ranges."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from data.builtin import CLASS_NAMES, MovingShapes, windows_per_clip
+from utils.config import BuiltinDataConfig, DataConfig
+from utils.errors import ConfigError
+
+
+def make_cfg(**builtin) -> DataConfig:
+    b = dict(num_clips=6, num_val_clips=3)
+    b.update(builtin)
+    return DataConfig(builtin=BuiltinDataConfig(**b))
+
+
+def test_items_have_the_documented_layout():
+    cfg = make_cfg()
+    ds = MovingShapes(cfg)
+    item = ds[len(ds) - 1]
+    video = item["video"]
+    assert video.shape == (3, cfg.num_frames, cfg.resolution, cfg.resolution)
+    assert video.dtype == torch.float32
+    assert -1 <= video.min() and video.max() <= 1
+    assert isinstance(item["label"], int) and 0 <= item["label"] < ds.num_classes
+    assert ds.num_classes == len(ds.class_names) == 3
+
+
+def test_same_seed_same_video_other_seed_other_video():
+    cfg = make_cfg()
+    a, b, c = MovingShapes(cfg, seed=3), MovingShapes(cfg, seed=3), MovingShapes(cfg, seed=4)
+    assert torch.equal(a[7]["video"], b[7]["video"])
+    assert not torch.equal(a[7]["video"], c[7]["video"])
+
+
+def test_val_clips_are_held_out():
+    cfg = make_cfg()
+    train, val = MovingShapes(cfg, "train"), MovingShapes(cfg, "val")
+    assert len(val) == 3 * val.windows
+    train_first = [train[c * train.windows]["video"] for c in range(6)]
+    for c in range(3):
+        v = val[c * val.windows]["video"]
+        assert all(not torch.allclose(v, t) for t in train_first)
+
+
+def test_window_count_and_sliding_windows():
+    cfg = dataclasses.replace(make_cfg(clip_frames=24), num_frames=8, frame_stride=2, window_stride=3)
+    ds = MovingShapes(cfg)
+    span = (8 - 1) * 2 + 1
+    assert ds.windows == (24 - span) // 3 + 1 == 4
+    assert len(ds) == 6 * 4
+    # Window 1 starts 3 source frames later; with frame_stride 1 frames line up exactly.
+    cfg1 = dataclasses.replace(cfg, frame_stride=1, window_stride=4)
+    ds1 = MovingShapes(cfg1)
+    assert torch.equal(ds1[1]["video"][:, 0], ds1[0]["video"][:, 4])
+    assert ds1[1]["label"] == ds1[0]["label"]
+    assert windows_per_clip(5, 8, 1, 1) == 0
+
+
+def test_no_window_fits_names_the_keys():
+    cfg = dataclasses.replace(make_cfg(clip_frames=6), num_frames=8)
+    with pytest.raises(ConfigError, match=r"data\.num_frames.*data\.builtin\.clip_frames"):
+        MovingShapes(cfg)
+
+
+def test_label_is_the_shape_kind():
+    # Fill ratio of the shape's bounding box: circle pi/4, square 1, triangle 1/2.
+    expected = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
+    cfg = dataclasses.replace(make_cfg(num_clips=30, min_size=0.4, max_size=0.5), resolution=64)
+    ds = MovingShapes(cfg)
+    seen = set()
+    for clip in range(30):
+        scene = ds.scene(clip)
+        frame = ds.render(scene, 0.0)  # (3, H, W)
+        bg, fg = scene["background"][0], scene["colours"][0]
+        dist = np.abs(frame - bg[:, None, None]).sum(0) / np.abs(fg - bg).sum()
+        mask = dist > 0.5  # (H, W)
+        ys, xs = np.nonzero(mask)
+        ratio = mask.sum() / ((ys.ptp() + 1) * (xs.ptp() + 1))
+        nearest = min(expected, key=lambda k: abs(expected[k] - ratio))
+        assert nearest == CLASS_NAMES[scene["label"]], (clip, ratio)
+        seen.add(nearest)
+    assert seen == set(CLASS_NAMES)
+
+
+def test_shapes_move_and_stay_inside():
+    cfg = make_cfg()
+    ds = MovingShapes(cfg)
+    video = ds[0]["video"]  # (3, T, H, W)
+    assert not torch.equal(video[:, 0], video[:, -1])
+    scene = ds.scene(0)
+    for t in range(0, 200, 7):  # long after many bounces the centre is still in the frame
+        from data.builtin import _bounce
+        lo = scene["half"][:, None]
+        pos = _bounce(scene["pos0"] + t * scene["vel"], lo, 1 - lo)
+        assert np.all(pos >= lo - 1e-9) and np.all(pos <= 1 - lo + 1e-9)
+
+
+def test_gradient_background_is_not_flat():
+    cfg = make_cfg(background="gradient")
+    frame = MovingShapes(cfg).render(MovingShapes(cfg).scene(0), 0.0)  # (3, H, W)
+    corners = frame[:, [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert corners.std(axis=1).max() > 0.01

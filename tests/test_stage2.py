@@ -1,0 +1,178 @@
+"""Stage 2 + predict on tiny configs: frozen VAE, checkpoints, exact resume, refusals."""
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import predict_advanced
+import train_advanced
+from models.vae import FrozenVAE, build_autoencoder
+from utils.checkpoint import load_checkpoint
+from utils.config import VAEArchConfig
+from utils.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = ["device=cpu", "data.num_frames=4", "data.resolution=16", "data.builtin.num_clips=6",
+        "data.builtin.clip_frames=8", "data.window_stride=4", "model.hidden_size=32", "model.depth=2",
+        "model.num_heads=2", "train.batch_size=2", "train.warmup_steps=2", "train.log_every=1",
+        "train.ema_warmup_steps=2", "validation.num_videos=2", "validation.num_steps=3",
+        "validation.every_epochs=0"]
+
+
+@pytest.fixture(scope="module")
+def random_vae(tmp_path_factory) -> str:
+    """An untrained (random) AutoencoderKL directory: enough for plumbing tests."""
+    torch.manual_seed(0)
+    ae = build_autoencoder(VAEArchConfig(block_out_channels=[16, 16, 16], norm_num_groups=8))
+    ae.register_to_config(scaling_factor=0.8)
+    path = str(tmp_path_factory.mktemp("vae") / "vae")
+    ae.save_pretrained(path)
+    return path
+
+
+def _train(tmp_path, vae, name, extra=()):
+    args = ["--config", os.path.join(ROOT, "config_advanced.yaml"), *TINY, f"vae.path={vae}",
+            f"experiment.runs_dir={tmp_path}", f"experiment.name={name}", *extra]
+    assert train_advanced.main(args) == 0
+    return os.path.join(tmp_path, name)
+
+
+def _predict(ckpt, out, extra=()):
+    args = ["--config", os.path.join(ROOT, "predict_advanced.yaml"), "device=cpu",
+            f"checkpoint={ckpt}", f"output_dir={out}", "num_videos=2", "num_steps=3", *extra]
+    return predict_advanced.main(args)
+
+
+def _dir_digest(path):
+    h = hashlib.sha256()
+    for f in sorted(glob.glob(os.path.join(path, "*"))):
+        h.update(open(f, "rb").read())
+    return h.hexdigest()
+
+
+def test_run_dir_contents_and_frozen_vae(tmp_path, random_vae):
+    before = FrozenVAE.from_pretrained(random_vae).ae.state_dict()
+    digest = _dir_digest(random_vae)
+    run = _train(tmp_path, random_vae, "run", ["train.max_steps=3", "validation.every_epochs=1"])
+    for name in ("config.yaml", "log.txt", "latest.pth"):
+        assert os.path.isfile(os.path.join(run, name)), name
+    assert glob.glob(os.path.join(run, "tensorboard", "events.*"))
+    assert glob.glob(os.path.join(run, "samples", "*", "sample_000.mp4"))
+    ckpt = load_checkpoint(os.path.join(run, "latest.pth"))
+    assert ckpt["step"] == 3
+    vae = FrozenVAE.from_pretrained(random_vae)
+    assert ckpt["vae"]["fingerprint"] == vae.fingerprint
+    assert ckpt["vae"]["scaling_factor"] == pytest.approx(0.8)
+    # The VAE is bit-identical after stage 2: files and weights.
+    assert _dir_digest(random_vae) == digest
+    for k, v in vae.ae.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    log = open(os.path.join(run, "log.txt")).read()
+    assert "trainable" in log and "frozen" in log
+
+
+def test_optimizer_never_holds_vae_parameters(tmp_path, random_vae):
+    from training.stage2 import setup
+    from utils.config import TrainRunConfig, load_config
+    from utils.dist import DistInfo
+    from utils.logging import RunLogger
+    cfg = load_config(TrainRunConfig, os.path.join(ROOT, "config_advanced.yaml"),
+                      TINY + [f"vae.path={random_vae}"])
+    s = setup(cfg, str(tmp_path), DistInfo(), torch.device("cpu"), torch.float32,
+              RunLogger(None), None)
+    opt_params = {id(p) for g in s.optimizer.param_groups for p in g["params"]}
+    assert opt_params == {id(p) for p in s.model.parameters()}
+    assert not any(p.requires_grad for p in s.vae.parameters()) and not s.vae.training
+    s.vae.train()
+    assert not s.vae.training
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, random_vae, monkeypatch):
+    """7 steps straight == 4 steps, checkpoint, resume in a new process state to 7.
+
+    6 batches per epoch, so step 4 is mid-epoch: this checks data position, cosine LR, EMA,
+    optimizer and RNG state all resume exactly.
+    """
+    import training.stage2 as stage2
+    ck4 = os.path.join(tmp_path, "step4.pth")
+    original_save = stage2.save
+
+    def spy_save(s, name="latest.pth"):
+        original_save(s, name)
+        if s.pos.step == 4 and name == "latest.pth":
+            shutil.copy(os.path.join(s.run_dir, name), ck4)
+
+    monkeypatch.setattr(stage2, "save", spy_save)
+    steps = ["train.max_steps=7", "train.checkpoint_every=4"]
+    straight = load_checkpoint(os.path.join(_train(tmp_path, random_vae, "straight", steps), "latest.pth"))
+    monkeypatch.setattr(stage2, "save", original_save)
+    assert load_checkpoint(ck4)["step"] == 4 and load_checkpoint(ck4)["micro"] == 4
+    torch.manual_seed(999)  # resume must not depend on the process's RNG state
+    resumed = load_checkpoint(os.path.join(
+        _train(tmp_path, random_vae, "resumed", steps + [f"train.resume={ck4}"]), "latest.pth"))
+    assert resumed["step"] == straight["step"] == 7
+    for key in ("model_state", "ema_state"):
+        for name, tensor in straight[key].items():
+            assert torch.equal(tensor, resumed[key][name]), f"{key}.{name} differs after resume"
+
+
+def test_resume_refuses_other_model(tmp_path, random_vae):
+    run = _train(tmp_path, random_vae, "run", ["train.max_steps=2"])
+    with pytest.raises(UserError, match=r"another model: config.depth is 2 in the checkpoint but 3 now"):
+        _train(tmp_path, random_vae, "run", ["train.max_steps=4", "model.depth=3",
+                                             "train.resume=auto"])
+    assert load_checkpoint(os.path.join(run, "latest.pth"))["step"] == 2  # nothing lost
+
+
+def test_fresh_start_does_not_overwrite(tmp_path, random_vae):
+    _train(tmp_path, random_vae, "run", ["train.max_steps=1"])
+    with pytest.raises(UserError, match="already exists and train.resume is null"):
+        _train(tmp_path, random_vae, "run", ["train.max_steps=1", "train.resume=null"])
+
+
+def _altered_vae(src, dst):
+    ae = FrozenVAE.from_pretrained(src).ae
+    with torch.no_grad():
+        next(ae.parameters()).add_(1e-3)
+    ae.save_pretrained(dst)
+    return dst
+
+
+def test_predict_writes_videos_deterministically(tmp_path, random_vae):
+    run = _train(tmp_path, random_vae, "run", ["train.max_steps=2"])
+    ckpt = os.path.join(run, "latest.pth")
+    assert _predict(ckpt, str(tmp_path / "a")) == 0
+    assert _predict(ckpt, str(tmp_path / "b"), ["batch_size=1"]) == 0
+    for name in ("sample_000.mp4", "sample_000.gif", "sample_001.mp4", "sample_001.gif", "grid.png"):
+        a, b = tmp_path / "a" / name, tmp_path / "b" / name
+        assert a.stat().st_size > 0
+        if name.endswith(".gif") or name.endswith(".png"):  # lossless: byte-identical
+            assert a.read_bytes() == b.read_bytes(), name
+
+
+def test_predict_refuses_a_different_vae(tmp_path, random_vae):
+    run = _train(tmp_path, random_vae, "run", ["train.max_steps=1"])
+    other = _altered_vae(random_vae, str(tmp_path / "other_vae"))
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "predict_advanced.py", "--config", "predict_advanced.yaml", "device=cpu",
+         f"checkpoint={run}/latest.pth", f"output_dir={out}", f"vae.path={other}", "num_steps=2"],
+        cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "VAE mismatch" in proc.stderr and "scrambled" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not glob.glob(str(out / "*.mp4"))
+
+
+def test_resume_refuses_a_different_vae(tmp_path, random_vae):
+    _train(tmp_path, random_vae, "run", ["train.max_steps=1"])
+    other = _altered_vae(random_vae, str(tmp_path / "other_vae"))
+    with pytest.raises(UserError, match="VAE mismatch"):
+        _train(tmp_path, other, "run",
+               ["train.max_steps=2", "train.resume=auto"])
