@@ -169,7 +169,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, frames: int) -> torch.Tensor:
         # x (B, N, D) tokens; c (B, D) conditioning; each modulation (B, 1, D)
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
+        mods = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
         x = torch.addcmul(x, gate_a, self.attn(modulate(self.norm1(x), shift_a, scale_a), frames))
         return torch.addcmul(x, gate_m, self.mlp(modulate(self.norm2(x), shift_m, scale_m)))
 
@@ -195,7 +196,7 @@ class VideoDiT(nn.Module):
     """v-prediction network on latents (B, C, T, h, w) with T = num_frames, h = w = latent_size.
 
     `num_classes = 0`: unconditional. Set `activation_checkpointing = True` to recompute each
-    block in the backward pass (less memory, ~30% more compute).
+    block's forward in the backward pass (activation memory of one block, one more forward).
     """
 
     def __init__(self, cfg: ModelConfig, in_channels: int, num_frames: int, latent_size: int,

@@ -1,0 +1,211 @@
+"""VideoDiT: patch round trips, zero init, attention grouping, class dropout. CPU, tiny sizes."""
+import pytest
+import torch
+
+from models.dit import Block, VideoDiT, patchify, unpatchify
+from utils.config import ModelConfig
+from utils.errors import ConfigError
+
+C = 4  # latent channels
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    base = dict(hidden_size=32, depth=2, num_heads=2, patch_size=2, patch_t=1, class_dropout=0.1)
+    return ModelConfig(**{**base, **kw})
+
+
+def randomize_zero_init(model: torch.nn.Module) -> None:
+    """Give the zero-initialised adaLN / output layers random weights, so every path is live."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(std=0.1)
+
+
+def latents(b: int, t: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(b, C, t, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------- patches
+
+
+@pytest.mark.parametrize("frames,patch_t", [(5, 1), (7, 1), (6, 2), (1, 1)])
+def test_patchify_round_trip_is_exact(frames, patch_t):
+    x = latents(2, frames, 8)
+    tokens = patchify(x, patch_t, 2)
+    assert tokens.shape == (2, (frames // patch_t) * 4 * 4, patch_t * 2 * 2 * C)
+    assert torch.equal(unpatchify(tokens, (frames // patch_t, 4, 4), patch_t, 2), x)
+
+
+def test_patchify_groups_neighbouring_pixels():
+    x = latents(1, 2, 4)
+    tokens = patchify(x, 1, 2)  # (1, 2 * 2 * 2, 2 * 2 * C)
+    first = tokens[0, 0].reshape(2, 2, C)  # (ph, pw, c) of frame 0, top-left patch
+    assert torch.equal(first, x[0, :, 0, :2, :2].permute(1, 2, 0))
+
+
+@pytest.mark.parametrize("frames,patch_t", [(5, 1), (7, 1), (6, 2)])
+def test_output_shape_equals_input_shape(frames, patch_t):
+    model = VideoDiT(tiny_cfg(patch_t=patch_t), C, frames, 8)
+    x = latents(2, frames, 8)
+    assert model(x, torch.tensor([3, 999])).shape == x.shape
+
+
+def test_patch_mismatch_raises_config_error_naming_key():
+    with pytest.raises(ConfigError, match=r"model\.patch_size = 3.*8x8"):
+        VideoDiT(tiny_cfg(patch_size=3), C, 4, 8)
+    with pytest.raises(ConfigError, match=r"model\.patch_t = 2.*5 latent frames"):
+        VideoDiT(tiny_cfg(patch_t=2), C, 5, 8)
+    with pytest.raises(ConfigError, match=r"model\.patch_size"):
+        patchify(latents(1, 4, 6), 1, 4)
+
+
+def test_wrong_input_shape_is_refused():
+    model = VideoDiT(tiny_cfg(), C, 4, 8)
+    with pytest.raises(ValueError, match="built for latents"):
+        model(latents(1, 5, 8), torch.tensor([1]))
+
+
+def test_preset_sets_sizes():
+    model = VideoDiT(ModelConfig(preset="DiT-T/4", depth=1), C, 2, 8)
+    assert model.cfg.hidden_size == 192 and model.cfg.patch_size == 4 and len(model.blocks) == 6
+
+
+# --------------------------------------------------------------------------- init and training
+
+
+def test_zero_init_output_then_one_step_trains_every_block():
+    torch.manual_seed(0)
+    model = VideoDiT(tiny_cfg(depth=4), C, 3, 4, num_classes=3)
+    x, t, y = latents(2, 3, 4), torch.tensor([10, 500]), torch.tensor([0, 2])
+    assert torch.equal(model(x, t, y), torch.zeros_like(x))  # adaLN-Zero final layer
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in range(3):  # step 1 opens the output layer, step 2 the block gates
+        opt.zero_grad()
+        out = model(x, t, y)
+        if step == 0:
+            first = out
+        (out - x).square().mean().backward()
+        if step == 1:  # gradient reaches every block through its gate
+            assert all(b.adaLN_modulation[-1].weight.grad.abs().sum() > 0 for b in model.blocks)
+        opt.step()
+    assert not torch.equal(model(x, t, y), first)
+    opt.zero_grad()
+    (model(x, t, y) - x).square().mean().backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert dead == []
+
+
+def test_activation_checkpointing_gives_same_output_and_grads():
+    model = VideoDiT(tiny_cfg(), C, 3, 4, num_classes=2)
+    randomize_zero_init(model)
+    x, t, y = latents(2, 3, 4), torch.tensor([10, 500]), torch.tensor([0, 1])
+    model.eval()  # no label dropout, so both passes see the same labels
+    grads = []
+    for flag in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = flag
+        out = model(x, t, y)
+        out.square().sum().backward()
+        grads.append((out.detach(), model.blocks[0].attn.qkv.weight.grad.clone()))
+    assert torch.allclose(grads[0][0], grads[1][0]) and torch.allclose(grads[0][1], grads[1][1])
+
+
+def test_num_params_counts_everything():
+    model = VideoDiT(tiny_cfg(), C, 3, 4, num_classes=2)
+    assert model.num_params() == sum(p.numel() for p in model.parameters()) > 0
+
+
+# --------------------------------------------------------------------------- attention grouping
+
+
+def changed_frames(model, x, frame: int) -> set[int]:
+    """Latent frames whose output moves when input `frame` is perturbed."""
+    x2 = x.clone()
+    x2[:, :, frame] += torch.randn_like(x2[:, :, frame])
+    t = torch.tensor([100] * x.shape[0])
+    with torch.no_grad():
+        diff = (model(x2, t) - model(x, t)).abs().amax(dim=(0, 1, 3, 4))  # (T,)
+    return {i for i, d in enumerate(diff.tolist()) if d > 1e-6}
+
+
+@pytest.mark.parametrize("attention", ["factorized", "full"])
+def test_both_attention_kinds_run_and_backprop(attention):
+    model = VideoDiT(tiny_cfg(attention=attention), C, 5, 4)
+    randomize_zero_init(model)
+    out = model(latents(2, 5, 4), torch.tensor([0, 999]))
+    out.sum().backward()
+    assert out.shape == (2, C, 5, 4, 4) and model.blocks[0].attn.qkv.weight.grad.any()
+
+
+def test_spatial_attention_stays_within_its_frame():
+    # depth 1 factorised = one spatial block: a frame can only influence itself
+    spatial_only = VideoDiT(tiny_cfg(depth=1), C, 5, 4)
+    randomize_zero_init(spatial_only)
+    assert spatial_only.blocks[0].attn.kind == "spatial"
+    x = latents(2, 5, 4)
+    assert changed_frames(spatial_only, x, frame=2) == {2}
+    # the same probe does see mixing, through temporal attention or full attention
+    for cfg in (tiny_cfg(depth=2), tiny_cfg(depth=1, attention="full")):
+        model = VideoDiT(cfg, C, 5, 4)
+        randomize_zero_init(model)
+        assert changed_frames(model, x, frame=2) == {0, 1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("kind", ["spatial", "temporal", "full"])
+def test_block_mixes_exactly_its_group(kind):
+    frames, per_frame, dim = 3, 4, 16
+    block = Block(dim, 2, 2.0, kind, qk_norm=True)
+    randomize_zero_init(block)
+    x = torch.randn(2, frames * per_frame, dim)  # (B, T*S, D)
+    c = torch.randn(2, dim)
+    x2 = x.clone()
+    x2[:, 1 * per_frame + 2] += torch.randn(dim)  # token (frame 1, position 2); not a constant,
+    # which LayerNorm would erase
+    with torch.no_grad():
+        moved = (block(x2, c, frames) - block(x, c, frames)).abs().amax(dim=(0, 2)) > 1e-6  # (T*S,)
+    moved = moved.reshape(frames, per_frame)  # (T, S)
+    expected = torch.zeros(frames, per_frame, dtype=torch.bool)
+    if kind == "spatial":
+        expected[1, :] = True
+    elif kind == "temporal":
+        expected[:, 2] = True
+    else:
+        expected[:] = True
+    assert torch.equal(moved, expected)
+
+
+# --------------------------------------------------------------------------- classes
+
+
+def test_null_class_and_dropout_only_in_training():
+    model = VideoDiT(tiny_cfg(class_dropout=0.5), C, 1, 2, num_classes=3)
+    assert model.null_class_id == 3 and model.y_embed.table.num_embeddings == 4
+    y = torch.randint(0, 3, (2000,), generator=torch.Generator().manual_seed(0))
+    table = model.y_embed.table.weight
+    model.eval()
+    assert torch.equal(model.y_embed(y), table[y])
+    model.train()
+    dropped = (model.y_embed(y) == table[3]).all(dim=1).float().mean().item()
+    assert 0.45 < dropped < 0.55
+
+
+def test_y_none_is_the_null_class_and_unconditional_refuses_labels():
+    model = VideoDiT(tiny_cfg(), C, 2, 4, num_classes=3).eval()
+    randomize_zero_init(model)
+    x, t = latents(2, 2, 4), torch.tensor([5, 5])
+    assert torch.equal(model(x, t, None), model(x, t, torch.tensor([3, 3])))
+    assert not torch.equal(model(x, t, torch.tensor([0, 0])), model(x, t, None))
+    uncond = VideoDiT(tiny_cfg(), C, 2, 4)
+    assert uncond.null_class_id is None
+    with pytest.raises(ValueError, match="unconditional"):
+        uncond(x, t, torch.tensor([0, 1]))
+
+
+def test_float_and_int_timesteps_agree():
+    model = VideoDiT(tiny_cfg(), C, 2, 4).eval()
+    randomize_zero_init(model)
+    x = latents(2, 2, 4)
+    assert torch.allclose(model(x, torch.tensor([7, 999])), model(x, torch.tensor([7.0, 999.0])))
