@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
@@ -24,11 +24,13 @@ from models.dit import VideoDiT
 from models.vae import FrozenVAE
 from training import checkpoints as ckpts
 from training.sampling import default_labels, generate_videos, save_videos, side_by_side
+from utils.video_io import uint8_to_video_tensor
 from utils.checkpoint import atomic_save, capture_rng, load_checkpoint, restore_rng
 from utils.config import TrainRunConfig, config_to_dict
-from utils.dist import DistInfo, all_reduce_mean, all_reduce_sum, barrier, broadcast_flag
+from utils.dist import DistInfo, all_reduce_mean, all_reduce_sum, any_rank, barrier
 from utils.errors import ConfigError, UserError
 from utils.logging import RunLogger
+from utils.metrics import jigsaw_score
 from utils.train_utils import (EMA, GracefulStop, autocast_context, count_parameters,
                                lr_multiplier, make_grad_scaler)
 
@@ -67,6 +69,8 @@ class Stage2:
     class_names: list
     pos: Position
     total_steps: int
+    real_jigsaw: Optional[float] = None  # jigsaw score of real clips, computed once
+    started: float = field(default_factory=time.monotonic)  # for train.time_limit_minutes
 
 
 # ----------------------------------------------------------------------------- setup
@@ -232,13 +236,36 @@ class LossStats:
 
 
 def train(s: Stage2) -> Position:
+    """Runs the loop; a CUDA out-of-memory error becomes a message saying what to change."""
+    try:
+        return _train_loop(s)
+    except torch.OutOfMemoryError:
+        t = s.cfg.train
+        raise UserError(
+            f"out of GPU memory at train.batch_size = {t.batch_size} on {s.device}. Lower "
+            "train.batch_size (raise train.grad_accum_steps to keep the global batch), set "
+            f"train.activation_checkpointing=true, or use a smaller model. {_last_checkpoint(s)}."
+        ) from None
+
+
+def _last_checkpoint(s: Stage2) -> str:
+    """What an error that stops training can promise about latest.pth."""
+    path = os.path.join(s.run_dir, "latest.pth")
+    if os.path.exists(path):
+        return f"{path} holds the last checkpoint"
+    return f"no checkpoint was written yet (train.checkpoint_every = {s.cfg.train.checkpoint_every})"
+
+
+def _train_loop(s: Stage2) -> Position:
     tcfg, T = s.cfg.train, s.cfg.diffusion.num_train_timesteps
     stats = LossStats(s.device, T)
     bad_steps = 0
     bar = tqdm(total=s.total_steps, initial=s.pos.step, disable=not s.dist.is_main,
                dynamic_ncols=True, desc=_epoch_desc(s))
     with GracefulStop() as stop:
-        while s.pos.step < s.total_steps and s.pos.epoch < tcfg.epochs and not stop.requested:
+        timed_out = False
+        while (s.pos.step < s.total_steps and s.pos.epoch < tcfg.epochs and not stop.requested
+               and not timed_out):
             set_epoch(s.loader, s.pos.epoch)  # sampler order and per-item augmentation
             s.sampler.set_start(s.pos.micro * tcfg.batch_size)  # mid-epoch resume: skip what was seen
             s.optimizer.zero_grad(set_to_none=True)
@@ -279,16 +306,23 @@ def train(s: Stage2) -> Position:
                     _log_step(s, stats, bar)
                 if s.pos.step % tcfg.checkpoint_every == 0:
                     save(s)
-                stopping = broadcast_flag(stop.requested, s.dist, s.device)
-                if s.pos.step >= s.total_steps or stopping:
-                    stop.requested = stopping
+                stop.requested, timed_out = any_rank([stop.requested, _out_of_time(s)], s.dist, s.device)
+                if s.pos.step >= s.total_steps or stop.requested or timed_out:
                     break
                 wait_start = time.perf_counter()
             else:
                 _end_epoch(s)
     bar.close()
+    if timed_out:
+        s.log.info(f"train.time_limit_minutes = {tcfg.time_limit_minutes} reached at step "
+                   f"{s.pos.step} of {s.total_steps}")
     _finish(s, interrupted=stop.requested)
     return s.pos
+
+
+def _out_of_time(s: Stage2) -> bool:
+    limit = s.cfg.train.time_limit_minutes
+    return limit is not None and time.monotonic() - s.started > 60 * limit
 
 
 def _optimizer_step(s: Stage2, stats: LossStats, per_sample: torch.Tensor) -> bool:
@@ -317,8 +351,8 @@ def _handle_nonfinite(s: Stage2, bad_steps: int, batch: dict) -> None:
     path = os.path.join(s.run_dir, f"nonfinite_batch_rank{s.dist.rank}.pt")
     torch.save({k: v for k, v in batch.items() if torch.is_tensor(v)}, path)
     raise UserError(f"{limit} non-finite losses in a row at step {s.pos.step + 1}: stopped. The "
-                    f"offending batch is saved in {path}; latest.pth holds the last good state. Try "
-                    "a lower train.lr, train.grad_clip, or precision=fp32 / bf16.")
+                    f"offending batch is saved in {path}; {_last_checkpoint(s)}. Try a lower "
+                    "train.lr, train.grad_clip, or train.precision=fp32 / bf16.")
 
 
 def _end_epoch(s: Stage2) -> None:
@@ -370,8 +404,22 @@ def validate(s: Stage2) -> None:
         out = os.path.join(s.run_dir, "samples", f"step_{s.pos.step:07d}")
         save_videos(out, videos, v.fps)
         s.log.video("val/samples", side_by_side(videos), s.pos.step, v.fps)
-        s.log.info(f"validation samples: {out}")
+        cell = s.vae.downsample_factor * s.model.cfg.patch_size  # patch side in pixels
+        score = jigsaw_score(torch.stack([uint8_to_video_tensor(x) for x in videos]), cell)
+        s.log.scalars({"val/jigsaw_score": score, "val/jigsaw_score_real": _real_jigsaw(s, cell)},
+                      s.pos.step)
+        s.log.info(f"validation samples: {out} (jigsaw score {score:.2f}, real clips "
+                   f"{_real_jigsaw(s, cell):.2f}; well above real means patch seams)")
     barrier(s.dist)
+
+
+def _real_jigsaw(s: Stage2, cell: int) -> float:
+    """The jigsaw score of real training clips: the reference a healthy sample should match."""
+    if s.real_jigsaw is None:
+        n = min(len(s.loader.dataset), 16)
+        clips = torch.stack([s.loader.dataset[i]["video"] for i in range(n)])  # (n, 3, T, H, W)
+        s.real_jigsaw = jigsaw_score(clips, cell)
+    return s.real_jigsaw
 
 
 def _latent_shape(dims: dict) -> tuple[int, int, int, int]:

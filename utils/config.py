@@ -175,7 +175,9 @@ class DiffusionConfig:
     beta_start: float = 0.0001
     beta_end: float = 0.02
     rescale_betas_zero_snr: bool = True
-    min_snr_gamma: Optional[float] = 5.0  # min-SNR-gamma loss weighting; null = plain v MSE
+    # min-SNR-gamma weighting; null = plain v MSE. With zero-terminal SNR it gives ~0 weight
+    # to the high-noise steps every sampler starts from, so it is off by default.
+    min_snr_gamma: Optional[float] = None
 
     def validate(self, prefix: str = "diffusion") -> None:
         _positive(self, prefix, "num_train_timesteps")
@@ -191,6 +193,7 @@ class TrainConfig:
     """Stage 2 optimisation."""
     epochs: int = 100
     max_steps: Optional[int] = None  # stop at whichever comes first; null = epochs decide
+    time_limit_minutes: Optional[float] = None  # also stop (and save) after this wall time
     batch_size: int = 8  # per process
     grad_accum_steps: int = 1
     lr: float = 3e-4  # peak learning rate
@@ -218,6 +221,8 @@ class TrainConfig:
                   "checkpoint_every", "max_nonfinite_steps")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"{prefix}.max_steps = {self.max_steps}: must be >= 1 or null")
+        if self.time_limit_minutes is not None and self.time_limit_minutes <= 0:
+            raise ConfigError(f"{prefix}.time_limit_minutes = {self.time_limit_minutes}: must be > 0 or null")
         if self.lr <= 0:
             raise ConfigError(f"{prefix}.lr = {self.lr}: must be > 0")
         if not 0 <= self.ema_decay < 1:

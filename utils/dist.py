@@ -64,13 +64,13 @@ def barrier(info: DistInfo) -> None:
         torch_dist.barrier()
 
 
-def broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
-    """True on every rank if it is True on any rank (e.g. a stop request)."""
+def any_rank(flags: list[bool], info: DistInfo, device: torch.device) -> list[bool]:
+    """Each flag True on every rank if it is True on any rank (stop requests): one all-reduce."""
     if not info.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return list(flags)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(x) for x in t.tolist()]
 
 
 def cleanup(info: DistInfo) -> None:
