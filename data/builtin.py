@@ -12,6 +12,8 @@ make it harder.
 """
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import torch
 
@@ -71,14 +73,39 @@ class MovingShapes(torch.utils.data.Dataset):
         return self.num_clips * self.windows
 
     def __getitem__(self, index: int) -> dict:
+        clip, frames = self.window(index)
+        return {"video": self.source_frames(clip, frames), "label": self.source_label(clip)}
+
+    def window(self, index: int) -> tuple[int, list[int]]:
+        """(clip, the source frame indices of window `index`)."""
         if not 0 <= index < len(self):
             raise IndexError(index)
-        clip, w = divmod(index, self.windows)
+        clip, w = divmod(int(index), self.windows)
         start = w * self.cfg.window_stride
-        times = start + self.cfg.frame_stride * np.arange(self.cfg.num_frames)  # source frames
+        return clip, [start + self.cfg.frame_stride * i for i in range(self.cfg.num_frames)]
+
+    # Latent cache protocol (see data/latent_cache.py): clips are the sources.
+    augments = False  # procedural clips: the same pixels every epoch
+
+    @property
+    def num_sources(self) -> int:
+        return self.num_clips
+
+    def source_length(self, clip: int) -> int:
+        return self.cfg.builtin.clip_frames
+
+    def source_label(self, clip: int) -> int:
+        return self.scene(clip)["label"]
+
+    def source_frames(self, clip: int, indices: list[int]) -> torch.Tensor:
+        """Frames `indices` of `clip` -> (3, n, H, W) in [-1, 1]."""
         scene = self.scene(clip)
-        video = np.stack([self.render(scene, t) for t in times], axis=1)  # (3, T, H, W) in [0, 1]
-        return {"video": torch.from_numpy(video * 2 - 1), "label": scene["label"]}
+        video = np.stack([self.render(scene, t) for t in indices], axis=1)  # (3, n, H, W) in [0, 1]
+        return torch.from_numpy(video * 2 - 1)
+
+    def cache_key(self) -> dict:
+        return {"path": self.cfg.path, "split": self.split, "seed": self.seed,
+                "resolution": self.cfg.resolution, "builtin": asdict(self.cfg.builtin)}
 
     def scene(self, clip: int) -> dict:
         """Random scene parameters of one clip (everything drawn from the clip's own RNG)."""

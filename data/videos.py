@@ -287,6 +287,36 @@ class VideoFolder(Dataset):
             g = torch.Generator().manual_seed(_seed(self.seed, int(self._epoch), index))
         return {"video": self.transform(pixels, g), "label": self.labels[src]}
 
+    # ----------------------------------------------------------------- latent cache protocol
+
+    @property
+    def augments(self) -> bool:
+        """Whether items change from epoch to epoch (then latents cannot be cached)."""
+        return self.augment and (self.cfg.random_crop or self.cfg.hflip)
+
+    @property
+    def num_sources(self) -> int:
+        return len(self.sources)
+
+    def source_length(self, src: int) -> int:
+        return self.sources[src][1]
+
+    def source_label(self, src: int) -> int:
+        return self.labels[src]
+
+    def source_frames(self, src: int, indices: list[int]) -> torch.Tensor:
+        """Frames `indices` of source `src`, center-cropped, no augmentation: (3, n, R, R)."""
+        return self.transform(read_frames(self.sources[src][0], indices))
+
+    def cache_key(self) -> dict:
+        """What the cached latents depend on besides the VAE: files (size, mtime) and pixels."""
+        files = []
+        for path, _ in self.sources:
+            parts = [path] + (list_frame_files(path) if os.path.isdir(path) else [])
+            files.append([[p, os.path.getsize(p), os.path.getmtime(p)] for p in parts])
+        return {"path": os.path.abspath(self.cfg.path), "split": self.split,
+                "resolution": self.cfg.resolution, "crop": "center", "files": files}
+
     # ----------------------------------------------------------------- pixels
 
     def transform(self, frames: np.ndarray, g: Optional[torch.Generator] = None) -> torch.Tensor:

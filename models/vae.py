@@ -124,6 +124,12 @@ class FrozenVAE(nn.Module):
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """(B, 3, T, H, W) pixels -> (B, C, T, h, w) scaled latents (posterior sample or mean)."""
         mean, std = self.encode_moments(pixels)
+        return self.latents_from_moments(mean, std, sample, generator)
+
+    def latents_from_moments(self, mean: torch.Tensor, std: torch.Tensor, sample: bool = True,
+                             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Unscaled posterior (mean, std) -> scaled latents: the one place the scale is applied
+        on the way in (also used with cached moments, so both paths give the same latents)."""
         z = mean
         if sample:
             noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)

@@ -176,3 +176,41 @@ def test_resume_refuses_a_different_vae(tmp_path, random_vae):
     with pytest.raises(UserError, match="VAE mismatch"):
         _train(tmp_path, other, "run",
                ["train.max_steps=2", "train.resume=auto"])
+
+
+def test_latent_cache_matches_encoding_and_rebuilds(tmp_path, random_vae, capsys):
+    """Cached posterior moments train like encoding every step; an unchanged key reuses the
+    cache, a changed VAE or data config rebuilds it and says why."""
+    steps = ["train.max_steps=3", "train.lr_schedule=constant"]
+    plain = load_checkpoint(os.path.join(_train(tmp_path, random_vae, "plain", steps), "latest.pth"))
+    run = _train(tmp_path, random_vae, "cached", steps + ["data.cache=auto"])
+    cached = load_checkpoint(os.path.join(run, "latest.pth"))
+    for name, tensor in plain["model_state"].items():
+        torch.testing.assert_close(cached["model_state"][name], tensor, rtol=1e-4, atol=1e-5)
+    assert "latent cache: building" in capsys.readouterr().out
+
+    manifest = os.path.join(run, "latent_cache", "manifest.json")
+    stamp = os.path.getmtime(manifest)
+    _train(tmp_path, random_vae, "cached", ["train.max_steps=4", "data.cache=auto"])  # resumes
+    assert "latent cache: using" in capsys.readouterr().out and os.path.getmtime(manifest) == stamp
+
+    other = _altered_vae(random_vae, str(tmp_path / "other_vae"))
+    for name, vae, extra, why in [("new_vae", other, [], "the VAE changed"),
+                                  ("new_data", random_vae, ["data.builtin.num_clips=5"],
+                                   "data setting 'builtin' changed")]:
+        shutil.copytree(os.path.join(run, "latent_cache"), os.path.join(tmp_path, name, "latent_cache"))
+        _train(tmp_path, vae, name, ["train.max_steps=1", "data.cache=auto", *extra])
+        assert f"latent cache: building {os.path.join(tmp_path, name, 'latent_cache')} ({why})" \
+            in capsys.readouterr().out
+
+
+def test_latent_cache_on_a_folder_and_off_with_augmentation(tmp_path, random_vae, capsys):
+    from tests.conftest import smooth_frames
+    from utils.video_io import write_video
+    for i in range(2):
+        write_video(str(tmp_path / "clips" / f"c{i}.mp4"), smooth_frames(12, 24, 32), fps=8)
+    folder = [f"data.path={tmp_path / 'clips'}", "data.val_fraction=0.0", "train.max_steps=2"]
+    _train(tmp_path, random_vae, "folder", folder + ["data.cache=auto"])
+    assert "latent cache: building" in capsys.readouterr().out
+    _train(tmp_path, random_vae, "aug", folder + ["data.cache=auto", "data.hflip=true"])
+    assert "latent cache off: data.random_crop / data.hflip" in capsys.readouterr().out

@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import build_dataset
+from data.latent_cache import CachedWindows, LatentCache, cache_disabled_reason, cache_key
 from data.loader import ResumableSampler, batches_per_epoch, make_loader, set_epoch
 from models.diffusion import Diffusion
 from models.dit import VideoDiT
@@ -27,7 +28,7 @@ from training.sampling import default_labels, generate_videos, save_videos, side
 from utils.video_io import uint8_to_video_tensor
 from utils.checkpoint import atomic_save, capture_rng, load_checkpoint, restore_rng
 from utils.config import TrainRunConfig, config_to_dict
-from utils.dist import DistInfo, all_reduce_mean, all_reduce_sum, any_rank, barrier
+from utils.dist import DistInfo, all_reduce_mean, all_reduce_sum, any_rank, barrier, gather_dicts
 from utils.errors import ConfigError, UserError
 from utils.logging import RunLogger
 from utils.metrics import jigsaw_score
@@ -97,7 +98,8 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
     vae = FrozenVAE.from_pretrained(cfg.vae.path, device, encode_batch_frames=cfg.vae.encode_batch_frames)
     log.info(f"VAE {vae.path}: fingerprint {vae.fingerprint}, scaling_factor {vae.scaling_factor:.4f}, "
              f"{vae.latent_channels} latent channels, {vae.downsample_factor}x down (frozen)")
-    dataset = build_dataset(cfg.data, "train", cfg.experiment.seed)
+    dataset = _maybe_cached(build_dataset(cfg.data, "train", cfg.experiment.seed), cfg, vae,
+                            run_dir, dist, device, log)
     loader = make_loader(dataset, tcfg.batch_size, shuffle=True, seed=cfg.experiment.seed,
                          num_workers=cfg.data.num_workers, rank=dist.rank,
                          world_size=dist.world_size, drop_last=True, device_type=device.type)
@@ -127,6 +129,31 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
     if resume_path:
         _resume(s, resume_path)
     return s
+
+
+def _maybe_cached(dataset, cfg: TrainRunConfig, vae: FrozenVAE, run_dir: str, dist: DistInfo,
+                  device: torch.device, log: RunLogger):
+    """With `data.cache: auto`, the dataset's windows served from latents encoded once."""
+    reason = cache_disabled_reason(dataset, cfg.data.cache)
+    if reason is not None:
+        if cfg.data.cache == "auto":
+            log.info(f"latent cache off: {reason}")
+        return dataset
+    cache = LatentCache(dataset, os.path.join(run_dir, "latent_cache"),
+                        cache_key(dataset, vae.fingerprint))
+    usable, why = cache.status()
+    (rebuild,) = any_rank([not usable], dist, device)
+    if rebuild:
+        log.info(f"latent cache: building {cache.dir} ({why or 'another rank needs it'}); "
+                 f"{dataset.num_sources} sources over {dist.world_size} process(es)")
+        part = cache.build_part(vae.encode_moments, dist.rank, dist.world_size, progress=dist.is_main)
+        shards = gather_dicts(part, dist)
+        if dist.is_main:
+            cache.write_manifest(shards)
+        barrier(dist)
+    else:
+        log.info(f"latent cache: using {cache.dir}")
+    return cache.load()
 
 
 def _log_setup(s: Stage2, dataset, steps_per_epoch: int) -> None:
@@ -273,9 +300,8 @@ def _train_loop(s: Stage2) -> Position:
             wait_start = time.perf_counter()
             for batch in s.loader:
                 stats.data_wait += time.perf_counter() - wait_start
-                # Encode with the frozen VAE (no graph: the VAE never sees a gradient).
-                x0 = s.vae.encode(batch["video"].to(s.device, non_blocking=True),
-                                  sample=s.cfg.vae.sample_posterior, generator=s.noise_gen)  # (B, C, T, h, w)
+                # Latents of the frozen VAE (no graph: the VAE never sees a gradient).
+                x0 = _latents(s, batch)  # (B, C, T, h, w)
                 y = batch["label"].to(s.device) if s.dims["num_classes"] else None
                 # Sample t and noise.
                 t = torch.randint(0, T, (x0.shape[0],), device=s.device, generator=s.noise_gen)
@@ -318,6 +344,15 @@ def _train_loop(s: Stage2) -> Position:
                    f"{s.pos.step} of {s.total_steps}")
     _finish(s, interrupted=stop.requested)
     return s.pos
+
+
+def _latents(s: Stage2, batch: dict) -> torch.Tensor:
+    """Scaled latents (B, C, T, h, w): from cached posterior moments, or by encoding pixels."""
+    if "mean" in batch:
+        mean, std = (batch[k].to(s.device, non_blocking=True) for k in ("mean", "std"))
+        return s.vae.latents_from_moments(mean, std, s.cfg.vae.sample_posterior, s.noise_gen)
+    return s.vae.encode(batch["video"].to(s.device, non_blocking=True),
+                        sample=s.cfg.vae.sample_posterior, generator=s.noise_gen)
 
 
 def _out_of_time(s: Stage2) -> bool:
@@ -416,8 +451,10 @@ def validate(s: Stage2) -> None:
 def _real_jigsaw(s: Stage2, cell: int) -> float:
     """The jigsaw score of real training clips: the reference a healthy sample should match."""
     if s.real_jigsaw is None:
-        n = min(len(s.loader.dataset), 16)
-        clips = torch.stack([s.loader.dataset[i]["video"] for i in range(n)])  # (n, 3, T, H, W)
+        pixels = s.loader.dataset
+        pixels = pixels.dataset if isinstance(pixels, CachedWindows) else pixels  # the clips themselves
+        n = min(len(pixels), 16)
+        clips = torch.stack([pixels[i]["video"] for i in range(n)])  # (n, 3, T, H, W)
         s.real_jigsaw = jigsaw_score(clips, cell)
     return s.real_jigsaw
 

@@ -59,6 +59,18 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def gather_dicts(part: dict, info: DistInfo) -> dict:
+    """Union of every rank's dict (small, picklable values), available on all ranks."""
+    if not info.enabled:
+        return dict(part)
+    parts: list = [None] * info.world_size
+    torch_dist.all_gather_object(parts, part)
+    merged: dict = {}
+    for p in parts:
+        merged.update(p)
+    return merged
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         torch_dist.barrier()

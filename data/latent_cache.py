@@ -1,0 +1,138 @@
+"""Latent cache: each source clip's frames encoded once by the frozen VAE.
+
+Because the VAE never changes in stage 2, encoding every training window at every step
+repeats the same work. The cache stores the posterior mean and std of every frame of every
+source (so training can still sample the posterior) and serves sliding windows as slices.
+
+Layout (`<run>/latent_cache/`): `manifest.json` (the key: VAE fingerprint, data config,
+file list with sizes and mtimes; and which shard holds which source) and
+`shard_r{rank}_{k}.pt` files of {source index: {"mean", "std"}}, each (C, L, h, w) float32.
+A key that differs from the manifest's rebuilds the cache, saying what changed. Ranks
+encode disjoint sources in parallel. This module takes an encode function, so `data/`
+never imports `models/`.
+
+Datasets provide: `num_sources`, `source_length(i)`, `source_label(i)`,
+`source_frames(i, indices) -> (3, n, H, W)` (no augmentation), `window(index) -> (source,
+frame indices)`, `augments` and `cache_key()`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Optional
+
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+EncodeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (1,3,n,H,W) -> mean, std (1,C,n,h,w)
+SOURCES_PER_SHARD = 256
+FRAMES_PER_READ = 128  # frames decoded and encoded at once (memory bound)
+
+
+def cache_key(dataset, vae_fingerprint: str) -> dict:
+    return {"vae_fingerprint": vae_fingerprint, **dataset.cache_key()}
+
+
+def describe_change(old: dict, new: dict) -> str:
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    names = {"vae_fingerprint": "the VAE changed", "files": "the video files changed"}
+    return ", ".join(names.get(k, f"data setting {k!r} changed") for k in changed)
+
+
+class LatentCache:
+    """Builds (if needed) and loads the cache for `dataset` in `cache_dir`."""
+
+    def __init__(self, dataset, cache_dir: str, key: dict):
+        self.dataset, self.dir, self.key = dataset, cache_dir, key
+        self.manifest_path = os.path.join(cache_dir, "manifest.json")
+
+    def status(self) -> tuple[bool, str]:
+        """(usable, why not) for the cache on disk."""
+        if not os.path.isfile(self.manifest_path):
+            return False, "no cache yet"
+        with open(self.manifest_path) as f:
+            manifest = json.load(f)
+        if manifest.get("key") != self.key:
+            return False, describe_change(manifest.get("key", {}), self.key)
+        missing = [s for s in set(manifest["shards"].values())
+                   if not os.path.isfile(os.path.join(self.dir, s))]
+        return (False, f"shard files missing: {missing[:3]}") if missing else (True, "")
+
+    def build_part(self, encode: EncodeFn, rank: int = 0, world_size: int = 1,
+                   progress: bool = True) -> dict[int, str]:
+        """Encode this rank's sources (every world_size-th); returns {source: shard file}."""
+        os.makedirs(self.dir, exist_ok=True)
+        mine = list(range(rank, self.dataset.num_sources, world_size))
+        written, shard, k = {}, {}, 0
+        for src in tqdm(mine, desc="latent cache", disable=not progress, dynamic_ncols=True):
+            shard[src] = self._encode_source(src, encode)
+            if len(shard) == SOURCES_PER_SHARD or src == mine[-1]:
+                name = f"shard_r{rank}_{k:05d}.pt"
+                _atomic_torch_save(shard, os.path.join(self.dir, name))
+                written.update({s: name for s in shard})
+                shard, k = {}, k + 1
+        return written
+
+    def write_manifest(self, shards: dict[int, str]) -> None:
+        manifest = {"key": self.key, "shards": {str(s): name for s, name in sorted(shards.items())}}
+        tmp = self.manifest_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=1)
+        os.replace(tmp, self.manifest_path)
+
+    def load(self) -> "CachedWindows":
+        with open(self.manifest_path) as f:
+            shards = json.load(f)["shards"]
+        latents: dict[int, dict] = {}
+        for name in sorted(set(shards.values())):
+            part = torch.load(os.path.join(self.dir, name), map_location="cpu", weights_only=True)
+            latents.update(part)
+        return CachedWindows(self.dataset, latents)
+
+    def _encode_source(self, src: int, encode: EncodeFn) -> dict:
+        length = self.dataset.source_length(src)
+        means, stds = [], []
+        for start in range(0, length, FRAMES_PER_READ):
+            idx = list(range(start, min(length, start + FRAMES_PER_READ)))
+            pixels = self.dataset.source_frames(src, idx)  # (3, n, H, W) in [-1, 1]
+            mean, std = encode(pixels[None])  # (1, C, n, h, w) each
+            means.append(mean[0].cpu())
+            stds.append(std[0].cpu())
+        return {"mean": torch.cat(means, dim=1).contiguous(),  # (C, L, h, w)
+                "std": torch.cat(stds, dim=1).contiguous()}
+
+
+class CachedWindows(Dataset):
+    """The dataset's windows, served from cached latents: {"mean", "std": (C, T, h, w), "label"}."""
+
+    def __init__(self, dataset, latents: dict[int, dict]):
+        self.dataset, self.latents = dataset, latents
+        self.num_classes = dataset.num_classes
+        self.class_names = list(getattr(dataset, "class_names", []))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        src, frames = self.dataset.window(index)
+        entry = self.latents[src]
+        idx = torch.as_tensor(frames)
+        return {"mean": entry["mean"][:, idx], "std": entry["std"][:, idx],  # (C, T, h, w)
+                "label": self.dataset.source_label(src)}
+
+
+def _atomic_torch_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def cache_disabled_reason(dataset, mode: str) -> Optional[str]:
+    """Why the cache is not used (None: use it). Augmentation changes pixels every epoch."""
+    if mode == "off":
+        return "data.cache is off"
+    if getattr(dataset, "augments", False):
+        return ("data.random_crop / data.hflip change the pixels every epoch, so latents cannot "
+                "be cached; set both to false to use the cache")
+    return None
