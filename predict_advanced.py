@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from models.vae import FrozenVAE
 from training.checkpoints import (check_format, check_vae, ensure_writable_dir,
                                   model_from_checkpoint)
@@ -32,16 +34,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"checkpoint {cfg.checkpoint}: step {ckpt['step']}, {'EMA' if cfg.use_ema else 'raw'} weights; "
           f"VAE {vae.path} (fingerprint {vae.fingerprint} matches); sampler {cfg.sampler}, "
           f"{cfg.num_steps} steps, guidance {cfg.guidance_scale}")
-    videos = generate_videos(
+    try:
+        videos = _generate(cfg, model, vae, ckpt, labels, device)
+    except torch.OutOfMemoryError:
+        raise UserError(f"out of GPU memory sampling {cfg.batch_size} videos at once; lower "
+                        "batch_size (videos sampled together) or guidance (cfg doubles the batch)") from None
+    paths = save_videos(cfg.output_dir, videos, cfg.fps)
+    print(f"wrote {len(videos)} videos ({len(paths)} files) to {cfg.output_dir}: "
+          f"sample_000.mp4/.gif ... grid.png")
+    return 0
+
+
+def _generate(cfg: PredictConfig, model, vae, ckpt: dict, labels, device) -> list:
+    dims = ckpt["model"]["dims"]
+    return generate_videos(
         model, vae, config_from_dict(DiffusionConfig, ckpt["diffusion"]),
         latent_shape=(dims["in_channels"], dims["num_frames"], dims["latent_size"], dims["latent_size"]),
         seeds=[cfg.seed + i for i in range(cfg.num_videos)], labels=labels, sampler=cfg.sampler,
         num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, null_class_id=model.null_class_id,
         device=device, batch_size=cfg.batch_size, progress=True)
-    paths = save_videos(cfg.output_dir, videos, cfg.fps)
-    print(f"wrote {len(videos)} videos ({len(paths)} files) to {cfg.output_dir}: "
-          f"sample_000.mp4/.gif ... grid.png")
-    return 0
 
 
 def _labels(cfg: PredictConfig, num_classes: int, class_names: list):

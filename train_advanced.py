@@ -32,14 +32,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         resume_path = resolve_resume(cfg.train.resume, run_dir)
         if dist.is_main:
             ensure_writable_dir(run_dir, "experiment.runs_dir")
-            dump_config(cfg, os.path.join(run_dir, "config.yaml"))
         log = RunLogger(run_dir, enabled=dist.is_main)
-        s = setup(cfg, run_dir, dist, device, resolve_precision(cfg.train.precision, device), log,
-                  resume_path)
-        train(s)
-        log.info(f"samples: {os.path.join(run_dir, 'samples')}\n"
-                 f"TensorBoard: tensorboard --logdir {os.path.join(run_dir, 'tensorboard')}")
-        log.close()
+        try:
+            s = setup(cfg, run_dir, dist, device, resolve_precision(cfg.train.precision, device),
+                      log, resume_path)
+            if dist.is_main:  # only now: a refused resume must not overwrite the run's config
+                dump_config(cfg, os.path.join(run_dir, "config.yaml"))
+            train(s)
+            log.info(f"samples: {os.path.join(run_dir, 'samples')}\n"
+                     f"TensorBoard: tensorboard --logdir {os.path.join(run_dir, 'tensorboard')}")
+        finally:
+            log.close()
     finally:
         cleanup(dist)
     return 0

@@ -25,6 +25,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from utils.checkpoint import atomic_save
+
 EncodeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (1,3,n,H,W) -> mean, std (1,C,n,h,w)
 SOURCES_PER_SHARD = 256
 FRAMES_PER_READ = 128  # frames decoded and encoded at once (memory bound)
@@ -69,7 +71,7 @@ class LatentCache:
             shard[src] = self._encode_source(src, encode)
             if len(shard) == SOURCES_PER_SHARD or src == mine[-1]:
                 name = f"shard_r{rank}_{k:05d}.pt"
-                _atomic_torch_save(shard, os.path.join(self.dir, name))
+                atomic_save(shard, os.path.join(self.dir, name))
                 written.update({s: name for s in shard})
                 shard, k = {}, k + 1
         return written
@@ -120,12 +122,6 @@ class CachedWindows(Dataset):
         idx = torch.as_tensor(frames)
         return {"mean": entry["mean"][:, idx], "std": entry["std"][:, idx],  # (C, T, h, w)
                 "label": self.dataset.source_label(src)}
-
-
-def _atomic_torch_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def cache_disabled_reason(dataset, mode: str) -> Optional[str]:

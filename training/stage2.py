@@ -319,10 +319,12 @@ def _train_loop(s: Stage2) -> Position:
                     wait_start = time.perf_counter()
                     continue
                 # Step.
-                ok = _optimizer_step(s, stats, per_sample)
-                bad_steps = 0 if ok else bad_steps + 1
-                if bad_steps:
-                    _handle_nonfinite(s, bad_steps, batch)
+                if not _optimizer_step(s, stats, per_sample):
+                    bad_steps += 1
+                    _handle_nonfinite(s, bad_steps, batch)  # raises after K in a row
+                    wait_start = time.perf_counter()
+                    continue  # a skipped update is not a step: no LR, EMA or step count
+                bad_steps = 0
                 s.pos.step += 1
                 # EMA.
                 s.ema.update(s.model, s.pos.step)
@@ -369,11 +371,11 @@ def _optimizer_step(s: Stage2, stats: LossStats, per_sample: torch.Tensor) -> bo
     ok = bool(finite)  # the one host sync per optimizer step (fp16's GradScaler makes one too)
     if ok:
         s.scaler.step(s.optimizer)
+        s.scaler.update()
+        s.lr_sched.step()
         stats.grad_norm_sum += grad_norm.double()
         stats.steps += 1
-    s.scaler.update()
     s.optimizer.zero_grad(set_to_none=True)
-    s.lr_sched.step()
     return ok
 
 

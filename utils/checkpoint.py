@@ -6,6 +6,7 @@ Safe: always `torch.load(..., weights_only=True)`: nothing in a checkpoint is ex
 """
 from __future__ import annotations
 
+import glob
 import os
 import random
 import shutil
@@ -23,6 +24,7 @@ def atomic_save(obj: dict, path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     _check_free_space(path, directory)
+    _remove_stale_temps(path)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -30,6 +32,9 @@ def atomic_save(obj: dict, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # disk full, quota, I/O error: the user's to fix, not a bug here
+        raise UserError(f"could not write {path} ({e.strerror or e}). Free some disk space or "
+                        "fix the directory; the previous checkpoint, if any, is intact.") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -43,8 +48,8 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated, corrupt or not a torch file: all user-facing
         raise UserError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); it is "
-                        "corrupt or truncated. Use another checkpoint or start fresh "
-                        "(train.resume=null).") from None
+                        "corrupt or truncated. Use another checkpoint, or start fresh in a new run "
+                        "directory (another experiment.name).") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"checkpoint {path} is not a checkpoint of this repo (not a dict)")
     return ckpt
@@ -75,6 +80,12 @@ def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _remove_stale_temps(path: str) -> None:
+    """Temp files of a writer killed mid-save (one writer per path: rank 0)."""
+    for stale in glob.glob(glob.escape(path) + ".tmp.*"):
+        os.remove(stale)
 
 
 def _check_free_space(path: str, directory: str) -> None:

@@ -256,7 +256,8 @@ class VAETrainConfig:
     epochs: int = 1000
     max_steps: Optional[int] = 700
     time_limit_minutes: Optional[float] = None  # stop early after this wall time
-    batch_size: int = 4  # clips per batch; their frames are the VAE batch
+    batch_size: int = 32  # clips per batch
+    frames_per_clip: Optional[int] = 1  # random frames per clip in the VAE batch; null = all
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 50
@@ -279,6 +280,9 @@ class VAETrainConfig:
                   "checkpoint_every", "scale_num_clips")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"{prefix}.max_steps = {self.max_steps}: must be >= 1 or null")
+        if self.frames_per_clip is not None and self.frames_per_clip < 1:
+            raise ConfigError(f"{prefix}.frames_per_clip = {self.frames_per_clip}: must be >= 1 "
+                              "or null (all frames)")
         if self.lr <= 0:
             raise ConfigError(f"{prefix}.lr = {self.lr}: must be > 0")
         if self.warmup_steps < 0:
@@ -316,6 +320,9 @@ class VAERunConfig:
         if self.data.resolution % factor:
             raise ConfigError(f"data.resolution = {self.data.resolution} is not divisible by the "
                               f"VAE's downsampling factor {factor}; pick a multiple of {factor}")
+        if (self.train.frames_per_clip or 0) > self.data.num_frames:
+            raise ConfigError(f"train.frames_per_clip = {self.train.frames_per_clip} is more than "
+                              f"data.num_frames = {self.data.num_frames}; lower it or use null (all)")
 
 
 @dataclass
@@ -479,6 +486,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, key)
     if origin is Literal:
+        if isinstance(value, bool) and {"off", "on"} & set(args):  # YAML 1.1 reads off/on as bools
+            value = "on" if value else "off"
         if value not in args:
             raise ConfigError(f"{key} = {value!r}: must be one of {', '.join(map(repr, args))}")
         return value

@@ -148,6 +148,11 @@ def count_frames(path: str) -> int:
         return len(list_frame_files(path))
     with _open_video(path) as container:
         n = _header_frame_count(container)
+        if n is not None and (found := _packet_count(container)) < n:
+            raise VideoReadError(f"{path}: truncated: its header promises {n} frames but the file "
+                                 f"holds {max(found, 0)} (re-download or re-encode it)")
+        if n is not None:
+            container.seek(0)  # back to the start, to prove the first frame decodes
         if n is None:  # every frame gets decoded: let FFmpeg use threads
             container.streams.video[0].thread_type = "AUTO"
         frames = _decode(container, path)
@@ -157,6 +162,14 @@ def count_frames(path: str) -> int:
             n = 1 + sum(1 for _ in frames)
         frames.close()
         return n
+
+
+def _packet_count(container) -> int:
+    """Video packets with data (no decoding: cheap), one per frame in mp4/mov."""
+    try:
+        return sum(1 for p in container.demux(container.streams.video[0]) if p.size)
+    except av.error.FFmpegError:
+        return -1  # damaged past the header: decoding decides
 
 
 def read_frames(path: str, indices: Sequence[int]) -> np.ndarray:

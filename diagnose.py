@@ -1,0 +1,53 @@
+"""Check a stage-2 setup end to end: VAE, latent scale, patches, v math, gradients, checkpoint.
+
+    python diagnose.py --config config_advanced.yaml [--checkpoint PATH] [--min-vae-psnr DB] [key.sub=value ...]
+
+Prints one line per check, [PASS] / [WARN] / [FAIL] / [SKIP], with the number it measured
+and, for a failure, what to do. The checkpoint defaults to <runs_dir>/<name>/latest.pth;
+without one the checkpoint checks are skipped (not passed). Exit status 1 if any check
+fails, 2 on a user error (bad config, missing VAE), 0 otherwise.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from training.diagnostics import DEFAULT_MIN_VAE_PSNR, FAIL, default_checkpoint, run_diagnostics, summary
+from utils.cli import parse_args, run_main
+from utils.config import TrainRunConfig, load_config
+from utils.errors import MissingFileError, UserError
+from utils.train_utils import resolve_device, seed_everything
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    config_path, overrides, flags = parse_args(argv, __doc__, flags=("checkpoint", "min-vae-psnr"))
+    cfg = load_config(TrainRunConfig, config_path, overrides)
+    min_psnr = _min_psnr(flags["min-vae-psnr"])
+    checkpoint = flags["checkpoint"]
+    if checkpoint is not None and not os.path.isfile(checkpoint):
+        raise MissingFileError(f"--checkpoint {checkpoint}: no such file")
+    if checkpoint is None and os.path.isfile(default_checkpoint(cfg)):
+        checkpoint = default_checkpoint(cfg)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.experiment.seed)
+    print(f"diagnose: config {config_path}, VAE {cfg.vae.path}, checkpoint {checkpoint or 'none'}, "
+          f"device {device}", flush=True)
+    checks = []
+    for check in run_diagnostics(cfg, checkpoint, device, min_psnr):
+        print(check.line(), flush=True)
+        checks.append(check)
+    print(summary(checks))
+    return 1 if any(c.status == FAIL for c in checks) else 0
+
+
+def _min_psnr(value: Optional[str]) -> float:
+    if value is None:
+        return DEFAULT_MIN_VAE_PSNR
+    try:
+        return float(value)
+    except ValueError:
+        raise UserError(f"--min-vae-psnr {value!r}: give a number of dB, e.g. 20") from None
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,390 @@
+"""Health checks of a stage-2 setup, so a broken run is never silently wrong.
+
+`diagnose.py` runs them in order and prints one line each. Every check returns a `Check`:
+a status (PASS / WARN / FAIL / SKIP), the number it measured, and for a failure what to do.
+Checks that need a stage-2 checkpoint are SKIPped (never passed) when there is none.
+
+    vae_roundtrip    decode(encode(x)) PSNR on held-out clips of the configured data
+    latent_scale     std of scaled latents on training clips (the schedule assumes ~1)
+    patchify         models.dit.patchify / unpatchify round trip on the configured latent grid
+    v_identities     x0 and eps recovered from (x_t, v) by `Diffusion`
+    gradients        one training-style step: every DiT parameter gets a finite nonzero
+                     gradient, the VAE none (and is outside the optimizer)
+    checkpoint       the checkpoint loads and was made for the configured model
+    vae_fingerprint  the checkpoint's VAE is the configured VAE
+    denoise          the checkpoint (EMA) denoises noised held-out latents better than a
+                     model that predicts nothing (catches misplaced patches, which sampling
+                     turns into incoherent blobs rather than grid seams)
+    jigsaw           samples of the checkpoint (EMA) have no patch-grid seams: their jigsaw
+                     score is close to that of real clips
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+
+import models.dit as dit  # module attribute lookups: a patched unpatchify is what gets checked
+from data import build_dataset
+from models.diffusion import Diffusion
+from models.vae import FrozenVAE
+from training import checkpoints as ckpts
+from training.sampling import default_labels, generate_videos
+from utils.checkpoint import load_checkpoint
+from utils.config import DiffusionConfig, TrainRunConfig, config_from_dict
+from utils.dist import DistInfo
+from utils.errors import UserError
+from utils.logging import RunLogger
+from utils.metrics import jigsaw_score, psnr
+from utils.train_utils import resolve_precision
+from utils.video_io import uint8_to_video_tensor
+
+PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
+
+DEFAULT_MIN_VAE_PSNR = 20.0  # dB on held-out clips (DESIGN.md: ~21 dB after 2 min of stage 1)
+LATENT_STD_TOLERANCE = 0.25  # WARN when the scaled latent std is off from 1 by more than this
+NUM_VAE_CLIPS = 8  # real clips for the PSNR and the latent statistics
+# Real clips for the jigsaw reference: on 8 clips of the built-in data at 32 px the score
+# spreads over 0.5-1.5, on 32 it is within ~0.1 of the mean.
+NUM_JIGSAW_REAL_CLIPS = 32
+NUM_SAMPLES = 8  # videos sampled from the checkpoint for the jigsaw check
+SAMPLER, SAMPLE_STEPS = "ddim", 20
+V_IDENTITY_TOL = 1e-4  # max abs error of x0 / eps recovered from v, in latent units (fp32)
+DENOISE_NOISE_LEVELS = (0.4, 0.6)  # t / T at which the denoise check noises real latents
+# x0 error relative to predicting v = 0. Measured on the tiny test model (tests/test_diagnose.py):
+# exactly 1 at init (zero output layer), 0.94 after 10 steps, 0.46 after 100, 0.21-0.30
+# after 200-600; 1.12-1.42 with a patch-scrambling unpatchify. PASS below WARN, WARN up to
+# FAIL, FAIL above.
+DENOISE_WARN_RATIO, DENOISE_FAIL_RATIO = 0.8, 1.0
+# Jigsaw: samples FAIL above JIGSAW_RATIO * real + JIGSAW_MARGIN. Measured on the built-in
+# data at 32 px, cell 8 px (tests/test_diagnose.py): real clips 1.05 (32 clips); samples of
+# the tiny DiT 0.85-0.87 after 10 steps, 1.2-1.35 after 100-600 (limit 1.83); the same
+# samples with their cells put back in a wrong order 10-13, real clips so scrambled 9.5-11.7.
+JIGSAW_RATIO, JIGSAW_MARGIN = 1.5, 0.25
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # PASS, WARN, FAIL or SKIP
+    measured: str  # the number(s) the check measured, for the reader
+    advice: str = ""  # what to do (for WARN / FAIL), or why it was skipped
+
+    def line(self) -> str:
+        text = f"[{self.status}] {self.name:<16} {self.measured}"
+        return text + (f"\n       -> {self.advice}" if self.advice else "")
+
+
+# --------------------------------------------------------------------------- the checks
+
+
+def check_vae_roundtrip(vae: FrozenVAE, clips: torch.Tensor, min_psnr: float) -> Check:
+    """PSNR of decode(encode(clips)) with posterior means; `clips` (B, 3, T, H, W) in [-1, 1]."""
+    recon = vae.decode(vae.encode(clips.to(vae.device), sample=False))  # (B, 3, T, H, W)
+    value = psnr(recon.cpu(), clips)
+    measured = f"PSNR {value:.2f} dB on {clips.shape[0]} held-out clips (min {min_psnr:g} dB)"
+    if value >= min_psnr:
+        return Check("vae_roundtrip", PASS, measured)
+    return Check("vae_roundtrip", FAIL, measured,
+                 f"the VAE at {vae.path} reconstructs this data poorly, so no DiT trained on its "
+                 "latents can look better. Train the VAE longer on this data (train_vae.py) or "
+                 "point vae.path at a better one; --min-vae-psnr sets the threshold")
+
+
+def check_latent_scale(vae: FrozenVAE, clips: torch.Tensor,
+                       tolerance: float = LATENT_STD_TOLERANCE) -> Check:
+    """Std of the scaled posterior means (what stage 1 measures its scaling_factor on)."""
+    z = vae.encode(clips.to(vae.device), sample=False)  # (B, C, T, h, w), scaled
+    std = z.std().item()
+    measured = (f"std of scaled latents {std:.3f} on {clips.shape[0]} training clips "
+                f"(scaling_factor {vae.scaling_factor:.4f}; want 1 +- {tolerance:g})")
+    if abs(std - 1) <= tolerance:
+        return Check("latent_scale", PASS, measured)
+    return Check("latent_scale", WARN, measured,
+                 "the noise schedule assumes unit-variance latents; on this data the VAE's "
+                 f"scaling_factor would be about {vae.scaling_factor / std:.4f}. Different data "
+                 "than stage 1 saw? Re-measure it with train_vae.py on this data (a new scale is "
+                 "a new VAE fingerprint: the DiT then has to be trained again)")
+
+
+def check_patchify(latent_shape: tuple[int, int, int, int], patch_t: int, patch: int,
+                   seed: int = 0) -> Check:
+    """models.dit.unpatchify(patchify(x)) == x exactly, and token 0 is the top-left patch."""
+    c, t, h, w = latent_shape
+    x = torch.randn((2, c, t, h, w), generator=torch.Generator().manual_seed(seed))
+    grid = (t // patch_t, h // patch, w // patch)
+    tokens = dit.patchify(x, patch_t, patch)  # (2, N, pt * p * p * C)
+    back = dit.unpatchify(tokens, grid, patch_t, patch)  # (2, C, T, h, w)
+    first = x[:, :, :patch_t, :patch, :patch]  # (2, C, pt, p, p): what token 0 must hold
+    layout_ok = torch.equal(tokens[:, 0].sort(dim=1).values, first.flatten(1).sort(dim=1).values)
+    err = (back - x).abs().max().item() if back.shape == x.shape else math.inf
+    measured = (f"max |unpatchify(patchify(x)) - x| = {err:.3g} on latents {tuple(x.shape)}, "
+                f"patch {patch_t}x{patch}x{patch}; token 0 = top-left patch: {layout_ok}")
+    if err == 0 and layout_ok:
+        return Check("patchify", PASS, measured)
+    return Check("patchify", FAIL, measured,
+                 "patchify/unpatchify in models/dit.py are not exact inverses on the model's "
+                 "patch grid: the DiT writes its output patches to the wrong places, so it "
+                 "cannot denoise and samples are garbage. Fix models/dit.py (tests/test_dit.py "
+                 "checks it)")
+
+
+def check_v_identities(diffusion: Diffusion, latent_shape: tuple[int, int, int, int],
+                       seed: int = 0) -> Check:
+    """x_t = alpha x0 + sigma eps, v = alpha eps - sigma x0 => x0, eps recovered from (x_t, v)."""
+    g = torch.Generator().manual_seed(seed)
+    T = diffusion.num_train_timesteps
+    t = torch.tensor([0, 1, T // 4, T // 2, 3 * T // 4, T - 1])  # both ends of the schedule
+    x0 = torch.randn((len(t), *latent_shape), generator=g)
+    eps = torch.randn((len(t), *latent_shape), generator=g)
+    x_t = diffusion.add_noise(x0, eps, t)
+    v = diffusion.v_target(x0, eps, t)
+    err_x0 = (diffusion.x0_from_v(x_t, v, t) - x0).abs().max().item()
+    err_eps = (diffusion.eps_from_v(x_t, v, t) - eps).abs().max().item()
+    alpha, sigma = diffusion.alpha_sigma(t, x0)
+    err_unit = (alpha ** 2 + sigma ** 2 - 1).abs().max().item()
+    measured = (f"max error x0 {err_x0:.2e}, eps {err_eps:.2e}, alpha^2 + sigma^2 - 1 "
+                f"{err_unit:.2e} (tolerance {V_IDENTITY_TOL:g})")
+    if max(err_x0, err_eps, err_unit) <= V_IDENTITY_TOL:
+        return Check("v_identities", PASS, measured)
+    return Check("v_identities", FAIL, measured,
+                 "the v-prediction formulas in models/diffusion.py disagree with each other: "
+                 "training target and sampler then mean different things. Fix models/diffusion.py")
+
+
+def check_gradients(cfg: TrainRunConfig, device: torch.device) -> Check:
+    """One training-style step, set up exactly as `training.stage2.setup` sets up training.
+
+    Zero-initialised tensors (adaLN-Zero gates, the output layer) are perturbed first: at
+    init they block the gradient to everything upstream by design, which says nothing about
+    the plumbing this checks.
+    """
+    from training import stage2  # the real training setup: optimizer, wrappers, loader, latents
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache="off"))  # via vae.encode
+    with tempfile.TemporaryDirectory() as run_dir:
+        s = stage2.setup(cfg, run_dir, DistInfo(), device,
+                         resolve_precision(cfg.train.precision, device), RunLogger(None), None)
+    with torch.no_grad():
+        for p in s.model.parameters():
+            if not p.any():
+                p.normal_(std=0.02, generator=torch.Generator(p.device).manual_seed(0))
+    s.model.train()
+    batch = next(iter(s.loader))
+    x0 = stage2._latents(s, batch)  # (B, C, T, h, w), as the training loop gets them
+    y = batch["label"].to(device) if s.dims["num_classes"] else None
+    T = cfg.diffusion.num_train_timesteps
+    # Away from t = T-1, where the zero-SNR min-SNR weight is exactly 0.
+    t = torch.linspace(T // 10, 9 * T // 10, x0.shape[0]).long().to(device)
+    noise = torch.randn(x0.shape, device=device, generator=s.noise_gen)
+    v_pred = s.net(s.diffusion.add_noise(x0, noise, t), t, y)  # (B, C, T, h, w)
+    s.diffusion.loss(v_pred.float(), x0, noise, t).loss.mean().backward()
+
+    dit_params = list(s.model.named_parameters())
+    dead = [n for n, p in dit_params if p.grad is None or not p.grad.any()]
+    nonfinite = [n for n, p in dit_params if p.grad is not None and not torch.isfinite(p.grad).all()]
+    vae_params = list(s.vae.named_parameters())
+    vae_grads = [n for n, p in vae_params if p.grad is not None or p.requires_grad]
+    in_opt = {id(p) for group in s.optimizer.param_groups for p in group["params"]}
+    vae_in_opt = [n for n, p in vae_params if id(p) in in_opt]
+    measured = (f"{len(dit_params) - len(dead) - len(nonfinite)}/{len(dit_params)} DiT tensors get "
+                f"finite nonzero gradients; {len(vae_grads)}/{len(vae_params)} VAE tensors trainable "
+                f"or with a gradient; {len(vae_in_opt)} VAE tensors in the optimizer; latents "
+                f"{'carry' if x0.requires_grad else 'carry no'} graph")
+    problems = []
+    if dead:
+        problems.append(f"no gradient reaches DiT {', '.join(dead[:5])}{' ...' if len(dead) > 5 else ''}")
+    if nonfinite:
+        problems.append(f"non-finite gradient in DiT {', '.join(nonfinite[:5])}")
+    if vae_grads or vae_in_opt or x0.requires_grad:
+        problems.append("the VAE is not frozen (a VAE that trains under the DiT moves its latent "
+                        f"space: 'jigsaw' samples): {', '.join((vae_grads + vae_in_opt)[:5])}")
+    if not problems:
+        return Check("gradients", PASS, measured)
+    return Check("gradients", FAIL, measured, "; ".join(problems) + ". This is a bug in the "
+                 "training code (models/dit.py, training/stage2.py), not in the config")
+
+
+def check_checkpoint(ckpt: dict, expected_model: dict, path: str) -> Check:
+    """The checkpoint is a stage-2 checkpoint made for the configured model."""
+    try:
+        ckpts.check_format(ckpt, path)
+        ckpts.check_model(ckpt, expected_model, path)
+    except UserError as e:
+        return Check("checkpoint", FAIL, f"{path} (step {ckpt.get('step')})", str(e))
+    return Check("checkpoint", PASS, f"{path}: step {ckpt['step']}, epoch {ckpt['epoch']}, "
+                 "model matches the config")
+
+
+def check_vae_fingerprint(ckpt: dict, vae: FrozenVAE, path: str) -> Check:
+    recorded = ckpt["vae"]
+    measured = f"checkpoint {recorded['fingerprint']} vs configured VAE {vae.fingerprint}"
+    if recorded["fingerprint"] == vae.fingerprint:
+        return Check("vae_fingerprint", PASS, measured)
+    return Check("vae_fingerprint", FAIL, measured,
+                 f"{path} was trained with the VAE at {recorded['path']} (fingerprint "
+                 f"{recorded['fingerprint']}), but vae.path = {vae.path} is a different VAE "
+                 f"(changed weights or scaling factor). {ckpts.VAE_MISMATCH_HELP}")
+
+
+@torch.no_grad()
+def check_denoise(ckpt: dict, vae: FrozenVAE, clips: torch.Tensor, labels: Optional[torch.Tensor],
+                  device: torch.device, seed: int) -> Check:
+    """EMA model's x0 error on noised held-out latents, relative to predicting v = 0.
+
+    v = 0 gives x0_hat = alpha * x_t (the zero-initialised model's answer), so the ratio is
+    ~1 for an untrained model, well below 1 for a trained one, and above 1 when the model's
+    output lands in the wrong places (patches), the wrong latent space (VAE) or means
+    something else than v.
+    """
+    model = ckpts.model_from_checkpoint(ckpt, use_ema=True, device=device)
+    diffusion = Diffusion(config_from_dict(DiffusionConfig, ckpt["diffusion"]))
+    x0 = vae.encode(clips.to(device), sample=False)  # (B, C, T, h, w)
+    y = labels.to(device) if labels is not None else None
+    g = torch.Generator().manual_seed(seed)
+    err = base = 0.0
+    for frac in DENOISE_NOISE_LEVELS:
+        t = torch.full((x0.shape[0],), int(frac * (diffusion.num_train_timesteps - 1)), device=device)
+        x_t = diffusion.add_noise(x0, torch.randn(x0.shape, generator=g).to(device), t)
+        x0_hat = diffusion.x0_from_v(x_t, model(x_t, t, y), t)
+        err += (x0_hat - x0).square().mean().item()
+        base += (diffusion.x0_from_v(x_t, torch.zeros_like(x_t), t) - x0).square().mean().item()
+    ratio = err / base
+    measured = (f"x0 error / error of predicting v = 0: {ratio:.3f} on {x0.shape[0]} held-out clips at "
+                f"t = {', '.join(f'{f:g}' for f in DENOISE_NOISE_LEVELS)} x T (pass below "
+                f"{DENOISE_WARN_RATIO:g}; 1 = no better than an untrained model)")
+    if ratio < DENOISE_WARN_RATIO:
+        return Check("denoise", PASS, measured)
+    if ratio <= DENOISE_FAIL_RATIO:
+        return Check("denoise", WARN, measured,
+                     f"the model denoises held-out clips hardly better than an untrained one: it "
+                     f"has not learned much yet (step {ckpt['step']}). Train longer; if it stays "
+                     "here, see the other checks")
+    return Check("denoise", FAIL, measured,
+                 "the model denoises held-out clips worse than predicting nothing: its output lands in "
+                 "the wrong places (patchify), in another latent space (a different VAE or "
+                 "scaling factor than it was trained with), or is not v. Check the patchify, "
+                 "v_identities and vae_fingerprint lines")
+
+
+def check_jigsaw(ckpt: dict, vae: FrozenVAE, real_clips: torch.Tensor, device: torch.device,
+                 seed: int, num_videos: int = NUM_SAMPLES) -> Check:
+    """Jigsaw score of EMA samples vs real clips (cell = VAE factor x patch side, in pixels)."""
+    model = ckpts.model_from_checkpoint(ckpt, use_ema=True, device=device)
+    dims = ckpt["model"]["dims"]
+    videos = generate_videos(
+        model, vae, config_from_dict(DiffusionConfig, ckpt["diffusion"]),
+        latent_shape=(dims["in_channels"], dims["num_frames"], dims["latent_size"], dims["latent_size"]),
+        seeds=[seed + i for i in range(num_videos)], labels=default_labels(num_videos, dims["num_classes"]),
+        sampler=SAMPLER, num_steps=SAMPLE_STEPS, guidance_scale=1.0,
+        null_class_id=model.null_class_id, device=device)
+    cell = vae.downsample_factor * model.cfg.patch_size  # patch side in pixels
+    samples = torch.stack([uint8_to_video_tensor(v) for v in videos])  # (B, 3, T, H, W)
+    score, real = jigsaw_score(samples, cell), jigsaw_score(real_clips, cell)
+    limit = JIGSAW_RATIO * real + JIGSAW_MARGIN
+    measured = (f"samples {score:.3f} vs real clips {real:.3f} (fail above {limit:.3f}; "
+                f"{num_videos} {SAMPLER} samples, {SAMPLE_STEPS} steps, EMA, cell {cell} px)")
+    if score <= limit:
+        return Check("jigsaw", PASS, measured)
+    return Check("jigsaw", FAIL, measured,
+                 "the samples have edges on the DiT's patch grid ('jigsaw' videos): patches are "
+                 "put back in the wrong places or decoded in a latent space the DiT was not "
+                 "trained on. Check the patchify and vae_fingerprint lines above; if they pass, "
+                 "look at the samples (predict_advanced.py) and the val/jigsaw_score curve")
+
+
+# --------------------------------------------------------------------------- running them
+
+
+def default_checkpoint(cfg: TrainRunConfig) -> str:
+    return os.path.join(cfg.experiment.runs_dir, cfg.experiment.name, "latest.pth")
+
+
+def real_clips(cfg: TrainRunConfig, split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to `n` clips spread over the split: videos (n, 3, T, H, W) in [-1, 1], labels (n,)."""
+    dataset = build_dataset(cfg.data, split, cfg.experiment.seed)
+    index = torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().long().tolist()
+    items = [dataset[i] for i in index]
+    return (torch.stack([it["video"] for it in items]),
+            torch.tensor([int(it["label"]) for it in items], dtype=torch.long))
+
+
+def run_diagnostics(cfg: TrainRunConfig, checkpoint: Optional[str], device: torch.device,
+                    min_vae_psnr: float = DEFAULT_MIN_VAE_PSNR) -> Iterator[Check]:
+    """Yields the checks one by one (each line can be printed as soon as it is known).
+
+    `checkpoint` None: the checkpoint checks are SKIPped. A check that raises is a FAIL
+    naming the exception: a diagnosis must not stop at the first surprise.
+    """
+    from training.stage2 import latent_dims
+    vae = FrozenVAE.from_pretrained(cfg.vae.path, device, encode_batch_frames=cfg.vae.encode_batch_frames)
+    val, val_labels = real_clips(cfg, "val", NUM_JIGSAW_REAL_CLIPS)
+    train, _ = real_clips(cfg, "train", NUM_VAE_CLIPS)
+    num_classes = build_dataset(cfg.data, "train", cfg.experiment.seed).num_classes
+    dims = latent_dims(cfg, vae, num_classes)
+    mcfg = cfg.model.resolved()
+    latent_shape = (dims["in_channels"], dims["num_frames"], dims["latent_size"], dims["latent_size"])
+
+    few_val = _spread(val, NUM_VAE_CLIPS)
+    yield _guarded("vae_roundtrip", lambda: check_vae_roundtrip(vae, few_val, min_vae_psnr))
+    yield _guarded("latent_scale", lambda: check_latent_scale(vae, train))
+    yield _guarded("patchify", lambda: check_patchify(latent_shape, mcfg.patch_t, mcfg.patch_size))
+    yield _guarded("v_identities", lambda: check_v_identities(Diffusion(cfg.diffusion), latent_shape))
+    yield _guarded("gradients", lambda: check_gradients(cfg, device))
+
+    if checkpoint is None:
+        why = f"no checkpoint at {default_checkpoint(cfg)}: train first, or pass --checkpoint PATH"
+        yield from _skipped(CHECKPOINT_CHECKS, why)
+        return
+    try:
+        ckpt = load_checkpoint(checkpoint)
+    except UserError as e:
+        yield Check("checkpoint", FAIL, checkpoint, str(e))
+        yield from _skipped(CHECKPOINT_CHECKS[1:], "the checkpoint could not be read")
+        return
+    first = _guarded("checkpoint", lambda: check_checkpoint(
+        ckpt, ckpts.model_record(cfg.model, dims), checkpoint))
+    yield first
+    if ckpt.get("format") != ckpts.FORMAT:
+        yield from _skipped(CHECKPOINT_CHECKS[1:], "not a stage-2 checkpoint of this repo")
+        return
+    yield _guarded("vae_fingerprint", lambda: check_vae_fingerprint(ckpt, vae, checkpoint))
+    if first.status == FAIL:  # its model does not fit this config's data
+        yield from _skipped(CHECKPOINT_CHECKS[2:], "the checkpoint is for another model / data geometry")
+        return
+    labels = _spread(val_labels, NUM_VAE_CLIPS) if dims["num_classes"] else None
+    yield _guarded("denoise", lambda: check_denoise(ckpt, vae, few_val, labels, device,
+                                                    cfg.experiment.seed))
+    yield _guarded("jigsaw", lambda: check_jigsaw(ckpt, vae, val, device, cfg.validation.seed))
+
+
+CHECKPOINT_CHECKS = ("checkpoint", "vae_fingerprint", "denoise", "jigsaw")
+
+
+def _skipped(names: tuple[str, ...], why: str) -> Iterator[Check]:
+    for name in names:
+        yield Check(name, SKIP, "not checked", why)
+
+
+def _spread(clips: torch.Tensor, n: int) -> torch.Tensor:
+    """`n` of `clips` spread over all of them (neighbouring windows overlap)."""
+    index = torch.linspace(0, clips.shape[0] - 1, min(n, clips.shape[0])).round().long()
+    return clips[index]
+
+
+def _guarded(name: str, fn: Callable[[], Check]) -> Check:
+    try:
+        return fn()
+    except Exception as e:  # reported as a failure with its cause, never swallowed
+        return Check(name, FAIL, f"crashed: {type(e).__name__}: {e}",
+                     "the check could not run; the error above says where")
+
+
+def summary(checks: list[Check]) -> str:
+    counts = {s: sum(c.status == s for c in checks) for s in (PASS, WARN, FAIL, SKIP)}
+    return (f"{len(checks)} checks: {counts[PASS]} passed, {counts[WARN]} warnings, "
+            f"{counts[FAIL]} failed, {counts[SKIP]} skipped")
