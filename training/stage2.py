@@ -72,6 +72,7 @@ class Stage2:
     total_steps: int
     real_jigsaw: Optional[float] = None  # jigsaw score of real clips, computed once
     started: float = field(default_factory=time.monotonic)  # for train.time_limit_minutes
+    last_data_wait_fraction: float = 0.0  # of the last logging interval (benchmarks read it)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -418,6 +419,7 @@ def _finish(s: Stage2, interrupted: bool) -> None:
 def _log_step(s: Stage2, stats: LossStats, bar: tqdm) -> None:
     values = stats.summary(s.dist)
     values["train/lr"] = s.lr_sched.get_last_lr()[0]
+    s.last_data_wait_fraction = values["perf/data_wait_fraction"]
     s.log.scalars(values, s.pos.step)
     bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}",
                     refresh=False)

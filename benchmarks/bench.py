@@ -1,0 +1,255 @@
+"""Throughput benchmark, measured side by side in one run on this machine.
+
+    python benchmarks/bench.py [--quick] [--json runs/bench.json] [--device cpu|cuda]
+
+Prints a table (and writes JSON) of:
+  - matmul peak of this machine in the training dtype (the MFU denominator);
+  - DiT training step (forward, backward, AdamW): samples/s, tokens/s, GFLOP/s from FLOPs
+    counted by torch's FlopCounterMode, MFU; the same for diffusers' LatteTransformer3DModel
+    of equal width, block count and token count; the ratio ours / peer;
+  - end-to-end stage-2 steps/s on the demo config with the latent cache vs encoding every step;
+  - seconds per sampled video for ddim / dpm++ at 10, 25, 50 steps and ddpm at 1000;
+  - peak memory of a training step with and without activation checkpointing;
+  - fraction of step time spent waiting for data.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from models.dit import VideoDiT  # noqa: E402
+from utils.config import ModelConfig  # noqa: E402
+
+# Benchmark size: DiT-S width (384, 6 heads) with 12 blocks (6 spatial + 6 temporal) on
+# latents (4, 8, 16, 16) with 2x2 patches: 8 x 64 = 512 tokens per clip.
+FULL = dict(hidden=384, depth=12, heads=6, frames=8, latent=16, batch=4)
+QUICK = dict(hidden=64, depth=2, heads=2, frames=4, latent=8, batch=2)
+
+
+def timed(fn, reps: int, warmup: int = 2) -> float:
+    """Median wall seconds of `fn()` (synchronising CUDA)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        _sync()
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, reps: int) -> float:
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / timed(lambda: a @ b, reps) / 1e9
+
+
+def ours(size: dict, device: torch.device) -> torch.nn.Module:
+    cfg = ModelConfig(hidden_size=size["hidden"], depth=size["depth"], num_heads=size["heads"],
+                      patch_size=2, patch_t=1, attention="factorized", class_conditional=False)
+    return VideoDiT(cfg, in_channels=4, num_frames=size["frames"], latent_size=size["latent"]).to(device)
+
+
+def peer(size: dict, device: torch.device) -> torch.nn.Module:
+    """Latte with the same width, heads, block count (num_layers pairs = spatial + temporal)."""
+    from diffusers import LatteTransformer3DModel
+    return LatteTransformer3DModel(
+        num_attention_heads=size["heads"], attention_head_dim=size["hidden"] // size["heads"],
+        in_channels=4, out_channels=4, num_layers=size["depth"] // 2, sample_size=size["latent"],
+        patch_size=2, activation_fn="gelu-approximate", norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=16,
+        video_length=size["frames"], attention_bias=True).to(device)
+
+
+def train_step_fn(model, kind: str, size: dict, device: torch.device):
+    b, f, h = size["batch"], size["frames"], size["latent"]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    t = torch.randint(0, 1000, (b,), device=device)
+    if kind == "ours":
+        x = torch.randn(b, 4, f, h, h, device=device)  # (B, C, T, h, w)
+        forward = lambda: model(x, t)  # noqa: E731
+    else:
+        x = torch.randn(b, 4, f, h, h, device=device)  # Latte also takes (B, C, F, H, W)
+        enc = torch.randn(b, 1, 16, device=device)
+        forward = lambda: model(x, timestep=t, encoder_hidden_states=enc, return_dict=False)[0]  # noqa: E731
+
+    def step():
+        out = forward()
+        (out - x).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, forward, x
+
+
+def step_flops(model, forward, x) -> int:
+    with FlopCounterMode(display=False) as counter:
+        out = forward()
+        (out - x).square().mean().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def bench_models(size: dict, device: torch.device, peak: float, reps: int) -> dict:
+    tokens = size["batch"] * size["frames"] * (size["latent"] // 2) ** 2
+    out = {}
+    for kind, build in (("ours", ours), ("latte", peer)):
+        torch.manual_seed(0)
+        model = build(size, device)
+        step, forward, x = train_step_fn(model, kind, size, device)
+        flops = step_flops(model, forward, x)
+        sec = timed(step, reps)
+        out[kind] = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+                     "sec_per_step": sec, "samples_per_s": size["batch"] / sec,
+                     "tokens_per_s": tokens / sec, "gflop_per_step": flops / 1e9,
+                     "gflops": flops / sec / 1e9, "mfu": flops / sec / 1e9 / peak}
+    out["speed_ratio_ours_over_latte"] = out["latte"]["sec_per_step"] / out["ours"]["sec_per_step"]
+    return out
+
+
+def memory_probe(size_name: str, checkpointing: bool) -> None:
+    """Run in a subprocess: peak memory of training steps, printed as JSON."""
+    size = QUICK if size_name == "quick" else FULL
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = ours(size, device)
+    model.activation_checkpointing = checkpointing
+    step, _, _ = train_step_fn(model, "ours", size, device)
+    step()
+    step()
+    print(json.dumps({"peak_MiB": _peak_bytes(device) / 2 ** 20}))
+
+
+def _peak_bytes(device: torch.device) -> int:
+    """CUDA: peak allocated tensors. CPU: the process's peak RSS (same baseline for both runs)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def bench_memory(size_name: str) -> dict:
+    out = {}
+    for ckpt in (False, True):
+        proc = subprocess.run([sys.executable, __file__, "--memory-probe", size_name,
+                               "--checkpointing", str(int(ckpt))], capture_output=True, text=True,
+                              check=True)
+        out["with_checkpointing" if ckpt else "without_checkpointing"] = json.loads(
+            proc.stdout.strip().splitlines()[-1])["peak_MiB"]
+    return out
+
+
+def bench_training(quick: bool, device: torch.device) -> dict:
+    """Demo config, stage 2 end to end: steps/s with and without the latent cache, data wait."""
+    from models.vae import build_autoencoder
+    from training.stage2 import setup, train
+    from utils.config import TrainRunConfig, VAEArchConfig, load_config
+    from utils.dist import DistInfo
+    from utils.logging import RunLogger
+    steps = 6 if quick else 30
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ae = build_autoencoder(VAEArchConfig())  # the demo VAE's architecture (its cost, not its quality)
+        ae.register_to_config(scaling_factor=1.0)
+        ae.save_pretrained(os.path.join(tmp, "vae"))
+        small = ["data.builtin.num_clips=16", "model.depth=2", "model.hidden_size=64"] if quick else []
+        for cache in ("off", "auto"):
+            cfg = load_config(TrainRunConfig, os.path.join(ROOT, "config_advanced.yaml"), [
+                f"vae.path={tmp}/vae", f"data.cache={cache}", f"train.max_steps={steps}",
+                "validation.every_epochs=0", f"device={device.type}", "train.resume=null", *small])
+            run = os.path.join(tmp, f"run_{cache}")
+            s = setup(cfg, run, DistInfo(), device, torch.float32, RunLogger(None), None)
+            t0 = time.perf_counter()
+            train(s)
+            sec = time.perf_counter() - t0
+            out[f"cache_{cache}"] = {"steps_per_s": steps / sec, "data_wait_fraction": s.last_data_wait_fraction}
+    out["cache_speedup"] = out["cache_auto"]["steps_per_s"] / out["cache_off"]["steps_per_s"]
+    return out
+
+
+def bench_sampling(quick: bool, device: torch.device) -> dict:
+    from models.vae import FrozenVAE, build_autoencoder
+    from training.sampling import generate_videos
+    from utils.config import DiffusionConfig, VAEArchConfig
+    size = QUICK if quick else dict(hidden=256, depth=6, heads=4, frames=8, latent=8)  # the demo DiT
+    model = ours(size, device).eval()
+    vae = FrozenVAE(build_autoencoder(VAEArchConfig()).to(device))
+    shape = (4, size["frames"], size["latent"], size["latent"])
+    runs = [("ddim", n) for n in (10, 25, 50)] + [("dpm++", n) for n in (10, 25, 50)] + [("ddpm", 1000)]
+    if quick:
+        runs = [("ddim", 10), ("dpm++", 10), ("ddpm", 20)]
+    out = {}
+    for sampler, n in runs:
+        t0 = time.perf_counter()
+        generate_videos(model, vae, DiffusionConfig(), latent_shape=shape, seeds=[0, 1], labels=None,
+                        sampler=sampler, num_steps=n, guidance_scale=1.0, null_class_id=None, device=device)
+        out[f"{sampler}_{n}"] = (time.perf_counter() - t0) / 2
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, not the machine")
+    p.add_argument("--json", default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--checkpointing", default="0", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_probe:
+        return memory_probe(args.memory_probe, args.checkpointing == "1")
+    device = torch.device(args.device)
+    size, reps = (QUICK, 3) if args.quick else (FULL, 7)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the training dtype
+    results = {"device": str(device), "threads": torch.get_num_threads(), "size": size,
+               "matmul_peak_gflops": matmul_peak(device, dtype, 512 if args.quick else 2048, reps)}
+    results["dit_step"] = bench_models(size, device, results["matmul_peak_gflops"], reps)
+    results["memory_MiB"] = bench_memory("quick" if args.quick else "full")
+    results["training"] = bench_training(args.quick, device)
+    results["sampling_sec_per_video"] = bench_sampling(args.quick, device)
+    print_table(results)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def print_table(r: dict) -> None:
+    d = r["dit_step"]
+    print(f"device {r['device']} ({r['threads']} threads); matmul peak {r['matmul_peak_gflops']:.1f} GFLOP/s")
+    print(f"{'DiT train step':<16}{'params M':>9}{'s/step':>9}{'samples/s':>10}{'tokens/s':>10}"
+          f"{'GFLOP/step':>11}{'GFLOP/s':>9}{'MFU':>7}")
+    for kind in ("ours", "latte"):
+        m = d[kind]
+        print(f"{kind:<16}{m['params_M']:>9.2f}{m['sec_per_step']:>9.3f}{m['samples_per_s']:>10.2f}"
+              f"{m['tokens_per_s']:>10.0f}{m['gflop_per_step']:>11.1f}{m['gflops']:>9.1f}{m['mfu']:>7.1%}")
+    print(f"ours / latte speed: {d['speed_ratio_ours_over_latte']:.2f}x")
+    t = r["training"]
+    print(f"stage 2 demo config: {t['cache_off']['steps_per_s']:.2f} steps/s encoding every step, "
+          f"{t['cache_auto']['steps_per_s']:.2f} with the latent cache ({t['cache_speedup']:.2f}x); "
+          f"data wait {t['cache_auto']['data_wait_fraction']:.1%} (cached), "
+          f"{t['cache_off']['data_wait_fraction']:.1%} (encoding)")
+    m = r["memory_MiB"]
+    print(f"training step peak memory: {m['without_checkpointing']:.0f} MiB without, "
+          f"{m['with_checkpointing']:.0f} MiB with activation checkpointing")
+    print("seconds per sampled video: " + ", ".join(
+        f"{k} {v:.2f}" for k, v in r["sampling_sec_per_video"].items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""The benchmark script runs (tiny sizes) and reports every number the README promises."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_benchmark_quick_reports_everything(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "benchmarks/bench.py", "--quick", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["matmul_peak_gflops"] > 0
+    for kind in ("ours", "latte"):
+        assert r["dit_step"][kind]["gflop_per_step"] > 0 and 0 < r["dit_step"][kind]["mfu"] < 1.5
+    assert r["dit_step"]["speed_ratio_ours_over_latte"] > 0
+    assert set(r["training"]) == {"cache_off", "cache_auto", "cache_speedup"}
+    assert 0 <= r["training"]["cache_auto"]["data_wait_fraction"] <= 1
+    assert set(r["memory_MiB"]) == {"with_checkpointing", "without_checkpointing"}
+    assert {"ddim_10", "dpm++_10"} <= set(r["sampling_sec_per_video"])
+    assert "ours / latte speed" in proc.stdout
