@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 # Frame i of an "index clip" is flat gray LEVEL0 + LEVEL_STEP * i: flat frames survive h264
@@ -42,3 +43,12 @@ def write_frame_folder(folder: str, frames: np.ndarray, numbers=None, pattern="f
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
+
+
+FIXTURE_VAE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "vae")
+
+
+@pytest.fixture(scope="session")
+def trained_vae() -> str:
+    """A small stage-1 VAE trained on the built-in data (tests/fixtures/README.md says how)."""
+    return FIXTURE_VAE
