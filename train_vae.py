@@ -8,33 +8,46 @@ vae/ (a diffusers AutoencoderKL directory whose config holds the measured scalin
 from __future__ import annotations
 
 import os
+
+# OpenMP threads that spin while waiting make CPU training ~15x slower as soon as another
+# process shares the cores (measured here: 0.15 vs 2.2 steps/s); passive waiting costs little
+# when the machine is quiet. Must be set before torch loads libgomp; an explicit value wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 import tqdm
+from diffusers import AutoencoderKL
 from einops import rearrange
 
-try:  # TEMPORARY until data/__init__.py and data/loader.py land
-    from data import build_dataset
-    from data.loader import make_loader
-except ImportError:
-    from data.builtin import MovingShapes as build_dataset
-
-    def make_loader(dataset, batch_size, *, shuffle, seed, num_workers=0, rank=0, world_size=1,
-                    drop_last=True, device_type="cpu"):
-        g = torch.Generator().manual_seed(seed)
-        return torch.utils.data.DataLoader(dataset, batch_size, shuffle=shuffle, generator=g,
-                                           num_workers=num_workers, drop_last=drop_last)
-from models.vae import FrozenVAE, VAELoss, build_autoencoder, psnr
+from data import build_dataset
+from data.loader import batches_per_epoch, make_loader, set_epoch
+from models.vae import FrozenVAE, VAELoss, build_autoencoder
 from utils.checkpoint import atomic_save, capture_rng, load_checkpoint, restore_rng
 from utils.cli import parse_args, run_main
 from utils.config import VAERunConfig, config_to_dict, dump_config, load_config
 from utils.errors import UserError
 from utils.logging import RunLogger
+from utils.metrics import psnr
 from utils.train_utils import (autocast_context, count_parameters, lr_multiplier, make_grad_scaler,
                                resolve_device, resolve_precision, seed_everything, set_tf32)
+
+
+@dataclass
+class Stage1:
+    """What the loop and the checkpoints touch."""
+    cfg: VAERunConfig
+    ae: AutoencoderKL
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    state: dict  # step (optimizer steps done), epoch, batch_in_epoch (the data position)
+    run_dir: str
+    log: RunLogger
+    device: torch.device
+    amp_dtype: torch.dtype  # autocast dtype; float32 = no autocast
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -54,107 +67,127 @@ def main(argv: Optional[list[str]] = None) -> int:
         val_set = build_dataset(cfg.data, "val", cfg.experiment.seed)
         ae = build_autoencoder(cfg.vae).to(device)
         opt = torch.optim.AdamW(ae.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        scaler = make_grad_scaler(device, amp_dtype)
-        state = resume(cfg, run_dir, ae, opt, scaler, log)
+        run = Stage1(cfg, ae, opt, make_grad_scaler(device, amp_dtype),
+                     {"step": 0, "epoch": 0, "batch_in_epoch": 0}, run_dir, log, device, amp_dtype)
+        resume(run)
         log.info(f"run {run_dir}: {count_parameters(ae)[1] / 1e6:.2f}M params on {device} "
                  f"({amp_dtype}), {len(train_set)} training / {len(val_set)} held-out windows")
-        train(cfg, ae, opt, scaler, train_set, val_set, state, run_dir, log, device, amp_dtype, started)
-        finish(cfg, ae, train_set, val_set, state["step"], run_dir, log, device)
+        deadline = started + 60 * cfg.train.time_limit_minutes if cfg.train.time_limit_minutes \
+            else float("inf")
+        train(run, train_set, val_set, deadline)
+        finish(run, train_set, val_set)
         log.info(f"done in {time.monotonic() - started:.0f} s")
     finally:
         log.close()
     return 0
 
 
-def resume(cfg: VAERunConfig, run_dir: str, ae, opt, scaler, log: RunLogger) -> dict:
-    """Fresh state, or the state of `train.resume` (`auto`: this run's latest.pth if present)."""
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
-    path = cfg.train.resume
+def resume(run: Stage1) -> None:
+    """Load `train.resume` into `run` (`auto`: this run's latest.pth if present; null: fresh)."""
+    path = run.cfg.train.resume
     if path == "auto":
-        path = os.path.join(run_dir, "latest.pth")
+        path = os.path.join(run.run_dir, "latest.pth")
         if not os.path.isfile(path):
-            return state
+            return
     if path is None:
-        return state
+        return
     ckpt = load_checkpoint(path)
-    if ckpt.get("config", {}).get("vae") != config_to_dict(cfg)["vae"]:
-        raise UserError(f"checkpoint {path} was trained with vae = {ckpt.get('config', {}).get('vae')}, "
-                        "not the vae section of this config: resume with the same vae settings or "
-                        "start fresh (train.resume=null)")
-    ae.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
+    saved_vae = ckpt.get("config", {}).get("vae")
+    if saved_vae != config_to_dict(run.cfg)["vae"]:
+        raise UserError(f"checkpoint {path} was trained with vae = {saved_vae}, not the vae section "
+                        "of this config: resume with the same vae settings or start fresh "
+                        "(train.resume=null)")
+    run.ae.load_state_dict(ckpt["model"])
+    run.opt.load_state_dict(ckpt["optimizer"])
+    run.scaler.load_state_dict(ckpt["scaler"])
     restore_rng(ckpt["rng"])
-    log.info(f"resumed from {path} at step {ckpt['step']}")
-    return {k: ckpt[k] for k in state}
+    run.state = {k: ckpt[k] for k in run.state}
+    run.log.info(f"resumed from {path} at step {ckpt['step']}")
 
 
-def train(cfg, ae, opt, scaler, train_set, val_set, state, run_dir, log, device, amp_dtype,
-          started) -> None:
-    tc = cfg.train
+def train(run: Stage1, train_set, val_set, deadline: float) -> None:
+    """Optimise until max_steps, epochs or the deadline (time.monotonic() seconds)."""
+    tc, state, ae = run.cfg.train, run.state, run.ae
     loss_fn = VAELoss(tc.l1_weight, tc.mse_weight, tc.kl_weight)
-    steps_per_epoch = len(train_set) // tc.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"train.batch_size = {tc.batch_size} is larger than the {len(train_set)} "
-                        "training windows: lower it or add data")
-    total_steps = min(tc.max_steps or 10**12, tc.epochs * steps_per_epoch)
-    deadline = started + 60 * tc.time_limit_minutes if tc.time_limit_minutes else float("inf")
-    preview = torch.stack([val_set[i]["video"] for i in range(min(2, len(val_set)))])  # (2, 3, T, H, W)
+    loader = make_loader(train_set, tc.batch_size, shuffle=True, seed=run.cfg.experiment.seed,
+                         num_workers=run.cfg.data.num_workers, device_type=run.device.type)
+    total_steps = min(tc.max_steps or 10**12, tc.epochs * batches_per_epoch(loader))
+    preview = stack_videos(val_set, 4)  # (4, 3, T, H, W) held-out clips for the image grid
     bar = tqdm.tqdm(total=total_steps, initial=state["step"], desc="vae", dynamic_ncols=True)
+    since = time.monotonic()
     ae.train()
     while state["step"] < total_steps and time.monotonic() < deadline:
-        loader = make_loader(train_set, tc.batch_size, shuffle=True,
-                             seed=cfg.experiment.seed + state["epoch"], num_workers=cfg.data.num_workers,
-                             drop_last=True, device_type=device.type)
-        for i, batch in enumerate(loader):
-            if i < state["batch_in_epoch"]:
-                continue  # resuming mid-epoch: the order is the same, skip what was done
+        set_epoch(loader, state["epoch"])
+        loader.sampler.set_start(state["batch_in_epoch"] * tc.batch_size)  # resume mid-epoch
+        for batch in loader:
             # Forward and backward.
-            frames = rearrange(batch["video"].to(device, non_blocking=True),
-                               "b c t h w -> (b t) c h w")
-            with autocast_context(device, amp_dtype):
+            frames = pick_frames(batch["video"].to(run.device, non_blocking=True), tc.frames_per_clip)
+            with autocast_context(run.device, run.amp_dtype):
                 loss, out = loss_fn(ae, frames)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            run.opt.zero_grad(set_to_none=True)
+            run.scaler.scale(loss).backward()
             # Step.
-            lr = tc.lr * lr_multiplier(state["step"], warmup_steps=tc.warmup_steps,
+            position = schedule_position(state["step"], total_steps, since, deadline)
+            lr = tc.lr * lr_multiplier(position, warmup_steps=tc.warmup_steps,
                                        total_steps=total_steps, schedule=tc.lr_schedule,
                                        min_lr_ratio=tc.min_lr_ratio)
-            for group in opt.param_groups:
+            for group in run.opt.param_groups:
                 group["lr"] = lr
             if tc.grad_clip is not None:
-                scaler.unscale_(opt)
+                run.scaler.unscale_(run.opt)
                 torch.nn.utils.clip_grad_norm_(ae.parameters(), tc.grad_clip)
-            scaler.step(opt)
-            scaler.update()
+            run.scaler.step(run.opt)
+            run.scaler.update()
             state["step"] += 1
-            state["batch_in_epoch"] = i + 1
+            state["batch_in_epoch"] += 1
             bar.update(1)
             # Log, preview, checkpoint.
             step = state["step"]
             if step % tc.log_every == 0 or step == total_steps:
                 values = {"vae/loss": loss.item(), "vae/psnr": psnr(out["recon"], frames), "vae/lr": lr}
-                log.scalars(values, step)
+                run.log.scalars(values, step)
                 bar.set_postfix(loss=f"{values['vae/loss']:.4f}", psnr=f"{values['vae/psnr']:.1f}")
             if step % tc.image_every == 0:
-                log.image("vae/reconstructions", reconstruction_grid(ae, preview), step)
+                run.log.image("vae/reconstructions", reconstruction_grid(ae, preview), step)
             done = step >= total_steps or time.monotonic() >= deadline
             if step % tc.checkpoint_every == 0 or done:
-                save_checkpoint(cfg, ae, opt, scaler, state, run_dir)
+                save_checkpoint(run)
             if done:
                 break
         else:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
     bar.close()
-    stop = "time limit" if time.monotonic() >= deadline and state["step"] < total_steps else "steps"
-    log.info(f"stopped at step {state['step']} (epoch {state['epoch']}) by {stop}")
+    why = "the step budget (max_steps, epochs)" if state["step"] >= total_steps else "the time limit"
+    run.log.info(f"stopped at step {state['step']} (epoch {state['epoch']}) by {why}")
 
 
-def save_checkpoint(cfg, ae, opt, scaler, state: dict, run_dir: str) -> None:
-    atomic_save({"model": ae.state_dict(), "optimizer": opt.state_dict(),
-                 "scaler": scaler.state_dict(), **state, "rng": capture_rng(),
-                 "config": config_to_dict(cfg)}, os.path.join(run_dir, "latest.pth"))
+def schedule_position(step: int, total_steps: int, since: float, deadline: float) -> float:
+    """The step the LR schedule is at: `step`, or further when the time limit will stop the run
+    before `total_steps`, so that a slow machine still anneals the LR before the deadline."""
+    if deadline == float("inf"):
+        return step
+    return max(step, total_steps * (time.monotonic() - since) / max(deadline - since, 1e-9))
+
+
+def pick_frames(videos: torch.Tensor, k: Optional[int]) -> torch.Tensor:
+    """(B, 3, T, H, W) -> (B*k, 3, H, W): k distinct random frames of each clip (None: all).
+
+    Frames of one clip are near copies; a batch of frames from many clips gives the VAE far
+    better gradients for the same compute.
+    """
+    b, _, t = videos.shape[:3]
+    if k is None or k >= t:
+        return rearrange(videos, "b c t h w -> (b t) c h w")
+    idx = torch.rand(b, t).argsort(dim=1)[:, :k].to(videos.device)  # (B, k)
+    picked = videos[torch.arange(b, device=videos.device)[:, None], :, idx]  # (B, k, 3, H, W)
+    return rearrange(picked, "b k c h w -> (b k) c h w")
+
+
+def save_checkpoint(run: Stage1) -> None:
+    atomic_save({"model": run.ae.state_dict(), "optimizer": run.opt.state_dict(),
+                 "scaler": run.scaler.state_dict(), **run.state, "rng": capture_rng(),
+                 "config": config_to_dict(run.cfg)}, os.path.join(run.run_dir, "latest.pth"))
 
 
 @torch.no_grad()
@@ -177,23 +210,24 @@ def stack_videos(dataset, count: int) -> torch.Tensor:
     return torch.stack([dataset[int(i)]["video"] for i in idx])
 
 
-def finish(cfg, ae, train_set, val_set, step: int, run_dir: str, log: RunLogger, device) -> None:
+def finish(run: Stage1, train_set, val_set) -> None:
     """Measure scaling_factor = 1 / std(posterior means), save vae/, report held-out PSNR."""
-    train_videos = stack_videos(train_set, cfg.train.scale_num_clips)
-    mean, _ = FrozenVAE(ae).encode_moments(train_videos)  # (N, C, T, h, w), unscaled
-    scale = 1.0 / mean.std().item()
-    ae.register_to_config(scaling_factor=scale)
-    vae_dir = os.path.join(run_dir, "vae")
-    ae.save_pretrained(vae_dir)
-    vae = FrozenVAE.from_pretrained(vae_dir, device)  # exactly what stage 2 will load
-    latents = vae.encode(train_videos, generator=torch.Generator(device).manual_seed(0))
+    train_videos = stack_videos(train_set, run.cfg.train.scale_num_clips)  # (N, 3, T, H, W)
+    mean, _ = FrozenVAE(run.ae).encode_moments(train_videos)  # (N, C, T, h, w), unscaled
+    scale = 1.0 / mean.std().item()  # one global std over all channels, as Stable Diffusion
+    run.ae.register_to_config(scaling_factor=scale)
+    vae_dir = os.path.join(run.run_dir, "vae")
+    run.ae.save_pretrained(vae_dir)
+    vae = FrozenVAE.from_pretrained(vae_dir, run.device)  # exactly what stage 2 will load
+    latents = vae.encode(train_videos, generator=torch.Generator(run.device).manual_seed(0))
     val_videos = stack_videos(val_set, len(val_set))
     heldout = psnr(vae.decode(vae.encode(val_videos, sample=False)), val_videos)
-    log.scalar("vae/heldout_psnr", heldout, step)
-    log.info(f"scaling_factor = {scale:.4f} (1 / std of posterior means over {len(train_videos)} "
-             f"training clips); scaled latent std on training data = {latents.std().item():.3f}\n"
-             f"held-out PSNR = {heldout:.2f} dB over {len(val_videos)} val clips\n"
-             f"saved {vae_dir} (fingerprint {vae.fingerprint})")
+    run.log.scalar("vae/heldout_psnr", heldout, run.state["step"])
+    run.log.info(f"scaling_factor = {scale:.4f} (1 / std of posterior means over "
+                 f"{len(train_videos)} training clips); scaled latent std on training data = "
+                 f"{latents.std().item():.3f}\n"
+                 f"held-out PSNR = {heldout:.2f} dB over {len(val_videos)} val clips\n"
+                 f"saved {vae_dir} (fingerprint {vae.fingerprint})")
 
 
 if __name__ == "__main__":

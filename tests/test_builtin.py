@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.builtin import CLASS_NAMES, MovingShapes, windows_per_clip
+from data.builtin import CLASS_NAMES, MovingShapes, _bounce, windows_per_clip
 from utils.config import BuiltinDataConfig, DataConfig
 from utils.errors import ConfigError
 
@@ -78,7 +78,7 @@ def test_label_is_the_shape_kind():
         dist = np.abs(frame - bg[:, None, None]).sum(0) / np.abs(fg - bg).sum()
         mask = dist > 0.5  # (H, W)
         ys, xs = np.nonzero(mask)
-        ratio = mask.sum() / ((ys.ptp() + 1) * (xs.ptp() + 1))
+        ratio = mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
         nearest = min(expected, key=lambda k: abs(expected[k] - ratio))
         assert nearest == CLASS_NAMES[scene["label"]], (clip, ratio)
         seen.add(nearest)
@@ -92,7 +92,6 @@ def test_shapes_move_and_stay_inside():
     assert not torch.equal(video[:, 0], video[:, -1])
     scene = ds.scene(0)
     for t in range(0, 200, 7):  # long after many bounces the centre is still in the frame
-        from data.builtin import _bounce
         lo = scene["half"][:, None]
         pos = _bounce(scene["pos0"] + t * scene["vel"], lo, 1 - lo)
         assert np.all(pos >= lo - 1e-9) and np.all(pos <= 1 - lo + 1e-9)

@@ -87,7 +87,8 @@ class VAEArchConfig:
     layers_per_block: int = 1
     latent_channels: int = 4
     norm_num_groups: int = 16
-    mid_block_attention: bool = True  # self-attention in the mid block (at the latent resolution)
+    mid_block_attention: bool = False  # self-attention in the mid block (at the latent resolution)
+    init_logvar: Optional[float] = -6.0  # initial posterior log-variance; null = diffusers' init
 
     @property
     def downsample_factor(self) -> int:
@@ -254,9 +255,9 @@ class ValidationConfig:
 class VAETrainConfig:
     """Stage 1 optimisation."""
     epochs: int = 1000
-    max_steps: Optional[int] = 700
-    time_limit_minutes: Optional[float] = None  # stop early after this wall time
-    batch_size: int = 32  # clips per batch
+    max_steps: Optional[int] = 1600
+    time_limit_minutes: Optional[float] = 4.0  # wall time from launch; the LR anneals by then too
+    batch_size: int = 16  # clips per batch
     frames_per_clip: Optional[int] = 1  # random frames per clip in the VAE batch; null = all
     lr: float = 1e-3
     weight_decay: float = 0.0
