@@ -302,7 +302,7 @@ def _train_loop(s: Stage2) -> Position:
             for batch in s.loader:
                 stats.data_wait += time.perf_counter() - wait_start
                 # Latents of the frozen VAE (no graph: the VAE never sees a gradient).
-                x0 = _latents(s, batch)  # (B, C, T, h, w)
+                x0 = batch_latents(s, batch)  # (B, C, T, h, w)
                 y = batch["label"].to(s.device) if s.dims["num_classes"] else None
                 # Sample t and noise.
                 t = torch.randint(0, T, (x0.shape[0],), device=s.device, generator=s.noise_gen)
@@ -349,7 +349,7 @@ def _train_loop(s: Stage2) -> Position:
     return s.pos
 
 
-def _latents(s: Stage2, batch: dict) -> torch.Tensor:
+def batch_latents(s: Stage2, batch: dict) -> torch.Tensor:
     """Scaled latents (B, C, T, h, w): from cached posterior moments, or by encoding pixels."""
     if "mean" in batch:
         mean, std = (batch[k].to(s.device, non_blocking=True) for k in ("mean", "std"))
