@@ -3,19 +3,20 @@
 The healthy run is a small DiT trained 150 steps on the latents of the trained VAE fixture,
 with an EMA fast enough to follow it. Every broken case below uses that same checkpoint, so
 a failure comes from the planted fault, not from an undertrained model. Measured while
-writing this (built-in data, 32 px, a 16.5 dB stage-1 VAE; denoise = x0 error relative to
-predicting v = 0, jigsaw = score of 8 samples vs 32 real clips, which score 1.05):
+writing this (built-in data, 32 px; denoise = x0 error relative to predicting v = 0; seams =
+jigsaw score of 8 samples vs 32 real clips, which score 1.05; misplaced = share of the
+model's v patches that another position's true v matches better):
 
-    checkpoint            denoise   jigsaw   | with scrambled unpatchify: denoise  jigsaw
-    10 steps              0.94 W    0.87     |                            0.95 W   0.85
-    100 steps             0.46      1.34     |                            1.16 F   1.02
-    200 steps             0.29      1.21-1.35|                            1.12-1.42 F  0.81-1.01
-    600 steps             0.21      1.24     |                            1.20 F   0.75
+    checkpoint    denoise  seams  misplaced | scrambled unpatchify: denoise  seams      misplaced
+    10 steps      0.94 W   0.87             |                       0.95 W   0.85
+    200 steps     0.29     1.21-1.35        |                       1.12-1.42 F  0.81-1.01
+    600 steps     0.21     1.24   4-5%      |                       1.20 F   0.75       99-100% F
 
-A scrambled unpatchify does not make jigsaw samples: it moves whole v patches at every
-sampling step and what survives 20 steps is incoherent blobs, not seams. The denoise and
-patchify checks catch it. Jigsaw seams (the samples' 8-px cells put together in a wrong
-order) score 10-13 against a limit of 1.83.
+A scrambled unpatchify does not make seams in samples: it moves whole v patches at every
+sampling step and what survives 20 steps is incoherent blobs. The jigsaw check's placement
+measurement sees it directly (the pieces match the positions they came from, the same ones
+in every clip); the denoise and patchify checks fail too. Seams (the samples' 8-px cells put together in a wrong order)
+score 10-13 against a limit of 1.83.
 """
 import contextlib
 import io
@@ -71,7 +72,14 @@ def _diagnose(args, capsys):
 
 
 def _jigsaw_numbers(line):
+    """(samples' seam score, real clips' score, its limit) of a jigsaw line."""
     m = re.search(r"samples ([\d.]+) vs real clips ([\d.]+) \(fail above ([\d.]+)", line)
+    return tuple(float(x) for x in m.groups())
+
+
+def _misplaced_share(line):
+    """(misplaced share, its limit) in % of a jigsaw line."""
+    m = re.search(r"misplaced pieces ([\d.]+)% of positions \(fail above ([\d.]+)%", line)
     return tuple(float(x) for x in m.groups())
 
 
@@ -101,6 +109,8 @@ def test_healthy_run_passes_every_check(healthy_report):
     assert all(status == "PASS" for status, _ in checks.values()), out
     score, real, limit = _jigsaw_numbers(checks["jigsaw"][1])
     assert score < limit
+    misplaced, max_misplaced = _misplaced_share(checks["jigsaw"][1])
+    assert misplaced < 15 < max_misplaced
 
 
 @pytest.mark.slow
@@ -129,23 +139,43 @@ def _scrambled(unpatchify):
 
 
 @pytest.mark.slow
-def test_scrambled_unpatchify_fails_patchify_and_denoise(healthy_run, vae_dir, healthy_report,
-                                                         capsys, monkeypatch):
+def test_scrambled_unpatchify_fails_jigsaw_patchify_and_denoise(healthy_run, vae_dir, healthy_report,
+                                                                capsys, monkeypatch):
     """The same checkpoint passes healthy: the failures come from the scramble alone.
 
-    Sampling through a scrambled DiT gives incoherent blobs, not patch-grid seams (the
-    scramble moves whole v patches at every step; what survives 20 steps is spread out),
-    so the jigsaw score does not rise; the denoise check sees it at once.
+    Sampling through a scrambled DiT gives incoherent blobs, not patch-grid seams; the
+    jigsaw check's placement measurement sees the pieces in the wrong places at once.
     """
     monkeypatch.setattr(models.dit, "unpatchify", _scrambled(models.dit.unpatchify))
     code, checks, out = _diagnose(_args(healthy_run, vae_dir), capsys)
     assert code == 1
-    assert checks["patchify"][0] == "FAIL" and checks["denoise"][0] == "FAIL", out
+    for name in ("jigsaw", "patchify", "denoise"):
+        assert checks[name][0] == "FAIL", out
     for name in ("vae_roundtrip", "vae_fingerprint", "checkpoint", "v_identities"):
         assert checks[name][0] == "PASS", out
     healthy = healthy_report[1]
     assert _denoise_ratio(checks["denoise"][1]) > 1 > 0.8 > _denoise_ratio(healthy["denoise"][1])
+    misplaced, max_misplaced = _misplaced_share(checks["jigsaw"][1])
+    assert misplaced > 90 > max_misplaced > _misplaced_share(healthy["jigsaw"][1])[0]
+    assert "unpatchify does not put the pieces back where patchify took them from" in out
     print("scrambled unpatchify:", checks["denoise"][1], checks["jigsaw"][1], sep="\n")
+
+
+def test_misplaced_pieces_finds_positions_that_come_from_elsewhere():
+    """The placement measure on known tensors: the right order 0, a scrambled order ~all, a
+    zero or an unrelated prediction (an untrained model) ~0, one swapped pair exactly it."""
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(32, 4, 3, 8, 8, generator=g)  # (B, C, T, h, w): 3 x 4 x 4 = 48 positions
+    assert not diagnostics.misplaced_pieces(v, v, 1, 2).any()
+    assert not diagnostics.misplaced_pieces(torch.zeros_like(v), v, 1, 2).any()
+    assert diagnostics.misplaced_pieces(torch.randn(v.shape, generator=g), v, 1, 2).float().mean() < 0.1
+    scrambled = _scrambled(models.dit.unpatchify)(models.dit.patchify(v, 1, 2), (3, 4, 4), 1, 2)
+    assert diagnostics.misplaced_pieces(scrambled + 0.5 * torch.randn(v.shape, generator=g), v, 1, 2
+                                        ).float().mean() > 0.9
+    swapped = v.clone()
+    swapped[..., 0:2, 0:2], swapped[..., 0:2, 2:4] = v[..., 0:2, 2:4], v[..., 0:2, 0:2]
+    misplaced = diagnostics.misplaced_pieces(swapped, v, 1, 2)
+    assert misplaced.nonzero().flatten().tolist() == [0, 1, 16, 17, 32, 33]  # the pair in each frame
 
 
 def _denoise_ratio(line):
@@ -174,10 +204,10 @@ def test_misplaced_patches_in_samples_fail_jigsaw(healthy_run, vae_dir, healthy_
     vae = FrozenVAE.from_pretrained(vae_dir)
     cfg = load_config(TrainRunConfig, os.path.join(ROOT, "config_advanced.yaml"),
                       _args(healthy_run, vae_dir)[2:])
-    real, _ = diagnostics.real_clips(cfg, "val", diagnostics.NUM_JIGSAW_REAL_CLIPS)
+    real, labels = diagnostics.real_clips(cfg, "val", diagnostics.NUM_JIGSAW_REAL_CLIPS)
     cell = vae.downsample_factor * ckpt["model"]["config"]["patch_size"]
     monkeypatch.setattr(diagnostics, "generate_videos", _misplaced(diagnostics.generate_videos, cell))
-    result = diagnostics.check_jigsaw(ckpt, vae, real, torch.device("cpu"), cfg.validation.seed)
+    result = diagnostics.check_jigsaw(ckpt, vae, real, labels, torch.device("cpu"), cfg.validation)
     assert result.status == "FAIL" and "patch grid" in result.advice
     score, real_score, limit = _jigsaw_numbers(result.line())
     healthy_score, healthy_real, _ = _jigsaw_numbers(healthy_report[1]["jigsaw"][1])
