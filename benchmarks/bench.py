@@ -1,12 +1,14 @@
 """Throughput benchmark, measured side by side in one run on this machine.
 
-    python benchmarks/bench.py [--quick] [--json runs/bench.json] [--device cpu|cuda]
+    python benchmarks/bench.py [--quick] [--compile] [--json runs/bench.json] [--device cpu|cuda]
 
 Prints a table (and writes JSON) of:
   - matmul peak of this machine in the training dtype (the MFU denominator);
   - DiT training step (forward, backward, AdamW): samples/s, tokens/s, GFLOP/s from FLOPs
     counted by torch's FlopCounterMode, MFU; the same for diffusers' LatteTransformer3DModel
-    of equal width, block count and token count; the ratio ours / peer;
+    of equal width, block count and token count; the ratio ours / peer. Each model runs as
+    its authors configure it: Latte with its tanh-approximate GELU (Latte-1's setting) and its
+    caption cross-attention fed one token, ours with exact GELU and qk-norm;
   - end-to-end stage-2 steps/s on the demo config with the latent cache vs encoding every step;
   - seconds per sampled video for ddim / dpm++ at 10, 25, 50 steps and ddpm at 1000;
   - peak memory of a training step with and without activation checkpointing;
@@ -63,9 +65,20 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, reps: int) -> 
     return 2 * n ** 3 / timed(lambda: a @ b, reps) / 1e9
 
 
-def ours(size: dict, device: torch.device) -> torch.nn.Module:
+def demo_size() -> dict:
+    """The DiT of config_advanced.yaml on the latents of the demo VAE's architecture."""
+    from utils.config import TrainRunConfig, VAEArchConfig, load_config
+    cfg = load_config(TrainRunConfig, os.path.join(ROOT, "config_advanced.yaml"), [])
+    m = cfg.model.resolved()
+    return dict(hidden=m.hidden_size, depth=m.depth, heads=m.num_heads, frames=cfg.data.num_frames,
+                latent=cfg.data.resolution // VAEArchConfig().downsample_factor, attention=m.attention,
+                batch=cfg.train.batch_size)
+
+
+def ours(size: dict, device: torch.device, qk_norm: bool = True) -> torch.nn.Module:
     cfg = ModelConfig(hidden_size=size["hidden"], depth=size["depth"], num_heads=size["heads"],
-                      patch_size=2, patch_t=1, attention="factorized", class_conditional=False)
+                      patch_size=2, patch_t=1, attention=size.get("attention", "factorized"),
+                      qk_norm=qk_norm, class_conditional=False)
     return VideoDiT(cfg, in_channels=4, num_frames=size["frames"], latent_size=size["latent"]).to(device)
 
 
@@ -108,20 +121,30 @@ def step_flops(model, forward, x) -> int:
     return counter.get_total_flops()
 
 
-def bench_models(size: dict, device: torch.device, peak: float, reps: int) -> dict:
+def bench_models(size: dict, device: torch.device, peak: float, reps: int, compile_ours: bool) -> dict:
+    """Training step of ours (as shipped: qk-norm on), ours without qk-norm, optionally ours
+    through torch.compile, and Latte; FLOPs counted on the eager model (compiling changes the
+    kernels, not the arithmetic)."""
     tokens = size["batch"] * size["frames"] * (size["latent"] // 2) ** 2
+    variants = [("ours", "ours", {}), ("ours_no_qk_norm", "ours", {"qk_norm": False})]
+    if compile_ours:
+        variants.append(("ours_compiled", "ours", {"compile": True}))
+    variants.append(("latte", "latte", {}))
     out = {}
-    for kind, build in (("ours", ours), ("latte", peer)):
+    for name, kind, opts in variants:
         torch.manual_seed(0)
-        model = build(size, device)
+        model = peer(size, device) if kind == "latte" else ours(size, device, qk_norm=opts.get("qk_norm", True))
         step, forward, x = train_step_fn(model, kind, size, device)
         flops = step_flops(model, forward, x)
+        if opts.get("compile"):
+            step, _, _ = train_step_fn(torch.compile(model), kind, size, device)
         sec = timed(step, reps)
-        out[kind] = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+        out[name] = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6,
                      "sec_per_step": sec, "samples_per_s": size["batch"] / sec,
                      "tokens_per_s": tokens / sec, "gflop_per_step": flops / 1e9,
                      "gflops": flops / sec / 1e9, "mfu": flops / sec / 1e9 / peak}
-    out["speed_ratio_ours_over_latte"] = out["latte"]["sec_per_step"] / out["ours"]["sec_per_step"]
+    for name, _, _ in variants[:-1]:
+        out[f"speed_ratio_{name}_over_latte"] = out["latte"]["sec_per_step"] / out[name]["sec_per_step"]
     return out
 
 
@@ -138,9 +161,21 @@ def memory_probe(size_name: str, checkpointing: bool) -> None:
 
 
 def _peak_bytes(device: torch.device) -> int:
-    """CUDA: peak allocated tensors. CPU: the process's peak RSS (same baseline for both runs)."""
+    """CUDA: peak allocated tensors. CPU: the process's peak RSS (same baseline for both runs).
+
+    On Linux VmHWM, not ru_maxrss: ru_maxrss survives exec, so a probe started from this
+    benchmark's own large process would report the parent's size (measured: 2285 MiB for
+    both runs, against 2050 / 1636 MiB from VmHWM).
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated()
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
@@ -162,7 +197,7 @@ def bench_training(quick: bool, device: torch.device) -> dict:
     from utils.config import TrainRunConfig, VAEArchConfig, load_config
     from utils.dist import DistInfo
     from utils.logging import RunLogger
-    steps = 6 if quick else 30
+    steps = 6 if quick else 300  # enough that the final checkpoint write is amortised
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         ae = build_autoencoder(VAEArchConfig())  # the demo VAE's architecture (its cost, not its quality)
@@ -187,7 +222,7 @@ def bench_sampling(quick: bool, device: torch.device) -> dict:
     from models.vae import FrozenVAE, build_autoencoder
     from training.sampling import generate_videos
     from utils.config import DiffusionConfig, VAEArchConfig
-    size = QUICK if quick else dict(hidden=256, depth=6, heads=4, frames=8, latent=8)  # the demo DiT
+    size = QUICK if quick else demo_size()
     model = ours(size, device).eval()
     vae = FrozenVAE(build_autoencoder(VAEArchConfig()).to(device))
     shape = (4, size["frames"], size["latent"], size["latent"])
@@ -208,6 +243,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, not the machine")
     p.add_argument("--json", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true", help="also time ours through torch.compile")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     p.add_argument("--checkpointing", default="0", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -218,7 +254,11 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the training dtype
     results = {"device": str(device), "threads": torch.get_num_threads(), "size": size,
                "matmul_peak_gflops": matmul_peak(device, dtype, 512 if args.quick else 2048, reps)}
-    results["dit_step"] = bench_models(size, device, results["matmul_peak_gflops"], reps)
+    results["dit_step"] = bench_models(size, device, results["matmul_peak_gflops"], reps, args.compile)
+    if not args.quick:  # the small DiT of the demo, where per-op overheads weigh more
+        results["demo_size"] = demo_size()
+        results["dit_step_demo_size"] = bench_models(results["demo_size"], device,
+                                                     results["matmul_peak_gflops"], 3 * reps, False)
     results["memory_MiB"] = bench_memory("quick" if args.quick else "full")
     results["training"] = bench_training(args.quick, device)
     results["sampling_sec_per_video"] = bench_sampling(args.quick, device)
@@ -230,15 +270,10 @@ def main() -> None:
 
 
 def print_table(r: dict) -> None:
-    d = r["dit_step"]
     print(f"device {r['device']} ({r['threads']} threads); matmul peak {r['matmul_peak_gflops']:.1f} GFLOP/s")
-    print(f"{'DiT train step':<16}{'params M':>9}{'s/step':>9}{'samples/s':>10}{'tokens/s':>10}"
-          f"{'GFLOP/step':>11}{'GFLOP/s':>9}{'MFU':>7}")
-    for kind in ("ours", "latte"):
-        m = d[kind]
-        print(f"{kind:<16}{m['params_M']:>9.2f}{m['sec_per_step']:>9.3f}{m['samples_per_s']:>10.2f}"
-              f"{m['tokens_per_s']:>10.0f}{m['gflop_per_step']:>11.1f}{m['gflops']:>9.1f}{m['mfu']:>7.1%}")
-    print(f"ours / latte speed: {d['speed_ratio_ours_over_latte']:.2f}x")
+    print_models(r["dit_step"], r["size"])
+    if "dit_step_demo_size" in r:
+        print_models(r["dit_step_demo_size"], r["demo_size"])
     t = r["training"]
     print(f"stage 2 demo config: {t['cache_off']['steps_per_s']:.2f} steps/s encoding every step, "
           f"{t['cache_auto']['steps_per_s']:.2f} with the latent cache ({t['cache_speedup']:.2f}x); "
@@ -249,6 +284,20 @@ def print_table(r: dict) -> None:
           f"{m['with_checkpointing']:.0f} MiB with activation checkpointing")
     print("seconds per sampled video: " + ", ".join(
         f"{k} {v:.2f}" for k, v in r["sampling_sec_per_video"].items()))
+
+
+def print_models(d: dict, size: dict) -> None:
+    print(f"DiT training step at hidden {size['hidden']}, {size['depth']} blocks, {size['heads']} heads, "
+          f"batch {size['batch']} x {size['frames']} x {(size['latent'] // 2) ** 2} tokens")
+    print(f"{'':<16}{'params M':>9}{'s/step':>9}{'samples/s':>10}{'tokens/s':>10}"
+          f"{'GFLOP/step':>11}{'GFLOP/s':>9}{'MFU':>7}")
+    kinds = [k for k in d if not k.startswith("speed_ratio")]
+    for kind in kinds:
+        m = d[kind]
+        print(f"{kind:<16}{m['params_M']:>9.2f}{m['sec_per_step']:>9.3f}{m['samples_per_s']:>10.2f}"
+              f"{m['tokens_per_s']:>10.0f}{m['gflop_per_step']:>11.1f}{m['gflops']:>9.1f}{m['mfu']:>7.1%}")
+    print("speed vs latte: " + ", ".join(f"{k} {d[f'speed_ratio_{k}_over_latte']:.2f}x"
+                                         for k in kinds if k != "latte"))
 
 
 if __name__ == "__main__":

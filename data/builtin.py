@@ -20,7 +20,7 @@ import torch
 from utils.config import DataConfig
 from utils.errors import ConfigError
 
-CLASS_NAMES = ["circle", "square", "triangle"]
+CLASS_NAMES = ["circle", "square", "triangle"]  # shape kinds
 SPLIT_STREAMS = {"train": 0, "val": 1}  # val clips come from a different seed stream
 
 # Flat, well separated colours in [0, 1]: dark backgrounds, saturated or light shapes.
@@ -29,6 +29,7 @@ BACKGROUNDS = np.array([[0.08, 0.08, 0.10], [0.12, 0.18, 0.38], [0.35, 0.12, 0.1
 SHAPE_COLOURS = np.array([[0.95, 0.25, 0.20], [0.25, 0.85, 0.30], [0.30, 0.55, 1.00],
                           [1.00, 0.85, 0.20], [0.95, 0.95, 0.95], [0.90, 0.40, 0.95]],
                          dtype=np.float32)
+COLOUR_NAMES = ["red", "green", "blue", "yellow", "white", "violet"]
 # Outward edge normals of an upward-pointing equilateral triangle, (3, 2) as (x, y-up).
 TRIANGLE_NORMALS = np.array([[np.cos(a), np.sin(a)] for a in
                              np.deg2rad([270.0, 30.0, 150.0])], dtype=np.float32)
@@ -45,16 +46,22 @@ def windows_per_clip(length: int, num_frames: int, frame_stride: int, window_str
 
 
 class MovingShapes(torch.utils.data.Dataset):
-    """Items: {"video": (3, T, H, W) float in [-1, 1], "label": shape kind}."""
+    """Items: {"video": (3, T, H, W) float in [-1, 1], "label": int}.
 
-    class_names = CLASS_NAMES
-    num_classes = len(CLASS_NAMES)
+    `data.builtin.labels`: `shape` (3 classes, the shape kind) or `shape_colour` (18 classes,
+    e.g. "green square"; every shape of a clip then has the label's colour).
+    """
 
     def __init__(self, cfg: DataConfig, split: str = "train", seed: int = 0):
         if split not in SPLIT_STREAMS:
             raise ValueError(f"split = {split!r}: use 'train' or 'val'")
         self.cfg, self.split, self.seed = cfg, split, seed
         b = cfg.builtin
+        if b.labels == "shape":
+            self.class_names = list(CLASS_NAMES)
+        else:
+            self.class_names = [f"{c} {k}" for k in CLASS_NAMES for c in COLOUR_NAMES]
+        self.num_classes = len(self.class_names)
         self.num_clips = b.num_clips if split == "train" else b.num_val_clips
         self.windows = windows_per_clip(b.clip_frames, cfg.num_frames, cfg.frame_stride,
                                         cfg.window_stride)
@@ -112,29 +119,38 @@ class MovingShapes(torch.utils.data.Dataset):
         b = self.cfg.builtin
         rng = np.random.default_rng((self.seed, SPLIT_STREAMS[self.split], clip))
         label = int(rng.integers(self.num_classes))
-        bg = rng.choice(len(BACKGROUNDS), size=2, replace=False)
+        kind, colour = divmod(label, len(COLOUR_NAMES)) if b.labels == "shape_colour" else (label, None)
+        bg = rng.choice(b.num_backgrounds, size=2, replace=b.num_backgrounds < 2)
         n = b.num_shapes
         sizes = rng.uniform(b.min_size, b.max_size, n)  # fraction of the frame side
         half = sizes / 2
         speed = rng.uniform(b.min_speed, b.max_speed, n)  # frame sides per source frame
         angle = rng.uniform(0, 2 * np.pi, n)
+        gradient_dir = rng.normal(size=2)
+        colours = rng.choice(len(SHAPE_COLOURS), size=n, replace=n > len(SHAPE_COLOURS))
         return {
             "label": label,
+            "kind": kind,
             "background": BACKGROUNDS[bg],  # (2, 3): gradient end colours
-            "gradient_dir": rng.normal(size=2),
-            "colours": SHAPE_COLOURS[rng.choice(len(SHAPE_COLOURS), size=n, replace=n > len(SHAPE_COLOURS))],
+            "gradient_dir": gradient_dir,
+            "colours": SHAPE_COLOURS[colours if colour is None else np.full(n, colour)],
             "half": half,
             "pos0": rng.uniform(half[:, None], 1 - half[:, None], (n, 2)),  # (n, 2): x, y
             "vel": speed[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1),  # (n, 2)
         }
 
+    @staticmethod
+    def render_positions(scene: dict, t: float) -> np.ndarray:
+        """(n, 2) shape centres (x, y in frame units) at source time `t`."""
+        lo = scene["half"][:, None]  # (n, 1): centres stay this far from the borders
+        return _bounce(scene["pos0"] + t * scene["vel"], lo, 1 - lo)
+
     def render(self, scene: dict, t: float) -> np.ndarray:
         """Frame at source time `t` (frames) -> (3, H, W) float32 in [0, 1]."""
         img = self._background(scene)  # (3, H, W)
-        lo = scene["half"][:, None]  # (n, 1): centres stay this far from the borders
-        pos = _bounce(scene["pos0"] + t * scene["vel"], lo, 1 - lo)  # (n, 2)
+        pos = self.render_positions(scene, t)  # (n, 2)
         for (cx, cy), h, colour in zip(pos, scene["half"], scene["colours"]):
-            cover = _coverage(self._sdf(scene["label"], self._x - cx, self._y - cy, h),
+            cover = _coverage(self._sdf(scene["kind"], self._x - cx, self._y - cy, h),
                               1.0 / self.cfg.resolution)  # (H, W)
             img = img + cover * (colour[:, None, None] - img)
         return img.astype(np.float32)
@@ -149,9 +165,9 @@ class MovingShapes(torch.utils.data.Dataset):
         return (c0 + a * (c1 - c0)).astype(np.float32)
 
     @staticmethod
-    def _sdf(label: int, dx: np.ndarray, dy: np.ndarray, half: float) -> np.ndarray:
+    def _sdf(kind_id: int, dx: np.ndarray, dy: np.ndarray, half: float) -> np.ndarray:
         """Signed distance (frame units, < 0 inside) to a shape of half-extent `half`."""
-        kind = CLASS_NAMES[label]
+        kind = CLASS_NAMES[kind_id]
         if kind == "circle":
             return np.hypot(dx, dy) - half
         if kind == "square":

@@ -155,9 +155,21 @@ class Diffusion:
 
     def sample_timesteps(self, batch: int, device: torch.device | str,
                          generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """(batch,) int64 timesteps drawn uniformly from [0, T), on `device`."""
+        """(batch,) int64 timesteps in [0, T), on `device`.
+
+        `uniform`: every t equally often. `logit_normal` (as in SD3): t / T = sigmoid(n) with
+        n ~ N(logit_mean, logit_std), which spends fewer updates on the nearly clean end of the
+        schedule, where the v-MSE is small and easy, and with logit_mean > 0 more on the noisy
+        end, where every sampler starts and the layout of a video is decided.
+        """
         gen_device = generator.device if generator is not None else device
-        t = torch.randint(0, self.num_train_timesteps, (batch,), generator=generator, device=gen_device)
+        T = self.num_train_timesteps
+        if self.cfg.timestep_sampling == "uniform":
+            t = torch.randint(0, T, (batch,), generator=generator, device=gen_device)
+        else:
+            n = torch.randn(batch, generator=generator, device=gen_device)
+            u = torch.sigmoid(self.cfg.logit_mean + self.cfg.logit_std * n)
+            t = (u * T).long().clamp_(0, T - 1)
         return t.to(device)
 
     # ---- the diffusers side

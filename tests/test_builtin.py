@@ -80,9 +80,44 @@ def test_label_is_the_shape_kind():
         ys, xs = np.nonzero(mask)
         ratio = mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
         nearest = min(expected, key=lambda k: abs(expected[k] - ratio))
-        assert nearest == CLASS_NAMES[scene["label"]], (clip, ratio)
+        assert nearest == CLASS_NAMES[scene["kind"]], (clip, ratio)
         seen.add(nearest)
     assert seen == set(CLASS_NAMES)
+
+
+def test_shape_colour_labels_name_the_colour_drawn():
+    """labels = shape_colour: 18 classes; a clip's shapes are drawn in its label's colour."""
+    from data.builtin import COLOUR_NAMES, SHAPE_COLOURS
+    ds = MovingShapes(make_cfg(num_clips=40, labels="shape_colour", num_shapes=2))
+    assert ds.num_classes == len(ds.class_names) == 18 and ds.class_names[7] == "green square"
+    seen = set()
+    for clip in range(40):
+        scene = ds.scene(clip)
+        kind, colour = divmod(scene["label"], len(COLOUR_NAMES))
+        assert scene["kind"] == kind and ds.source_label(clip) == scene["label"]
+        assert ds.class_names[scene["label"]] == f"{COLOUR_NAMES[colour]} {CLASS_NAMES[kind]}"
+        np.testing.assert_array_equal(scene["colours"], SHAPE_COLOURS[[colour, colour]])
+        frame = ds.render(scene, 0.0)  # (3, H, W): the brightest pixels are the shape's colour
+        centre = _pixel_at(frame, *ds.render_positions(scene, 0.0)[0])
+        np.testing.assert_allclose(centre, SHAPE_COLOURS[colour], atol=1e-6)
+        seen.add(scene["label"])
+    assert len(seen) > 10
+
+
+def _pixel_at(frame, x, y):
+    r = frame.shape[-1]
+    return frame[:, min(int(y * r), r - 1), min(int(x * r), r - 1)]
+
+
+def test_num_backgrounds_limits_the_background_colours():
+    from data.builtin import BACKGROUNDS
+    one = MovingShapes(make_cfg(num_clips=20, num_backgrounds=1))
+    assert all(np.array_equal(one.scene(c)["background"][0], BACKGROUNDS[0]) for c in range(20))
+    two = MovingShapes(make_cfg(num_clips=40, num_backgrounds=2))
+    used = {tuple(two.scene(c)["background"][0]) for c in range(40)}
+    assert used == {tuple(BACKGROUNDS[0]), tuple(BACKGROUNDS[1])}
+    with pytest.raises(ConfigError, match="data.builtin.num_backgrounds = 5: must be 1 to 4"):
+        DataConfig(builtin=BuiltinDataConfig(num_backgrounds=5)).validate()
 
 
 def test_shapes_move_and_stay_inside():

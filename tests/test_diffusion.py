@@ -6,7 +6,7 @@ from diffusers import DDPMScheduler
 
 from models.diffusion import (SAMPLERS, Diffusion, append_dims, guided_v, initial_noise,
                               make_scheduler, sample)
-from utils.config import DiffusionConfig
+from utils.config import DiffusionConfig, config_from_dict
 from utils.errors import ConfigError
 
 SCHEDULES = [
@@ -105,6 +105,29 @@ def test_sample_timesteps_range_and_seed():
     t = diff.sample_timesteps(5000, "cpu", torch.Generator().manual_seed(0))
     assert t.dtype == torch.int64 and t.min() == 0 and t.max() == 9
     assert torch.equal(t, diff.sample_timesteps(5000, "cpu", torch.Generator().manual_seed(0)))
+
+
+def test_logit_normal_timesteps_follow_the_configured_distribution():
+    """t / T = sigmoid(N(mean, std)): the median sits at sigmoid(mean) * T, the ends are rare."""
+    T = 1000
+    g = torch.Generator().manual_seed(0)
+    for mean in (0.0, 1.0):
+        diff = Diffusion(DiffusionConfig(num_train_timesteps=T, timestep_sampling="logit_normal",
+                                         logit_mean=mean, logit_std=1.0))
+        t = diff.sample_timesteps(20000, "cpu", g)
+        assert t.dtype == torch.int64 and 0 <= t.min() and t.max() <= T - 1
+        expected_median = torch.sigmoid(torch.tensor(mean)).item() * T
+        assert abs(t.float().median().item() - expected_median) < 10
+        # P(n < -2) ~ 2.3%: with mean 0 about 2.3% of draws fall below sigmoid(-2) * T = 119
+        share = (t < int(torch.sigmoid(torch.tensor(mean - 2.0)).item() * T)).float().mean().item()
+        assert 0.015 < share < 0.03
+    uniform = Diffusion(DiffusionConfig(num_train_timesteps=T)).sample_timesteps(20000, "cpu", g)
+    assert 0.09 < (uniform < 100).float().mean().item() < 0.11
+
+
+def test_logit_std_must_be_positive():
+    with pytest.raises(ConfigError, match="diffusion.logit_std = 0"):
+        config_from_dict(DiffusionConfig, {"logit_std": 0})
 
 
 # --------------------------------------------------------------------------- samplers

@@ -305,7 +305,7 @@ def _train_loop(s: Stage2) -> Position:
                 x0 = batch_latents(s, batch)  # (B, C, T, h, w)
                 y = batch["label"].to(s.device) if s.dims["num_classes"] else None
                 # Sample t and noise.
-                t = torch.randint(0, T, (x0.shape[0],), device=s.device, generator=s.noise_gen)
+                t = s.diffusion.sample_timesteps(x0.shape[0], s.device, s.noise_gen)
                 noise = torch.randn(x0.shape, device=s.device, generator=s.noise_gen)
                 x_t = s.diffusion.add_noise(x0, noise, t)
                 # Forward and backward.

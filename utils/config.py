@@ -42,9 +42,13 @@ class BuiltinDataConfig:
     max_size: float = 0.4
     min_speed: float = 0.03  # fraction of the frame side per source frame
     max_speed: float = 0.06
+    num_backgrounds: int = 4  # background colours drawn from (the first k of 4)
+    labels: Literal["shape", "shape_colour"] = "shape"  # class = shape kind, or kind and colour
 
     def validate(self, prefix: str) -> None:
         _positive(self, prefix, "num_clips", "num_val_clips", "clip_frames", "num_shapes")
+        if not 1 <= self.num_backgrounds <= 4:
+            raise ConfigError(f"{prefix}.num_backgrounds = {self.num_backgrounds}: must be 1 to 4")
         if not 0 < self.min_size <= self.max_size <= 1:
             raise ConfigError(f"{prefix}.min_size / max_size = {self.min_size} / {self.max_size}: "
                               "need 0 < min_size <= max_size <= 1")
@@ -179,6 +183,10 @@ class DiffusionConfig:
     # min-SNR-gamma weighting; null = plain v MSE. With zero-terminal SNR it gives ~0 weight
     # to the high-noise steps every sampler starts from, so it is off by default.
     min_snr_gamma: Optional[float] = None
+    # Which timesteps training draws: uniform, or logit_normal (t / T = sigmoid(N(mean, std))).
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    logit_mean: float = 0.0  # > 0 trains the noisy end more often
+    logit_std: float = 1.0
 
     def validate(self, prefix: str = "diffusion") -> None:
         _positive(self, prefix, "num_train_timesteps")
@@ -187,6 +195,8 @@ class DiffusionConfig:
                               "need 0 < beta_start < beta_end < 1")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
             raise ConfigError(f"{prefix}.min_snr_gamma = {self.min_snr_gamma}: must be > 0 or null")
+        if self.logit_std <= 0:
+            raise ConfigError(f"{prefix}.logit_std = {self.logit_std}: must be > 0")
 
 
 @dataclass
