@@ -112,6 +112,7 @@ class CachedWindows(Dataset):
         self.dataset, self.latents = dataset, latents
         self.num_classes = dataset.num_classes
         self.class_names = list(getattr(dataset, "class_names", []))
+        self.labels = [dataset.source_label(i) for i in range(dataset.num_sources)]  # once, not per item
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -121,7 +122,7 @@ class CachedWindows(Dataset):
         entry = self.latents[src]
         idx = torch.as_tensor(frames)
         return {"mean": entry["mean"][:, idx], "std": entry["std"][:, idx],  # (C, T, h, w)
-                "label": self.dataset.source_label(src)}
+                "label": self.labels[src]}
 
 
 def cache_disabled_reason(dataset, mode: str) -> Optional[str]:

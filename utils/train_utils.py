@@ -84,11 +84,13 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
-        d = self.decay_at(step)
-        ema_params = list(self.model.parameters())
-        params = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(ema_params, params, 1.0 - d)  # ema += (1 - d) * (p - ema)
-        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+        if getattr(self, "_source", None) is not model:  # tensor lists built once per model
+            self._source = model
+            self._pairs = (list(self.model.parameters()), [p.detach() for p in model.parameters()],
+                           list(zip(self.model.buffers(), model.buffers())))
+        ema_params, params, buffers = self._pairs
+        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay_at(step))  # ema += (1 - d) * (p - ema)
+        for b_ema, b in buffers:
             b_ema.copy_(b)
 
     def state_dict(self) -> dict:
