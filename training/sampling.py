@@ -28,41 +28,26 @@ def default_labels(num_videos: int, num_classes: int,
 
 
 @torch.no_grad()
-def sample_latents(model: nn.Module, diffusion_cfg: DiffusionConfig, *, latent_shape: Sequence[int],
-                   seeds: Sequence[int], labels: Optional[torch.Tensor], sampler: str, num_steps: int,
-                   guidance_scale: float, null_class_id: Optional[int], device: torch.device,
-                   batch_size: int = 8, progress: bool = False) -> torch.Tensor:
-    """Sample one latent video per seed: (len(seeds), C, T, h, w), scaled latents.
+def generate_videos(model: nn.Module, vae: FrozenVAE, diffusion_cfg: DiffusionConfig, *,
+                    latent_shape: Sequence[int], seeds: Sequence[int], labels: Optional[torch.Tensor],
+                    sampler: str, num_steps: int, guidance_scale: float, null_class_id: Optional[int],
+                    device: torch.device, batch_size: int = 8, progress: bool = False) -> list[np.ndarray]:
+    """Sample one video per seed. Returns uint8 frames (T, H, W, 3) per video.
 
     Each video has its own generator seeded with its seed, so video i is the same whatever
     the batch size or the other videos.
     """
     model.eval()
-    out = []
+    videos = []
     for start in range(0, len(seeds), batch_size):
         chunk = list(seeds[start:start + batch_size])
         generators = [torch.Generator(device).manual_seed(int(s)) for s in chunk]
         y = labels[start:start + len(chunk)].to(device) if labels is not None else None
         scheduler = make_scheduler(sampler, diffusion_cfg)
-        out.append(sample(model, (len(chunk), *latent_shape), scheduler=scheduler, num_steps=num_steps,
-                          generator=generators, device=device, y=y, guidance_scale=guidance_scale,
-                          null_class_id=null_class_id, progress=progress).float())
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def generate_videos(model: nn.Module, vae: FrozenVAE, diffusion_cfg: DiffusionConfig, *,
-                    latent_shape: Sequence[int], seeds: Sequence[int], labels: Optional[torch.Tensor],
-                    sampler: str, num_steps: int, guidance_scale: float, null_class_id: Optional[int],
-                    device: torch.device, batch_size: int = 8, progress: bool = False) -> list[np.ndarray]:
-    """`sample_latents` decoded by the frozen VAE: uint8 frames (T, H, W, 3) per video."""
-    latents = sample_latents(model, diffusion_cfg, latent_shape=latent_shape, seeds=seeds, labels=labels,
-                             sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
-                             null_class_id=null_class_id, device=device, batch_size=batch_size,
-                             progress=progress)  # (N, C, T, h, w)
-    videos = []
-    for start in range(0, len(latents), batch_size):
-        pixels = vae.decode(latents[start:start + batch_size])  # (B, 3, T, H, W) in [-1, 1]
+        latents = sample(model, (len(chunk), *latent_shape), scheduler=scheduler, num_steps=num_steps,
+                         generator=generators, device=device, y=y, guidance_scale=guidance_scale,
+                         null_class_id=null_class_id, progress=progress)  # (B, C, T, h, w)
+        pixels = vae.decode(latents.float())  # (B, 3, T, H, W) in [-1, 1]
         videos.extend(video_tensor_to_uint8(v) for v in pixels.cpu())
     return videos
 
