@@ -24,6 +24,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = load_config(PredictConfig, config_path, overrides)
     device = resolve_device(cfg.device)
     ensure_writable_dir(cfg.output_dir, "output_dir")
+    videos, _ = sample_videos(cfg, device)
+    paths = save_videos(cfg.output_dir, videos, cfg.fps)
+    print(f"wrote {len(videos)} videos ({len(paths)} files) to {cfg.output_dir}: "
+          f"sample_000.mp4/.gif ... grid.png")
+    return 0
+
+
+def sample_videos(cfg: PredictConfig, device: torch.device) -> tuple[list, dict]:
+    """(uint8 videos (T, H, W, 3), checkpoint) from cfg.checkpoint with the VAE it was trained
+    with (fingerprint checked), EMA or raw weights, the configured sampler and labels."""
     ckpt = load_checkpoint(cfg.checkpoint)
     check_format(ckpt, cfg.checkpoint)
     vae = FrozenVAE.from_pretrained(cfg.vae.path or ckpt["vae"]["path"], device)
@@ -35,14 +45,10 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"VAE {vae.path} (fingerprint {vae.fingerprint} matches); sampler {cfg.sampler}, "
           f"{cfg.num_steps} steps, guidance {cfg.guidance_scale}")
     try:
-        videos = _generate(cfg, model, vae, ckpt, labels, device)
+        return _generate(cfg, model, vae, ckpt, labels, device), ckpt
     except torch.OutOfMemoryError:
         raise UserError(f"out of GPU memory sampling {cfg.batch_size} videos at once; lower "
                         "batch_size (videos sampled together) or guidance (cfg doubles the batch)") from None
-    paths = save_videos(cfg.output_dir, videos, cfg.fps)
-    print(f"wrote {len(videos)} videos ({len(paths)} files) to {cfg.output_dir}: "
-          f"sample_000.mp4/.gif ... grid.png")
-    return 0
 
 
 def _generate(cfg: PredictConfig, model, vae, ckpt: dict, labels, device) -> list:

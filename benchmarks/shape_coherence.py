@@ -85,24 +85,14 @@ def summarize(measures: list[dict]) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    import predict_advanced
-    from models.vae import FrozenVAE
-    from training.checkpoints import check_format, check_vae, model_from_checkpoint
-    from utils.checkpoint import load_checkpoint
+    from predict_advanced import sample_videos
     from utils.cli import parse_args
     from utils.config import PredictConfig, load_config
     from utils.train_utils import resolve_device
 
     config_path, overrides, _ = parse_args(argv, __doc__)
     cfg = load_config(PredictConfig, config_path, overrides)
-    device = resolve_device(cfg.device)
-    ckpt = load_checkpoint(cfg.checkpoint)
-    check_format(ckpt, cfg.checkpoint)
-    vae = FrozenVAE.from_pretrained(cfg.vae.path or ckpt["vae"]["path"], device)
-    check_vae(ckpt, vae, cfg.checkpoint)
-    model = model_from_checkpoint(ckpt, cfg.use_ema, device)
-    labels = predict_advanced._labels(cfg, ckpt["model"]["dims"]["num_classes"], ckpt.get("class_names", []))
-    videos = predict_advanced._generate(cfg, model, vae, ckpt, labels, device)
+    videos, ckpt = sample_videos(cfg, resolve_device(cfg.device))
     s = summarize([video_coherence(v) for v in videos])
     print(f"{cfg.checkpoint} (step {ckpt['step']}), {cfg.sampler} {cfg.num_steps} steps, guidance "
           f"{cfg.guidance_scale}: {s['coherent']} of {s['videos']} videos coherent; frames with one "

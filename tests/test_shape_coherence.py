@@ -1,12 +1,13 @@
 """benchmarks/shape_coherence.py: real built-in clips pass, the failures seen in bad samples fail."""
 import os
+import re
 
 import numpy as np
 import pytest
 
 from benchmarks.shape_coherence import blob_sizes, main, summarize, video_coherence
 from data.builtin import MovingShapes
-from tests.test_stage2 import ROOT
+from tests.test_stage2 import ROOT, random_vae  # noqa: F401  (random_vae is a fixture)
 from utils.cli import run_main
 from utils.config import TrainRunConfig, load_config
 
@@ -56,3 +57,16 @@ def test_missing_checkpoint_is_a_user_error(tmp_path, capsys):
         run_main(lambda argv: main(["--config", os.path.join(ROOT, "predict_advanced.yaml"),
                                     f"checkpoint={tmp_path}/none.pth"]))
     assert e.value.code == 2 and "none.pth" in capsys.readouterr().err
+
+
+def test_scores_the_videos_predict_makes(tmp_path, random_vae, capsys):
+    """End to end on a 2-step checkpoint: samples like predict (nothing written) and reports."""
+    from tests.test_stage2 import _train
+    run = _train(tmp_path, random_vae, "run", ["train.max_steps=2"])
+    out = tmp_path / "never_written"
+    assert main(["--config", os.path.join(ROOT, "predict_advanced.yaml"), "device=cpu",
+                 f"checkpoint={run}/latest.pth", f"output_dir={out}", "num_videos=3", "num_steps=2"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    m = re.search(r"ddpm 2 steps, guidance 2.5: (\d+) of 3 videos coherent; frames with one shape ([\d.]+)%", line)
+    assert m and 0 <= int(m.group(1)) <= 3 and 0 <= float(m.group(2)) <= 100, line
+    assert not out.exists()
