@@ -76,6 +76,7 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
         self.warmup_steps = warmup_steps
+        self._source, self._pairs = None, None  # update's tensor lists, built once per model
 
     def decay_at(self, step: int) -> float:
         if self.warmup_steps == 0:
@@ -84,7 +85,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
-        if getattr(self, "_source", None) is not model:  # tensor lists built once per model
+        if self._source is not model:
             self._source = model
             self._pairs = (list(self.model.parameters()), [p.detach() for p in model.parameters()],
                            list(zip(self.model.buffers(), model.buffers())))
