@@ -41,9 +41,11 @@ def sample_videos(cfg: PredictConfig, device: torch.device) -> tuple[list, dict]
     model = model_from_checkpoint(ckpt, cfg.use_ema, device)
     dims = ckpt["model"]["dims"]
     labels = _labels(cfg, dims["num_classes"], ckpt.get("class_names", []))
+    guidance = (f"guidance {cfg.guidance_scale}" if dims["num_classes"] or cfg.guidance_scale == 1
+                else f"no guidance (guidance_scale = {cfg.guidance_scale} needs a class-conditional model)")
     print(f"checkpoint {cfg.checkpoint}: step {ckpt['step']}, {'EMA' if cfg.use_ema else 'raw'} weights; "
           f"VAE {vae.path} (fingerprint {vae.fingerprint} matches); sampler {cfg.sampler}, "
-          f"{cfg.num_steps} steps, guidance {cfg.guidance_scale}")
+          f"{cfg.num_steps} steps, {guidance}")
     try:
         return _generate(cfg, model, vae, ckpt, labels, device), ckpt
     except torch.OutOfMemoryError:

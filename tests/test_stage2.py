@@ -214,3 +214,10 @@ def test_latent_cache_on_a_folder_and_off_with_augmentation(tmp_path, random_vae
     assert "latent cache: building" in capsys.readouterr().out
     _train(tmp_path, random_vae, "aug", folder + ["data.cache=auto", "data.hflip=true"])
     assert "latent cache off: data.random_crop / data.hflip" in capsys.readouterr().out
+
+
+def test_predict_says_guidance_is_off_for_an_unconditional_model(tmp_path, random_vae, capsys):
+    run = _train(tmp_path, random_vae, "run", ["train.max_steps=1", "model.class_conditional=false"])
+    capsys.readouterr()
+    assert _predict(os.path.join(run, "latest.pth"), str(tmp_path / "out"), ["guidance_scale=2.5"]) == 0
+    assert "no guidance (guidance_scale = 2.5 needs a class-conditional model)" in capsys.readouterr().out
