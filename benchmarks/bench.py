@@ -66,12 +66,13 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, reps: int) -> 
 
 
 def demo_size() -> dict:
-    """The DiT of config_advanced.yaml on the latents of the demo VAE's architecture."""
-    from utils.config import TrainRunConfig, VAEArchConfig, load_config
+    """The DiT of config_advanced.yaml on the latents of config_vae.yaml's VAE."""
+    from utils.config import TrainRunConfig, VAERunConfig, load_config
     cfg = load_config(TrainRunConfig, os.path.join(ROOT, "config_advanced.yaml"), [])
+    vae = load_config(VAERunConfig, os.path.join(ROOT, "config_vae.yaml"), []).vae
     m = cfg.model.resolved()
     return dict(hidden=m.hidden_size, depth=m.depth, heads=m.num_heads, frames=cfg.data.num_frames,
-                latent=cfg.data.resolution // VAEArchConfig().downsample_factor, attention=m.attention,
+                latent=cfg.data.resolution // vae.downsample_factor, attention=m.attention,
                 batch=cfg.train.batch_size)
 
 

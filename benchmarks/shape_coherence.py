@@ -33,7 +33,8 @@ MAX_COLOUR_DRIFT, MAX_AREA_RATIO, MAX_BACKGROUND_DRIFT = 0.2, 1.8, 0.1
 
 
 def blob_sizes(mask: np.ndarray) -> list[int]:
-    """Sizes of the 4-connected components of a (H, W) bool mask."""
+    """Sizes of the 4-connected components of a (H, W) bool mask (a breadth-first fill: the
+    frames are tiny, and scipy.ndimage.label would add scipy for these few lines)."""
     seen = np.zeros_like(mask, dtype=bool)
     h, w = mask.shape
     sizes = []

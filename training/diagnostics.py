@@ -320,7 +320,7 @@ def check_jigsaw(ckpt: dict, vae: FrozenVAE, real_clips: torch.Tensor, labels: O
                              mcfg.patch_size).float().mean().item()
 
     videos = generate_videos(
-        model, vae, config_from_dict(DiffusionConfig, ckpt["diffusion"]),
+        model, vae, diffusion.cfg,
         latent_shape=(dims["in_channels"], dims["num_frames"], dims["latent_size"], dims["latent_size"]),
         seeds=[sampling.seed + i for i in range(num_videos)],
         labels=default_labels(num_videos, dims["num_classes"]), sampler=sampling.sampler,
