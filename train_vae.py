@@ -32,8 +32,9 @@ from utils.config import VAERunConfig, config_to_dict, dump_config, load_config
 from utils.errors import UserError
 from utils.logging import RunLogger
 from utils.metrics import psnr
-from utils.train_utils import (autocast_context, count_parameters, lr_multiplier, make_grad_scaler,
-                               resolve_device, resolve_precision, seed_everything, set_tf32)
+from utils.train_utils import (autocast_context, count_parameters, lr_multiplier, make_adamw,
+                               make_grad_scaler, resolve_device, resolve_precision, seed_everything,
+                               set_tf32, use_fast_adamw)
 
 
 @dataclass
@@ -66,7 +67,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         train_set = build_dataset(cfg.data, "train", cfg.experiment.seed)
         val_set = build_dataset(cfg.data, "val", cfg.experiment.seed)
         ae = build_autoencoder(cfg.vae).to(device)
-        opt = torch.optim.AdamW(ae.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        opt = make_adamw(ae.parameters(), cfg.train.lr, weight_decay=cfg.train.weight_decay)
         run = Stage1(cfg, ae, opt, make_grad_scaler(device, amp_dtype),
                      {"step": 0, "epoch": 0, "batch_in_epoch": 0}, run_dir, log, device, amp_dtype)
         resume(run)
@@ -99,6 +100,7 @@ def resume(run: Stage1) -> None:
                         "(train.resume=null)")
     run.ae.load_state_dict(ckpt["model"])
     run.opt.load_state_dict(ckpt["optimizer"])
+    use_fast_adamw(run.opt)
     run.scaler.load_state_dict(ckpt["scaler"])
     restore_rng(ckpt["rng"])
     run.state = {k: ckpt[k] for k in run.state}

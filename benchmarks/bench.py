@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from models.dit import VideoDiT  # noqa: E402
 from utils.config import ModelConfig  # noqa: E402
+from utils.train_utils import make_adamw  # noqa: E402
 
 # Benchmark size: DiT-S width (384, 6 heads) with 12 blocks (6 spatial + 6 temporal) on
 # latents (4, 8, 16, 16) with 2x2 patches: 8 x 64 = 512 tokens per clip.
@@ -94,17 +95,23 @@ def peer(size: dict, device: torch.device) -> torch.nn.Module:
         video_length=size["frames"], attention_bias=True).to(device)
 
 
-def train_step_fn(model, kind: str, size: dict, device: torch.device):
+def train_step_fn(model, kind: str, size: dict, device: torch.device, compiled: bool = False):
+    """One training step (forward, MSE, backward, AdamW) as each repo runs it: ours with the
+    trainer's optimizer (`make_adamw`: fused), Latte with torch's default AdamW as Latte's
+    train.py builds it. `compiled`: run the forward through torch.compile."""
     b, f, h = size["batch"], size["frames"], size["latent"]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    t = torch.randint(0, 1000, (b,), device=device)
     if kind == "ours":
-        x = torch.randn(b, 4, f, h, h, device=device)  # (B, C, T, h, w)
-        forward = lambda: model(x, t)  # noqa: E731
+        opt = make_adamw(model.parameters(), lr=1e-4)
     else:
-        x = torch.randn(b, 4, f, h, h, device=device)  # Latte also takes (B, C, F, H, W)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    net = torch.compile(model) if compiled else model
+    t = torch.randint(0, 1000, (b,), device=device)
+    x = torch.randn(b, 4, f, h, h, device=device)  # (B, C, T, h, w); Latte takes the same layout
+    if kind == "ours":
+        forward = lambda: net(x, t)  # noqa: E731
+    else:
         enc = torch.randn(b, 1, 16, device=device)
-        forward = lambda: model(x, timestep=t, encoder_hidden_states=enc, return_dict=False)[0]  # noqa: E731
+        forward = lambda: net(x, timestep=t, encoder_hidden_states=enc, return_dict=False)[0]  # noqa: E731
 
     def step():
         out = forward()
@@ -122,30 +129,42 @@ def step_flops(model, forward, x) -> int:
     return counter.get_total_flops()
 
 
-def bench_models(size: dict, device: torch.device, peak: float, reps: int, compile_ours: bool) -> dict:
-    """Training step of ours (as shipped: qk-norm on), ours without qk-norm, optionally ours
-    through torch.compile, and Latte; FLOPs counted on the eager model (compiling changes the
-    kernels, not the arithmetic)."""
+def bench_models(size: dict, device: torch.device, peak: float, reps: int, compile_models: bool) -> dict:
+    """Training step of ours (as shipped: qk-norm on), ours without qk-norm, Latte, and with
+    `compile_models` both through torch.compile. The variants' repetitions are interleaved
+    (one step of each in turn), so a change in machine load hits all of them alike. FLOPs are
+    counted on the eager model (compiling changes the kernels, not the arithmetic)."""
     tokens = size["batch"] * size["frames"] * (size["latent"] // 2) ** 2
     variants = [("ours", "ours", {}), ("ours_no_qk_norm", "ours", {"qk_norm": False})]
-    if compile_ours:
-        variants.append(("ours_compiled", "ours", {"compile": True}))
+    if compile_models:
+        variants += [("ours_compiled", "ours", {"compile": True}), ("latte_compiled", "latte", {"compile": True})]
     variants.append(("latte", "latte", {}))
-    out = {}
+    steps, out = {}, {}
     for name, kind, opts in variants:
         torch.manual_seed(0)
         model = peer(size, device) if kind == "latte" else ours(size, device, qk_norm=opts.get("qk_norm", True))
         step, forward, x = train_step_fn(model, kind, size, device)
         flops = step_flops(model, forward, x)
         if opts.get("compile"):
-            step, _, _ = train_step_fn(torch.compile(model), kind, size, device)
-        sec = timed(step, reps)
-        out[name] = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-                     "sec_per_step": sec, "samples_per_s": size["batch"] / sec,
-                     "tokens_per_s": tokens / sec, "gflop_per_step": flops / 1e9,
-                     "gflops": flops / sec / 1e9, "mfu": flops / sec / 1e9 / peak}
-    for name, _, _ in variants[:-1]:
-        out[f"speed_ratio_{name}_over_latte"] = out["latte"]["sec_per_step"] / out[name]["sec_per_step"]
+            step, _, _ = train_step_fn(model, kind, size, device, compiled=True)
+        for _ in range(2):  # warm-up (and compilation)
+            step()
+        steps[name] = step
+        out[name] = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6, "gflop_per_step": flops / 1e9}
+    times = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            times[name].append(timed(step, 1, warmup=0))
+    for name, m in out.items():
+        sec = statistics.median(times[name])
+        m.update(sec_per_step=sec, samples_per_s=size["batch"] / sec, tokens_per_s=tokens / sec,
+                 gflops=m["gflop_per_step"] / sec, mfu=m["gflop_per_step"] / sec / peak)
+    for name, kind, _ in variants:
+        if kind == "ours":
+            out[f"speed_ratio_{name}_over_latte"] = out["latte"]["sec_per_step"] / out[name]["sec_per_step"]
+    if compile_models:
+        out["speed_ratio_ours_compiled_over_latte_compiled"] = (
+            out["latte_compiled"]["sec_per_step"] / out["ours_compiled"]["sec_per_step"])
     return out
 
 
@@ -244,7 +263,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, not the machine")
     p.add_argument("--json", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compile", action="store_true", help="also time ours through torch.compile")
+    p.add_argument("--compile", action="store_true", help="also time ours and Latte through torch.compile")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     p.add_argument("--checkpointing", default="0", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -259,7 +278,7 @@ def main() -> None:
     if not args.quick:  # the small DiT of the demo, where per-op overheads weigh more
         results["demo_size"] = demo_size()
         results["dit_step_demo_size"] = bench_models(results["demo_size"], device,
-                                                     results["matmul_peak_gflops"], 3 * reps, False)
+                                                     results["matmul_peak_gflops"], 10 * reps, args.compile)
     results["memory_MiB"] = bench_memory("quick" if args.quick else "full")
     results["training"] = bench_training(args.quick, device)
     results["sampling_sec_per_video"] = bench_sampling(args.quick, device)
@@ -297,8 +316,8 @@ def print_models(d: dict, size: dict) -> None:
         m = d[kind]
         print(f"{kind:<16}{m['params_M']:>9.2f}{m['sec_per_step']:>9.3f}{m['samples_per_s']:>10.2f}"
               f"{m['tokens_per_s']:>10.0f}{m['gflop_per_step']:>11.1f}{m['gflops']:>9.1f}{m['mfu']:>7.1%}")
-    print("speed vs latte: " + ", ".join(f"{k} {d[f'speed_ratio_{k}_over_latte']:.2f}x"
-                                         for k in kinds if k != "latte"))
+    ratios = [(k[len("speed_ratio_"):], v) for k, v in d.items() if k.startswith("speed_ratio")]
+    print("speed: " + ", ".join(f"{name.replace('_over_', ' over ')} {v:.2f}x" for name, v in ratios))
 
 
 if __name__ == "__main__":

@@ -24,4 +24,4 @@ def test_benchmark_quick_reports_everything(tmp_path):
     assert 0 <= r["training"]["cache_auto"]["data_wait_fraction"] <= 1
     assert set(r["memory_MiB"]) == {"with_checkpointing", "without_checkpointing"}
     assert {"ddim_10", "dpm++_10"} <= set(r["sampling_sec_per_video"])
-    assert "speed vs latte: ours " in proc.stdout and "ours_no_qk_norm" in proc.stdout
+    assert "speed: ours over latte " in proc.stdout and "ours_no_qk_norm over latte" in proc.stdout

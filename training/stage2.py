@@ -33,7 +33,7 @@ from utils.errors import ConfigError, UserError
 from utils.logging import RunLogger
 from utils.metrics import jigsaw_score
 from utils.train_utils import (EMA, GracefulStop, autocast_context, count_parameters,
-                               lr_multiplier, make_grad_scaler)
+                               lr_multiplier, make_adamw, make_grad_scaler, use_fast_adamw)
 
 NUM_T_BUCKETS = 10  # loss per timestep bucket, so learning at high noise is visible
 
@@ -108,10 +108,7 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
     model = VideoDiT(cfg.model.resolved(), **dims).to(device)
     model.activation_checkpointing = tcfg.activation_checkpointing
     ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup_steps)
-    # foreach: one kernel per op over all tensors (torch picks it by default on CUDA only; on
-    # CPU the per-tensor loop cost 7% of a demo step)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=tuple(tcfg.betas),
-                                  weight_decay=tcfg.weight_decay, foreach=True)
+    optimizer = make_adamw(model.parameters(), tcfg.lr, tcfg.betas, tcfg.weight_decay)
     steps_per_epoch = batches_per_epoch(loader) // tcfg.grad_accum_steps
     if steps_per_epoch == 0:
         raise UserError(f"one epoch has {batches_per_epoch(loader)} batches, fewer than train.grad_accum_steps = "
@@ -215,6 +212,7 @@ def _resume(s: Stage2, path: str) -> None:
     s.model.load_state_dict(ckpt["model_state"])
     s.ema.load_state_dict(ckpt["ema_state"])
     s.optimizer.load_state_dict(ckpt["optimizer"])
+    use_fast_adamw(s.optimizer)  # the checkpoint may carry another implementation's flags
     s.scaler.load_state_dict(ckpt["scaler"])
     s.lr_sched.load_state_dict(ckpt["lr_sched"])
     restore_rng(ckpt["rng"])

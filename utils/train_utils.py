@@ -58,6 +58,33 @@ def set_tf32(enabled: bool) -> None:
         torch.backends.cudnn.allow_tf32 = enabled
 
 
+def make_adamw(params, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW with the fastest update torch has for the parameters' device (see `use_fast_adamw`)."""
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    use_fast_adamw(optimizer)
+    return optimizer
+
+
+def use_fast_adamw(optimizer: torch.optim.Optimizer) -> None:
+    """Switch every group to the fused kernel (one pass over all parameters; CPU and CUDA), or to
+    foreach where the device has no fused kernel.
+
+    torch's default on CPU is a Python loop per tensor (measured: 7% of a demo step; foreach
+    halves it, fused halves it again: 70 -> 22 ms on the benchmark's 32M-parameter DiT). Call
+    it again after `load_state_dict`, which restores the flags the checkpoint was saved with.
+    The update is the same AdamW either way (to float rounding).
+    """
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    fused_devices = _get_fused_kernels_supported_devices()
+    for group in optimizer.param_groups:
+        fused = all(p.device.type in fused_devices and p.is_floating_point() for p in group["params"])
+        group["fused"], group["foreach"] = (True, None) if fused else (None, True)
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if fused and "step" in state:  # fused keeps `step` on the parameter's device
+                state["step"] = state["step"].to(p.device, torch.float32)
+
+
 def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: str,
                   min_lr_ratio: float = 0.0) -> float:
     """Linear warmup over `warmup_steps`, then constant or cosine decay to `min_lr_ratio` at `total_steps`."""
