@@ -6,8 +6,10 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
+from data.videos import DataWarning
 from training.checkpoints import ensure_writable_dir, resolve_resume
 from training.stage2 import setup, train
 from utils.cli import parse_args, run_main
@@ -26,6 +28,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     dist = init_distributed(cfg.device)
     try:
         device = device_for(dist, device)
+        if not dist.is_main:  # every rank reads the same files: rank 0 reports what it skipped
+            warnings.filterwarnings("ignore", category=DataWarning)
         seed_everything(cfg.experiment.seed)
         set_tf32(cfg.train.tf32)
         run_dir = os.path.join(cfg.experiment.runs_dir, cfg.experiment.name)
