@@ -16,7 +16,7 @@ A scrambled unpatchify does not make seams in samples: it moves whole v patches 
 sampling step and what survives 20 steps is incoherent blobs. The jigsaw check's placement
 measurement sees it directly (the pieces match the positions they came from, the same ones
 in every clip); the denoise and patchify checks fail too. Seams (the samples' 8-px cells put together in a wrong order)
-score 10-13 against a limit of 1.83.
+score 10-13 against a limit of 2.35.
 """
 import contextlib
 import io

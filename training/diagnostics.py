@@ -70,9 +70,13 @@ DENOISE_NOISE_LEVELS = (0.4, 0.6)  # t / T at which the denoise check noises rea
 DENOISE_WARN_RATIO, DENOISE_FAIL_RATIO = 0.8, 1.0
 # Jigsaw: samples FAIL above JIGSAW_RATIO * real + JIGSAW_MARGIN. Measured on the built-in
 # data at 32 px, cell 8 px (tests/test_diagnose.py): real clips 1.05 (32 clips); samples of
-# the tiny DiT 0.85-0.87 after 10 steps, 1.2-1.35 after 100-600 (limit 1.83); the same
-# samples with their cells put back in a wrong order 10-13, real clips so scrambled 9.5-11.7.
-JIGSAW_RATIO, JIGSAW_MARGIN = 1.5, 0.25
+# the tiny DiT 0.85-0.87 after 10 steps, 1.2-1.35 after 100-600; the same samples with their
+# cells put back in a wrong order 10-13, real clips so scrambled 9.5-11.7. A healthy demo
+# checkpoint (34/36 coherent videos) scores 0.2-3.0 per sampled video on the one-shape scene
+# (a shape's edge on a cell line counts as a seam), so sets of 8 spread over 1.06-1.74 against
+# real clips at 0.93: a limit of 1.5 x real + 0.25 (1.64) failed one healthy set in six.
+# 2 x real + 0.25 (2.11 there) keeps the scrambled order 4-6x above the limit.
+JIGSAW_RATIO, JIGSAW_MARGIN = 2.0, 0.25
 # Placement (check_jigsaw): the noise levels of the one-step v predictions, how consistently
 # a patch position must come from one other position to count as misplaced, and the share of
 # misplaced positions that fails. Measured: the tiny test model after 150 steps and the demo
