@@ -8,7 +8,9 @@ Prints a table (and writes JSON) of:
     counted by torch's FlopCounterMode, MFU; the same for diffusers' LatteTransformer3DModel
     of equal width, block count and token count; the ratio ours / peer. Each model runs as
     its authors configure it: Latte with its tanh-approximate GELU (Latte-1's setting) and its
-    caption cross-attention fed one token, ours with exact GELU and qk-norm;
+    caption cross-attention fed one token and torch's default AdamW (Latte's train.py), ours
+    with exact GELU, qk-norm and the trainer's fused AdamW. --compile adds both compiled,
+    timed in a process of their own;
   - end-to-end stage-2 steps/s on the demo config with the latent cache vs encoding every step;
   - seconds per sampled video for ddim / dpm++ at 10, 25, 50 steps and ddpm at 1000;
   - peak memory of a training step with and without activation checkpointing;
