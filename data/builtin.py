@@ -17,6 +17,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
+from data.windows import window_span, windows_per_clip
 from utils.config import DataConfig
 from utils.errors import ConfigError
 
@@ -33,16 +34,6 @@ COLOUR_NAMES = ["red", "green", "blue", "yellow", "white", "violet"]
 # Outward edge normals of an upward-pointing equilateral triangle, (3, 2) as (x, y-up).
 TRIANGLE_NORMALS = np.array([[np.cos(a), np.sin(a)] for a in
                              np.deg2rad([270.0, 30.0, 150.0])], dtype=np.float32)
-
-
-def window_span(num_frames: int, frame_stride: int) -> int:
-    """Source frames covered by one window of `num_frames` frames every `frame_stride`."""
-    return (num_frames - 1) * frame_stride + 1
-
-
-def windows_per_clip(length: int, num_frames: int, frame_stride: int, window_stride: int) -> int:
-    """Sliding windows in a clip of `length` source frames (same rule as for real videos)."""
-    return max(0, (length - window_span(num_frames, frame_stride)) // window_stride + 1)
 
 
 class MovingShapes(torch.utils.data.Dataset):

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from utils.errors import UserError
+from utils.train_utils import worker_seed
 
 PREFETCH_BATCHES = 2  # batches each worker keeps ready
 
@@ -98,7 +99,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int,
                       drop_last=drop_last, pin_memory=device_type == "cuda",
                       worker_init_fn=_seed_worker,
                       # seeds the workers (base_seed + worker_id), differently on each rank
-                      generator=torch.Generator().manual_seed(seed * 1009 + rank), **workers)
+                      generator=torch.Generator().manual_seed(worker_seed(seed, rank)), **workers)
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:

@@ -45,6 +45,7 @@ from einops import rearrange
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from data.windows import window_span, windows_per_clip
 from utils.config import DataConfig
 from utils.errors import MissingFileError, UserError
 from utils.video_io import (FRAME_EXTS, VIDEO_EXTS, VideoReadError, count_frames,
@@ -60,16 +61,6 @@ _SCAN_MEMO: dict[str, tuple[int, int, Union[int, str], list[tuple[int, int]]]] =
 
 class DataWarning(UserWarning):
     """A data problem that does not stop training (skipped files, gaps in frame numbering)."""
-
-
-def window_span(num_frames: int, frame_stride: int) -> int:
-    """Source frames covered by one window of `num_frames` frames every `frame_stride`."""
-    return (num_frames - 1) * frame_stride + 1
-
-
-def windows_per_clip(length: int, num_frames: int, frame_stride: int, window_stride: int) -> int:
-    """Sliding windows in a source of `length` frames."""
-    return max(0, (length - window_span(num_frames, frame_stride)) // window_stride + 1)
 
 
 # --------------------------------------------------------------------------- finding sources

@@ -129,11 +129,12 @@ def test_one_nan_step_is_skipped_with_a_warning(tmp_path, random_vae, monkeypatc
     4 steps take 5 loss calls, and the weights after the skip equal those before it."""
     weights = []
     original_step = stage2._optimizer_step
+    stepped = stage2.StepOutcome.STEPPED
 
     def spy_step(s, stats, per_sample):
-        ok = original_step(s, stats, per_sample)
-        weights.append((ok, {k: v.clone() for k, v in s.model.state_dict().items()}))
-        return ok
+        outcome = original_step(s, stats, per_sample)
+        weights.append((outcome is stepped, {k: v.clone() for k, v in s.model.state_dict().items()}))
+        return outcome
 
     monkeypatch.setattr(stage2, "_optimizer_step", spy_step)
     monkeypatch.setattr(Diffusion, "loss", _nan_loss_on({2}))

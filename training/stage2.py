@@ -6,10 +6,9 @@ training loop, in headed phases.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
@@ -24,26 +23,21 @@ from models.diffusion import Diffusion
 from models.dit import VideoDiT
 from models.vae import FrozenVAE
 from training import checkpoints as ckpts
+from training.common import (Deadline, NonFiniteGuard, Position, StepOutcome, capture_rank_rng,
+                             checkpoint_note, make_lr_schedule, maybe_no_sync, optimizer_step,
+                             out_of_memory, restore_rank_rng, seed_rank)
 from training.sampling import default_labels, generate_videos, save_videos, side_by_side
 from utils.video_io import uint8_to_video_tensor
-from utils.checkpoint import atomic_save, capture_rng, load_checkpoint, restore_rng
+from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import TrainRunConfig, config_to_dict
 from utils.dist import DistInfo, all_reduce_mean, all_reduce_sum, any_rank, barrier, gather_dicts
 from utils.errors import ConfigError, UserError
 from utils.logging import RunLogger
 from utils.metrics import jigsaw_score
-from utils.train_utils import (EMA, GracefulStop, autocast_context, count_parameters,
-                               lr_multiplier, make_adamw, make_grad_scaler, use_fast_adamw)
+from utils.train_utils import (EMA, GracefulStop, autocast_context, count_parameters, make_adamw,
+                               make_grad_scaler, use_fast_adamw)
 
 NUM_T_BUCKETS = 10  # loss per timestep bucket, so learning at high noise is visible
-
-
-@dataclass
-class Position:
-    """Where training is: optimizer steps done, epoch, micro-batches consumed in that epoch."""
-    step: int = 0
-    epoch: int = 0
-    micro: int = 0
 
 
 @dataclass
@@ -58,7 +52,8 @@ class Stage2:
     vae: FrozenVAE
     diffusion: Diffusion
     model: VideoDiT  # the bare module: EMA, checkpoints and sampling use this
-    net: nn.Module  # what the loop calls: maybe DDP-wrapped and/or compiled
+    net: nn.Module  # what the loop calls: maybe compiled and/or DDP-wrapped
+    ddp: Optional[DistributedDataParallel]  # the DDP module (no_sync lives here), None = 1 process
     ema: EMA
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -70,8 +65,8 @@ class Stage2:
     class_names: list
     pos: Position
     total_steps: int
+    deadline: Deadline  # train.time_limit_minutes, and the LR schedule's position under it
     real_jigsaw: Optional[float] = None  # jigsaw score of real clips, computed once
-    started: float = field(default_factory=time.monotonic)  # for train.time_limit_minutes
     last_data_wait_fraction: float = 0.0  # of the last logging interval (benchmarks read it)
 
 
@@ -94,7 +89,9 @@ def latent_dims(cfg: TrainRunConfig, vae: FrozenVAE, num_classes: int) -> dict:
 
 
 def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.device,
-          dtype: torch.dtype, log: RunLogger, resume_path: Optional[str]) -> Stage2:
+          dtype: torch.dtype, log: RunLogger, resume_path: Optional[str],
+          started: Optional[float] = None) -> Stage2:
+    """`started`: time.monotonic() at launch, from which train.time_limit_minutes counts."""
     tcfg = cfg.train
     vae = FrozenVAE.from_pretrained(cfg.vae.path, device, encode_batch_frames=cfg.vae.encode_batch_frames)
     log.info(f"VAE {vae.path}: fingerprint {vae.fingerprint}, scaling_factor {vae.scaling_factor:.4f}, "
@@ -115,16 +112,18 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
                         f"{tcfg.grad_accum_steps}; lower it or train.batch_size")
     total = tcfg.epochs * steps_per_epoch
     total = min(total, tcfg.max_steps) if tcfg.max_steps else total
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(
-        s, warmup_steps=tcfg.warmup_steps, total_steps=total, schedule=tcfg.lr_schedule,
-        min_lr_ratio=tcfg.min_lr_ratio))
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if dist.enabled else model
-    net = torch.compile(net) if tcfg.compile else net
-    noise_gen = torch.Generator(device).manual_seed(cfg.experiment.seed * 1000 + dist.rank)
-    s = Stage2(cfg, run_dir, dist, device, dtype, log, vae, Diffusion(cfg.diffusion), model, net, ema,
-               optimizer, make_grad_scaler(device, dtype), lr_sched, loader, loader.sampler, noise_gen,
-               dims, list(getattr(dataset, "class_names", [])), Position(), total)
+    deadline = Deadline(time.monotonic() if started is None else started, tcfg.time_limit_minutes)
+    lr_sched = make_lr_schedule(optimizer, tcfg, total, deadline)
+    # Compile the bare model and wrap that in DDP: the loop keeps the DDP module itself, whose
+    # no_sync() a compiled wrapper around it would hide from gradient accumulation.
+    net = torch.compile(model) if tcfg.compile else model
+    ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
+        if dist.enabled else None
+    noise_gen = seed_rank(cfg.experiment.seed, dist, device)
+    s = Stage2(cfg, run_dir, dist, device, dtype, log, vae, Diffusion(cfg.diffusion), model,
+               ddp if ddp is not None else net, ddp, ema, optimizer, make_grad_scaler(device, dtype),
+               lr_sched, loader, loader.sampler, noise_gen, dims,
+               list(getattr(dataset, "class_names", [])), Position(), total, deadline)
     _log_setup(s, dataset, steps_per_epoch)
     if resume_path:
         _resume(s, resume_path)
@@ -175,6 +174,7 @@ def _log_setup(s: Stage2, dataset, steps_per_epoch: int) -> None:
 
 
 def checkpoint_dict(s: Stage2) -> dict:
+    """Called on every rank (the RNG states are gathered); rank 0 writes it."""
     return {
         "format": ckpts.FORMAT,
         "step": s.pos.step, "epoch": s.pos.epoch, "micro": s.pos.micro,
@@ -185,8 +185,7 @@ def checkpoint_dict(s: Stage2) -> dict:
         "optimizer": s.optimizer.state_dict(),
         "scaler": s.scaler.state_dict(),
         "lr_sched": s.lr_sched.state_dict(),
-        "rng": capture_rng(),
-        "noise_gen": s.noise_gen.get_state(),
+        "rng": capture_rank_rng(s.noise_gen, s.dist),  # index = rank
         "vae": ckpts.vae_record(s.vae),
         "diffusion": asdict(s.cfg.diffusion),
         "class_names": list(s.class_names),
@@ -196,8 +195,9 @@ def checkpoint_dict(s: Stage2) -> dict:
 
 def save(s: Stage2, name: str = "latest.pth") -> None:
     """Rank 0 writes (atomically); everyone waits so no rank races ahead of a checkpoint."""
+    ckpt = checkpoint_dict(s)
     if s.dist.is_main:
-        atomic_save(checkpoint_dict(s), os.path.join(s.run_dir, name))
+        atomic_save(ckpt, os.path.join(s.run_dir, name))
     barrier(s.dist)
 
 
@@ -215,8 +215,8 @@ def _resume(s: Stage2, path: str) -> None:
     use_fast_adamw(s.optimizer)  # the checkpoint may carry another implementation's flags
     s.scaler.load_state_dict(ckpt["scaler"])
     s.lr_sched.load_state_dict(ckpt["lr_sched"])
-    restore_rng(ckpt["rng"])
-    s.noise_gen.set_state(ckpt["noise_gen"])
+    rng = ckpt["rng"] if isinstance(ckpt["rng"], list) else [{**ckpt["rng"], "noise_gen": ckpt["noise_gen"]}]
+    restore_rank_rng(rng, s.noise_gen, s.cfg.experiment.seed, s.dist, s.log)  # rank 0's only before
     s.pos = Position(ckpt["step"], ckpt["epoch"], ckpt["micro"])
     if (ckpt["world_size"], ckpt["batch_size"]) != (s.dist.world_size, s.cfg.train.batch_size):
         s.log.info("warning: world size or batch size changed since the checkpoint; the data "
@@ -268,26 +268,17 @@ def train(s: Stage2) -> Position:
     try:
         return _train_loop(s)
     except torch.OutOfMemoryError:
-        t = s.cfg.train
-        raise UserError(
-            f"out of GPU memory at train.batch_size = {t.batch_size} on {s.device}. Lower "
-            "train.batch_size (raise train.grad_accum_steps to keep the global batch), set "
-            f"train.activation_checkpointing=true, or use a smaller model. {_last_checkpoint(s)}."
-        ) from None
-
-
-def _last_checkpoint(s: Stage2) -> str:
-    """What an error that stops training can promise about latest.pth."""
-    path = os.path.join(s.run_dir, "latest.pth")
-    if os.path.exists(path):
-        return f"{path} holds the last checkpoint"
-    return f"no checkpoint was written yet (train.checkpoint_every = {s.cfg.train.checkpoint_every})"
+        raise out_of_memory(s.cfg.train.batch_size, s.device,
+                            " (raise train.grad_accum_steps to keep the global batch), set "
+                            "train.activation_checkpointing=true, or use a smaller model",
+                            checkpoint_note(s.run_dir, s.cfg.train.checkpoint_every)) from None
 
 
 def _train_loop(s: Stage2) -> Position:
     tcfg, T = s.cfg.train, s.cfg.diffusion.num_train_timesteps
     stats = LossStats(s.device, T)
-    bad_steps = 0
+    guard = NonFiniteGuard(tcfg.max_nonfinite_steps, s.run_dir, s.dist.rank, s.log)
+    s.deadline.begin()
     bar = tqdm(total=s.total_steps, initial=s.pos.step, disable=not s.dist.is_main,
                dynamic_ncols=True, desc=_epoch_desc(s))
     with GracefulStop() as stop:
@@ -311,7 +302,7 @@ def _train_loop(s: Stage2) -> Position:
                 # Forward and backward.
                 s.pos.micro += 1
                 sync = s.pos.micro % tcfg.grad_accum_steps == 0
-                with _maybe_no_sync(s.net, sync), autocast_context(s.device, s.dtype):
+                with maybe_no_sync(s.ddp, sync), autocast_context(s.device, s.dtype):
                     v_pred = s.net(x_t, t, y)  # (B, C, T, h, w)
                 per_sample = s.diffusion.loss(v_pred.float(), x0, noise, t).loss  # (B,)
                 s.scaler.scale(per_sample.mean() / tcfg.grad_accum_steps).backward()
@@ -320,12 +311,13 @@ def _train_loop(s: Stage2) -> Position:
                     wait_start = time.perf_counter()
                     continue
                 # Step.
-                if not _optimizer_step(s, stats, per_sample):
-                    bad_steps += 1
-                    _handle_nonfinite(s, bad_steps, batch)  # raises after K in a row
+                outcome = _optimizer_step(s, stats, per_sample)
+                if outcome is not StepOutcome.STEPPED:  # not a step: no LR, EMA or step count
+                    if outcome is StepOutcome.NONFINITE:
+                        guard.bad(s.pos.step + 1, batch, checkpoint_note(s.run_dir, tcfg.checkpoint_every))
                     wait_start = time.perf_counter()
-                    continue  # a skipped update is not a step: no LR, EMA or step count
-                bad_steps = 0
+                    continue
+                guard.ok()
                 s.pos.step += 1
                 # EMA.
                 s.ema.update(s.model, s.pos.step)
@@ -335,7 +327,7 @@ def _train_loop(s: Stage2) -> Position:
                     _log_step(s, stats, bar)
                 if s.pos.step % tcfg.checkpoint_every == 0:
                     save(s)
-                stop.requested, timed_out = any_rank([stop.requested, _out_of_time(s)], s.dist, s.device)
+                stop.requested, timed_out = any_rank([stop.requested, s.deadline.expired()], s.dist, s.device)
                 if s.pos.step >= s.total_steps or stop.requested or timed_out:
                     break
                 wait_start = time.perf_counter()
@@ -358,39 +350,14 @@ def batch_latents(s: Stage2, batch: dict) -> torch.Tensor:
                         sample=s.cfg.vae.sample_posterior, generator=s.noise_gen)
 
 
-def _out_of_time(s: Stage2) -> bool:
-    limit = s.cfg.train.time_limit_minutes
-    return limit is not None and time.monotonic() - s.started > 60 * limit
-
-
-def _optimizer_step(s: Stage2, stats: LossStats, per_sample: torch.Tensor) -> bool:
-    """Clip, step, schedule. Returns False (and skips the update) on a NaN/Inf loss or gradient."""
-    s.scaler.unscale_(s.optimizer)
-    clip = s.cfg.train.grad_clip if s.cfg.train.grad_clip is not None else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(s.optimizer.param_groups[0]["params"], clip)
-    finite = torch.isfinite(per_sample).all() & (torch.isfinite(grad_norm) | s.scaler.is_enabled())
-    ok = bool(finite)  # the one host sync per optimizer step (fp16's GradScaler makes one too)
-    if ok:
-        s.scaler.step(s.optimizer)
-        s.scaler.update()
+def _optimizer_step(s: Stage2, stats: LossStats, per_sample: torch.Tensor) -> StepOutcome:
+    """Clip, step, schedule: the LR schedule moves only when the update was made."""
+    outcome, grad_norm = optimizer_step(s.optimizer, s.scaler, per_sample, s.cfg.train.grad_clip)
+    if outcome is StepOutcome.STEPPED:
         s.lr_sched.step()
         stats.grad_norm_sum += grad_norm.double()
         stats.steps += 1
-    s.optimizer.zero_grad(set_to_none=True)
-    return ok
-
-
-def _handle_nonfinite(s: Stage2, bad_steps: int, batch: dict) -> None:
-    limit = s.cfg.train.max_nonfinite_steps
-    s.log.info(f"warning: non-finite loss or gradient at step {s.pos.step + 1}; update skipped "
-               f"({bad_steps} in a row, stopping at {limit})")
-    if bad_steps < limit:
-        return
-    path = os.path.join(s.run_dir, f"nonfinite_batch_rank{s.dist.rank}.pt")
-    torch.save({k: v for k, v in batch.items() if torch.is_tensor(v)}, path)
-    raise UserError(f"{limit} non-finite losses in a row at step {s.pos.step + 1}: stopped. The "
-                    f"offending batch is saved in {path}; {_last_checkpoint(s)}. Try a lower "
-                    "train.lr, train.grad_clip, or train.precision=fp32 / bf16.")
+    return outcome
 
 
 def _end_epoch(s: Stage2) -> None:
@@ -469,10 +436,3 @@ def _latent_shape(dims: dict) -> tuple[int, int, int, int]:
 
 def _epoch_desc(s: Stage2) -> str:
     return f"epoch {min(s.pos.epoch + 1, s.cfg.train.epochs)}/{s.cfg.train.epochs}"
-
-
-def _maybe_no_sync(net: nn.Module, sync: bool):
-    import contextlib
-    if sync or not isinstance(net, DistributedDataParallel):
-        return contextlib.nullcontext()
-    return net.no_sync()

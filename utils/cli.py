@@ -10,13 +10,18 @@ from utils.errors import UserError
 
 def parse_args(argv: Optional[list[str]], description: str,
                flags: tuple[str, ...] = ()) -> tuple[str, list[str], dict[str, Optional[str]]]:
-    """Returns (config path, dotted overrides, {flag: value}). `flags` are optional `--name VALUE`."""
+    """Returns (config path, dotted overrides, {flag: value}). `flags` are optional `--name VALUE`.
+
+    Overrides may stand anywhere: before, between or after the flags
+    (`--config c.yaml --checkpoint p.pth vae.path=x` and `vae.path=x --config c.yaml` alike);
+    plain `parse_args` would stop collecting positionals at the first flag after them.
+    """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="YAML config file")
     for name in flags:
         parser.add_argument(f"--{name}", default=None)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     for item in args.overrides:
         if "=" not in item:
             raise UserError(f"argument {item!r}: overrides are written key.sub=value")

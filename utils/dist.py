@@ -88,3 +88,13 @@ def any_rank(flags: list[bool], info: DistInfo, device: torch.device) -> list[bo
 def cleanup(info: DistInfo) -> None:
     if info.enabled and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's `obj` (small, picklable), as a list indexed by rank, on all ranks."""
+    if not info.enabled:
+        return [obj]
+    parts: list = [None] * info.world_size
+    torch_dist.all_gather_object(parts, obj)
+    return parts
+

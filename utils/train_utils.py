@@ -5,6 +5,7 @@ import contextlib
 import copy
 import math
 import random
+from typing import Optional
 
 import numpy as np
 import torch
@@ -12,11 +13,47 @@ from torch import nn
 
 from utils.errors import UserError
 
+# Seeds derived from `experiment.seed` for each rank's random streams. The strides keep the
+# streams of different (seed, rank) pairs apart for up to 1000 ranks; the primes keep the
+# three kinds of stream apart from each other.
+NOISE_SEED_STRIDE = 1000  # the training noise generator (t, noise, posterior samples)
+WORKER_SEED_STRIDE = 1009  # DataLoader workers' base seed
+GLOBAL_SEED_STRIDE = 1013  # python / numpy / torch global RNGs of ranks > 0 (label dropout, frame picks)
+
+
+def noise_seed(seed: int, rank: int) -> int:
+    """Seed of rank `rank`'s training noise generator."""
+    return seed * NOISE_SEED_STRIDE + rank
+
+
+def worker_seed(seed: int, rank: int) -> int:
+    """Base seed of rank `rank`'s DataLoader workers (worker k gets base + k)."""
+    return seed * WORKER_SEED_STRIDE + rank
+
+
+def global_seed(seed: int, rank: int) -> int:
+    """Seed of the global RNGs of rank `rank` > 0 once the model is built (rank 0 keeps the
+    stream `experiment.seed` started), so that ranks draw their own label dropout and picks."""
+    return seed * GLOBAL_SEED_STRIDE + rank
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def setup_runtime(device_name: str, seed: int, precision: str = "fp32", tf32: Optional[bool] = None,
+                  local_rank: Optional[int] = None) -> tuple[torch.device, torch.dtype]:
+    """What every script does first: the device (under torchrun this rank's GPU), the seeds, the
+    autocast dtype and TF32 (None leaves torch's defaults). Returns (device, autocast dtype)."""
+    device = resolve_device(device_name)
+    if device.type == "cuda" and local_rank is not None:
+        device = torch.device("cuda", local_rank)
+    seed_everything(seed)
+    if tf32 is not None:
+        set_tf32(tf32)
+    return device, resolve_precision(precision, device)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -53,9 +90,11 @@ def make_grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.Grad
 
 
 def set_tf32(enabled: bool) -> None:
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = enabled
-        torch.backends.cudnn.allow_tf32 = enabled
+    """TF32 for fp32 matmuls and convolutions on CUDA, through the `fp32_precision` API of
+    torch >= 2.9 (the `allow_tf32` flags are deprecated there)."""
+    precision = "tf32" if enabled else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
 
 
 def make_adamw(params, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0) -> torch.optim.AdamW:
