@@ -18,6 +18,7 @@ from utils.config import ModelConfig
 from utils.errors import UserError
 
 FORMAT = "video-ldm-stage2/1"
+STAGE1_FORMAT = "video-ldm-stage1/1"  # train_vae.py's latest.pth
 
 VAE_MISMATCH_HELP = (
     "A DiT only works in the latent space of the VAE it was trained with; decoding its latents "
@@ -56,10 +57,12 @@ def check_model(ckpt: dict, expected: dict, ckpt_path: str) -> None:
             "or start a new run (another experiment.name, or train.resume=null in a fresh directory).")
 
 
-def check_format(ckpt: dict, ckpt_path: str) -> None:
-    if ckpt.get("format") != FORMAT:
-        raise UserError(f"{ckpt_path} is not a stage-2 checkpoint of this repo "
-                        f"(format {ckpt.get('format')!r}, expected {FORMAT!r})")
+def check_format(ckpt: dict, ckpt_path: str, expected: str = FORMAT) -> None:
+    if ckpt.get("format") != expected:
+        stage = "stage-1" if expected == STAGE1_FORMAT else "stage-2"
+        raise UserError(f"{ckpt_path} is not a {stage} checkpoint of this repo "
+                        f"(format {ckpt.get('format')!r}, expected {expected!r}); point "
+                        "train.resume at one, or start fresh (another experiment.name)")
 
 
 def resolve_resume(resume: Optional[str], run_dir: str) -> Optional[str]:

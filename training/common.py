@@ -41,6 +41,17 @@ def prepare_run(resume: Optional[str], run_dir: str, dist: DistInfo) -> Optional
     return resume_path
 
 
+def restore_position(ckpt: dict, dist: DistInfo, batch_size: int, log: RunLogger) -> Position:
+    """The data position of a checkpoint; with another world size or batch size the rest of the
+    epoch cannot be found again, so training continues from the next epoch."""
+    pos = Position(ckpt["step"], ckpt["epoch"], ckpt["micro"])
+    if (ckpt["world_size"], ckpt["batch_size"]) != (dist.world_size, batch_size):
+        log.info("warning: world size or batch size changed since the checkpoint; the data "
+                 "position cannot be restored exactly, continuing from the next epoch")
+        pos = Position(pos.step, pos.epoch + (pos.micro > 0), 0)
+    return pos
+
+
 # ----------------------------------------------------------------------------- time and LR
 
 

@@ -25,7 +25,7 @@ from models.vae import FrozenVAE
 from training import checkpoints as ckpts
 from training.common import (Deadline, NonFiniteGuard, Position, StepOutcome, capture_rank_rng,
                              checkpoint_note, make_lr_schedule, maybe_no_sync, optimizer_step,
-                             out_of_memory, restore_rank_rng, seed_rank)
+                             out_of_memory, restore_position, restore_rank_rng, seed_rank)
 from training.sampling import default_labels, generate_videos, save_videos, side_by_side
 from utils.video_io import uint8_to_video_tensor
 from utils.checkpoint import atomic_save, load_checkpoint
@@ -217,11 +217,7 @@ def _resume(s: Stage2, path: str) -> None:
     s.lr_sched.load_state_dict(ckpt["lr_sched"])
     rng = ckpt["rng"] if isinstance(ckpt["rng"], list) else [{**ckpt["rng"], "noise_gen": ckpt["noise_gen"]}]
     restore_rank_rng(rng, s.noise_gen, s.cfg.experiment.seed, s.dist, s.log)  # rank 0's only before
-    s.pos = Position(ckpt["step"], ckpt["epoch"], ckpt["micro"])
-    if (ckpt["world_size"], ckpt["batch_size"]) != (s.dist.world_size, s.cfg.train.batch_size):
-        s.log.info("warning: world size or batch size changed since the checkpoint; the data "
-                   "position cannot be restored exactly, continuing from the next epoch")
-        s.pos = Position(s.pos.step, s.pos.epoch + (s.pos.micro > 0), 0)
+    s.pos = restore_position(ckpt, s.dist, s.cfg.train.batch_size, s.log)
     s.log.info(f"resumed from {path} ({ckpts.checkpoint_summary(ckpt)})")
 
 

@@ -285,10 +285,11 @@ class VAETrainConfig:
     checkpoint_every: int = 200
     resume: Optional[str] = None  # null, auto, or a checkpoint path
     scale_num_clips: int = 64  # training clips used to measure the latent scaling_factor
+    max_nonfinite_steps: int = 5  # stop after this many NaN/Inf losses in a row
 
     def validate(self, prefix: str = "train") -> None:
         _positive(self, prefix, "epochs", "batch_size", "log_every", "image_every",
-                  "checkpoint_every", "scale_num_clips")
+                  "checkpoint_every", "scale_num_clips", "max_nonfinite_steps")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"{prefix}.max_steps = {self.max_steps}: must be >= 1 or null")
         if self.frames_per_clip is not None and self.frames_per_clip < 1:
