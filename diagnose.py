@@ -16,7 +16,7 @@ from training.diagnostics import DEFAULT_MIN_VAE_PSNR, FAIL, default_checkpoint,
 from utils.cli import parse_args, run_main
 from utils.config import TrainRunConfig, load_config
 from utils.errors import MissingFileError, UserError
-from utils.train_utils import resolve_device, seed_everything
+from utils.train_utils import setup_runtime
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -28,8 +28,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise MissingFileError(f"--checkpoint {checkpoint}: no such file")
     if checkpoint is None and os.path.isfile(default_checkpoint(cfg)):
         checkpoint = default_checkpoint(cfg)
-    device = resolve_device(cfg.device)
-    seed_everything(cfg.experiment.seed)
+    device, _ = setup_runtime(cfg.device, cfg.experiment.seed)  # checks run in fp32, TF32 untouched
     print(f"diagnose: config {config_path}, VAE {cfg.vae.path}, checkpoint {checkpoint or 'none'}, "
           f"device {device}", flush=True)
     checks = []

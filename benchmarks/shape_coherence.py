@@ -86,14 +86,14 @@ def summarize(measures: list[dict]) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from predict_advanced import sample_videos
+    from training.sampling import sample_videos
     from utils.cli import parse_args
     from utils.config import PredictConfig, load_config
-    from utils.train_utils import resolve_device
+    from utils.train_utils import setup_runtime
 
     config_path, overrides, _ = parse_args(argv, __doc__)
     cfg = load_config(PredictConfig, config_path, overrides)
-    videos, ckpt = sample_videos(cfg, resolve_device(cfg.device))
+    videos, ckpt = sample_videos(cfg, setup_runtime(cfg.device, cfg.seed)[0])
     s = summarize([video_coherence(v) for v in videos])
     print(f"{cfg.checkpoint} (step {ckpt['step']}), {cfg.sampler} {cfg.num_steps} steps, guidance "
           f"{cfg.guidance_scale}: {s['coherent']} of {s['videos']} videos coherent; frames with one "

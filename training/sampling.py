@@ -1,4 +1,5 @@
-"""Sampling videos: the one path shared by validation (during training) and predict.
+"""Sampling videos: the one path shared by validation (during training), predict and the
+benchmarks (`sample_videos`: checkpoint -> videos).
 
 Latents come from `models.diffusion.sample` with a diffusers scheduler built from the
 checkpoint's schedule, and are decoded by the same frozen VAE the DiT was trained on.
@@ -14,7 +15,10 @@ from torch import nn
 
 from models.diffusion import make_scheduler, sample
 from models.vae import FrozenVAE
-from utils.config import DiffusionConfig
+from training.checkpoints import check_format, check_vae, model_from_checkpoint
+from utils.checkpoint import load_checkpoint
+from utils.config import DiffusionConfig, PredictConfig, config_from_dict
+from utils.errors import UserError
 from utils.video_io import save_grid_png, video_tensor_to_uint8, write_video
 
 
@@ -75,3 +79,46 @@ def side_by_side(videos: Sequence[np.ndarray], gap: int = 2) -> np.ndarray:
     for i, v in enumerate(videos):
         parts.extend([sep, v] if i else [v])
     return np.concatenate(parts, axis=2)
+
+
+def sample_videos(cfg: PredictConfig, device: torch.device) -> tuple[list, dict]:
+    """(uint8 videos (T, H, W, 3), checkpoint) from cfg.checkpoint with the VAE it was trained
+    with (fingerprint checked), EMA or raw weights, the configured sampler and labels."""
+    ckpt = load_checkpoint(cfg.checkpoint)
+    check_format(ckpt, cfg.checkpoint)
+    vae = FrozenVAE.from_pretrained(cfg.vae.path or ckpt["vae"]["path"], device)
+    check_vae(ckpt, vae, cfg.checkpoint)
+    model = model_from_checkpoint(ckpt, cfg.use_ema, device)
+    dims = ckpt["model"]["dims"]
+    labels = _labels(cfg, dims["num_classes"], ckpt.get("class_names", []))
+    guidance = (f"guidance {cfg.guidance_scale}" if dims["num_classes"] or cfg.guidance_scale == 1
+                else f"no guidance (guidance_scale = {cfg.guidance_scale} needs a class-conditional model)")
+    print(f"checkpoint {cfg.checkpoint}: step {ckpt['step']}, {'EMA' if cfg.use_ema else 'raw'} weights; "
+          f"VAE {vae.path} (fingerprint {vae.fingerprint} matches); sampler {cfg.sampler}, "
+          f"{cfg.num_steps} steps, {guidance}")
+    try:
+        return _generate(cfg, model, vae, ckpt, labels, device), ckpt
+    except torch.OutOfMemoryError:
+        raise UserError(f"out of GPU memory sampling {cfg.batch_size} videos at once; lower "
+                        "batch_size (videos sampled together) or guidance (cfg doubles the batch)") from None
+
+
+def _generate(cfg: PredictConfig, model, vae, ckpt: dict, labels, device) -> list:
+    dims = ckpt["model"]["dims"]
+    return generate_videos(
+        model, vae, config_from_dict(DiffusionConfig, ckpt["diffusion"]),
+        latent_shape=(dims["in_channels"], dims["num_frames"], dims["latent_size"], dims["latent_size"]),
+        seeds=[cfg.seed + i for i in range(cfg.num_videos)], labels=labels, sampler=cfg.sampler,
+        num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, null_class_id=model.null_class_id,
+        device=device, batch_size=cfg.batch_size, progress=True)
+
+
+def _labels(cfg: PredictConfig, num_classes: int, class_names: list):
+    if cfg.class_labels and num_classes == 0:
+        raise UserError("class_labels is set but this checkpoint's model is unconditional; "
+                        "remove class_labels")
+    for label in cfg.class_labels or []:
+        if not 0 <= label < num_classes:
+            names = ", ".join(f"{i}={n}" for i, n in enumerate(class_names)) or f"0..{num_classes - 1}"
+            raise UserError(f"class_labels contains {label}: this model knows classes {names}")
+    return default_labels(cfg.num_videos, num_classes, cfg.class_labels)

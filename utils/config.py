@@ -204,7 +204,7 @@ class TrainConfig:
     """Stage 2 optimisation."""
     epochs: int = 100
     max_steps: Optional[int] = None  # stop at whichever comes first; null = epochs decide
-    time_limit_minutes: Optional[float] = None  # also stop (and save) after this wall time
+    time_limit_minutes: Optional[float] = None  # stop (and save) this long after launch; LR anneals by then
     batch_size: int = 8  # per process
     grad_accum_steps: int = 1
     lr: float = 3e-4  # peak learning rate
