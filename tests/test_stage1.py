@@ -78,6 +78,37 @@ def test_fresh_start_over_an_existing_run_is_refused(tmp_path, capsys):
     assert {name: (run / name).read_bytes() for name in kept} == kept  # config.yaml untouched
 
 
+def test_nan_losses_stop_stage1_with_the_batch_saved(tmp_path, monkeypatch):
+    """The non-finite guard of stage 2, in stage 1: K NaN losses in a row stop with a message."""
+    import training.stage1 as stage1
+    from utils.errors import UserError
+    original = stage1.VAEObjective.forward
+
+    def nan_loss(self, frames, generator=None):
+        loss, out = original(self, frames, generator)
+        return loss * float("nan"), out  # with its graph: backward runs, the update must not
+
+    monkeypatch.setattr(stage1.VAEObjective, "forward", nan_loss)
+    with pytest.raises(UserError, match="2 non-finite losses in a row at step 1: stopped") as e:
+        train_vae.main(_args(tmp_path, "run", ["train.max_steps=5", "train.max_nonfinite_steps=2"]))
+    assert "no checkpoint was written yet" in str(e.value)
+    assert (tmp_path / "run" / "nonfinite_batch_rank0.pt").is_file()
+    assert not (tmp_path / "run" / "vae").exists()
+
+
+def test_out_of_memory_in_stage1_names_what_to_lower(tmp_path, monkeypatch):
+    import training.stage1 as stage1
+    from utils.errors import UserError
+
+    def oom(self, frames, generator=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(stage1.VAEObjective, "forward", oom)
+    with pytest.raises(UserError, match=r"out of GPU memory at train.batch_size = 2 on cpu\. Lower "
+                                        r"train.batch_size \(clips per batch\) or train.frames_per_clip"):
+        train_vae.main(_args(tmp_path, "run", ["train.max_steps=5"]))
+
+
 def test_heldout_psnr_streams_and_matches_the_whole_set():
     """Batches of 3 over 7 windows give the PSNR of all 7 at once (the old, all-in-memory way)."""
     from models.vae import FrozenVAE, build_autoencoder

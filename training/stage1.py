@@ -27,8 +27,8 @@ from data.loader import ResumableSampler, batches_per_epoch, make_loader, set_ep
 from models.vae import FrozenVAE, VAELoss, build_autoencoder
 from training import checkpoints as ckpts
 from training.common import (Deadline, NonFiniteGuard, Position, StepOutcome, capture_rank_rng,
-                             checkpoint_note, make_lr_schedule, maybe_no_sync, optimizer_step,
-                             out_of_memory, restore_position, restore_rank_rng, seed_rank)
+                             checkpoint_note, make_lr_schedule, optimizer_step, out_of_memory,
+                             restore_position, restore_rank_rng, seed_rank)
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import VAERunConfig, config_to_dict
 from utils.dist import DistInfo, all_reduce_mean, any_rank, barrier
