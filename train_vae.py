@@ -223,7 +223,7 @@ def finish(run: Stage1, train_set, val_set) -> None:
     vae = FrozenVAE.from_pretrained(vae_dir, run.device)  # exactly what stage 2 will load
     latents = vae.encode(train_videos, generator=torch.Generator(run.device).manual_seed(0))
     val_videos = stack_videos(val_set, len(val_set))
-    heldout = psnr(vae.decode(vae.encode(val_videos, sample=False)), val_videos)
+    heldout = psnr(vae.decode(vae.encode(val_videos, sample=False)).cpu(), val_videos)
     run.log.scalar("vae/heldout_psnr", heldout, run.state["step"])
     run.log.info(f"scaling_factor = {scale:.4f} (1 / std of posterior means over "
                  f"{len(train_videos)} training clips); scaled latent std on training data = "
