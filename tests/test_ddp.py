@@ -4,6 +4,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tests.fixed_noise import assert_same_update, train_fixed
@@ -29,6 +30,7 @@ def _run(nproc, batch, tmp_path, vae, name, extra=()):
     return os.path.join(tmp_path, name), proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_two_process_ddp_step_matches_one_process(tmp_path, random_vae):  # noqa: F811
     """2 processes x batch 2 x accumulation 2 == 1 process x batch 8: weights and AdamW moments
     after 3 steps, to float tolerance. t and noise are fixed per training window
