@@ -1,6 +1,7 @@
 """Throughput benchmark, measured side by side in one run on this machine.
 
     python benchmarks/bench.py [--quick] [--compile] [--json runs/bench.json] [--device cpu|cuda]
+    python benchmarks/bench.py --real-size [--compile]   # DiT-B/2 at a real size, for a GPU
 
 Prints a table (and writes JSON) of:
   - matmul peak of this machine in the training dtype (the MFU denominator);
@@ -15,6 +16,11 @@ Prints a table (and writes JSON) of:
   - seconds per sampled video for ddim / dpm++ at 10, 25, 50 steps and ddpm at 1000;
   - peak memory of a training step with and without activation checkpointing;
   - fraction of step time spent waiting for data.
+--real-size measures only our DiT-B/2 training step on 16 x 32 x 32 latents with 4 channels
+(16-frame 256x256 clips through an 8x VAE: 16 x 16 x 16 = 4096 tokens per clip) in the
+training precision (bf16 autocast on CUDA, fp32 on CPU), against the peak of a large matmul
+in that dtype measured on the same device (not a table of vendor numbers: what this device
+and torch build really reach); --quick shrinks it to check the script.
 """
 from __future__ import annotations
 
@@ -36,12 +42,14 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from models.dit import VideoDiT  # noqa: E402
 from utils.config import ModelConfig  # noqa: E402
-from utils.train_utils import make_adamw  # noqa: E402
+from utils.train_utils import autocast_context, make_adamw  # noqa: E402
 
 # Benchmark size: DiT-S width (384, 6 heads) with 12 blocks (6 spatial + 6 temporal) on
 # latents (4, 8, 16, 16) with 2x2 patches: 8 x 64 = 512 tokens per clip.
 FULL = dict(hidden=384, depth=12, heads=6, frames=8, latent=16, batch=4)
 QUICK = dict(hidden=64, depth=2, heads=2, frames=4, latent=8, batch=2)
+# DiT-B/2 (hidden 768, 12 blocks, 12 heads) on 16-frame 256x256 clips through an 8x VAE.
+REAL = dict(hidden=768, depth=12, heads=12, frames=16, latent=32, batch=8)
 
 
 def timed(fn, reps: int, warmup: int = 2) -> float:
@@ -97,10 +105,12 @@ def peer(size: dict, device: torch.device) -> torch.nn.Module:
         video_length=size["frames"], attention_bias=True).to(device)
 
 
-def train_step_fn(model, kind: str, size: dict, device: torch.device, compiled: bool = False):
+def train_step_fn(model, kind: str, size: dict, device: torch.device, compiled: bool = False,
+                  amp_dtype: torch.dtype = torch.float32):
     """One training step (forward, MSE, backward, AdamW) as each repo runs it: ours with the
     trainer's optimizer (`make_adamw`: fused), Latte with torch's default AdamW as Latte's
-    train.py builds it. `compiled`: run the forward through torch.compile."""
+    train.py builds it. `compiled`: run the forward through torch.compile; `amp_dtype`: the
+    forward under autocast to it, as the trainer does (float32: no autocast)."""
     b, f, h = size["batch"], size["frames"], size["latent"]
     if kind == "ours":
         opt = make_adamw(model.parameters(), lr=1e-4)
@@ -116,8 +126,9 @@ def train_step_fn(model, kind: str, size: dict, device: torch.device, compiled: 
         forward = lambda: net(x, timestep=t, encoder_hidden_states=enc, return_dict=False)[0]  # noqa: E731
 
     def step():
-        out = forward()
-        (out - x).square().mean().backward()
+        with autocast_context(device, amp_dtype):
+            out = forward()
+        (out.float() - x).square().mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step, forward, x
@@ -274,12 +285,48 @@ def bench_sampling(quick: bool, device: torch.device) -> dict:
     return out
 
 
+def bench_real_size(device: torch.device, quick: bool, compiled: bool, reps: int) -> dict:
+    """Our DiT-B/2 training step at REAL size in the training precision; MFU against the
+    measured matmul peak of that precision on this device."""
+    size = QUICK if quick else REAL
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the trainer's `auto`
+    peak = matmul_peak(device, dtype, 1024 if quick or device.type != "cuda" else 8192, reps)
+    torch.manual_seed(0)
+    model = ours(size, device)
+    step, forward, x = train_step_fn(model, "ours", size, device, amp_dtype=dtype)
+    with autocast_context(device, dtype):
+        flops = step_flops(model, forward, x)  # the arithmetic; compiling changes kernels only
+    if compiled:
+        step, _, _ = train_step_fn(model, "ours", size, device, compiled=True, amp_dtype=dtype)
+    sec = timed(step, reps, warmup=3)
+    tokens = size["batch"] * size["frames"] * (size["latent"] // 2) ** 2
+    return {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "dtype": str(dtype).replace("torch.", ""), "size": size, "compiled": compiled,
+            "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+            "peak_tflops": peak / 1e3, "tflop_per_step": flops / 1e12, "sec_per_step": sec,
+            "samples_per_s": size["batch"] / sec, "tokens_per_s": tokens / sec,
+            "mfu": flops / sec / (peak * 1e9)}
+
+
+def print_real_size(r: dict) -> None:
+    s = r["size"]
+    name = "DiT-B/2" if s == REAL else "quick size"
+    print(f"{name} training step on {r['device']} ({r['gpu']}), {r['dtype']}, "
+          f"{'compiled' if r['compiled'] else 'eager'}: {r['params_M']:.1f}M params, batch {s['batch']} "
+          f"x {s['frames']} x {(s['latent'] // 2) ** 2} tokens")
+    print(f"  {r['sec_per_step'] * 1e3:.1f} ms/step, {r['samples_per_s']:.2f} samples/s, "
+          f"{r['tokens_per_s']:.0f} tokens/s, {r['tflop_per_step']:.3g} TFLOP/step, MFU {r['mfu']:.1%} "
+          f"of the measured {r['dtype']} matmul peak {r['peak_tflops']:.3g} TFLOP/s")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, not the machine")
     p.add_argument("--json", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="also time ours and Latte through torch.compile")
+    p.add_argument("--real-size", action="store_true",
+                   help="only our DiT-B/2 step on 16 x 32 x 32 latents (a GPU size): samples/s, tokens/s, MFU")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     p.add_argument("--checkpointing", default="0", help=argparse.SUPPRESS)
     p.add_argument("--compiled-probe", default=None, help=argparse.SUPPRESS)
@@ -291,6 +338,14 @@ def main() -> None:
         result = time_variants(json.loads(args.compiled_probe), torch.device(args.device), COMPILED, args.reps)
         return print(json.dumps(result))
     device = torch.device(args.device)
+    if args.real_size:
+        result = bench_real_size(device, args.quick, args.compile, 3 if args.quick else 10)
+        print_real_size(result)
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     size, reps = (QUICK, 3) if args.quick else (FULL, 7)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the training dtype
     results = {"device": str(device), "threads": torch.get_num_threads(), "size": size,

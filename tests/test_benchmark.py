@@ -25,3 +25,17 @@ def test_benchmark_quick_reports_everything(tmp_path):
     assert set(r["memory_MiB"]) == {"with_checkpointing", "without_checkpointing"}
     assert {"ddim_10", "dpm++_10"} <= set(r["sampling_sec_per_video"])
     assert "speed: ours over latte " in proc.stdout and "ours_no_qk_norm over latte" in proc.stdout
+
+
+def test_real_size_option_reports_throughput_and_mfu(tmp_path):
+    """`--real-size` (DiT-B/2 on 16 x 32 x 32 latents, for a GPU; --quick shrinks it here)."""
+    out = tmp_path / "real.json"
+    proc = subprocess.run([sys.executable, "benchmarks/bench.py", "--real-size", "--quick", "--device", "cpu",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    tokens = r["size"]["batch"] * r["size"]["frames"] * (r["size"]["latent"] // 2) ** 2
+    assert r["tokens_per_s"] == pytest.approx(tokens / r["sec_per_step"]) and 0 < r["mfu"] < 1.5
+    assert "samples/s" in proc.stdout and "tokens/s" in proc.stdout and "MFU" in proc.stdout
+    from benchmarks.bench import REAL
+    assert REAL == dict(hidden=768, depth=12, heads=12, frames=16, latent=32, batch=8)  # DiT-B/2 sizes

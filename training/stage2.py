@@ -244,7 +244,7 @@ class LossStats:
         self.samples += per_sample.shape[0]
 
     def summary(self, dist: DistInfo) -> dict[str, float]:
-        sums = all_reduce_sum(torch.stack([self.loss_sum, self.count]), dist)  # (2, buckets)
+        sums = all_reduce_sum(torch.stack([self.loss_sum, self.count]), dist).cpu()  # (2, buckets), one sync
         elapsed = time.perf_counter() - self.t0
         out = {"train/loss": (sums[0].sum() / sums[1].sum().clamp(min=1)).item(),
                "train/grad_norm": (all_reduce_mean(self.grad_norm_sum, dist) / max(1, self.steps)).item(),
