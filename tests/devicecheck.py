@@ -254,7 +254,7 @@ def logical_cuda() -> Iterator[LogicalDeviceMode]:
     saved = {name: getattr(torch.cuda, name) for name in fakes}
     saved_accel = {name: getattr(torch.accelerator, name) for name in accel_fakes}
     saved_generator = torch.Generator
-    saved_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    saved_tf32 = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
     mode = LogicalDeviceMode()
     try:
         for name, fake in fakes.items():
@@ -270,4 +270,4 @@ def logical_cuda() -> Iterator[LogicalDeviceMode]:
             setattr(torch.cuda, name, fn)
         for name, fn in saved_accel.items():
             setattr(torch.accelerator, name, fn)
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved_tf32
