@@ -1,0 +1,27 @@
+"""FVD of generated videos against real clips, under StyleGAN-V's protocol (pinned and printed).
+
+    python evaluate.py --config evaluate.yaml checkpoint=runs/demo/latest.pth \
+        fvd.detector_path=/path/to/i3d_torchscript.pt output=runs/demo/fvd.json
+    python evaluate.py --config evaluate.yaml generated.path=FOLDER data.path=/clips \
+        fvd.detector_path=/path/to/i3d_torchscript.pt
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from predict_advanced import sample_videos  # generation is predict's own path
+from training.evaluation import evaluate
+from utils.cli import parse_args, run_main
+from utils.config import EvaluateConfig, load_config
+from utils.train_utils import resolve_device
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    config_path, overrides, _ = parse_args(argv, __doc__)
+    cfg = load_config(EvaluateConfig, config_path, overrides)
+    evaluate(cfg, resolve_device(cfg.device), sample_videos)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
