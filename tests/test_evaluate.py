@@ -229,8 +229,12 @@ def test_real_frames_must_match_the_checkpoint(detector, tiny_checkpoint):
                        "data.num_frames=8"])
 
 
-def test_too_few_generated_videos_is_refused(detector, clip_folders):
+def test_too_few_generated_videos_is_refused(detector, clip_folders, tmp_path):
     real, _ = clip_folders
+    with pytest.raises(UserError, match="generated.path = .*nowhere: no such folder"):
+        evaluate.main(["--config", os.path.join(ROOT, "evaluate.yaml"), "device=cpu",
+                       f"generated.path={tmp_path}/nowhere", f"data.path={real}",
+                       f"fvd.detector_path={detector}"])
     with pytest.raises(UserError, match="has 10 usable videos .* fewer than num_videos = 20"):
         evaluate.main(["--config", os.path.join(ROOT, "evaluate.yaml"), "device=cpu",
                        f"generated.path={real}", f"data.path={real}", "num_videos=20",
@@ -260,7 +264,7 @@ def test_val_loss_logged_and_deterministic_across_runs_and_resume(tmp_path, rand
             shutil.copy(os.path.join(s.run_dir, name), ck6)
 
     monkeypatch.setattr(stage2, "save", spy_save)
-    steps = ["train.max_steps=8", "validation.every_epochs=1", "validation.loss_clips=5",
+    steps = ["train.max_steps=8", "data.cache=off", "validation.every_epochs=1", "validation.num_videos=1", "validation.loss_clips=5",
              "data.builtin.num_val_clips=3", f"validation.fvd.detector_path={detector}",
              "validation.fvd.num_videos=4", "train.checkpoint_every=6"]
     a = _train(str(tmp_path), random_vae, "a", steps)
@@ -281,3 +285,29 @@ def test_val_loss_logged_and_deterministic_across_runs_and_resume(tmp_path, rand
     assert sum(t.startswith("val_loss_by_t/") for t in tags) == 10
     assert [e.step for e in acc.Scalars("val/fvd")] == [6, 8]
     assert all(np.isfinite(e.value) and e.value > 0 for e in acc.Scalars("val/fvd"))
+
+
+def _scalars(run, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(os.path.join(run, "tensorboard"))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+@pytest.mark.slow
+def test_two_process_val_fvd_equals_evaluate_py(tmp_path, random_vae, detector):
+    """val/fvd with 2 processes (3 videos: uneven shares, gathered) is evaluate.py's number
+    for the same checkpoint, sampler, seeds and real windows."""
+    from tests.test_ddp import _run
+    run, _ = _run(2, 2, tmp_path, random_vae, "ddp", [
+        "train.max_steps=2", "validation.every_epochs=1", f"validation.fvd.detector_path={detector}",
+        "validation.fvd.num_videos=3", "validation.loss_clips=3", "data.builtin.num_val_clips=2"])
+    (step, in_loop), = _scalars(run, "val/fvd")
+    assert step == 2 and len(_scalars(run, "val/loss")) == 1
+    import yaml
+    v = yaml.safe_load(open(os.path.join(run, "config.yaml")))["validation"]
+    out = _evaluate([f"checkpoint={run}/latest.pth", "num_videos=3", f"sampler={v['sampler']}",
+                     f"num_steps={v['num_steps']}", f"guidance_scale={v['guidance_scale']}",
+                     f"seed={v['seed']}", f"real.seed={v['seed']}", f"fvd.detector_path={detector}"],
+                    tmp_path)
+    assert out["fvd"] == pytest.approx(in_loop, rel=1e-4)

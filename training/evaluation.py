@@ -159,6 +159,9 @@ def _checkpoint_stats(cfg: EvaluateConfig, ckpt: dict, detector, device: torch.d
 def _folder_stats(cfg: EvaluateConfig, data_cfg: DataConfig, detector,
                   device: torch.device) -> tuple[FeatureStats, dict]:
     """The first num_videos videos of generated.path (sorted), their first frames."""
+    if not os.path.isdir(cfg.generated.path):
+        raise UserError(f"generated.path = {cfg.generated.path}: no such folder; point it at the "
+                        "folder of generated videos (or use checkpoint=PATH to sample them)")
     folder_cfg = replace(data_cfg, path=cfg.generated.path, val_fraction=0.0, labels="none",
                          random_crop=False, hflip=False)
     videos = build_dataset(folder_cfg, "train", 0)  # every video of the folder, no split

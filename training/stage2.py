@@ -12,12 +12,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
-
-import numpy as np
 
 from data import build_dataset
 from data.latent_cache import CachedWindows, LatentCache, cache_disabled_reason, cache_key
