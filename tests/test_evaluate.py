@@ -16,7 +16,8 @@ import evaluate
 from tests.test_stage2 import ROOT, TINY, _train, random_vae  # noqa: F401  (random_vae is a fixture)
 from utils.config import EvaluateConfig, load_config
 from utils.errors import ConfigError, MissingFileError, UserError
-from utils.fvd import FeatureStats, frechet_distance, fvd_from_stats, trace_sqrt_product
+from utils.fvd import (FeatureStats, frechet_distance, fvd_from_stats, kernel_inception_distance,
+                       trace_sqrt_product)
 from utils.video_io import write_video
 
 
@@ -91,7 +92,24 @@ def test_feature_stats_are_streamed_exactly():
     assert 0 < fvd_from_stats(few, _stats(_features(6, n=5, d=30))) < np.inf
 
 
-# --------------------------------------------------------------------------- stand-in detector
+def test_kid_matches_the_unbiased_mmd_by_definition():
+    x, y = _features(7, n=40, d=6).astype(np.float32), _features(8, n=30, d=6, shift=0.5).astype(np.float32)
+    k = lambda a, b: (float(a @ b) / 6 + 1) ** 3
+    xx, yy = [np.float64(v) for v in x], [np.float64(v) for v in y]
+    m = 30  # one subset of all 30 of y and 30 of x: the estimator by its definition
+    sub = x[np.random.default_rng(0).choice(40, m, replace=False)].astype(np.float64)
+    within = sum(k(a, b) for i, a in enumerate(sub) for j, b in enumerate(sub) if i != j) + \
+        sum(k(a, b) for i, a in enumerate(yy) for j, b in enumerate(yy) if i != j)
+    cross = sum(k(a, b) for a in sub for b in yy)
+    expected = within / (m * (m - 1)) - 2 * cross / m ** 2
+    got = kernel_inception_distance(y, x, num_subsets=1, max_subset_size=1000, seed=0)
+    assert got == pytest.approx(expected, rel=1e-9)
+    z = _features(9, n=800, d=6)  # one distribution, two halves
+    same = kernel_inception_distance(z[:400], z[400:], 20, 200)
+    assert abs(same) < 0.1 * kernel_inception_distance(y, x, 20, 25)  # same distribution: ~0
+
+
+# --------------------------------------------------------------------------- stand-in detectors
 
 
 class StandInI3D(torch.nn.Module):
@@ -113,6 +131,29 @@ class StandInI3D(torch.nn.Module):
         x = F.interpolate(x, size=(x.shape[2], 32, 32), mode="trilinear", align_corners=False)
         x = F.adaptive_avg_pool3d(torch.relu(self.conv(x)), (1, 2, 4)).flatten(1)  # (N, 64)
         return self.fc(x)
+
+
+class StandInInception(torch.nn.Module):
+    """The Inception TorchScript's call: uint8 frames (N, 3, H, W) -> (N, 2048)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8 * 16, 2048)
+
+    def forward(self, images: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        if images.dtype != torch.uint8 or not return_features:
+            raise RuntimeError("expected uint8 frames and return_features=True")
+        x = F.adaptive_avg_pool2d(torch.relu(self.conv(images.float() / 127.5 - 1)), (4, 4))
+        return self.fc(x.flatten(1))  # (N, 2048)
+
+
+@pytest.fixture(scope="module")
+def inception(tmp_path_factory) -> str:
+    torch.manual_seed(1)
+    path = str(tmp_path_factory.mktemp("inception") / "inception-2015-12-05.pt")
+    torch.jit.save(torch.jit.script(StandInInception()), path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -154,11 +195,12 @@ def _evaluate(args, tmp_path, name="out.json"):
     return json.load(open(out))
 
 
-def test_real_clips_against_themselves_score_far_below_noise(detector, clip_folders, tmp_path, capsys):
+def test_real_clips_against_themselves_score_far_below_noise(detector, inception, clip_folders, tmp_path,
+                                                           capsys):
     real, noise = clip_folders
     common = [f"data.path={real}", "data.num_frames=8", "data.resolution=32", "num_videos=10",
-              "data.val_fraction=0",
-              f"fvd.detector_path={detector}", "fvd.batch_size=5"]
+              "data.val_fraction=0", f"fvd.detector_path={detector}", "fvd.batch_size=5",
+              f"fid.detector_path={inception}", "fid.batch_size=16", "fid.kid_subsets=10"]
     same = _evaluate(common + [f"generated.path={real}"], tmp_path, "same.json")
     rand = _evaluate(common + [f"generated.path={noise}"], tmp_path, "noise.json")
     assert rand["fvd"] > 0 and abs(same["fvd"]) < rand["fvd"] / 10, (same["fvd"], rand["fvd"])
@@ -168,8 +210,14 @@ def test_real_clips_against_themselves_score_far_below_noise(detector, clip_fold
     assert p["real"]["num_frames"] == 8 and p["real"]["frame_stride"] == 1 and p["real"]["split"] == "train"
     assert p["real"]["num_videos"] == 10 and p["generated"]["source"] == "folder"
     assert p["detector"]["kwargs"] == {"rescale": True, "resize": True, "return_features": True}
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("FVD ")]
-    assert len(lines) == 2 and re.match(r"FVD [\d.]+ \(10 generated vs 10 real clips of 8 frames", lines[1])
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.split(" ")[0] in ("FVD", "FID", "KID")]
+    assert [l.split(" ")[0] for l in lines] == ["FVD", "FID", "KID"] * 2
+    assert re.match(r"FVD [\d.]+ \(10 generated vs 10 real clips of 8 frames", lines[3])
+    assert re.match(r"FID [\d.]+ \(per frame: 80 generated vs 80 real frames", lines[4])
+    # Per-frame FID and KID (stand-in Inception): near 0 for the same frames, far above for noise.
+    assert abs(same["fid"]) < 1e-3 * rand["fid"] and rand["fid"] > 0
+    assert abs(same["kid"]) < rand["kid"] / 10 and rand["kid"] > 0
+    assert rand["num_real_frames"] == rand["num_generated_frames"] == 80
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ metric_utils.py there), with what it leaves to chance fixed by seeds:
   rescale=True, resize=True (it resizes to 224 x 224), return_features=True;
 - float64 feature statistics with the biased covariance, and the Frechet distance of
   utils/fvd.py.
+Optionally (`fid.detector_path`) per-frame FID and KID on every frame of the same clips,
+with the Inception features of StyleGAN2-ADA (utils/fvd.py).
 """
 from __future__ import annotations
 
@@ -36,13 +38,37 @@ from training.sampling import default_labels
 from utils.checkpoint import load_checkpoint
 from utils.config import DataConfig, EvaluateConfig, PredictConfig
 from utils.errors import UserError
-from utils.fvd import (DETECTOR_KWARGS, FeatureStats, file_digest, fvd_from_stats, load_detector,
-                       stats_of)
+from utils.fvd import (DETECTOR_KWARGS, FeatureStats, detector_features, file_digest,
+                       fvd_from_stats, image_features, inception_help, kernel_inception_distance,
+                       load_detector)
 from utils.video_io import video_tensor_to_uint8
 
 GENERATION_CHUNK = 256  # videos per predict call: bounds host memory for 2048 long videos
 
 SampleFn = Callable[[PredictConfig, torch.device], tuple[list, dict]]  # predict's sample_videos
+
+
+class ClipFeatures:
+    """Features of one side (real or generated): I3D statistics of the clips for FVD and, with
+    an Inception detector, the features of every frame for FID and KID."""
+
+    def __init__(self, i3d, inception, device: torch.device, frame_batch: int):
+        self.i3d, self.inception, self.device, self.frame_batch = i3d, inception, device, frame_batch
+        self.videos = FeatureStats()
+        self.frames = FeatureStats(keep=True) if inception is not None else None
+
+    def add(self, videos: torch.Tensor) -> None:
+        """uint8 videos (B, 3, T, H, W)."""
+        self.videos.add(detector_features(self.i3d, videos.to(self.device)))
+        if self.frames is not None:
+            frames = rearrange(videos, "b c t h w -> (b t) c h w")
+            for chunk in frames.split(self.frame_batch):
+                self.frames.add(image_features(self.inception, chunk.to(self.device)))
+
+    def add_all(self, batches: Iterator[torch.Tensor]) -> "ClipFeatures":
+        for videos in batches:
+            self.add(videos)
+        return self
 
 
 # --------------------------------------------------------------------------- real clips
@@ -98,7 +124,10 @@ def evaluate(cfg: EvaluateConfig, device: torch.device, sample_fn: SampleFn) -> 
 
     `sample_fn` is predict's `sample_videos`: generation is predict's own path.
     """
-    detector = load_detector(cfg.fvd.detector_path, device)  # fail before any sampling
+    i3d = load_detector(cfg.fvd.detector_path, device)  # fail before any sampling
+    inception = None if cfg.fid.detector_path is None else \
+        load_detector(cfg.fid.detector_path, device, "fid.detector_path", inception_help)
+    features = lambda: ClipFeatures(i3d, inception, device, cfg.fid.batch_size)
     ckpt = None
     if cfg.checkpoint is not None:
         if not os.path.isfile(cfg.checkpoint):
@@ -116,36 +145,39 @@ def evaluate(cfg: EvaluateConfig, device: torch.device, sample_fn: SampleFn) -> 
     dataset = build_dataset(data_cfg, cfg.real.split, dataset_seed)
     num_real = cfg.real.num_clips or cfg.num_videos
     plan = real_clip_plan(dataset, num_real, data_cfg.num_frames, data_cfg.frame_stride, cfg.real.seed)
-    real = stats_of(detector, _progress(clip_batches(dataset, plan, cfg.fvd.batch_size), num_real,
-                                        "FVD features, real clips"), device)
+    real = features().add_all(_progress(clip_batches(dataset, plan, cfg.fvd.batch_size), num_real,
+                                        "features, real clips"))
     if ckpt is not None:
-        generated, gen_record = _checkpoint_stats(cfg, ckpt, detector, device, sample_fn)
+        generated, gen_record = _checkpoint_features(cfg, ckpt, features(), sample_fn)
     else:
-        generated, gen_record = _folder_stats(cfg, data_cfg, detector, device)
-    result = {"fvd": fvd_from_stats(real, generated), "num_generated": generated.n,
-              "num_real": real.n,
+        generated, gen_record = _folder_features(cfg, data_cfg, features())
+    result = {"fvd": fvd_from_stats(real.videos, generated.videos), "num_generated": generated.videos.n,
+              "num_real": real.videos.n,
               "protocol": protocol(cfg, data_cfg, dataset, dataset_seed, num_real, gen_record)}
-    print(metric_line("FVD", result))
+    if inception is not None:
+        result.update(_frame_metrics(cfg, real.frames, generated.frames))
+    for name in ("FVD", "FID", "KID"):
+        if name.lower() in result:
+            print(metric_line(name, result))
     if cfg.output:
         _write_json(cfg.output, result)
         print(f"wrote {cfg.output}")
     return result
 
 
-def _checkpoint_stats(cfg: EvaluateConfig, ckpt: dict, detector, device: torch.device,
-                      sample_fn: SampleFn) -> tuple[FeatureStats, dict]:
+def _checkpoint_features(cfg: EvaluateConfig, ckpt: dict, features: ClipFeatures,
+                         sample_fn: SampleFn) -> tuple[ClipFeatures, dict]:
     """Samples num_videos with predict's path, in chunks (video i always has seed + i and the
     label predict gives video i), and accumulates their features."""
     dims = ckpt["model"]["dims"]
     labels = default_labels(cfg.num_videos, dims["num_classes"], cfg.class_labels)
-    stats = FeatureStats()
-    with tqdm(total=cfg.num_videos, desc="FVD features, generated", unit="video", leave=False) as bar:
+    with tqdm(total=cfg.num_videos, desc="features, generated", unit="video", leave=False) as bar:
         for start in range(0, cfg.num_videos, GENERATION_CHUNK):
             n = min(GENERATION_CHUNK, cfg.num_videos - start)
             chunk = replace(cfg.sampling(), num_videos=n, seed=cfg.seed + start,
                             class_labels=None if labels is None else labels[start:start + n].tolist())
-            videos, _ = sample_fn(chunk, device)
-            stats_of(detector, video_batches(videos, cfg.fvd.batch_size), device, stats)
+            videos, _ = sample_fn(chunk, features.device)
+            features.add_all(video_batches(videos, cfg.fvd.batch_size))
             bar.update(n)
     record = {"source": "checkpoint", "checkpoint": os.path.abspath(cfg.checkpoint),
               "step": int(ckpt["step"]), "vae_fingerprint": ckpt["vae"]["fingerprint"],
@@ -153,11 +185,11 @@ def _checkpoint_stats(cfg: EvaluateConfig, ckpt: dict, detector, device: torch.d
               "num_steps": cfg.num_steps, "guidance_scale": cfg.guidance_scale,
               "class_labels": cfg.class_labels, "seeds": f"{cfg.seed} + i",
               "num_frames": dims["num_frames"]}
-    return stats, record
+    return features, record
 
 
-def _folder_stats(cfg: EvaluateConfig, data_cfg: DataConfig, detector,
-                  device: torch.device) -> tuple[FeatureStats, dict]:
+def _folder_features(cfg: EvaluateConfig, data_cfg: DataConfig,
+                     features: ClipFeatures) -> tuple[ClipFeatures, dict]:
     """The first num_videos videos of generated.path (sorted), their first frames."""
     if not os.path.isdir(cfg.generated.path):
         raise UserError(f"generated.path = {cfg.generated.path}: no such folder; point it at the "
@@ -172,11 +204,28 @@ def _folder_stats(cfg: EvaluateConfig, data_cfg: DataConfig, detector,
                         f"num_videos={videos.num_sources}")
     frames = list(range(0, window_span(data_cfg.num_frames, data_cfg.frame_stride), data_cfg.frame_stride))
     plan = [(src, frames) for src in range(cfg.num_videos)]
-    stats = stats_of(detector, _progress(clip_batches(videos, plan, cfg.fvd.batch_size), len(plan),
-                                         "FVD features, generated"), device)
-    return stats, {"source": "folder", "path": os.path.abspath(cfg.generated.path),
+    features.add_all(_progress(clip_batches(videos, plan, cfg.fvd.batch_size), len(plan),
+                               "features, generated"))
+    return features, {"source": "folder", "path": os.path.abspath(cfg.generated.path),
                    "videos": "the first num_videos in sorted path order",
                    "frames": f"the first {data_cfg.num_frames}, every {data_cfg.frame_stride}"}
+
+
+def _frame_metrics(cfg: EvaluateConfig, real: FeatureStats, generated: FeatureStats) -> dict:
+    """Per-frame FID and KID, and how they were computed."""
+    f = cfg.fid
+    return {"fid": fvd_from_stats(real, generated),
+            "kid": kernel_inception_distance(real.features(), generated.features(), f.kid_subsets,
+                                             f.kid_subset_size, seed=cfg.real.seed),
+            "num_generated_frames": generated.n, "num_real_frames": real.n,
+            "frame_protocol": {
+                "detector": {"path": os.path.abspath(f.detector_path),
+                             "sha256_16": file_digest(f.detector_path), "kwargs": {"return_features": True},
+                             "input": "uint8 frames (N, 3, H, W)"},
+                "frames": "every frame of the clips above (generated and real)",
+                "kid": {"kernel": "(x . y / D + 1)^3", "estimator": "unbiased MMD^2",
+                        "subsets": f.kid_subsets, "subset_size": f"min({f.kid_subset_size}, frames)",
+                        "seed": cfg.real.seed}}}
 
 
 def protocol(cfg: EvaluateConfig, data_cfg: DataConfig, dataset, dataset_seed: int,
@@ -205,11 +254,19 @@ def metric_line(name: str, result: dict) -> str:
     """One stdout line: the number and the protocol details that must match to compare it."""
     p = result["protocol"]
     r = p["real"]
-    return (f"{name} {result[name.lower()]:.2f} ({result['num_generated']} generated vs "
-            f"{result['num_real']} real clips of {r['num_frames']} frames, frame stride "
-            f"{r['frame_stride']}, {r['resolution']} px; real: {r['path']} {r['split']} split, "
-            f"{r['num_videos']} videos, window seed {r['seed']}; detector "
-            f"{os.path.basename(p['detector']['path'])} sha256 {p['detector']['sha256_16']})")
+    clips = (f"real: {r['path']} {r['split']} split, {r['num_videos']} videos, window seed {r['seed']}")
+    if name == "FVD":
+        return (f"FVD {result['fvd']:.2f} ({result['num_generated']} generated vs "
+                f"{result['num_real']} real clips of {r['num_frames']} frames, frame stride "
+                f"{r['frame_stride']}, {r['resolution']} px; {clips}; detector "
+                f"{os.path.basename(p['detector']['path'])} sha256 {p['detector']['sha256_16']})")
+    f = result["frame_protocol"]
+    value = f"{result['fid']:.2f}" if name == "FID" else f"{result['kid']:.5f}"
+    kid = f", {f['kid']['subsets']} subsets of {f['kid']['subset_size']}" if name == "KID" else ""
+    return (f"{name} {value} (per frame: {result['num_generated_frames']} generated vs "
+            f"{result['num_real_frames']} real frames of the clips above{kid}; "
+            f"{r['resolution']} px; detector {os.path.basename(f['detector']['path'])} sha256 "
+            f"{f['detector']['sha256_16']})")
 
 
 def _write_json(path: str, result: dict) -> None:

@@ -464,6 +464,20 @@ class FVDConfig:
 
 
 @dataclass
+class FIDConfig:
+    """Optional per-frame FID and KID on the frames of the same clips."""
+    detector_path: Optional[str] = None  # inception-2015-12-05.pt (TorchScript); null = skip FID/KID
+    batch_size: int = 64  # frames per detector call
+    kid_subsets: int = 100  # KID: random subsets averaged (StyleGAN2-ADA: 100)
+    kid_subset_size: int = 1000  # KID: frames per subset and side, at most (StyleGAN2-ADA: 1000)
+
+    def validate(self, prefix: str = "fid") -> None:
+        _positive(self, prefix, "batch_size", "kid_subsets")
+        if self.kid_subset_size < 2:
+            raise ConfigError(f"{prefix}.kid_subset_size = {self.kid_subset_size}: must be >= 2")
+
+
+@dataclass
 class EvaluateConfig:
     """`evaluate.py --config evaluate.yaml`: FVD of generated videos against real clips.
 
@@ -483,6 +497,7 @@ class EvaluateConfig:
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     real: RealClipsConfig = field(default_factory=RealClipsConfig)
     fvd: FVDConfig = field(default_factory=FVDConfig)
+    fid: FIDConfig = field(default_factory=FIDConfig)
     output: Optional[str] = None  # JSON file for every number and the protocol; null = stdout only
 
     def validate(self) -> None:
@@ -500,6 +515,7 @@ class EvaluateConfig:
         self.data.validate("data")
         self.real.validate("real")
         self.fvd.validate("fvd")
+        self.fid.validate("fid")
 
     def sampling(self, output_dir: str = "") -> PredictConfig:
         """predict's config for these sampling keys, so generation is predict's own path."""

@@ -19,6 +19,12 @@ symmetric positive semi-definite, so tr((S1 S2)^(1/2)) = sum_i sqrt(lambda_i(A))
 eigendecompositions done by `numpy.linalg.eigh` in float64 and round-off negatives clipped
 to 0. Equal to the scipy value in exact arithmetic; tests check it against closed forms and
 against a general eigenvalue solver.
+
+Per-frame FID and KID (optional) use the same code on the frames of the same clips, with the
+Inception TorchScript of stylegan2-ada-pytorch (`inception-2015-12-05.pt`, a translation of
+TF's Inception v3), called as `detector(frames, return_features=True)` on uint8 frames
+(N, 3, H, W) -> (N, 2048). KID is the unbiased MMD^2 with the cubic polynomial kernel
+k(x, y) = (x . y / D + 1)^3, averaged over random subsets (StyleGAN2-ADA's estimator).
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from utils.errors import MissingFileError, UserError
 
 DETECTOR_KWARGS = dict(rescale=True, resize=True, return_features=True)  # StyleGAN-V's call
 DETECTOR_FILE = "i3d_torchscript.pt"
+INCEPTION_FILE = "inception-2015-12-05.pt"
 
 
 def detector_help(key: str = "fvd.detector_path") -> str:
@@ -48,10 +55,11 @@ def detector_help(key: str = "fvd.detector_path") -> str:
 class FeatureStats:
     """Running float64 sums of features (D,) and their outer products (D, D)."""
 
-    def __init__(self, dim: Optional[int] = None):
+    def __init__(self, dim: Optional[int] = None, keep: bool = False):
         self.n = 0
         self.sum: Optional[torch.Tensor] = None  # (D,)
         self.sum_outer: Optional[torch.Tensor] = None  # (D, D)
+        self.kept: Optional[list[np.ndarray]] = [] if keep else None  # float32 (n, D) chunks, for KID
         if dim is not None:
             self._init(dim)
 
@@ -69,6 +77,13 @@ class FeatureStats:
         self.n += x.shape[0]
         self.sum += x.sum(0)
         self.sum_outer += x.T @ x  # (D, D)
+        if self.kept is not None:
+            self.kept.append(x.float().numpy())
+
+    def features(self) -> np.ndarray:
+        """(N, D) float32: every feature added (only with keep=True)."""
+        assert self.kept is not None, "FeatureStats(keep=True) keeps the features"
+        return np.concatenate(self.kept)
 
     def packed(self) -> torch.Tensor:
         """(1 + D + D*D,) float64: n, sum, sum_outer; sums of these merge statistics."""
@@ -116,6 +131,27 @@ def fvd_from_stats(real: FeatureStats, generated: FeatureStats) -> float:
     return frechet_distance(*generated.mean_cov(), *real.mean_cov())
 
 
+def kernel_inception_distance(real: np.ndarray, generated: np.ndarray, num_subsets: int = 100,
+                              max_subset_size: int = 1000, seed: int = 0) -> float:
+    """KID: the unbiased MMD^2 between feature sets (N, D) with k(x, y) = (x . y / D + 1)^3,
+    averaged over `num_subsets` random subsets of m = min(N_real, N_gen, max_subset_size)
+    features per side, drawn without replacement by a generator seeded with `seed`."""
+    rng = np.random.default_rng(seed)
+    d = real.shape[1]
+    m = min(len(real), len(generated), max_subset_size)
+    if m < 2:
+        raise ValueError(f"KID needs >= 2 features per side, got {len(real)} and {len(generated)}")
+    kernel = lambda a, b: (a @ b.T / d + 1) ** 3  # (m, m)
+    total = 0.0
+    for _ in range(num_subsets):
+        x = generated[rng.choice(len(generated), m, replace=False)].astype(np.float64)
+        y = real[rng.choice(len(real), m, replace=False)].astype(np.float64)
+        within = kernel(x, x) + kernel(y, y)
+        off_diagonal = within.sum() - np.trace(within)  # i != j terms: the unbiased part
+        total += off_diagonal / (m * (m - 1)) - 2 * kernel(x, y).mean()
+    return float(total / num_subsets)
+
+
 def _symmetric(m: np.ndarray) -> np.ndarray:
     return (m + m.T) / 2
 
@@ -123,18 +159,18 @@ def _symmetric(m: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- the detector
 
 
-def load_detector(path: Optional[str], device: torch.device,
-                  key: str = "fvd.detector_path") -> torch.jit.ScriptModule:
-    """The TorchScript I3D at `path` (config key `key`), in eval mode on `device`."""
+def load_detector(path: Optional[str], device: torch.device, key: str = "fvd.detector_path",
+                  help_fn=detector_help) -> torch.jit.ScriptModule:
+    """The TorchScript detector at `path` (config key `key`), in eval mode on `device`."""
     if not path:
-        raise MissingFileError(f"{key} is not set. {detector_help(key)}")
+        raise MissingFileError(f"{key} is not set. {help_fn(key)}")
     if not os.path.isfile(path):
-        raise MissingFileError(f"{key} = {path}: no such file. {detector_help(key)}")
+        raise MissingFileError(f"{key} = {path}: no such file. {help_fn(key)}")
     try:
         detector = torch.jit.load(path, map_location=device)
     except (RuntimeError, ValueError) as e:
         raise UserError(f"{key} = {path}: not a TorchScript file ({str(e).splitlines()[0]}). "
-                        f"{detector_help(key)}") from None
+                        f"{help_fn(key)}") from None
     return detector.eval()
 
 
@@ -158,6 +194,25 @@ def detector_features(detector, videos: torch.Tensor) -> torch.Tensor:
         raise UserError(f"the FVD detector returned shape {tuple(feats.shape)} for "
                         f"{videos.shape[0]} videos, expected (N, 400). {detector_help()}")
     return feats
+
+
+@torch.no_grad()
+def image_features(detector, frames: torch.Tensor) -> torch.Tensor:
+    """uint8 frames (N, 3, H, W) -> (N, 2048) Inception features, as StyleGAN2-ADA calls it."""
+    if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[1] != 3:
+        raise ValueError(f"expected uint8 frames (N, 3, H, W), got {frames.dtype} {tuple(frames.shape)}")
+    feats = detector(frames, return_features=True)
+    if feats.ndim != 2 or feats.shape[0] != frames.shape[0]:
+        raise UserError(f"the FID detector returned shape {tuple(feats.shape)} for {frames.shape[0]} "
+                        f"frames, expected (N, 2048). {inception_help()}")
+    return feats
+
+
+def inception_help(key: str = "fid.detector_path") -> str:
+    return (f"{key} must point at `{INCEPTION_FILE}`, stylegan2-ada-pytorch's TorchScript of TF's "
+            "Inception v3 (the standard FID features). This repo never downloads it: fetch it "
+            f"yourself (stylegan2-ada-pytorch's metrics/frechet_inception_distance.py gives its "
+            f"address) and pass {key}=/path/to/{INCEPTION_FILE}, or leave {key} null to skip FID/KID")
 
 
 def stats_of(detector, batches: Iterable[torch.Tensor], device: torch.device,
