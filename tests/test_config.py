@@ -12,13 +12,13 @@ import yaml
 import utils.config
 from models.vae import build_autoencoder
 from utils.config import VAEArchConfig
-from utils.config import (ModelConfig, PredictConfig, TrainRunConfig, VAERunConfig, config_from_dict,
+from utils.config import (EvaluateConfig, ModelConfig, PredictConfig, TrainRunConfig, VAERunConfig, config_from_dict,
                           config_to_dict, dump_config, load_config)
 from utils.errors import ConfigError, MissingFileError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = {"config_advanced.yaml": TrainRunConfig, "config_vae.yaml": VAERunConfig,
-           "predict_advanced.yaml": PredictConfig}
+           "predict_advanced.yaml": PredictConfig, "evaluate.yaml": EvaluateConfig}
 
 
 def _load(overrides, cls=TrainRunConfig):
@@ -27,7 +27,8 @@ def _load(overrides, cls=TrainRunConfig):
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_configs_load(name):
-    cfg = load_config(SHIPPED[name], os.path.join(ROOT, name))
+    extra = ["checkpoint=runs/demo/latest.pth"] if SHIPPED[name] is EvaluateConfig else []  # one is required
+    cfg = load_config(SHIPPED[name], os.path.join(ROOT, name), extra)
     assert cfg.device == "auto"
 
 

@@ -246,6 +246,19 @@ class TrainConfig:
 
 
 @dataclass
+class ValidationFVDConfig:
+    """FVD during training (off unless detector_path is set); see evaluate.py for the protocol."""
+    detector_path: Optional[str] = None  # i3d_torchscript.pt; null = no val/fvd
+    num_videos: int = 64  # generated videos, and as many real training clips
+    batch_size: int = 8  # videos per detector call
+
+    def validate(self, prefix: str = "validation.fvd") -> None:
+        _positive(self, prefix, "num_videos", "batch_size")
+        if self.num_videos < 2:
+            raise ConfigError(f"{prefix}.num_videos = {self.num_videos}: a covariance needs >= 2 videos")
+
+
+@dataclass
 class ValidationConfig:
     every_epochs: int = 10  # sample validation videos every k epochs (and at the end); 0 = never
     num_videos: int = 4
@@ -253,12 +266,17 @@ class ValidationConfig:
     num_steps: int = 50
     guidance_scale: float = 1.0  # classifier-free guidance; 1 = off
     fps: int = 8
-    seed: int = 1234
+    seed: int = 1234  # sample i uses seed + i; also fixes the held-out loss's noise
+    loss_clips: int = 16  # held-out (val split) windows for val/loss; 0 = no val/loss
+    fvd: ValidationFVDConfig = field(default_factory=ValidationFVDConfig)
 
     def validate(self, prefix: str = "validation") -> None:
         _positive(self, prefix, "num_videos", "num_steps", "fps")
         if self.every_epochs < 0:
             raise ConfigError(f"{prefix}.every_epochs = {self.every_epochs}: must be >= 0")
+        if self.loss_clips < 0:
+            raise ConfigError(f"{prefix}.loss_clips = {self.loss_clips}: must be >= 0 (0 = off)")
+        self.fvd.validate(prefix + ".fvd")
 
 
 @dataclass
@@ -385,6 +403,129 @@ class PredictConfig:
         _positive(self, "", "num_videos", "batch_size", "num_steps", "fps")
         if self.guidance_scale < 0:
             raise ConfigError(f"guidance_scale = {self.guidance_scale}: must be >= 0")
+
+
+@dataclass
+class EvalDataConfig(DataConfig):
+    """evaluate.py's real clips: a training config's `data` section. With a checkpoint, a null
+    path takes the checkpoint's whole data section (the clips it was trained on), and null
+    num_frames / resolution / frame_stride take the checkpoint's; without one, the defaults."""
+    path: Optional[str] = None
+    num_frames: Optional[int] = None
+    resolution: Optional[int] = None
+    frame_stride: Optional[int] = None
+
+    def validate(self, prefix: str = "data") -> None:
+        """Checked as a DataConfig once resolved (`resolved`); here only what is given."""
+        for n in ("num_frames", "resolution", "frame_stride"):
+            if getattr(self, n) is not None and getattr(self, n) < 1:
+                raise ConfigError(f"{prefix}.{n} = {getattr(self, n)}: must be >= 1 or null")
+
+    def resolved(self, trained: Optional[dict]) -> DataConfig:
+        """The DataConfig to read real clips with; `trained`: the checkpoint's data section."""
+        base = config_to_dict(self)
+        if trained is not None and self.path is None:
+            base = dict(trained)
+        for n in ("path", "num_frames", "resolution", "frame_stride"):
+            if getattr(self, n) is not None:
+                base[n] = getattr(self, n)
+            elif base.get(n) is None:
+                base[n] = (trained or {}).get(n, getattr(DataConfig(), n))
+        try:
+            return config_from_dict(DataConfig, base)
+        except ConfigError as e:
+            raise ConfigError(f"data (real clips): {e}") from None
+
+
+@dataclass
+class RealClipsConfig:
+    """Which real clips FVD compares with (see README, "Evaluating")."""
+    split: Literal["train", "val"] = "train"  # StyleGAN-V and Latte use the training videos
+    num_clips: Optional[int] = None  # null = num_videos
+    seed: int = 0  # seeds each clip's random window start
+    dataset_seed: Optional[int] = None  # built-in data's experiment.seed; null = the checkpoint's, else 0
+
+    def validate(self, prefix: str = "real") -> None:
+        if self.num_clips is not None and self.num_clips < 2:
+            raise ConfigError(f"{prefix}.num_clips = {self.num_clips}: need >= 2 (or null = num_videos)")
+
+
+@dataclass
+class GeneratedConfig:
+    path: Optional[str] = None  # a folder of generated videos, instead of `checkpoint`
+
+
+@dataclass
+class FVDConfig:
+    detector_path: Optional[str] = None  # i3d_torchscript.pt (never downloaded by this repo)
+    batch_size: int = 8  # videos per detector call
+
+    def validate(self, prefix: str = "fvd") -> None:
+        _positive(self, prefix, "batch_size")
+
+
+@dataclass
+class FIDConfig:
+    """Optional per-frame FID and KID on the frames of the same clips."""
+    detector_path: Optional[str] = None  # inception-2015-12-05.pt (TorchScript); null = skip FID/KID
+    batch_size: int = 64  # frames per detector call
+    kid_subsets: int = 100  # KID: random subsets averaged (StyleGAN2-ADA: 100)
+    kid_subset_size: int = 1000  # KID: frames per subset and side, at most (StyleGAN2-ADA: 1000)
+
+    def validate(self, prefix: str = "fid") -> None:
+        _positive(self, prefix, "batch_size", "kid_subsets")
+        if self.kid_subset_size < 2:
+            raise ConfigError(f"{prefix}.kid_subset_size = {self.kid_subset_size}: must be >= 2")
+
+
+@dataclass
+class EvaluateConfig:
+    """`evaluate.py --config evaluate.yaml`: FVD of generated videos against real clips.
+
+    The sampling keys are predict's (`predict_advanced.yaml`), with the same meaning."""
+    device: str = "auto"
+    checkpoint: Optional[str] = None  # sample num_videos from it exactly as predict does
+    generated: GeneratedConfig = field(default_factory=GeneratedConfig)
+    num_videos: int = 2048  # generated videos (StyleGAN-V's fvd2048_16f: 2048)
+    batch_size: int = 16  # videos sampled at once
+    sampler: Literal["ddim", "dpm++", "euler", "ddpm"] = "ddim"
+    num_steps: int = 50
+    guidance_scale: float = 1.0
+    class_labels: Optional[list[int]] = None  # cycled over the videos; null = 0, 1, 2, ...
+    seed: int = 0  # video i uses seed + i
+    use_ema: bool = True
+    vae: PredictVAEConfig = field(default_factory=PredictVAEConfig)
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    real: RealClipsConfig = field(default_factory=RealClipsConfig)
+    fvd: FVDConfig = field(default_factory=FVDConfig)
+    fid: FIDConfig = field(default_factory=FIDConfig)
+    output: Optional[str] = None  # JSON file for every number and the protocol; null = stdout only
+
+    def validate(self) -> None:
+        _check_device(self.device)
+        _positive(self, "", "num_videos", "batch_size", "num_steps")
+        if self.num_videos < 2:
+            raise ConfigError(f"num_videos = {self.num_videos}: a covariance needs >= 2 videos")
+        if self.guidance_scale < 0:
+            raise ConfigError(f"guidance_scale = {self.guidance_scale}: must be >= 0")
+        if (self.checkpoint is None) == (self.generated.path is None):
+            raise ConfigError(
+                "give exactly one of checkpoint=PATH (sample videos from a stage-2 checkpoint) and "
+                f"generated.path=FOLDER (videos already generated); got checkpoint = "
+                f"{self.checkpoint!r}, generated.path = {self.generated.path!r}")
+        self.data.validate("data")
+        self.real.validate("real")
+        self.fvd.validate("fvd")
+        self.fid.validate("fid")
+
+    def sampling(self, output_dir: str = "") -> PredictConfig:
+        """predict's config for these sampling keys, so generation is predict's own path."""
+        return PredictConfig(
+            device=self.device, checkpoint=self.checkpoint or "", output_dir=output_dir,
+            num_videos=self.num_videos, batch_size=self.batch_size, sampler=self.sampler,
+            num_steps=self.num_steps, guidance_scale=self.guidance_scale,
+            class_labels=self.class_labels, seed=self.seed, use_ema=self.use_ema,
+            vae=dataclasses.replace(self.vae))
 
 
 # --------------------------------------------------------------------------- loading
