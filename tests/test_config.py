@@ -186,7 +186,11 @@ def stage2_run(tmp_path_factory):
     ae = build_autoencoder(VAEArchConfig(block_out_channels=[16, 16, 16], norm_num_groups=8))
     ae.save_pretrained(str(vae))
     runs = tmp_path_factory.mktemp("runs")
+    from tests.test_evaluate import StandInI3D  # validation.fvd.* are read only with a detector
+    detector = str(tmp_path_factory.mktemp("i3d") / "i3d_torchscript.pt")
+    torch.jit.save(torch.jit.script(StandInI3D()), detector)
     args = ["--config", os.path.join(ROOT, "config_advanced.yaml"), *TINY, f"vae.path={vae}",
+            f"validation.fvd.detector_path={detector}", "validation.fvd.num_videos=4",
             f"experiment.runs_dir={runs}", "train.max_steps=7", "validation.every_epochs=1",
             "train.epoch_checkpoint_every=1", "diffusion.timestep_sampling=logit_normal"]
     clips = tmp_path_factory.mktemp("clips")
