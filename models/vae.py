@@ -88,13 +88,16 @@ def vae_fingerprint(ae: nn.Module) -> str:
 
 @dataclass(frozen=True)
 class Geometry:
-    """What the probe encode measured: the VAE's compression and latent channels."""
+    """What the probe measured: the VAE's compression, latent channels and frame rule."""
     spatial: int  # pixels per latent pixel, each side
     temporal: int  # 1 = per frame; f_t = a causal video VAE maps 1 + k * f_t frames to 1 + k
     channels: int  # latent channels C
+    # Valid clips have 1 + j * frame_step frames. Usually f_t; CogVideoX's decoder only returns
+    # 1 + k * f_t frames for an odd number 1 + k of latent frames, so its step is 2 f_t.
+    frame_step: int = 1
 
     def frames_ok(self, num_frames: int) -> bool:
-        return num_frames >= 1 and (num_frames - 1) % self.temporal == 0
+        return num_frames >= 1 and (num_frames - 1) % self.frame_step == 0
 
     def latent_frames(self, num_frames: int) -> int:
         """Pixel frames T -> latent frames t (T for a per-frame VAE, 1 + (T - 1) / f_t)."""
@@ -104,7 +107,7 @@ class Geometry:
         return 1 + (latent_frames - 1) * self.temporal
 
     def frame_rule(self) -> str:
-        return "any number of frames" if self.temporal == 1 else f"1 + {self.temporal}k frames"
+        return "any number of frames" if self.frame_step == 1 else f"1 + {self.frame_step}k frames"
 
 
 @dataclass(frozen=True)
@@ -348,18 +351,31 @@ class FrozenVAE(nn.Module):
                 f"channels, but a probe encode of {frames} frame(s) of {size}x{size} pixels gave "
                 f"latents (C, t, h, w) = {(c, t, h, w)}. The config does not describe these "
                 "weights: use the config.json that came with them")
-        return Geometry(spatial, temporal, channels)
+        step = self._probe_frame_step(c, temporal, size // spatial) if self.family.video else 1
+        return Geometry(spatial, temporal, channels, step)
+
+    def _probe_frame_step(self, channels: int, temporal: int, side: int) -> int:
+        """Decode 2, then 3 latent frames: the smallest latent step whose decode has 1 + k f_t frames."""
+        for latent_step in (1, 2):
+            z = torch.zeros(1, channels, 1 + latent_step, side, side, device=self.device, dtype=self.dtype)
+            frames = self.ae.decode(z).sample.shape[2]  # (1, 3, T, H, W)
+            if frames == 1 + latent_step * temporal:
+                return latent_step * temporal
+        raise UserError(f"VAE {self._path} ({self.class_name}): decoding 3 latent frames gave {frames} "
+                        f"frames, not {1 + 2 * temporal}: its decoder does not invert its "
+                        f"{temporal}x temporal compression; this VAE cannot be used")
 
     def check_num_frames(self, num_frames: int, key: str = "data.num_frames") -> None:
         """A ConfigError naming `key`, the frame rule and the nearest valid values."""
         g = self.geometry
         if g.frames_ok(num_frames):
             return
-        lo = 1 + (max(num_frames, 1) - 1) // g.temporal * g.temporal
+        lo = 1 + (max(num_frames, 1) - 1) // g.frame_step * g.frame_step
+        nearest = " or ".join(str(v) for v in (lo, lo + g.frame_step) if v > 1)
         raise ConfigError(
             f"{key} = {num_frames} does not fit the VAE {self._path} ({self.class_name}): it compresses "
-            f"time {g.temporal}x causally, so a clip must have {g.frame_rule()} (1, {1 + g.temporal}, "
-            f"{1 + 2 * g.temporal}, ...) frames, giving 1 + k latent frames. Use {lo} or {lo + g.temporal}")
+            f"time {g.temporal}x causally, so a clip must have {g.frame_rule()} (1, {1 + g.frame_step}, "
+            f"{1 + 2 * g.frame_step}, ...), giving 1 + (T - 1) / {g.temporal} latent frames. Use {nearest}")
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(C, t, h, w) of a clip of `num_frames` frames of height x width pixels."""
@@ -405,7 +421,7 @@ class FrozenVAE(nn.Module):
         """Class, measured geometry and normalisation: recorded in checkpoints and cache manifests."""
         g = self.geometry
         return {"class_name": self.class_name, "spatial_factor": g.spatial, "temporal_factor": g.temporal,
-                "latent_channels": g.channels, "frame_rule": g.frame_rule(),
+                "latent_channels": g.channels, "frame_step": g.frame_step, "frame_rule": g.frame_rule(),
                 "normalisation": self.normalisation.record(), "dtype": str(self.dtype).replace("torch.", "")}
 
     def summary(self) -> str:
