@@ -25,3 +25,20 @@ def test_benchmark_quick_reports_everything(tmp_path):
     assert set(r["memory_MiB"]) == {"with_checkpointing", "without_checkpointing"}
     assert {"ddim_10", "dpm++_10"} <= set(r["sampling_sec_per_video"])
     assert "speed: ours over latte " in proc.stdout and "ours_no_qk_norm over latte" in proc.stdout
+
+
+@pytest.mark.slow
+def test_vae_benchmark_prints_tokens_and_ratio(capsys):
+    """Per-frame vs 4x temporal VAE at equal pixels (quick sizes: 9 frames of 32x32)."""
+    import importlib.util
+
+    import torch
+    spec = importlib.util.spec_from_file_location("vae_bench", os.path.join(ROOT, "benchmarks", "vae_bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    r = bench.run(quick=True, device=torch.device("cpu"))
+    assert r["per_frame"]["latent_shape"] == [8, 9, 4, 4] and r["temporal_4x"]["latent_shape"] == [8, 3, 4, 4]
+    assert (r["per_frame"]["tokens_per_clip"], r["temporal_4x"]["tokens_per_clip"]) == (36, 12)
+    assert r["token_ratio"] == 3.0 and r["speed_ratio"] > 0
+    bench.print_row(r)
+    assert "3.00x fewer tokens" in capsys.readouterr().out
