@@ -4,9 +4,19 @@ Because the VAE never changes in stage 2, encoding every training window at ever
 repeats the same work. The cache stores the posterior mean and std of every frame of every
 source (so training can still sample the posterior) and serves sliding windows as slices.
 
-Layout (`<run>/latent_cache/`): `manifest.json` (the key: VAE fingerprint, data config,
-file list with sizes and mtimes; and which shard holds which source) and
-`shard_r{rank}_{k}.pt` files of {source index: {"mean", "std"}}, each (C, L, h, w) float32.
+Two layouts, by what the VAE allows:
+- per frame (image VAEs, `per_window=False`): each source's frames are encoded once and
+  windows are slices of them: {source: {"mean", "std"}}, each (C, L, h, w) float32.
+- per window (causal video VAEs, `per_window=True`): a causal VAE's latents of a long clip
+  are not the latents of a window cut from it (its first latent frame sees one frame, the
+  others see what came before), so every window is encoded as its own clip, exactly as
+  encoding that window directly would: {source: {"mean", "std": (N, C, t, h, w), "frames":
+  (N, T) source frame indices of each of its N windows}}. Overlapping windows cost their
+  frames again; training reads them exactly.
+
+Layout on disk (`<run>/latent_cache/`): `manifest.json` (the key: VAE fingerprint and
+settings, data config, file list with sizes and mtimes; which shard holds which source; the
+VAE's class, geometry and normalisation as a record) and `shard_r{rank}_{k}.pt` files.
 A key that differs from the manifest's rebuilds the cache, saying what changed. Ranks
 encode disjoint sources in parallel. This module takes an encode function, so `data/`
 never imports `models/`.
@@ -27,26 +37,32 @@ from tqdm import tqdm
 
 from utils.checkpoint import atomic_save
 
-EncodeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (1,3,n,H,W) -> mean, std (1,C,n,h,w)
+EncodeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (B,3,T,H,W) -> mean, std (B,C,t,h,w)
 SOURCES_PER_SHARD = 256
 FRAMES_PER_READ = 128  # frames decoded and encoded at once (memory bound)
 
 
-def cache_key(dataset, vae_fingerprint: str) -> dict:
-    return {"vae_fingerprint": vae_fingerprint, **dataset.cache_key()}
+def cache_key(dataset, vae_fingerprint: str, vae_settings: Optional[dict] = None) -> dict:
+    """What the cached latents depend on: the VAE (fingerprint, and settings such as its dtype
+    and layout) and the dataset's pixels."""
+    return {"vae_fingerprint": vae_fingerprint, **(vae_settings or {}), **dataset.cache_key()}
 
 
 def describe_change(old: dict, new: dict) -> str:
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    names = {"vae_fingerprint": "the VAE changed", "files": "the video files changed"}
+    names = {"vae_fingerprint": "the VAE changed", "files": "the video files changed",
+             "vae_dtype": "vae.dtype changed", "layout": "the VAE's temporal compression changed"}
     return ", ".join(names.get(k, f"data setting {k!r} changed") for k in changed)
 
 
 class LatentCache:
     """Builds (if needed) and loads the cache for `dataset` in `cache_dir`."""
 
-    def __init__(self, dataset, cache_dir: str, key: dict):
+    def __init__(self, dataset, cache_dir: str, key: dict, per_window: bool = False,
+                 vae_record: Optional[dict] = None):
         self.dataset, self.dir, self.key = dataset, cache_dir, key
+        self.per_window = per_window  # encode each window as its own clip (causal video VAEs)
+        self.vae_record = vae_record or {}  # class, geometry, normalisation: written to the manifest
         self.manifest_path = os.path.join(cache_dir, "manifest.json")
 
     def status(self) -> tuple[bool, str]:
@@ -67,8 +83,10 @@ class LatentCache:
         os.makedirs(self.dir, exist_ok=True)
         mine = list(range(rank, self.dataset.num_sources, world_size))
         written, shard, k = {}, {}, 0
+        windows = self._windows_by_source() if self.per_window else {}
         for src in tqdm(mine, desc="latent cache", disable=not progress, dynamic_ncols=True):
-            shard[src] = self._encode_source(src, encode)
+            shard[src] = (self._encode_windows(src, windows.get(src, []), encode) if self.per_window
+                          else self._encode_source(src, encode))
             if len(shard) == SOURCES_PER_SHARD or src == mine[-1]:
                 name = f"shard_r{rank}_{k:05d}.pt"
                 atomic_save(shard, os.path.join(self.dir, name))
@@ -77,7 +95,9 @@ class LatentCache:
         return written
 
     def write_manifest(self, shards: dict[int, str]) -> None:
-        manifest = {"key": self.key, "shards": {str(s): name for s, name in sorted(shards.items())}}
+        manifest = {"key": self.key, "vae": self.vae_record,
+                    "layout": "window" if self.per_window else "frame",
+                    "shards": {str(s): name for s, name in sorted(shards.items())}}
         tmp = self.manifest_path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(manifest, f, indent=1)
@@ -91,6 +111,27 @@ class LatentCache:
             part = torch.load(os.path.join(self.dir, name), map_location="cpu", weights_only=True)
             latents.update(part)
         return CachedWindows(self.dataset, latents)
+
+    def _windows_by_source(self) -> dict[int, list[list[int]]]:
+        """{source: frame indices of each of its windows}, from the dataset's `window(index)`."""
+        out: dict[int, list[list[int]]] = {}
+        for index in range(len(self.dataset)):
+            src, frames = self.dataset.window(index)
+            out.setdefault(src, []).append(list(frames))
+        return out
+
+    def _encode_windows(self, src: int, windows: list[list[int]], encode: EncodeFn) -> dict:
+        """Each window of `src` encoded as its own clip: {"mean", "std": (N, C, t, h, w), "frames": (N, T)}."""
+        per_call = max(1, FRAMES_PER_READ // max(1, len(windows[0]))) if windows else 1
+        means, stds = [], []
+        for start in range(0, len(windows), per_call):
+            group = windows[start:start + per_call]
+            pixels = torch.stack([self.dataset.source_frames(src, w) for w in group])  # (n, 3, T, H, W)
+            mean, std = encode(pixels)  # (n, C, t, h, w) each
+            means.append(mean.cpu())
+            stds.append(std.cpu())
+        return {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(),
+                "frames": torch.tensor(windows, dtype=torch.long)}
 
     def _encode_source(self, src: int, encode: EncodeFn) -> dict:
         length = self.dataset.source_length(src)
@@ -113,6 +154,8 @@ class CachedWindows(Dataset):
         self.num_classes = dataset.num_classes
         self.class_names = list(getattr(dataset, "class_names", []))
         self.labels = [dataset.source_label(i) for i in range(dataset.num_sources)]  # once, not per item
+        self.rows = {(src, tuple(f)): row for src, entry in latents.items() if "frames" in entry
+                     for row, f in enumerate(entry["frames"].tolist())}  # per-window layout
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -120,6 +163,10 @@ class CachedWindows(Dataset):
     def __getitem__(self, index: int) -> dict:
         src, frames = self.dataset.window(index)
         entry = self.latents[src]
+        if "frames" in entry:  # per window: the window's own encoding
+            row = self.rows[(src, tuple(frames))]
+            return {"mean": entry["mean"][row], "std": entry["std"][row],  # (C, t, h, w)
+                    "label": self.labels[src]}
         idx = torch.as_tensor(frames)
         return {"mean": entry["mean"][:, idx], "std": entry["std"][:, idx],  # (C, T, h, w)
                 "label": self.labels[src]}

@@ -52,3 +52,11 @@ FIXTURE_VAE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures
 def trained_vae() -> str:
     """A small stage-1 VAE trained on the built-in data (tests/fixtures/README.md says how)."""
     return FIXTURE_VAE
+
+
+@pytest.fixture(scope="session")
+def vae_families(tmp_path_factory) -> dict:
+    """{family: folder} of tiny random VAEs of every supported family, plus "pipeline" (a
+    pipeline folder with model_index.json + vae/); written once per session (tests/vae_families.py)."""
+    from tests.vae_families import write_families
+    return write_families(str(tmp_path_factory.mktemp("vae_families")))

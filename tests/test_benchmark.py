@@ -39,3 +39,20 @@ def test_real_size_option_reports_throughput_and_mfu(tmp_path):
     assert "samples/s" in proc.stdout and "tokens/s" in proc.stdout and "MFU" in proc.stdout
     from benchmarks.bench import REAL
     assert REAL == dict(hidden=768, depth=12, heads=12, frames=16, latent=32, batch=8)  # DiT-B/2 sizes
+
+
+@pytest.mark.slow
+def test_vae_benchmark_prints_tokens_and_ratio(capsys):
+    """Per-frame vs 4x temporal VAE at equal pixels (quick sizes: 9 frames of 32x32)."""
+    import importlib.util
+
+    import torch
+    spec = importlib.util.spec_from_file_location("vae_bench", os.path.join(ROOT, "benchmarks", "vae_bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    r = bench.run(quick=True, device=torch.device("cpu"))
+    assert r["per_frame"]["latent_shape"] == [8, 9, 4, 4] and r["temporal_4x"]["latent_shape"] == [8, 3, 4, 4]
+    assert (r["per_frame"]["tokens_per_clip"], r["temporal_4x"]["tokens_per_clip"]) == (36, 12)
+    assert r["token_ratio"] == 3.0 and r["speed_ratio"] > 0
+    bench.print_row(r)
+    assert "3.00x fewer tokens" in capsys.readouterr().out

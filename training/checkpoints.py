@@ -2,7 +2,7 @@
 
 A checkpoint records everything needed to rebuild the model and its latent space: the
 resolved config, the model's input geometry, the diffusion schedule, and the identity of
-the frozen VAE (path, fingerprint, scaling/shift factor). Mixing a DiT with a VAE other
+the frozen VAE (path, fingerprint, class, measured geometry, normalisation). Mixing a DiT with a VAE other
 than the one it was trained on decodes to scrambled videos, so that is refused.
 """
 from __future__ import annotations
@@ -27,10 +27,11 @@ VAE_MISMATCH_HELP = (
 
 
 def vae_record(vae: FrozenVAE) -> dict:
+    """The VAE's identity (fingerprint, folder), measured geometry and normalisation."""
     return {"path": os.path.abspath(vae.path), "fingerprint": vae.fingerprint,
             "scaling_factor": float(vae.scaling_factor), "shift_factor": float(vae.shift_factor),
             "latent_channels": int(vae.latent_channels),
-            "downsample_factor": int(vae.downsample_factor)}
+            "downsample_factor": int(vae.downsample_factor), **vae.describe()}
 
 
 def model_record(model_cfg: ModelConfig, dims: dict) -> dict:

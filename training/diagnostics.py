@@ -401,7 +401,7 @@ def run_diagnostics(cfg: TrainRunConfig, checkpoint: Optional[str], device: torc
     naming the exception: a diagnosis must not stop at the first surprise.
     """
     from training.stage2 import latent_dims
-    vae = FrozenVAE.from_pretrained(cfg.vae.path, device, encode_batch_frames=cfg.vae.encode_batch_frames)
+    vae = FrozenVAE.from_config(cfg.vae, device)
     val, val_labels = real_clips(cfg, "val", NUM_JIGSAW_REAL_CLIPS)
     train, _ = real_clips(cfg, "train", NUM_SCALE_CLIPS)
     num_classes = build_dataset(cfg.data, "train", cfg.experiment.seed).num_classes

@@ -17,7 +17,7 @@ from models.diffusion import make_scheduler, sample
 from models.vae import FrozenVAE
 from training.checkpoints import check_format, check_vae, model_from_checkpoint
 from utils.checkpoint import load_checkpoint
-from utils.config import DiffusionConfig, PredictConfig, config_from_dict
+from utils.config import DiffusionConfig, PredictConfig, VAERefConfig, config_from_dict
 from utils.errors import UserError
 from utils.video_io import save_grid_png, video_tensor_to_uint8, write_video
 
@@ -86,7 +86,7 @@ def sample_videos(cfg: PredictConfig, device: torch.device) -> tuple[list, dict]
     with (fingerprint checked), EMA or raw weights, the configured sampler and labels."""
     ckpt = load_checkpoint(cfg.checkpoint)
     check_format(ckpt, cfg.checkpoint)
-    vae = FrozenVAE.from_pretrained(cfg.vae.path or ckpt["vae"]["path"], device)
+    vae = FrozenVAE.from_config(_trained_vae_settings(ckpt), device, cfg.vae.path or ckpt["vae"]["path"])
     check_vae(ckpt, vae, cfg.checkpoint)
     model = model_from_checkpoint(ckpt, cfg.use_ema, device)
     dims = ckpt["model"]["dims"]
@@ -101,6 +101,14 @@ def sample_videos(cfg: PredictConfig, device: torch.device) -> tuple[list, dict]
     except torch.OutOfMemoryError:
         raise UserError(f"out of GPU memory sampling {cfg.batch_size} videos at once; lower "
                         "batch_size (videos sampled together) or guidance (cfg doubles the batch)") from None
+
+
+def _trained_vae_settings(ckpt: dict) -> VAERefConfig:
+    """The vae.* settings the checkpoint was trained with (dtype, tiling, slicing, frames per
+    call): predict decodes exactly as validation did. `subfolder` is dropped: the recorded path
+    is the VAE folder itself."""
+    recorded = {k: v for k, v in ckpt["config"]["vae"].items() if k in VAERefConfig.__dataclass_fields__}
+    return config_from_dict(VAERefConfig, {**recorded, "subfolder": None})
 
 
 def _generate(cfg: PredictConfig, model, vae, ckpt: dict, labels, device) -> list:

@@ -42,6 +42,9 @@ from utils.train_utils import (EMA, GracefulStop, autocast_context, count_parame
 
 NUM_T_BUCKETS = 10  # loss per timestep bucket, so learning at high noise is visible
 VAL_BATCH_FACTOR = 4  # held-out loss batches: this many training batches (forward only)
+RMS_CLIPS = 8  # training clips whose normalised latent RMS is printed at start
+RMS_RANGE = (0.5, 2.0)  # outside: warn that the VAE's normalisation does not fit
+
 
 
 @dataclass
@@ -81,18 +84,21 @@ class Stage2:
 
 
 def latent_dims(cfg: TrainRunConfig, vae: FrozenVAE, num_classes: int) -> dict:
-    """The DiT's input geometry, derived from data + VAE (never a second copy in `model`)."""
+    """The DiT's input geometry, derived from data + the VAE's measured geometry (never a second
+    copy in `model`). `num_frames` is the number of LATENT frames: 1 + (T - 1) / f_t for a
+    causal video VAE, T for a per-frame VAE; sampling decodes back to data.num_frames."""
     mcfg, factor = cfg.model.resolved(), vae.downsample_factor
     res = cfg.data.resolution
     if res % (factor * mcfg.patch_size):
         raise ConfigError(
             f"data.resolution = {res} must be divisible by VAE factor {factor} x model.patch_size "
             f"{mcfg.patch_size} = {factor * mcfg.patch_size}; pick a multiple of it")
-    if cfg.data.num_frames % mcfg.patch_t:
-        raise ConfigError(f"data.num_frames = {cfg.data.num_frames} is not divisible by "
-                          f"model.patch_t = {mcfg.patch_t}")
-    return dict(in_channels=vae.latent_channels, num_frames=cfg.data.num_frames,
-                latent_size=res // factor, num_classes=num_classes if mcfg.class_conditional else 0)
+    channels, frames, size, _ = vae.latent_shape(cfg.data.num_frames, res, res)  # frame rule checked
+    if frames % mcfg.patch_t:
+        raise ConfigError(f"data.num_frames = {cfg.data.num_frames} gives {frames} latent frames, not "
+                          f"divisible by model.patch_t = {mcfg.patch_t}")
+    return dict(in_channels=channels, num_frames=frames, latent_size=size,
+                num_classes=num_classes if mcfg.class_conditional else 0)
 
 
 def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.device,
@@ -100,11 +106,13 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
           started: Optional[float] = None) -> Stage2:
     """`started`: time.monotonic() at launch, from which train.time_limit_minutes counts."""
     tcfg = cfg.train
-    vae = FrozenVAE.from_pretrained(cfg.vae.path, device, encode_batch_frames=cfg.vae.encode_batch_frames)
-    log.info(f"VAE {vae.path}: fingerprint {vae.fingerprint}, scaling_factor {vae.scaling_factor:.4f}, "
-             f"{vae.latent_channels} latent channels, {vae.downsample_factor}x down (frozen)")
+    vae = FrozenVAE.from_config(cfg.vae, device)
+    log.info(f"VAE {vae.summary()}")
+    latent_dims(cfg, vae, 0)  # frame rule and resolution refused now, before any cache is written
     dataset = _maybe_cached(build_dataset(cfg.data, "train", cfg.experiment.seed), cfg, vae,
                             run_dir, dist, device, log)
+    if dist.is_main:
+        _log_latent_rms(vae, dataset, log)
     loader = make_loader(dataset, tcfg.batch_size, shuffle=True, seed=cfg.experiment.seed,
                          num_workers=cfg.data.num_workers, rank=dist.rank,
                          world_size=dist.world_size, drop_last=True, device_type=device.type)
@@ -148,8 +156,11 @@ def _maybe_cached(dataset, cfg: TrainRunConfig, vae: FrozenVAE, run_dir: str, di
         if cfg.data.cache == "auto":
             log.info(f"latent cache off: {reason}")
         return dataset
+    per_window = vae.temporal_factor > 1  # causal latents of a window != a slice of the clip's
     cache = LatentCache(dataset, os.path.join(run_dir, "latent_cache"),
-                        cache_key(dataset, vae.fingerprint))
+                        cache_key(dataset, vae.fingerprint, {"vae_dtype": vae.describe()["dtype"],
+                                                             "layout": "window" if per_window else "frame"}),
+                        per_window=per_window, vae_record=vae.describe())
     usable, why = cache.status()
     (rebuild,) = any_rank([not usable], dist, device)
     if rebuild:
@@ -165,6 +176,25 @@ def _maybe_cached(dataset, cfg: TrainRunConfig, vae: FrozenVAE, run_dir: str, di
     return cache.load()
 
 
+def _log_latent_rms(vae: FrozenVAE, dataset, log: RunLogger) -> None:
+    """RMS of the normalised latents (posterior means) of a few training clips: the DiT's noise
+    schedule assumes ~1, and a wrong scale is the classic silent mistake."""
+    n = min(len(dataset), RMS_CLIPS)
+    items = [dataset[int(i)] for i in torch.linspace(0, len(dataset) - 1, n).round().long()]
+    if "mean" in items[0]:  # cached moments
+        z = vae.latents_from_moments(torch.stack([it["mean"] for it in items]).to(vae.device),
+                                     torch.stack([it["std"] for it in items]).to(vae.device), sample=False)
+    else:
+        z = vae.encode(torch.stack([it["video"] for it in items]), sample=False)  # (n, C, t, h, w)
+    rms = z.float().pow(2).mean().sqrt().item()
+    log.info(f"normalised training latents: RMS {rms:.3f} over {n} clips (posterior means; want ~1)")
+    if not RMS_RANGE[0] <= rms <= RMS_RANGE[1]:
+        log.info(f"warning: latent RMS {rms:.3f} is outside [{RMS_RANGE[0]}, {RMS_RANGE[1]}]: the VAE's "
+                 f"normalisation ({vae.normalisation.formula}, read from {vae.path}/config.json) does not "
+                 "fit these latents, so the noise schedule sees the wrong scale. Check scaling_factor / "
+                 "shift_factor / latents_mean / latents_std in that config.json")
+
+
 def _log_setup(s: Stage2, dataset, steps_per_epoch: int) -> None:
     trainable, total = count_parameters(s.model)
     vae_trainable, vae_total = count_parameters(s.vae)
@@ -172,8 +202,9 @@ def _log_setup(s: Stage2, dataset, steps_per_epoch: int) -> None:
     global_batch = t.batch_size * s.dist.world_size * t.grad_accum_steps
     s.log.info(f"DiT {trainable / 1e6:.2f}M trainable of {total / 1e6:.2f}M; VAE {vae_trainable} "
                f"trainable of {vae_total / 1e6:.2f}M (frozen); optimizer holds DiT parameters only")
-    s.log.info(f"latents (C, T, h, w) = ({s.dims['in_channels']}, {s.dims['num_frames']}, "
-               f"{s.dims['latent_size']}, {s.dims['latent_size']}), classes {s.dims['num_classes']}; "
+    s.log.info(f"latents (C, t, h, w) = ({s.dims['in_channels']}, {s.dims['num_frames']}, "
+               f"{s.dims['latent_size']}, {s.dims['latent_size']}) from {s.cfg.data.num_frames} frames, "
+               f"{math.prod(s.model.grid)} tokens per clip, classes {s.dims['num_classes']}; "
                f"{len(dataset)} training clips, {steps_per_epoch} steps/epoch, {s.total_steps} steps total")
     s.log.info(f"device {s.device}, precision {str(s.dtype).replace('torch.', '')}, world size "
                f"{s.dist.world_size}, global batch {global_batch} = {t.batch_size} per process x "

@@ -111,9 +111,13 @@ class VAEArchConfig:
 
 @dataclass
 class VAERefConfig:
-    """Stage 2 / predict: a frozen diffusers AutoencoderKL directory on disk."""
-    path: Optional[str] = None  # e.g. runs/vae/vae (stage 1 output) or any SD-style VAE dir
-    encode_batch_frames: int = 64  # frames per VAE call (memory bound)
+    """Stage 2: a frozen diffusers VAE on disk (any family models/vae.py supports)."""
+    path: Optional[str] = None  # a VAE folder (e.g. runs/vae/vae) or a pipeline folder with vae/
+    subfolder: Optional[str] = None  # the VAE's subfolder of `path`; null = path itself, or vae/ of a pipeline
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp32 on CPU, bf16 on CUDA for video VAEs
+    tiling: bool = False  # diffusers' spatial tiling (large resolutions)
+    slicing: bool = False  # diffusers' batch slicing (one clip / frame batch at a time)
+    encode_batch_frames: int = 64  # frames per VAE call (memory bound; a video VAE takes whole clips)
     sample_posterior: bool = True  # train on posterior samples (False: posterior mean)
 
     def validate(self, prefix: str = "vae") -> None:
@@ -372,8 +376,8 @@ class TrainRunConfig:
         for part in ("data", "vae", "model", "diffusion", "train", "validation"):
             getattr(self, part).validate(part)
         if self.vae.path is None:
-            raise ConfigError("vae.path is not set: point it at a diffusers AutoencoderKL directory, "
-                              "e.g. the vae/ folder that train_vae.py writes into its run directory")
+            raise ConfigError("vae.path is not set: point it at a diffusers VAE directory (e.g. the vae/ "
+                              "folder that train_vae.py writes into its run directory) or a pipeline folder")
 
 
 @dataclass
