@@ -6,6 +6,7 @@ training loop, in headed phases.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
