@@ -27,7 +27,9 @@ def test_two_process_resume_mid_epoch_is_bit_identical(tmp_path, random_vae):  #
     assert not torch.equal(first["rng"][0]["torch"], first["rng"][1]["torch"])
     resumed, out = _run(2, 2, tmp_path, random_vae, "resumed",
                         [*STEPS, "train.max_steps=6", "train.resume=auto"])
-    assert "warning" not in open(os.path.join(resumed, "log.txt")).read().lower()
+    warned = [line for line in open(os.path.join(resumed, "log.txt")).read().lower().splitlines()
+              if "warning" in line and "latent rms" not in line]  # the random VAE's scale is off
+    assert not warned  # no reseed, no data-position warning: the resume was exact
     a = load_checkpoint(os.path.join(straight, "latest.pth"))
     b = load_checkpoint(os.path.join(resumed, "latest.pth"))
     assert a["step"] == b["step"] == 6
