@@ -60,3 +60,14 @@ def vae_families(tmp_path_factory) -> dict:
     pipeline folder with model_index.json + vae/); written once per session (tests/vae_families.py)."""
     from tests.vae_families import write_families
     return write_families(str(tmp_path_factory.mktemp("vae_families")))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster when other jobs share the cores.
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -161,12 +161,7 @@ def _assert_all_read(name: str, reads: set) -> None:
     assert not unread, f"{name}: keys never read by the code: {unread}"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,7 @@ from tests.test_vae import TINY_OVERRIDES as VAE_TINY
 from utils.checkpoint import load_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _stage1(tmp_path, *extra):
