@@ -33,9 +33,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         device, dtype = setup_runtime(cfg.device, cfg.experiment.seed, cfg.train.precision,
                                       cfg.train.tf32, dist.local_rank if dist.enabled else None)
         run_dir = os.path.join(cfg.experiment.runs_dir, cfg.experiment.name)
-        resume_path = prepare_run(cfg.train.resume, run_dir, dist)
+        resume_path, lock = prepare_run(cfg.train.resume, run_dir, dist)
         log = RunLogger(run_dir, enabled=dist.is_main)
         try:
+            if lock.note:
+                log.info(f"warning: {lock.note}")
             s = setup(cfg, run_dir, dist, device, dtype, log, resume_path, started)
             if dist.is_main:  # only now: a refused resume must not overwrite the run's config
                 dump_config(cfg, os.path.join(run_dir, "config.yaml"))
@@ -44,6 +46,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                      f"TensorBoard: tensorboard --logdir {os.path.join(run_dir, 'tensorboard')}")
         finally:
             log.close()
+            lock.release()
     finally:
         cleanup(dist)
     return 0

@@ -21,12 +21,20 @@ A key that differs from the manifest's rebuilds the cache, saying what changed. 
 encode disjoint sources in parallel. This module takes an encode function, so `data/`
 never imports `models/`.
 
+Healing. A manifest or shard that cannot be read, or that does not cover every source with
+well-formed latents, is reported (`CacheCorruptError`) and the cache is rebuilt. A build is
+written shard by shard (every `SOURCES_PER_SHARD` sources or `SHARD_BYTES`), each shard
+followed by `progress_r{rank}.json` (the key, the world size, the shards written): a build
+killed part-way resumes with the sources it had not finished. The manifest is written last.
+
 Datasets provide: `num_sources`, `source_length(i)`, `source_label(i)`,
 `source_frames(i, indices) -> (3, n, H, W)` (no augmentation), `window(index) -> (source,
 frame indices)`, `augments` and `cache_key()`.
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
 from typing import Callable, Optional
@@ -39,6 +47,7 @@ from utils.checkpoint import atomic_save
 
 EncodeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (B,3,T,H,W) -> mean, std (B,C,t,h,w)
 SOURCES_PER_SHARD = 256
+SHARD_BYTES = 256 * 2**20  # a shard is also closed at this size: a killed build loses less
 FRAMES_PER_READ = 128  # frames decoded and encoded at once (memory bound)
 
 
@@ -46,6 +55,10 @@ def cache_key(dataset, vae_fingerprint: str, vae_settings: Optional[dict] = None
     """What the cached latents depend on: the VAE (fingerprint, and settings such as its dtype
     and layout) and the dataset's pixels."""
     return {"vae_fingerprint": vae_fingerprint, **(vae_settings or {}), **dataset.cache_key()}
+
+
+class CacheCorruptError(Exception):
+    """The cache on disk cannot be used as it is (unreadable, partial or malformed): rebuild it."""
 
 
 def describe_change(old: dict, new: dict) -> str:
@@ -66,51 +79,128 @@ class LatentCache:
         self.manifest_path = os.path.join(cache_dir, "manifest.json")
 
     def status(self) -> tuple[bool, str]:
-        """(usable, why not) for the cache on disk."""
+        """(usable, why not) for the cache on disk, from the manifest alone (`load` checks the
+        shards' contents)."""
         if not os.path.isfile(self.manifest_path):
             return False, "no cache yet"
-        with open(self.manifest_path) as f:
-            manifest = json.load(f)
-        if manifest.get("key") != self.key:
-            return False, describe_change(manifest.get("key", {}), self.key)
-        missing = [s for s in set(manifest["shards"].values())
-                   if not os.path.isfile(os.path.join(self.dir, s))]
+        try:
+            manifest = self._manifest()
+        except CacheCorruptError as e:
+            return False, str(e)
+        if manifest["key"] != self.key:
+            return False, describe_change(manifest["key"], self.key)
+        missing = sorted({s for s in manifest["shards"].values()
+                          if not os.path.isfile(os.path.join(self.dir, s))})
         return (False, f"shard files missing: {missing[:3]}") if missing else (True, "")
 
     def build_part(self, encode: EncodeFn, rank: int = 0, world_size: int = 1,
                    progress: bool = True) -> dict[int, str]:
-        """Encode this rank's sources (every world_size-th); returns {source: shard file}."""
+        """Encode this rank's sources (every world_size-th), resuming a killed build of the
+        same key; returns {source: shard file}."""
         os.makedirs(self.dir, exist_ok=True)
-        mine = list(range(rank, self.dataset.num_sources, world_size))
-        written, shard, k = {}, {}, 0
+        if rank == 0:  # the manifest is written again once every rank is done
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.manifest_path)
+        written = self._progress(rank, world_size)
+        if not written:
+            self._remove_rank_files(rank)
+        mine = [s for s in range(rank, self.dataset.num_sources, world_size) if s not in written]
+        k = len(set(written.values()))
+        shard, size = {}, 0
         windows = self._windows_by_source() if self.per_window else {}
-        for src in tqdm(mine, desc="latent cache", disable=not progress, dynamic_ncols=True):
+        bar = tqdm(mine, desc="latent cache", disable=not progress, dynamic_ncols=True,
+                   initial=len(written), total=len(written) + len(mine))
+        for src in bar:
             shard[src] = (self._encode_windows(src, windows.get(src, []), encode) if self.per_window
                           else self._encode_source(src, encode))
-            if len(shard) == SOURCES_PER_SHARD or src == mine[-1]:
+            size += sum(t.numel() * t.element_size() for t in shard[src].values())
+            if len(shard) == SOURCES_PER_SHARD or size >= SHARD_BYTES or src == mine[-1]:
                 name = f"shard_r{rank}_{k:05d}.pt"
                 atomic_save(shard, os.path.join(self.dir, name))
                 written.update({s: name for s in shard})
-                shard, k = {}, k + 1
+                self._write_progress(rank, world_size, written)
+                shard, size, k = {}, 0, k + 1
         return written
 
     def write_manifest(self, shards: dict[int, str]) -> None:
+        """Rank 0, once every rank's part is written: the cache is complete; progress records go."""
         manifest = {"key": self.key, "vae": self.vae_record,
                     "layout": "window" if self.per_window else "frame",
                     "shards": {str(s): name for s, name in sorted(shards.items())}}
-        tmp = self.manifest_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1)
-        os.replace(tmp, self.manifest_path)
+        _write_json(manifest, self.manifest_path)
+        for path in glob.glob(os.path.join(glob.escape(self.dir), "progress_r*.json")):
+            os.remove(path)
 
     def load(self) -> "CachedWindows":
-        with open(self.manifest_path) as f:
-            shards = json.load(f)["shards"]
+        """The cached windows; `CacheCorruptError` names what is wrong when the cache on disk is
+        unreadable, partial or malformed."""
+        shards = self._manifest()["shards"]
+        missing = sorted(set(range(self.dataset.num_sources)) - {int(k) for k in shards})
+        if missing:
+            raise CacheCorruptError(f"the manifest covers {self.dataset.num_sources - len(missing)} "
+                                    f"of {self.dataset.num_sources} sources")
         latents: dict[int, dict] = {}
         for name in sorted(set(shards.values())):
-            part = torch.load(os.path.join(self.dir, name), map_location="cpu", weights_only=True)
+            path = os.path.join(self.dir, name)
+            try:
+                part = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # truncated, overwritten, not a torch file: all mean "rebuild"
+                raise CacheCorruptError(f"shard {path} cannot be read ({type(e).__name__})") from None
+            if not isinstance(part, dict):
+                raise CacheCorruptError(f"shard {path} is not a dict of latents")
             latents.update(part)
+        for src in range(self.dataset.num_sources):
+            self._check_entry(src, latents.get(src))
         return CachedWindows(self.dataset, latents)
+
+    def _manifest(self) -> dict:
+        try:
+            with open(self.manifest_path) as f:
+                manifest = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CacheCorruptError(f"{self.manifest_path} cannot be read ({type(e).__name__}: {e})") from None
+        if not (isinstance(manifest, dict) and isinstance(manifest.get("key"), dict)
+                and isinstance(manifest.get("shards"), dict)):
+            raise CacheCorruptError(f"{self.manifest_path} lacks its 'key' or 'shards'")
+        return manifest
+
+    def _check_entry(self, src: int, entry) -> None:
+        """A source's latents are complete: mean and std of every frame (or every window)."""
+        ok = isinstance(entry, dict) and all(torch.is_tensor(entry.get(k)) for k in ("mean", "std"))
+        if ok and self.per_window:
+            ok = torch.is_tensor(entry.get("frames")) and entry["mean"].shape[0] == entry["frames"].shape[0]
+        elif ok:
+            ok = entry["mean"].ndim == 4 and entry["mean"].shape[1] == self.dataset.source_length(src)
+        if not ok or entry["mean"].shape != entry["std"].shape:
+            raise CacheCorruptError(f"the latents of source {src} are missing or incomplete")
+
+    def _progress_path(self, rank: int) -> str:
+        return os.path.join(self.dir, f"progress_r{rank}.json")
+
+    def _progress(self, rank: int, world_size: int) -> dict[int, str]:
+        """{source: shard} this rank wrote in a build of the same key that did not finish."""
+        try:
+            with open(self._progress_path(rank)) as f:
+                record = json.load(f)
+            if record["key"] != self.key or record["world_size"] != world_size:
+                return {}
+            done = {int(s): name for s, name in record["shards"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return {}
+        if not all(os.path.isfile(os.path.join(self.dir, n)) for n in done.values()):
+            return {}
+        return done
+
+    def _write_progress(self, rank: int, world_size: int, written: dict[int, str]) -> None:
+        _write_json({"key": self.key, "world_size": world_size,
+                     "shards": {str(s): n for s, n in sorted(written.items())}}, self._progress_path(rank))
+
+    def _remove_rank_files(self, rank: int) -> None:
+        """Shards and progress of an earlier build by this rank: a fresh build starts clean."""
+        for path in glob.glob(os.path.join(glob.escape(self.dir), f"shard_r{rank}_*.pt*")):
+            os.remove(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self._progress_path(rank))
 
     def _windows_by_source(self) -> dict[int, list[list[int]]]:
         """{source: frame indices of each of its windows}, from the dataset's `window(index)`."""
@@ -144,6 +234,14 @@ class LatentCache:
             stds.append(std[0].cpu())
         return {"mean": torch.cat(means, dim=1).contiguous(),  # (C, L, h, w)
                 "std": torch.cat(stds, dim=1).contiguous()}
+
+
+def _write_json(obj: dict, path: str) -> None:
+    """Write-then-rename: a reader sees the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 class CachedWindows(Dataset):

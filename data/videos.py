@@ -86,7 +86,10 @@ def find_sources(root: str) -> list[str]:
 
 def _scan(path: str) -> tuple[Union[int, str], list[tuple[int, int]]]:
     """(frame count or the reason the source is unusable, gaps in a frame folder's numbering)."""
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:  # a dangling symlink, or a file removed while indexing
+        return ("a dangling symlink" if os.path.islink(path) else f"cannot be read ({e.strerror})"), []
     memo = _SCAN_MEMO.get(path)
     if memo is not None and memo[:2] == (st.st_size, st.st_mtime_ns):
         return memo[2], memo[3]
@@ -159,6 +162,7 @@ class VideoFolder(Dataset):
         self.augment = (split == "train") if augment is None else augment
         self.span = window_span(cfg.num_frames, cfg.frame_stride)  # source frames per window
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._unreadable: set[int] = set()  # sources that failed to read after indexing
         rels = self._find(cfg.path)
         names = sorted({c for r in rels if (c := _class_of(r, self._is_dir(r))) is not None})
         if cfg.labels == "subfolder" and not names:
@@ -272,11 +276,30 @@ class VideoFolder(Dataset):
     def __getitem__(self, index: int) -> dict:
         index = int(index)  # numpy / tensor indices must seed like python ints
         src, frames = self.window(index)
-        pixels = read_frames(self.sources[src][0], frames)  # (T, h, w, 3) uint8
+        src, pixels = self._read_or_substitute(src, frames)  # (T, h, w, 3) uint8
         g = None
         if self.augment and (self.cfg.random_crop or self.cfg.hflip):
             g = torch.Generator().manual_seed(_seed(self.seed, int(self._epoch), index))
         return {"video": self.transform(pixels, g), "label": self.labels[src]}
+
+    def _read_or_substitute(self, src: int, frames: list[int]) -> tuple[int, np.ndarray]:
+        """(source read, the window's frames). A source that became unreadable after indexing
+        (deleted, cut short, a symlink left dangling) is skipped for the rest of the run with
+        one warning; its windows are served by the first window of the next readable source."""
+        for attempt in range(self.num_sources):
+            s = (src + attempt) % self.num_sources
+            if s in self._unreadable:
+                continue
+            path = self.sources[s][0]
+            try:
+                return s, read_frames(path, frames if s == src else [f - frames[0] for f in frames])
+            except (VideoReadError, OSError) as e:
+                self._unreadable.add(s)
+                warnings.warn(f"data.path = {self.cfg.path}: {path} could not be read any more "
+                              f"({str(e).removeprefix(f'{path}: ')}); it is skipped for the rest of "
+                              "this run, its windows served by other clips", DataWarning)
+        raise UserError(f"data.path = {self.cfg.path}: none of the {self.num_sources} indexed "
+                        "sources can be read any more (were the files moved or deleted?)")
 
     # ----------------------------------------------------------------- latent cache protocol
 

@@ -222,6 +222,9 @@ def resolve_vae_dtype(name: str, class_name: str, device: torch.device | str) ->
 
 def resolve_vae_dir(path: str, subfolder: Optional[str] = None) -> tuple[str, str]:
     """`vae.path` (a VAE folder, or a pipeline folder with vae/) -> (VAE folder, how it was found)."""
+    if os.path.isfile(path):
+        raise UserError(f"vae.path = {path} is a file, not a directory: point it at the folder "
+                        "that holds the VAE's config.json and weights (or at a pipeline folder)")
     if not os.path.isdir(path):
         raise MissingFileError(f"VAE directory not found: {path}. Train one with "
                                "`python train_vae.py --config config_vae.yaml` (it writes "

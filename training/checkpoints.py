@@ -11,10 +11,11 @@ import glob
 import os
 import re
 from dataclasses import asdict
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from models.vae import FrozenVAE
 from utils.config import ModelConfig
+from utils.checkpoint import require_entries
 from utils.errors import UserError
 
 FORMAT = "video-ldm-stage2/1"
@@ -48,14 +49,64 @@ def check_vae(ckpt: dict, vae: FrozenVAE, ckpt_path: str) -> None:
             f"{vae.fingerprint}. {VAE_MISMATCH_HELP}")
 
 
-def check_model(ckpt: dict, expected: dict, ckpt_path: str) -> None:
-    """Refuse a checkpoint whose architecture or input geometry differs from the config's."""
+# What the resume and predict read from a stage-2 checkpoint, with the types they need.
+ENTRIES = {"step": int, "epoch": int, "micro": int, "world_size": int, "batch_size": int,
+           "model": dict, "model_state": dict, "ema_state": dict, "optimizer": dict, "scaler": dict,
+           "lr_sched": dict, "rng": (list, dict), "vae": dict, "diffusion": dict, "config": dict}
+PREDICT_ENTRIES = {k: ENTRIES[k] for k in ("step", "model", "model_state", "ema_state", "vae",
+                                           "diffusion", "config")}
+STAGE1_ENTRIES = {**{k: ENTRIES[k] for k in ("step", "epoch", "micro", "world_size", "batch_size",
+                                             "model_state", "optimizer", "scaler", "lr_sched", "config")},
+                  "rng": list}
+DATA_GEOMETRY = ("num_frames", "resolution", "frame_stride")  # data keys the model's input derives from
+RESTART_HELP = ("Resume with the config it was trained with (it is stored in the run's config.yaml), "
+                "or start a new run (another experiment.name, or train.resume=null in a fresh directory).")
+
+
+def check_entries(ckpt: dict, ckpt_path: str, entries: dict = ENTRIES) -> None:
+    """Every entry the caller reads is there, with its type, and nested records are complete."""
+    require_entries(ckpt, ckpt_path, entries)
+    if "model" in entries:
+        require_entries(ckpt["model"], f"{ckpt_path} (entry 'model')", {"config": dict, "dims": dict})
+    if "vae" in entries:
+        require_entries(ckpt["vae"], f"{ckpt_path} (entry 'vae')", {"fingerprint": str, "path": str})
+
+
+def check_model(ckpt: dict, expected: dict, ckpt_path: str, data: Optional[dict] = None) -> None:
+    """Refuse a checkpoint whose architecture or input geometry differs from the config's, saying
+    whether the data (`data`: this run's data section) or the model differs."""
     diffs = _diff(ckpt["model"], expected)
+    if not diffs:
+        return
+    trained = ckpt.get("config", {}).get("data", {})
+    data_diffs = [f"data.{k} is {trained.get(k)!r} in the checkpoint but {data.get(k)!r} now"
+                  for k in DATA_GEOMETRY if data is not None and k in trained and trained[k] != data.get(k)]
+    if data_diffs:
+        raise UserError(f"checkpoint {ckpt_path} was trained on other data: " + "; ".join(data_diffs) +
+                        " (the model's input size follows from them). " + RESTART_HELP)
+    raise UserError(f"checkpoint {ckpt_path} was made for another model: " + "; ".join(diffs) +
+                    ". " + RESTART_HELP)
+
+
+def load_entry(ckpt_path: str, entry: str, load: Callable[[Any], Any], value: Any) -> None:
+    """`load(value)` (a load_state_dict), a malformed entry named rather than a traceback."""
+    try:
+        load(value)
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {ckpt_path}: entry {entry!r} does not fit this run "
+                        f"({type(e).__name__}: {first[:300]}); the file was edited or written by "
+                        "other code. Use another checkpoint, or start fresh with another "
+                        "experiment.name.") from None
+
+
+def check_diffusion(ckpt: dict, expected: dict, ckpt_path: str) -> None:
+    """The noise schedule the model learnt is the one it must keep."""
+    diffs = _diff(ckpt["diffusion"], expected)
     if diffs:
-        raise UserError(
-            f"checkpoint {ckpt_path} was made for another model: " + "; ".join(diffs) +
-            ". Resume with the config it was trained with (it is stored in the run's config.yaml), "
-            "or start a new run (another experiment.name, or train.resume=null in a fresh directory).")
+        raise UserError(f"checkpoint {ckpt_path} was trained with another diffusion schedule: "
+                        + "; ".join(f"diffusion.{d}" for d in diffs) +
+                        ". Resume with the checkpoint's diffusion settings (in the run's config.yaml).")
 
 
 def check_format(ckpt: dict, ckpt_path: str, expected: str = FORMAT) -> None:
@@ -77,6 +128,9 @@ def resolve_resume(resume: Optional[str], run_dir: str) -> Optional[str]:
         return None
     if resume == "auto":
         return latest if os.path.exists(latest) else None
+    if os.path.isdir(resume):
+        raise UserError(f"train.resume = {resume!r} is a directory; give a checkpoint file in it "
+                        f"(e.g. {os.path.join(resume, 'latest.pth')}), or use auto")
     if not os.path.isfile(resume):
         raise UserError(f"train.resume = {resume!r}: no such checkpoint file "
                         "(use null, auto, or the path of a .pth file)")
@@ -118,6 +172,9 @@ def model_from_checkpoint(ckpt: dict, use_ema: bool, device) -> "VideoDiT":
 
 def ensure_writable_dir(path: str, key: str) -> None:
     """Create `path` or fail now, before any work is done, naming the config key."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{key} = {path!r} is a file, not a directory; choose another {key} "
+                        "or move the file away")
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write_test_{os.getpid()}")

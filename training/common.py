@@ -21,6 +21,7 @@ from utils.checkpoint import capture_rng, restore_rng
 from utils.dist import DistInfo, gather_objects
 from utils.errors import UserError
 from utils.logging import RunLogger
+from utils.run_guard import RunLock
 from utils.train_utils import global_seed, lr_multiplier, noise_seed, seed_everything
 
 
@@ -32,24 +33,51 @@ class Position:
     micro: int = 0
 
 
-def prepare_run(resume: Optional[str], run_dir: str, dist: DistInfo) -> Optional[str]:
-    """Before any work: which checkpoint to continue from (`train.resume`: null refuses to
-    overwrite an existing run, `auto`, or a path) and a writable run directory (rank 0)."""
-    resume_path = resolve_resume(resume, run_dir)
+def prepare_run(resume: Optional[str], run_dir: str, dist: DistInfo) -> tuple[Optional[str], RunLock]:
+    """Before any work: a writable run directory that this run alone owns (rank 0 takes its
+    lock; release it when the run ends), then which checkpoint to continue from
+    (`train.resume`: null refuses to overwrite an existing run, `auto`, or a path)."""
+    lock = RunLock(run_dir, enabled=dist.is_main)
     if dist.is_main:
         ensure_writable_dir(run_dir, "experiment.runs_dir")
-    return resume_path
+        lock.acquire()
+    try:
+        return resolve_resume(resume, run_dir), lock
+    except BaseException:
+        lock.release()
+        raise
 
 
-def restore_position(ckpt: dict, dist: DistInfo, batch_size: int, log: RunLogger) -> Position:
-    """The data position of a checkpoint; with another world size or batch size the rest of the
-    epoch cannot be found again, so training continues from the next epoch."""
+def restore_position(ckpt: dict, dist: DistInfo, batch_size: int, num_items: int,
+                     log: RunLogger) -> Position:
+    """The data position of a checkpoint; with another world size, batch size or number of
+    training windows (clips added or removed) the rest of the epoch cannot be found again, so
+    training continues from the next epoch. `num_items`: windows in the training set now."""
     pos = Position(ckpt["step"], ckpt["epoch"], ckpt["micro"])
-    if (ckpt["world_size"], ckpt["batch_size"]) != (dist.world_size, batch_size):
-        log.info("warning: world size or batch size changed since the checkpoint; the data "
+    changed = [what for what, was, now in (
+        ("world size", ckpt["world_size"], dist.world_size), ("batch size", ckpt["batch_size"], batch_size),
+        ("number of training windows", ckpt.get("num_items", num_items), num_items)) if was != now]
+    if changed:
+        log.info(f"warning: the {' and '.join(changed)} changed since the checkpoint; the data "
                  "position cannot be restored exactly, continuing from the next epoch")
         pos = Position(pos.step, pos.epoch + (pos.micro > 0), 0)
     return pos
+
+
+def check_epoch(num_items: int, tcfg, dist: DistInfo, accum_steps: int = 1) -> int:
+    """Optimizer steps per epoch, refused now (before any cache or model) when an epoch holds
+    less than one batch or fewer batches than train.grad_accum_steps. `tcfg`: a train config."""
+    per_rank = num_items // dist.world_size
+    batches = per_rank // tcfg.batch_size
+    if batches == 0:
+        per = f" ({per_rank} per process over {dist.world_size} processes)" if dist.world_size > 1 else ""
+        raise UserError(f"the dataset has {num_items} items{per}, fewer than one batch of "
+                        f"{tcfg.batch_size}; lower train.batch_size, or add clips / lower "
+                        "data.window_stride to get more windows")
+    if batches < accum_steps:
+        raise UserError(f"one epoch has {batches} batches, fewer than train.grad_accum_steps = "
+                        f"{accum_steps}; lower it or train.batch_size")
+    return batches // accum_steps
 
 
 # ----------------------------------------------------------------------------- time and LR
@@ -186,10 +214,11 @@ def seed_rank(seed: int, dist: DistInfo, device: torch.device) -> torch.Generato
     return torch.Generator(device).manual_seed(noise_seed(seed, dist.rank))
 
 
-def capture_rank_rng(noise_gen: torch.Generator, dist: DistInfo) -> Optional[list[dict]]:
-    """Every rank's RNG states, gathered to all ranks (index = rank). Call on every rank."""
+def capture_rank_rng(noise_gen: torch.Generator, dist: DistInfo, gather: bool = True) -> list[dict]:
+    """Every rank's RNG states, gathered to all ranks (index = rank); call on every rank.
+    `gather=False` (a failing run, whose other ranks may not answer): this rank's alone."""
     mine = {**capture_rng(), "noise_gen": noise_gen.get_state()}
-    return gather_objects(mine, dist)
+    return gather_objects(mine, dist) if gather else [mine]
 
 
 def restore_rank_rng(saved: list[dict], noise_gen: torch.Generator, seed: int, dist: DistInfo,

@@ -27,13 +27,14 @@ from data.loader import ResumableSampler, batches_per_epoch, make_loader, set_ep
 from models.vae import FrozenVAE, VAELoss, build_autoencoder
 from training import checkpoints as ckpts
 from training.common import (Deadline, NonFiniteGuard, Position, StepOutcome, capture_rank_rng,
-                             checkpoint_note, make_lr_schedule, optimizer_step, out_of_memory,
-                             restore_position, restore_rank_rng, seed_rank)
+                             check_epoch, checkpoint_note, make_lr_schedule, optimizer_step,
+                             out_of_memory, restore_position, restore_rank_rng, seed_rank)
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import VAERunConfig, config_to_dict
 from utils.dist import DistInfo, all_reduce_mean, any_rank, barrier
 from utils.errors import UserError
 from utils.logging import RunLogger
+from utils.run_guard import save_before_fail, weights_finite
 from utils.train_utils import (GracefulStop, autocast_context, count_parameters, make_adamw,
                                make_grad_scaler, use_fast_adamw)
 
@@ -76,6 +77,7 @@ class Stage1:
     pos: Position
     total_steps: int
     deadline: Deadline
+    saved_step: int = 0  # the step latest.pth holds (a failing run saves only what is newer)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -87,6 +89,8 @@ def setup(cfg: VAERunConfig, run_dir: str, dist: DistInfo, device: torch.device,
     tcfg = cfg.train
     train_set = build_dataset(cfg.data, "train", cfg.experiment.seed)
     val_set = build_dataset(cfg.data, "val", cfg.experiment.seed)
+    check_epoch(len(train_set), tcfg, dist)  # before the model: an epoch holds a batch
+    ckpt = _checked_checkpoint(cfg, resume_path) if resume_path else None
     loader = make_loader(train_set, tcfg.batch_size, shuffle=True, seed=cfg.experiment.seed,
                          num_workers=cfg.data.num_workers, rank=dist.rank,
                          world_size=dist.world_size, device_type=device.type)
@@ -102,8 +106,8 @@ def setup(cfg: VAERunConfig, run_dir: str, dist: DistInfo, device: torch.device,
                make_lr_schedule(optimizer, tcfg, total, deadline), loader, loader.sampler,
                seed_rank(cfg.experiment.seed, dist, device), train_set, val_set, Position(), total,
                deadline)
-    if resume_path:
-        _resume(s, resume_path)
+    if ckpt is not None:
+        _resume(s, ckpt, resume_path)
     log.info(f"run {run_dir}: {count_parameters(ae)[1] / 1e6:.2f}M params on {device} ({dtype}), "
              f"world size {dist.world_size}, {len(train_set)} training / {len(val_set)} held-out "
              f"windows, {total} steps")
@@ -113,40 +117,51 @@ def setup(cfg: VAERunConfig, run_dir: str, dist: DistInfo, device: torch.device,
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_dict(s: Stage1) -> dict:
-    """Called on every rank (the RNG states are gathered); rank 0 writes it."""
+def checkpoint_dict(s: Stage1, gather: bool = True) -> dict:
+    """Called on every rank (the RNG states are gathered); rank 0 writes it. `gather=False`: a
+    failing run, whose other ranks may not answer, records rank 0's RNG states alone."""
     return {"format": ckpts.STAGE1_FORMAT,
             "step": s.pos.step, "epoch": s.pos.epoch, "micro": s.pos.micro,
             "world_size": s.dist.world_size, "batch_size": s.cfg.train.batch_size,
+            "num_items": len(s.train_set),  # a resume on other data starts a new epoch
             "model_state": s.ae.state_dict(), "optimizer": s.optimizer.state_dict(),
             "scaler": s.scaler.state_dict(), "lr_sched": s.lr_sched.state_dict(),
-            "rng": capture_rank_rng(s.noise_gen, s.dist),  # index = rank
+            "rng": capture_rank_rng(s.noise_gen, s.dist, gather),  # index = rank
             "config": config_to_dict(s.cfg)}
 
 
-def save(s: Stage1) -> None:
-    """Rank 0 writes latest.pth (atomically); everyone waits for it."""
-    ckpt = checkpoint_dict(s)
+def save(s: Stage1, collective: bool = True) -> None:
+    """Rank 0 writes latest.pth (atomically); everyone waits for it. `collective=False` (a
+    failing run): no collective call, rank 0 alone writes."""
+    ckpt = checkpoint_dict(s, gather=collective)
     if s.dist.is_main:
         atomic_save(ckpt, os.path.join(s.run_dir, "latest.pth"))
-    barrier(s.dist)
+    s.saved_step = s.pos.step
+    if collective:
+        barrier(s.dist)
 
 
-def _resume(s: Stage1, path: str) -> None:
+def _checked_checkpoint(cfg: VAERunConfig, path: str) -> dict:
+    """The checkpoint to resume from, refused now if it does not fit this config."""
     ckpt = load_checkpoint(path, map_location="cpu")
     ckpts.check_format(ckpt, path, ckpts.STAGE1_FORMAT)
-    saved_vae = ckpt["config"]["vae"]
-    if saved_vae != config_to_dict(s.cfg)["vae"]:
+    ckpts.check_entries(ckpt, path, ckpts.STAGE1_ENTRIES)
+    saved_vae = ckpt["config"].get("vae")
+    if saved_vae != config_to_dict(cfg)["vae"]:
         raise UserError(f"checkpoint {path} was trained with vae = {saved_vae}, not the vae section "
                         "of this config: resume with the same vae settings or start fresh "
                         "(another experiment.name)")
-    s.ae.load_state_dict(ckpt["model_state"])
-    s.optimizer.load_state_dict(ckpt["optimizer"])
+    return ckpt
+
+
+def _resume(s: Stage1, ckpt: dict, path: str) -> None:
+    for entry, load in (("model_state", s.ae.load_state_dict), ("optimizer", s.optimizer.load_state_dict),
+                        ("scaler", s.scaler.load_state_dict), ("lr_sched", s.lr_sched.load_state_dict)):
+        ckpts.load_entry(path, entry, load, ckpt[entry])
     use_fast_adamw(s.optimizer)  # the checkpoint may carry another implementation's flags
-    s.scaler.load_state_dict(ckpt["scaler"])
-    s.lr_sched.load_state_dict(ckpt["lr_sched"])
     restore_rank_rng(ckpt["rng"], s.noise_gen, s.cfg.experiment.seed, s.dist, s.log)
-    s.pos = restore_position(ckpt, s.dist, s.cfg.train.batch_size, s.log)
+    s.pos = restore_position(ckpt, s.dist, s.cfg.train.batch_size, len(s.train_set), s.log)
+    s.saved_step = s.pos.step
     s.log.info(f"resumed from {path} at step {s.pos.step}")
 
 
@@ -155,9 +170,13 @@ def _resume(s: Stage1, path: str) -> None:
 
 def train(s: Stage1) -> bool:
     """Runs the loop; True when it ended by a signal (latest.pth saved, no vae/ yet). A CUDA
-    out-of-memory error becomes a message saying what to change."""
+    out-of-memory error becomes a message saying what to change. Any error saves latest.pth
+    first (when there is a sound, newer state) and is recorded in log.txt."""
     try:
-        return _train_loop(s)
+        with save_before_fail(lambda: save(s, collective=False), lambda: s.pos.step,
+                              lambda: s.saved_step, lambda: weights_finite(s.ae.parameters()),
+                              s.log, os.path.join(s.run_dir, "latest.pth")):
+            return _train_loop(s)
     except torch.OutOfMemoryError:
         raise out_of_memory(s.cfg.train.batch_size, s.device,
                             " (clips per batch) or train.frames_per_clip (frames per clip), or "

@@ -19,25 +19,28 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import build_dataset
-from data.latent_cache import CachedWindows, LatentCache, cache_disabled_reason, cache_key
-from data.loader import ResumableSampler, batches_per_epoch, make_loader, set_epoch
+from data.latent_cache import (CacheCorruptError, CachedWindows, LatentCache, cache_disabled_reason,
+                               cache_key)
+from data.loader import ResumableSampler, make_loader, set_epoch
 from models.diffusion import Diffusion
 from models.dit import VideoDiT
 from models.vae import FrozenVAE
 from training import checkpoints as ckpts
 from training.common import (Deadline, NonFiniteGuard, Position, StepOutcome, capture_rank_rng,
-                             checkpoint_note, make_lr_schedule, maybe_no_sync, optimizer_step,
-                             out_of_memory, restore_position, restore_rank_rng, seed_rank)
+                             check_epoch, checkpoint_note, make_lr_schedule, maybe_no_sync,
+                             optimizer_step, out_of_memory, restore_position, restore_rank_rng,
+                             seed_rank)
 from training.evaluation import clip_batches, real_clip_plan, video_batches
 from training.sampling import default_labels, generate_videos, save_videos, side_by_side
 from utils.video_io import uint8_to_video_tensor
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import TrainRunConfig, config_to_dict
 from utils.dist import DistInfo, all_reduce_mean, all_reduce_sum, any_rank, barrier, gather_dicts
-from utils.errors import ConfigError, UserError
+from utils.errors import ConfigError
 from utils.fvd import FeatureStats, fvd_from_stats, load_detector, stats_of
 from utils.logging import RunLogger
 from utils.metrics import jigsaw_score
+from utils.run_guard import save_before_fail, weights_finite
 from utils.train_utils import (EMA, GracefulStop, autocast_context, count_parameters, make_adamw,
                                make_grad_scaler, use_fast_adamw)
 
@@ -78,6 +81,7 @@ class Stage2:
     held_out: Optional["HeldOut"] = None  # val/loss's fixed windows, encoded once (rank 0)
     detector: Optional[torch.jit.ScriptModule] = None  # validation.fvd's I3D, if set
     fvd_real: Optional[FeatureStats] = None  # real clips' features for val/fvd, computed once
+    saved_step: int = 0  # the step latest.pth holds (a failing run saves only what is newer)
     last_data_wait_fraction: float = 0.0  # of the last logging interval (benchmarks read it)
 
 
@@ -109,23 +113,26 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
     tcfg = cfg.train
     vae = FrozenVAE.from_config(cfg.vae, device)
     log.info(f"VAE {vae.summary()}")
-    latent_dims(cfg, vae, 0)  # frame rule and resolution refused now, before any cache is written
-    dataset = _maybe_cached(build_dataset(cfg.data, "train", cfg.experiment.seed), cfg, vae,
-                            run_dir, dist, device, log)
+    # Every check the config, the data index, the VAE and the checkpoint allow, before the
+    # latent cache is built or a step runs.
+    dataset = build_dataset(cfg.data, "train", cfg.experiment.seed)  # the index: frame counts only
+    dims = latent_dims(cfg, vae, dataset.num_classes)  # resolution, frame rule, patch_t
+    steps_per_epoch = check_epoch(len(dataset), tcfg, dist, tcfg.grad_accum_steps)
+    ckpt = _checked_checkpoint(cfg, resume_path, vae, dims) if resume_path else None
+    detector = None
+    if cfg.validation.fvd.detector_path is not None:  # fail now, not at the first validation
+        detector = load_detector(cfg.validation.fvd.detector_path, device,
+                                 key="validation.fvd.detector_path")
+    dataset = _maybe_cached(dataset, cfg, vae, run_dir, dist, device, log)
     if dist.is_main:
         _log_latent_rms(vae, dataset, log)
     loader = make_loader(dataset, tcfg.batch_size, shuffle=True, seed=cfg.experiment.seed,
                          num_workers=cfg.data.num_workers, rank=dist.rank,
                          world_size=dist.world_size, drop_last=True, device_type=device.type)
-    dims = latent_dims(cfg, vae, dataset.num_classes)
     model = VideoDiT(cfg.model.resolved(), **dims).to(device)
     model.activation_checkpointing = tcfg.activation_checkpointing
     ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup_steps)
     optimizer = make_adamw(model.parameters(), tcfg.lr, tcfg.betas, tcfg.weight_decay)
-    steps_per_epoch = batches_per_epoch(loader) // tcfg.grad_accum_steps
-    if steps_per_epoch == 0:
-        raise UserError(f"one epoch has {batches_per_epoch(loader)} batches, fewer than train.grad_accum_steps = "
-                        f"{tcfg.grad_accum_steps}; lower it or train.batch_size")
     total = tcfg.epochs * steps_per_epoch
     total = min(total, tcfg.max_steps) if tcfg.max_steps else total
     deadline = Deadline(time.monotonic() if started is None else started, tcfg.time_limit_minutes)
@@ -140,12 +147,10 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
                ddp if ddp is not None else net, ddp, ema, optimizer, make_grad_scaler(device, dtype),
                lr_sched, loader, loader.sampler, noise_gen, dims,
                list(getattr(dataset, "class_names", [])), Position(), total, deadline)
+    s.detector = detector
     _log_setup(s, dataset, steps_per_epoch)
-    if cfg.validation.fvd.detector_path is not None:  # fail now, not at the first validation
-        s.detector = load_detector(cfg.validation.fvd.detector_path, device,
-                                   key="validation.fvd.detector_path")
-    if resume_path:
-        _resume(s, resume_path)
+    if ckpt is not None:
+        _resume(s, ckpt, resume_path)
     return s
 
 
@@ -163,17 +168,24 @@ def _maybe_cached(dataset, cfg: TrainRunConfig, vae: FrozenVAE, run_dir: str, di
                                                              "layout": "window" if per_window else "frame"}),
                         per_window=per_window, vae_record=vae.describe())
     usable, why = cache.status()
-    (rebuild,) = any_rank([not usable], dist, device)
-    if rebuild:
-        log.info(f"latent cache: building {cache.dir} ({why or 'another rank needs it'}); "
-                 f"{dataset.num_sources} sources over {dist.world_size} process(es)")
-        part = cache.build_part(vae.encode_moments, dist.rank, dist.world_size, progress=dist.is_main)
-        shards = gather_dicts(part, dist)
-        if dist.is_main:
-            cache.write_manifest(shards)
-        barrier(dist)
-    else:
+    loaded = None
+    if usable:
+        try:
+            loaded = cache.load()
+        except CacheCorruptError as e:  # reported and rebuilt, never a traceback at every start
+            why = f"the cache is damaged: {e}"
+    (rebuild,) = any_rank([loaded is None], dist, device)
+    if not rebuild:
         log.info(f"latent cache: using {cache.dir}")
+        return loaded
+    log.info(f"latent cache: building {cache.dir} ({why or 'another rank needs it'}); "
+             f"{dataset.num_sources} sources over {dist.world_size} process(es); an interrupted "
+             "build resumes where it stopped")
+    part = cache.build_part(vae.encode_moments, dist.rank, dist.world_size, progress=dist.is_main)
+    shards = gather_dicts(part, dist)
+    if dist.is_main:
+        cache.write_manifest(shards)
+    barrier(dist)
     return cache.load()
 
 
@@ -215,19 +227,21 @@ def _log_setup(s: Stage2, dataset, steps_per_epoch: int) -> None:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_dict(s: Stage2) -> dict:
-    """Called on every rank (the RNG states are gathered); rank 0 writes it."""
+def checkpoint_dict(s: Stage2, gather: bool = True) -> dict:
+    """Called on every rank (the RNG states are gathered); rank 0 writes it. `gather=False`: a
+    failing run, whose other ranks may not answer, records rank 0's RNG states alone."""
     return {
         "format": ckpts.FORMAT,
         "step": s.pos.step, "epoch": s.pos.epoch, "micro": s.pos.micro,
         "world_size": s.dist.world_size, "batch_size": s.cfg.train.batch_size,
+        "num_items": len(s.loader.dataset),  # training windows: a resume on other data starts a new epoch
         "model": ckpts.model_record(s.cfg.model, s.dims),
         "model_state": s.model.state_dict(),
         "ema_state": s.ema.state_dict(),
         "optimizer": s.optimizer.state_dict(),
         "scaler": s.scaler.state_dict(),
         "lr_sched": s.lr_sched.state_dict(),
-        "rng": capture_rank_rng(s.noise_gen, s.dist),  # index = rank
+        "rng": capture_rank_rng(s.noise_gen, s.dist, gather),  # index = rank
         "vae": ckpts.vae_record(s.vae),
         "diffusion": asdict(s.cfg.diffusion),
         "class_names": list(s.class_names),
@@ -235,31 +249,46 @@ def checkpoint_dict(s: Stage2) -> dict:
     }
 
 
-def save(s: Stage2, name: str = "latest.pth") -> None:
-    """Rank 0 writes (atomically); everyone waits so no rank races ahead of a checkpoint."""
-    ckpt = checkpoint_dict(s)
+def save(s: Stage2, name: str = "latest.pth", collective: bool = True) -> None:
+    """Rank 0 writes (atomically); everyone waits so no rank races ahead of a checkpoint.
+    `collective=False` (a failing run): no collective call, rank 0 alone writes."""
+    ckpt = checkpoint_dict(s, gather=collective)
     if s.dist.is_main:
         atomic_save(ckpt, os.path.join(s.run_dir, name))
-    barrier(s.dist)
+    if name == "latest.pth":
+        s.saved_step = s.pos.step
+    if collective:
+        barrier(s.dist)
 
 
-def _resume(s: Stage2, path: str) -> None:
+def _save_on_failure(s: Stage2) -> None:
+    """latest.pth at the last optimizer step: a half-accumulated step is dropped."""
+    s.pos.micro -= s.pos.micro % s.cfg.train.grad_accum_steps
+    save(s, collective=False)
+
+
+def _checked_checkpoint(cfg: TrainRunConfig, path: str, vae: FrozenVAE, dims: dict) -> dict:
+    """The checkpoint to resume from, refused now if it does not fit, naming what differs: the
+    data, the model, the diffusion schedule or the VAE."""
     ckpt = load_checkpoint(path, map_location="cpu")
     ckpts.check_format(ckpt, path)
-    ckpts.check_model(ckpt, ckpts.model_record(s.cfg.model, s.dims), path)
-    ckpts.check_vae(ckpt, s.vae, path)
-    if ckpt["diffusion"] != asdict(s.cfg.diffusion):
-        raise UserError(f"{path} was trained with diffusion schedule {ckpt['diffusion']}, the config "
-                        f"says {asdict(s.cfg.diffusion)}; resume with the checkpoint's schedule")
-    s.model.load_state_dict(ckpt["model_state"])
-    s.ema.load_state_dict(ckpt["ema_state"])
-    s.optimizer.load_state_dict(ckpt["optimizer"])
+    ckpts.check_entries(ckpt, path)
+    ckpts.check_model(ckpt, ckpts.model_record(cfg.model, dims), path, asdict(cfg.data))
+    ckpts.check_vae(ckpt, vae, path)
+    ckpts.check_diffusion(ckpt, asdict(cfg.diffusion), path)
+    return ckpt
+
+
+def _resume(s: Stage2, ckpt: dict, path: str) -> None:
+    for entry, load in (("model_state", s.model.load_state_dict), ("ema_state", s.ema.load_state_dict),
+                        ("optimizer", s.optimizer.load_state_dict), ("scaler", s.scaler.load_state_dict),
+                        ("lr_sched", s.lr_sched.load_state_dict)):
+        ckpts.load_entry(path, entry, load, ckpt[entry])
     use_fast_adamw(s.optimizer)  # the checkpoint may carry another implementation's flags
-    s.scaler.load_state_dict(ckpt["scaler"])
-    s.lr_sched.load_state_dict(ckpt["lr_sched"])
     rng = ckpt["rng"] if isinstance(ckpt["rng"], list) else [{**ckpt["rng"], "noise_gen": ckpt["noise_gen"]}]
     restore_rank_rng(rng, s.noise_gen, s.cfg.experiment.seed, s.dist, s.log)  # rank 0's only before
-    s.pos = restore_position(ckpt, s.dist, s.cfg.train.batch_size, s.log)
+    s.pos = restore_position(ckpt, s.dist, s.cfg.train.batch_size, len(s.loader.dataset), s.log)
+    s.saved_step = s.pos.step
     s.log.info(f"resumed from {path} ({ckpts.checkpoint_summary(ckpt)})")
 
 
@@ -302,9 +331,13 @@ class LossStats:
 
 
 def train(s: Stage2) -> Position:
-    """Runs the loop; a CUDA out-of-memory error becomes a message saying what to change."""
+    """Runs the loop. Any error saves latest.pth first (when there is a sound, newer state)
+    and is recorded in log.txt; a CUDA out-of-memory error becomes a message saying what to change."""
     try:
-        return _train_loop(s)
+        with save_before_fail(lambda: _save_on_failure(s), lambda: s.pos.step, lambda: s.saved_step,
+                              lambda: weights_finite(s.model.parameters()), s.log,
+                              os.path.join(s.run_dir, "latest.pth")):
+            return _train_loop(s)
     except torch.OutOfMemoryError:
         raise out_of_memory(s.cfg.train.batch_size, s.device,
                             " (raise train.grad_accum_steps to keep the global batch), set "

@@ -6,9 +6,12 @@ Safe: always `torch.load(..., weights_only=True)`: nothing in a checkpoint is ex
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
+import pickle
 import random
+import re
 import shutil
 from typing import Any
 
@@ -32,20 +35,38 @@ def atomic_save(obj: dict, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:  # disk full, quota, I/O error: the user's to fix, not a bug here
-        raise UserError(f"could not write {path} ({e.strerror or e}). Free some disk space or "
-                        "fix the directory; the previous checkpoint, if any, is intact.") from None
+    except (OSError, RuntimeError) as e:  # disk full, quota, I/O error: the user's to fix
+        # torch's zip writer reports a failed write as RuntimeError ("file write failed").
+        why = (e.strerror or str(e)) if isinstance(e, OSError) else str(e).strip().splitlines()[-1]
+        free = _free_bytes(directory)
+        raise UserError(f"could not write {path} ({why}). {free / 2**20:.0f} MiB are free on that "
+                        "disk: it may be full, or the directory not writable; free some space or fix "
+                        "the directory. The previous file, if any, is intact.") from None
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.remove(tmp)
     _fsync_dir(directory)
 
 
 def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path} is a directory, not a file; give the .pth file in it "
+                        f"(e.g. {os.path.join(path, 'latest.pth')})")
     if not os.path.isfile(path):
         raise MissingFileError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" not in str(e).lower():
+            raise UserError(f"checkpoint {path} could not be read (UnpicklingError: {e}); it is "
+                            "corrupt or truncated, or not a torch file. Use another checkpoint.") from None
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        refused = f"it refused {found.group(1)}" if found else "an object of another kind"
+        raise UserError(f"checkpoint {path} holds objects that are not allowed: it is loaded with "
+                        "torch.load(weights_only=True), which accepts only tensors, numbers, "
+                        f"strings and containers of them ({refused}). Nothing in it was run. Use a "
+                        "checkpoint written by this repo, or re-save this one as a plain dict of "
+                        "tensors.") from None
     except Exception as e:  # truncated, corrupt or not a torch file: all user-facing
         raise UserError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); it is "
                         "corrupt or truncated. Use another checkpoint, or start fresh in a new run "
@@ -86,6 +107,29 @@ def _remove_stale_temps(path: str) -> None:
     """Temp files of a writer killed mid-save (one writer per path: rank 0)."""
     for stale in glob.glob(glob.escape(path) + ".tmp.*"):
         os.remove(stale)
+
+
+def require_entries(ckpt: dict, path: str, spec: dict[str, type | tuple[type, ...]]) -> None:
+    """Refuse a checkpoint whose format is right but an entry is missing or of the wrong type,
+    naming the entry (rather than a KeyError deep inside the resume)."""
+    for name, types in spec.items():
+        if name not in ckpt:
+            problem = "is missing"
+        elif not isinstance(ckpt[name], types) or (isinstance(ckpt[name], bool) and types is int):
+            kinds = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+            problem = f"is a {type(ckpt[name]).__name__}, expected {kinds}"
+        else:
+            continue
+        raise UserError(f"checkpoint {path}: entry {name!r} {problem}; the file was edited or not "
+                        "written by this repo's training. Use another checkpoint (e.g. an "
+                        "epoch_XXXX.pth of the run), or start fresh with another experiment.name.")
+
+
+def _free_bytes(directory: str) -> int:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return 0
 
 
 def _check_free_space(path: str, directory: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -28,6 +29,16 @@ class ExperimentConfig:
     name: str = "demo"
     runs_dir: str = "runs"  # run directory is <runs_dir>/<name>
     seed: int = 0  # seeds python, numpy, torch and the data order
+
+    def validate(self, prefix: str = "experiment") -> None:
+        """`name` is one plain directory name inside runs_dir: never a path that leaves it."""
+        name = self.name
+        if name.strip() in ("", ".", "..") or os.path.isabs(name) or "/" in name or "\\" in name \
+                or name != name.strip() or "\0" in name:
+            raise ConfigError(f"{prefix}.name = {name!r}: must be one plain directory name (no "
+                              "path separators, not empty, '.' or '..', no surrounding spaces); "
+                              f"the run directory is {prefix}.runs_dir/<name>. Put the parent "
+                              f"folders in {prefix}.runs_dir instead")
 
 
 @dataclass
@@ -347,6 +358,7 @@ class VAERunConfig:
 
     def validate(self) -> None:
         _check_device(self.device)
+        self.experiment.validate()
         self.data.validate()
         self.vae.validate()
         self.train.validate()
@@ -373,8 +385,10 @@ class TrainRunConfig:
 
     def validate(self) -> None:
         _check_device(self.device)
-        for part in ("data", "vae", "model", "diffusion", "train", "validation"):
+        for part in ("experiment", "data", "vae", "model", "diffusion", "train", "validation"):
             getattr(self, part).validate(part)
+        check_num_steps(self.validation.num_steps, self.diffusion.num_train_timesteps,
+                        "validation.num_steps")
         if self.vae.path is None:
             raise ConfigError("vae.path is not set: point it at a diffusers VAE directory (e.g. the vae/ "
                               "folder that train_vae.py writes into its run directory) or a pipeline folder")
@@ -537,6 +551,9 @@ class EvaluateConfig:
 # Keys of the original script that trained the VAE together with the DiT. Such a config is
 # refused: a VAE that moves under the DiT gives scrambled "jigsaw" samples.
 LEGACY_VAE_LOSS_KEYS = ("vae_loss_weight", "kl_loss_weight")
+# Fields that hold a file or folder path: a leading `~` is expanded to the home directory.
+PATH_FIELDS = frozenset({"path", "runs_dir", "resume", "checkpoint", "output_dir", "output",
+                         "detector_path"})
 
 
 def load_config(cls: type, path: Optional[str], overrides: list[str] = ()) -> Any:
@@ -545,9 +562,12 @@ def load_config(cls: type, path: Optional[str], overrides: list[str] = ()) -> An
     if path is not None:
         if not os.path.isfile(path):
             raise MissingFileError(f"config file not found: {path} (pass --config <file.yaml>)")
+        if os.path.isdir(path):
+            raise ConfigError(f"--config {path} is a directory; give the YAML file (e.g. "
+                              "config_advanced.yaml)")
         with open(path) as f:
             try:
-                raw = yaml.safe_load(f) or {}
+                raw = safe_load_unique(f) or {}
             except yaml.YAMLError as e:
                 raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
@@ -565,6 +585,40 @@ def load_config(cls: type, path: Optional[str], overrides: list[str] = ()) -> An
     cfg = _build(cls, raw, "")
     cfg.validate()
     return cfg
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's SafeLoader, except that a key given twice in one mapping is an error (the safe
+    loader keeps the last one silently, so a setting a user believes in is ignored)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"duplicate key {key!r} (first on line {seen[key] + 1}, again on line "
+                    f"{key_node.start_mark.line + 1}); keep one of them", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def safe_load_unique(stream) -> Any:
+    """`yaml.safe_load`, refusing duplicate keys (UniqueKeyLoader is a SafeLoader: no objects)."""
+    loader = UniqueKeyLoader(stream)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def check_num_steps(num_steps: int, num_train_timesteps: int, key: str) -> None:
+    """A sampler cannot take more steps than the schedule has timesteps."""
+    if num_steps > num_train_timesteps:
+        raise ConfigError(f"{key} = {num_steps} is more than diffusion.num_train_timesteps = "
+                          f"{num_train_timesteps} (the schedule has no more timesteps to visit); "
+                          f"use at most {num_train_timesteps}")
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -629,6 +683,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
                 f"; valid keys here: {', '.join(names)}"
             raise ConfigError(f"unknown config key {full!r}{hint}")
         kwargs[key] = _coerce(hints[key], value, full)
+        if key in PATH_FIELDS and isinstance(kwargs[key], str):
+            kwargs[key] = os.path.expanduser(kwargs[key])  # `~/clips` as typed in a shell
     return cls(**kwargs)
 
 
@@ -668,6 +724,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} = {value!r}: expected a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} = {value!r}: must be a finite number (not NaN or infinite)")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -77,6 +77,12 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"train.precision = bf16 but {torch.cuda.get_device_name(device)} cannot "
+                        "compute in bfloat16; use train.precision=fp16 (with loss scaling) or auto")
+    if precision in ("bf16", "fp16") and device.type not in ("cuda", "cpu"):
+        raise UserError(f"train.precision = {precision} is not supported on device {device}; "
+                        "use train.precision=fp32 or auto")
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
