@@ -71,6 +71,12 @@ def save_videos(out_dir: str, videos: Sequence[np.ndarray], fps: int) -> list[st
     return paths
 
 
+def output_fps(fps: Optional[float], ckpt: dict) -> float:
+    """Frames per second to write sampled videos at: `fps`, else the rate the checkpoint
+    records for its training windows (older checkpoints: their validation.fps)."""
+    return fps or ckpt.get("fps") or ckpt["config"]["validation"]["fps"]
+
+
 def side_by_side(videos: Sequence[np.ndarray], gap: int = 2) -> np.ndarray:
     """Videos (T, H, W, 3) next to each other as one (T, H, n*W + gaps, 3) video for TensorBoard."""
     t, h, _, _ = videos[0].shape

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import build_dataset
+from data.source_index import RUN_INDEX_FILE
 from data.loader import ResumableSampler, batches_per_epoch, make_loader, set_epoch
 from models.vae import FrozenVAE, VAELoss, build_autoencoder
 from training import checkpoints as ckpts
@@ -85,7 +86,8 @@ def setup(cfg: VAERunConfig, run_dir: str, dist: DistInfo, device: torch.device,
           log: RunLogger, resume_path: Optional[str], started: Optional[float] = None) -> Stage1:
     """`started`: time.monotonic() at launch, from which train.time_limit_minutes counts."""
     tcfg = cfg.train
-    train_set = build_dataset(cfg.data, "train", cfg.experiment.seed)
+    train_set = build_dataset(cfg.data, "train", cfg.experiment.seed,
+                              index_file=os.path.join(run_dir, RUN_INDEX_FILE))
     val_set = build_dataset(cfg.data, "val", cfg.experiment.seed)
     loader = make_loader(train_set, tcfg.batch_size, shuffle=True, seed=cfg.experiment.seed,
                          num_workers=cfg.data.num_workers, rank=dist.rank,

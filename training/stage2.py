@@ -21,6 +21,7 @@ from tqdm import tqdm
 from data import build_dataset
 from data.latent_cache import CachedWindows, LatentCache, cache_disabled_reason, cache_key
 from data.loader import ResumableSampler, batches_per_epoch, make_loader, set_epoch
+from data.source_index import RUN_INDEX_FILE
 from models.diffusion import Diffusion
 from models.dit import VideoDiT
 from models.vae import FrozenVAE
@@ -79,6 +80,7 @@ class Stage2:
     detector: Optional[torch.jit.ScriptModule] = None  # validation.fvd's I3D, if set
     fvd_real: Optional[FeatureStats] = None  # real clips' features for val/fvd, computed once
     last_data_wait_fraction: float = 0.0  # of the last logging interval (benchmarks read it)
+    fps: Optional[float] = None  # frames per second of the training windows (in checkpoints)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -110,8 +112,9 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
     vae = FrozenVAE.from_config(cfg.vae, device)
     log.info(f"VAE {vae.summary()}")
     latent_dims(cfg, vae, 0)  # frame rule and resolution refused now, before any cache is written
-    dataset = _maybe_cached(build_dataset(cfg.data, "train", cfg.experiment.seed), cfg, vae,
-                            run_dir, dist, device, log)
+    dataset = _maybe_cached(build_dataset(cfg.data, "train", cfg.experiment.seed,
+                                          index_file=os.path.join(run_dir, RUN_INDEX_FILE)),
+                            cfg, vae, run_dir, dist, device, log)
     if dist.is_main:
         _log_latent_rms(vae, dataset, log)
     loader = make_loader(dataset, tcfg.batch_size, shuffle=True, seed=cfg.experiment.seed,
@@ -140,6 +143,9 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
                ddp if ddp is not None else net, ddp, ema, optimizer, make_grad_scaler(device, dtype),
                lr_sched, loader, loader.sampler, noise_gen, dims,
                list(getattr(dataset, "class_names", [])), Position(), total, deadline)
+    # the windows' frame rate (data.fps, else the clips' median), or validation.fps for data
+    # with no time of its own (built-in clips); predict writes videos at it by default
+    s.fps = getattr(dataset, "frame_rate", None) or cfg.validation.fps
     _log_setup(s, dataset, steps_per_epoch)
     if cfg.validation.fvd.detector_path is not None:  # fail now, not at the first validation
         s.detector = load_detector(cfg.validation.fvd.detector_path, device,
@@ -231,6 +237,7 @@ def checkpoint_dict(s: Stage2) -> dict:
         "vae": ckpts.vae_record(s.vae),
         "diffusion": asdict(s.cfg.diffusion),
         "class_names": list(s.class_names),
+        "fps": s.fps,
         "config": config_to_dict(s.cfg),
     }
 
