@@ -1,6 +1,8 @@
 """Datasets: `build_dataset` picks the built-in moving shapes or a folder of videos."""
 from __future__ import annotations
 
+from typing import Optional
+
 from torch.utils.data import Dataset
 
 from utils.config import DataConfig
@@ -8,11 +10,12 @@ from utils.config import DataConfig
 BUILTIN_MOVING_SHAPES = "builtin:moving_shapes"
 
 
-def build_dataset(cfg: DataConfig, split: str, seed: int) -> Dataset:
+def build_dataset(cfg: DataConfig, split: str, seed: int, index_file: Optional[str] = None) -> Dataset:
     """Items: {"video": (3, T, H, W) float in [-1, 1], "label": int}; also `num_classes`
-    (0 = unconditional) and `class_names`."""
+    (0 = unconditional), `class_names` and `frame_rate` (frames per second; None: unknown).
+    `index_file`: where a folder's probed sources are saved (data.index_cache overrides it)."""
     if cfg.path == BUILTIN_MOVING_SHAPES:
         from data.builtin import MovingShapes  # imported here: folder users never need it
         return MovingShapes(cfg, split, seed)
     from data.videos import VideoFolder
-    return VideoFolder(cfg, split, seed)
+    return VideoFolder(cfg, split, seed, index_file=index_file)

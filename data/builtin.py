@@ -13,6 +13,7 @@ make it harder.
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -84,6 +85,7 @@ class MovingShapes(torch.utils.data.Dataset):
 
     # Latent cache protocol (see data/latent_cache.py): clips are the sources.
     augments = False  # procedural clips: the same pixels every epoch
+    frame_rate = None  # procedural frames have no time of their own (videos use validation.fps)
 
     @property
     def num_sources(self) -> int:
@@ -100,6 +102,12 @@ class MovingShapes(torch.utils.data.Dataset):
         scene = self.scene(clip)
         video = np.stack([self.render(scene, t) for t in indices], axis=1)  # (3, n, H, W) in [0, 1]
         return torch.from_numpy(video * 2 - 1)
+
+    def iter_source_frames(self, clip: int, indices: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
+        """(index, (3, H, W) frame in [-1, 1]) for each of `indices`, one frame at a time."""
+        scene = self.scene(clip)
+        for t in indices:
+            yield t, torch.from_numpy(self.render(scene, t) * 2 - 1)
 
     def cache_key(self) -> dict:
         return {"path": self.cfg.path, "split": self.split, "seed": self.seed,

@@ -27,9 +27,14 @@ written shard by shard (every `SOURCES_PER_SHARD` sources or `SHARD_BYTES`), eac
 followed by `progress_r{rank}.json` (the key, the world size, the shards written): a build
 killed part-way resumes with the sources it had not finished. The manifest is written last.
 
+Building decodes each source once, front to back (`iter_source_frames`: one frame in memory
+at a time, resized before it becomes float), and encodes frames or windows as they complete,
+in chunks bounded by pixels, not frames, so a long or 4K source needs no more memory than a
+short small one.
+
 Datasets provide: `num_sources`, `source_length(i)`, `source_label(i)`,
-`source_frames(i, indices) -> (3, n, H, W)` (no augmentation), `window(index) -> (source,
-frame indices)`, `augments` and `cache_key()`.
+`iter_source_frames(i, increasing indices) -> (index, (3, H, W))` (no augmentation),
+`window(index) -> (source, frame indices)`, `augments` and `cache_key()`.
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ import contextlib
 import glob
 import json
 import os
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch.utils.data import Dataset
@@ -48,7 +53,7 @@ from utils.checkpoint import atomic_save
 EncodeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (B,3,T,H,W) -> mean, std (B,C,t,h,w)
 SOURCES_PER_SHARD = 256
 SHARD_BYTES = 256 * 2**20  # a shard is also closed at this size: a killed build loses less
-FRAMES_PER_READ = 128  # frames decoded and encoded at once (memory bound)
+PIXELS_PER_ENCODE = 1 << 22  # frame pixels (after resize) per encode call: ~50 MB of float pixels
 
 
 def cache_key(dataset, vae_fingerprint: str, vae_settings: Optional[dict] = None) -> dict:
@@ -211,24 +216,38 @@ class LatentCache:
         return out
 
     def _encode_windows(self, src: int, windows: list[list[int]], encode: EncodeFn) -> dict:
-        """Each window of `src` encoded as its own clip: {"mean", "std": (N, C, t, h, w), "frames": (N, T)}."""
-        per_call = max(1, FRAMES_PER_READ // max(1, len(windows[0]))) if windows else 1
-        means, stds = [], []
-        for start in range(0, len(windows), per_call):
-            group = windows[start:start + per_call]
-            pixels = torch.stack([self.dataset.source_frames(src, w) for w in group])  # (n, 3, T, H, W)
-            mean, std = encode(pixels)  # (n, C, t, h, w) each
-            means.append(mean.cpu())
-            stds.append(std.cpu())
+        """Each window of `src` encoded as its own clip: {"mean", "std": (N, C, t, h, w), "frames": (N, T)}.
+
+        The source is decoded once, front to back; a window is encoded once its last frame is
+        in, and frames before the next window's start are dropped (`windows` come in dataset
+        order: increasing starts).
+        """
+        needed = sorted({i for w in windows for i in w})
+        frames = self.dataset.iter_source_frames(src, needed)
+        held: dict[int, torch.Tensor] = {}  # decoded frames still needed: index -> (3, H, W)
+        means, stds, group = [], [], []
+        for k, window in enumerate(windows):
+            while window[-1] not in held:
+                i, frame = next(frames)
+                held[i] = frame
+            group.append(torch.stack([held[i] for i in window], dim=1))  # (3, T, H, W)
+            if k + 1 < len(windows):
+                held = {i: f for i, f in held.items() if i >= windows[k + 1][0]}
+            if len(group) * group[0][0].numel() >= PIXELS_PER_ENCODE or k + 1 == len(windows):
+                mean, std = encode(torch.stack(group))  # (n, C, t, h, w) each
+                means.append(mean.cpu())
+                stds.append(std.cpu())
+                group = []
         return {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(),
                 "frames": torch.tensor(windows, dtype=torch.long)}
 
     def _encode_source(self, src: int, encode: EncodeFn) -> dict:
-        length = self.dataset.source_length(src)
+        """Every frame of `src`, decoded once front to back and encoded in chunks of about
+        PIXELS_PER_ENCODE pixels: {"mean", "std": (C, L, h, w)}."""
+        frames = self.dataset.iter_source_frames(src, range(self.dataset.source_length(src)))
         means, stds = [], []
-        for start in range(0, length, FRAMES_PER_READ):
-            idx = list(range(start, min(length, start + FRAMES_PER_READ)))
-            pixels = self.dataset.source_frames(src, idx)  # (3, n, H, W) in [-1, 1]
+        for chunk in _chunks(frames, PIXELS_PER_ENCODE):
+            pixels = torch.stack(chunk, dim=1)  # (3, n, H, W) in [-1, 1]
             mean, std = encode(pixels[None])  # (1, C, n, h, w) each
             means.append(mean[0].cpu())
             stds.append(std[0].cpu())
@@ -244,6 +263,18 @@ def _write_json(obj: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _chunks(frames: Iterator[tuple[int, torch.Tensor]], max_pixels: int) -> Iterator[list[torch.Tensor]]:
+    """Consecutive frames (3, H, W) in groups that close once they hold `max_pixels` pixels."""
+    group: list[torch.Tensor] = []
+    for _, frame in frames:
+        group.append(frame)
+        if len(group) * frame[0].numel() >= max_pixels:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
 class CachedWindows(Dataset):
     """The dataset's windows, served from cached latents: {"mean", "std": (C, T, h, w), "label"}."""
 
@@ -251,6 +282,7 @@ class CachedWindows(Dataset):
         self.dataset, self.latents = dataset, latents
         self.num_classes = dataset.num_classes
         self.class_names = list(getattr(dataset, "class_names", []))
+        self.frame_rate = getattr(dataset, "frame_rate", None)
         self.labels = [dataset.source_label(i) for i in range(dataset.num_sources)]  # once, not per item
         self.rows = {(src, tuple(f)): row for src, entry in latents.items() if "frames" in entry
                      for row, f in enumerate(entry["frames"].tolist())}  # per-window layout

@@ -7,9 +7,15 @@ files and no video is one source clip whose frames are sorted by the number in t
 
 Windows. A window is `num_frames` frames, one every `frame_stride` source frames, so it spans
 `(num_frames - 1) * frame_stride + 1` source frames; a new window starts every
-`window_stride` source frames. Only the frame counts are read at construction (a process-wide
-memo keyed by path, size and mtime lets the val split reuse the train split's scan); pixels
-are decoded per item, only the frames the item needs.
+`window_stride` source frames. Only the frame counts and times are read at construction
+(data/source_index.py: in parallel, saved between runs, keyed by path, size and mtime);
+pixels are decoded per item, only the frames the item needs (seeking to the keyframe before).
+
+Frame rate. `data.fps: null` uses every source frame. A number resamples each source in time
+first: frame k of the resampled clip is the source frame on screen at time k / fps (from the
+file's timestamps, so variable-frame-rate files work too; frame folders are at
+`data.frame_folder_fps`), and the windows above count resampled frames. 24, 30 and 60 fps
+sources then show the same motion per window.
 
 Labels. `data.labels: subfolder`: class = index of the top-level subfolder holding the
 clip's files, among the sorted names of all top-level subfolders with clips (the same for
@@ -35,28 +41,25 @@ from __future__ import annotations
 
 import hashlib
 import os
+import statistics
 import warnings
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
+from data.source_index import SourceInfo, index_sources
 from data.windows import window_span, windows_per_clip
 from utils.config import DataConfig
 from utils.errors import MissingFileError, UserError
-from utils.video_io import (FRAME_EXTS, VIDEO_EXTS, VideoReadError, count_frames,
-                            frame_number_gaps, list_frame_files, read_frames)
+from utils.video_io import FRAME_EXTS, VIDEO_EXTS, VideoReadError, iter_frames, list_frame_files, read_frames
 
 SPLITS = ("train", "val")
-PROGRESS_MIN_SOURCES = 64  # show the indexing progress bar from this many sources on
 MAX_LISTED = 20  # problem files named in one warning; the rest are counted
-
-# path -> (size, mtime_ns, frame count or reason it is unusable, numbering gaps)
-_SCAN_MEMO: dict[str, tuple[int, int, Union[int, str], list[tuple[int, int]]]] = {}
+TIME_TOLERANCE = 1e-3  # of a resampled frame: a source frame starting this close counts as on time
 
 
 class DataWarning(UserWarning):
@@ -84,27 +87,18 @@ def find_sources(root: str) -> list[str]:
     return sorted(found)
 
 
-def _scan(path: str) -> tuple[Union[int, str], list[tuple[int, int]]]:
-    """(frame count or the reason the source is unusable, gaps in a frame folder's numbering)."""
-    try:
-        st = os.stat(path)
-    except OSError as e:  # a dangling symlink, or a file removed while indexing
-        return ("a dangling symlink" if os.path.islink(path) else f"cannot be read ({e.strerror})"), []
-    memo = _SCAN_MEMO.get(path)
-    if memo is not None and memo[:2] == (st.st_size, st.st_mtime_ns):
-        return memo[2], memo[3]
-    count: Union[int, str]
-    gaps: list[tuple[int, int]] = []
-    if os.path.isdir(path):
-        files = list_frame_files(path)
-        count, gaps = len(files), frame_number_gaps(files)
-    else:
-        try:
-            count = count_frames(path)
-        except VideoReadError as e:
-            count = str(e).removeprefix(f"{path}: ")
-    _SCAN_MEMO[path] = (st.st_size, st.st_mtime_ns, count, gaps)
-    return count, gaps
+def resample_indices(frames: int, rate: float, times: Optional[list], fps: float) -> list[int]:
+    """The source frame on screen at each time k / fps, k = 0, 1, ... within the clip.
+
+    `times`: seconds from the first frame per frame (variable frame rate), or None for
+    `frames` evenly spaced at `rate`. The clip lasts until its last frame ends (one mean
+    frame interval after it starts).
+    """
+    t = np.asarray(times, dtype=np.float64) if times is not None else np.arange(frames) / rate
+    duration = t[-1] - t[0] + (1 / rate if frames < 2 else (t[-1] - t[0]) / (frames - 1))
+    count = int(np.floor(duration * fps + TIME_TOLERANCE))
+    targets = t[0] + (np.arange(count) + TIME_TOLERANCE) / fps  # (count,) seconds
+    return (np.searchsorted(t, targets, side="right") - 1).tolist()
 
 
 def _unit_hash(rel: str) -> float:
@@ -155,10 +149,12 @@ class VideoFolder(Dataset):
     """
 
     def __init__(self, cfg: DataConfig, split: str = "train", seed: int = 0,
-                 augment: Optional[bool] = None):
+                 augment: Optional[bool] = None, index_file: Optional[str] = None):
+        """`index_file`: where to save the probed sources (data.index_cache overrides it)."""
         if split not in SPLITS:
             raise ValueError(f"split = {split!r}: use one of {SPLITS}")
         self.cfg, self.split, self.seed = cfg, split, seed
+        self.index_file = cfg.index_cache or index_file
         self.augment = (split == "train") if augment is None else augment
         self.span = window_span(cfg.num_frames, cfg.frame_stride)  # source frames per window
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
@@ -193,21 +189,29 @@ class VideoFolder(Dataset):
         return rels
 
     def _index(self, rels: list[str]) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
-        """Count frames of every source: (usable (rel, frames), skipped (rel, reason))."""
+        """Probe every source: (usable (rel, frames), skipped (rel, reason)); frames are
+        resampled frames when data.fps is set."""
+        cfg = self.cfg
+        infos = index_sources([os.path.abspath(os.path.join(cfg.path, r)) for r in rels],
+                              self.index_file, cfg.index_workers, f"indexing {cfg.path}")
         usable, skipped, gappy = [], [], []
-        few = len(rels) < PROGRESS_MIN_SOURCES
-        for rel in tqdm(rels, desc=f"indexing {self.cfg.path}", unit="clip", disable=few):
-            count, gaps = _scan(os.path.join(self.cfg.path, rel))
-            if gaps:
-                gappy.append(_describe_gaps(rel, gaps))
+        self._maps: dict[str, list[int]] = {}  # rel -> source frame of each resampled frame
+        self._lengths: dict[str, int] = {}
+        self._rates: dict[str, float] = {}
+        folder_fps = cfg.frame_folder_fps  # frame folders have no timestamps of their own
+        for rel, info in zip(rels, infos):
+            if info.gaps:
+                gappy.append(_describe_gaps(rel, info.gaps))
+            length = self._length(rel, info, folder_fps)
             if self.num_classes and _class_of(rel, self._is_dir(rel)) is None:
                 skipped.append((rel, "not inside a class subfolder (data.labels: subfolder)"))
-            elif isinstance(count, str):
-                skipped.append((rel, count))
-            elif count < self.span:
-                skipped.append((rel, f"too short: {count} frames, a window needs {self.span}"))
+            elif isinstance(length, str):
+                skipped.append((rel, length))
+            elif length < self.span:
+                at = f" at data.fps = {cfg.fps}" if cfg.fps else ""
+                skipped.append((rel, f"too short: {length} frames{at}, a window needs {self.span}"))
             else:
-                usable.append((rel, count))
+                usable.append((rel, length))
         self._warn(f"{len(gappy)} frame folder(s) have gaps in their frame numbering; their "
                    "frames are used in order anyway", gappy)
         self._warn(f"skipped {len(skipped)} of {len(rels)} sources",
@@ -215,6 +219,26 @@ class VideoFolder(Dataset):
         if not usable:
             raise UserError(self._nothing_usable(rels, skipped))
         return usable, skipped
+
+    def _length(self, rel: str, info: SourceInfo, folder_fps: Optional[float]) -> Union[int, str]:
+        """Frames the windows can use (resampled at data.fps if set), or why there are none."""
+        if isinstance(info.frames, str):
+            return info.frames
+        is_dir = self._is_dir(rel)
+        rate = folder_fps if is_dir else info.rate
+        if rate:
+            self._rates[rel] = rate
+        if self.cfg.fps is None or info.frames == 0:
+            length = info.frames
+        elif rate is None:
+            return ("a frame folder has no frame rate: set data.frame_folder_fps to resample it at "
+                    "data.fps" if is_dir else "no frame rate or timestamps to resample it at data.fps")
+        else:
+            self._maps[rel] = resample_indices(info.frames, rate, None if is_dir else info.times,
+                                               self.cfg.fps)
+            length = len(self._maps[rel])
+        self._lengths[rel] = length
+        return length
 
     def _warn(self, headline: str, lines: list[str]) -> None:
         if not lines:
@@ -224,8 +248,7 @@ class VideoFolder(Dataset):
         warnings.warn(text, DataWarning, stacklevel=2)  # a fixed location: repeats show once
 
     def _nothing_usable(self, rels: list[str], skipped: list[tuple[str, str]]) -> str:
-        counts = [_scan(os.path.join(self.cfg.path, r))[0] for r in rels]
-        lengths = [c for c in counts if isinstance(c, int) and c < self.span]  # too short
+        lengths = [n for n in self._lengths.values() if n < self.span]  # too short
         head = f"data.path = {self.cfg.path}: no usable clip among {len(rels)} sources. "
         if lengths:
             return head + (
@@ -245,6 +268,10 @@ class VideoFolder(Dataset):
                           "training clips", DataWarning)
         cfg = self.cfg
         self.sources = [(os.path.join(cfg.path, r), n) for r, n in mine]  # (path, frames)
+        self._frame_maps = [self._maps.get(r) for r, _ in mine]  # None: every source frame
+        rates = [self._rates[r] for r, _ in mine if r in self._rates]
+        # frames per second of the windows: data.fps, else the sources' median rate (None: unknown)
+        self.frame_rate: Optional[float] = cfg.fps or (statistics.median(rates) if rates else None)
         self.labels = [self.class_names.index(_class_of(r, self._is_dir(r)))
                        if self.num_classes else 0 for r, _ in mine]
         counts = [windows_per_clip(n, cfg.num_frames, cfg.frame_stride, cfg.window_stride)
@@ -257,7 +284,8 @@ class VideoFolder(Dataset):
         return int(self._first[-1])
 
     def window(self, index: int) -> tuple[int, list[int]]:
-        """(source index into `sources`, the source frame indices of window `index`)."""
+        """(source index into `sources`, the frame indices of window `index`: of the clip
+        resampled at data.fps when set, see `source_indices`)."""
         if not 0 <= index < len(self):
             raise IndexError(f"window {index} out of range [0, {len(self)})")
         src = int(np.searchsorted(self._first, index, side="right")) - 1
@@ -292,7 +320,8 @@ class VideoFolder(Dataset):
                 continue
             path = self.sources[s][0]
             try:
-                return s, read_frames(path, frames if s == src else [f - frames[0] for f in frames])
+                window = frames if s == src else [f - frames[0] for f in frames]  # its first window
+                return s, read_frames(path, self.source_indices(s, window))
             except (VideoReadError, OSError) as e:
                 self._unreadable.add(s)
                 warnings.warn(f"data.path = {self.cfg.path}: {path} could not be read any more "
@@ -318,9 +347,26 @@ class VideoFolder(Dataset):
     def source_label(self, src: int) -> int:
         return self.labels[src]
 
+    def source_indices(self, src: int, indices: list[int]) -> list[int]:
+        """Frames of the file behind the (resampled, with data.fps) frame `indices` of `src`."""
+        frame_map = self._frame_maps[src]
+        return list(indices) if frame_map is None else [frame_map[i] for i in indices]
+
     def source_frames(self, src: int, indices: list[int]) -> torch.Tensor:
         """Frames `indices` of source `src`, center-cropped, no augmentation: (3, n, R, R)."""
-        return self.transform(read_frames(self.sources[src][0], indices))
+        return self.transform(read_frames(self.sources[src][0], self.source_indices(src, indices)))
+
+    def iter_source_frames(self, src: int, indices: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
+        """(index, (3, R, R) center-cropped frame) for the increasing `indices` of source `src`,
+        decoding it once, front to back, one frame in memory at a time (the latent cache)."""
+        mapped = self.source_indices(src, indices)
+        decoded = iter_frames(self.sources[src][0], sorted(set(mapped)))
+        at, frame = -1, None
+        for i, m in zip(indices, mapped):
+            while at != m:  # a resampled clip may show one source frame twice
+                at, pixels = next(decoded)  # (h, w, 3) uint8
+                frame = self.transform(pixels[None])[:, 0]  # (3, R, R)
+            yield i, frame
 
     def cache_key(self) -> dict:
         """What the cached latents depend on besides the VAE: files (size, mtime) and pixels."""
@@ -329,7 +375,8 @@ class VideoFolder(Dataset):
             parts = [path] + (list_frame_files(path) if os.path.isdir(path) else [])
             files.append([[p, os.path.getsize(p), os.path.getmtime(p)] for p in parts])
         return {"path": os.path.abspath(self.cfg.path), "split": self.split,
-                "resolution": self.cfg.resolution, "crop": "center", "files": files}
+                "resolution": self.cfg.resolution, "crop": "center", "fps": self.cfg.fps,
+                "frame_folder_fps": self.cfg.frame_folder_fps, "files": files}
 
     # ----------------------------------------------------------------- pixels
 
@@ -341,11 +388,12 @@ class VideoFolder(Dataset):
         cropping R, with fewer pixels to resize.
         """
         r = self.cfg.resolution
-        x = rearrange(torch.from_numpy(frames), "t h w c -> t c h w").float()
+        x = rearrange(torch.from_numpy(frames), "t h w c -> t c h w")  # uint8
         top, left, side = self._crop_box(x.shape[2], x.shape[3], g)
         x = x[:, :, top: top + side, left: left + side]  # (T, 3, side, side)
-        if side != r:
+        if side != r:  # resized in uint8: a 4K frame never exists as float (100 MB each)
             x = F.interpolate(x, size=(r, r), mode="bilinear", antialias=True, align_corners=False)
+        x = x.float()
         if g is not None and self.cfg.hflip and torch.rand((), generator=g) < 0.5:
             x = x.flip(-1)  # one flip for every frame of the window
         x = (x / 127.5 - 1).clamp(-1, 1)

@@ -145,6 +145,12 @@ def remove_stale_samples(out_dir: str) -> list[str]:
     return removed
 
 
+def output_fps(fps: Optional[float], ckpt: dict) -> float:
+    """Frames per second to write sampled videos at: `fps`, else the rate the checkpoint
+    records for its training windows (older checkpoints: their validation.fps)."""
+    return fps or ckpt.get("fps") or ckpt["config"]["validation"]["fps"]
+
+
 def side_by_side(videos: Sequence[np.ndarray], gap: int = 2) -> np.ndarray:
     """Videos (T, H, W, 3) next to each other as one (T, H, n*W + gaps, 3) video for TensorBoard."""
     t, h, _, _ = videos[0].shape
@@ -199,7 +205,7 @@ def predict_to_folder(cfg: PredictConfig, device: torch.device) -> SampleWriter:
     if removed:
         print(f"removed {len(removed)} sample files of an earlier run from {cfg.output_dir} "
               f"({removed[0]} ... {removed[-1]})")
-    writer = SampleWriter(cfg.output_dir, cfg.fps)
+    writer = SampleWriter(cfg.output_dir, output_fps(cfg.fps, loaded.ckpt))
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         for batch in _batches(cfg, loaded, device):

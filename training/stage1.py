@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import build_dataset
+from data.source_index import RUN_INDEX_FILE
 from data.loader import ResumableSampler, batches_per_epoch, make_loader, set_epoch
 from models.vae import FrozenVAE, VAELoss, build_autoencoder
 from training import checkpoints as ckpts
@@ -87,7 +88,8 @@ def setup(cfg: VAERunConfig, run_dir: str, dist: DistInfo, device: torch.device,
           log: RunLogger, resume_path: Optional[str], started: Optional[float] = None) -> Stage1:
     """`started`: time.monotonic() at launch, from which train.time_limit_minutes counts."""
     tcfg = cfg.train
-    train_set = build_dataset(cfg.data, "train", cfg.experiment.seed)
+    train_set = build_dataset(cfg.data, "train", cfg.experiment.seed,
+                              index_file=os.path.join(run_dir, RUN_INDEX_FILE))
     val_set = build_dataset(cfg.data, "val", cfg.experiment.seed)
     check_epoch(len(train_set), tcfg, dist)  # before the model: an epoch holds a batch
     ckpt = _checked_checkpoint(cfg, resume_path) if resume_path else None

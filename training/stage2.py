@@ -22,6 +22,7 @@ from data import build_dataset
 from data.latent_cache import (CacheCorruptError, CachedWindows, LatentCache, cache_disabled_reason,
                                cache_key)
 from data.loader import ResumableSampler, make_loader, set_epoch
+from data.source_index import RUN_INDEX_FILE
 from models.diffusion import Diffusion
 from models.dit import VideoDiT
 from models.vae import FrozenVAE
@@ -83,6 +84,7 @@ class Stage2:
     fvd_real: Optional[FeatureStats] = None  # real clips' features for val/fvd, computed once
     saved_step: int = 0  # the step latest.pth holds (a failing run saves only what is newer)
     last_data_wait_fraction: float = 0.0  # of the last logging interval (benchmarks read it)
+    fps: Optional[float] = None  # frames per second of the training windows (in checkpoints)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -115,7 +117,8 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
     log.info(f"VAE {vae.summary()}")
     # Every check the config, the data index, the VAE and the checkpoint allow, before the
     # latent cache is built or a step runs.
-    dataset = build_dataset(cfg.data, "train", cfg.experiment.seed)  # the index: frame counts only
+    dataset = build_dataset(cfg.data, "train", cfg.experiment.seed,  # the index: frame counts only
+                            index_file=os.path.join(run_dir, RUN_INDEX_FILE))
     dims = latent_dims(cfg, vae, dataset.num_classes)  # resolution, frame rule, patch_t
     steps_per_epoch = check_epoch(len(dataset), tcfg, dist, tcfg.grad_accum_steps)
     ckpt = _checked_checkpoint(cfg, resume_path, vae, dims) if resume_path else None
@@ -148,6 +151,9 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
                lr_sched, loader, loader.sampler, noise_gen, dims,
                list(getattr(dataset, "class_names", [])), Position(), total, deadline)
     s.detector = detector
+    # the windows' frame rate (data.fps, else the clips' median), or validation.fps for data
+    # with no time of its own (built-in clips); predict writes videos at it by default
+    s.fps = getattr(dataset, "frame_rate", None) or cfg.validation.fps
     _log_setup(s, dataset, steps_per_epoch)
     if ckpt is not None:
         _resume(s, ckpt, resume_path)
@@ -245,6 +251,7 @@ def checkpoint_dict(s: Stage2, gather: bool = True) -> dict:
         "vae": ckpts.vae_record(s.vae),
         "diffusion": asdict(s.cfg.diffusion),
         "class_names": list(s.class_names),
+        "fps": s.fps,
         "config": config_to_dict(s.cfg),
     }
 

@@ -81,6 +81,11 @@ class DataConfig:
     labels: Literal["none", "subfolder"] = "none"  # folders: class = top-level subfolder
     num_workers: int = 0  # DataLoader worker processes
     cache: Literal["off", "auto"] = "off"  # latent cache (stage 2)
+    # Real footage (issue 11): frame rate and the saved index of a folder's sources.
+    fps: Optional[float] = None  # resample every source to this frame rate by time; null = every frame
+    frame_folder_fps: Optional[float] = None  # frame rate of frame folders (needed with fps)
+    index_cache: Optional[str] = None  # JSON file of probed sources shared between runs; null = <run>/data_index.json
+    index_workers: Optional[int] = None  # processes probing new sources; null = one per CPU core
     builtin: BuiltinDataConfig = field(default_factory=BuiltinDataConfig)
 
     def validate(self, prefix: str = "data") -> None:
@@ -89,6 +94,16 @@ class DataConfig:
             raise ConfigError(f"{prefix}.num_workers = {self.num_workers}: must be >= 0")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"{prefix}.val_fraction = {self.val_fraction}: must be in [0, 1)")
+        for n in ("fps", "frame_folder_fps"):
+            if getattr(self, n) is not None and getattr(self, n) <= 0:
+                raise ConfigError(f"{prefix}.{n} = {getattr(self, n)}: must be > 0 (frames per "
+                                  "second) or null")
+        if self.index_workers is not None and self.index_workers < 1:
+            raise ConfigError(f"{prefix}.index_workers = {self.index_workers}: must be >= 1 or "
+                              "null (one per CPU core)")
+        if self.fps is not None and self.path.startswith("builtin:"):
+            raise ConfigError(f"{prefix}.fps = {self.fps}: the built-in clips have no timestamps "
+                              f"to resample; set {prefix}.fps: null or use a folder of videos")
         if self.path.startswith("builtin:") and self.path != "builtin:moving_shapes":
             raise ConfigError(f"{prefix}.path = {self.path!r}: the only built-in dataset is "
                               "'builtin:moving_shapes'; otherwise give a folder of videos")
@@ -412,13 +427,15 @@ class PredictConfig:
     guidance_scale: float = 1.0  # classifier-free guidance; 1 = off
     class_labels: Optional[list[int]] = None  # one per video, cycled; null = 0, 1, 2, ...
     seed: int = 0  # sample i uses seed + i: same seed, same video
-    fps: int = 8
+    fps: Optional[float] = None  # frames per second of the written videos; null = the checkpoint's rate
     use_ema: bool = True  # False: the raw (non-EMA) weights
     vae: PredictVAEConfig = field(default_factory=PredictVAEConfig)
 
     def validate(self) -> None:
         _check_device(self.device)
-        _positive(self, "", "num_videos", "batch_size", "num_steps", "fps")
+        _positive(self, "", "num_videos", "batch_size", "num_steps")
+        if self.fps is not None and self.fps <= 0:
+            raise ConfigError(f"fps = {self.fps}: must be > 0 or null (the checkpoint's frame rate)")
         if self.guidance_scale < 0:
             raise ConfigError(f"guidance_scale = {self.guidance_scale}: must be >= 0")
 

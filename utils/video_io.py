@@ -7,7 +7,11 @@ Backends (DESIGN.md, "Video IO"):
 - mp4/mov/mkv are written by imageio v3 with the PyAV plugin (libx264, yuv420p).
 - Reading and counting use PyAV (`av`, the library under imageio's plugin) directly:
   imageio's reader converts every decoded frame to RGB, we convert only the frames a window
-  needs and stop decoding after the last one.
+  needs, seek to the keyframe before the first one (its cost does not grow with its position
+  in the clip) and stop decoding after the last one. Any pixel format FFmpeg decodes works
+  (10-bit, 4:4:4, gray); a display rotation (phone video) is applied.
+- Indexing (`probe_video`) reads the frame count from an mp4/mov header or by decoding, and
+  the timestamps from the packets, so clips can be resampled at a frame rate by time.
 - GIFs are written by PyAV as `pal8` with one adaptive palette per video (computed with
   pillow). PyAV's fixed `rgb8` palette costs ~15 dB on smooth content, and pillow's own GIF
   writer merges identical consecutive frames, which changes the frame count.
@@ -18,7 +22,8 @@ from __future__ import annotations
 import io
 import os
 import re
-from typing import Optional, Sequence
+from fractions import Fraction
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import av
 import imageio.v3 as iio
@@ -37,6 +42,13 @@ H264_EXTS = (".mp4", ".mov", ".mkv")  # containers write_video fills with libx26
 EXACT_COUNT_FORMATS = ("mov", "mp4")
 GIF_PALETTE_PIXELS = 1 << 18  # pixels sampled (from all frames) to build a GIF palette
 _NUMBER = re.compile(r"(\d+)(?!.*\d)")  # the last run of digits in a name
+VFR_TOLERANCE = 0.01  # frame intervals further apart than this fraction: variable frame rate
+NO_SEEK_FORMATS = ("gif",)  # GIF frames may only update part of the picture: decode from the start
+
+# Per process, keyed by path: (size, mtime_ns) -> the file's timeline, and a folder's mtime ->
+# its frame files. A DataLoader worker demuxes a file once, not once per window.
+_TIMELINE_MEMO: dict[str, tuple[tuple[int, int], Optional["_Timeline"]]] = {}
+_FOLDER_MEMO: dict[str, tuple[int, list[str]]] = {}
 
 
 class VideoReadError(UserError):
@@ -83,18 +95,49 @@ def _read_image(path: str) -> np.ndarray:
         raise VideoReadError(f"{path}: not a readable image ({e})") from None
 
 
-def _read_folder_frames(folder: str, indices: Sequence[int]) -> np.ndarray:
-    files = list_frame_files(folder)
-    if max(indices) >= len(files):
-        raise VideoReadError(f"{folder}: has {len(files)} frames, frame {max(indices)} was asked "
+def _frame_files(folder: str) -> list[str]:
+    """`list_frame_files`, memoised per folder (keyed by its mtime, which adding or removing a
+    file changes): reading a window of a long frame folder must not list it every time."""
+    mtime = os.stat(folder).st_mtime_ns
+    memo = _FOLDER_MEMO.get(folder)
+    if memo is None or memo[0] != mtime:
+        memo = _FOLDER_MEMO[folder] = (mtime, list_frame_files(folder))
+    return memo[1]
+
+
+def _iter_folder_frames(folder: str, indices: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
+    files = _frame_files(folder)
+    if indices and indices[-1] >= len(files):
+        raise VideoReadError(f"{folder}: has {len(files)} frames, frame {indices[-1]} was asked "
                              "for (did the folder change after the dataset was indexed?)")
-    frames = [_read_image(files[i]) for i in indices]
-    if len({f.shape for f in frames}) > 1:
-        raise VideoReadError(f"{folder}: frames differ in size {sorted({f.shape for f in frames})}")
-    return np.stack(frames)  # (N, H, W, 3)
+    shape = None
+    for i in indices:
+        frame = _read_image(files[i])
+        if shape is not None and frame.shape != shape:
+            raise VideoReadError(f"{folder}: frames differ in size ({shape} and {frame.shape})")
+        shape = frame.shape
+        yield i, frame
 
 
 # --------------------------------------------------------------------------- reading videos
+
+
+class VideoInfo(NamedTuple):
+    """What indexing learns about a source: its frames and their times."""
+    frames: int
+    rate: Optional[float]  # average frames per second; None when unknown (e.g. a frame folder)
+    times: Optional[list[float]]  # seconds from the first frame, only when unevenly spaced (VFR)
+
+
+class _Timeline(NamedTuple):
+    """Presentation timestamps of a video stream, from its packets (demuxed, not decoded)."""
+    pts: np.ndarray  # (N,) int64 sorted: frame i has pts[i]
+    keyframes: np.ndarray  # (K,) int64 sorted pts of the keyframes
+
+    def index(self, pts: Optional[int], default: Optional[int] = None) -> Optional[int]:
+        """The frame index of a decoded frame's pts (`default` if the timeline has no such pts)."""
+        i = int(np.searchsorted(self.pts, pts)) if pts is not None else len(self.pts)
+        return i if i < len(self.pts) and self.pts[i] == pts else default
 
 
 def _open_video(path: str) -> av.container.InputContainer:
@@ -120,6 +163,14 @@ def _decode(container: av.container.InputContainer, path: str):
         raise VideoReadError(f"{path}: decoding failed ({e.strerror or e})") from None
 
 
+def _rgb(frame: av.VideoFrame) -> np.ndarray:
+    """(H, W, 3) uint8 RGB as it is meant to be shown: any pixel format (10-bit, 4:4:4, gray)
+    is converted by FFmpeg, and a display rotation (phone video) is applied."""
+    rgb = frame.to_ndarray(format="rgb24")  # (H, W, 3)
+    quarter_turns = round(frame.rotation / 90) % 4  # counter-clockwise, as np.rot90 turns
+    return np.ascontiguousarray(np.rot90(rgb, quarter_turns)) if quarter_turns else rgb
+
+
 def _header_frame_count(container: av.container.InputContainer) -> Optional[int]:
     """Frame count from an mp4/mov header if it agrees with duration * frame rate, else None."""
     stream = container.streams.video[0]
@@ -137,64 +188,154 @@ def _header_frame_count(container: av.container.InputContainer) -> Optional[int]
     return stream.frames if abs(estimate - stream.frames) <= max(1.5, 0.02 * stream.frames) else None
 
 
-def count_frames(path: str) -> int:
-    """Number of frames of a video file or a frame folder.
+def _demux_timeline(container: av.container.InputContainer) -> Optional[_Timeline]:
+    """Packet timestamps (cheap: no decoding); None when a packet has none or demuxing fails."""
+    pts, keys = [], []
+    try:
+        for packet in container.demux(container.streams.video[0]):
+            if not packet.size:
+                continue
+            if packet.pts is None:
+                return None
+            pts.append(packet.pts)
+            if packet.is_keyframe:
+                keys.append(packet.pts)
+    except av.FFmpegError:
+        return None  # damaged past the header
+    return _Timeline(np.sort(np.asarray(pts, dtype=np.int64)), np.sort(np.asarray(keys, dtype=np.int64)))
 
-    mp4/mov: the header's sample count (checked against duration * fps), after decoding the
-    first frame to make sure the file decodes at all. Other containers: decode to count
-    (no RGB conversion). Raises `VideoReadError` for files that are not usable videos.
+
+def _info(stream, n: int, pts: Optional[np.ndarray]) -> VideoInfo:
+    """Rate and, for unevenly spaced frames, times, from the sorted pts of n frames."""
+    avg = float(stream.average_rate) if stream.average_rate else None
+    if pts is None or len(pts) != n or n < 2 or stream.time_base is None:
+        return VideoInfo(n, avg, None)
+    times = (pts - pts[0]) * float(stream.time_base)  # (n,) seconds
+    steps = np.diff(times)
+    median = float(np.median(steps))
+    if median <= 0:
+        return VideoInfo(n, avg, None)
+    tick = float(stream.time_base)  # timestamps are rounded to it (1 ms in mkv)
+    if steps.max() - steps.min() > max(VFR_TOLERANCE * median, 2 * tick):  # variable frame rate
+        return VideoInfo(n, (n - 1) / float(times[-1]), [round(float(t), 6) for t in times])
+    rate = avg if avg and abs(avg * median - 1) < max(VFR_TOLERANCE, 2 * tick / median) else 1 / median
+    return VideoInfo(n, rate, None)
+
+
+def probe_video(path: str) -> VideoInfo:
+    """Frame count, rate and (variable frame rate only) times of a video file.
+
+    mp4/mov: the header's sample count (checked against duration * fps and against the
+    packets actually in the file), after decoding the first frame to make sure the file
+    decodes at all. Other containers: decode to count (no RGB conversion). Raises
+    `VideoReadError` for files that are not usable videos.
     """
+    with _open_video(path) as container:
+        stream = container.streams.video[0]
+        n = _header_frame_count(container)
+        if n is not None:
+            timeline = _demux_timeline(container)
+            found = len(timeline.pts) if timeline is not None else 0
+            if found < n:
+                raise VideoReadError(f"{path}: truncated: its header promises {n} frames but the file "
+                                     f"holds {found} (re-download or re-encode it)")
+            container.seek(0)  # back to the start, to prove the first frame decodes
+            frames = _decode(container, path)
+            if next(frames, None) is None:
+                raise VideoReadError(f"{path}: no decodable frames")
+            frames.close()
+            return _info(stream, n, timeline.pts[:n])
+        stream.thread_type = "AUTO"  # every frame gets decoded: let FFmpeg use threads
+        pts = [frame.pts for frame in _decode(container, path)]
+    if not pts:
+        raise VideoReadError(f"{path}: no decodable frames")
+    known = None if any(p is None for p in pts) else np.asarray(pts, dtype=np.int64)
+    return _info(stream, len(pts), known)
+
+
+def count_frames(path: str) -> int:
+    """Number of frames of a video file or a frame folder (see `probe_video`)."""
     if os.path.isdir(path):
         return len(list_frame_files(path))
+    return probe_video(path).frames
+
+
+def _timeline(path: str, container: av.container.InputContainer) -> Optional[_Timeline]:
+    """The file's timeline, demuxed once per process (memo keyed by path, size and mtime)."""
+    st = os.stat(path)
+    key = (st.st_size, st.st_mtime_ns)
+    memo = _TIMELINE_MEMO.get(path)
+    if memo is not None and memo[0] == key:
+        return memo[1]
+    timeline = None
+    if container.format.name not in NO_SEEK_FORMATS:
+        timeline = _demux_timeline(container)
+        container.seek(0)
+    _TIMELINE_MEMO[path] = (key, timeline)
+    return timeline
+
+
+def _frames_from(container, path: str, first: int) -> Iterator[tuple[int, av.VideoFrame]]:
+    """(frame index, decoded frame) from the keyframe at or before frame `first` on.
+
+    Frames are identified by their timestamps in the file's timeline. When seeking does not
+    land where the timeline says (no timestamps, a damaged index, an open GOP), decoding
+    restarts from the first frame and frames are counted instead: always right, only slower.
+    """
+    timeline = _timeline(path, container)
+    if timeline is not None and 0 < first < len(timeline.pts):
+        target = int(timeline.pts[first])
+        keyframe = timeline.keyframes[timeline.keyframes <= target]
+        if len(keyframe):
+            container.seek(int(keyframe[-1]), stream=container.streams.video[0], backward=True)
+            frames = _decode(container, path)
+            head = next(frames, None)
+            i = timeline.index(head.pts) if head is not None else None
+            if i is not None and i <= first:
+                yield i, head
+                for frame in frames:
+                    i = timeline.index(frame.pts, default=i + 1)
+                    yield i, frame
+                return
+            frames.close()
+            container.seek(0)
+    yield from enumerate(_decode(container, path))
+
+
+def iter_frames(path: str, indices: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, (H, W, 3) uint8 RGB) for each of the distinct, increasing frame `indices` of a
+    video or frame folder, decoding the file once, front to back.
+
+    Videos seek to the keyframe before the first wanted frame and decode forward, so a
+    window's cost does not grow with its position in the clip; only the wanted frames are
+    converted to RGB.
+    """
+    indices = list(indices)
+    if any(b <= a for a, b in zip(indices, indices[1:])) or (indices and indices[0] < 0):
+        raise ValueError(f"indices must be distinct, increasing and >= 0, got {indices}")
+    if not indices:
+        return
+    if os.path.isdir(path):
+        yield from _iter_folder_frames(path, indices)
+        return
+    wanted, last, seen = set(indices), indices[-1], -1
     with _open_video(path) as container:
-        n = _header_frame_count(container)
-        if n is not None and (found := _packet_count(container)) < n:
-            raise VideoReadError(f"{path}: truncated: its header promises {n} frames but the file "
-                                 f"holds {max(found, 0)} (re-download or re-encode it)")
-        if n is not None:
-            container.seek(0)  # back to the start, to prove the first frame decodes
-        if n is None:  # every frame gets decoded: let FFmpeg use threads
-            container.streams.video[0].thread_type = "AUTO"
-        frames = _decode(container, path)
-        if next(frames, None) is None:
-            raise VideoReadError(f"{path}: no decodable frames")
-        if n is None:
-            n = 1 + sum(1 for _ in frames)
-        frames.close()
-        return n
-
-
-def _packet_count(container) -> int:
-    """Video packets with data (no decoding: cheap), one per frame in mp4/mov."""
-    try:
-        return sum(1 for p in container.demux(container.streams.video[0]) if p.size)
-    except av.error.FFmpegError:
-        return -1  # damaged past the header: decoding decides
+        for i, frame in _frames_from(container, path, indices[0]):
+            seen = i
+            if i in wanted:
+                yield i, _rgb(frame)
+            if i >= last:
+                break
+    if seen < last:
+        raise VideoReadError(f"{path}: only {seen + 1} frames decode, frame {last} was asked for "
+                             "(re-encode the file, e.g. ffmpeg -i in.mp4 out.mp4)")
 
 
 def read_frames(path: str, indices: Sequence[int]) -> np.ndarray:
-    """Frames `indices` (any order, repeats allowed) of a video or frame folder: (N, H, W, 3) uint8.
-
-    Videos are decoded sequentially from the start and decoding stops after the last needed
-    frame; only the needed frames are converted to RGB.
-    """
+    """Frames `indices` (any order, repeats allowed) of a video or frame folder: (N, H, W, 3) uint8."""
     if len(indices) == 0 or min(indices) < 0:
         raise ValueError(f"indices must be non-empty and >= 0, got {list(indices)}")
-    if os.path.isdir(path):
-        return _read_folder_frames(path, indices)
-    wanted, last = set(indices), max(indices)
-    found: dict[int, np.ndarray] = {}
-    decoded = 0
-    with _open_video(path) as container:
-        for frame in _decode(container, path):
-            if decoded in wanted:
-                found[decoded] = frame.to_ndarray(format="rgb24")  # (H, W, 3)
-            decoded += 1
-            if decoded > last:
-                break
-    if last not in found:
-        raise VideoReadError(f"{path}: only {decoded} frames decode, frame {last} was asked for "
-                             "(re-encode the file, e.g. ffmpeg -i in.mp4 out.mp4)")
+    found = dict(iter_frames(path, sorted(set(indices))))
     return np.stack([found[i] for i in indices])  # (N, H, W, 3)
 
 
@@ -236,7 +377,7 @@ def _gif_palette(frames: np.ndarray) -> Image.Image:
     return strip.quantize(colors=256, method=Image.Quantize.MEDIANCUT)
 
 
-def gif_bytes(frames: np.ndarray, fps: int) -> bytes:
+def gif_bytes(frames: np.ndarray, fps: float) -> bytes:
     """An animated, forever-looping GIF of (T, H, W, 3) uint8 frames (one frame per input frame)."""
     frames = _check_frames(frames)
     palette_img = _gif_palette(frames)
@@ -246,7 +387,7 @@ def gif_bytes(frames: np.ndarray, fps: int) -> bytes:
     argb[: len(rgb), 1:] = rgb
     buf = io.BytesIO()
     with av.open(buf, "w", format="gif") as container:  # the gif muxer loops forever by default
-        stream = container.add_stream("gif", rate=fps)
+        stream = container.add_stream("gif", rate=Fraction(fps).limit_denominator(1001))  # fps may be 29.97
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "pal8"
         for frame in frames:
@@ -257,7 +398,7 @@ def gif_bytes(frames: np.ndarray, fps: int) -> bytes:
     return buf.getvalue()
 
 
-def write_video(path: str, frames: np.ndarray, fps: int) -> None:
+def write_video(path: str, frames: np.ndarray, fps: float) -> None:
     """Write (T, H, W, 3) uint8 frames to .mp4/.mov/.mkv (libx264, yuv420p) or .gif.
 
     Odd heights/widths are padded by one repeated row/column for yuv420p, so such an mp4
