@@ -15,7 +15,7 @@ from torch import nn
 
 from models.diffusion import make_scheduler, sample
 from models.vae import FrozenVAE
-from training.checkpoints import check_format, check_vae, model_from_checkpoint
+from training.checkpoints import check_format, check_vae, latent_shape, model_dims, model_from_checkpoint
 from utils.checkpoint import load_checkpoint
 from utils.config import DiffusionConfig, PredictConfig, VAERefConfig, config_from_dict
 from utils.errors import UserError
@@ -36,7 +36,8 @@ def generate_videos(model: nn.Module, vae: FrozenVAE, diffusion_cfg: DiffusionCo
                     latent_shape: Sequence[int], seeds: Sequence[int], labels: Optional[torch.Tensor],
                     sampler: str, num_steps: int, guidance_scale: float, null_class_id: Optional[int],
                     device: torch.device, batch_size: int = 8, progress: bool = False) -> list[np.ndarray]:
-    """Sample one video per seed. Returns uint8 frames (T, H, W, 3) per video.
+    """Sample one video per seed. Returns uint8 frames (T, H, W, 3) per video, H x W the VAE's
+    decode of `latent_shape`'s (h, w): data.resolution of the training run, square or not.
 
     Each video has its own generator seeded with its seed, so video i is the same whatever
     the batch size or the other videos.
@@ -89,7 +90,7 @@ def sample_videos(cfg: PredictConfig, device: torch.device) -> tuple[list, dict]
     vae = FrozenVAE.from_config(_trained_vae_settings(ckpt), device, cfg.vae.path or ckpt["vae"]["path"])
     check_vae(ckpt, vae, cfg.checkpoint)
     model = model_from_checkpoint(ckpt, cfg.use_ema, device)
-    dims = ckpt["model"]["dims"]
+    dims = model_dims(ckpt["model"])
     labels = _labels(cfg, dims["num_classes"], ckpt.get("class_names", []))
     guidance = (f"guidance {cfg.guidance_scale}" if dims["num_classes"] or cfg.guidance_scale == 1
                 else f"no guidance (guidance_scale = {cfg.guidance_scale} needs a class-conditional model)")
@@ -112,10 +113,9 @@ def _trained_vae_settings(ckpt: dict) -> VAERefConfig:
 
 
 def _generate(cfg: PredictConfig, model, vae, ckpt: dict, labels, device) -> list:
-    dims = ckpt["model"]["dims"]
     return generate_videos(
         model, vae, config_from_dict(DiffusionConfig, ckpt["diffusion"]),
-        latent_shape=(dims["in_channels"], dims["num_frames"], dims["latent_size"], dims["latent_size"]),
+        latent_shape=latent_shape(model_dims(ckpt["model"])),
         seeds=[cfg.seed + i for i in range(cfg.num_videos)], labels=labels, sampler=cfg.sampler,
         num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, null_class_id=model.null_class_id,
         device=device, batch_size=cfg.batch_size, progress=True)
