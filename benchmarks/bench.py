@@ -91,7 +91,7 @@ def ours(size: dict, device: torch.device, qk_norm: bool = True) -> torch.nn.Mod
     cfg = ModelConfig(hidden_size=size["hidden"], depth=size["depth"], num_heads=size["heads"],
                       patch_size=2, patch_t=1, attention=size.get("attention", "factorized"),
                       qk_norm=qk_norm, class_conditional=False)
-    return VideoDiT(cfg, in_channels=4, num_frames=size["frames"], latent_size=size["latent"]).to(device)
+    return VideoDiT(cfg, in_channels=4, num_frames=size["frames"], latent_height=size["latent"]).to(device)
 
 
 def peer(size: dict, device: torch.device) -> torch.nn.Module:

@@ -45,6 +45,7 @@ def temporal_vae() -> AutoencoderKLHunyuanVideo:
 
 def run(quick: bool, device: torch.device) -> dict:
     """{"per_frame": {...}, "temporal_4x": {...}, "token_ratio", "speed_ratio"} at 17 x 64 x 64."""
+    from training.checkpoints import latent_shape
     from training.stage2 import setup, train
     from utils.config import TrainRunConfig, load_config
     from utils.dist import DistInfo
@@ -68,8 +69,7 @@ def run(quick: bool, device: torch.device) -> dict:
             t0 = time.perf_counter()
             train(s)
             sec = time.perf_counter() - t0
-            out[name] = {"latent_shape": [s.dims["in_channels"], s.dims["num_frames"], s.dims["latent_size"],
-                                          s.dims["latent_size"]],
+            out[name] = {"latent_shape": list(latent_shape(s.dims)),
                          "tokens_per_clip": math.prod(s.model.grid), "steps_per_s": steps / sec,
                          "vae": s.vae.class_name}
     out["token_ratio"] = out["per_frame"]["tokens_per_clip"] / out["temporal_4x"]["tokens_per_clip"]

@@ -3,7 +3,9 @@
 Each clip is rendered on demand from its own `np.random.default_rng((seed, split, clip))`,
 so nothing is stored and the same (seed, split, clip index) always gives the same pixels.
 Motion is analytic (a constant velocity folded into the frame by reflection), so any frame
-of a clip is rendered directly, without simulating the frames before it.
+of a clip is rendered directly, without simulating the frames before it. Positions, sizes and
+speeds are in units of the frame's shorter side, so with `data.resolution: [height, width]`
+the shapes keep their form and the longer side simply gives them more room.
 
 The default scene is deliberately plain (one shape, a flat background, a few distinct
 colours, sizes of 25-40% of the frame, motion visible within 8 frames): a small DiT trained
@@ -12,6 +14,7 @@ make it harder.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from typing import Iterator
 
@@ -63,10 +66,12 @@ class MovingShapes(torch.utils.data.Dataset):
                 f"data.num_frames = {cfg.num_frames} with data.frame_stride = {cfg.frame_stride} "
                 f"spans {span} source frames, but data.builtin.clip_frames = {b.clip_frames}: "
                 f"no window fits; raise data.builtin.clip_frames to >= {span} or lower data.num_frames")
-        # Pixel centres in frame units [0, 1], shared by every frame.
-        r = cfg.resolution
-        coords = (np.arange(r, dtype=np.float32) + 0.5) / r
-        self._x, self._y = np.meshgrid(coords, coords)  # (H, W) each
+        # Pixel centres in units of the shorter side (a square frame spans [0, 1]), shared by
+        # every frame; `_extent` is the frame's (x, y) size in those units.
+        self._side = min(cfg.height, cfg.width)  # pixels
+        self._extent = np.array([cfg.width, cfg.height], dtype=np.float64) / self._side
+        self._x, self._y = np.meshgrid((np.arange(cfg.width, dtype=np.float32) + 0.5) / self._side,
+                                       (np.arange(cfg.height, dtype=np.float32) + 0.5) / self._side)  # (H, W) each
 
     def __len__(self) -> int:
         return self.num_clips * self.windows
@@ -111,7 +116,7 @@ class MovingShapes(torch.utils.data.Dataset):
 
     def cache_key(self) -> dict:
         return {"path": self.cfg.path, "split": self.split, "seed": self.seed,
-                "resolution": self.cfg.resolution, "builtin": asdict(self.cfg.builtin)}
+                "resolution": [self.cfg.height, self.cfg.width], "builtin": asdict(self.cfg.builtin)}
 
     def scene(self, clip: int) -> dict:
         """Random scene parameters of one clip (everything drawn from the clip's own RNG)."""
@@ -121,9 +126,9 @@ class MovingShapes(torch.utils.data.Dataset):
         kind, colour = divmod(label, len(COLOUR_NAMES)) if b.labels == "shape_colour" else (label, None)
         bg = rng.choice(b.num_backgrounds, size=2, replace=b.num_backgrounds < 2)
         n = b.num_shapes
-        sizes = rng.uniform(b.min_size, b.max_size, n)  # fraction of the frame side
+        sizes = rng.uniform(b.min_size, b.max_size, n)  # fraction of the frame's shorter side
         half = sizes / 2
-        speed = rng.uniform(b.min_speed, b.max_speed, n)  # frame sides per source frame
+        speed = rng.uniform(b.min_speed, b.max_speed, n)  # shorter sides per source frame
         angle = rng.uniform(0, 2 * np.pi, n)
         gradient_dir = rng.normal(size=2)
         colours = rng.choice(len(SHAPE_COLOURS), size=n, replace=n > len(SHAPE_COLOURS))
@@ -134,15 +139,16 @@ class MovingShapes(torch.utils.data.Dataset):
             "gradient_dir": gradient_dir,
             "colours": SHAPE_COLOURS[colours if colour is None else np.full(n, colour)],
             "half": half,
-            "pos0": rng.uniform(half[:, None], 1 - half[:, None], (n, 2)),  # (n, 2): x, y
+            "extent": self._extent,  # (2,): frame width, height in shorter sides
+            "pos0": rng.uniform(half[:, None], self._extent - half[:, None], (n, 2)),  # (n, 2): x, y
             "vel": speed[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1),  # (n, 2)
         }
 
     @staticmethod
     def render_positions(scene: dict, t: float) -> np.ndarray:
-        """(n, 2) shape centres (x, y in frame units) at source time `t`."""
+        """(n, 2) shape centres (x, y in shorter sides) at source time `t`."""
         lo = scene["half"][:, None]  # (n, 1): centres stay this far from the borders
-        return _bounce(scene["pos0"] + t * scene["vel"], lo, 1 - lo)
+        return _bounce(scene["pos0"] + t * scene["vel"], lo, scene["extent"] - lo)
 
     def render(self, scene: dict, t: float) -> np.ndarray:
         """Frame at source time `t` (frames) -> (3, H, W) float32 in [0, 1]."""
@@ -150,7 +156,7 @@ class MovingShapes(torch.utils.data.Dataset):
         pos = self.render_positions(scene, t)  # (n, 2)
         for (cx, cy), h, colour in zip(pos, scene["half"], scene["colours"]):
             cover = _coverage(self._sdf(scene["kind"], self._x - cx, self._y - cy, h),
-                              1.0 / self.cfg.resolution)  # (H, W)
+                              1.0 / self._side)  # (H, W)
             img = img + cover * (colour[:, None, None] - img)
         return img.astype(np.float32)
 
@@ -159,13 +165,15 @@ class MovingShapes(torch.utils.data.Dataset):
         if self.cfg.builtin.background == "plain":
             return np.broadcast_to(c0, (3,) + self._x.shape).astype(np.float32)
         d = scene["gradient_dir"] / (np.linalg.norm(scene["gradient_dir"]) + 1e-8)
-        ramp = (self._x - 0.5) * d[0] + (self._y - 0.5) * d[1]  # in [-0.71, 0.71]
-        a = np.clip(ramp / 1.42 + 0.5, 0, 1)[None]  # (1, H, W)
+        ex, ey = (float(v) for v in self._extent)  # python floats: float32 arithmetic, as on a square
+        ramp = (self._x - ex / 2) * d[0] + (self._y - ey / 2) * d[1]  # within +-half the diagonal
+        diagonal = 1.42 * (math.hypot(ex, ey) / math.sqrt(2))  # 1.42 on a square frame
+        a = np.clip(ramp / diagonal + 0.5, 0, 1)[None]  # (1, H, W)
         return (c0 + a * (c1 - c0)).astype(np.float32)
 
     @staticmethod
     def _sdf(kind_id: int, dx: np.ndarray, dy: np.ndarray, half: float) -> np.ndarray:
-        """Signed distance (frame units, < 0 inside) to a shape of half-extent `half`."""
+        """Signed distance (shorter sides, < 0 inside) to a shape of half-extent `half`."""
         kind = CLASS_NAMES[kind_id]
         if kind == "circle":
             return np.hypot(dx, dy) - half

@@ -143,9 +143,10 @@ def _seed(*numbers: int) -> int:
 class VideoFolder(Dataset):
     """Sliding windows over the clips under `cfg.path`.
 
-    Items: {"video": (3, T, R, R) float32 in [-1, 1], "label": int}, T = cfg.num_frames,
-    R = cfg.resolution. `augment` (default: split == "train") enables cfg.random_crop and
-    cfg.hflip; a latent cache passes augment=False to get the deterministic center crop.
+    Items: {"video": (3, T, H, W) float32 in [-1, 1], "label": int}, T = cfg.num_frames,
+    H x W = cfg.resolution (a square side or [height, width]). `augment` (default: split ==
+    "train") enables cfg.random_crop and cfg.hflip; a latent cache passes augment=False to get
+    the deterministic center crop.
     """
 
     def __init__(self, cfg: DataConfig, split: str = "train", seed: int = 0,
@@ -353,11 +354,11 @@ class VideoFolder(Dataset):
         return list(indices) if frame_map is None else [frame_map[i] for i in indices]
 
     def source_frames(self, src: int, indices: list[int]) -> torch.Tensor:
-        """Frames `indices` of source `src`, center-cropped, no augmentation: (3, n, R, R)."""
+        """Frames `indices` of source `src`, center-cropped, no augmentation: (3, n, H, W)."""
         return self.transform(read_frames(self.sources[src][0], self.source_indices(src, indices)))
 
     def iter_source_frames(self, src: int, indices: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
-        """(index, (3, R, R) center-cropped frame) for the increasing `indices` of source `src`,
+        """(index, (3, H, W) center-cropped frame) for the increasing `indices` of source `src`,
         decoding it once, front to back, one frame in memory at a time (the latent cache)."""
         mapped = self.source_indices(src, indices)
         decoded = iter_frames(self.sources[src][0], sorted(set(mapped)))
@@ -365,44 +366,64 @@ class VideoFolder(Dataset):
         for i, m in zip(indices, mapped):
             while at != m:  # a resampled clip may show one source frame twice
                 at, pixels = next(decoded)  # (h, w, 3) uint8
-                frame = self.transform(pixels[None])[:, 0]  # (3, R, R)
+                frame = self.transform(pixels[None])[:, 0]  # (3, H, W)
             yield i, frame
 
     def cache_key(self) -> dict:
-        """What the cached latents depend on besides the VAE: files (size, mtime) and pixels."""
+        """What the cached latents depend on besides the VAE: files (size, mtime) and pixels.
+        The resolution is keyed as [height, width]: `32` and `[32, 32]` give the same pixels and
+        share a cache."""
         files = []
         for path, _ in self.sources:
             parts = [path] + (list_frame_files(path) if os.path.isdir(path) else [])
             files.append([[p, os.path.getsize(p), os.path.getmtime(p)] for p in parts])
         return {"path": os.path.abspath(self.cfg.path), "split": self.split,
-                "resolution": self.cfg.resolution, "crop": "center", "fps": self.cfg.fps,
+                "resolution": [self.cfg.height, self.cfg.width], "crop": "center", "fps": self.cfg.fps,
                 "frame_folder_fps": self.cfg.frame_folder_fps, "files": files}
 
     # ----------------------------------------------------------------- pixels
 
     def transform(self, frames: np.ndarray, g: Optional[torch.Generator] = None) -> torch.Tensor:
-        """(T, h, w, 3) uint8 -> (3, T, R, R) float in [-1, 1]: crop the square, resize, flip.
+        """(T, h, w, 3) uint8 -> (3, T, H, W) float in [-1, 1]: crop, resize, flip.
 
-        Cropping the largest square (centered, or random when `g` is given and
-        cfg.random_crop) and resizing it to R equals resizing the shorter side to R and
-        cropping R, with fewer pixels to resize.
+        The frame is resized to cover H x W keeping its aspect ratio, then cropped (centered,
+        or at a random place when `g` is given and cfg.random_crop). Cropping the largest box
+        of the target's aspect ratio first (`cover_crop_box`) and resizing it to H x W gives
+        the same pixels with fewer to resize.
         """
-        r = self.cfg.resolution
+        height, width = self.cfg.height, self.cfg.width
         x = rearrange(torch.from_numpy(frames), "t h w c -> t c h w")  # uint8
-        top, left, side = self._crop_box(x.shape[2], x.shape[3], g)
-        x = x[:, :, top: top + side, left: left + side]  # (T, 3, side, side)
-        if side != r:  # resized in uint8: a 4K frame never exists as float (100 MB each)
-            x = F.interpolate(x, size=(r, r), mode="bilinear", antialias=True, align_corners=False)
+        top, left, box_h, box_w = self._crop_box(x.shape[2], x.shape[3], g)
+        x = x[:, :, top: top + box_h, left: left + box_w]  # (T, 3, box_h, box_w)
+        if (box_h, box_w) != (height, width):  # resized in uint8: a 4K frame never exists as float
+            x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True,
+                              align_corners=False)  # (T, 3, H, W)
         x = x.float()
         if g is not None and self.cfg.hflip and torch.rand((), generator=g) < 0.5:
             x = x.flip(-1)  # one flip for every frame of the window
         x = (x / 127.5 - 1).clamp(-1, 1)
-        return rearrange(x, "t c h w -> c t h w").contiguous()  # (3, T, R, R)
+        return rearrange(x, "t c h w -> c t h w").contiguous()  # (3, T, H, W)
 
-    def _crop_box(self, h: int, w: int, g: Optional[torch.Generator]) -> tuple[int, int, int]:
-        side = min(h, w)
-        if g is not None and self.cfg.random_crop:
-            top = int(torch.randint(0, h - side + 1, (), generator=g))
-            left = int(torch.randint(0, w - side + 1, (), generator=g))
-            return top, left, side
-        return (h - side) // 2, (w - side) // 2, side
+    def _crop_box(self, h: int, w: int, g: Optional[torch.Generator]) -> tuple[int, int, int, int]:
+        """(top, left, box height, box width) in an h x w source frame."""
+        rng = g if self.cfg.random_crop else None
+        return cover_crop_box(h, w, self.cfg.height, self.cfg.width, rng)
+
+
+def cover_crop_box(h: int, w: int, height: int, width: int,
+                   g: Optional[torch.Generator] = None) -> tuple[int, int, int, int]:
+    """(top, left, box_h, box_w): the largest box of aspect ratio height:width inside an h x w
+    frame (all in pixels): its full width when the frame is taller than the target, else its
+    full height. Centered, or at a uniformly random place drawn from `g` (top, then left).
+    Resizing the box to height x width = resizing the frame to cover the target, then cropping.
+    """
+    if h * width > w * height:  # taller than the target: keep the width, crop rows
+        box_h, box_w = min(h, (2 * w * height + width) // (2 * width)), w  # round(w * height / width)
+    else:  # wider (or the same shape): keep the height, crop columns
+        box_h, box_w = h, min(w, (2 * h * width + height) // (2 * height))
+    box_h, box_w = max(box_h, 1), max(box_w, 1)
+    if g is None:
+        return (h - box_h) // 2, (w - box_w) // 2, box_h, box_w
+    top = int(torch.randint(0, h - box_h + 1, (), generator=g))
+    left = int(torch.randint(0, w - box_w + 1, (), generator=g))
+    return top, left, box_h, box_w

@@ -195,23 +195,26 @@ class FinalLayer(nn.Module):
 
 
 class VideoDiT(nn.Module):
-    """v-prediction network on latents (B, C, T, h, w) with T = num_frames, h = w = latent_size.
+    """v-prediction network on latents (B, C, T, h, w) with T = num_frames, h = latent_height,
+    w = latent_width (None: latent_height, a square grid).
 
     `num_classes = 0`: unconditional. Set `activation_checkpointing = True` to recompute each
     block's forward in the backward pass (activation memory of one block, one more forward).
     """
 
-    def __init__(self, cfg: ModelConfig, in_channels: int, num_frames: int, latent_size: int,
-                 num_classes: int = 0):
+    def __init__(self, cfg: ModelConfig, in_channels: int, num_frames: int, latent_height: int,
+                 latent_width: Optional[int] = None, num_classes: int = 0):
         super().__init__()
         cfg = cfg.resolved()
-        check_patchable(num_frames, latent_size, latent_size, cfg.patch_t, cfg.patch_size)
+        latent_width = latent_height if latent_width is None else latent_width
+        check_patchable(num_frames, latent_height, latent_width, cfg.patch_t, cfg.patch_size)
         if cfg.hidden_size % 4:
             raise ConfigError(f"model.hidden_size = {cfg.hidden_size}: must be a multiple of 4 "
                               "(2-D sin-cos position embedding)")
         self.cfg, self.in_channels, self.num_classes = cfg, in_channels, num_classes
-        self.input_shape = (in_channels, num_frames, latent_size, latent_size)  # (C, T, h, w)
-        self.grid = (num_frames // cfg.patch_t, latent_size // cfg.patch_size, latent_size // cfg.patch_size)
+        self.input_shape = (in_channels, num_frames, latent_height, latent_width)  # (C, T, h, w)
+        # (T', H', W') tokens per axis: N = T' * H' * W', S = H' * W' per latent frame
+        self.grid = (num_frames // cfg.patch_t, latent_height // cfg.patch_size, latent_width // cfg.patch_size)
         patch_dim = in_channels * cfg.patch_t * cfg.patch_size ** 2
         dim = cfg.hidden_size
 

@@ -21,6 +21,7 @@ if ROOT not in sys.path:  # run as a script by torchrun
     sys.path.insert(0, ROOT)
 
 from models.diffusion import Diffusion  # noqa: E402
+from training.checkpoints import latent_shape  # noqa: E402
 from training.stage2 import setup, train  # noqa: E402
 from utils.config import TrainRunConfig, load_config  # noqa: E402
 from utils.dist import DistInfo, cleanup, init_distributed  # noqa: E402
@@ -64,7 +65,7 @@ def train_fixed(overrides: list[str], run_dir: str, dist: DistInfo = DistInfo())
     cfg = load_config(TrainRunConfig, os.path.join(ROOT, "config_advanced.yaml"), EXACT + overrides)
     seed_everything(cfg.experiment.seed)
     s = setup(cfg, run_dir, dist, torch.device("cpu"), torch.float32, RunLogger(run_dir, dist.is_main), None)
-    latent = (s.dims["in_channels"], s.dims["num_frames"], s.dims["latent_size"], s.dims["latent_size"])
+    latent = latent_shape(s.dims)
     s.diffusion = ItemNoise(s.diffusion, s.sampler, s.sampler.num_items, latent)
     train(s)
     s.log.close()

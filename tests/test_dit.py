@@ -122,7 +122,7 @@ def test_num_params_matches_the_published_dit_xl2():
     meta device: counting needs no 2.7 GB of weights."""
     cfg = ModelConfig(preset="DiT-XL/2", qk_norm=False)
     with torch.device("meta"):
-        model = VideoDiT(cfg, in_channels=4, num_frames=1, latent_size=32, num_classes=1000)
+        model = VideoDiT(cfg, in_channels=4, num_frames=1, latent_height=32, num_classes=1000)
     assert model.num_params() == 675_129_632 - 256 * 1152 - (1152 * 16 + 16) == 674_816_272
 
 

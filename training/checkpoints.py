@@ -36,8 +36,24 @@ def vae_record(vae: FrozenVAE) -> dict:
 
 
 def model_record(model_cfg: ModelConfig, dims: dict) -> dict:
-    """The resolved architecture and its input geometry (C, T, latent side, classes)."""
+    """The resolved architecture and its input geometry (C, T, latent height and width, classes)."""
     return {"config": asdict(model_cfg.resolved()), "dims": dict(dims)}
+
+
+def model_dims(record: dict) -> dict:
+    """The DiT's input geometry (VideoDiT's keyword arguments) from a checkpoint's model
+    record. Checkpoints written before non-square frames record one `latent_size` for both
+    sides; they read as latent_height = latent_width = latent_size."""
+    dims = dict(record["dims"])
+    if "latent_size" in dims:
+        side = dims.pop("latent_size")
+        dims.update(latent_height=side, latent_width=side)
+    return dims
+
+
+def latent_shape(dims: dict) -> tuple[int, int, int, int]:
+    """(C, T, h, w) of one clip's latents, from a dims dict (`model_dims`, stage 2's `dims`)."""
+    return (dims["in_channels"], dims["num_frames"], dims["latent_height"], dims["latent_width"])
 
 
 def check_vae(ckpt: dict, vae: FrozenVAE, ckpt_path: str) -> None:
@@ -75,7 +91,7 @@ def check_entries(ckpt: dict, ckpt_path: str, entries: dict = ENTRIES) -> None:
 def check_model(ckpt: dict, expected: dict, ckpt_path: str, data: Optional[dict] = None) -> None:
     """Refuse a checkpoint whose architecture or input geometry differs from the config's, saying
     whether the data (`data`: this run's data section) or the model differs."""
-    diffs = _diff(ckpt["model"], expected)
+    diffs = _diff({**ckpt["model"], "dims": model_dims(ckpt["model"])}, expected)
     if not diffs:
         return
     trained = ckpt.get("config", {}).get("data", {})
@@ -165,7 +181,7 @@ def model_from_checkpoint(ckpt: dict, use_ema: bool, device) -> "VideoDiT":
     """Rebuild the DiT from the architecture recorded in the checkpoint (not from any YAML)."""
     from models.dit import VideoDiT
     from utils.config import config_from_dict
-    model = VideoDiT(config_from_dict(ModelConfig, ckpt["model"]["config"]), **ckpt["model"]["dims"])
+    model = VideoDiT(config_from_dict(ModelConfig, ckpt["model"]["config"]), **model_dims(ckpt["model"]))
     model.load_state_dict(ckpt["ema_state" if use_ema else "model_state"])
     return model.to(device).eval().requires_grad_(False)
 

@@ -310,7 +310,7 @@ def check_jigsaw(ckpt: dict, vae: FrozenVAE, real_clips: torch.Tensor, labels: O
     """
     model = ckpts.model_from_checkpoint(ckpt, use_ema=True, device=device)
     diffusion = Diffusion(config_from_dict(DiffusionConfig, ckpt["diffusion"]))
-    mcfg, dims = model.cfg, ckpt["model"]["dims"]
+    mcfg, dims = model.cfg, ckpts.model_dims(ckpt["model"])
     x0 = vae.encode(real_clips.to(device), sample=False)  # (B, C, T, h, w)
     y = labels.to(device) if labels is not None else None
     g = torch.Generator().manual_seed(sampling.seed)
@@ -325,7 +325,7 @@ def check_jigsaw(ckpt: dict, vae: FrozenVAE, real_clips: torch.Tensor, labels: O
 
     videos = generate_videos(
         model, vae, diffusion.cfg,
-        latent_shape=(dims["in_channels"], dims["num_frames"], dims["latent_size"], dims["latent_size"]),
+        latent_shape=ckpts.latent_shape(dims),
         seeds=[sampling.seed + i for i in range(num_videos)],
         labels=default_labels(num_videos, dims["num_classes"]), sampler=sampling.sampler,
         num_steps=sampling.num_steps, guidance_scale=sampling.guidance_scale,
@@ -407,7 +407,7 @@ def run_diagnostics(cfg: TrainRunConfig, checkpoint: Optional[str], device: torc
     num_classes = build_dataset(cfg.data, "train", cfg.experiment.seed).num_classes
     dims = latent_dims(cfg, vae, num_classes)
     mcfg = cfg.model.resolved()
-    latent_shape = (dims["in_channels"], dims["num_frames"], dims["latent_size"], dims["latent_size"])
+    latent_shape = ckpts.latent_shape(dims)
 
     few_val = _spread(val, NUM_VAE_CLIPS)
     yield _guarded("vae_roundtrip", lambda: check_vae_roundtrip(vae, few_val, min_vae_psnr))

@@ -241,7 +241,8 @@ def protocol(cfg: EvaluateConfig, data_cfg: DataConfig, dataset, dataset_seed: i
         "real": {"path": data_cfg.path, "split": cfg.real.split, "num_clips": num_real,
                  "num_videos": int(dataset.num_sources), "dataset_seed": dataset_seed,
                  "num_frames": data_cfg.num_frames, "frame_stride": data_cfg.frame_stride,
-                 "resolution": data_cfg.resolution, "crop": "center square, resized",
+                 "resolution": data_cfg.resolution,
+                 "crop": "resized to cover height x width keeping the aspect ratio, center crop",
                  "windows": "one per video in sorted order at a random start (rng (seed, k)); "
                             "videos cycled when num_clips > num_videos",
                  "seed": cfg.real.seed,
@@ -258,15 +259,20 @@ def metric_line(name: str, result: dict) -> str:
     if name == "FVD":
         return (f"FVD {result['fvd']:.2f} ({result['num_generated']} generated vs "
                 f"{result['num_real']} real clips of {r['num_frames']} frames, frame stride "
-                f"{r['frame_stride']}, {r['resolution']} px; {clips}; detector "
+                f"{r['frame_stride']}, {_pixels(r['resolution'])}; {clips}; detector "
                 f"{os.path.basename(p['detector']['path'])} sha256 {p['detector']['sha256_16']})")
     f = result["frame_protocol"]
     value = f"{result['fid']:.2f}" if name == "FID" else f"{result['kid']:.5f}"
     kid = f", {f['kid']['subsets']} subsets of {f['kid']['subset_size']}" if name == "KID" else ""
     return (f"{name} {value} (per frame: {result['num_generated_frames']} generated vs "
             f"{result['num_real_frames']} real frames of the clips above{kid}; "
-            f"{r['resolution']} px; detector {os.path.basename(f['detector']['path'])} sha256 "
+            f"{_pixels(r['resolution'])}; detector {os.path.basename(f['detector']['path'])} sha256 "
             f"{f['detector']['sha256_16']})")
+
+
+def _pixels(resolution) -> str:
+    """data.resolution as text: "256 px" (a square side) or "256x448 px" ([height, width])."""
+    return f"{resolution[0]}x{resolution[1]} px" if isinstance(resolution, list) else f"{resolution} px"
 
 
 def _write_json(path: str, result: dict) -> None:

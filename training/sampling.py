@@ -25,7 +25,7 @@ from torch import nn
 from models.diffusion import make_scheduler, sample
 from models.vae import FrozenVAE
 from training.checkpoints import (PREDICT_ENTRIES, check_entries, check_format, check_vae,
-                                  model_from_checkpoint)
+                                  latent_shape, model_dims, model_from_checkpoint)
 from utils.checkpoint import load_checkpoint
 from utils.config import (DiffusionConfig, PredictConfig, VAERefConfig, check_num_steps,
                           config_from_dict)
@@ -47,7 +47,8 @@ def generate_videos(model: nn.Module, vae: FrozenVAE, diffusion_cfg: DiffusionCo
                     latent_shape: Sequence[int], seeds: Sequence[int], labels: Optional[torch.Tensor],
                     sampler: str, num_steps: int, guidance_scale: float, null_class_id: Optional[int],
                     device: torch.device, batch_size: int = 8, progress: bool = False) -> list[np.ndarray]:
-    """Sample one video per seed. Returns uint8 frames (T, H, W, 3) per video.
+    """Sample one video per seed. Returns uint8 frames (T, H, W, 3) per video, H x W the VAE's
+    decode of `latent_shape`'s (h, w): data.resolution of the training run, square or not.
 
     Each video has its own generator seeded with its seed, so video i is the same whatever
     the batch size or the other videos.
@@ -177,7 +178,7 @@ def load_for_sampling(cfg: PredictConfig, device: torch.device) -> Loaded:
     check_format(ckpt, cfg.checkpoint)
     check_entries(ckpt, cfg.checkpoint, PREDICT_ENTRIES)
     check_num_steps(cfg.num_steps, ckpt["diffusion"].get("num_train_timesteps", cfg.num_steps), "num_steps")
-    dims = ckpt["model"]["dims"]
+    dims = model_dims(ckpt["model"])
     labels = _labels(cfg, dims.get("num_classes", 0), ckpt.get("class_names", []))
     vae = FrozenVAE.from_config(_trained_vae_settings(ckpt), device, cfg.vae.path or ckpt["vae"]["path"])
     check_vae(ckpt, vae, cfg.checkpoint)
@@ -244,10 +245,9 @@ def _trained_vae_settings(ckpt: dict) -> VAERefConfig:
 
 
 def _generate(cfg: PredictConfig, model, vae, ckpt: dict, labels, device) -> Iterator[list[np.ndarray]]:
-    dims = ckpt["model"]["dims"]
     return generate_batches(
         model, vae, config_from_dict(DiffusionConfig, ckpt["diffusion"]),
-        latent_shape=(dims["in_channels"], dims["num_frames"], dims["latent_size"], dims["latent_size"]),
+        latent_shape=latent_shape(model_dims(ckpt["model"])),
         seeds=[cfg.seed + i for i in range(cfg.num_videos)], labels=labels, sampler=cfg.sampler,
         num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, null_class_id=model.null_class_id,
         device=device, batch_size=cfg.batch_size, progress=True)

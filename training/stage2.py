@@ -35,7 +35,7 @@ from training.evaluation import clip_batches, real_clip_plan, video_batches
 from training.sampling import default_labels, generate_videos, save_videos, side_by_side
 from utils.video_io import uint8_to_video_tensor
 from utils.checkpoint import atomic_save, load_checkpoint
-from utils.config import TrainRunConfig, config_to_dict
+from utils.config import TrainRunConfig, check_resolution_multiple, config_to_dict
 from utils.dist import DistInfo, all_reduce_mean, all_reduce_sum, any_rank, barrier, gather_dicts
 from utils.errors import ConfigError
 from utils.fvd import FeatureStats, fvd_from_stats, load_detector, stats_of
@@ -95,16 +95,14 @@ def latent_dims(cfg: TrainRunConfig, vae: FrozenVAE, num_classes: int) -> dict:
     copy in `model`). `num_frames` is the number of LATENT frames: 1 + (T - 1) / f_t for a
     causal video VAE, T for a per-frame VAE; sampling decodes back to data.num_frames."""
     mcfg, factor = cfg.model.resolved(), vae.downsample_factor
-    res = cfg.data.resolution
-    if res % (factor * mcfg.patch_size):
-        raise ConfigError(
-            f"data.resolution = {res} must be divisible by VAE factor {factor} x model.patch_size "
-            f"{mcfg.patch_size} = {factor * mcfg.patch_size}; pick a multiple of it")
-    channels, frames, size, _ = vae.latent_shape(cfg.data.num_frames, res, res)  # frame rule checked
+    check_resolution_multiple(cfg.data, factor * mcfg.patch_size, f"VAE factor {factor} x "
+                              f"model.patch_size {mcfg.patch_size} = {factor * mcfg.patch_size}")
+    channels, frames, height, width = vae.latent_shape(  # frame rule checked
+        cfg.data.num_frames, cfg.data.height, cfg.data.width)
     if frames % mcfg.patch_t:
         raise ConfigError(f"data.num_frames = {cfg.data.num_frames} gives {frames} latent frames, not "
                           f"divisible by model.patch_t = {mcfg.patch_t}")
-    return dict(in_channels=channels, num_frames=frames, latent_size=size,
+    return dict(in_channels=channels, num_frames=frames, latent_height=height, latent_width=width,
                 num_classes=num_classes if mcfg.class_conditional else 0)
 
 
@@ -221,8 +219,8 @@ def _log_setup(s: Stage2, dataset, steps_per_epoch: int) -> None:
     global_batch = t.batch_size * s.dist.world_size * t.grad_accum_steps
     s.log.info(f"DiT {trainable / 1e6:.2f}M trainable of {total / 1e6:.2f}M; VAE {vae_trainable} "
                f"trainable of {vae_total / 1e6:.2f}M (frozen); optimizer holds DiT parameters only")
-    s.log.info(f"latents (C, t, h, w) = ({s.dims['in_channels']}, {s.dims['num_frames']}, "
-               f"{s.dims['latent_size']}, {s.dims['latent_size']}) from {s.cfg.data.num_frames} frames, "
+    s.log.info(f"latents (C, t, h, w) = {ckpts.latent_shape(s.dims)} from {s.cfg.data.num_frames} frames "
+               f"of {s.cfg.data.height}x{s.cfg.data.width} pixels, "
                f"{math.prod(s.model.grid)} tokens per clip, classes {s.dims['num_classes']}; "
                f"{len(dataset)} training clips, {steps_per_epoch} steps/epoch, {s.total_steps} steps total")
     s.log.info(f"device {s.device}, precision {str(s.dtype).replace('torch.', '')}, world size "
@@ -488,7 +486,7 @@ def validate(s: Stage2) -> None:
             _log_held_out_loss(s)
         labels = default_labels(v.num_videos, s.dims["num_classes"])
         videos = generate_videos(
-            s.ema.model, s.vae, s.cfg.diffusion, latent_shape=_latent_shape(s.dims),
+            s.ema.model, s.vae, s.cfg.diffusion, latent_shape=ckpts.latent_shape(s.dims),
             seeds=[v.seed + i for i in range(v.num_videos)], labels=labels, sampler=v.sampler,
             num_steps=v.num_steps, guidance_scale=v.guidance_scale,
             null_class_id=s.model.null_class_id, device=s.device)
@@ -594,7 +592,7 @@ def _val_fvd(s: Stage2) -> float:
     mine = list(range(r, f.num_videos, w))
     labels = default_labels(f.num_videos, s.dims["num_classes"])
     videos = generate_videos(
-        s.ema.model, s.vae, s.cfg.diffusion, latent_shape=_latent_shape(s.dims),
+        s.ema.model, s.vae, s.cfg.diffusion, latent_shape=ckpts.latent_shape(s.dims),
         seeds=[v.seed + i for i in mine], labels=None if labels is None else labels[mine],
         sampler=v.sampler, num_steps=v.num_steps, guidance_scale=v.guidance_scale,
         null_class_id=s.model.null_class_id, device=s.device, batch_size=f.batch_size)
@@ -619,10 +617,6 @@ def _real_jigsaw(s: Stage2, cell: int) -> float:
         clips = torch.stack([pixels[i]["video"] for i in range(n)])  # (n, 3, T, H, W)
         s.real_jigsaw = jigsaw_score(clips, cell)
     return s.real_jigsaw
-
-
-def _latent_shape(dims: dict) -> tuple[int, int, int, int]:
-    return (dims["in_channels"], dims["num_frames"], dims["latent_size"], dims["latent_size"])
 
 
 def _epoch_desc(s: Stage2) -> str:

@@ -49,9 +49,9 @@ class BuiltinDataConfig:
     clip_frames: int = 24  # source frames per clip, before frame_stride / windows
     num_shapes: int = 1  # shapes per clip
     background: Literal["plain", "gradient"] = "plain"
-    min_size: float = 0.25  # shape size as a fraction of the frame side
+    min_size: float = 0.25  # shape size as a fraction of the frame's shorter side
     max_size: float = 0.4
-    min_speed: float = 0.03  # fraction of the frame side per source frame
+    min_speed: float = 0.03  # fraction of the shorter side per source frame
     max_speed: float = 0.06
     num_backgrounds: int = 4  # background colours drawn from (the first k of 4)
     labels: Literal["shape", "shape_colour"] = "shape"  # class = shape kind, or kind and colour
@@ -72,10 +72,10 @@ class BuiltinDataConfig:
 class DataConfig:
     path: str = "builtin:moving_shapes"  # or a folder of videos / frame folders
     num_frames: int = 8  # frames per training clip (after frame_stride)
-    resolution: int = 32  # square side in pixels
+    resolution: Union[int, list[int]] = 32  # pixels: a square side, or [height, width]
     frame_stride: int = 1  # take every k-th source frame
     window_stride: int = 4  # start a new window every k source frames
-    random_crop: bool = False  # else center crop after resizing the shorter side
+    random_crop: bool = False  # else the center: frames are resized to cover the resolution, then cropped
     hflip: bool = False  # random horizontal flip
     val_fraction: float = 0.1  # folders: share of videos held out for validation
     labels: Literal["none", "subfolder"] = "none"  # folders: class = top-level subfolder
@@ -88,8 +88,19 @@ class DataConfig:
     index_workers: Optional[int] = None  # processes probing new sources; null = one per CPU core
     builtin: BuiltinDataConfig = field(default_factory=BuiltinDataConfig)
 
+    @property
+    def height(self) -> int:
+        """Frame height in pixels (`resolution` is a square side or [height, width])."""
+        return self.resolution[0] if isinstance(self.resolution, (list, tuple)) else self.resolution
+
+    @property
+    def width(self) -> int:
+        """Frame width in pixels."""
+        return self.resolution[1] if isinstance(self.resolution, (list, tuple)) else self.resolution
+
     def validate(self, prefix: str = "data") -> None:
-        _positive(self, prefix, "num_frames", "resolution", "frame_stride", "window_stride")
+        _positive(self, prefix, "num_frames", "frame_stride", "window_stride")
+        _check_resolution(self.resolution, prefix + ".resolution")
         if self.num_workers < 0:
             raise ConfigError(f"{prefix}.num_workers = {self.num_workers}: must be >= 0")
         if not 0 <= self.val_fraction < 1:
@@ -378,9 +389,7 @@ class VAERunConfig:
         self.vae.validate()
         self.train.validate()
         factor = self.vae.downsample_factor
-        if self.data.resolution % factor:
-            raise ConfigError(f"data.resolution = {self.data.resolution} is not divisible by the "
-                              f"VAE's downsampling factor {factor}; pick a multiple of {factor}")
+        check_resolution_multiple(self.data, factor, f"the VAE's downsampling factor {factor}")
         if (self.train.frames_per_clip or 0) > self.data.num_frames:
             raise ConfigError(f"train.frames_per_clip = {self.train.frames_per_clip} is more than "
                               f"data.num_frames = {self.data.num_frames}; lower it or use null (all)")
@@ -447,14 +456,16 @@ class EvalDataConfig(DataConfig):
     num_frames / resolution / frame_stride take the checkpoint's; without one, the defaults."""
     path: Optional[str] = None
     num_frames: Optional[int] = None
-    resolution: Optional[int] = None
+    resolution: Optional[Union[int, list[int]]] = None  # a square side or [height, width]
     frame_stride: Optional[int] = None
 
     def validate(self, prefix: str = "data") -> None:
         """Checked as a DataConfig once resolved (`resolved`); here only what is given."""
-        for n in ("num_frames", "resolution", "frame_stride"):
+        for n in ("num_frames", "frame_stride"):
             if getattr(self, n) is not None and getattr(self, n) < 1:
                 raise ConfigError(f"{prefix}.{n} = {getattr(self, n)}: must be >= 1 or null")
+        if self.resolution is not None:
+            _check_resolution(self.resolution, prefix + ".resolution")
 
     def resolved(self, trained: Optional[dict]) -> DataConfig:
         """The DataConfig to read real clips with; `trained`: the checkpoint's data section."""
@@ -649,11 +660,23 @@ def config_from_dict(cls: type, raw: dict) -> Any:
     return cfg
 
 
+class _Dumper(yaml.SafeDumper):
+    """Lists of plain values on one line (`resolution: [32, 64]`), as the shipped YAML writes them."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flat = all(v is None or isinstance(v, (bool, int, float, str)) for v in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flat)
+
+
+_Dumper.add_representer(list, _represent_list)
+
+
 def dump_config(cfg: Any, path: str) -> None:
     """Write the resolved config (every key, defaults filled in) next to the run."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+        yaml.dump(config_to_dict(cfg), f, Dumper=_Dumper, sort_keys=False)
     os.replace(tmp, path)
 
 
@@ -714,7 +737,16 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key)
+        lists = [a for a in inner if typing.get_origin(a) is list]
+        if len(inner) == 1 or not lists:
+            return _coerce(inner[0], value, key)
+        # A number or a list (data.resolution): the value's own shape picks the alternative.
+        if isinstance(value, (list, tuple)):
+            return _coerce(lists[0], value, key)
+        try:
+            return _coerce(next(a for a in inner if a not in lists), value, key)
+        except ConfigError as e:
+            raise ConfigError(f"{e}, or a list, e.g. [1, 2]") from None
     if origin is Literal:
         if isinstance(value, bool) and {"off", "on"} & set(args):  # YAML 1.1 reads off/on as bools
             value = "on" if value else "off"
@@ -749,6 +781,33 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key} = {value!r}: expected a string")
         return value
     raise TypeError(f"unsupported config type {tp} for {key}")  # a bug in this file
+
+
+def _check_resolution(res: Union[int, list[int]], key: str) -> None:
+    """A side >= 1, or [height, width] with both >= 1; the message names the side."""
+    if not isinstance(res, (list, tuple)):
+        if res < 1:
+            raise ConfigError(f"{key} = {res}: must be >= 1")
+        return
+    if len(res) != 2:
+        raise ConfigError(f"{key} = {res}: give one side in pixels (a square, e.g. 32) or "
+                          "[height, width] (e.g. [32, 64])")
+    for side, v in zip(("height", "width"), res):
+        if v < 1:
+            raise ConfigError(f"{key} = {res}: {side} {v} must be >= 1")
+
+
+def check_resolution_multiple(data: DataConfig, multiple: int, what: str) -> None:
+    """ConfigError unless `multiple` (described by `what`) divides both sides of
+    data.resolution; the message names the side that is wrong and the nearest valid values."""
+    for side, v in (("height", data.height), ("width", data.width)):
+        if v % multiple:
+            near = " or ".join(str(m) for m in (v // multiple * multiple, (v // multiple + 1) * multiple)
+                               if m > 0)
+            where = f"data.resolution = {data.resolution}" if data.height == data.width \
+                else f"data.resolution = {data.resolution}: {side} {v}"
+            raise ConfigError(f"{where} is not divisible by {what}; pick a multiple of {multiple} "
+                              f"({near})")
 
 
 def _positive(obj: Any, prefix: str, *names: str) -> None:
