@@ -57,11 +57,14 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only load failed" not in str(e).lower():
-            raise UserError(f"checkpoint {path} could not be read (UnpicklingError: {e}); it is "
-                            "corrupt or truncated, or not a torch file. Use another checkpoint.") from None
+        # The safe loader's refusal of an object names it ("Unsupported global"); other
+        # unpickling errors (garbage bytes, an unknown opcode) mean a damaged file.
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        refused = f"it refused {found.group(1)}" if found else "an object of another kind"
+        if found is None:
+            raise UserError(f"checkpoint {path} could not be read (UnpicklingError); it is corrupt "
+                            "or truncated, or not a torch file. Use another checkpoint, or start "
+                            "fresh in a new run directory (another experiment.name).") from None
+        refused = f"it refused {found.group(1)}"
         raise UserError(f"checkpoint {path} holds objects that are not allowed: it is loaded with "
                         "torch.load(weights_only=True), which accepts only tensors, numbers, "
                         f"strings and containers of them ({refused}). Nothing in it was run. Use a "
