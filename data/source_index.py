@@ -53,6 +53,8 @@ def probe_source(path: str) -> SourceInfo:
         info = probe_video(path)
     except VideoReadError as e:
         return SourceInfo(st.st_size, st.st_mtime_ns, str(e).removeprefix(f"{path}: "), [], None, None)
+    except OSError as e:  # unreadable (permissions, I/O error): skipped with the reason
+        return SourceInfo(st.st_size, st.st_mtime_ns, f"cannot read it ({e.strerror or e})", [], None, None)
     return SourceInfo(st.st_size, st.st_mtime_ns, info.frames, [], info.rate, info.times)
 
 

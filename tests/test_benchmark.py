@@ -56,3 +56,18 @@ def test_vae_benchmark_prints_tokens_and_ratio(capsys):
     assert r["token_ratio"] == 3.0 and r["speed_ratio"] > 0
     bench.print_row(r)
     assert "3.00x fewer tokens" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_data_benchmark_prints_every_ratio(tmp_path):
+    """benchmarks/data_bench.py at quick sizes: every row of the README, with its ratio."""
+    out = tmp_path / "data.json"
+    proc = subprocess.run([sys.executable, "benchmarks/data_bench.py", "--quick", "--files", "40",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    for row in ("pipeline_vs_raw", "first_vs_last", "random_windows", "long_gop", "stage2_no_cache"):
+        assert r[row]["ratio"] > 0, row
+    assert r["index"]["files"] == 40 and r["index"]["cold_s"] > 0 and r["index"]["warm_s"] > 0
+    for text in ("pipeline vs raw PyAV", "last/first", "long/short", "end/start", "short/long", "index 40 files"):
+        assert text in proc.stdout, text
