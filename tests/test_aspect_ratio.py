@@ -7,6 +7,7 @@ sizes and frame rates; the videos they write read back 32 high and 64 wide.
 import glob
 import json
 import os
+import re
 import warnings
 
 import av
@@ -23,6 +24,8 @@ from models.dit import VideoDiT, patchify, unpatchify
 from models.vae import FrozenVAE
 from tests.conftest import smooth_frames, write_frame_folder
 from tests.test_bad_input import _assert_user_error_exit, _cli
+from tests.test_diagnose import _diagnose
+from tests.test_evaluate import _evaluate, detector  # noqa: F401 (detector is a fixture)
 from tests.test_dit import randomize_zero_init, tiny_cfg
 from tests.test_stage2 import ROOT, TINY, _predict, _train, random_vae  # noqa: F401 (a fixture)
 from tests.test_vae import TINY_OVERRIDES as VAE_TINY
@@ -192,14 +195,13 @@ def wide_runs(tmp_path_factory, clips) -> dict:
                            f"data.path={clips}", f"experiment.runs_dir={runs}", "experiment.name=vae",
                            "train.max_steps=2", "train.scale_num_clips=2"]) == 0
     vae = os.path.join(runs, "vae", "vae")
-    assert train_advanced.main(["--config", os.path.join(ROOT, "config_advanced.yaml"), *TINY, *WIDE,
-                                f"data.path={clips}", f"vae.path={vae}", f"experiment.runs_dir={runs}",
-                                "experiment.name=dit", "train.max_steps=2",
-                                "validation.every_epochs=1"]) == 0
+    stage2 = ["--config", os.path.join(ROOT, "config_advanced.yaml"), *TINY, *WIDE, f"data.path={clips}",
+              f"vae.path={vae}", f"experiment.runs_dir={runs}", "experiment.name=dit"]
+    assert train_advanced.main(stage2 + ["train.max_steps=2", "validation.every_epochs=1"]) == 0
     dit = os.path.join(runs, "dit")
     out = os.path.join(runs, "predict")
     assert _predict(os.path.join(dit, "latest.pth"), out) == 0
-    return {"vae": vae, "dit": dit, "predict": out}
+    return {"vae": vae, "dit": dit, "predict": out, "stage2": stage2}
 
 
 def test_stage1_trains_a_vae_on_wide_frames(wide_runs, clips):
@@ -232,6 +234,24 @@ def test_predict_writes_32_high_64_wide_videos(wide_runs):
         assert read_video(os.path.join(out, name)).shape == (4, 32, 64, 3), name
     from PIL import Image
     assert Image.open(os.path.join(out, "grid.png")).size == (4 * 66 - 2, 2 * 34 - 2)  # (W, H)
+
+
+def test_diagnose_runs_every_check_at_h_ne_w(wide_runs, capsys):
+    """Patch checks, the checkpoint's geometry and the jigsaw measurements at 8 x 16 latents."""
+    code, checks, out = _diagnose(wide_runs["stage2"] + ["--min-vae-psnr", "0"], capsys)
+    assert code in (0, 1) and "crashed" not in out, out  # a 2-step model may fail jigsaw, not crash
+    assert checks["patchify"][0] == checks["checkpoint"][0] == "PASS", out
+    assert checks["jigsaw"][0] in ("PASS", "FAIL") and "misplaced pieces" in checks["jigsaw"][1], out
+
+
+def test_evaluate_compares_height_x_width_samples_with_real_clips_cropped_alike(wide_runs, detector,
+                                                                              tmp_path, capsys):
+    """evaluate.py's real side takes the checkpoint's [32, 64] and its clips (data.* null)."""
+    result = _evaluate([f"checkpoint={os.path.join(wide_runs['dit'], 'latest.pth')}", "num_videos=2",
+                        "num_steps=2", f"fvd.detector_path={detector}", "real.split=val"], tmp_path)
+    assert result["protocol"]["real"]["resolution"] == [32, 64] and result["num_real"] == 2
+    assert re.search(r"^FVD [\d.]+ \(2 generated vs 2 real clips of 4 frames, frame stride 1, 32x64 px;",
+                     capsys.readouterr().out, re.M)
 
 
 def test_a_square_checkpoint_of_the_old_format_still_loads(tmp_path, random_vae):
