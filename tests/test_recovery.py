@@ -8,7 +8,9 @@
 |                                         | test_stage1_user_error_mid_run_saves_and_exits_2          |
 | a source unreadable mid-run             | test_source_deleted_after_indexing_is_skipped_with_a_warning |
 | checks before heavy work                | test_checks_come_before_the_latent_cache,                 |
-|                                         | test_config_refusals (duplicate key, NaN, name, steps)    |
+|                                         | test_config_refusals (duplicate key, NaN, name, steps),   |
+|                                         | test_predict_checks_sampler_steps_first                   |
+| paths as users type them                | test_paths_as_users_type_them                             |
 | a corrupt latent cache                  | test_corrupt_cache_is_reported_and_rebuilt                |
 | a killed cache build                    | test_interrupted_cache_build_resumes_where_it_stopped     |
 | resume after the dataset shrank         | test_resume_on_a_smaller_dataset_starts_the_next_epoch    |
@@ -198,10 +200,18 @@ def test_config_refusals(tmp_path, text, override, words):
         assert w in str(e.value), str(e.value)
 
 
-def test_home_is_expanded_in_paths(tmp_path, monkeypatch):
+def test_paths_as_users_type_them(tmp_path, monkeypatch, random_vae, capsys):
+    """`~` expanded; a file where a folder is expected (and the reverse) named as such."""
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = load_config(TrainRunConfig, None, ["vae.path=~/vae", "experiment.runs_dir=~/runs"])
     assert (cfg.vae.path, cfg.experiment.runs_dir) == (f"{tmp_path}/vae", f"{tmp_path}/runs")
+    with pytest.raises(ConfigError, match=f"--config {tmp_path} is a directory"):
+        load_config(TrainRunConfig, str(tmp_path))
+    weights = os.path.join(random_vae, "diffusion_pytorch_model.safetensors")
+    for extra, words in (([f"vae.path={weights}"], (f"vae.path = {weights} is a file",)),
+                         ([f"train.resume={tmp_path}"], (f"train.resume = '{tmp_path}' is a directory",))):
+        code, _, err = _cli(train_advanced, _args(tmp_path, random_vae, "run", extra), capsys)
+        _assert_user_error_exit(code, err, *words)
 
 
 # --------------------------------------------------------------------------- state that heals
@@ -323,6 +333,16 @@ def checkpoint(tmp_path_factory, random_vae):
     runs = tmp_path_factory.mktemp("runs")
     _train(str(runs), random_vae, "run", ["train.max_steps=1"])
     return str(runs / "run" / "latest.pth")
+
+
+def test_predict_checks_sampler_steps_first(tmp_path, checkpoint, capsys):
+    import predict_advanced
+    out = tmp_path / "out"
+    code, _, err = _cli(predict_advanced, ["--config", os.path.join(ROOT, "predict_advanced.yaml"),
+                                           "device=cpu", f"checkpoint={checkpoint}",
+                                           f"output_dir={out}", "num_steps=5000"], capsys)
+    _assert_user_error_exit(code, err, "num_steps = 5000 is more than diffusion.num_train_timesteps = 1000")
+    assert os.listdir(out) == []
 
 
 def test_predict_sigterm_keeps_finished_videos(tmp_path, checkpoint):

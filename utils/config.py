@@ -588,11 +588,11 @@ def load_config(cls: type, path: Optional[str], overrides: list[str] = ()) -> An
     """YAML file + dotted `key.sub=value` overrides -> validated `cls` instance."""
     raw: dict = {}
     if path is not None:
-        if not os.path.isfile(path):
-            raise MissingFileError(f"config file not found: {path} (pass --config <file.yaml>)")
         if os.path.isdir(path):
             raise ConfigError(f"--config {path} is a directory; give the YAML file (e.g. "
                               "config_advanced.yaml)")
+        if not os.path.isfile(path):
+            raise MissingFileError(f"config file not found: {path} (pass --config <file.yaml>)")
         with open(path) as f:
             try:
                 raw = safe_load_unique(f) or {}
