@@ -2,6 +2,7 @@
 and the file kinds phones and cameras produce. Every file is generated here with PyAV, tiny."""
 import json
 import os
+import re
 import shutil
 import warnings
 from fractions import Fraction
@@ -17,7 +18,8 @@ from data.videos import DataWarning, VideoFolder, resample_indices
 from tests.conftest import smooth_frames, write_frame_folder
 from tests.test_stage2 import _predict, _train, random_vae  # noqa: F401 (a fixture)
 from utils.checkpoint import load_checkpoint
-from utils.config import DataConfig
+from utils.config import DataConfig, TrainRunConfig, load_config
+from utils.errors import ConfigError
 from utils.video_io import iter_frames, probe_video, read_frames, write_video
 
 
@@ -192,6 +194,16 @@ def test_frame_folders_take_frame_folder_fps(tmp_path):
     ds, text = skip_warning(folder_cfg(tmp_path, fps=15, num_frames=3))
     assert "frames: a frame folder has no frame rate: set data.frame_folder_fps" in text
     assert [os.path.basename(p) for p, _ in ds.sources] == ["clip.mp4"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.fps=0"], "data.fps = 0.0: must be > 0"),
+    (["data.frame_folder_fps=-24"], "data.frame_folder_fps = -24.0: must be > 0"),
+    (["data.index_workers=0"], "data.index_workers = 0: must be >= 1 or null"),
+    (["data.fps=15"], "data.fps = 15.0: the built-in clips have no timestamps")])
+def test_bad_frame_rate_and_index_keys_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(TrainRunConfig, None, ["vae.path=x", *overrides])
 
 
 def test_fps_is_recorded_written_and_part_of_the_cache_key(tmp_path, random_vae, capsys):  # noqa: F811

@@ -23,8 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import build_dataset
-from data.source_index import RUN_INDEX_FILE
 from data.loader import ResumableSampler, batches_per_epoch, make_loader, set_epoch
+from data.source_index import RUN_INDEX_FILE
 from models.vae import FrozenVAE, VAELoss, build_autoencoder
 from training import checkpoints as ckpts
 from training.common import (Deadline, NonFiniteGuard, Position, StepOutcome, capture_rank_rng,
