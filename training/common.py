@@ -11,18 +11,22 @@ import enum
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
+from data.videos import DataWarning
 from training.checkpoints import ensure_writable_dir, resolve_resume
 from utils.checkpoint import capture_rng, restore_rng
-from utils.dist import DistInfo, gather_objects
+from utils.cli import parse_args
+from utils.config import dump_config, load_config
+from utils.dist import DistInfo, cleanup, gather_objects, init_distributed
 from utils.errors import UserError
 from utils.logging import RunLogger
 from utils.run_guard import RunLock
-from utils.train_utils import global_seed, lr_multiplier, noise_seed, seed_everything
+from utils.train_utils import global_seed, lr_multiplier, noise_seed, seed_everything, setup_runtime
 
 
 @dataclass
@@ -31,6 +35,41 @@ class Position:
     step: int = 0
     epoch: int = 0
     micro: int = 0
+
+
+def run_stage(argv: Optional[list[str]], doc: str, config_cls: type, setup: Callable[..., Any],
+              run: Callable[[Any, float], None]) -> int:
+    """An entry script's whole life: parse `--config`, overrides and `--resume`; load the
+    config; start the process group; take the run directory (lock, resume rule); `setup`
+    (every check before heavy work); only then write config.yaml, so a refused run leaves the
+    old one; then `run(state, started)`."""
+    started = time.monotonic()  # train.time_limit_minutes counts from here, startup included
+    config_path, overrides, flags = parse_args(argv, doc, flags=("resume",))
+    if flags["resume"]:
+        overrides.append(f"train.resume={flags['resume']}")
+    cfg = load_config(config_cls, config_path, overrides)
+    dist = init_distributed(cfg.device)
+    try:
+        if not dist.is_main:  # every rank reads the same files: rank 0 reports what it skipped
+            warnings.filterwarnings("ignore", category=DataWarning)
+        device, dtype = setup_runtime(cfg.device, cfg.experiment.seed, cfg.train.precision,
+                                      cfg.train.tf32, dist.local_rank if dist.enabled else None)
+        run_dir = os.path.join(cfg.experiment.runs_dir, cfg.experiment.name)
+        resume_path, lock = prepare_run(cfg.train.resume, run_dir, dist)
+        log = RunLogger(run_dir, enabled=dist.is_main)
+        try:
+            if lock.note:
+                log.info(f"warning: {lock.note}")
+            s = setup(cfg, run_dir, dist, device, dtype, log, resume_path, started)
+            if dist.is_main:
+                dump_config(cfg, os.path.join(run_dir, "config.yaml"))
+            run(s, started)
+        finally:
+            log.close()
+            lock.release()
+    finally:
+        cleanup(dist)
+    return 0
 
 
 def prepare_run(resume: Optional[str], run_dir: str, dist: DistInfo) -> tuple[Optional[str], RunLock]:
