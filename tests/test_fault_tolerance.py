@@ -107,10 +107,13 @@ def test_sigint_in_process_saves_at_the_step_reached(tmp_path, random_vae, monke
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(stage2.EMA, "update", update_then_interrupt)
+    # The handler the run must put back: Python's default_int_handler, or SIG_IGN when this
+    # process was started in the background by a non-interactive shell (`cmd &` ignores SIGINT).
+    before = signal.getsignal(signal.SIGINT)
     run = _train(tmp_path, random_vae, "run", ["train.max_steps=50", "train.checkpoint_every=100"])
     assert load_checkpoint(os.path.join(run, "latest.pth"))["step"] == 3
     assert "stopped by signal at step 3" in _read(os.path.join(run, "log.txt"))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
 
 
 def _nan_loss_on(calls_to_poison):
