@@ -41,6 +41,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from models.dit import VideoDiT  # noqa: E402
+from utils.checkpoint import write_json  # noqa: E402
 from utils.config import ModelConfig  # noqa: E402
 from utils.train_utils import autocast_context, make_adamw  # noqa: E402
 
@@ -342,9 +343,7 @@ def main() -> None:
         result = bench_real_size(device, args.quick, args.compile, 3 if args.quick else 10)
         print_real_size(result)
         if args.json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=1)
+            write_json(result, args.json)
         return
     size, reps = (QUICK, 3) if args.quick else (FULL, 7)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the training dtype
@@ -360,9 +359,7 @@ def main() -> None:
     results["sampling_sec_per_video"] = bench_sampling(args.quick, device)
     print_table(results)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(results, args.json)
 
 
 def print_table(r: dict) -> None:

@@ -21,7 +21,6 @@ Rows, all measured in one run, each as a ratio against its reference:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -36,6 +35,8 @@ sys.path.insert(0, ROOT)
 import av  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from utils.checkpoint import write_json  # noqa: E402
 
 LONG, SHORT = 3000, 300  # frames of the long and the short clip
 SIZE = (72, 128)  # clip height, width (16:9, small)
@@ -260,9 +261,7 @@ def main() -> None:
     r = run(args.files, args.quick)
     print_rows(r)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=1)
+        write_json(r, args.json)
 
 
 if __name__ == "__main__":

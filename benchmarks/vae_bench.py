@@ -12,7 +12,6 @@ The two runs are timed in the same process, one after the other.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -24,6 +23,8 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 from diffusers import AutoencoderKL, AutoencoderKLHunyuanVideo  # noqa: E402
+
+from utils.checkpoint import write_json  # noqa: E402
 
 WIDTHS = (32, 64, 64, 64)  # 4 blocks: 8x spatial for both
 LATENT_CHANNELS = 8
@@ -96,9 +97,7 @@ def main() -> None:
     r = run(args.quick, torch.device(args.device))
     print_row(r)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=1)
+        write_json(r, args.json)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from utils.checkpoint import atomic_save
+from utils.checkpoint import atomic_save, write_json
 
 EncodeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (B,3,T,H,W) -> mean, std (B,C,t,h,w)
 SOURCES_PER_SHARD = 256
@@ -132,7 +132,7 @@ class LatentCache:
         manifest = {"key": self.key, "vae": self.vae_record,
                     "layout": "window" if self.per_window else "frame",
                     "shards": {str(s): name for s, name in sorted(shards.items())}}
-        _write_json(manifest, self.manifest_path)
+        write_json(manifest, self.manifest_path)
         for path in glob.glob(os.path.join(glob.escape(self.dir), "progress_r*.json")):
             os.remove(path)
 
@@ -197,7 +197,7 @@ class LatentCache:
         return done
 
     def _write_progress(self, rank: int, world_size: int, written: dict[int, str]) -> None:
-        _write_json({"key": self.key, "world_size": world_size,
+        write_json({"key": self.key, "world_size": world_size,
                      "shards": {str(s): n for s, n in sorted(written.items())}}, self._progress_path(rank))
 
     def _remove_rank_files(self, rank: int) -> None:
@@ -253,14 +253,6 @@ class LatentCache:
             stds.append(std[0].cpu())
         return {"mean": torch.cat(means, dim=1).contiguous(),  # (C, L, h, w)
                 "std": torch.cat(stds, dim=1).contiguous()}
-
-
-def _write_json(obj: dict, path: str) -> None:
-    """Write-then-rename: a reader sees the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _chunks(frames: Iterator[tuple[int, torch.Tensor]], max_pixels: int) -> Iterator[list[torch.Tensor]]:

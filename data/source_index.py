@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional, Union
 
 from tqdm import tqdm
 
+from utils.checkpoint import write_json
 from utils.errors import UserError
 from utils.video_io import VideoReadError, frame_number_gaps, list_frame_files, probe_video
 
@@ -85,13 +86,9 @@ def _load(index_file: Optional[str]) -> dict[str, SourceInfo]:
 def _save(index_file: str, entries: dict[str, SourceInfo]) -> None:
     """Merge `entries` into the file (other data paths sharing it keep theirs); atomic."""
     merged = {**_load(index_file), **entries}
-    folder = os.path.dirname(os.path.abspath(index_file))
-    tmp = f"{index_file}.tmp.{os.getpid()}"
     try:
-        os.makedirs(folder, exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump({"format": INDEX_FORMAT, "sources": {p: list(e) for p, e in merged.items()}}, f)
-        os.replace(tmp, index_file)
+        write_json({"format": INDEX_FORMAT, "sources": {p: list(e) for p, e in merged.items()}},
+                   index_file, indent=None)
     except OSError as e:
         raise UserError(f"cannot write the data index {index_file}: {e.strerror or e}; set "
                         "data.index_cache to a writable file path") from None

@@ -21,10 +21,9 @@ with the Inception features of StyleGAN2-ADA (utils/fvd.py).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, replace
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +34,7 @@ from data import build_dataset
 from data.videos import window_span
 from training.checkpoints import check_format
 from training.sampling import default_labels
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import load_checkpoint, write_json
 from utils.config import DataConfig, EvaluateConfig, PredictConfig
 from utils.errors import UserError
 from utils.fvd import (DETECTOR_KWARGS, FeatureStats, detector_features, file_digest,
@@ -276,12 +275,7 @@ def _pixels(resolution) -> str:
 
 
 def _write_json(path: str, result: dict) -> None:
-    parent = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, path)
+        write_json(result, path, indent=2)
     except OSError as e:
         raise UserError(f"output = {path}: cannot write it ({e.strerror}); choose another output") from None

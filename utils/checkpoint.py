@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import pickle
 import random
@@ -153,3 +154,18 @@ def _fsync_dir(directory: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_json(obj: Any, path: str, indent: int = 1) -> None:
+    """JSON written to a temp file beside `path`, then renamed over it: a reader (or a crash)
+    sees the old file or the new one, never half of one. Creates the parent folder; OSError
+    is the caller's to turn into a message naming its key."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
