@@ -1,23 +1,22 @@
-"""Typed, strict run configs: YAML (`yaml.safe_load`) + dotted overrides -> dataclasses.
+"""The schemas of the four run configs (train_vae, train_advanced, predict, evaluate).
 
-One dataclass per part (data, vae, model, diffusion, train, validation). Loading rejects
-unknown keys (naming the closest valid one), wrong types and broken invariants, always
-naming the key and the value. Nothing in a config is evaluated or executed.
+One dataclass per part (data, vae, model, diffusion, train, validation), each with a
+`validate` that rejects broken invariants, naming the key and the value. Reading YAML,
+overrides, unknown keys and types is the generic machinery of utils/config_loader.py; this
+module re-exports its API (`load_config`, `config_to_dict`, `config_from_dict`, `dump_config`).
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import os
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Collection, Literal, Optional, Union
 
-import yaml
-
-from utils.errors import ConfigError, MissingFileError
+from utils import config_loader
+# Re-exported: callers import the whole config API from this module.
+from utils.config_loader import (UniqueKeyLoader, config_to_dict, dump_config,  # noqa: F401
+                                 safe_load_unique)
+from utils.errors import ConfigError
 
 # --------------------------------------------------------------------------- sections
 
@@ -575,6 +574,8 @@ class EvaluateConfig:
 
 
 # --------------------------------------------------------------------------- loading
+# The generic machinery lives in utils/config_loader.py; these wrappers give it this file's
+# schema rules (path fields, refused keys) so callers import everything from here.
 
 # Keys of the original script that trained the VAE together with the DiT. Such a config is
 # refused: a VAE that moves under the DiT gives scrambled "jigsaw" samples.
@@ -584,61 +585,15 @@ PATH_FIELDS = frozenset({"path", "runs_dir", "resume", "checkpoint", "output_dir
                          "detector_path"})
 
 
-def load_config(cls: type, path: Optional[str], overrides: list[str] = ()) -> Any:
+def load_config(cls: type, path: Optional[str], overrides: Collection[str] = ()) -> Any:
     """YAML file + dotted `key.sub=value` overrides -> validated `cls` instance."""
-    raw: dict = {}
-    if path is not None:
-        if os.path.isdir(path):
-            raise ConfigError(f"--config {path} is a directory; give the YAML file (e.g. "
-                              "config_advanced.yaml)")
-        if not os.path.isfile(path):
-            raise MissingFileError(f"config file not found: {path} (pass --config <file.yaml>)")
-        with open(path) as f:
-            try:
-                raw = safe_load_unique(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: write it as key.sub=value")
-        try:
-            parsed = yaml.safe_load(value) if value != "" else ""
-        except yaml.YAMLError:
-            parsed = value
-        _set_dotted(raw, key.strip().split("."), parsed, item)
-    _refuse_vae_training(raw, "")
-    cfg = _build(cls, raw, "")
-    cfg.validate()
-    return cfg
+    return config_loader.load_config(cls, path, overrides, path_fields=PATH_FIELDS,
+                                     raw_check=_refuse_vae_training)
 
 
-class UniqueKeyLoader(yaml.SafeLoader):
-    """yaml's SafeLoader, except that a key given twice in one mapping is an error (the safe
-    loader keeps the last one silently, so a setting a user believes in is ignored)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while reading a mapping", node.start_mark,
-                    f"duplicate key {key!r} (first on line {seen[key] + 1}, again on line "
-                    f"{key_node.start_mark.line + 1}); keep one of them", key_node.start_mark)
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep)
-
-
-def safe_load_unique(stream) -> Any:
-    """`yaml.safe_load`, refusing duplicate keys (UniqueKeyLoader is a SafeLoader: no objects)."""
-    loader = UniqueKeyLoader(stream)
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
+def config_from_dict(cls: type, raw: dict) -> Any:
+    """Rebuild a config stored in a checkpoint (already resolved; still type-checked)."""
+    return config_loader.config_from_dict(cls, raw, PATH_FIELDS)
 
 
 def check_num_steps(num_steps: int, num_train_timesteps: int, key: str) -> None:
@@ -647,47 +602,6 @@ def check_num_steps(num_steps: int, num_train_timesteps: int, key: str) -> None:
         raise ConfigError(f"{key} = {num_steps} is more than diffusion.num_train_timesteps = "
                           f"{num_train_timesteps} (the schedule has no more timesteps to visit); "
                           f"use at most {num_train_timesteps}")
-
-
-def config_to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def config_from_dict(cls: type, raw: dict) -> Any:
-    """Rebuild a config stored in a checkpoint (already resolved; still type-checked)."""
-    cfg = _build(cls, raw, "")
-    cfg.validate()
-    return cfg
-
-
-class _Dumper(yaml.SafeDumper):
-    """Lists of plain values on one line (`resolution: [32, 64]`), as the shipped YAML writes them."""
-
-
-def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
-    flat = all(v is None or isinstance(v, (bool, int, float, str)) for v in data)
-    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flat)
-
-
-_Dumper.add_representer(list, _represent_list)
-
-
-def dump_config(cfg: Any, path: str) -> None:
-    """Write the resolved config (every key, defaults filled in) next to the run."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.dump(config_to_dict(cfg), f, Dumper=_Dumper, sort_keys=False)
-    os.replace(tmp, path)
-
-
-def _set_dotted(raw: dict, keys: list[str], value: Any, item: str) -> None:
-    node = raw
-    for k in keys[:-1]:
-        nxt = node.setdefault(k, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override {item!r}: {k} is not a section")
-        node = nxt
-    node[keys[-1]] = value
 
 
 def _refuse_vae_training(raw: dict, prefix: str) -> None:
@@ -706,81 +620,6 @@ def _refuse_vae_training(raw: dict, prefix: str) -> None:
                     "and remove this key.")
             raise ConfigError(f"{full} = {value}: remove this key; the VAE is always frozen in stage 2 "
                               "(train it with train_vae.py)")
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a section (mapping), "
-                          f"got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else \
-                f"; valid keys here: {', '.join(names)}"
-            raise ConfigError(f"unknown config key {full!r}{hint}")
-        kwargs[key] = _coerce(hints[key], value, full)
-        if key in PATH_FIELDS and isinstance(kwargs[key], str):
-            kwargs[key] = os.path.expanduser(kwargs[key])  # `~/clips` as typed in a shell
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key + ".")
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        lists = [a for a in inner if typing.get_origin(a) is list]
-        if len(inner) == 1 or not lists:
-            return _coerce(inner[0], value, key)
-        # A number or a list (data.resolution): the value's own shape picks the alternative.
-        if isinstance(value, (list, tuple)):
-            return _coerce(lists[0], value, key)
-        try:
-            return _coerce(next(a for a in inner if a not in lists), value, key)
-        except ConfigError as e:
-            raise ConfigError(f"{e}, or a list, e.g. [1, 2]") from None
-    if origin is Literal:
-        if isinstance(value, bool) and {"off", "on"} & set(args):  # YAML 1.1 reads off/on as bools
-            value = "on" if value else "off"
-        if value not in args:
-            raise ConfigError(f"{key} = {value!r}: must be one of {', '.join(map(repr, args))}")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} = {value!r}: expected a list, e.g. [1, 2]")
-        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} = {value!r}: expected true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} = {value!r}: expected an integer")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 3e-4 as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} = {value!r}: expected a number")
-        if not math.isfinite(value):
-            raise ConfigError(f"{key} = {value!r}: must be a finite number (not NaN or infinite)")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} = {value!r}: expected a string")
-        return value
-    raise TypeError(f"unsupported config type {tp} for {key}")  # a bug in this file
 
 
 def _check_resolution(res: Union[int, list[int]], key: str) -> None:
