@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.data import Dataset
 
-from data.source_index import SourceInfo, index_sources
+from data.source_index import DataWarning, SourceInfo, index_sources, reprobe
 from data.windows import window_span, windows_per_clip
 from utils.config import DataConfig
 from utils.errors import MissingFileError, UserError
@@ -62,29 +62,55 @@ MAX_LISTED = 20  # problem files named in one warning; the rest are counted
 TIME_TOLERANCE = 1e-3  # of a resampled frame: a source frame starting this close counts as on time
 
 
-class DataWarning(UserWarning):
-    """A data problem that does not stop training (skipped files, gaps in frame numbering)."""
-
-
 # --------------------------------------------------------------------------- finding sources
 
 
-def find_sources(root: str) -> list[str]:
-    """Relative posix paths of the video files and frame folders under `root`, sorted."""
+VIRTUAL_FILESYSTEMS = ("/proc", "/sys", "/dev", "/run")  # never clips; walking them never ends
+
+
+def find_sources(root: str, skipped_links: Optional[list[str]] = None) -> list[str]:
+    """Relative posix paths of the video files and frame folders under `root`, sorted.
+
+    Symlinked folders are followed (a dataset may be links to folders elsewhere), except a
+    link back to `root` or to a folder above it or above the link (a loop, e.g. `ln -s / all`)
+    and links into /proc, /sys, /dev, /run: those are left out and described in
+    `skipped_links` ("rel -> target: why")."""
     found, seen = [], set()
+    top = os.path.realpath(root)
     for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
-        if real in seen:  # a symlink loop
+        if real in seen:  # reached twice (two links to one folder)
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         rel = os.path.relpath(folder, root).replace(os.sep, "/")
+        kept = []
+        for d in sorted(d for d in dirs if not d.startswith(".")):
+            why = _unfollowable(os.path.join(folder, d), top, real)
+            if why is None:
+                kept.append(d)
+            elif skipped_links is not None:
+                link = d if rel == "." else f"{rel}/{d}"
+                skipped_links.append(f"{link} -> {os.path.realpath(os.path.join(folder, d))}: {why}")
+        dirs[:] = kept
         videos = [f for f in files if f.lower().endswith(VIDEO_EXTS) and not f.startswith(".")]
         found += [f if rel == "." else f"{rel}/{f}" for f in videos]
         if not videos and list_frame_files(folder):  # images beside videos are not frames
             found.append(rel)
     return sorted(found)
+
+
+def _unfollowable(path: str, top: str, parent: str) -> Optional[str]:
+    """Why the folder symlink `path` is not followed (None: it is, or it is no link)."""
+    if not os.path.islink(path):
+        return None
+    target = os.path.realpath(path)
+    if any(target == v or target.startswith(v + os.sep) for v in VIRTUAL_FILESYSTEMS):
+        return "a system folder, not clips"
+    for above in (top, parent):
+        if above == target or above.startswith(target.rstrip(os.sep) + os.sep):
+            return "a folder that contains the link itself (a loop)"
+    return None
 
 
 def resample_indices(frames: int, rate: float, times: Optional[list], fps: float) -> list[int]:
@@ -160,6 +186,8 @@ class VideoFolder(Dataset):
         self.span = window_span(cfg.num_frames, cfg.frame_stride)  # source frames per window
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._unreadable: set[int] = set()  # sources that failed to read after indexing
+        self._reprobed: set[int] = set()  # sources probed again after a failed read
+        self._caps: dict[int, int] = {}  # source -> its length, where a stale index overstated it
         rels = self._find(cfg.path)
         names = sorted({c for r in rels if (c := _class_of(r, self._is_dir(r))) is not None})
         if cfg.labels == "subfolder" and not names:
@@ -182,7 +210,10 @@ class VideoFolder(Dataset):
         if not os.path.isdir(root):
             raise UserError(f"data.path = {root}: is a file; point data.path at the folder "
                             "that holds the videos")
-        rels = find_sources(root)
+        links: list[str] = []
+        rels = find_sources(root, links)
+        self._warn(f"{len(links)} folder symlink(s) not followed (point data.path at the target "
+                   "folder instead if it holds clips)", links)
         if not rels:
             raise UserError(f"data.path = {root}: no videos ({' '.join(VIDEO_EXTS)}) and no "
                             f"folders of numbered frames ({' '.join(FRAME_EXTS)}) found in it "
@@ -195,9 +226,10 @@ class VideoFolder(Dataset):
         cfg = self.cfg
         infos = index_sources([os.path.abspath(os.path.join(cfg.path, r)) for r in rels],
                               self.index_file, cfg.index_workers, f"indexing {cfg.path}")
-        usable, skipped, gappy = [], [], []
+        usable, skipped, gappy, slower = [], [], [], []
         self._maps: dict[str, list[int]] = {}  # rel -> source frame of each resampled frame
         self._lengths: dict[str, int] = {}
+        self._seconds: dict[str, float] = {}  # rel -> duration of a resampled source
         self._rates: dict[str, float] = {}
         folder_fps = cfg.frame_folder_fps  # frame folders have no timestamps of their own
         for rel, info in zip(rels, infos):
@@ -213,6 +245,13 @@ class VideoFolder(Dataset):
                 skipped.append((rel, f"too short: {length} frames{at}, a window needs {self.span}"))
             else:
                 usable.append((rel, length))
+                rate = self._rates.get(rel)
+                if cfg.fps is not None and rate is not None and cfg.fps > rate * (1 + TIME_TOLERANCE):
+                    slower.append(f"{rel}: {rate:g} fps")
+        if slower:
+            self._warn(f"data.fps = {cfg.fps:g} is above the frame rate of {len(slower)} source(s): "
+                       "their windows show source frames repeated (about data.fps / rate times "
+                       "each); lower data.fps to the slowest rate to avoid it", slower)
         self._warn(f"{len(gappy)} frame folder(s) have gaps in their frame numbering; their "
                    "frames are used in order anyway", gappy)
         self._warn(f"skipped {len(skipped)} of {len(rels)} sources",
@@ -237,6 +276,7 @@ class VideoFolder(Dataset):
         else:
             self._maps[rel] = resample_indices(info.frames, rate, None if is_dir else info.times,
                                                self.cfg.fps)
+            self._seconds[rel] = info.frames / rate  # as resample_indices counts it
             length = len(self._maps[rel])
         self._lengths[rel] = length
         return length
@@ -249,15 +289,23 @@ class VideoFolder(Dataset):
         warnings.warn(text, DataWarning, stacklevel=2)  # a fixed location: repeats show once
 
     def _nothing_usable(self, rels: list[str], skipped: list[tuple[str, str]]) -> str:
-        lengths = [n for n in self._lengths.values() if n < self.span]  # too short
+        lengths = {r: n for r, n in self._lengths.items() if n < self.span}  # too short
         head = f"data.path = {self.cfg.path}: no usable clip among {len(rels)} sources. "
-        if lengths:
-            return head + (
-                f"The longest has {max(lengths)} frames but one window of data.num_frames = "
-                f"{self.cfg.num_frames} every data.frame_stride = {self.cfg.frame_stride} frames "
-                f"spans {self.span}; lower data.num_frames or data.frame_stride.")
-        reasons = "; ".join(f"{r}: {why}" for r, why in skipped[:MAX_LISTED])
-        return head + f"None could be read: {reasons}"
+        if not lengths:
+            reasons = "; ".join(f"{r}: {why}" for r, why in skipped[:MAX_LISTED])
+            return head + f"None could be read: {reasons}"
+        longest = max(lengths, key=lengths.get)
+        window = (f"one window of data.num_frames = {self.cfg.num_frames} every "
+                  f"data.frame_stride = {self.cfg.frame_stride} frames spans {self.span}")
+        fps = self.cfg.fps
+        if longest not in self._seconds:
+            return head + (f"The longest has {lengths[longest]} frames but {window}; lower "
+                           "data.num_frames or data.frame_stride.")
+        seconds = self._seconds[longest]
+        need = self.span / seconds  # frames per second for one window in the longest clip
+        return head + (f"At data.fps = {fps:g} the longest ({longest}, {seconds:.3g} s) has "
+                       f"{lengths[longest]} frames but {window}; raise data.fps (to at least "
+                       f"{need:.3g}), or lower data.num_frames or data.frame_stride.")
 
     def _use_split(self, usable: list[tuple[str, int]]) -> None:
         is_val = split_is_val([r for r, _ in usable], self.cfg.val_fraction)
@@ -317,19 +365,57 @@ class VideoFolder(Dataset):
         one warning; its windows are served by the first window of the next readable source."""
         for attempt in range(self.num_sources):
             s = (src + attempt) % self.num_sources
-            if s in self._unreadable:
-                continue
-            path = self.sources[s][0]
-            try:
-                window = frames if s == src else [f - frames[0] for f in frames]  # its first window
-                return s, read_frames(path, self.source_indices(s, window))
-            except (VideoReadError, OSError) as e:
-                self._unreadable.add(s)
-                warnings.warn(f"data.path = {self.cfg.path}: {path} could not be read any more "
-                              f"({str(e).removeprefix(f'{path}: ')}); it is skipped for the rest of "
-                              "this run, its windows served by other clips", DataWarning)
+            window = frames if s == src else [f - frames[0] for f in frames]  # its first window
+            pixels = self._try_read(s, window)
+            if pixels is not None:
+                return s, pixels
         raise UserError(f"data.path = {self.cfg.path}: none of the {self.num_sources} indexed "
                         "sources can be read any more (were the files moved or deleted?)")
+
+    def _try_read(self, s: int, window: list[int]) -> Optional[np.ndarray]:
+        """Frames `window` of source `s` (T, h, w, 3), or None when `s` cannot serve them. A
+        failed read probes the source again once: if the index's entry was stale, it is
+        corrected and the source keeps serving the windows it has; otherwise the file is at
+        fault and skipped for the rest of the run (one warning each)."""
+        path = self.sources[s][0]
+        for _ in range(2):
+            cap = self._caps.get(s)
+            if s in self._unreadable or (cap is not None and window[-1] >= cap):
+                return None
+            try:
+                return read_frames(path, self.source_indices(s, window))
+            except (VideoReadError, OSError) as e:
+                error = e
+                if not self._correct_stale_entry(s):
+                    break
+        self._unreadable.add(s)
+        warnings.warn(f"data.path = {self.cfg.path}: {path} could not be read any more "
+                      f"({str(error).removeprefix(f'{path}: ')}); it is skipped for the rest of "
+                      "this run, its windows served by other clips", DataWarning)
+        return None
+
+    def _correct_stale_entry(self, s: int) -> bool:
+        """Probe source `s` again (once per run); True when the index had it wrong (its entry is
+        replaced, and `s` now serves the windows that fit its true length)."""
+        if s in self._reprobed:
+            return False
+        self._reprobed.add(s)
+        path = self.sources[s][0]
+        old, new = reprobe(os.path.abspath(path), self.index_file)
+        rel = os.path.relpath(path, self.cfg.path).replace(os.sep, "/")
+        if new == old or isinstance(new.frames, str):
+            return False  # the same answer (or none): the file is at fault
+        length = self._length(rel, new, self.cfg.frame_folder_fps)
+        if isinstance(length, str):
+            return False
+        self._frame_maps[s] = self._maps.get(rel)
+        self._caps[s] = length
+        where = f"data.index_cache = {self.index_file}" if self.index_file else "the data index"
+        warnings.warn(f"data.path = {self.cfg.path}: {where} had a stale entry for {path} "
+                      f"({old.frames if old else '?'} frames; the file has {new.frames}); it is "
+                      f"corrected, and this run's windows past frame {length} are served by other "
+                      "clips", DataWarning)
+        return True
 
     # ----------------------------------------------------------------- latent cache protocol
 

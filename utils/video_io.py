@@ -20,6 +20,7 @@ Backends (DESIGN.md, "Video IO"):
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 from fractions import Fraction
@@ -84,13 +85,14 @@ def frame_number_gaps(files: Sequence[str]) -> list[tuple[int, int]]:
 
 
 def _read_image(path: str) -> np.ndarray:
-    """One png/jpg as (H, W, 3) uint8 RGB; gray, palette, RGBA and 16-bit are converted."""
+    """One png/jpg as (H, W, 3) uint8 RGB, writable (torch.from_numpy warns on read-only
+    arrays); gray, palette, RGBA and 16-bit are converted."""
     try:
         with Image.open(path) as img:
             if img.mode.startswith("I;16"):  # 16-bit gray: keep the top 8 bits
                 gray = (np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8)  # (H, W)
                 return np.repeat(gray[..., None], 3, axis=-1)
-            return np.asarray(img.convert("RGB"))
+            return np.array(img.convert("RGB"))  # a writable copy (np.asarray's is read-only)
     except OSError as e:  # PIL.UnidentifiedImageError is an OSError
         raise VideoReadError(f"{path}: not a readable image ({e})") from None
 
@@ -205,21 +207,88 @@ def _demux_timeline(container: av.container.InputContainer) -> Optional[_Timelin
     return _Timeline(np.sort(np.asarray(pts, dtype=np.int64)), np.sort(np.asarray(keys, dtype=np.int64)))
 
 
-def _info(stream, n: int, pts: Optional[np.ndarray]) -> VideoInfo:
-    """Rate and, for unevenly spaced frames, times, from the sorted pts of n frames."""
-    avg = float(stream.average_rate) if stream.average_rate else None
-    if pts is None or len(pts) != n or n < 2 or stream.time_base is None:
-        return VideoInfo(n, avg, None)
-    times = (pts - pts[0]) * float(stream.time_base)  # (n,) seconds
-    steps = np.diff(times)
-    median = float(np.median(steps))
-    if median <= 0:
-        return VideoInfo(n, avg, None)
-    tick = float(stream.time_base)  # timestamps are rounded to it (1 ms in mkv)
-    if steps.max() - steps.min() > max(VFR_TOLERANCE * median, 2 * tick):  # variable frame rate
-        return VideoInfo(n, (n - 1) / float(times[-1]), [round(float(t), 6) for t in times])
-    rate = avg if avg and abs(avg * median - 1) < max(VFR_TOLERANCE, 2 * tick / median) else 1 / median
-    return VideoInfo(n, rate, None)
+class _StreamFacts(NamedTuple):
+    """What `_info` needs of a stream, copied out while its container is open (a PyAV stream
+    read after its container is closed returns garbage: None, or another number)."""
+    time_base: Optional[Fraction]  # seconds per timestamp tick
+    nominal: tuple[Fraction, ...]  # the rates the container states (average, guessed, base)
+
+
+def _stream_facts(stream) -> _StreamFacts:
+    rates = []
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        if rate and rate > 0 and Fraction(rate) not in rates:
+            rates.append(Fraction(rate))
+    time_base = Fraction(stream.time_base) if stream.time_base else None
+    return _StreamFacts(time_base, tuple(rates))
+
+
+def _simplest_between(lo: Fraction, hi: Fraction) -> Fraction:
+    """The fraction with the smallest denominator in [lo, hi] (0 < lo <= hi), the one nearest
+    the middle among those: 8 fps, not 7.98 (continued fractions: O(log) steps)."""
+    def smallest(lo: Fraction, hi: Fraction) -> Fraction:  # minimal denominator (Stern-Brocot)
+        whole = math.floor(lo)
+        if whole == lo or whole + 1 <= hi:
+            return Fraction(whole if whole == lo else whole + 1)
+        return whole + 1 / smallest(1 / (hi - whole), 1 / (lo - whole))
+
+    q = smallest(lo, hi).denominator
+    mid = (lo + hi) / 2
+    inside = [Fraction(k, q) for k in (math.floor(mid * q), math.ceil(mid * q)) if lo <= Fraction(k, q) <= hi]
+    return min(inside, key=lambda f: abs(f - mid)) if inside else smallest(lo, hi)
+
+
+def _grid_rate(facts: _StreamFacts, ticks: np.ndarray) -> Optional[float]:
+    """The constant frame rate whose grid the timestamps sit on, or None (variable rate).
+
+    `ticks`: (n,) timestamps from the first frame, in time_base units. Exactly even ones give
+    their rate as stored (a GIF of 3/100 s per frame: 33.3 fps). Otherwise the frames are on a
+    grid of period p ticks when every one is within `tol` of k * p, where `tol` is one tick
+    (timestamps are rounded to whole ticks: GIFs count in 1/100 s, mkv in 1 ms) or 1% of a
+    frame interval, whichever is larger. The error is measured against the whole grid, not
+    frame to frame, so a rate slightly off (8.33 fps for an 8 fps GIF) drifts out of it. Of
+    the rates that fit, the simplest fraction is taken: a GIF alternating 13 and 12 ticks is
+    8 fps; 24 fps stored as 4 or 5 ticks is 24, not 23.8 (4.2 ticks fits as well). The
+    container's own rates are never used here: for a GIF FFmpeg guesses them.
+    """
+    n = len(ticks)
+    span = int(ticks[-1])
+    if span <= 0:
+        return None
+    steps = np.diff(ticks)  # (n - 1,)
+    if np.all(steps == steps[0]):  # exactly even: taken literally (a GIF of 3/100 s: 33.3 fps)
+        return float(1 / (int(steps[0]) * facts.time_base))
+    tol = max(Fraction(1), Fraction(VFR_TOLERANCE).limit_denominator(1000) * Fraction(span, n - 1))
+    # feasible periods: for every frame k >= 1, |ticks[k] - k p| <= tol; the binding frames
+    # are found in float, their bounds computed exactly
+    k = np.arange(1, n)  # (n - 1,)
+    rest = ticks[1:].astype(np.float64)
+    i_lo, i_hi = int(np.argmax((rest - float(tol)) / k)), int(np.argmin((rest + float(tol)) / k))
+    lo = (int(ticks[1 + i_lo]) - tol) / int(k[i_lo])
+    hi = (int(ticks[1 + i_hi]) + tol) / int(k[i_hi])
+    lo = max(lo, Fraction(span, 2 * (n - 1)))  # a bound for clips of frames one tick apart
+    if lo > hi:
+        return None
+    tb = facts.time_base
+    return float(_simplest_between(1 / (hi * tb), 1 / (lo * tb)))
+
+
+def _info(facts: _StreamFacts, n: int, pts: Optional[np.ndarray]) -> VideoInfo:
+    """Rate and, for unevenly spaced frames, times, from the sorted pts of n frames.
+
+    The rate comes from the timestamps whenever there are >= 2 of them: the container's
+    stated rate is only a candidate they must confirm (see `_grid_rate`)."""
+    stated = float(facts.nominal[0]) if facts.nominal else None
+    if pts is None or len(pts) != n or n < 2 or facts.time_base is None:
+        return VideoInfo(n, stated, None)
+    ticks = pts - pts[0]  # (n,) int64
+    rate = _grid_rate(facts, ticks)
+    if rate is not None:
+        return VideoInfo(n, rate, None)
+    times = ticks * float(facts.time_base)  # (n,) seconds
+    if times[-1] <= 0 or np.any(np.diff(times) <= 0):
+        return VideoInfo(n, stated, None)  # repeated timestamps: no time information
+    return VideoInfo(n, (n - 1) / float(times[-1]), [round(float(t), 6) for t in times])
 
 
 def probe_video(path: str) -> VideoInfo:
@@ -244,13 +313,21 @@ def probe_video(path: str) -> VideoInfo:
             if next(frames, None) is None:
                 raise VideoReadError(f"{path}: no decodable frames")
             frames.close()
-            return _info(stream, n, timeline.pts[:n])
+            return _info(_stream_facts(stream), n, timeline.pts[:n])
         stream.thread_type = "AUTO"  # every frame gets decoded: let FFmpeg use threads
         pts = [frame.pts for frame in _decode(container, path)]
+        facts = _stream_facts(stream)  # now: the stream must not be read once the file is closed
     if not pts:
         raise VideoReadError(f"{path}: no decodable frames")
     known = None if any(p is None for p in pts) else np.asarray(pts, dtype=np.int64)
-    return _info(stream, len(pts), known)
+    return _info(facts, len(pts), known)
+
+
+# What an index's answers depend on: data/source_index.py fingerprints these functions' code,
+# and an index written under other code is probed again.
+PROBE_FUNCTIONS = (probe_video, _info, _grid_rate, _simplest_between, _stream_facts,
+                   _header_frame_count, _demux_timeline, _open_video, _decode, list_frame_files,
+                   frame_number, frame_number_gaps)
 
 
 def count_frames(path: str) -> int:
@@ -303,8 +380,8 @@ def _frames_from(container, path: str, first: int) -> Iterator[tuple[int, av.Vid
 
 
 def iter_frames(path: str, indices: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
-    """(index, (H, W, 3) uint8 RGB) for each of the distinct, increasing frame `indices` of a
-    video or frame folder, decoding the file once, front to back.
+    """(index, (H, W, 3) uint8 RGB, writable) for each of the distinct, increasing frame
+    `indices` of a video or frame folder, decoding the file once, front to back.
 
     Videos seek to the keyframe before the first wanted frame and decode forward, so a
     window's cost does not grow with its position in the clip; only the wanted frames are
