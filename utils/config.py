@@ -234,7 +234,8 @@ class ModelConfig:
             raise ConfigError(
                 f"{prefix}.class_conditional = {str(self.class_conditional).lower()} contradicts "
                 f"{prefix}.conditioning = {self.conditioning}: class_conditional is the older spelling "
-                f"of conditioning (true == class, false == none); remove {prefix}.class_conditional")
+                f"of conditioning (true == class, false == none); remove {prefix}.class_conditional "
+                f"(or set it to null)")
         if not 0 <= self.caption_dropout < 1:
             raise ConfigError(f"{prefix}.caption_dropout = {self.caption_dropout}: must be in [0, 1)")
         if not 0 <= self.first_frame_conditioning <= 1:
