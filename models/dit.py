@@ -169,15 +169,17 @@ class TextEmbedder(nn.Module):
         if text.ndim != 3 or text.shape[0] != batch or text.shape[2] != self.proj.linear_1.in_features:
             raise ValueError(f"text must be (B={batch}, L, {self.proj.linear_1.in_features}) encoder "
                              f"hidden states, got {tuple(text.shape)}")
+        if mask is not None and mask.shape != text.shape[:2]:
+            raise ValueError(f"text_mask must be (B, L) = {tuple(text.shape[:2])}, got {tuple(mask.shape)}")
         if self.training and drop is None and self.dropout > 0:
             drop = torch.rand(batch, device=text.device) < self.dropout  # (B,) caption dropout
         if drop is not None:  # a dropped caption: all its tokens masked, the null token remains
             base = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device) if mask is None else mask
             mask = base.bool() & ~drop.bool()[:, None]  # (B, L)
-        keys = torch.cat([null.to(text.dtype), self.proj(text)], dim=1)  # (B, 1 + L, D)
+        # Cached embeddings may be stored in the encoder's dtype (bf16/fp16): compute in the model's.
+        projected = self.proj(text.to(self.proj.linear_1.weight.dtype))  # (B, L, D)
+        keys = torch.cat([null.to(projected.dtype), projected], dim=1)  # (B, 1 + L, D)
         if mask is not None:
-            if mask.shape != text.shape[:2]:
-                raise ValueError(f"text_mask must be (B, L) = {tuple(text.shape[:2])}, got {tuple(mask.shape)}")
             mask = torch.cat([mask.new_ones(batch, 1, dtype=torch.bool), mask.bool()], dim=1)  # (B, 1 + L)
         return keys, mask, self._pooled(pooled, drop, batch)
 
@@ -191,7 +193,7 @@ class TextEmbedder(nn.Module):
         if pooled is None:
             raise ValueError(f"this model reads a pooled text vector (pooled_dim = "
                              f"{self.pooled[0].in_features}): pass pooled (B, pooled_dim) with the text")
-        emb = self.pooled(pooled)  # (B, D)
+        emb = self.pooled(pooled.to(self.pooled[0].weight.dtype))  # (B, D)
         return emb if drop is None else torch.where(drop.bool()[:, None], self.null_pooled.to(emb.dtype), emb)
 
 

@@ -194,6 +194,15 @@ def test_condition_tuple_is_the_forward_keywords_and_checkpointing_agrees():
     assert torch.allclose(model(x, t_frames, **cond._asdict()), out, atol=1e-6)
 
 
+def test_text_cached_in_a_half_dtype_is_computed_in_the_models():
+    model = text_model(pooled=True)
+    x, t, text, mask = inputs()
+    text, pooled = text.bfloat16(), torch.randn(2, D_POOL).bfloat16()  # as an encoder in bf16 caches them
+    out = model(x, t, text=text, text_mask=mask, pooled=pooled)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, model(x, t, text=text.float(), text_mask=mask, pooled=pooled.float()))
+
+
 def test_text_arguments_are_checked():
     model = text_model(pooled=True)
     x, t, text, mask = inputs()
