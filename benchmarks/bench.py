@@ -12,6 +12,8 @@ Prints a table (and writes JSON) of:
     caption cross-attention fed one token and torch's default AdamW (Latte's train.py), ours
     with exact GELU, qk-norm and the trainer's fused AdamW. --compile adds both compiled,
     timed in a process of their own;
+  - DiT training step conditioned on a caption (cross-attention to TEXT's tokens in every
+    block) vs on a class label, at equal width, depth and tokens: the cost of text;
   - end-to-end stage-2 steps/s on the demo config with the latent cache vs encoding every step;
   - seconds per sampled video for ddim / dpm++ at 10, 25, 50 steps and ddpm at 1000;
   - peak memory of a training step with and without activation checkpointing;
@@ -51,6 +53,8 @@ FULL = dict(hidden=384, depth=12, heads=6, frames=8, latent=16, batch=4)
 QUICK = dict(hidden=64, depth=2, heads=2, frames=4, latent=8, batch=2)
 # DiT-B/2 (hidden 768, 12 blocks, 12 heads) on 16-frame 256x256 clips through an 8x VAE.
 REAL = dict(hidden=768, depth=12, heads=12, frames=16, latent=32, batch=8)
+# A caption as the DiT receives it: T5-small's width (512), max_length 64, 40 real tokens.
+TEXT = dict(dim=512, tokens=64, real=40)
 
 
 def timed(fn, reps: int, warmup: int = 2) -> float:
@@ -193,6 +197,48 @@ def bench_models(size: dict, device: torch.device, peak: float, reps: int, compi
     if compile_models:
         out["speed_ratio_ours_compiled_over_latte_compiled"] = (
             out["latte_compiled"]["sec_per_step"] / out["ours_compiled"]["sec_per_step"])
+    return out
+
+
+def conditioned(size: dict, device: torch.device, kind: str) -> VideoDiT:
+    """Our DiT at `size` conditioned on `kind`: class (10 labels) or text (TEXT's encoder width)."""
+    cfg = ModelConfig(hidden_size=size["hidden"], depth=size["depth"], num_heads=size["heads"], patch_size=2,
+                      patch_t=1, attention=size.get("attention", "factorized"), conditioning=kind)
+    return VideoDiT(cfg, in_channels=4, num_frames=size["frames"], latent_height=size["latent"],
+                    num_classes=10 if kind == "class" else 0,
+                    text_dim=TEXT["dim"] if kind == "text" else 0).to(device)
+
+
+def bench_conditioning(size: dict, device: torch.device, reps: int) -> dict:
+    """Seconds per training step (forward, MSE, backward, fused AdamW) with class vs text
+    conditioning, same DiT size and input; repetitions interleaved as in `time_variants`."""
+    b, L = size["batch"], TEXT["tokens"]
+    x = torch.randn(b, 4, size["frames"], size["latent"], size["latent"], device=device)  # (B, C, T, h, w)
+    t = torch.randint(0, 1000, (b,), device=device)
+    conds = {"class": dict(y=torch.randint(0, 10, (b,), device=device)),
+             "text": dict(text=torch.randn(b, L, TEXT["dim"], device=device),  # (B, L, D_text)
+                          text_mask=(torch.arange(L, device=device) < TEXT["real"]).expand(b, L))}  # (B, L)
+    steps, out = {}, {}
+    for kind, cond in conds.items():
+        torch.manual_seed(0)
+        model = conditioned(size, device, kind)
+        opt = make_adamw(model.parameters(), lr=1e-4)
+
+        def step(model=model, opt=opt, cond=cond):
+            (model(x, t, **cond) - x).square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for _ in range(2):  # warm-up
+            step()
+        steps[kind] = step
+        out[kind] = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6}
+    times = {kind: [] for kind in steps}
+    for _ in range(reps):
+        for kind, step in steps.items():
+            times[kind].append(timed(step, 1, warmup=0))
+    for kind in steps:
+        out[kind]["sec_per_step"] = statistics.median(times[kind])
+    out["text_over_class"] = out["text"]["sec_per_step"] / out["class"]["sec_per_step"]
     return out
 
 
@@ -354,6 +400,7 @@ def main() -> None:
         results["demo_size"] = demo_size()
         results["dit_step_demo_size"] = bench_models(results["demo_size"], device,
                                                      results["matmul_peak_gflops"], 10 * reps, args.compile)
+    results["conditioning_step"] = bench_conditioning(size, device, reps)
     results["memory_MiB"] = bench_memory("quick" if args.quick else "full")
     results["training"] = bench_training(args.quick, device)
     results["sampling_sec_per_video"] = bench_sampling(args.quick, device)
@@ -367,6 +414,11 @@ def print_table(r: dict) -> None:
     print_models(r["dit_step"], r["size"])
     if "dit_step_demo_size" in r:
         print_models(r["dit_step_demo_size"], r["demo_size"])
+    c = r["conditioning_step"]
+    print(f"conditioning (same DiT): class {c['class']['sec_per_step']:.3f} s/step, text "
+          f"{c['text']['sec_per_step']:.3f} s/step ({TEXT['tokens']} tokens of width {TEXT['dim']}, "
+          f"{TEXT['real']} real; {c['text']['params_M'] - c['class']['params_M']:+.2f}M params): "
+          f"text / class {c['text_over_class']:.2f}x")
     t = r["training"]
     print(f"stage 2 demo config: {t['cache_off']['steps_per_s']:.2f} steps/s encoding every step, "
           f"{t['cache_auto']['steps_per_s']:.2f} with the latent cache ({t['cache_speedup']:.2f}x); "

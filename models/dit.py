@@ -1,4 +1,4 @@
-"""The video DiT: latents (B, C, T, h, w) + timestep (+ class) -> v, same shape.
+"""The video DiT: latents (B, C, T, h, w) + timestep (+ class or text) -> output, same shape.
 
 Design (DiT, Peebles & Xie 2023; Latte, Ma et al. 2024):
 - Tokens: non-overlapping `patch_t x patch x patch` patches, flattened and linearly embedded
@@ -16,13 +16,39 @@ Design (DiT, Peebles & Xie 2023; Latte, Ma et al. 2024):
 - Classes: an embedding table with one extra row, the null class `null_class_id =
   num_classes`, used for label dropout in training and for the unconditional half of
   classifier-free guidance (pass y = null_class_id; y = None means unconditional too).
+- Text (PixArt-alpha / Latte-T2V): the encoder's hidden states (B, L, text_dim) go through a
+  caption projection (Linear -> GELU(tanh) -> Linear, diffusers' PixArtAlphaTextProjection) to
+  the hidden size once per forward; every block then adds `x + cross_attn(norm(x), text, mask)`
+  after self-attention and before the MLP, its output projection zero-initialised, so a fresh
+  text model computes exactly what the same model without text computes. Queries attend to the
+  text independently, so factorised and full blocks share one cross-attention on the (B, N, D)
+  tokens: no regrouping, no copy of the text per frame (Latte-T2V repeats it per frame only
+  because its tokens are laid out (B*T, S, D)). A CLIP-style pooled vector (`pooled_dim` > 0)
+  goes through a small MLP (last layer zero) into the adaLN conditioning c, as Open-Sora 2.0.
+- The null caption (caption dropout, the unconditional half of guidance) is a LEARNED null
+  token that the model owns, as the null class is a learned row of the class table, not the
+  encoding of "" (diffusers pipelines, Open-Sora 2.0). Why: (1) train and predict use the same
+  null by construction, with no encoder call and no cached "" embedding to keep in step (the
+  diffusers PixArt port trains on one null and samples with another); (2) it is one token in
+  the hidden space, independent of the encoder's max_length and padding; (3) it is trained by
+  every dropped caption. The null token is also the first key of EVERY caption's sequence
+  ([null | caption tokens]) and is never masked, so a mask with no real token (an all-padding
+  row, a dropped caption) is simply the null condition: softmax never sees an empty row and
+  gives no NaN, and dropping a caption is masking its tokens (`drop_text`). A caption's
+  queries may also read the null token (a constant "attention sink" the model can use or not).
+  A negative prompt at predict is an ordinary caption, not the null.
+- Per-frame timesteps (first-frame conditioning and extension; the per-token timesteps of
+  LTX-Video and Open-Sora 1.2): t may be (B, T) with one timestep per latent frame (the clean
+  condition frames at t = 0). c is then (B, T', D), computed per frame, and every adaLN
+  modulation broadcasts over the S tokens of a frame through a (B, T', S, D) view: no per-token
+  Linear. With t of shape (B,) the computation is today's, op for op.
 
 The network knows nothing of the objective: the diffusion module decides what the output means.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -113,11 +139,70 @@ class LabelEmbedder(nn.Module):
         return self.table(y)
 
 
+class TextEmbedder(nn.Module):
+    """Encoder hidden states -> the keys/values of every block's cross-attention, and an
+    optional pooled vector -> an addition to c. See the module docstring for the null token."""
+
+    def __init__(self, text_dim: int, pooled_dim: int, hidden: int, dropout: float):
+        super().__init__()
+        # Imported here: diffusers costs ~2 s to import, and only text models need it.
+        from diffusers.models.embeddings import PixArtAlphaTextProjection
+        self.dropout = dropout  # probability of the null caption in training (when drop is not given)
+        self.proj = PixArtAlphaTextProjection(text_dim, hidden)  # linear_1 -> GELU(tanh) -> linear_2
+        self.null = nn.Parameter(torch.zeros(1, 1, hidden))  # (1, 1, D) the null caption token
+        self.pooled = None
+        if pooled_dim > 0:
+            self.pooled = nn.Sequential(nn.Linear(pooled_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+            self.null_pooled = nn.Parameter(torch.zeros(hidden))  # (D,) pooled part of the null
+
+    def forward(self, text: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                pooled: Optional[torch.Tensor], drop: Optional[torch.Tensor], batch: int
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """-> keys (B, 1 + L, D) = [null | projected text], their mask (B, 1 + L) bool (None: all
+        real) and the pooled embedding (B, D) (None without pooled_dim). text None: the null."""
+        null = self.null.expand(batch, -1, -1)  # (B, 1, D)
+        if text is None:
+            if mask is not None or pooled is not None:
+                raise ValueError("text_mask / pooled given without text: pass the encoder's tokens too")
+            pooled_emb = None if self.pooled is None else self.null_pooled.expand(batch, -1)  # (B, D)
+            return null, None, pooled_emb
+        if text.ndim != 3 or text.shape[0] != batch or text.shape[2] != self.proj.linear_1.in_features:
+            raise ValueError(f"text must be (B={batch}, L, {self.proj.linear_1.in_features}) encoder "
+                             f"hidden states, got {tuple(text.shape)}")
+        if mask is not None and mask.shape != text.shape[:2]:
+            raise ValueError(f"text_mask must be (B, L) = {tuple(text.shape[:2])}, got {tuple(mask.shape)}")
+        if self.training and drop is None and self.dropout > 0:
+            drop = torch.rand(batch, device=text.device) < self.dropout  # (B,) caption dropout
+        if drop is not None:  # a dropped caption: all its tokens masked, the null token remains
+            base = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device) if mask is None else mask
+            mask = base.bool() & ~drop.bool()[:, None]  # (B, L)
+        # Cached embeddings may be stored in the encoder's dtype (bf16/fp16): compute in the model's.
+        projected = self.proj(text.to(self.proj.linear_1.weight.dtype))  # (B, L, D)
+        keys = torch.cat([null.to(projected.dtype), projected], dim=1)  # (B, 1 + L, D)
+        if mask is not None:
+            mask = torch.cat([mask.new_ones(batch, 1, dtype=torch.bool), mask.bool()], dim=1)  # (B, 1 + L)
+        return keys, mask, self._pooled(pooled, drop, batch)
+
+    def _pooled(self, pooled: Optional[torch.Tensor], drop: Optional[torch.Tensor],
+                batch: int) -> Optional[torch.Tensor]:
+        """(B, pooled_dim) -> (B, D), the null's pooled part where `drop`."""
+        if self.pooled is None:
+            if pooled is not None:
+                raise ValueError("pooled text given to a model built without pooled_dim")
+            return None
+        if pooled is None:
+            raise ValueError(f"this model reads a pooled text vector (pooled_dim = "
+                             f"{self.pooled[0].in_features}): pass pooled (B, pooled_dim) with the text")
+        emb = self.pooled(pooled.to(self.pooled[0].weight.dtype))  # (B, D)
+        return emb if drop is None else torch.where(drop.bool()[:, None], self.null_pooled.to(emb.dtype), emb)
+
+
 # --------------------------------------------------------------------------- blocks
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x * (1 + scale) + shift; x (B, N, D), shift/scale (B, 1, D)."""
+    """x * (1 + scale) + shift; x (B, N, D), shift/scale (B, 1, D); or per frame x (B, T', S, D),
+    shift/scale (B, T', 1, D)."""
     return torch.addcmul(shift, x, scale + 1)
 
 
@@ -155,13 +240,40 @@ class Attention(nn.Module):
         return self.proj(rearrange(out, _OUT[self.kind], b=x.shape[0]))  # (B, N, D)
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block with adaLN-Zero: gates start at 0, so the block starts as identity."""
+class CrossAttention(nn.Module):
+    """Tokens (B, N, D) attend to text keys (B, L, D), padding masked out; any block kind (each
+    query reads the text on its own, so no grouping of the tokens is needed)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, kind: str, qk_norm: bool):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.q_norm = nn.LayerNorm(dim // num_heads, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(dim // num_heads, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)  # zero-initialised: a fresh layer adds nothing
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        q = rearrange(self.q(x), "b n (h e) -> b h n e", h=self.num_heads)
+        k, v = rearrange(self.kv(text), "b l (k h e) -> k b h l e", k=2, h=self.num_heads)
+        mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L): True = attend
+        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=mask)  # (B, h, N, e)
+        return self.proj(rearrange(out, "b h n e -> b n (h e)"))  # (B, N, D)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero: gates start at 0, so the block starts as identity.
+    `text`: a cross-attention to the text between self-attention and the MLP (PixArt-alpha)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, kind: str, qk_norm: bool,
+                 text: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads, kind, qk_norm)
+        self.cross_attn = None
+        if text:  # unmodulated by t (as PixArt), so its norm keeps its own affine parameters
+            self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
+            self.cross_attn = CrossAttention(dim, num_heads, qk_norm)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         # Exact (erf) GELU: on CPU the tanh approximation of DiT/Latte costs 2x as much forward
@@ -169,12 +281,21 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, frames: int) -> torch.Tensor:
-        # x (B, N, D) tokens; c (B, D) conditioning; each modulation (B, 1, D)
-        mods = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
+    def forward(self, x: torch.Tensor, c: torch.Tensor, frames: int, text: Optional[torch.Tensor] = None,
+                text_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # x (B, N, D) tokens, N = T' * S; c (B, D) one conditioning per clip, or (B, T', D) one per
+        # latent frame; text (B, L, D) cross-attention keys, text_mask (B, L) bool or None
+        tokens = x.shape  # (B, N, D): attention works on this layout
+        if c.ndim == 3:
+            x = x.view(tokens[0], frames, -1, tokens[2])  # (B, T', S, D): a view, no copy
+        mods = self.adaLN_modulation(c).unsqueeze(-2).chunk(6, dim=-1)  # each (B, 1, D) or (B, T', 1, D)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
-        x = torch.addcmul(x, gate_a, self.attn(modulate(self.norm1(x), shift_a, scale_a), frames))
-        return torch.addcmul(x, gate_m, self.mlp(modulate(self.norm2(x), shift_m, scale_m)))
+        h = self.attn(modulate(self.norm1(x), shift_a, scale_a).view(tokens), frames)  # (B, N, D)
+        x = torch.addcmul(x, gate_a, h.view(x.shape))
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm_cross(x).view(tokens), text, text_mask).view(x.shape)
+        x = torch.addcmul(x, gate_m, self.mlp(modulate(self.norm2(x), shift_m, scale_m)))
+        return x.view(tokens)  # (B, N, D)
 
 
 class FinalLayer(nn.Module):
@@ -186,24 +307,42 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.linear = nn.Linear(dim, patch_dim)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)  # each (B, 1, D)
-        return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, patch_dim)
+    def forward(self, x: torch.Tensor, c: torch.Tensor, frames: int) -> torch.Tensor:
+        # x (B, N, D); c (B, D), or (B, T', D) per latent frame (modulated through a (B, T', S, D) view)
+        batch, n, dim = x.shape
+        if c.ndim == 3:
+            x = x.view(batch, frames, -1, dim)  # (B, T', S, D)
+        shift, scale = self.adaLN_modulation(c).unsqueeze(-2).chunk(2, dim=-1)  # each (B, 1, D) or (B, T', 1, D)
+        return self.linear(modulate(self.norm(x), shift, scale)).view(batch, n, -1)  # (B, N, patch_dim)
 
 
 # --------------------------------------------------------------------------- the model
 
 
+class Condition(NamedTuple):
+    """What the DiT is told besides (x_t, t), batch-first; every field may be None. A seam calls
+    `model(x, t, **cond._asdict())`."""
+    y: Optional[torch.Tensor] = None  # (B,) class ids; null_class_id or None = no class
+    text: Optional[torch.Tensor] = None  # (B, L, text_dim) encoder hidden states; None = null caption
+    text_mask: Optional[torch.Tensor] = None  # (B, L) bool, True = a real token; None = all real
+    pooled: Optional[torch.Tensor] = None  # (B, pooled_dim) pooled text (CLIP), with text
+    drop_text: Optional[torch.Tensor] = None  # (B,) bool, True = the null caption for that sample
+
+
 class VideoDiT(nn.Module):
-    """v-prediction network on latents (B, C, T, h, w) with T = num_frames, h = latent_height,
+    """Network on latents (B, C, T, h, w) with T = num_frames, h = latent_height,
     w = latent_width (None: latent_height, a square grid).
 
-    `num_classes = 0`: unconditional. Set `activation_checkpointing = True` to recompute each
-    block's forward in the backward pass (activation memory of one block, one more forward).
+    `num_classes = 0`: no class labels. `text_dim` > 0 (the text encoder's hidden size, for
+    `model.conditioning = text`): cross-attention to the text in every block; `pooled_dim` > 0
+    (a CLIP encoder's pooled size) also adds the pooled vector to the adaLN conditioning. Set
+    `activation_checkpointing = True` to recompute each block's forward in the backward pass
+    (activation memory of one block, one more forward).
     """
 
     def __init__(self, cfg: ModelConfig, in_channels: int, num_frames: int, latent_height: int,
-                 latent_width: Optional[int] = None, num_classes: int = 0):
+                 latent_width: Optional[int] = None, num_classes: int = 0, text_dim: int = 0,
+                 pooled_dim: int = 0):
         super().__init__()
         cfg = cfg.resolved()
         latent_width = latent_height if latent_width is None else latent_width
@@ -211,7 +350,9 @@ class VideoDiT(nn.Module):
         if cfg.hidden_size % 4:
             raise ConfigError(f"model.hidden_size = {cfg.hidden_size}: must be a multiple of 4 "
                               "(2-D sin-cos position embedding)")
+        self._check_condition(cfg, num_frames, num_classes, text_dim, pooled_dim)
         self.cfg, self.in_channels, self.num_classes = cfg, in_channels, num_classes
+        self.text_dim, self.pooled_dim = text_dim, pooled_dim
         self.input_shape = (in_channels, num_frames, latent_height, latent_width)  # (C, T, h, w)
         # (T', H', W') tokens per axis: N = T' * H' * W', S = H' * W' per latent frame
         self.grid = (num_frames // cfg.patch_t, latent_height // cfg.patch_size, latent_width // cfg.patch_size)
@@ -222,11 +363,34 @@ class VideoDiT(nn.Module):
         self.register_buffer("pos_embed", video_pos_embed(dim, self.grid), persistent=False)  # (1, N, D)
         self.t_embed = TimestepEmbedder(dim)
         self.y_embed = LabelEmbedder(num_classes, dim, cfg.class_dropout) if num_classes > 0 else None
+        if text_dim > 0:  # only text models have these modules: other state_dicts are unchanged
+            self.text_embed = TextEmbedder(text_dim, pooled_dim, dim, cfg.caption_dropout)
+        else:
+            self.text_embed = None
         self.blocks = nn.ModuleList(
-            Block(dim, cfg.num_heads, cfg.mlp_ratio, kind, cfg.qk_norm) for kind in self.block_kinds(cfg))
+            Block(dim, cfg.num_heads, cfg.mlp_ratio, kind, cfg.qk_norm, text=text_dim > 0)
+            for kind in self.block_kinds(cfg))
         self.final_layer = FinalLayer(dim, patch_dim)
         self.activation_checkpointing = False  # set by the trainer
         self.initialize_weights()
+
+    @staticmethod
+    def _check_condition(cfg: ModelConfig, num_frames: int, num_classes: int, text_dim: int,
+                         pooled_dim: int) -> None:
+        """The constructor's condition arguments agree with model.conditioning (resolved)."""
+        if (text_dim > 0) != (cfg.conditioning == "text"):
+            raise ConfigError(f"model.conditioning = {cfg.conditioning} but the DiT was given text_dim = "
+                              f"{text_dim}: a text model needs the text encoder's hidden size (> 0), "
+                              "any other model none")
+        if num_classes > 0 and cfg.conditioning != "class":
+            raise ConfigError(f"model.conditioning = {cfg.conditioning} but the DiT was given "
+                              f"num_classes = {num_classes}; class labels need conditioning class")
+        if pooled_dim > 0 and text_dim == 0:
+            raise ConfigError(f"pooled_dim = {pooled_dim} needs a text model (text_dim > 0)")
+        if cfg.first_frame_conditioning > 0 and cfg.condition_frames >= num_frames:
+            raise ConfigError(f"model.condition_frames = {cfg.condition_frames}: the clips have only "
+                              f"{num_frames} latent frames (from data.num_frames), so nothing would be "
+                              f"left to generate; give fewer, e.g. model.condition_frames = 1")
 
     @staticmethod
     def block_kinds(cfg: ModelConfig) -> list[str]:
@@ -236,11 +400,13 @@ class VideoDiT(nn.Module):
 
     @property
     def null_class_id(self) -> Optional[int]:
-        """Label meaning "no class" (= num_classes); None for an unconditional model."""
+        """Label meaning "no class" (= num_classes); None for a model without classes."""
         return self.y_embed.null_class_id if self.y_embed is not None else None
 
     def initialize_weights(self) -> None:
-        """As facebookresearch/DiT: xavier linears, N(0, 0.02) embeddings, zero adaLN and output."""
+        """As facebookresearch/DiT: xavier linears, N(0, 0.02) embeddings, zero adaLN and output.
+        Text (as PixArt-alpha): N(0, 0.02) caption projection and null token; zero cross-attention
+        output and pooled-MLP output, so a fresh text model equals the model without text."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -249,38 +415,88 @@ class VideoDiT(nn.Module):
         nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
         if self.y_embed is not None:
             nn.init.normal_(self.y_embed.table.weight, std=0.02)
-        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [
-                self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+        zeros = [b.adaLN_modulation[-1] for b in self.blocks] + [
+            self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        if self.text_embed is not None:
+            nn.init.normal_(self.text_embed.proj.linear_1.weight, std=0.02)
+            nn.init.normal_(self.text_embed.proj.linear_2.weight, std=0.02)
+            nn.init.normal_(self.text_embed.null, std=0.02)
+            zeros += [b.cross_attn.proj for b in self.blocks]
+            if self.text_embed.pooled is not None:
+                zeros.append(self.text_embed.pooled[-1])
+        for layer in zeros:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-    def condition(self, t: torch.Tensor, y: Optional[torch.Tensor], batch: int) -> torch.Tensor:
-        """(B, D) conditioning vector c = emb(t) + emb(y); y = None is the null class."""
-        t = t.expand(batch) if t.ndim == 0 else t  # (B,)
-        c = self.t_embed(t)
+    def condition(self, t: torch.Tensor, y: Optional[torch.Tensor], batch: int,
+                  pooled_emb: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Conditioning c = emb(t) + emb(y) (+ pooled text): (B, D) for t (B,) or a scalar;
+        (B, T', D) for t (B, T), one timestep per latent frame. y = None is the null class."""
+        if t.ndim == 2:
+            t = self._frame_timesteps(t, batch)  # (B, T')
+            c = self.t_embed(t.flatten()).view(batch, t.shape[1], -1)  # (B, T', D)
+        else:
+            t = t.expand(batch) if t.ndim == 0 else t  # (B,)
+            c = self.t_embed(t)  # (B, D)
+        if pooled_emb is not None:
+            c = c + (pooled_emb if c.ndim == 2 else pooled_emb[:, None])
         if self.y_embed is None:
             if y is not None:
                 raise ValueError("class labels given to an unconditional model (num_classes = 0)")
             return c
         if y is None:
             y = torch.full((batch,), self.null_class_id, dtype=torch.long, device=c.device)
-        return c + self.y_embed(y)
+        y_emb = self.y_embed(y)  # (B, D)
+        return c + (y_emb if c.ndim == 2 else y_emb[:, None])
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x (B, C, T, h, w), t (B,) timesteps, y (B,) class ids or None -> v (B, C, T, h, w)."""
+    def _frame_timesteps(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        """(B, T) one timestep per latent frame -> (B, T') one per temporal patch."""
+        frames, pt = self.input_shape[1], self.cfg.patch_t
+        if t.shape != (batch, frames):
+            raise ValueError(f"per-frame timesteps must be (B, T) = ({batch}, {frames}), one per latent "
+                             f"frame, got {tuple(t.shape)}")
+        if pt == 1:
+            return t
+        first = t[:, ::pt]  # (B, T')
+        if not torch.equal(first.repeat_interleave(pt, dim=1), t):
+            raise ValueError(f"per-frame timesteps differ inside a temporal patch of model.patch_t = {pt} "
+                             "latent frames; give the frames of one patch one timestep")
+        return first
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None,
+                text: Optional[torch.Tensor] = None, text_mask: Optional[torch.Tensor] = None,
+                pooled: Optional[torch.Tensor] = None, drop_text: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        """x (B, C, T, h, w) latents; t (B,) timesteps, or (B, T) one per latent frame (clean
+        condition frames: t = 0); the condition as in `Condition` (text None on a text model: the
+        null caption for every sample; in training, `drop_text` None draws caption dropout at
+        model.caption_dropout) -> (B, C, T, h, w)."""
         if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"VideoDiT built for latents (B, {', '.join(map(str, self.input_shape))}) "
                              f"got {tuple(x.shape)}")
+        batch, frames = x.shape[0], self.grid[0]
         p, pt = self.cfg.patch_size, self.cfg.patch_t
         tokens = self.x_embed(patchify(x, pt, p)) + self.pos_embed  # (B, N, D), N = T' * S
-        c = self.condition(t, y, x.shape[0])  # (B, D)
+        keys, key_mask, pooled_emb = self._text(text, text_mask, pooled, drop_text, batch)
+        c = self.condition(t, y, batch, pooled_emb)  # (B, D) or (B, T', D)
         for block in self.blocks:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, c, self.grid[0], use_reentrant=False)
+                tokens = checkpoint(block, tokens, c, frames, keys, key_mask, use_reentrant=False)
             else:
-                tokens = block(tokens, c, self.grid[0])
-        out = self.final_layer(tokens, c)  # (B, N, pt * p * p * C)
+                tokens = block(tokens, c, frames, keys, key_mask)
+        out = self.final_layer(tokens, c, frames)  # (B, N, pt * p * p * C)
         return unpatchify(out, self.grid, pt, p)  # (B, C, T, h, w)
+
+    def _text(self, text: Optional[torch.Tensor], mask: Optional[torch.Tensor], pooled: Optional[torch.Tensor],
+              drop: Optional[torch.Tensor], batch: int):
+        """Cross-attention keys (B, 1 + L, D), their mask (B, 1 + L) or None, pooled emb (B, D)
+        or None; all None for a model without text."""
+        if self.text_embed is not None:
+            return self.text_embed(text, mask, pooled, drop, batch)
+        if any(a is not None for a in (text, mask, pooled, drop)):
+            raise ValueError("text given to a model built without text (text_dim = 0, "
+                             f"model.conditioning = {self.cfg.conditioning})")
+        return None, None, None

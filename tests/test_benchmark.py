@@ -23,6 +23,9 @@ def test_benchmark_quick_reports_everything(tmp_path):
     assert set(r["training"]) == {"cache_off", "cache_auto", "cache_speedup"}
     assert 0 <= r["training"]["cache_auto"]["data_wait_fraction"] <= 1
     assert set(r["memory_MiB"]) == {"with_checkpointing", "without_checkpointing"}
+    c = r["conditioning_step"]
+    assert c["text_over_class"] == pytest.approx(c["text"]["sec_per_step"] / c["class"]["sec_per_step"])
+    assert c["text"]["params_M"] > c["class"]["params_M"] and "text / class" in proc.stdout
     assert {"ddim_10", "dpm++_10"} <= set(r["sampling_sec_per_video"])
     assert "speed: ours over latte " in proc.stdout and "ours_no_qk_norm over latte" in proc.stdout
 

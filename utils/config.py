@@ -182,18 +182,36 @@ class ModelConfig:
     patch_t: int = 1  # temporal patch length in latent frames
     attention: Literal["factorized", "full"] = "factorized"  # spatial/temporal alternating, or space-time
     qk_norm: bool = True
-    class_conditional: bool = True  # uses the dataset's labels if it has any
+    # What the DiT is told besides (x_t, t): `none`, `class` (the dataset's labels, if it has
+    # any) or `text` (captions through a frozen text encoder). null: from class_conditional.
+    conditioning: Optional[Literal["none", "class", "text"]] = None
+    class_conditional: Optional[bool] = None  # older key: true == conditioning class, false == none
     class_dropout: float = 0.1  # label dropout for classifier-free guidance
+    caption_dropout: float = 0.1  # probability of training on the null caption (text; for guidance)
+    # Probability that a training clip gets its first `condition_frames` latent frames clean, as
+    # the condition (timestep 0, no loss): image-to-video and extension. 0 = off.
+    first_frame_conditioning: float = 0.0
+    condition_frames: int = 1  # latent frames given when it does (1: image-to-video; more: continuation)
+
+    def conditioning_kind(self) -> str:
+        """`none`, `class` or `text`: `conditioning` if set, else from the older `class_conditional`
+        (unset: class, today's default)."""
+        if self.conditioning is not None:
+            return self.conditioning
+        return "none" if self.class_conditional is False else "class"
 
     def resolved(self) -> "ModelConfig":
-        """Copy with the preset applied (presets are names for sizes, nothing more)."""
+        """Copy with the preset applied (presets are names for sizes, nothing more) and the
+        condition spelled both ways: `conditioning` set, `class_conditional` = (it is class)."""
+        kind = self.conditioning_kind()
+        cond = dict(conditioning=kind, class_conditional=kind == "class")
         if self.preset is None:
-            return dataclasses.replace(self)
+            return dataclasses.replace(self, **cond)
         name, _, patch = self.preset.partition("/")
         sizes = dict(MODEL_PRESETS[name])
         if patch:
             sizes["patch_size"] = int(patch)
-        return dataclasses.replace(self, preset=None, **sizes)
+        return dataclasses.replace(self, preset=None, **sizes, **cond)
 
     def validate(self, prefix: str = "model") -> None:
         if self.preset is not None:
@@ -210,6 +228,23 @@ class ModelConfig:
             raise ConfigError(f"{prefix}: head dim {r.hidden_size // r.num_heads} must be even")
         if not 0 <= self.class_dropout < 1:
             raise ConfigError(f"{prefix}.class_dropout = {self.class_dropout}: must be in [0, 1)")
+        if self.conditioning is not None and self.class_conditional is not None and \
+                self.class_conditional != (self.conditioning == "class"):
+            raise ConfigError(
+                f"{prefix}.class_conditional = {str(self.class_conditional).lower()} contradicts "
+                f"{prefix}.conditioning = {self.conditioning}: class_conditional is the older spelling "
+                f"of conditioning (true == class, false == none); remove {prefix}.class_conditional "
+                f"(or set it to null)")
+        if not 0 <= self.caption_dropout < 1:
+            raise ConfigError(f"{prefix}.caption_dropout = {self.caption_dropout}: must be in [0, 1)")
+        if not 0 <= self.first_frame_conditioning <= 1:
+            raise ConfigError(f"{prefix}.first_frame_conditioning = {self.first_frame_conditioning}: "
+                              "a probability, must be in [0, 1] (0 = off)")
+        _positive(self, prefix, "condition_frames")
+        if self.condition_frames % r.patch_t:
+            raise ConfigError(f"{prefix}.condition_frames = {self.condition_frames} is not a multiple of "
+                              f"{prefix}.patch_t = {r.patch_t}: a temporal patch has one timestep, so "
+                              "condition whole patches")
 
 
 # Which diffusers samplers can serve each objective (`sampler:` of validation, predict and
