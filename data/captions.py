@@ -265,7 +265,7 @@ def _apply_policy(cfg: DataConfig, rels: list[str], found: dict[str, Optional[st
             raise UserError(f"data.captions = {where}: none of the {len(rels)} clips has a caption "
                             f"({how}); with data.missing_caption: skip nothing is left to train on")
         warnings.warn(f"data.path = {cfg.path}: data.missing_caption = skip: left out {len(bad)} of "
-                      f"{len(rels)} clips without a caption:\n  " + "\n  ".join(lines[:MAX_LISTED])
+                      f"{len(rels)} clips without a caption (or with an empty one):\n  " + "\n  ".join(lines[:MAX_LISTED])
                       + (f"\n  ... and {len(lines) - MAX_LISTED} more" if len(lines) > MAX_LISTED else ""),
                       CaptionWarning, stacklevel=3)
         return kept, {r: found[r] for r in kept}
