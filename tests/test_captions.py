@@ -269,3 +269,24 @@ def test_builtin_several_shapes_and_gradients():
     cfg = DataConfig(builtin=BuiltinDataConfig(captions=True, num_clips=4, num_shapes=2, background="gradient"))
     text = MovingShapes(cfg).caption(0)
     assert text.count(" moving ") == 2 and " and a " in text and text.endswith(" gradient background")
+
+
+def test_cached_latent_windows_carry_captions(tmp_path):
+    """With the latent cache on, items are served from latents and still carry their window's caption."""
+    import torch
+    from data.latent_cache import LatentCache
+    ds = MovingShapes(DataConfig(num_frames=4, resolution=16,
+                                 builtin=BuiltinDataConfig(captions=True, num_clips=3, clip_frames=8)))
+
+    def encode(pixels):  # (B, 3, T, H, W) -> mean, std (B, 1, T, 2, 2): the cache's contract
+        b, _, t = pixels.shape[:3]
+        return torch.zeros(b, 1, t, 2, 2), torch.ones(b, 1, t, 2, 2)
+    cache = LatentCache(ds, str(tmp_path), {"k": 1})
+    cache.write_manifest(cache.build_part(encode, progress=False))
+    windows = cache.load()
+    assert [windows[i]["caption"] for i in range(len(ds))] == [ds.caption(i) for i in range(len(ds))]
+    plain = MovingShapes(DataConfig(num_frames=4, resolution=16,
+                                    builtin=BuiltinDataConfig(num_clips=3, clip_frames=8)))
+    cache = LatentCache(plain, str(tmp_path / "plain"), {"k": 1})
+    cache.write_manifest(cache.build_part(encode, progress=False))
+    assert "caption" not in cache.load()[0]
