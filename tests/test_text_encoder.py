@@ -186,3 +186,21 @@ def test_tiny_demo_encoder_is_deterministic(tmp_path):
     out = ea.encode(["a red square", "a green square", "a red zebra"])
     assert ea.tokenizer.unk_token_id not in ea.tokenizer("a red square")["input_ids"]
     assert (out.tokens[0, 1] - out.tokens[1, 1]).abs().max() > 1e-3  # red vs green: different vectors
+
+
+def test_make_tiny_text_encoder_script(tmp_path, capsys):
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                        "make_tiny_text_encoder.py")
+    spec = importlib.util.spec_from_file_location("make_tiny_text_encoder", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = str(tmp_path / "enc")
+    assert script.main(["--out", out]) == 0
+    first = capsys.readouterr().out
+    assert "T5EncoderModel" in first and "(frozen)" in first
+    assert script.main(["--out", out]) == 0 and "exists; kept" in capsys.readouterr().out
+    enc = FrozenTextEncoder.from_pretrained(out)
+    from data.builtin import CAPTION_WORDS
+    ids = enc.tokenizer(" ".join(CAPTION_WORDS))["input_ids"]
+    assert enc.tokenizer.unk_token_id not in ids  # every built-in caption word is in the vocabulary
