@@ -140,6 +140,7 @@ def _csv_records(path: str, f) -> list[tuple[str, dict]]:
         if reader.fieldnames is None:
             raise UserError(f"data.captions = {path}: the file is empty; a .csv needs a header row "
                             f"naming its columns, e.g. path,text")
+        reader.fieldnames = [name.strip() for name in reader.fieldnames]  # "path, text" as typed
         for record in reader:
             where = f"line {reader.line_num}"
             if None in record:

@@ -221,8 +221,12 @@ class FrozenTextEncoder(nn.Module):
     `from_config` / `from_pretrained`."""
 
     def __init__(self, model: nn.Module, tokenizer, path: str = "", tokenizer_dir: str = "",
-                 max_length: Optional[int] = None, dtype: Optional[torch.dtype] = None, found: str = ""):
+                 max_length: Optional[int] = None, dtype: Optional[torch.dtype] = None, found: str = "",
+                 source: tuple[str, Optional[str]] = ("", None)):
+        """`path`: the encoder's own folder; `source`: (text_encoder.path, text_encoder.subfolder)
+        as given, which is what reloads it (a pipeline's text_encoder/ alone lacks its tokenizer)."""
         super().__init__()
+        self.source, self.subfolder = source
         self.class_name = type(model).__name__
         if self.class_name not in ENCODERS:
             raise UserError(f"{self.class_name} is not a supported text encoder; supported: {', '.join(ENCODERS)}")
@@ -258,7 +262,18 @@ class FrozenTextEncoder(nn.Module):
                                 "Its files are corrupt or incomplete, or need a package not installed "
                                 "here: save it with tokenizer.json (a fast tokenizer)") from None
         return cls(model.to(device), tokenizer, folder, tok_dir, max_length, resolve_text_dtype(dtype, device),
-                   found)
+                   found, (os.path.abspath(path), subfolder))
+
+    @classmethod
+    def from_record(cls, record: dict, where: str, device: torch.device | str = "cpu", dtype: str = "auto",
+                    path: Optional[str] = None, subfolder: Optional[str] = None) -> "FrozenTextEncoder":
+        """The encoder a `describe()` record (e.g. the checkpoint `where`'s) names, or the one at
+        `path` (a user's override, e.g. the same encoder moved), checked against the record."""
+        if path is None:
+            path, subfolder = record.get("source") or record.get("path"), record.get("subfolder")
+        encoder = cls.from_pretrained(path, device, dtype, record.get("max_length"), subfolder)
+        check_text_encoder(record, encoder, where)
+        return encoder
 
     @classmethod
     def from_config(cls, cfg: TextEncoderConfig, device: torch.device | str = "cpu",
@@ -364,7 +379,7 @@ class FrozenTextEncoder(nn.Module):
     def describe(self) -> dict:
         """The record a checkpoint keeps (and the text cache's key is built from)."""
         return {"class_name": self.class_name, "path": os.path.abspath(self._path) if self._path else "",
-                "fingerprint": self.fingerprint, "parts": dict(self.parts), "max_length": self.max_length,
+                "source": self.source, "subfolder": self.subfolder, "fingerprint": self.fingerprint, "parts": dict(self.parts), "max_length": self.max_length,
                 "hidden_size": self.hidden_size, "pooled_size": self.pooled_size, "dtype": self.dtype_name,
                 "tokenizer_class": type(self.tokenizer).__name__}
 

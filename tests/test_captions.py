@@ -118,7 +118,8 @@ def test_metadata_missing_rows_follow_the_policy(root):
 
 
 def test_row_naming_no_clip(root):
-    path = _write_table(root / "meta.csv", [(r, "x") for r in RELS] + [("sub/c.mp4", "y"), ("a.txt", "z")])
+    path = _write_table(root / "meta.csv", [(r, "x") for r in RELS] + [("sub/c.mp4", "y"), ("a.txt", "z")],
+                        (" path", "text "))  # header names as typed, spaces and all
     _refused(root, path, "2 row(s) name no clip found under data.path", "line 5: 'sub/c.mp4'", "line 6: 'a.txt'")
     path = _write_table(root / "meta.json", [(r, "x") for r in RELS] + [("../a.mp4", "y")])
     _refused(root, path, "item 3: '../a.mp4'")

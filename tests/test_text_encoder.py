@@ -204,3 +204,18 @@ def test_make_tiny_text_encoder_script(tmp_path, capsys):
     from data.builtin import CAPTION_WORDS
     ids = enc.tokenizer(" ".join(CAPTION_WORDS))["input_ids"]
     assert enc.tokenizer.unk_token_id not in ids  # every built-in caption word is in the vocabulary
+
+
+def test_reloaded_from_its_record(text_encoders, tmp_path):
+    """A checkpoint's record reloads the same encoder, also from a pipeline folder (whose
+    text_encoder/ alone has no tokenizer); a moved copy given by path is checked against it."""
+    pipe = FrozenTextEncoder.from_pretrained(text_encoders["pipeline"], subfolder="text_encoder_2", max_length=8)
+    record = json.loads(json.dumps(pipe.describe()))  # as a checkpoint stores it
+    again = FrozenTextEncoder.from_record(record, "ckpt.pth")
+    assert again.fingerprint == pipe.fingerprint and again.max_length == 8 and again.class_name == pipe.class_name
+    moved = tmp_path / "moved"
+    shutil.copytree(text_encoders["pipeline"], moved)
+    assert FrozenTextEncoder.from_record(record, "ckpt.pth", path=str(moved),
+                                         subfolder="text_encoder_2").fingerprint == pipe.fingerprint
+    with pytest.raises(UserError, match="text encoder mismatch: ckpt.pth"):
+        FrozenTextEncoder.from_record(record, "ckpt.pth", path=str(moved))  # its text_encoder/: a T5
