@@ -192,6 +192,7 @@ class TextEmbeddingCache:
                batch_size: int, progress: bool) -> dict:
         """Encode `texts` in batches; shards (then the manifest) written every SHARD_BYTES."""
         os.makedirs(self.dir, exist_ok=True)
+        texts = sorted(texts, key=len)  # batches of similar lengths: little padding to encode
         new, pending, size = {}, {}, 0
         bar = tqdm(total=len(texts), desc="text embeddings", unit="caption", disable=not progress,
                    dynamic_ncols=True)

@@ -124,19 +124,15 @@ class DataConfig:
         if self.path.startswith("builtin:") and self.path != "builtin:moving_shapes":
             raise ConfigError(f"{prefix}.path = {self.path!r}: the only built-in dataset is "
                               "'builtin:moving_shapes'; otherwise give a folder of videos")
-        self._validate_captions(prefix)
-        self.builtin.validate(prefix + ".builtin")
-
-    def _validate_captions(self, prefix: str) -> None:
-        if self.captions is None:
-            return
-        if self.path.startswith("builtin:"):
+        # (in validate itself: tests/test_config.py does not count reads by `validate` as uses)
+        if self.captions is not None and self.path.startswith("builtin:"):
             raise ConfigError(f"{prefix}.captions = {self.captions!r}: the built-in clips caption "
                               f"themselves; set {prefix}.captions: null and {prefix}.builtin.captions: true")
-        if self.captions != "sidecar" and not self.captions.lower().endswith(CAPTION_FILE_EXTS):
+        if self.captions not in (None, "sidecar") and not self.captions.lower().endswith(CAPTION_FILE_EXTS):
             raise ConfigError(f"{prefix}.captions = {self.captions!r}: use null (no captions), sidecar "
                               f"(<clip stem>.txt beside each clip) or a metadata file ending in "
                               f"{', '.join(CAPTION_FILE_EXTS)}")
+        self.builtin.validate(prefix + ".builtin")
 
 
 @dataclass
