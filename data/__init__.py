@@ -11,7 +11,9 @@ BUILTIN_MOVING_SHAPES = "builtin:moving_shapes"
 
 
 def build_dataset(cfg: DataConfig, split: str, seed: int, index_file: Optional[str] = None) -> Dataset:
-    """Items: {"video": (3, T, H, W) float in [-1, 1], "label": int}; also `num_classes`
+    """Items: {"video": (3, T, H, W) float in [-1, 1], "label": int} (+ "caption": str when
+    data.captions or data.builtin.captions is set: `has_captions`, `caption(index)`,
+    `distinct_captions()`); also `num_classes`
     (0 = unconditional), `class_names` and `frame_rate` (frames per second; None: unknown).
     `index_file`: where a folder's probed sources are saved (data.index_cache overrides it)."""
     if cfg.path == BUILTIN_MOVING_SHAPES:

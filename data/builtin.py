@@ -11,6 +11,13 @@ The default scene is deliberately plain (one shape, a flat background, a few dis
 colours, sizes of 25-40% of the frame, motion visible within 8 frames): a small DiT trained
 for minutes on a CPU has to be able to learn it. `background: gradient` and `num_shapes > 1`
 make it harder.
+
+Captions (`data.builtin.captions: true`): each window is described by what it shows, e.g.
+"a red square moving left on a black background": the shape kind, its colour, the direction
+of its net motion over the window (the dominant axis of its displacement from the first to
+the last frame: a shape that bounces is described by where it ends up going) and the
+background ("on a dark blue and black gradient background" for gradients); several shapes
+are joined with "and". All words are in `CAPTION_WORDS`.
 """
 from __future__ import annotations
 
@@ -35,13 +42,19 @@ SHAPE_COLOURS = np.array([[0.95, 0.25, 0.20], [0.25, 0.85, 0.30], [0.30, 0.55, 1
                           [1.00, 0.85, 0.20], [0.95, 0.95, 0.95], [0.90, 0.40, 0.95]],
                          dtype=np.float32)
 COLOUR_NAMES = ["red", "green", "blue", "yellow", "white", "violet"]
+BACKGROUND_NAMES = ["black", "dark blue", "dark red", "dark green"]  # of BACKGROUNDS, in order
+DIRECTIONS = ("left", "right", "up", "down")
+# Every word a built-in caption can use (a tiny text encoder's vocabulary is built from it).
+CAPTION_WORDS = sorted({"a", "and", "on", "moving", "background", "gradient", *CLASS_NAMES, *DIRECTIONS,
+                        *(w for name in COLOUR_NAMES + BACKGROUND_NAMES for w in name.split())})
 # Outward edge normals of an upward-pointing equilateral triangle, (3, 2) as (x, y-up).
 TRIANGLE_NORMALS = np.array([[np.cos(a), np.sin(a)] for a in
                              np.deg2rad([270.0, 30.0, 150.0])], dtype=np.float32)
 
 
 class MovingShapes(torch.utils.data.Dataset):
-    """Items: {"video": (3, T, H, W) float in [-1, 1], "label": int}.
+    """Items: {"video": (3, T, H, W) float in [-1, 1], "label": int} (+ "caption": str with
+    data.builtin.captions).
 
     `data.builtin.labels`: `shape` (3 classes, the shape kind) or `shape_colour` (18 classes,
     e.g. "green square"; every shape of a clip then has the label's colour).
@@ -78,7 +91,34 @@ class MovingShapes(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         clip, frames = self.window(index)
-        return {"video": self.source_frames(clip, frames), "label": self.source_label(clip)}
+        item = {"video": self.source_frames(clip, frames), "label": self.source_label(clip)}
+        if self.has_captions:
+            item["caption"] = self.caption(index)
+        return item
+
+    # ----------------------------------------------------------------- captions
+
+    @property
+    def has_captions(self) -> bool:
+        return self.cfg.builtin.captions
+
+    def caption(self, index: int) -> str:
+        """What window `index` shows, e.g. "a red square moving left on a black background"."""
+        clip, frames = self.window(index)
+        scene = self.scene(clip)
+        start, end = frames[0], (frames[-1] if len(frames) > 1 else frames[0] + 1)
+        moves = self.render_positions(scene, end) - self.render_positions(scene, start)  # (n, 2)
+        kind = CLASS_NAMES[scene["kind"]]
+        shapes = " and ".join(f"a {COLOUR_NAMES[c]} {kind} moving {_direction(dx, dy)}"
+                              for c, (dx, dy) in zip(scene["colour_ids"], moves))
+        first, second = (BACKGROUND_NAMES[b] for b in scene["background_ids"])
+        if self.cfg.builtin.background == "gradient" and first != second:
+            return f"{shapes} on a {first} and {second} gradient background"
+        return f"{shapes} on a {first} background"
+
+    def distinct_captions(self) -> list[str]:
+        """Every caption of this split once, sorted (what the text embedding cache encodes)."""
+        return sorted({self.caption(i) for i in range(len(self))}) if self.has_captions else []
 
     def window(self, index: int) -> tuple[int, list[int]]:
         """(clip, the source frame indices of window `index`)."""
@@ -132,12 +172,15 @@ class MovingShapes(torch.utils.data.Dataset):
         angle = rng.uniform(0, 2 * np.pi, n)
         gradient_dir = rng.normal(size=2)
         colours = rng.choice(len(SHAPE_COLOURS), size=n, replace=n > len(SHAPE_COLOURS))
+        colour_ids = colours if colour is None else np.full(n, colour)
         return {
             "label": label,
             "kind": kind,
             "background": BACKGROUNDS[bg],  # (2, 3): gradient end colours
             "gradient_dir": gradient_dir,
-            "colours": SHAPE_COLOURS[colours if colour is None else np.full(n, colour)],
+            "colours": SHAPE_COLOURS[colour_ids],
+            "colour_ids": [int(c) for c in colour_ids],  # into COLOUR_NAMES (captions)
+            "background_ids": [int(b) for b in bg],  # into BACKGROUND_NAMES
             "half": half,
             "extent": self._extent,  # (2,): frame width, height in shorter sides
             "pos0": rng.uniform(half[:, None], self._extent - half[:, None], (n, 2)),  # (n, 2): x, y
@@ -185,6 +228,13 @@ class MovingShapes(torch.utils.data.Dataset):
         R = 2 * half / np.sqrt(3)
         p = np.stack([dx, -(dy - R / 4)], -1)  # (H, W, 2), relative to the centroid, y up
         return (p @ TRIANGLE_NORMALS.T).max(-1) - R / 2  # inradius R/2
+
+
+def _direction(dx: float, dy: float) -> str:
+    """The dominant axis of a displacement (x right, y down, as pixels are laid out)."""
+    if abs(dx) >= abs(dy):
+        return "left" if dx < 0 else "right"
+    return "up" if dy < 0 else "down"
 
 
 def _bounce(p: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:

@@ -268,7 +268,8 @@ def _chunks(frames: Iterator[tuple[int, torch.Tensor]], max_pixels: int) -> Iter
 
 
 class CachedWindows(Dataset):
-    """The dataset's windows, served from cached latents: {"mean", "std": (C, T, h, w), "label"}."""
+    """The dataset's windows, served from cached latents: {"mean", "std": (C, T, h, w), "label"}
+    (+ "caption": the window's caption when the dataset has captions)."""
 
     def __init__(self, dataset, latents: dict[int, dict]):
         self.dataset, self.latents = dataset, latents
@@ -287,11 +288,15 @@ class CachedWindows(Dataset):
         entry = self.latents[src]
         if "frames" in entry:  # per window: the window's own encoding
             row = self.rows[(src, tuple(frames))]
-            return {"mean": entry["mean"][row], "std": entry["std"][row],  # (C, t, h, w)
+            item = {"mean": entry["mean"][row], "std": entry["std"][row],  # (C, t, h, w)
                     "label": self.labels[src]}
-        idx = torch.as_tensor(frames)
-        return {"mean": entry["mean"][:, idx], "std": entry["std"][:, idx],  # (C, T, h, w)
-                "label": self.labels[src]}
+        else:
+            idx = torch.as_tensor(frames)
+            item = {"mean": entry["mean"][:, idx], "std": entry["std"][:, idx],  # (C, T, h, w)
+                    "label": self.labels[src]}
+        if getattr(self.dataset, "has_captions", False):
+            item["caption"] = self.dataset.caption(index)
+        return item
 
 
 def cache_disabled_reason(dataset, mode: str) -> Optional[str]:

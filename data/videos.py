@@ -21,6 +21,10 @@ Labels. `data.labels: subfolder`: class = index of the top-level subfolder holdi
 clip's files, among the sorted names of all top-level subfolders with clips (the same for
 both splits); clips directly in `data.path` are skipped. `none`: label 0, num_classes 0.
 
+Captions. `data.captions` (data/captions.py): null, sidecar `.txt` files or a metadata file.
+They are read and checked when the dataset is built, before any clip is probed; items then
+carry "caption" (a string; the substitute's caption when an unreadable source is replaced).
+
 Split. Every usable source goes to "val" when a stable hash of its relative path falls below
 `val_fraction`, independent of the seed, so stage 1, stage 2 and every seed agree. With >= 2
 sources each split gets at least one; with 1 source (or val_fraction = 0) val reuses train.
@@ -51,6 +55,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.data import Dataset
 
+from data.captions import attach_captions
 from data.source_index import DataWarning, SourceInfo, index_sources, reprobe
 from data.windows import window_span, windows_per_clip
 from utils.config import DataConfig
@@ -169,7 +174,8 @@ def _seed(*numbers: int) -> int:
 class VideoFolder(Dataset):
     """Sliding windows over the clips under `cfg.path`.
 
-    Items: {"video": (3, T, H, W) float32 in [-1, 1], "label": int}, T = cfg.num_frames,
+    Items: {"video": (3, T, H, W) float32 in [-1, 1], "label": int} (+ "caption": str when
+    cfg.captions is set), T = cfg.num_frames,
     H x W = cfg.resolution (a square side or [height, width]). `augment` (default: split ==
     "train") enables cfg.random_crop and cfg.hflip; a latent cache passes augment=False to get
     the deterministic center crop.
@@ -188,7 +194,7 @@ class VideoFolder(Dataset):
         self._unreadable: set[int] = set()  # sources that failed to read after indexing
         self._reprobed: set[int] = set()  # sources probed again after a failed read
         self._caps: dict[int, int] = {}  # source -> its length, where a stale index overstated it
-        rels = self._find(cfg.path)
+        rels, self._caption_of = attach_captions(cfg, self._find(cfg.path))  # checked before probing
         names = sorted({c for r in rels if (c := _class_of(r, self._is_dir(r))) is not None})
         if cfg.labels == "subfolder" and not names:
             raise UserError(f"data.labels = subfolder but {cfg.path} has no subfolders with "
@@ -323,6 +329,8 @@ class VideoFolder(Dataset):
         self.frame_rate: Optional[float] = cfg.fps or (statistics.median(rates) if rates else None)
         self.labels = [self.class_names.index(_class_of(r, self._is_dir(r)))
                        if self.num_classes else 0 for r, _ in mine]
+        # per source; None: data.captions is null
+        self.captions: Optional[list[str]] = [self._caption_of[r] for r, _ in mine] if cfg.captions else None
         counts = [windows_per_clip(n, cfg.num_frames, cfg.frame_stride, cfg.window_stride)
                   for _, n in self.sources]
         self._first = np.cumsum([0] + counts)  # (S + 1,) first window of each source
@@ -357,7 +365,10 @@ class VideoFolder(Dataset):
         g = None
         if self.augment and (self.cfg.random_crop or self.cfg.hflip):
             g = torch.Generator().manual_seed(_seed(self.seed, int(self._epoch), index))
-        return {"video": self.transform(pixels, g), "label": self.labels[src]}
+        item = {"video": self.transform(pixels, g), "label": self.labels[src]}
+        if self.captions is not None:
+            item["caption"] = self.captions[src]
+        return item
 
     def _read_or_substitute(self, src: int, frames: list[int]) -> tuple[int, np.ndarray]:
         """(source read, the window's frames). A source that became unreadable after indexing
@@ -433,6 +444,20 @@ class VideoFolder(Dataset):
 
     def source_label(self, src: int) -> int:
         return self.labels[src]
+
+    @property
+    def has_captions(self) -> bool:
+        return self.captions is not None
+
+    def caption(self, index: int) -> str:
+        """The caption of window `index` (its source's); ValueError without data.captions."""
+        if self.captions is None:
+            raise ValueError("this dataset has no captions (data.captions is null)")
+        return self.captions[self.window(index)[0]]
+
+    def distinct_captions(self) -> list[str]:
+        """Every caption of this split once, sorted (what the text embedding cache encodes)."""
+        return sorted(set(self.captions or []))
 
     def source_indices(self, src: int, indices: list[int]) -> list[int]:
         """Frames of the file behind the (resampled, with data.fps) frame `indices` of `src`."""

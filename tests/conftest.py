@@ -71,3 +71,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def text_encoders(tmp_path_factory) -> dict:
+    """{kind: folder} of tiny random text encoders (T5, UMT5, CLIP, CLIP with projection, a full
+    T5, a pipeline folder, an unsupported BertModel); written once per session (tests/text_fixtures.py)."""
+    from tests.text_fixtures import write_encoders
+    return write_encoders(str(tmp_path_factory.mktemp("text_encoders")))

@@ -21,6 +21,7 @@ from utils.errors import ConfigError
 # --------------------------------------------------------------------------- sections
 
 DEVICE_HELP = "use auto, cpu, cuda or cuda:N"
+CAPTION_FILE_EXTS = (".csv", ".jsonl", ".json")  # data.captions metadata files
 
 
 @dataclass
@@ -54,6 +55,7 @@ class BuiltinDataConfig:
     max_speed: float = 0.06
     num_backgrounds: int = 4  # background colours drawn from (the first k of 4)
     labels: Literal["shape", "shape_colour"] = "shape"  # class = shape kind, or kind and colour
+    captions: bool = False  # each window captioned, e.g. "a red square moving left on a black background"
 
     def validate(self, prefix: str) -> None:
         _positive(self, prefix, "num_clips", "num_val_clips", "clip_frames", "num_shapes")
@@ -85,6 +87,10 @@ class DataConfig:
     frame_folder_fps: Optional[float] = None  # frame rate of frame folders (needed with fps)
     index_cache: Optional[str] = None  # JSON file of probed sources shared between runs; null = <run>/data_index.json
     index_workers: Optional[int] = None  # processes probing new sources; null = one per CPU core
+    # Captions (issue 20): null = none; sidecar = <stem>.txt beside each clip (<folder>.txt beside a
+    # frame folder); or a .csv / .jsonl / .json metadata file (see data/captions.py).
+    captions: Optional[str] = None
+    missing_caption: Literal["error", "skip", "empty"] = "error"  # a clip with no (or an empty) caption
     builtin: BuiltinDataConfig = field(default_factory=BuiltinDataConfig)
 
     @property
@@ -117,6 +123,14 @@ class DataConfig:
         if self.path.startswith("builtin:") and self.path != "builtin:moving_shapes":
             raise ConfigError(f"{prefix}.path = {self.path!r}: the only built-in dataset is "
                               "'builtin:moving_shapes'; otherwise give a folder of videos")
+        # (in validate itself: tests/test_config.py does not count reads by `validate` as uses)
+        if self.captions is not None and self.path.startswith("builtin:"):
+            raise ConfigError(f"{prefix}.captions = {self.captions!r}: the built-in clips caption "
+                              f"themselves; set {prefix}.captions: null and {prefix}.builtin.captions: true")
+        if self.captions not in (None, "sidecar") and not self.captions.lower().endswith(CAPTION_FILE_EXTS):
+            raise ConfigError(f"{prefix}.captions = {self.captions!r}: use null (no captions), sidecar "
+                              f"(<clip stem>.txt beside each clip) or a metadata file ending in "
+                              f"{', '.join(CAPTION_FILE_EXTS)}")
         self.builtin.validate(prefix + ".builtin")
 
 
@@ -158,6 +172,22 @@ class VAERefConfig:
 
     def validate(self, prefix: str = "vae") -> None:
         _positive(self, prefix, "encode_batch_frames")
+
+
+@dataclass
+class TextEncoderConfig:
+    """A frozen transformers text encoder on disk (models/text_encoder.py): T5, UMT5 or CLIP."""
+    path: Optional[str] = None  # an encoder folder with its tokenizer, or a pipeline folder with text_encoder/ + tokenizer/
+    subfolder: Optional[str] = None  # the encoder's subfolder of `path` (e.g. text_encoder_2); its tokenizer is tokenizer_2
+    max_length: Optional[int] = None  # tokens per caption (longer ones are cut); null = the tokenizer's model_max_length
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp32 on CPU, bf16 on CUDA
+    batch_size: int = 64  # captions per encoder call when embeddings are cached
+
+    def validate(self, prefix: str = "text_encoder") -> None:
+        _positive(self, prefix, "batch_size")
+        if self.max_length is not None and self.max_length < 1:
+            raise ConfigError(f"{prefix}.max_length = {self.max_length}: must be >= 1 (tokens) or null "
+                              "(the tokenizer's model_max_length)")
 
 
 MODEL_PRESETS: dict[str, dict[str, int]] = {
@@ -504,10 +534,12 @@ class TrainRunConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
 
     def validate(self) -> None:
         _check_device(self.device)
-        for part in ("experiment", "data", "vae", "model", "diffusion", "train", "validation"):
+        for part in ("experiment", "data", "vae", "model", "diffusion", "train", "validation",
+                     "text_encoder"):
             getattr(self, part).validate(part)
         check_num_steps(self.validation.num_steps, self.diffusion.num_train_timesteps,
                         "validation.num_steps")

@@ -1,0 +1,232 @@
+"""Text embedding cache: each distinct caption encoded once by the frozen text encoder.
+
+The training step never runs the text encoder: every caption a run uses (both splits, and the
+null caption) is encoded once, in batches, and looked up by its text afterwards. Entries are
+keyed by the sha256 of the caption's UTF-8 text inside a cache whose key is the encoder's
+fingerprint, `max_length` and dtype: a caption edited on disk is a new entry (encoded next
+run), the others are reused; another encoder, max_length or dtype re-encodes everything,
+saying what changed. This module takes an encode function, so `data/` never imports `models/`.
+
+Layout on disk (`cache_dir`, e.g. `<run>/text_cache/`, or shared between runs: entries are
+keyed by content): `manifest.json` ({"key", "format", "shards": {file: [sha, ...]}}) and
+`text_{k:05d}.safetensors` shards, tensors `<sha>.tokens` (n, D) trimmed to the caption's n
+real tokens (padding is zero and masked, so it need not be stored) and `<sha>.pooled` (D')
+for encoders with a pooled vector. Shards are written whole to a temp file and renamed, the
+manifest after them: a build killed part-way keeps the shards it finished; files no manifest
+names are removed. A manifest that cannot be read rebuilds the cache, and a shard that cannot
+be read (or lacks an entry) is dropped and its captions re-encoded, each said through `log`.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import os
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from utils.checkpoint import write_json
+
+# captions -> tokens (N, L, D) zero at padding, mask (N, L) bool (a prefix per row), pooled (N, D') or None
+EncodeFn = Callable[[list[str]], tuple]
+FORMAT = 1
+SHARD_BYTES = 256 * 2**20  # a shard is closed at this size: a killed build loses less
+
+
+def caption_key(text: str) -> str:
+    """The entry name of a caption: sha256 of its UTF-8 text."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def text_cache_key(encoder_fingerprint: str, max_length: int, dtype: str) -> dict:
+    """What the cached embeddings depend on besides the caption text."""
+    return {"encoder_fingerprint": encoder_fingerprint, "max_length": int(max_length), "dtype": str(dtype)}
+
+
+def describe_change(old: dict, new: dict) -> str:
+    names = {"encoder_fingerprint": "the text encoder changed", "max_length": "text_encoder.max_length changed",
+             "dtype": "text_encoder.dtype changed"}
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return ", ".join(f"{names.get(k, k)} ({old.get(k)} -> {new.get(k)})" for k in changed)
+
+
+class TextTable:
+    """Cached embeddings by caption text: `lookup` pads them back to (B, L, D) with a mask."""
+
+    def __init__(self, entries: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]], max_length: int):
+        self.entries = entries  # sha -> (tokens (n, D), pooled (D') or None)
+        self.max_length = max_length
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, text: str) -> bool:
+        return caption_key(text) in self.entries
+
+    def lookup(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Captions -> tokens (B, L, D) zero at padding, mask (B, L) bool, pooled (B, D') or None:
+        exactly what the encoder gave for each."""
+        rows = []
+        for text in texts:
+            entry = self.entries.get(caption_key(text))
+            if entry is None:
+                raise KeyError(f"caption {text!r} is not in the text embedding cache: build the cache "
+                               "with every caption the run uses (TextEmbeddingCache.ensure)")
+            rows.append(entry)
+        L = self.max_length
+        tokens = torch.stack([F.pad(t, (0, 0, 0, L - t.shape[0])) for t, _ in rows])  # (B, L, D)
+        lengths = torch.tensor([t.shape[0] for t, _ in rows])  # (B,)
+        mask = torch.arange(L)[None] < lengths[:, None]  # (B, L)
+        pooled = torch.stack([p for _, p in rows]) if rows and rows[0][1] is not None else None  # (B, D')
+        return tokens, mask, pooled
+
+
+class TextEmbeddingCache:
+    """Builds (what is missing) and loads the embeddings of a set of captions in `cache_dir`.
+
+    After `ensure`, `encoded` and `reused` count the captions encoded by that call and those
+    found in the cache."""
+
+    def __init__(self, cache_dir: str, key: dict, log: Callable[[str], None] = print):
+        self.dir, self.key, self.log = cache_dir, key, log
+        self.manifest_path = os.path.join(cache_dir, "manifest.json")
+        self.encoded = self.reused = 0
+
+    def ensure(self, captions: Iterable[str], encode: EncodeFn, batch_size: int = 64,
+               progress: bool = True) -> TextTable:
+        """Encode the captions not cached yet (each distinct caption once, `batch_size` per call),
+        then return the table of all of `captions`. One process at a time (rank 0)."""
+        wanted = {caption_key(c): c for c in captions}
+        shards = self._shards_for_key()
+        entries = self._read(shards, set(wanted))
+        missing = [sha for sha in wanted if sha not in entries]
+        self.encoded, self.reused = len(missing), len(wanted) - len(missing)
+        if missing:
+            entries.update(self._build(shards, [wanted[s] for s in missing], encode, batch_size, progress))
+        return TextTable({sha: entries[sha] for sha in wanted}, self.key["max_length"])
+
+    def load(self, captions: Iterable[str]) -> TextTable:
+        """The table of `captions`, read only (e.g. ranks > 0 after rank 0's `ensure`)."""
+        wanted = {caption_key(c): c for c in captions}
+        entries = self._read(self._manifest_shards(), set(wanted))
+        absent = [wanted[s] for s in wanted if s not in entries]
+        if absent:
+            raise KeyError(f"text embedding cache {self.dir}: {len(absent)} caption(s) are not cached "
+                           f"(e.g. {absent[0]!r}); build it first (ensure)")
+        return TextTable(entries, self.key["max_length"])
+
+    # ------------------------------------------------------------------------- manifest
+
+    def _manifest_shards(self) -> dict[str, list[str]]:
+        """{shard: [sha, ...]} of the manifest if its key is ours, else {} (said through log)."""
+        if not os.path.isfile(self.manifest_path):
+            return {}
+        try:
+            with open(self.manifest_path) as f:
+                manifest = json.load(f)
+            key, shards = manifest["key"], manifest["shards"]
+            if manifest.get("format") != FORMAT or not isinstance(shards, dict) or \
+                    not all(isinstance(v, list) for v in shards.values()):
+                raise ValueError("not a manifest of this format")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.log(f"text embedding cache {self.dir}: {self.manifest_path} cannot be read "
+                     f"({type(e).__name__}: {e}); rebuilding it")
+            return {}
+        if key != self.key:
+            self.log(f"text embedding cache {self.dir}: {describe_change(key, self.key)}; "
+                     "re-encoding every caption")
+            return {}
+        return shards
+
+    def _shards_for_key(self) -> dict[str, list[str]]:
+        """The manifest's shards; files of another key, a corrupt manifest or a killed build go."""
+        shards = self._manifest_shards()
+        for path in glob.glob(os.path.join(glob.escape(self.dir), "text_*.safetensors*")):
+            if os.path.basename(path) not in shards:
+                os.remove(path)
+        if not shards:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.manifest_path)
+        return shards
+
+    def _write_manifest(self, shards: dict[str, list[str]]) -> None:
+        write_json({"key": self.key, "format": FORMAT, "shards": shards}, self.manifest_path)
+
+    # ------------------------------------------------------------------------- read / build
+
+    def _read(self, shards: dict[str, list[str]], wanted: set[str]) -> dict:
+        """{sha: (tokens, pooled)} of the wanted entries; a shard that cannot be read is dropped
+        from `shards` (and its file removed) so that its captions are encoded again."""
+        entries: dict = {}
+        for name in sorted(shards):
+            needed = [s for s in shards[name] if s in wanted]
+            if not needed:
+                continue
+            path = os.path.join(self.dir, name)
+            try:
+                with safe_open(path, framework="pt") as f:
+                    keys = set(f.keys())
+                    for sha in needed:
+                        tokens = f.get_tensor(f"{sha}.tokens")  # (n, D)
+                        pooled = f.get_tensor(f"{sha}.pooled") if f"{sha}.pooled" in keys else None
+                        if tokens.ndim != 2:
+                            raise ValueError(f"entry {sha[:12]} has shape {tuple(tokens.shape)}")
+                        entries[sha] = (tokens, pooled)
+            except Exception as e:  # missing, truncated, not safetensors, an entry absent: re-encode
+                self.log(f"text embedding cache {self.dir}: shard {name} cannot be read ({type(e).__name__}: "
+                         f"{e}); its {len(shards[name])} caption(s) will be encoded again")
+                for sha in shards.pop(name):
+                    entries.pop(sha, None)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                self._write_manifest(shards)
+        return entries
+
+    def _build(self, shards: dict[str, list[str]], texts: list[str], encode: EncodeFn,
+               batch_size: int, progress: bool) -> dict:
+        """Encode `texts` in batches; shards (then the manifest) written every SHARD_BYTES."""
+        os.makedirs(self.dir, exist_ok=True)
+        texts = sorted(texts, key=len)  # batches of similar lengths: little padding to encode
+        new, pending, size = {}, {}, 0
+        bar = tqdm(total=len(texts), desc="text embeddings", unit="caption", disable=not progress,
+                   dynamic_ncols=True)
+        for start in range(0, len(texts), batch_size):
+            chunk = texts[start:start + batch_size]
+            tokens, mask, pooled = encode(chunk)  # (N, L, D), (N, L), (N, D') or None
+            for i, text in enumerate(chunk):
+                n = int(mask[i].sum())
+                entry = (tokens[i, :n].detach().cpu().clone(),  # own storage: not a view of the batch
+                         None if pooled is None else pooled[i].detach().cpu().clone())
+                pending[caption_key(text)] = entry
+                size += sum(t.numel() * t.element_size() for t in entry if t is not None)
+            bar.update(len(chunk))
+            if size >= SHARD_BYTES or start + batch_size >= len(texts):
+                self._write_shard(shards, pending)
+                new.update(pending)
+                pending, size = {}, 0
+        bar.close()
+        return new
+
+    def _write_shard(self, shards: dict[str, list[str]], entries: dict) -> None:
+        k = 1 + max([int(n[5:10]) for n in shards] or [-1])
+        name = f"text_{k:05d}.safetensors"
+        tensors = {f"{sha}.tokens": t for sha, (t, _) in entries.items()}
+        tensors.update({f"{sha}.pooled": p for sha, (_, p) in entries.items() if p is not None})
+        path = os.path.join(self.dir, name)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        try:
+            save_file(tensors, tmp, metadata={"format": str(FORMAT)})
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        shards[name] = sorted(entries)
+        self._write_manifest(shards)
