@@ -510,8 +510,7 @@ def uint8_to_video_tensor(frames: np.ndarray) -> torch.Tensor:
     return rearrange(x, "t h w c -> c t h w").contiguous()
 
 
-def save_grid_png(path: str, videos: list[np.ndarray], max_frames: int = 16,
-                  separator: int = 2) -> None:
+def grid_png_bytes(videos: list[np.ndarray], max_frames: int = 16, separator: int = 2) -> bytes:
     """PNG with one row per (T, H, W, 3) uint8 video and one column per frame.
 
     Videos longer than `max_frames` show `max_frames` evenly spaced frames; shorter rows are
@@ -529,5 +528,12 @@ def save_grid_png(path: str, videos: list[np.ndarray], max_frames: int = 16,
         for c, i in enumerate(keep):
             y, x = r * (h + separator), c * (w + separator)
             grid[y: y + h, x: x + w] = video[i]
-    _make_parent(path)
-    Image.fromarray(grid).save(path)
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_grid_png(path: str, videos: list[np.ndarray], max_frames: int = 16,
+                  separator: int = 2) -> None:
+    """`grid_png_bytes` written to `path` (whole or absent)."""
+    write_bytes_atomic(path, grid_png_bytes(videos, max_frames, separator))
