@@ -112,7 +112,9 @@ def load_entry(ckpt_path: str, entry: str, load: Callable[[Any], Any], value: An
         return load(value)
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
         text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # KeyError quotes its text
-        first = str(text).strip().splitlines()[0] if str(text).strip() else type(e).__name__
+        lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+        first = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else \
+            (lines[0] if lines else type(e).__name__)  # "Error(s) in loading ...:" says little alone
         raise UserError(f"checkpoint {ckpt_path}: entry {entry!r} {problem} "
                         f"({type(e).__name__}: {first[:300]}); the file was edited or written by "
                         "other code. Use another checkpoint, or start fresh with another "
