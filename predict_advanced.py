@@ -12,6 +12,8 @@ from utils.cli import parse_args, run_main
 from utils.config import PredictConfig, load_config
 from utils.train_utils import setup_runtime
 
+INTERRUPTED = 130  # exit status after Ctrl-C / SIGTERM (128 + SIGINT, as the shell reports one)
+
 
 def main(argv: Optional[list[str]] = None) -> int:
     config_path, overrides, _ = parse_args(argv, __doc__)
@@ -19,6 +21,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     device, _ = setup_runtime(cfg.device, cfg.seed)  # video i still has its own generator (seed + i)
     ensure_writable_dir(cfg.output_dir, "output_dir")
     written = predict_to_folder(cfg, device)  # each batch written as it is finished
+    if written.interrupted:  # Ctrl-C / SIGTERM: the finished videos stay (it said which)
+        return INTERRUPTED
     print(f"wrote {written.count} videos ({len(written.paths)} files) to {cfg.output_dir}: "
           f"sample_000.mp4/.gif ... grid.png")
     return 0

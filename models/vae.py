@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from diffusers import (AutoencoderKL, AutoencoderKLCogVideoX, AutoencoderKLHunyuanVideo,
@@ -136,6 +136,15 @@ class Family:
 
 def _cfg(ae: nn.Module, key: str, default=None):
     return getattr(ae.config, key, default)
+
+
+NORMALISATION_KEYS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "latent_channels")
+
+
+def _numbers(value) -> bool:
+    """None, a number, or a list of numbers (what the normalisation keys may hold)."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values)
 
 
 def _scale_only(ae: nn.Module) -> Normalisation:
@@ -249,9 +258,85 @@ def resolve_vae_dir(path: str, subfolder: Optional[str] = None) -> tuple[str, st
     return path, path
 
 
-def _corrupt(path: str, e: Exception) -> UserError:
-    return UserError(f"could not load the VAE in {path} ({type(e).__name__}: {e}). The "
+def _corrupt(path: str, e: Exception, cls: Optional[type] = None) -> UserError:
+    """The VAE folder did not load: name the config.json key at fault when one can be found
+    (an edited config.json), else call the folder corrupt or incomplete."""
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    found = _config_key_at_fault(path, cls) if cls is not None else None
+    if found:
+        return UserError(f"could not load the VAE in {path} ({type(e).__name__}: {first}): {found}. "
+                         "Restore that key (the config.json that came with the weights), or fix vae.path")
+    return UserError(f"could not load the VAE in {path} ({type(e).__name__}: {first}). The "
                      "directory is corrupt or incomplete: re-run train_vae.py or fix vae.path")
+
+
+CONFIG_SEARCH_VALUES = (1, 2, 3, 4)  # small counts (layers, blocks) tried besides the weights' sizes
+
+
+def _config_key_at_fault(folder: str, cls: type) -> Optional[str]:
+    """Which one key of folder/config.json keeps it from building `cls`, or from describing the
+    weights file; None when no single key explains it. Models are built on the meta device (no
+    memory, no weights): first with each key left to the class default (a value that cannot
+    build), then with each number (or list element) set to each size found in the weights."""
+    import diffusers
+    from safetensors import safe_open
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
+        with safe_open(os.path.join(folder, "diffusion_pytorch_model.safetensors"), "pt") as f:
+            want = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception:  # no config or weights to compare: nothing to say about a key
+        return None
+    verbosity = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()
+    try:
+        builds = _meta_shapes(cls, config) is not None
+        sizes = sorted({d for shape in want.values() for d in shape} | set(CONFIG_SEARCH_VALUES))
+        for key in (k for k in config if not k.startswith("_")):
+            for trial in _variants(config, key, sizes):
+                shapes = _meta_shapes(cls, {k: v for k, v in trial.items() if v is not _UNSET})
+                if not builds and shapes is not None:
+                    return f"config.json key {key!r} = {config[key]!r} is not a valid value for {cls.__name__}"
+                if builds and shapes == want:
+                    made = trial[key] if trial[key] is not _UNSET else _default(cls, key)
+                    return f"config.json key {key!r} is {config[key]!r} but the weights were made with {made!r}"
+        return None
+    finally:
+        diffusers.utils.logging.set_verbosity(verbosity)
+
+
+_UNSET = object()  # a key left out of the config (the class default)
+
+
+def _variants(config: dict, key: str, sizes: list[int]) -> Iterator[dict]:
+    """`config` with `key` left out, then with the number (or each number of the list) at `key`
+    set to each of `sizes`."""
+    value = config[key]
+    yield {**config, key: _UNSET}
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    slots = [None] if is_int(value) else [i for i, v in enumerate(value) if is_int(v)] if isinstance(value, list) else []
+    for slot in slots:
+        for size in sizes:
+            trial = size if slot is None else [*value[:slot], size, *value[slot + 1:]]
+            if trial != value:
+                yield {**config, key: trial}
+
+
+def _default(cls: type, key: str):
+    """The value `cls` gives `key` when config.json leaves it out."""
+    import inspect
+    param = inspect.signature(cls.__init__).parameters.get(key)
+    return param.default if param is not None else None
+
+
+def _meta_shapes(cls: type, config: dict) -> Optional[dict]:
+    """{parameter: shape} of `cls` built from `config` on the meta device; None if it does not build."""
+    try:
+        with torch.device("meta"):
+            model = cls.from_config(config)
+    except Exception:  # any error: this config does not build the class
+        return None
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def _family_of(folder: str) -> str:
@@ -294,7 +379,13 @@ class FrozenVAE(nn.Module):
         self._path, self.found = path, found or path  # `found`: how vae.path led here (for the log)
         self.encode_batch_frames = encode_batch_frames  # frames per VAE call (memory bound)
         self._fingerprint = vae_fingerprint(ae)  # before any dtype cast: the weights as stored
-        self.normalisation = self.family.normalisation(ae)
+        try:
+            self.normalisation = self.family.normalisation(ae)
+        except (TypeError, ValueError) as e:  # a config.json value that is not a number
+            bad = [k for k in NORMALISATION_KEYS if not _numbers(_cfg(ae, k))]
+            raise UserError(f"VAE {path or self.class_name}: config.json key {(bad or ['?'])[0]!r} = "
+                            f"{_cfg(ae, (bad or ['scaling_factor'])[0])!r} is not a number ({e}); "
+                            "restore the config.json that came with the weights") from None
         if dtype is not None and dtype != next(ae.parameters()).dtype:
             ae = ae.to(dtype=dtype)
         self.ae = ae.eval().requires_grad_(False)
@@ -316,10 +407,15 @@ class FrozenVAE(nn.Module):
                         subfolder: Optional[str] = None) -> "FrozenVAE":
         folder, found = resolve_vae_dir(path, subfolder)
         name = _family_of(folder)
+        cls_ = FAMILIES[name].cls
         try:  # low_cpu_mem_usage=False: no accelerate here
-            ae = FAMILIES[name].cls.from_pretrained(folder, low_cpu_mem_usage=False)
+            ae, info = cls_.from_pretrained(folder, low_cpu_mem_usage=False, output_loading_info=True)
         except Exception as e:  # corrupt config/weights surface as many error types
-            raise _corrupt(folder, e) from None
+            raise _corrupt(folder, e, cls_) from None
+        if info["missing_keys"]:  # diffusers would initialise them at random, with a warning only
+            missing = sorted(info["missing_keys"])
+            raise _corrupt(folder, RuntimeError(f"config.json asks for {len(missing)} weights the file "
+                                                f"lacks ({missing[0]}, ...)"), cls_)
         return cls(ae.to(device), folder, encode_batch_frames, resolve_vae_dtype(dtype, name, device),
                    tiling, slicing, found)
 

@@ -104,13 +104,18 @@ def check_model(ckpt: dict, expected: dict, ckpt_path: str, data: Optional[dict]
                     ". " + RESTART_HELP)
 
 
-def load_entry(ckpt_path: str, entry: str, load: Callable[[Any], Any], value: Any) -> None:
-    """`load(value)` (a load_state_dict), a malformed entry named rather than a traceback."""
+def load_entry(ckpt_path: str, entry: str, load: Callable[[Any], Any], value: Any,
+               problem: str = "does not fit this run") -> Any:
+    """`load(value)` (a load_state_dict, a record parsed into a config), a malformed entry named
+    rather than a traceback. Returns what `load` returns."""
     try:
-        load(value)
-    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {ckpt_path}: entry {entry!r} does not fit this run "
+        return load(value)
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+        text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # KeyError quotes its text
+        lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+        first = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else \
+            (lines[0] if lines else type(e).__name__)  # "Error(s) in loading ...:" says little alone
+        raise UserError(f"checkpoint {ckpt_path}: entry {entry!r} {problem} "
                         f"({type(e).__name__}: {first[:300]}); the file was edited or written by "
                         "other code. Use another checkpoint, or start fresh with another "
                         "experiment.name.") from None
@@ -127,12 +132,22 @@ def check_diffusion(ckpt: dict, expected: dict, ckpt_path: str) -> None:
                         ". Resume with the checkpoint's diffusion settings (in the run's config.yaml).")
 
 
-def check_format(ckpt: dict, ckpt_path: str, expected: str = FORMAT) -> None:
-    if ckpt.get("format") != expected:
-        stage = "stage-1" if expected == STAGE1_FORMAT else "stage-2"
-        raise UserError(f"{ckpt_path} is not a {stage} checkpoint of this repo "
-                        f"(format {ckpt.get('format')!r}, expected {expected!r}); point "
-                        "train.resume at one, or start fresh (another experiment.name)")
+def check_format(ckpt: dict, ckpt_path: str, expected: str = FORMAT, key: str = "train.resume") -> None:
+    """`ckpt` is the kind of checkpoint `key` (the config key that named it) needs."""
+    found = ckpt.get("format")
+    if found == expected:
+        return
+    if key != "train.resume" and found == STAGE1_FORMAT:
+        vae_dir = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "vae")
+        raise UserError(f"{key} = {ckpt_path} is a stage-1 (VAE) checkpoint, written by train_vae.py; "
+                        f"{key} needs a stage-2 (DiT) checkpoint, the latest.pth of a "
+                        "train_advanced.py run (e.g. runs/demo/latest.pth). This stage-1 run's VAE is "
+                        f"{vae_dir}: train a DiT on it with train_advanced.py vae.path={vae_dir}")
+    stage = "stage-1" if expected == STAGE1_FORMAT else "stage-2"
+    advice = ("point train.resume at one, or start fresh (another experiment.name)" if key == "train.resume"
+              else f"point {key} at the latest.pth of a train_advanced.py run")
+    raise UserError(f"{ckpt_path} is not a {stage} checkpoint of this repo "
+                    f"(format {found!r}, expected {expected!r}); {advice}")
 
 
 def resolve_resume(resume: Optional[str], run_dir: str) -> Optional[str]:
@@ -179,12 +194,15 @@ def checkpoint_summary(ckpt: dict[str, Any]) -> str:
     return (f"step {ckpt['step']}, epoch {ckpt['epoch']}, VAE {ckpt['vae']['fingerprint']}")
 
 
-def model_from_checkpoint(ckpt: dict, use_ema: bool, device) -> "VideoDiT":
-    """Rebuild the DiT from the architecture recorded in the checkpoint (not from any YAML)."""
+def model_from_checkpoint(ckpt: dict, use_ema: bool, device, ckpt_path: str = "checkpoint") -> "VideoDiT":
+    """Rebuild the DiT from the architecture recorded in the checkpoint (not from any YAML); a
+    malformed record or weights that do not fit it are named (UserError), not a traceback."""
     from models.dit import VideoDiT
     from utils.config import config_from_dict
-    model = VideoDiT(config_from_dict(ModelConfig, ckpt["model"]["config"]), **model_dims(ckpt["model"]))
-    model.load_state_dict(ckpt["ema_state" if use_ema else "model_state"])
+    model = load_entry(ckpt_path, "model", lambda record: VideoDiT(
+        config_from_dict(ModelConfig, record["config"]), **model_dims(record)), ckpt["model"], "is malformed")
+    weights = "ema_state" if use_ema else "model_state"
+    load_entry(ckpt_path, weights, model.load_state_dict, ckpt[weights])
     return model.to(device).eval().requires_grad_(False)
 
 

@@ -6,16 +6,20 @@ checkpoint's schedule, and are decoded by the same frozen VAE the DiT was traine
 
 predict streams (`predict_to_folder`): each batch of videos is written as soon as it is
 decoded (every file written under a temp name, then renamed), so Ctrl-C or SIGTERM keeps
-every finished video and memory does not grow with `num_videos`.
+every finished video and memory does not grow with `num_videos`. A stop request is a flag
+checked after each video (never an exception raised inside a writer). Its output folder's
+`.predict_manifest.jsonl` records what predict wrote there (name, size, sha256): a later run
+removes those files and nothing else, and refuses to overwrite a file it cannot prove it wrote.
 """
 from __future__ import annotations
 
 import contextlib
-import glob
+import hashlib
+import json
 import os
-import re
-import signal
+import tempfile
 from dataclasses import dataclass
+from functools import partial
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -25,12 +29,14 @@ from torch import nn
 from models.diffusion import flow_mu, make_scheduler, sample
 from models.vae import FrozenVAE
 from training.checkpoints import (PREDICT_ENTRIES, check_entries, check_format, check_vae,
-                                  latent_shape, model_dims, model_from_checkpoint)
+                                  latent_shape, load_entry, model_dims, model_from_checkpoint)
 from utils.checkpoint import load_checkpoint
 from utils.config import (DiffusionConfig, PredictConfig, VAERefConfig, check_num_steps,
                           check_sampler, config_from_dict)
 from utils.errors import UserError
-from utils.video_io import save_grid_png, video_tensor_to_uint8, write_video
+from utils.train_utils import GracefulStop
+from utils.video_io import (check_write_fps, encode_video, grid_png_bytes, video_tensor_to_uint8,
+                            write_bytes_atomic)
 
 
 def default_labels(num_videos: int, num_classes: int,
@@ -82,37 +88,138 @@ def generate_batches(model: nn.Module, vae: FrozenVAE, diffusion_cfg: DiffusionC
 
 
 SAMPLE_EXTS = (".mp4", ".gif")
+GRID_NAME = "grid.png"
 GRID_FRAMES = 16  # frames per video in grid.png
 GRID_MAX_VIDEOS = 64  # rows of grid.png: the first videos (memory stays bounded)
-_SAMPLE_NAME = re.compile(r"sample_\d{3,}\.(mp4|gif)$")
+MANIFEST_NAME = ".predict_manifest.jsonl"
+MANIFEST_FORMAT = "predict-output/1"
+TMP_PREFIX = ".predict_tmp_"  # a run's temp folder inside output_dir (recorded in the manifest)
+PART_SUFFIX = ".part"  # a file being written, in that folder: no video extension, so never read as one
+
+
+def sample_names(count: int) -> list[str]:
+    """The files of `count` samples: sample_000.mp4, sample_000.gif, ..."""
+    return [f"sample_{i:03d}{ext}" for i in range(count) for ext in SAMPLE_EXTS]
+
+
+class OutputFolder:
+    """What predict wrote into its output_dir, so that it removes or overwrites only that.
+
+    `.predict_manifest.jsonl` holds one JSON line per file predict wrote (name, size, sha256),
+    appended *before* the file is renamed into place, and one line per temp folder it made. A
+    file is predict's only while its bytes still hash to the recorded value: a user's video,
+    or one of ours the user replaced or edited, is never removed or overwritten.
+    """
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.manifest = os.path.join(out_dir, MANIFEST_NAME)
+        self.files, self.tmp_dirs = self._read()
+        self.tmp_dir: Optional[str] = None
+        self._log = None
+
+    def _read(self) -> tuple[dict, list]:
+        if not os.path.exists(self.manifest):
+            return {}, []
+        try:
+            with open(self.manifest) as f:
+                lines = f.read().splitlines()
+            header = json.loads(lines[0]) if lines else None
+        except (OSError, UnicodeDecodeError, ValueError):
+            header = None
+        if not isinstance(header, dict) or header.get("format") != MANIFEST_FORMAT:
+            raise UserError(f"{self.manifest} is not a manifest predict wrote (it lists the files "
+                            "predict may replace); predict overwrites nothing it cannot prove it "
+                            "wrote. Choose another output_dir, or remove that file.")
+        files, tmp_dirs = {}, []
+        for line in lines[1:]:
+            with contextlib.suppress(ValueError):  # a line cut by a kill: nothing to prove
+                record = json.loads(line)
+                if isinstance(record, dict) and isinstance(record.get("tmp"), str):
+                    tmp_dirs.append(record["tmp"])
+                elif isinstance(record, dict) and {"file", "size", "sha256"} <= set(record):
+                    files[record["file"]] = record
+        return files, tmp_dirs
+
+    def owns(self, name: str) -> bool:
+        """`name` exists and is byte for byte the file this folder's manifest says predict wrote."""
+        record, path = self.files.get(name), os.path.join(self.out_dir, name)
+        if record is None or not os.path.isfile(path) or os.path.getsize(path) != record["size"]:
+            return False
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest() == record["sha256"]
+
+    def claim(self, names: Sequence[str]) -> list[str]:
+        """Prepare to write `names`: refuse (before anything changes) if one exists and is not
+        predict's; remove every file an earlier predict left here; start a fresh manifest and a
+        temp folder. Returns the removed names."""
+        foreign = sorted(n for n in names if os.path.lexists(os.path.join(self.out_dir, n))
+                         and not self.owns(n))
+        if foreign:
+            shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+            raise UserError(f"output_dir {self.out_dir} already holds {shown}, which predict did not "
+                            "write (or which changed since it did); predict never overwrites such a "
+                            "file. Choose another output_dir, or move or remove "
+                            f"{'that file' if len(foreign) == 1 else 'those files'} first.")
+        removed = [n for n in sorted(self.files) if self.owns(n)]
+        for name in removed:
+            os.remove(os.path.join(self.out_dir, name))
+        for tmp in self.tmp_dirs:
+            self._remove_tmp(os.path.join(self.out_dir, os.path.basename(tmp)))
+        os.makedirs(self.out_dir, exist_ok=True)
+        write_bytes_atomic(self.manifest, (json.dumps({"format": MANIFEST_FORMAT}) + "\n").encode())
+        self.files, self.tmp_dirs = {}, []
+        self._log = open(self.manifest, "a")
+        self.tmp_dir = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=self.out_dir)
+        self._append({"tmp": os.path.basename(self.tmp_dir)})
+        return removed
+
+    def record(self, name: str, data: bytes) -> None:
+        """Note `name` with `data`'s size and hash, before the file takes that name."""
+        entry = {"file": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        self.files[name] = entry
+        self._append(entry)
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self.tmp_dir is not None:
+            self._remove_tmp(self.tmp_dir)
+            self.tmp_dir = None
+
+    def _append(self, entry: dict) -> None:
+        self._log.write(json.dumps(entry) + "\n")
+        self._log.flush()
+
+    @staticmethod
+    def _remove_tmp(folder: str) -> None:
+        """A temp folder predict made: its part files, then the folder if nothing else is in it."""
+        if not os.path.isdir(folder) or not os.path.basename(folder).startswith(TMP_PREFIX):
+            return
+        for name in os.listdir(folder):
+            if name.endswith(PART_SUFFIX):
+                os.remove(os.path.join(folder, name))
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
 
 
 class SampleWriter:
-    """Writes sample_{i:03d}.mp4/.gif as videos arrive, each under a temp name then renamed (a
-    file is whole or absent), and keeps the few frames grid.png needs."""
+    """Writes sample_{i:03d}.mp4/.gif as videos arrive (a sample's files all appear, or none),
+    and keeps the few frames grid.png needs. With an `OutputFolder` (predict), every file is
+    recorded in its manifest and written in its temp folder before it is renamed into place."""
 
-    def __init__(self, out_dir: str, fps: int):
-        self.out_dir, self.fps = out_dir, fps
+    def __init__(self, out_dir: str, fps: float, folder: Optional[OutputFolder] = None):
+        self.out_dir, self.fps, self.folder = out_dir, fps, folder
         self.count, self.paths, self.thumbs = 0, [], []
+        self.interrupted = False  # predict stopped by Ctrl-C / SIGTERM before the last video
         os.makedirs(out_dir, exist_ok=True)
 
     def add(self, frames: np.ndarray) -> None:
         """`frames`: (T, H, W, 3) uint8, written as the next sample (all its files, or none)."""
         names = [f"sample_{self.count:03d}{ext}" for ext in SAMPLE_EXTS]
-        paths = [os.path.join(self.out_dir, n) for n in names]
-        tmps = [os.path.join(self.out_dir, f".tmp_{n}") for n in names]
-        try:
-            for tmp in tmps:
-                write_video(tmp, frames, self.fps)
-            for tmp, path in zip(tmps, paths):
-                os.replace(tmp, path)
-        except BaseException:  # an interruption mid-write leaves no part of this sample
-            for path in tmps + paths:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
-            raise
-        self.paths.extend(paths)
-        if len(self.thumbs) < GRID_MAX_VIDEOS:  # the frames save_grid_png would pick
+        self._write(names, [encode_video(frames, self.fps, ext) for ext in SAMPLE_EXTS])
+        if len(self.thumbs) < GRID_MAX_VIDEOS:  # the frames grid_png_bytes would pick
             keep = np.linspace(0, len(frames) - 1, min(GRID_FRAMES, len(frames))).round().astype(int)
             self.thumbs.append(frames[keep])
         self.count += 1
@@ -120,31 +227,45 @@ class SampleWriter:
     def write_grid(self) -> Optional[str]:
         if not self.thumbs:
             return None
-        grid = os.path.join(self.out_dir, "grid.png")
-        save_grid_png(grid, self.thumbs, max_frames=GRID_FRAMES)
-        self.paths.append(grid)
-        return grid
+        self._write([GRID_NAME], [grid_png_bytes(self.thumbs, max_frames=GRID_FRAMES)])
+        return os.path.join(self.out_dir, GRID_NAME)
+
+    def _write(self, names: list[str], blobs: list[bytes]) -> None:
+        """Each blob to a part file, then all renamed into place; an error or a second Ctrl-C
+        mid-write leaves no part of them (and, with a folder, each is in its manifest first)."""
+        paths = [os.path.join(self.out_dir, n) for n in names]
+        if self.folder is not None:
+            parts = [os.path.join(self.folder.tmp_dir, n + PART_SUFFIX) for n in names]
+        else:
+            parts = [os.path.join(self.out_dir, f".tmp_{n}{PART_SUFFIX}") for n in names]
+        placed = []
+        try:
+            for name, part, data in zip(names, parts, blobs):
+                if self.folder is not None:
+                    self.folder.record(name, data)
+                with open(part, "wb") as f:
+                    f.write(data)
+            for part, path in zip(parts, paths):
+                os.replace(part, path)
+                placed.append(path)
+        except BaseException as e:
+            for path in parts + placed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+            if isinstance(e, OSError):
+                raise UserError(f"cannot write {paths[0]} ({e.strerror or e}); free some space or "
+                                "choose another output directory") from None
+            raise
+        self.paths.extend(paths)
 
 
-def save_videos(out_dir: str, videos: Sequence[np.ndarray], fps: int) -> list[str]:
+def save_videos(out_dir: str, videos: Sequence[np.ndarray], fps: float) -> list[str]:
     """Writes sample_000.mp4 / .gif, ... and grid.png; returns the written paths."""
     writer = SampleWriter(out_dir, fps)
     for frames in videos:
         writer.add(frames)
     writer.write_grid()
     return writer.paths
-
-
-def remove_stale_samples(out_dir: str) -> list[str]:
-    """sample_NNN.mp4/.gif files (and temp files) an earlier run left in `out_dir`, removed so
-    that the folder holds this run's videos only. Returns the removed names."""
-    removed = []
-    for path in sorted(glob.glob(os.path.join(glob.escape(out_dir), "*"))):
-        name = os.path.basename(path)
-        if _SAMPLE_NAME.match(name) or name.startswith(".tmp_sample_"):
-            os.remove(path)
-            removed.append(name)
-    return removed
 
 
 def output_fps(fps: Optional[float], ckpt: dict) -> float:
@@ -165,35 +286,40 @@ def side_by_side(videos: Sequence[np.ndarray], gap: int = 2) -> np.ndarray:
 
 @dataclass
 class Loaded:
-    """A checkpoint ready to sample from: checked, with its model, VAE and labels."""
+    """A checkpoint ready to sample from: checked, with its model, VAE, labels and frame rate."""
     ckpt: dict
     model: nn.Module
     vae: FrozenVAE
     labels: Optional[torch.Tensor]
+    fps: float = 0.0  # frames per second the videos are written at
 
 
 def load_for_sampling(cfg: PredictConfig, device: torch.device) -> Loaded:
     """cfg.checkpoint with the VAE it was trained with (fingerprint checked), EMA or raw
     weights, the configured labels; every check made before a video is sampled."""
     ckpt = load_checkpoint(cfg.checkpoint)
-    check_format(ckpt, cfg.checkpoint)
+    check_format(ckpt, cfg.checkpoint, key="checkpoint")
     check_entries(ckpt, cfg.checkpoint, PREDICT_ENTRIES)
-    check_num_steps(cfg.num_steps, ckpt["diffusion"].get("num_train_timesteps", cfg.num_steps), "num_steps")
+    diffusion = load_entry(cfg.checkpoint, "diffusion", partial(config_from_dict, DiffusionConfig),
+                           ckpt["diffusion"], "is malformed")
+    check_num_steps(cfg.num_steps, diffusion.num_train_timesteps, "num_steps")
     # The objective the checkpoint was trained with (recorded since flow matching; older ones are v).
-    objective = config_from_dict(DiffusionConfig, ckpt["diffusion"]).objective
+    objective = diffusion.objective
     check_sampler(cfg.sampler, objective, "sampler", f"checkpoint {cfg.checkpoint}, trained with")
+    fps = _output_fps(cfg, ckpt)
     dims = model_dims(ckpt["model"])
     labels = _labels(cfg, dims.get("num_classes", 0), ckpt.get("class_names", []))
-    vae = FrozenVAE.from_config(_trained_vae_settings(ckpt), device, cfg.vae.path or ckpt["vae"]["path"])
+    vae_settings = load_entry(cfg.checkpoint, "config", _trained_vae_settings, ckpt["config"], "is malformed")
+    vae = FrozenVAE.from_config(vae_settings, device, cfg.vae.path or ckpt["vae"]["path"])
     check_vae(ckpt, vae, cfg.checkpoint)
-    model = model_from_checkpoint(ckpt, cfg.use_ema, device)
-    guidance = (f"guidance {cfg.guidance_scale}" if dims["num_classes"] or cfg.guidance_scale == 1
+    model = model_from_checkpoint(ckpt, cfg.use_ema, device, cfg.checkpoint)
+    guidance = (f"guidance {cfg.guidance_scale}" if dims.get("num_classes") or cfg.guidance_scale == 1
                 else f"no guidance (guidance_scale = {cfg.guidance_scale} needs a class-conditional model)")
     print(f"checkpoint {cfg.checkpoint}: step {ckpt['step']}, {'EMA' if cfg.use_ema else 'raw'} weights, "
           f"{objective}; "
           f"VAE {vae.path} (fingerprint {vae.fingerprint} matches); sampler {cfg.sampler}, "
-          f"{cfg.num_steps} steps, {guidance}")
-    return Loaded(ckpt, model, vae, labels)
+          f"{cfg.num_steps} steps, {guidance}; {fps:g} fps")
+    return Loaded(ckpt, model, vae, labels, fps)
 
 
 def sample_videos(cfg: PredictConfig, device: torch.device) -> tuple[list, dict]:
@@ -204,33 +330,45 @@ def sample_videos(cfg: PredictConfig, device: torch.device) -> tuple[list, dict]
 
 def predict_to_folder(cfg: PredictConfig, device: torch.device) -> SampleWriter:
     """Sample cfg.num_videos into cfg.output_dir, each batch written as it is finished, then
-    grid.png. On Ctrl-C or SIGTERM the finished videos (and a grid of them) stay; the
-    interruption is re-raised as KeyboardInterrupt."""
+    grid.png. Files an earlier predict wrote there are removed first; any other file in the
+    way is refused (`OutputFolder`). Ctrl-C or SIGTERM sets a flag checked after every video
+    (and so after every batch is sampled): the finished videos and a grid of them stay, and
+    the writer's `interrupted` is True. A second Ctrl-C stops at once (KeyboardInterrupt)."""
     loaded = load_for_sampling(cfg, device)  # refused now, before a file is touched
-    removed = remove_stale_samples(cfg.output_dir)
+    folder = OutputFolder(cfg.output_dir)
+    removed = folder.claim(sample_names(cfg.num_videos) + [GRID_NAME])
     if removed:
-        print(f"removed {len(removed)} sample files of an earlier run from {cfg.output_dir} "
+        print(f"removed {len(removed)} files an earlier predict wrote in {cfg.output_dir} "
               f"({removed[0]} ... {removed[-1]})")
-    writer = SampleWriter(cfg.output_dir, output_fps(cfg.fps, loaded.ckpt))
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    writer = SampleWriter(cfg.output_dir, loaded.fps, folder)
+    videos = (frames for batch in _batches(cfg, loaded, device) for frames in batch)
     try:
-        for batch in _batches(cfg, loaded, device):
-            for frames in batch:
+        with GracefulStop() as stop:
+            for frames in videos:
                 writer.add(frames)
+                if stop.requested:  # the video in hand is whole; the rest of its batch is dropped
+                    break
+            writer.interrupted = writer.count < cfg.num_videos
     except KeyboardInterrupt:
-        writer.write_grid()
-        print(f"interrupted: {writer.count} of {cfg.num_videos} videos were finished and are in "
-              f"{cfg.output_dir} (sample_000 ... sample_{max(writer.count - 1, 0):03d}); run again to "
-              "make all of them (the same seeds give the same videos)")
+        writer.interrupted = True
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    writer.write_grid()
+        videos.close()
+        writer.write_grid()  # also after an error: a grid of the finished videos
+        folder.close()
+        if writer.interrupted:
+            print(f"interrupted: {writer.count} of {cfg.num_videos} videos were finished and are in "
+                  f"{cfg.output_dir} (sample_000 ... sample_{max(writer.count - 1, 0):03d}); run again to "
+                  "make all of them (the same seeds give the same videos)")
     return writer
 
 
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+def _output_fps(cfg: PredictConfig, ckpt: dict) -> float:
+    """`output_fps`, checked: a number both the mp4 and the GIF can be written at."""
+    fps = load_entry(cfg.checkpoint, "fps", lambda c: float(output_fps(cfg.fps, c)), ckpt, "is malformed")
+    if cfg.fps is None:
+        check_write_fps(fps, f"the frame rate recorded in {cfg.checkpoint} (set fps to override it)")
+    return fps
 
 
 def _batches(cfg: PredictConfig, loaded: Loaded, device: torch.device) -> Iterator[list[np.ndarray]]:
@@ -241,11 +379,13 @@ def _batches(cfg: PredictConfig, loaded: Loaded, device: torch.device) -> Iterat
                         "batch_size (videos sampled together) or guidance (cfg doubles the batch)") from None
 
 
-def _trained_vae_settings(ckpt: dict) -> VAERefConfig:
+def _trained_vae_settings(config: dict) -> VAERefConfig:
     """The vae.* settings the checkpoint was trained with (dtype, tiling, slicing, frames per
     call): predict decodes exactly as validation did. `subfolder` is dropped: the recorded path
     is the VAE folder itself."""
-    recorded = {k: v for k, v in ckpt["config"]["vae"].items() if k in VAERefConfig.__dataclass_fields__}
+    if not isinstance(config.get("vae"), dict):
+        raise KeyError("it has no 'vae' section (the VAE settings the model was trained with)")
+    recorded = {k: v for k, v in config["vae"].items() if k in VAERefConfig.__dataclass_fields__}
     return config_from_dict(VAERefConfig, {**recorded, "subfolder": None})
 
 

@@ -12,7 +12,6 @@ import json
 import os
 import pickle
 import random
-import re
 import shutil
 from typing import Any
 
@@ -57,20 +56,21 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
         raise MissingFileError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        # The safe loader's refusal of an object names it ("Unsupported global"); other
-        # unpickling errors (garbage bytes, an unknown opcode) mean a damaged file.
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        if found is None:
+    except pickle.UnpicklingError:
+        # The weights-only unpickler raises UnpicklingError both for an object it refuses and
+        # for bytes it cannot parse, in wordings that change between torch versions; which one
+        # it was is asked of the file itself: the globals it names that are not allowed
+        # (a scan of its GLOBAL opcodes; nothing is constructed or run).
+        refused = _refused_globals(path)
+        if not refused:
             raise UserError(f"checkpoint {path} could not be read (UnpicklingError); it is corrupt "
                             "or truncated, or not a torch file. Use another checkpoint, or start "
                             "fresh in a new run directory (another experiment.name).") from None
-        refused = f"it refused {found.group(1)}"
         raise UserError(f"checkpoint {path} holds objects that are not allowed: it is loaded with "
                         "torch.load(weights_only=True), which accepts only tensors, numbers, "
-                        f"strings and containers of them ({refused}). Nothing in it was run. Use a "
-                        "checkpoint written by this repo, or re-save this one as a plain dict of "
-                        "tensors.") from None
+                        f"strings and containers of them (it refused {', '.join(refused[:3])}). "
+                        "Nothing in it was run. Use a checkpoint written by this repo, or re-save "
+                        "this one as a plain dict of tensors.") from None
     except Exception as e:  # truncated, corrupt or not a torch file: all user-facing
         raise UserError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); it is "
                         "corrupt or truncated. Use another checkpoint, or start fresh in a new run "
@@ -78,6 +78,15 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
     if not isinstance(ckpt, dict):
         raise UserError(f"checkpoint {path} is not a checkpoint of this repo (not a dict)")
     return ckpt
+
+
+def _refused_globals(path: str) -> list[str]:
+    """The classes and functions `path`'s pickle names that weights_only loading refuses
+    (e.g. `posix.system`); [] when there are none or the file cannot be scanned."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # not a torch zip file, or damaged: nothing to name
+        return []
 
 
 def capture_rng() -> dict:

@@ -554,6 +554,11 @@ class PredictVAEConfig:
     path: Optional[str] = None  # null: the VAE path recorded in the checkpoint
 
 
+# Predict's `fps`: from a frame every 10 s to one per GIF tick (1/100 s; above it two GIF frames
+# would share a timestamp); values outside are typing slips (0.0001, 1e7), not frame rates.
+PREDICT_FPS_RANGE = (0.1, 100.0)
+
+
 @dataclass
 class PredictConfig:
     """`predict_advanced.py --config predict_advanced.yaml`"""
@@ -574,8 +579,11 @@ class PredictConfig:
     def validate(self) -> None:
         _check_device(self.device)
         _positive(self, "", "num_videos", "batch_size", "num_steps")
-        if self.fps is not None and self.fps <= 0:
-            raise ConfigError(f"fps = {self.fps}: must be > 0 or null (the checkpoint's frame rate)")
+        lo, hi = PREDICT_FPS_RANGE
+        if self.fps is not None and not lo <= self.fps <= hi:
+            raise ConfigError(f"fps = {self.fps:g}: must be between {lo:g} and {hi:g} frames per second, "
+                              "or null (the checkpoint's frame rate); the .gif written beside each "
+                              "video counts time in whole 1/100 s")
         if self.guidance_scale < 0:
             raise ConfigError(f"guidance_scale = {self.guidance_scale}: must be >= 0")
 

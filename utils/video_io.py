@@ -4,8 +4,9 @@ Layouts: frames on disk and in numpy are `(T, H, W, 3)` uint8 RGB; pixel tensors
 `(3, T, H, W)` float in [-1, 1] (the repo's layout, see STYLE.md rule 4).
 
 Backends (DESIGN.md, "Video IO"):
-- mp4/mov/mkv are written by imageio v3 with the PyAV plugin (libx264, yuv420p).
-- Reading and counting use PyAV (`av`, the library under imageio's plugin) directly:
+- mp4/mov/mkv are written by PyAV (`av`, the library under imageio's pyav plugin; libx264,
+  yuv420p), encoded in memory: the plugin's close runs a full garbage collection per file.
+- Reading and counting use PyAV directly:
   imageio's reader converts every decoded frame to RGB, we convert only the frames a window
   needs, seek to the keyframe before the first one (its cost does not grow with its position
   in the clip) and stop decoding after the last one. Any pixel format FFmpeg decodes works
@@ -14,11 +15,14 @@ Backends (DESIGN.md, "Video IO"):
   the timestamps from the packets, so clips can be resampled at a frame rate by time.
 - GIFs are written by PyAV as `pal8` with one adaptive palette per video (computed with
   pillow). PyAV's fixed `rgb8` palette costs ~15 dB on smooth content, and pillow's own GIF
-  writer merges identical consecutive frames, which changes the frame count.
+  writer merges identical consecutive frames, which changes the frame count. A GIF's delays are whole
+  1/100 s: frame i is shown at round(100 i / fps) (`gif_ticks`), so the .gif has the .mp4's
+  timestamps within 5 ms and its duration; rates above 100 fps are refused.
 - png/jpg frames are read with pillow.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -27,7 +31,6 @@ from fractions import Fraction
 from typing import Iterator, NamedTuple, Optional, Sequence
 
 import av
-import imageio.v3 as iio
 import numpy as np
 import torch
 from einops import rearrange
@@ -37,11 +40,14 @@ from utils.errors import UserError
 
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif")
 FRAME_EXTS = (".png", ".jpg", ".jpeg")
-H264_EXTS = (".mp4", ".mov", ".mkv")  # containers write_video fills with libx264
+H264_CONTAINERS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska"}  # filled with libx264
+H264_EXTS = tuple(H264_CONTAINERS)
 # Containers whose frame count in the header is an exact sample table (mp4/mov `stts`).
 # Everything else (mkv/webm: no count; avi/gif: counts that can be off) is decoded to count.
 EXACT_COUNT_FORMATS = ("mov", "mp4")
 GIF_PALETTE_PIXELS = 1 << 18  # pixels sampled (from all frames) to build a GIF palette
+GIF_TICKS_PER_SECOND = 100  # GIF frame delays are whole hundredths of a second
+GIF_MAX_FPS = 100  # one tick per frame at most: above this two frames share a timestamp
 _NUMBER = re.compile(r"(\d+)(?!.*\d)")  # the last run of digits in a name
 VFR_TOLERANCE = 0.01  # frame intervals further apart than this fraction: variable frame rate
 NO_SEEK_FORMATS = ("gif",)  # GIF frames may only update part of the picture: decode from the start
@@ -445,6 +451,28 @@ def _pad_even(frames: np.ndarray) -> np.ndarray:
     return np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
 
 
+def check_write_fps(fps: float, what: str = "fps") -> None:
+    """A rate both the mp4 and the GIF can show: GIF delays are whole hundredths of a second,
+    so above GIF_MAX_FPS two frames would share a timestamp."""
+    if not 0 < fps <= GIF_MAX_FPS:
+        raise UserError(f"{what} = {fps:g} frames per second cannot be written: the .gif beside "
+                        f"each .mp4 shows frames in whole 1/{GIF_TICKS_PER_SECOND} s, so at most "
+                        f"{GIF_MAX_FPS} fps; choose a rate in (0, {GIF_MAX_FPS}]")
+
+
+def _rate(fps: float) -> Fraction:
+    return Fraction(fps).limit_denominator(1001)  # 29.97 is 2997/100, 30000/1001 stays exact
+
+
+def gif_ticks(num_frames: int, fps: float) -> list[int]:
+    """Presentation time of each frame and the end of the last, in GIF ticks (1/100 s): frame i
+    is shown at round(100 * i / fps), so delays alternate where 100 / fps is not whole (12, 13,
+    12, 13 at 8 fps) and the GIF keeps the mp4's timestamps within half a tick (5 ms) and its
+    duration (num_frames / fps) exactly, up to that rounding."""
+    return [int(Fraction(GIF_TICKS_PER_SECOND * i) / _rate(fps) + Fraction(1, 2))
+            for i in range(num_frames + 1)]
+
+
 def _gif_palette(frames: np.ndarray) -> Image.Image:
     """One adaptive 256-colour palette from pixels sampled over all frames."""
     t, h, w, _ = frames.shape
@@ -455,24 +483,79 @@ def _gif_palette(frames: np.ndarray) -> Image.Image:
 
 
 def gif_bytes(frames: np.ndarray, fps: float) -> bytes:
-    """An animated, forever-looping GIF of (T, H, W, 3) uint8 frames (one frame per input frame)."""
+    """An animated, forever-looping GIF of (T, H, W, 3) uint8 frames (one frame per input frame),
+    timed by `gif_ticks`: the same timestamps and duration as the mp4 of the same frames."""
     frames = _check_frames(frames)
+    check_write_fps(fps)
+    ticks = gif_ticks(len(frames), fps)
     palette_img = _gif_palette(frames)
     rgb = np.asarray(palette_img.getpalette()[:768], dtype=np.uint8).reshape(-1, 3)  # (P, 3)
     argb = np.zeros((256, 4), dtype=np.uint8)  # PyAV wants (256, 4) ARGB
     argb[:, 0] = 255
     argb[: len(rgb), 1:] = rgb
+    tick = Fraction(1, GIF_TICKS_PER_SECOND)
     buf = io.BytesIO()
-    with av.open(buf, "w", format="gif") as container:  # the gif muxer loops forever by default
-        stream = container.add_stream("gif", rate=Fraction(fps).limit_denominator(1001))  # fps may be 29.97
+    # The gif muxer loops forever by default; final_delay: how long the last frame stays.
+    with av.open(buf, "w", format="gif", options={"final_delay": str(ticks[-1] - ticks[-2])}) as container:
+        stream = container.add_stream("gif", rate=_rate(fps))
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "pal8"
-        for frame in frames:
+        stream.codec_context.time_base = tick
+        for frame, pts in zip(frames, ticks):
             idx = np.asarray(Image.fromarray(frame).quantize(palette=palette_img,
                                                              dither=Image.Dither.NONE))  # (H, W)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray((idx, argb), format="pal8")))
+            packed = av.VideoFrame.from_ndarray((idx, argb), format="pal8")
+            packed.pts, packed.time_base = pts, tick
+            container.mux(stream.encode(packed))
         container.mux(stream.encode())
     return buf.getvalue()
+
+
+def h264_bytes(frames: np.ndarray, fps: float, container_format: str = "mp4") -> bytes:
+    """(T, H, W, 3) uint8 frames as an h264 (libx264, yuv420p) `container_format` file in memory.
+
+    PyAV directly, not imageio's pyav plugin: the plugin runs a full `gc.collect()` when it
+    closes a file (twice per file), which in a process holding torch cost ~0.35 s per video,
+    95% of predict's time on small videos (measured with cProfile)."""
+    frames = _pad_even(_check_frames(frames))
+    rate = _rate(fps)
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=container_format) as container:
+        stream = container.add_stream("libx264", rate=rate)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = 1 / rate
+        for i, frame in enumerate(frames):
+            packed = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            packed.pts, packed.time_base = i, 1 / rate
+            container.mux(stream.encode(packed))
+        container.mux(stream.encode())
+    return buf.getvalue()
+
+
+def encode_video(frames: np.ndarray, fps: float, ext: str) -> bytes:
+    """The bytes of a `ext` (.mp4 .mov .mkv: h264; .gif) file of (T, H, W, 3) uint8 frames."""
+    ext = ext.lower()
+    if ext == ".gif":
+        return gif_bytes(frames, fps)
+    if ext not in H264_CONTAINERS:
+        raise UserError(f"cannot write a {ext} video: use one of {', '.join(H264_EXTS + ('.gif',))}")
+    return h264_bytes(frames, fps, H264_CONTAINERS[ext])
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """`data` to a temp file beside `path`, then renamed over it: `path` is whole or absent."""
+    _make_parent(path)
+    tmp = f"{path}.part.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
 
 
 def write_video(path: str, frames: np.ndarray, fps: float) -> None:
@@ -481,23 +564,10 @@ def write_video(path: str, frames: np.ndarray, fps: float) -> None:
     Odd heights/widths are padded by one repeated row/column for yuv420p, so such an mp4
     reads back one pixel larger. The file appears atomically (temp file, then rename).
     """
-    frames = _check_frames(frames)
-    root, ext = os.path.splitext(path)
-    ext = ext.lower()
+    ext = os.path.splitext(path)[1].lower()
     if ext != ".gif" and ext not in H264_EXTS:
         raise UserError(f"cannot write {path}: use one of {', '.join(H264_EXTS + ('.gif',))}")
-    _make_parent(path)
-    tmp = f"{root}.tmp{ext}"  # keeps the extension: it picks the container format
-    try:
-        if ext == ".gif":
-            with open(tmp, "wb") as f:
-                f.write(gif_bytes(frames, fps))
-        else:
-            iio.imwrite(tmp, _pad_even(frames), plugin="pyav", codec="libx264", fps=fps,
-                        out_pixel_format="yuv420p")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    write_bytes_atomic(path, encode_video(frames, fps, ext))
 
 
 # --------------------------------------------------------------------------- tensors and grids
@@ -517,8 +587,7 @@ def uint8_to_video_tensor(frames: np.ndarray) -> torch.Tensor:
     return rearrange(x, "t h w c -> c t h w").contiguous()
 
 
-def save_grid_png(path: str, videos: list[np.ndarray], max_frames: int = 16,
-                  separator: int = 2) -> None:
+def grid_png_bytes(videos: list[np.ndarray], max_frames: int = 16, separator: int = 2) -> bytes:
     """PNG with one row per (T, H, W, 3) uint8 video and one column per frame.
 
     Videos longer than `max_frames` show `max_frames` evenly spaced frames; shorter rows are
@@ -536,5 +605,12 @@ def save_grid_png(path: str, videos: list[np.ndarray], max_frames: int = 16,
         for c, i in enumerate(keep):
             y, x = r * (h + separator), c * (w + separator)
             grid[y: y + h, x: x + w] = video[i]
-    _make_parent(path)
-    Image.fromarray(grid).save(path)
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_grid_png(path: str, videos: list[np.ndarray], max_frames: int = 16,
+                  separator: int = 2) -> None:
+    """`grid_png_bytes` written to `path` (whole or absent)."""
+    write_bytes_atomic(path, grid_png_bytes(videos, max_frames, separator))
