@@ -204,11 +204,12 @@ def check_detector(detector, kind: DetectorKind, num_frames: int, device: torch.
         with torch.no_grad(), full_fp32():
             feats = detector(clip, **DETECTOR_KWARGS) if kind == "i3d" else \
                 detector(clip[:, :, 0], **INCEPTION_KWARGS)  # Inception: (1, 3, H, W), one frame
-    except (RuntimeError, TypeError, ValueError, IndexError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except (torch.jit.Error, RuntimeError, TypeError, ValueError, IndexError) as e:
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
+        why = lines[-1] if isinstance(e, torch.jit.Error) else lines[0]  # TorchScript: the raise
         raise UserError(f"{where}: the detector failed on a uint8 clip of {tuple(clip.shape)} "
-                        f"called as detector(x, {_kwargs_text(kind)}) ({type(e).__name__}: "
-                        f"{first[:300]}). {help_fn(key)}") from None
+                        f"called as detector(x, {_kwargs_text(kind)}) ({why[:300]}). "
+                        f"{help_fn(key)}") from None
     width = FEATURE_DIMS[kind]
     if not isinstance(feats, torch.Tensor) or feats.shape != (1, width):
         shape = tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__
