@@ -113,8 +113,9 @@ def test_kid_matches_the_unbiased_mmd_by_definition():
 
 
 class StandInI3D(torch.nn.Module):
-    """The I3D TorchScript's call signature on a tiny random network: (N, 3, T, H, W) float in
-    [0, 255] -> (N, 400). Refuses any other call, so the test checks StyleGAN-V's kwargs."""
+    """The I3D TorchScript's call signature on a tiny random network: (N, 3, T, H, W) uint8 in
+    [0, 255] -> (N, 400). Refuses any other call, so the test checks StyleGAN-V's kwargs and
+    input dtype (StyleGAN-V passes uint8 videos)."""
 
     def __init__(self):
         super().__init__()
@@ -125,9 +126,9 @@ class StandInI3D(torch.nn.Module):
                 return_features: bool = False) -> torch.Tensor:
         if not (rescale and resize and return_features):
             raise RuntimeError("expected rescale=True, resize=True, return_features=True")
-        if videos.dtype != torch.float32 or float(videos.max()) > 255.0 or float(videos.min()) < 0.0:
-            raise RuntimeError("expected float videos in [0, 255]")
-        x = videos / 127.5 - 1
+        if videos.dtype != torch.uint8:
+            raise RuntimeError("expected uint8 videos in [0, 255]")
+        x = videos.float() / 127.5 - 1
         x = F.interpolate(x, size=(x.shape[2], 32, 32), mode="trilinear", align_corners=False)
         x = F.adaptive_avg_pool3d(torch.relu(self.conv(x)), (1, 2, 4)).flatten(1)  # (N, 64)
         return self.fc(x)
@@ -207,7 +208,7 @@ def test_real_clips_against_themselves_score_far_below_noise(detector, inception
     assert abs(same["fvd"]) < 1e-3 * rand["fvd"]  # each video's only window is the generated one
     p = rand["protocol"]
     assert rand["num_generated"] == rand["num_real"] == 10
-    assert p["real"]["num_frames"] == 8 and p["real"]["frame_stride"] == 1 and p["real"]["split"] == "train"
+    assert p["real"]["num_frames"] == 8 and p["real"]["frame_stride"] == 1 and p["real"]["split"] == "all"
     assert p["real"]["num_videos"] == 10 and p["generated"]["source"] == "folder"
     assert p["detector"]["kwargs"] == {"rescale": True, "resize": True, "return_features": True}
     lines = [l for l in capsys.readouterr().out.splitlines() if l.split(" ")[0] in ("FVD", "FID", "KID")]

@@ -1,48 +1,63 @@
-"""FVD of generated videos against real clips, under a protocol that is pinned and printed.
+"""FVD of generated videos against real clips, under a protocol that is pinned and recorded.
 
-The protocol follows StyleGAN-V's `fvd2048_16f` (src/metrics/frechet_video_distance.py and
-metric_utils.py there), with what it leaves to chance fixed by seeds:
-- real clips: source videos in sorted order (the dataset's order), one window per video of
-  `num_frames` frames taken every `frame_stride` source frames (StyleGAN-V's
-  `subsample_factor`; 1 = consecutive) at a uniformly random start, as StyleGAN-V's
-  `load_n_consecutive` with its random offset; here the start of clip k is drawn from
-  `numpy.random.default_rng((real.seed, k))`, so the same settings pick the same windows.
-  Videos shorter than a window are left out (StyleGAN-V's `discard_short_videos`). When more
-  clips are asked than there are videos, the videos are cycled with new random starts (a
-  departure from StyleGAN-V, which then uses fewer real clips; the JSON says how many videos).
-- generated: video i sampled with seed `seed + i` exactly as predict samples it, or the
-  first `num_frames` frames (every `frame_stride`) of each video of a folder in sorted order.
-- both quantised to uint8 frames, given to the detector as float in [0, 255] with
-  rescale=True, resize=True (it resizes to 224 x 224), return_features=True;
-- float64 feature statistics with the biased covariance, and the Frechet distance of
-  utils/fvd.py.
-Optionally (`fid.detector_path`) per-frame FID and KID on every frame of the same clips,
-with the Inception features of StyleGAN2-ADA (utils/fvd.py).
+The default protocol is StyleGAN-V's `fvd2048_16f` (universome/stylegan-v: src/metrics/
+metric_main.py `fvd2048_16f`, frechet_video_distance.py `compute_fvd`, metric_utils.py, and
+src/training/dataset.py `VideoFramesFolderDataset`):
+- real: the videos of the dataset folder in sorted order, no train/val split (`real.split:
+  all`); videos with fewer than `num_frames * frame_stride` frames are left out (its
+  `discard_short_videos`, threshold n*s), the first N = 2048 of the rest are used, one clip
+  each, no video twice: with fewer videos, all of them (N is then smaller, and the record and
+  stdout say so). A clip is `num_frames` frames every `frame_stride` from a uniformly random
+  start in [0, L - (n-1)s - 1] (its `random.randint` range); here the start of clip k is drawn
+  from `numpy.random.default_rng((real.seed, k))`, so the same settings pick the same windows.
+- generated: 2048 videos; a checkpoint's video i sampled with seed `seed + i` exactly as
+  predict samples it, or the first 2048 videos of a folder in sorted order (one per name:
+  `sample_000.mp4` wins over `sample_000.gif`), their first `num_frames` frames every
+  `frame_stride` as stored (no resampling in time or space; a video shorter than
+  `num_frames * frame_stride` is refused, as StyleGAN-V asserts).
+- both sides uint8 (N, 3, T, H, W), 16 frames, of one size (a mismatch of frames or size
+  is refused), given to the I3D TorchScript as StyleGAN-V does: uint8 with rescale=True,
+  resize=True, return_features=True, TF32 off; float64 statistics, biased covariance, the
+  Frechet distance of utils/fvd.py.
+Any other setting (num_videos, data.num_frames, data.frame_stride, real.split, real.num_clips,
+data.fps) is a deviation named in the record's `protocol.deviations`.
+`fvd_real_clips` and `generated_geometry` are the one path both this and training's val/fvd
+take. Optionally (`fid.detector_path`) per-frame FID and KID on every frame of the same
+clips, with the Inception features of StyleGAN2-ADA (utils/fvd.py).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, replace
-from typing import Callable, Iterator, Sequence
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from einops import rearrange
 from tqdm import tqdm
 
-from data import build_dataset
-from data.videos import window_span
-from training.checkpoints import check_format
+from data import BUILTIN_MOVING_SHAPES, build_dataset
+from data.videos import find_sources
+from data.windows import window_span
+from models.vae import Geometry
+from training.checkpoints import PREDICT_ENTRIES, check_entries, check_format, model_dims
 from training.sampling import default_labels
 from utils.checkpoint import load_checkpoint, write_json
 from utils.config import DataConfig, EvaluateConfig, PredictConfig
 from utils.errors import UserError
-from utils.fvd import (DETECTOR_KWARGS, FeatureStats, detector_features, file_digest,
-                       fvd_from_stats, image_features, inception_help, kernel_inception_distance,
-                       load_detector)
-from utils.video_io import video_tensor_to_uint8
+from utils.fvd import (DETECTOR_KWARGS, FEATURE_DIMS, INCEPTION_KWARGS, FeatureStats,
+                       check_detector, detector_features, detector_precision, file_digest,
+                       fvd_from_stats, image_features, kernel_inception_distance, load_detector)
+from utils.video_io import count_frames, read_frames, video_tensor_to_uint8
 
 GENERATION_CHUNK = 256  # videos per predict call: bounds host memory for 2048 long videos
+# StyleGAN-V's fvd2048_16f: 2048 generated vs 2048 real clips of 16 consecutive frames
+PROTOCOL = "fvd2048_16f"
+PROTOCOL_VIDEOS, PROTOCOL_FRAMES, PROTOCOL_STRIDE = 2048, 16, 1
+# Of several files with one name in a generated folder, the first kind here is read: a frame
+# folder or a video before a palette-quantised GIF ("" = a frame folder).
+GENERATED_PREFERENCE = ("", ".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif")
 
 SampleFn = Callable[[PredictConfig, torch.device], tuple[list, dict]]  # predict's sample_videos
 
@@ -70,23 +85,99 @@ class ClipFeatures:
         return self
 
 
+# --------------------------------------------------------------------------- geometry
+
+
+@dataclass(frozen=True)
+class ClipGeometry:
+    """Pixel frames and size of the clips on one side of the comparison."""
+    num_frames: int  # pixel frames per clip
+    height: int  # pixels
+    width: int  # pixels
+
+    def resolution(self):
+        """As data.resolution writes it: a side, or [height, width]."""
+        return self.height if self.height == self.width else [self.height, self.width]
+
+
+def generated_geometry(dims: dict, vae: dict) -> ClipGeometry:
+    """What a stage-2 model generates in pixels: its latent frames and size (`dims`, a
+    checkpoint's model dims) through the VAE's measured geometry (`vae`: a checkpoint's vae
+    record or FrozenVAE.describe()): a causal video VAE decodes t latent frames to
+    1 + (t - 1) * f_t pixel frames, a per-frame VAE t to t."""
+    spatial = int(vae.get("spatial_factor", vae.get("downsample_factor", 1)))
+    # checkpoints written before the video VAEs record no temporal factor: per-frame VAEs
+    geometry = Geometry(spatial=spatial, temporal=int(vae.get("temporal_factor", 1)),
+                        channels=int(vae.get("latent_channels", dims["in_channels"])))
+    return ClipGeometry(geometry.pixel_frames(dims["num_frames"]), dims["latent_height"] * spatial,
+                        dims["latent_width"] * spatial)
+
+
+def check_real_geometry(data: DataConfig, generated: ClipGeometry, generator: str) -> None:
+    """Refuse real clips of another length or size than the generated videos: FVD of two
+    geometries mixes what is compared (`generator`: who made the videos, for the message)."""
+    if data.num_frames != generated.num_frames:
+        raise UserError(f"data.num_frames = {data.num_frames} but {generator} generates "
+                        f"{generated.num_frames} frames: FVD compares clips of one length; leave "
+                        f"data.num_frames null or set data.num_frames={generated.num_frames}")
+    if (data.height, data.width) != (generated.height, generated.width):
+        res = generated.resolution()
+        raise UserError(f"data.resolution = {data.resolution} (real clips of {data.height}x"
+                        f"{data.width} px) but {generator} generates {generated.height}x"
+                        f"{generated.width} px videos: FVD compares clips of one size; leave "
+                        f"data.resolution null or set data.resolution={str(res).replace(' ', '')}")
+
+
 # --------------------------------------------------------------------------- real clips
 
 
-def real_clip_plan(dataset, num_clips: int, num_frames: int, frame_stride: int,
-                   seed: int) -> list[tuple[int, list[int]]]:
-    """(source, frame indices) of each real clip: one random window per source, in order."""
-    span = window_span(num_frames, frame_stride)
-    sources = [s for s in range(dataset.num_sources) if dataset.source_length(s) >= span]
-    if not sources:
-        raise UserError(f"no real video has the {span} frames one clip of data.num_frames = "
-                        f"{num_frames} every data.frame_stride = {frame_stride} needs")
+@dataclass
+class RealClips:
+    """The real side: the dataset, (source, frame indices) per clip, and what was selected."""
+    dataset: object
+    plan: list[tuple[int, list[int]]]
+    record: dict
+
+
+def fvd_real_clips(data: DataConfig, generated: ClipGeometry, generator: str, split: str,
+                   dataset_seed: int, num_clips: int, seed: int) -> RealClips:
+    """The real clips FVD compares `generated` videos with: evaluate.py and training's
+    val/fvd both take this path (same geometry check, same selection)."""
+    check_real_geometry(data, generated, generator)
+    return select_real_clips(data, split, dataset_seed, num_clips, seed)
+
+
+def select_real_clips(data: DataConfig, split: str, dataset_seed: int, num_clips: int,
+                      seed: int) -> RealClips:
+    """StyleGAN-V's real set: the videos in sorted order, those shorter than num_frames *
+    frame_stride left out, the first `num_clips` of the rest (all of them when fewer: never
+    a video twice), one window each at a random start drawn from rng (seed, k)."""
+    dataset = _real_dataset(data, split, dataset_seed)
+    need = data.num_frames * data.frame_stride  # StyleGAN-V's threshold n*s (not the span)
+    span = window_span(data.num_frames, data.frame_stride)
+    long_enough = [s for s in range(dataset.num_sources) if dataset.source_length(s) >= need]
+    if not long_enough:
+        raise UserError(f"data.path = {data.path}: no real video ({split} split) has the "
+                        f"{need} frames (data.num_frames = {data.num_frames} x data.frame_stride "
+                        f"= {data.frame_stride}, StyleGAN-V's rule) a clip needs; lower them")
     plan = []
-    for k in range(num_clips):
-        src = sources[k % len(sources)]
+    for k, src in enumerate(long_enough[:num_clips]):
         start = int(np.random.default_rng((seed, k)).integers(0, dataset.source_length(src) - span + 1))
-        plan.append((src, list(range(start, start + span, frame_stride))))
-    return plan
+        plan.append((src, list(range(start, start + span, data.frame_stride))))
+    record = {"num_clips_requested": num_clips, "num_clips": len(plan),
+              "num_videos": int(dataset.num_sources), "num_videos_long_enough": len(long_enough),
+              "min_frames": need}
+    return RealClips(dataset, plan, record)
+
+
+def _real_dataset(data: DataConfig, split: str, seed: int):
+    """split all: every video of data.path (a folder's val_fraction ignored), as StyleGAN-V
+    reads its dataset folder; the built-in dataset's clips are its train split."""
+    if split != "all":
+        return build_dataset(data, split, seed)
+    if data.path == BUILTIN_MOVING_SHAPES:
+        return build_dataset(data, "train", seed)
+    return build_dataset(replace(data, val_fraction=0.0), "train", seed)
 
 
 def clip_batches(dataset, plan: Sequence[tuple[int, list[int]]], batch_size: int) -> Iterator[torch.Tensor]:
@@ -115,99 +206,199 @@ def _progress(batches: Iterator[torch.Tensor], total: int, desc: str, enabled: b
             bar.update(b.shape[0])
 
 
+# --------------------------------------------------------------------------- a generated folder
+
+
+@dataclass
+class GeneratedFolder:
+    """The videos of generated.path that are read: one per name, sorted, the first num_videos."""
+    path: str
+    videos: list[str]  # relative paths, in order
+    found: int  # distinct videos (one per name) in the folder
+    left_out: list[str]  # files not read because another file has their name (e.g. the .gif)
+    height: int = 0  # pixels of every video (set by `check`)
+    width: int = 0
+
+    @classmethod
+    def scan(cls, path: str, num_videos: int) -> "GeneratedFolder":
+        if not os.path.isdir(path):
+            raise UserError(f"generated.path = {path}: no such folder; point it at the folder of "
+                            "generated videos (or use checkpoint=PATH to sample them)")
+        chosen, left_out = one_video_per_name(path, find_sources(path))
+        if len(chosen) < num_videos:
+            raise UserError(f"generated.path = {path} has {len(chosen)} usable videos (one per name), "
+                            f"fewer than num_videos = {num_videos}; generate more or set "
+                            f"num_videos={len(chosen)}")
+        return cls(path, chosen[:num_videos], len(chosen), left_out)
+
+    def check(self, num_frames: int, frame_stride: int) -> None:
+        """Every video has num_frames * frame_stride frames (StyleGAN-V's rule) and one size."""
+        need = num_frames * frame_stride
+        for rel in self.videos:
+            file = os.path.join(self.path, rel)
+            n = count_frames(file)
+            if n < need:
+                raise UserError(f"generated.path = {self.path}: {rel} has {n} frames, fewer than the "
+                                f"{need} each video needs (data.num_frames = {num_frames} x "
+                                f"data.frame_stride = {frame_stride}); generate longer videos or "
+                                "lower data.num_frames")
+            h, w = read_frames(file, [0]).shape[1:3]
+            if not self.height:
+                self.height, self.width, first = h, w, rel
+            elif (h, w) != (self.height, self.width):
+                raise UserError(f"generated.path = {self.path}: {rel} is {h}x{w} px but {first} is "
+                                f"{self.height}x{self.width} px; FVD compares videos of one size")
+
+    def batches(self, num_frames: int, frame_stride: int, batch_size: int) -> Iterator[torch.Tensor]:
+        """uint8 (B, 3, T, H, W): the first num_frames frames every frame_stride, as stored."""
+        frames = list(range(0, num_frames * frame_stride, frame_stride))
+        for i in range(0, len(self.videos), batch_size):
+            yield uint8_batch([read_frames(os.path.join(self.path, rel), frames)
+                               for rel in self.videos[i:i + batch_size]])
+
+
+def one_video_per_name(root: str, sources: list[str]) -> tuple[list[str], list[str]]:
+    """(chosen, left out): of the sources (files and frame folders) that share a name without
+    extension, e.g. predict's sample_000.mp4 and sample_000.gif, the first kind in
+    GENERATED_PREFERENCE is chosen; chosen in sorted order of their names."""
+    by_name: dict[str, list[str]] = {}
+    for rel in sources:
+        is_folder = os.path.isdir(os.path.join(root, rel))
+        name, ext = (rel, "") if is_folder else os.path.splitext(rel)
+        by_name.setdefault(name, []).append(rel)
+    rank = lambda rel: (GENERATED_PREFERENCE.index(_kind(root, rel)), rel)
+    chosen, left_out = [], []
+    for name in sorted(by_name):
+        first, *others = sorted(by_name[name], key=rank)
+        chosen.append(first)
+        left_out += others
+    return chosen, left_out
+
+
+def _kind(root: str, rel: str) -> str:
+    if os.path.isdir(os.path.join(root, rel)):
+        return ""
+    ext = os.path.splitext(rel)[1].lower()
+    return ext if ext in GENERATED_PREFERENCE else ".gif"
+
+
 # --------------------------------------------------------------------------- evaluate.py
 
 
 def evaluate(cfg: EvaluateConfig, device: torch.device, sample_fn: SampleFn) -> dict:
     """FVD and its protocol; prints one line per metric and writes `cfg.output` if set.
 
-    `sample_fn` is predict's `sample_videos`: generation is predict's own path.
+    `sample_fn` is predict's `sample_videos`: generation is predict's own path. Everything
+    that can be checked (output, detectors, checkpoint, geometry, folder) is checked before
+    the first feature is computed.
     """
-    i3d = load_detector(cfg.fvd.detector_path, device)  # fail before any sampling
+    if cfg.output:
+        check_output_writable(cfg.output)
+    i3d = load_detector(cfg.fvd.detector_path, device, check_frames=None)  # checked below
     inception = None if cfg.fid.detector_path is None else \
-        load_detector(cfg.fid.detector_path, device, "fid.detector_path", inception_help)
+        load_detector(cfg.fid.detector_path, device, "fid.detector_path", "inception", check_frames=1)
     features = lambda: ClipFeatures(i3d, inception, device, cfg.fid.batch_size)
-    ckpt = None
+    ckpt, folder = None, None
     if cfg.checkpoint is not None:
-        if not os.path.isfile(cfg.checkpoint):
-            raise UserError(f"checkpoint = {cfg.checkpoint}: no such file; point it at a stage-2 "
-                            "latest.pth (or use generated.path=FOLDER)")
-        ckpt = load_checkpoint(cfg.checkpoint)
-        check_format(ckpt, cfg.checkpoint)
-    data_cfg = cfg.data.resolved(ckpt["config"]["data"] if ckpt else None)
-    if ckpt is not None and data_cfg.num_frames != ckpt["model"]["dims"]["num_frames"]:
-        raise UserError(f"data.num_frames = {data_cfg.num_frames} but {cfg.checkpoint} generates "
-                        f"{ckpt['model']['dims']['num_frames']} frames: FVD compares clips of one "
-                        "length; leave data.num_frames null (the checkpoint's) or set it equal")
+        ckpt = _load_stage2(cfg.checkpoint)
+        generated = generated_geometry(model_dims(ckpt["model"]), ckpt["vae"])
+        data = cfg.data.resolved(ckpt["config"]["data"])
+        generator = _checkpoint_generator(cfg.checkpoint, ckpt)
+    else:
+        folder = GeneratedFolder.scan(cfg.generated.path, cfg.num_videos)
+        frames = cfg.data.num_frames or PROTOCOL_FRAMES
+        stride = cfg.data.frame_stride or PROTOCOL_STRIDE
+        folder.check(frames, stride)
+        generated = ClipGeometry(frames, folder.height, folder.width)
+        data = cfg.data.resolved(None, {"num_frames": frames, "frame_stride": stride,
+                                        "resolution": generated.resolution()})
+        generator = f"generated.path = {cfg.generated.path}"
     dataset_seed = cfg.real.dataset_seed if cfg.real.dataset_seed is not None else \
         (ckpt["config"]["experiment"]["seed"] if ckpt else 0)
-    dataset = build_dataset(data_cfg, cfg.real.split, dataset_seed)
-    num_real = cfg.real.num_clips or cfg.num_videos
-    plan = real_clip_plan(dataset, num_real, data_cfg.num_frames, data_cfg.frame_stride, cfg.real.seed)
-    real = features().add_all(_progress(clip_batches(dataset, plan, cfg.fvd.batch_size), num_real,
-                                        "features, real clips"))
+    real_clips = fvd_real_clips(data, generated, generator, cfg.real.split, dataset_seed,
+                                cfg.real.num_clips or cfg.num_videos, cfg.real.seed)
+    check_detector(i3d, "i3d", data.num_frames, device, "fvd.detector_path", cfg.fvd.detector_path)
+    # Real side, then generated.
+    real = features().add_all(_progress(clip_batches(real_clips.dataset, real_clips.plan,
+                                                     cfg.fvd.batch_size),
+                                        len(real_clips.plan), "features, real clips"))
     if ckpt is not None:
-        generated, gen_record = _checkpoint_features(cfg, ckpt, features(), sample_fn)
+        gen, gen_record = _checkpoint_features(cfg, ckpt, generated, features(), sample_fn)
     else:
-        generated, gen_record = _folder_features(cfg, data_cfg, features())
-    result = {"fvd": fvd_from_stats(real.videos, generated.videos), "num_generated": generated.videos.n,
+        gen = features().add_all(_progress(folder.batches(data.num_frames, data.frame_stride,
+                                                          cfg.fvd.batch_size),
+                                           len(folder.videos), "features, generated"))
+        gen_record = _folder_record(folder, data)
+    result = {"fvd": fvd_from_stats(real.videos, gen.videos), "num_generated": gen.videos.n,
               "num_real": real.videos.n,
-              "protocol": protocol(cfg, data_cfg, dataset, dataset_seed, num_real, gen_record)}
+              "protocol": protocol(cfg, data, device, real_clips, dataset_seed,
+                                   dict(gen_record, num_videos=gen.videos.n))}
     if inception is not None:
-        result.update(_frame_metrics(cfg, real.frames, generated.frames))
-    for name in ("FVD", "FID", "KID"):
-        if name.lower() in result:
-            print(metric_line(name, result))
+        result.update(_frame_metrics(cfg, real.frames, gen.frames))
+    _report(result, real_clips)
     if cfg.output:
         _write_json(cfg.output, result)
         print(f"wrote {cfg.output}")
     return result
 
 
-def _checkpoint_features(cfg: EvaluateConfig, ckpt: dict, features: ClipFeatures,
-                         sample_fn: SampleFn) -> tuple[ClipFeatures, dict]:
+def _load_stage2(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint = {path}: no such file; point it at a stage-2 "
+                        "latest.pth (or use generated.path=FOLDER)")
+    ckpt = load_checkpoint(path)
+    check_format(ckpt, path)
+    check_entries(ckpt, path, PREDICT_ENTRIES)
+    return ckpt
+
+
+def _checkpoint_generator(path: str, ckpt: dict) -> str:
+    """Who generates the videos, for messages: the checkpoint and, for a causal video VAE,
+    how its latent frames become pixel frames."""
+    latent, temporal = ckpt["model"]["dims"]["num_frames"], ckpt["vae"].get("temporal_factor", 1)
+    if temporal == 1:
+        return path
+    return (f"{path} (its {ckpt['vae'].get('class_name', 'video')} VAE decodes {latent} latent "
+            f"frames to 1 + ({latent} - 1) x {temporal})")
+
+
+def _checkpoint_features(cfg: EvaluateConfig, ckpt: dict, geometry: ClipGeometry,
+                         features: ClipFeatures, sample_fn: SampleFn) -> tuple[ClipFeatures, dict]:
     """Samples num_videos with predict's path, in chunks (video i always has seed + i and the
     label predict gives video i), and accumulates their features."""
-    dims = ckpt["model"]["dims"]
+    dims = model_dims(ckpt["model"])
     labels = default_labels(cfg.num_videos, dims["num_classes"], cfg.class_labels)
+    expected = (geometry.num_frames, geometry.height, geometry.width, 3)
     with tqdm(total=cfg.num_videos, desc="features, generated", unit="video", leave=False) as bar:
         for start in range(0, cfg.num_videos, GENERATION_CHUNK):
             n = min(GENERATION_CHUNK, cfg.num_videos - start)
             chunk = replace(cfg.sampling(), num_videos=n, seed=cfg.seed + start,
                             class_labels=None if labels is None else labels[start:start + n].tolist())
             videos, _ = sample_fn(chunk, features.device)
+            assert all(v.shape == expected for v in videos), (videos[0].shape, expected)
             features.add_all(video_batches(videos, cfg.fvd.batch_size))
             bar.update(n)
     record = {"source": "checkpoint", "checkpoint": os.path.abspath(cfg.checkpoint),
               "step": int(ckpt["step"]), "vae_fingerprint": ckpt["vae"]["fingerprint"],
-              "weights": "EMA" if cfg.use_ema else "raw", "sampler": cfg.sampler,
-              "num_steps": cfg.num_steps, "guidance_scale": cfg.guidance_scale,
-              "class_labels": cfg.class_labels, "seeds": f"{cfg.seed} + i",
-              "num_frames": dims["num_frames"]}
+              "vae_class": ckpt["vae"].get("class_name"), "weights": "EMA" if cfg.use_ema else "raw",
+              "sampler": cfg.sampler, "num_steps": cfg.num_steps, "guidance_scale": cfg.guidance_scale,
+              "class_labels": cfg.class_labels, "seeds": f"{cfg.seed} + i, i = 0 ... {cfg.num_videos - 1}",
+              "num_frames": geometry.num_frames, "latent_frames": dims["num_frames"],
+              "resolution": [geometry.height, geometry.width],
+              "uint8": "predict's: round((x + 1) * 127.5) of the decoded [-1, 1] pixels"}
     return features, record
 
 
-def _folder_features(cfg: EvaluateConfig, data_cfg: DataConfig,
-                     features: ClipFeatures) -> tuple[ClipFeatures, dict]:
-    """The first num_videos videos of generated.path (sorted), their first frames."""
-    if not os.path.isdir(cfg.generated.path):
-        raise UserError(f"generated.path = {cfg.generated.path}: no such folder; point it at the "
-                        "folder of generated videos (or use checkpoint=PATH to sample them)")
-    folder_cfg = replace(data_cfg, path=cfg.generated.path, val_fraction=0.0, labels="none",
-                         random_crop=False, hflip=False)
-    videos = build_dataset(folder_cfg, "train", 0)  # every video of the folder, no split
-    if videos.num_sources < cfg.num_videos:
-        raise UserError(f"generated.path = {cfg.generated.path} has {videos.num_sources} usable "
-                        f"videos of >= {window_span(data_cfg.num_frames, data_cfg.frame_stride)} "
-                        f"frames, fewer than num_videos = {cfg.num_videos}; generate more or set "
-                        f"num_videos={videos.num_sources}")
-    frames = list(range(0, window_span(data_cfg.num_frames, data_cfg.frame_stride), data_cfg.frame_stride))
-    plan = [(src, frames) for src in range(cfg.num_videos)]
-    features.add_all(_progress(clip_batches(videos, plan, cfg.fvd.batch_size), len(plan),
-                               "features, generated"))
-    return features, {"source": "folder", "path": os.path.abspath(cfg.generated.path),
-                   "videos": "the first num_videos in sorted path order",
-                   "frames": f"the first {data_cfg.num_frames}, every {data_cfg.frame_stride}"}
+def _folder_record(folder: GeneratedFolder, data: DataConfig) -> dict:
+    return {"source": "folder", "path": os.path.abspath(folder.path),
+            "videos": "the first num_videos in sorted order of their names, one file per name "
+                      "(preferred: " + " > ".join(k or "frame folder" for k in GENERATED_PREFERENCE) + ")",
+            "found": folder.found, "left_out_same_name": len(folder.left_out),
+            "first": folder.videos[0], "last": folder.videos[-1],
+            "frames": f"frames 0, {data.frame_stride}, ... {(data.num_frames - 1) * data.frame_stride} "
+                      "as stored (no resampling in time or space)",
+            "num_frames": data.num_frames, "frame_stride": data.frame_stride,
+            "resolution": [folder.height, folder.width]}
 
 
 def _frame_metrics(cfg: EvaluateConfig, real: FeatureStats, generated: FeatureStats) -> dict:
@@ -218,60 +409,127 @@ def _frame_metrics(cfg: EvaluateConfig, real: FeatureStats, generated: FeatureSt
                                              f.kid_subset_size, seed=cfg.real.seed),
             "num_generated_frames": generated.n, "num_real_frames": real.n,
             "frame_protocol": {
-                "detector": {"path": os.path.abspath(f.detector_path),
-                             "sha256_16": file_digest(f.detector_path), "kwargs": {"return_features": True},
-                             "input": "uint8 frames (N, 3, H, W)"},
+                "detector": {"path": os.path.abspath(f.detector_path), "sha256": file_digest(f.detector_path),
+                             "kwargs": dict(INCEPTION_KWARGS), "feature_dim": FEATURE_DIMS["inception"],
+                             "input": "uint8 frames (N, 3, H, W) in [0, 255]", **detector_precision()},
                 "frames": "every frame of the clips above (generated and real)",
                 "kid": {"kernel": "(x . y / D + 1)^3", "estimator": "unbiased MMD^2",
                         "subsets": f.kid_subsets, "subset_size": f"min({f.kid_subset_size}, frames)",
                         "seed": cfg.real.seed}}}
 
 
-def protocol(cfg: EvaluateConfig, data_cfg: DataConfig, dataset, dataset_seed: int,
-             num_real: int, generated: dict) -> dict:
+def deviations(cfg: EvaluateConfig, data: DataConfig, real: RealClips, num_generated: int) -> list[str]:
+    """Every way this run differs from StyleGAN-V's fvd2048_16f, as the option that made it."""
+    out = []
+    if num_generated != PROTOCOL_VIDEOS:
+        out.append(f"{num_generated} generated videos (num_videos; {PROTOCOL}: {PROTOCOL_VIDEOS})")
+    used, asked = real.record["num_clips"], real.record["num_clips_requested"]
+    if used != PROTOCOL_VIDEOS:
+        why = (f"real.num_clips / num_videos asked for {asked}, the real set has only "
+               f"{real.record['num_videos_long_enough']} videos of >= {real.record['min_frames']} "
+               "frames" if used < asked else "real.num_clips / num_videos")
+        out.append(f"{used} real clips ({why}; {PROTOCOL}: {PROTOCOL_VIDEOS})")
+    if data.num_frames != PROTOCOL_FRAMES:
+        out.append(f"clips of {data.num_frames} frames (data.num_frames; {PROTOCOL}: {PROTOCOL_FRAMES})")
+    if data.frame_stride != PROTOCOL_STRIDE:
+        out.append(f"every {data.frame_stride}th frame (data.frame_stride; {PROTOCOL}: consecutive)")
+    if cfg.real.split != "all":
+        out.append(f"real videos of the {cfg.real.split} split only (real.split; {PROTOCOL}: every "
+                   "video of the dataset folder)")
+    if data.fps is not None:
+        out.append(f"real videos resampled to {data.fps} fps (data.fps; {PROTOCOL}: frames as stored)")
+    return out
+
+
+def protocol(cfg: EvaluateConfig, data: DataConfig, device: torch.device, real: RealClips,
+             dataset_seed: int, generated: dict) -> dict:
     """Everything a reader needs to reproduce or compare the number."""
+    off = deviations(cfg, data, real, generated["num_videos"])
     return {
-        "metric": "FVD as StyleGAN-V computes it (fvd2048_16f when 2048 vs 2048 clips of 16 frames)",
+        "name": PROTOCOL if not off else f"deviates from {PROTOCOL}",
+        "deviations": off,
+        "reference": "StyleGAN-V (universome/stylegan-v) src/metrics/metric_main.py fvd2048_16f, "
+                     "frechet_video_distance.py compute_fvd, metric_utils.py, src/training/dataset.py",
         "detector": {"path": os.path.abspath(cfg.fvd.detector_path),
-                     "sha256_16": file_digest(cfg.fvd.detector_path), "kwargs": dict(DETECTOR_KWARGS),
-                     "input": "float (N, 3, T, H, W) in [0, 255] from uint8 frames"},
+                     "sha256": file_digest(cfg.fvd.detector_path), "kwargs": dict(DETECTOR_KWARGS),
+                     "feature_dim": FEATURE_DIMS["i3d"],
+                     "input": "uint8 (N, 3, T, H, W) in [0, 255]", **detector_precision()},
+        "device": str(device), "torch": torch.__version__,
         "statistics": "float64; mean and biased covariance (1/N); Frechet distance with "
                       "tr sqrt via symmetric eigendecompositions",
-        "real": {"path": data_cfg.path, "split": cfg.real.split, "num_clips": num_real,
-                 "num_videos": int(dataset.num_sources), "dataset_seed": dataset_seed,
-                 "num_frames": data_cfg.num_frames, "frame_stride": data_cfg.frame_stride,
-                 "resolution": data_cfg.resolution,
-                 "crop": "resized to cover height x width keeping the aspect ratio, center crop",
-                 "windows": "one per video in sorted order at a random start (rng (seed, k)); "
-                            "videos cycled when num_clips > num_videos",
+        "real": {"path": data.path, "split": cfg.real.split, **real.record,
+                 "dataset_seed": dataset_seed, "num_frames": data.num_frames,
+                 "frame_stride": data.frame_stride, "resolution": data.resolution, "fps": data.fps,
+                 "videos": "sorted by path; the first num_clips with >= min_frames frames "
+                           "(num_frames x frame_stride), one clip each, none twice",
+                 "crop": "resized to cover height x width keeping the aspect ratio, center crop "
+                         "(no resize when a video is already that size)",
+                 "windows": "start uniform in [0, length - (num_frames - 1) x frame_stride - 1], "
+                            "from numpy default_rng((seed, k)) for clip k",
                  "seed": cfg.real.seed,
-                 "builtin": asdict(data_cfg.builtin) if data_cfg.path.startswith("builtin:") else None},
-        "generated": dict(generated, num_videos=cfg.num_videos),
+                 "builtin": asdict(data.builtin) if data.path == BUILTIN_MOVING_SHAPES else None},
+        "generated": generated,
     }
+
+
+def _report(result: dict, real: RealClips) -> None:
+    """One stdout line per metric, and a note when fewer real clips exist than were asked."""
+    r = real.record
+    if r["num_clips"] < r["num_clips_requested"]:
+        print(f"note: {r['num_clips_requested']} real clips were asked for but the real set has "
+              f"{r['num_videos_long_enough']} videos of >= {r['min_frames']} frames: FVD uses "
+              f"{r['num_clips']} real clips (each video once, as StyleGAN-V); a number from fewer "
+              "clips is biased upwards, compare only equal counts")
+    for name in ("FVD", "FID", "KID"):
+        if name.lower() in result:
+            print(metric_line(name, result))
 
 
 def metric_line(name: str, result: dict) -> str:
     """One stdout line: the number and the protocol details that must match to compare it."""
     p = result["protocol"]
     r = p["real"]
-    clips = (f"real: {r['path']} {r['split']} split, {r['num_videos']} videos, window seed {r['seed']}")
+    clips = (f"real: {r['path']} ({r['split']}), the first {r['num_clips']} of "
+             f"{r['num_videos_long_enough']} videos of >= {r['min_frames']} frames, window seed {r['seed']}")
     if name == "FVD":
+        proto = p["name"] if not p["deviations"] else f"{p['name']}: " + "; ".join(p["deviations"])
         return (f"FVD {result['fvd']:.2f} ({result['num_generated']} generated vs "
                 f"{result['num_real']} real clips of {r['num_frames']} frames, frame stride "
                 f"{r['frame_stride']}, {_pixels(r['resolution'])}; {clips}; detector "
-                f"{os.path.basename(p['detector']['path'])} sha256 {p['detector']['sha256_16']})")
+                f"{os.path.basename(p['detector']['path'])} sha256 {p['detector']['sha256'][:16]}, "
+                f"uint8, TF32 {'on' if p['detector']['tf32'] else 'off'}; {proto})")
     f = result["frame_protocol"]
     value = f"{result['fid']:.2f}" if name == "FID" else f"{result['kid']:.5f}"
     kid = f", {f['kid']['subsets']} subsets of {f['kid']['subset_size']}" if name == "KID" else ""
     return (f"{name} {value} (per frame: {result['num_generated_frames']} generated vs "
             f"{result['num_real_frames']} real frames of the clips above{kid}; "
             f"{_pixels(r['resolution'])}; detector {os.path.basename(f['detector']['path'])} sha256 "
-            f"{f['detector']['sha256_16']})")
+            f"{f['detector']['sha256'][:16]})")
 
 
 def _pixels(resolution) -> str:
     """data.resolution as text: "256 px" (a square side) or "256x448 px" ([height, width])."""
     return f"{resolution[0]}x{resolution[1]} px" if isinstance(resolution, list) else f"{resolution} px"
+
+
+def check_output_writable(path: str, key: str = "output") -> None:
+    """Refuse now, before hours of work, an `output` that cannot be written: a folder, a path
+    through a file, or a folder without write permission. Creates nothing."""
+    if os.path.isdir(path):
+        raise UserError(f"{key} = {path}: is a folder; give a file name, e.g. "
+                        f"{os.path.join(path, 'fvd.json')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):  # write_json creates the missing folders inside it
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f"{key} = {path}: {folder} is a file, not a folder; choose another {key}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write_test_")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{key} = {path}: cannot write in {folder} ({e.strerror}); choose another "
+                        f"{key}") from None
 
 
 def _write_json(path: str, result: dict) -> None:

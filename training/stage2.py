@@ -31,7 +31,7 @@ from training.common import (Deadline, NonFiniteGuard, Position, StepOutcome, ca
                              check_epoch, checkpoint_note, make_lr_schedule, maybe_no_sync,
                              optimizer_step, out_of_memory, restore_position, restore_rank_rng,
                              seed_rank)
-from training.evaluation import clip_batches, real_clip_plan, video_batches
+from training.evaluation import clip_batches, fvd_real_clips, generated_geometry, video_batches
 from training.sampling import default_labels, generate_videos, save_videos, side_by_side
 from utils.video_io import uint8_to_video_tensor
 from utils.checkpoint import atomic_save, load_checkpoint
@@ -122,8 +122,8 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
     ckpt = _checked_checkpoint(cfg, resume_path, vae, dims) if resume_path else None
     detector = None
     if cfg.validation.fvd.detector_path is not None:  # fail now, not at the first validation
-        detector = load_detector(cfg.validation.fvd.detector_path, device,
-                                 key="validation.fvd.detector_path")
+        detector = load_detector(cfg.validation.fvd.detector_path, device,  # tried on a clip
+                                 key="validation.fvd.detector_path", check_frames=cfg.data.num_frames)
     dataset = _maybe_cached(dataset, cfg, vae, run_dir, dist, device, log)
     if dist.is_main:
         _log_latent_rms(vae, dataset, log)
@@ -500,7 +500,7 @@ def validate(s: Stage2) -> None:
                       s.pos.step)
         if fvd is not None:
             s.log.scalar("val/fvd", fvd, s.pos.step)
-        fvd_text = "" if fvd is None else f"; FVD {fvd:.2f} ({v.fvd.num_videos} vs {v.fvd.num_videos} clips)"
+        fvd_text = "" if fvd is None else f"; FVD {fvd:.2f} ({v.fvd.num_videos} generated vs {s.fvd_real.n} real clips)"
         s.log.info(f"validation samples: {out} (jigsaw score {score:.2f}, real clips "
                    f"{_real_jigsaw(s, cell):.2f}; well above real means patch seams){fvd_text}")
     barrier(s.dist)
@@ -585,11 +585,10 @@ def _val_fvd(s: Stage2) -> float:
     waits on another's share."""
     f, v, r, w = s.cfg.validation.fvd, s.cfg.validation, s.dist.rank, s.dist.world_size
     if s.fvd_real is None:
-        dataset = build_dataset(s.cfg.data, "train", s.cfg.experiment.seed)
-        plan = real_clip_plan(dataset, f.num_videos, s.cfg.data.num_frames, s.cfg.data.frame_stride,
-                              v.seed)
-        s.fvd_real = _gather_stats(stats_of(s.detector, clip_batches(dataset, plan[r::w], f.batch_size),
-                                            s.device), s.dist)
+        real = fvd_real_clips(s.cfg.data, generated_geometry(s.dims, s.vae.describe()), "the model",
+                              "train", s.cfg.experiment.seed, f.num_videos, v.seed)
+        s.fvd_real = _gather_stats(stats_of(s.detector, clip_batches(real.dataset, real.plan[r::w],
+                                                                     f.batch_size), s.device), s.dist)
     mine = list(range(r, f.num_videos, w))
     labels = default_labels(f.num_videos, s.dims["num_classes"])
     videos = generate_videos(

@@ -592,7 +592,8 @@ class PredictConfig:
 class EvalDataConfig(DataConfig):
     """evaluate.py's real clips: a training config's `data` section. With a checkpoint, a null
     path takes the checkpoint's whole data section (the clips it was trained on), and null
-    num_frames / resolution / frame_stride take the checkpoint's; without one, the defaults."""
+    num_frames / resolution / frame_stride take the checkpoint's; without one, the generated
+    videos' size and StyleGAN-V's fvd2048_16f (16 frames, stride 1)."""
     path: Optional[str] = None
     num_frames: Optional[int] = None
     resolution: Optional[Union[int, list[int]]] = None  # a square side or [height, width]
@@ -606,8 +607,10 @@ class EvalDataConfig(DataConfig):
         if self.resolution is not None:
             _check_resolution(self.resolution, prefix + ".resolution")
 
-    def resolved(self, trained: Optional[dict]) -> DataConfig:
-        """The DataConfig to read real clips with; `trained`: the checkpoint's data section."""
+    def resolved(self, trained: Optional[dict], generated: Optional[dict] = None) -> DataConfig:
+        """The DataConfig to read real clips with. `trained`: the checkpoint's data section;
+        `generated`: defaults from the generated videos (num_frames, resolution, frame_stride),
+        used for keys that are null here and in `trained`."""
         base = config_to_dict(self)
         if trained is not None and self.path is None:
             base = dict(trained)
@@ -615,7 +618,10 @@ class EvalDataConfig(DataConfig):
             if getattr(self, n) is not None:
                 base[n] = getattr(self, n)
             elif base.get(n) is None:
-                base[n] = (trained or {}).get(n, getattr(DataConfig(), n))
+                fallback = (trained or {}).get(n)
+                if fallback is None:
+                    fallback = (generated or {}).get(n)
+                base[n] = fallback if fallback is not None else getattr(DataConfig(), n)
         try:
             return config_from_dict(DataConfig, base)
         except ConfigError as e:
@@ -625,8 +631,10 @@ class EvalDataConfig(DataConfig):
 @dataclass
 class RealClipsConfig:
     """Which real clips FVD compares with (see README, "Evaluating")."""
-    split: Literal["train", "val"] = "train"  # StyleGAN-V and Latte use the training videos
-    num_clips: Optional[int] = None  # null = num_videos
+    # all: every video of data.path (StyleGAN-V: the dataset folder, no split); train | val:
+    # that split of data.val_fraction only (a deviation, written into the protocol record)
+    split: Literal["all", "train", "val"] = "all"
+    num_clips: Optional[int] = None  # null = num_videos; the first num_clips videos, one clip each
     seed: int = 0  # seeds each clip's random window start
     dataset_seed: Optional[int] = None  # built-in data's experiment.seed; null = the checkpoint's, else 0
 
@@ -637,7 +645,9 @@ class RealClipsConfig:
 
 @dataclass
 class GeneratedConfig:
-    path: Optional[str] = None  # a folder of generated videos, instead of `checkpoint`
+    # a folder of generated videos (files and frame folders; one per name: sample_000.mp4 wins
+    # over sample_000.gif), instead of `checkpoint`
+    path: Optional[str] = None
 
 
 @dataclass

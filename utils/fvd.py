@@ -2,10 +2,15 @@
 
 Features come from the I3D TorchScript file that StyleGAN-V and Latte use
 (`i3d_torchscript.pt`, a port of the Kinetics-400 I3D behind google-research's FVD), called
-as `detector(videos, rescale=True, resize=True, return_features=True)` on float videos
-(N, 3, T, H, W) with values in [0, 255]; it rescales them to [-1, 1], resizes frames to
-224 x 224 itself and returns (N, 400) features (the logits before the softmax). The file is
-never downloaded here: the user gives its path.
+as `detector(videos, rescale=True, resize=True, return_features=True)` on uint8 videos
+(N, 3, T, H, W) with values in [0, 255], exactly as StyleGAN-V calls it
+(src/metrics/metric_utils.py: dataset frames are uint8, generated ones are cast to uint8
+before the call); it rescales them to [-1, 1], resizes frames to 224 x 224 itself and returns
+(N, 400) features (the logits before the softmax). Its convolutions and matmuls run in full
+fp32 (no TF32), as StyleGAN-V's calc_metrics scripts set (`allow_tf32 = False`). The file is
+never downloaded here: the user gives its path, and `check_detector` calls it once on a tiny
+clip at load so that a file with another call signature or feature width is refused before
+any work.
 
 Statistics as in StyleGAN-V's `FeatureStats`: float64 sums of features and of their outer
 products, mean = sum / N and the biased covariance sum(x x^T) / N - mean mean^T.
@@ -28,9 +33,10 @@ k(x, y) = (x . y / D + 1)^3, averaged over random subsets (StyleGAN2-ADA's estim
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -38,8 +44,12 @@ import torch
 from utils.errors import MissingFileError, UserError
 
 DETECTOR_KWARGS = dict(rescale=True, resize=True, return_features=True)  # StyleGAN-V's call
+INCEPTION_KWARGS = dict(return_features=True)  # StyleGAN2-ADA's call
 DETECTOR_FILE = "i3d_torchscript.pt"
 INCEPTION_FILE = "inception-2015-12-05.pt"
+FEATURE_DIMS = {"i3d": 400, "inception": 2048}  # features per video (I3D) / per frame (Inception)
+CHECK_SIZE = 32  # pixels per side of the clip a detector is tried on at load (it resizes to 224)
+DetectorKind = Literal["i3d", "inception"]
 
 
 def detector_help(key: str = "fvd.detector_path") -> str:
@@ -160,8 +170,11 @@ def _symmetric(m: np.ndarray) -> np.ndarray:
 
 
 def load_detector(path: Optional[str], device: torch.device, key: str = "fvd.detector_path",
-                  help_fn=detector_help) -> torch.jit.ScriptModule:
-    """The TorchScript detector at `path` (config key `key`), in eval mode on `device`."""
+                  kind: DetectorKind = "i3d", check_frames: Optional[int] = 16) -> torch.jit.ScriptModule:
+    """The TorchScript detector at `path` (config key `key`), in eval mode on `device`, tried
+    once on a clip of `check_frames` frames (`check_detector`; None = not yet, the caller
+    checks it when the frame count is known)."""
+    help_fn = detector_help if kind == "i3d" else inception_help
     if not path:
         raise MissingFileError(f"{key} is not set. {help_fn(key)}")
     if not os.path.isfile(path):
@@ -171,25 +184,89 @@ def load_detector(path: Optional[str], device: torch.device, key: str = "fvd.det
     except (RuntimeError, ValueError) as e:
         raise UserError(f"{key} = {path}: not a TorchScript file ({str(e).splitlines()[0]}). "
                         f"{help_fn(key)}") from None
-    return detector.eval()
+    detector = detector.eval()
+    if check_frames is not None:
+        check_detector(detector, kind, check_frames, device, key, path)
+    return detector
+
+
+def check_detector(detector, kind: DetectorKind, num_frames: int, device: torch.device,
+                   key: str = "fvd.detector_path", path: str = "") -> None:
+    """Call the detector once as the metric will (StyleGAN-V's / StyleGAN2-ADA's kwargs, uint8
+    input) on a tiny clip of `num_frames` frames; refuse, naming `key`, a file that takes
+    another call, fails at this frame count, or returns features of another width than FID
+    (2048) or FVD (400) are computed with."""
+    help_fn = detector_help if kind == "i3d" else inception_help
+    where = f"{key} = {path or '(loaded)'}"
+    clip = torch.linspace(0, 255, 3 * num_frames * CHECK_SIZE ** 2).to(torch.uint8)
+    clip = clip.reshape(1, 3, num_frames, CHECK_SIZE, CHECK_SIZE).to(device)  # (1, 3, T, H, W)
+    try:
+        with torch.no_grad(), full_fp32():
+            feats = detector(clip, **DETECTOR_KWARGS) if kind == "i3d" else \
+                detector(clip[:, :, 0], **INCEPTION_KWARGS)  # Inception: (1, 3, H, W), one frame
+    except (torch.jit.Error, RuntimeError, TypeError, ValueError, IndexError) as e:
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
+        why = lines[-1] if isinstance(e, torch.jit.Error) else lines[0]  # TorchScript: the raise
+        raise UserError(f"{where}: the detector failed on a uint8 clip of {tuple(clip.shape)} "
+                        f"called as detector(x, {_kwargs_text(kind)}) ({why[:300]}). "
+                        f"{help_fn(key)}") from None
+    width = FEATURE_DIMS[kind]
+    if not isinstance(feats, torch.Tensor) or feats.shape != (1, width):
+        shape = tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__
+        raise UserError(f"{where}: the detector returned features of shape {shape} for one "
+                        f"{'clip' if kind == 'i3d' else 'frame'}, expected (1, {width}) "
+                        f"({'FVD' if kind == 'i3d' else 'FID'} is defined on these features). "
+                        f"{help_fn(key)}")
+    if not torch.isfinite(feats).all():
+        raise UserError(f"{where}: the detector returned NaN or infinite features for a plain "
+                        f"uint8 clip. {help_fn(key)}")
+
+
+def _kwargs_text(kind: DetectorKind) -> str:
+    kwargs = DETECTOR_KWARGS if kind == "i3d" else INCEPTION_KWARGS
+    return ", ".join(f"{k}={v}" for k, v in kwargs.items())
+
+
+@contextlib.contextmanager
+def full_fp32() -> Iterator[None]:
+    """fp32 matmuls and convolutions without TF32 on CUDA (StyleGAN-V's metric scripts set
+    `allow_tf32 = False`; torch's default lets cuDNN convolutions use TF32), restored after."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision = conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
+
+
+def detector_precision() -> dict:
+    """What `full_fp32` sets, read back from torch: recorded next to every number."""
+    with full_fp32():
+        matmul = torch.backends.cuda.matmul.fp32_precision
+        conv = torch.backends.cudnn.conv.fp32_precision
+    return {"tf32": "tf32" in (matmul, conv), "matmul_fp32_precision": matmul,
+            "cudnn_conv_fp32_precision": conv}
 
 
 def file_digest(path: str) -> str:
-    """First 16 hex digits of the file's sha256: which detector file a number came from."""
+    """The file's sha256 (hex): which detector file a number came from."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()[:16]
+    return h.hexdigest()
 
 
 @torch.no_grad()
 def detector_features(detector, videos: torch.Tensor) -> torch.Tensor:
-    """uint8 videos (N, 3, T, H, W) -> (N, D) float features, StyleGAN-V's call and inputs."""
+    """uint8 videos (N, 3, T, H, W) -> (N, D) float features: StyleGAN-V's call on uint8
+    input, without TF32."""
     if videos.dtype != torch.uint8 or videos.ndim != 5 or videos.shape[1] != 3:
         raise ValueError(f"expected uint8 videos (N, 3, T, H, W), got {videos.dtype} "
                          f"{tuple(videos.shape)}")
-    feats = detector(videos.float(), **DETECTOR_KWARGS)  # float in [0, 255]
+    with full_fp32():
+        feats = detector(videos, **DETECTOR_KWARGS)  # uint8 in [0, 255], as StyleGAN-V passes
     if feats.ndim != 2 or feats.shape[0] != videos.shape[0]:
         raise UserError(f"the FVD detector returned shape {tuple(feats.shape)} for "
                         f"{videos.shape[0]} videos, expected (N, 400). {detector_help()}")
@@ -201,7 +278,8 @@ def image_features(detector, frames: torch.Tensor) -> torch.Tensor:
     """uint8 frames (N, 3, H, W) -> (N, 2048) Inception features, as StyleGAN2-ADA calls it."""
     if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"expected uint8 frames (N, 3, H, W), got {frames.dtype} {tuple(frames.shape)}")
-    feats = detector(frames, return_features=True)
+    with full_fp32():
+        feats = detector(frames, **INCEPTION_KWARGS)
     if feats.ndim != 2 or feats.shape[0] != frames.shape[0]:
         raise UserError(f"the FID detector returned shape {tuple(feats.shape)} for {frames.shape[0]} "
                         f"frames, expected (N, 2048). {inception_help()}")
