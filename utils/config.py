@@ -8,6 +8,7 @@ module re-exports its API (`load_config`, `config_to_dict`, `config_from_dict`, 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Collection, Literal, Optional, Union
