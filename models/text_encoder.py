@@ -336,7 +336,7 @@ class FrozenTextEncoder(nn.Module):
         return TextEmbeddings(tokens, mask, pooled)
 
     def _warn_truncated(self, texts: list[str]) -> None:
-        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
+        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
         cut = [t for t, n in zip(texts, lengths) if n > self.max_length]
         if cut:
             example = cut[0] if len(cut[0]) <= 80 else cut[0][:77] + "..."
