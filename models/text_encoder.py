@@ -397,7 +397,8 @@ def check_text_encoder(recorded: dict, encoder: FrozenTextEncoder, where: str) -
     theirs, ours = recorded.get("parts") or {}, encoder.parts
     differs = [k for k in ("weights", "config", "tokenizer") if theirs.get(k) != ours.get(k)]
     if recorded.get("fingerprint") != encoder.fingerprint:
-        what = f"its {' and '.join(differs) or 'fingerprint'} differ" if differs else "its fingerprint differs"
+        listed = ", ".join(differs[:-1]) + " and " + differs[-1] if len(differs) > 1 else "".join(differs)
+        what = f"its {listed} differ" if differs else "its fingerprint differs"
         raise UserError(
             f"text encoder mismatch: {where} was trained with the {recorded.get('class_name')} at "
             f"{recorded.get('path')} (fingerprint {recorded.get('fingerprint')}), but text_encoder.path = "
