@@ -230,3 +230,22 @@ def test_sentencepiece_style_t5_tokenizer(loaded, text_encoders):
         assert enc.tokenizer.convert_ids_to_tokens(ids)[:3] == ["▁a", "▁red", "▁square"] and ids[-1] == enc.tokenizer.eos_token_id
         out = enc.encode(["a red square", "a red square moving left"])
         assert out.mask.sum(1).tolist() == [4, 6]
+
+
+def test_no_token_rows_and_non_finite_outputs(text_encoders, monkeypatch):
+    """A tokenizer that gives an empty caption no token at all still yields one (zero, valid)
+    token, so attention over it is defined; NaN/Inf from the encoder is refused with the fix."""
+    enc = FrozenTextEncoder.from_pretrained(text_encoders["t5"])
+    from tokenizers import processors
+    enc.tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])
+    out = enc.encode(["", "a dog"])
+    assert out.mask.sum(1).tolist() == [1, 2] and (out.tokens[0] == 0).all()
+    real = enc.model.forward
+
+    def overflowing(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.last_hidden_state[0, 0, 0] = float("inf")
+        return result
+    monkeypatch.setattr(enc.model, "forward", overflowing)
+    with pytest.raises(UserError, match="gave NaN/Inf for caption 'a dog'.* text_encoder.dtype to bf16 or fp32"):
+        enc.encode(["a dog"])
