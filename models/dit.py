@@ -197,7 +197,10 @@ class TextEmbedder(nn.Module):
             raise ValueError(f"this model reads a pooled text vector (pooled_dim = "
                              f"{self.pooled[0].in_features}): pass pooled (B, pooled_dim) with the text")
         emb = self.pooled(pooled.to(self.pooled[0].weight.dtype))  # (B, D)
-        return emb if drop is None else torch.where(drop.bool()[:, None], self.null_pooled.to(emb.dtype), emb)
+        # null_pooled always in the graph (a zero gradient when nothing is dropped): DDP requires
+        # every parameter to take part in each step
+        null = torch.zeros(batch, dtype=torch.bool, device=emb.device) if drop is None else drop.bool()
+        return torch.where(null[:, None], self.null_pooled.to(emb.dtype), emb)
 
 
 # --------------------------------------------------------------------------- blocks
