@@ -180,3 +180,30 @@ def test_reads_give_writable_arrays_and_torch_never_warns(tmp_path):
         cache.write_manifest(cache.build_part(encode, progress=False))
         assert torch.is_tensor(cache.load()[0]["mean"])
     assert np.asarray(ds[0]["video"]).shape == (3, 4, 16, 16)
+
+
+# --------------------------------------------------------------------------- defect 11: the crop
+
+
+@pytest.mark.parametrize("size, target, same", [((1080, 1920), (144, 256), True),
+                                               ((64, 64), (32, 32), True),
+                                               ((480, 640), (32, 32), False)])
+def test_crop_then_resize_equals_resize_then_crop_only_at_the_same_aspect(size, target, same):
+    """What the README and `transform` say: the pixels are those of 'resize to cover, then
+    crop' only when no crop is needed; otherwise close (a few grey levels on smooth content)."""
+    import math
+    import torch.nn.functional as F
+    from utils.config import DataConfig
+    (h, w), (H, W) = size, target
+    frames = smooth_frames(1, h, w)
+    ds = VideoFolder.__new__(VideoFolder)
+    ds.cfg = DataConfig(resolution=[H, W])
+    ours = ((ds.transform(frames)[:, 0] + 1) * 127.5).round()  # (3, H, W)
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2)
+    scale = max(H / h, W / w)
+    ch, cw = max(H, math.ceil(h * scale - 1e-9)), max(W, math.ceil(w * scale - 1e-9))
+    cover = F.interpolate(x, size=(ch, cw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (ch - H) // 2, (cw - W) // 2
+    theirs = cover[0, :, top: top + H, left: left + W].float()
+    diff = (ours - theirs).abs().max().item()
+    assert (diff == 0) == same and diff <= 4
