@@ -400,21 +400,21 @@ class VideoFolder(Dataset):
         if s in self._reprobed:
             return False
         self._reprobed.add(s)
-        path = self.sources[s][0]
+        path, indexed = self.sources[s]
         old, new = reprobe(os.path.abspath(path), self.index_file)
+        if isinstance(new.frames, str):
+            return False  # no answer now: the file is at fault
         rel = os.path.relpath(path, self.cfg.path).replace(os.sep, "/")
-        if new == old or isinstance(new.frames, str):
-            return False  # the same answer (or none): the file is at fault
         length = self._length(rel, new, self.cfg.frame_folder_fps)
-        if isinstance(length, str):
-            return False
+        if isinstance(length, str) or length == indexed:
+            return False  # the same answer: the file is at fault
         self._frame_maps[s] = self._maps.get(rel)
         self._caps[s] = length
         where = f"data.index_cache = {self.index_file}" if self.index_file else "the data index"
+        was = old.frames if old is not None else indexed
         warnings.warn(f"data.path = {self.cfg.path}: {where} had a stale entry for {path} "
-                      f"({old.frames if old else '?'} frames; the file has {new.frames}); it is "
-                      f"corrected, and this run's windows past frame {length} are served by other "
-                      "clips", DataWarning)
+                      f"({was} frames; the file has {new.frames}); it is corrected, and this "
+                      f"run's windows past frame {length} are served by other clips", DataWarning)
         return True
 
     # ----------------------------------------------------------------- latent cache protocol
