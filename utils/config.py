@@ -13,10 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any, Collection, Literal, Optional, Union
 
 from utils import config_loader
-# Re-exported: callers import the whole config API from this module.
-from utils.config_loader import (UniqueKeyLoader, config_to_dict, dump_config,  # noqa: F401
-                                 safe_load_unique)
 from utils.errors import ConfigError
+
+# Re-exported: callers import the whole config API from this module.
+UniqueKeyLoader = config_loader.UniqueKeyLoader
+config_to_dict = config_loader.config_to_dict
+dump_config = config_loader.dump_config
+safe_load_unique = config_loader.safe_load_unique
 
 # --------------------------------------------------------------------------- sections
 
