@@ -5,7 +5,8 @@
 |-------------------------------------------------------|-------------------------------------------------------|
 | predict removes / overwrites only what it wrote (14)  | test_predict_removes_only_what_it_wrote,              |
 |                                                       | test_predict_refuses_to_overwrite_a_file_it_did_not_write |
-| SIGTERM is a flag, never a swallowed exception (17)   | test_sigterm_stops_predict_every_time (real processes) |
+| SIGTERM is a flag, never a swallowed exception (17)   | test_sigterm_stops_predict_every_time (real processes), |
+|                                                       | test_sigterm_inside_a_finalizer_still_stops_predict    |
 | cost per written file (21)                            | test_writing_a_video_runs_no_garbage_collection       |
 | a malicious pickle is named as such (18)              | test_malicious_pickle_is_refused_and_not_run          |
 | malformed stage-2 entries in predict (19)             | test_malformed_checkpoint_entries_are_named           |
@@ -133,6 +134,40 @@ def test_sigterm_stops_predict_every_time(tmp_path, checkpoint, attempt):
         assert grid.size[1] == done * 16 + (done - 1) * 2  # one row per finished video
     with av.open(str(out / f"sample_{done - 1:03d}.mp4")) as c:  # the last one is whole
         assert len(list(c.decode(video=0))) == 4
+
+
+class _SignalInFinalizer:
+    """Delivers SIGTERM's handler the way the signal reached it in defect 17: inside an object's
+    __del__ (imageio's writer), where Python discards any exception raised."""
+
+    def __del__(self):
+        handler = signal.getsignal(signal.SIGTERM)
+        if callable(handler):
+            handler(signal.SIGTERM, None)
+
+
+def test_sigterm_inside_a_finalizer_still_stops_predict(tmp_path, checkpoint, capsys, monkeypatch):
+    """Deterministic form of the race above: the handler runs inside a __del__ while the second
+    video is decoded. A handler that raises is silenced there and predict ran on to exit 0; a
+    flag is seen after that video: 2 of 5 videos, exit 130."""
+    import training.sampling as sampling
+    original, calls = sampling.video_tensor_to_uint8, []
+
+    def decode_and_signal(video):
+        calls.append(1)
+        if len(calls) == 2:
+            _SignalInFinalizer()  # made and dropped at once: __del__ runs here
+        return original(video)
+
+    monkeypatch.setattr(sampling, "video_tensor_to_uint8", decode_and_signal)
+    out = tmp_path / "out"
+    code, said, err = _cli(predict_advanced, _args(checkpoint, out, "num_videos=5", "batch_size=1"), capsys)
+    assert code == 130, (said, err)
+    assert "interrupted: 2 of 5 videos" in said
+    assert sorted(n for n in _names(out) if n.startswith("sample_")) == \
+        ["sample_000.gif", "sample_000.mp4", "sample_001.gif", "sample_001.mp4"]
+    assert (out / "grid.png").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler before predict is back
 
 
 # --------------------------------------------------------------------------- 21: cost per file
