@@ -150,7 +150,7 @@ step stage2_bf16 'grep -q "precision bfloat16" "$RUNS/bf16/log.txt" && ls "$RUNS
   train.precision=bf16 train.tf32=true train.compile=true train.activation_checkpointing=true \
   validation.every_epochs=1 "${DIT[@]}" "${EXTRA[@]}"
 
-step agreement 'tail -n 1 "$RUNS/agreement.log" | grep -q "^ok: "' \
+step agreement 'grep "^ok: " "$RUNS/agreement.log"' \
   "${COND[@]}" agree "$RUNS/bf16/latest.pth" $DEVICE
 
 step stage2_fp16 'grep -q "precision float16" "$RUNS/fp16/log.txt" && "${COND[@]}" steps "$RUNS/fp16" $FP16_STEPS' \
