@@ -5,6 +5,8 @@
 |-------------------------------------------------------|-------------------------------------------------------|
 | predict removes / overwrites only what it wrote (14)  | test_predict_removes_only_what_it_wrote,              |
 |                                                       | test_predict_refuses_to_overwrite_a_file_it_did_not_write |
+| a killed predict, a foreign manifest (14)             | test_a_killed_predict_leaves_nothing_the_next_one_cannot_clean, |
+|                                                       | test_a_manifest_predict_did_not_write_is_refused      |
 | SIGTERM is a flag, never a swallowed exception (17)   | test_sigterm_stops_predict_every_time (real processes), |
 |                                                       | test_sigterm_inside_a_finalizer_still_stops_predict    |
 | cost per written file (21)                            | test_writing_a_video_runs_no_garbage_collection       |
@@ -312,3 +314,32 @@ def test_edited_vae_config_names_the_key(tmp_path, random_vae, key, value, words
     with pytest.raises(UserError) as e:
         FrozenVAE.from_pretrained(edited)
     assert words in str(e.value) and "corrupt" not in str(e.value)
+
+
+def test_a_killed_predict_leaves_nothing_the_next_one_cannot_clean(tmp_path):
+    """kill -9 mid-write: a recorded file, its part file and the temp folder stay behind; the
+    next run removes what the manifest proves is predict's, and keeps the user's file."""
+    from training.sampling import OutputFolder, SampleWriter
+    out = str(tmp_path / "out")
+    folder = OutputFolder(out)
+    folder.claim(["sample_000.mp4", "sample_000.gif"])
+    SampleWriter(out, 8, folder).add(smooth_frames(4, 16, 16))
+    with open(os.path.join(folder.tmp_dir, "sample_001.mp4.part"), "wb") as f:
+        f.write(b"half a video")  # ... and the process dies here: no close()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    old_tmp = os.path.basename(folder.tmp_dir)
+    again = OutputFolder(out)
+    assert again.claim(["sample_000.mp4", "sample_000.gif"]) == ["sample_000.gif", "sample_000.mp4"]
+    assert sorted(os.listdir(out)) == sorted([MANIFEST_NAME, "notes.txt", os.path.basename(again.tmp_dir)])
+    assert os.path.basename(again.tmp_dir) != old_tmp  # the killed run's temp folder is gone
+    again.close()
+    assert sorted(os.listdir(out)) == [MANIFEST_NAME, "notes.txt"]
+
+
+def test_a_manifest_predict_did_not_write_is_refused(tmp_path, checkpoint, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / MANIFEST_NAME).write_text("my own notes\n")
+    code, _, err = _cli(predict_advanced, _args(checkpoint, out, "num_videos=1"), capsys)
+    _assert_user_error_exit(code, err, f"{out / MANIFEST_NAME} is not a manifest predict wrote")
+    assert os.listdir(out) == [MANIFEST_NAME] and (out / MANIFEST_NAME).read_text() == "my own notes\n"
