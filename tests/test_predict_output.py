@@ -343,3 +343,20 @@ def test_a_manifest_predict_did_not_write_is_refused(tmp_path, checkpoint, capsy
     code, _, err = _cli(predict_advanced, _args(checkpoint, out, "num_videos=1"), capsys)
     _assert_user_error_exit(code, err, f"{out / MANIFEST_NAME} is not a manifest predict wrote")
     assert os.listdir(out) == [MANIFEST_NAME] and (out / MANIFEST_NAME).read_text() == "my own notes\n"
+
+
+def test_a_manifest_cannot_point_outside_output_dir(tmp_path):
+    """A manifest entry naming a path (../victim) is ignored: predict removes only plain names
+    inside output_dir, even when the hash matches."""
+    import hashlib
+    from training.sampling import MANIFEST_FORMAT, OutputFolder
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"keep me")
+    out = tmp_path / "out"
+    out.mkdir()
+    entry = {"file": "../victim.txt", "size": 7, "sha256": hashlib.sha256(b"keep me").hexdigest()}
+    (out / MANIFEST_NAME).write_text(json.dumps({"format": MANIFEST_FORMAT}) + "\n" + json.dumps(entry) + "\n")
+    folder = OutputFolder(str(out))
+    assert folder.claim(["sample_000.mp4"]) == []
+    folder.close()
+    assert victim.read_bytes() == b"keep me"
