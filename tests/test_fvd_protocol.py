@@ -16,7 +16,7 @@ import torch
 
 import evaluate
 import train_advanced
-from tests.test_evaluate import (StandInI3D, StandInInception, _evaluate, clip_folders, detector,  # noqa: F401
+from tests.test_evaluate import (StandInI3D, _evaluate, clip_folders, detector,  # noqa: F401 (fixtures)
                                  inception, random_vae, tiny_checkpoint)
 from tests.test_stage2 import ROOT, TINY
 from utils.cli import run_main
