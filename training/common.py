@@ -428,6 +428,7 @@ def run_epochs(s, hooks: LoopHooks) -> StopReason:
             s.pos.epoch += 1
             s.pos.micro = 0
             hooks.end_epoch()
+            reason = s.control.reason()  # e.g. a signal during the epoch's validation
     return reason or StopReason.STEPS
 
 

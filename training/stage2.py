@@ -6,6 +6,7 @@ training loop, in headed phases.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -42,8 +43,8 @@ from utils.fvd import FeatureStats, fvd_from_stats, load_detector, stats_of
 from utils.logging import RunLogger
 from utils.metrics import jigsaw_score
 from utils.run_guard import save_before_fail, weights_finite
-from utils.train_utils import (EMA, GracefulStop, autocast_context, count_parameters, make_adamw,
-                               make_grad_scaler, use_fast_adamw)
+from utils.train_utils import (EMA, GracefulStop, StopRequested, autocast_context, count_parameters,
+                               make_adamw, make_grad_scaler, use_fast_adamw)
 
 NUM_T_BUCKETS = 10  # loss per timestep bucket, so learning at high noise is visible
 VAL_BATCH_FACTOR = 4  # held-out loss batches: this many training batches (forward only)
@@ -431,8 +432,7 @@ def _optimizer_step(s: Stage2, stats: LossStats, per_sample: torch.Tensor) -> St
 
 
 def _end_epoch(s: Stage2) -> None:
-    s.pos.epoch += 1
-    s.pos.micro = 0
+    """After s.pos moved to the next epoch: validation and the epoch checkpoint, if due."""
     every, tcfg = s.cfg.validation.every_epochs, s.cfg.train
     if every and s.pos.epoch % every == 0 and s.control.reason() is None:
         validate(s)
@@ -443,13 +443,16 @@ def _end_epoch(s: Stage2) -> None:
 
 
 def _finish(s: Stage2, interrupted: bool) -> None:
-    save(s)
+    if s.saved_step != s.pos.step or not os.path.exists(os.path.join(s.run_dir, "latest.pth")):
+        save(s)
     if interrupted:
         s.log.info(f"stopped by signal at step {s.pos.step}; saved {s.run_dir}/latest.pth "
                    "(continue with train.resume=auto)")
         return
-    if s.cfg.validation.every_epochs:
-        validate(s)
+    if s.cfg.validation.every_epochs and not validate(s):
+        s.log.info(f"stopped by signal during the final validation; {s.run_dir}/latest.pth "
+                   f"holds step {s.pos.step} (continue with train.resume=auto)")
+        return
     s.log.info(f"done: {s.pos.step} steps; checkpoint {s.run_dir}/latest.pth")
 
 
@@ -467,36 +470,56 @@ def _log_step(s: Stage2, stats: LossStats, bar: tqdm) -> None:
     stats.reset()
 
 
-def validate(s: Stage2) -> None:
-    """val/fvd (all ranks share the work), then on rank 0: the held-out loss and EMA samples ->
-    VAE decode -> mp4/gif under samples/ and a GIF in TensorBoard. The other ranks wait at the
-    barrier: rank 0's part must finish within the process group's timeout (torch's default:
-    10 min with nccl, 30 min with gloo), which validation.num_videos samples and a few dozen
-    forward passes do by far."""
-    fvd = _val_fvd(s) if s.detector is not None else None
-    if s.dist.is_main:
-        v = s.cfg.validation
-        if v.loss_clips:
-            _log_held_out_loss(s)
-        labels = default_labels(v.num_videos, s.dims["num_classes"])
-        videos = generate_videos(
-            s.ema.model, s.vae, s.cfg.diffusion, latent_shape=ckpts.latent_shape(s.dims),
-            seeds=[v.seed + i for i in range(v.num_videos)], labels=labels, sampler=v.sampler,
-            num_steps=v.num_steps, guidance_scale=v.guidance_scale,
-            null_class_id=s.model.null_class_id, device=s.device)
-        out = os.path.join(s.run_dir, "samples", f"step_{s.pos.step:07d}")
-        save_videos(out, videos, v.fps)
-        s.log.video("val/samples", side_by_side(videos), s.pos.step, v.fps)
-        cell = s.vae.downsample_factor * s.model.cfg.patch_size  # patch side in pixels
-        score = jigsaw_score(torch.stack([uint8_to_video_tensor(x) for x in videos]), cell)
-        s.log.scalars({"val/jigsaw_score": score, "val/jigsaw_score_real": _real_jigsaw(s, cell)},
-                      s.pos.step)
-        if fvd is not None:
-            s.log.scalar("val/fvd", fvd, s.pos.step)
-        fvd_text = "" if fvd is None else f"; FVD {fvd:.2f} ({v.fvd.num_videos} vs {v.fvd.num_videos} clips)"
-        s.log.info(f"validation samples: {out} (jigsaw score {score:.2f}, real clips "
-                   f"{_real_jigsaw(s, cell):.2f}; well above real means patch seams){fvd_text}")
+def validate(s: Stage2) -> bool:
+    """latest.pth first (a stop during validation then loses nothing), then val/fvd (all ranks
+    share the work), then on rank 0: the held-out loss and EMA samples -> VAE decode ->
+    mp4/gif under samples/ and a GIF in TensorBoard. The other ranks wait at the barrier:
+    rank 0's part must finish within the process group's timeout (torch's default: 10 min
+    with nccl, 30 min with gloo), which validation.num_videos samples and a few dozen forward
+    passes do by far.
+
+    SIGINT/SIGTERM ends validation at once (StopRequested) and returns False: all of it with
+    one process, rank 0's own part under DDP (val/fvd's collectives must run on every rank)."""
+    if s.saved_step != s.pos.step:
+        save(s)
+    stop = s.control.stop if s.control is not None else GracefulStop()
+    finished = True
+    try:
+        with stop.interruptible() if not s.dist.enabled else contextlib.nullcontext():
+            fvd = _val_fvd(s) if s.detector is not None else None
+            if s.dist.is_main:
+                with stop.interruptible() if s.dist.enabled else contextlib.nullcontext():
+                    _validate_main(s, fvd)
+    except StopRequested:
+        finished = False
+        s.log.info(f"stop requested during the validation at step {s.pos.step}: the rest of it "
+                   f"is skipped ({s.run_dir}/latest.pth holds step {s.saved_step})")
     barrier(s.dist)
+    return finished
+
+
+def _validate_main(s: Stage2, fvd: Optional[float]) -> None:
+    v = s.cfg.validation
+    if v.loss_clips:
+        _log_held_out_loss(s)
+    labels = default_labels(v.num_videos, s.dims["num_classes"])
+    videos = generate_videos(
+        s.ema.model, s.vae, s.cfg.diffusion, latent_shape=ckpts.latent_shape(s.dims),
+        seeds=[v.seed + i for i in range(v.num_videos)], labels=labels, sampler=v.sampler,
+        num_steps=v.num_steps, guidance_scale=v.guidance_scale,
+        null_class_id=s.model.null_class_id, device=s.device)
+    out = os.path.join(s.run_dir, "samples", f"step_{s.pos.step:07d}")
+    save_videos(out, videos, v.fps)
+    s.log.video("val/samples", side_by_side(videos), s.pos.step, v.fps)
+    cell = s.vae.downsample_factor * s.model.cfg.patch_size  # patch side in pixels
+    score = jigsaw_score(torch.stack([uint8_to_video_tensor(x) for x in videos]), cell)
+    s.log.scalars({"val/jigsaw_score": score, "val/jigsaw_score_real": _real_jigsaw(s, cell)},
+                  s.pos.step)
+    if fvd is not None:
+        s.log.scalar("val/fvd", fvd, s.pos.step)
+    fvd_text = "" if fvd is None else f"; FVD {fvd:.2f} ({v.fvd.num_videos} vs {v.fvd.num_videos} clips)"
+    s.log.info(f"validation samples: {out} (jigsaw score {score:.2f}, real clips "
+               f"{_real_jigsaw(s, cell):.2f}; well above real means patch seams){fvd_text}")
 
 
 # ----------------------------------------------------------------------------- held-out loss
