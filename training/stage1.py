@@ -300,7 +300,7 @@ def stack_videos(dataset, count: int) -> torch.Tensor:
     return torch.stack([dataset[i]["video"] for i in spread_indices(dataset, count)])
 
 
-def video_batches(dataset, indices: list[int], batch: int) -> Iterator[torch.Tensor]:
+def window_batches(dataset, indices: list[int], batch: int) -> Iterator[torch.Tensor]:
     """The windows at `indices`, `batch` at a time, each (b, 3, T, H, W) on the CPU: memory
     stays bounded however many windows are measured."""
     for start in range(0, len(indices), batch):
@@ -318,7 +318,7 @@ def _finish_main(s: Stage1) -> None:
     tcfg = s.cfg.train
     train_idx = spread_indices(s.train_set, tcfg.scale_num_clips)
     moments = FrozenVAE(s.ae)  # eval, no grads, the same encode stage 2 uses
-    means = (moments.encode_moments(v)[0] for v in video_batches(s.train_set, train_idx, tcfg.batch_size))
+    means = (moments.encode_moments(v)[0] for v in window_batches(s.train_set, train_idx, tcfg.batch_size))
     scale = 1.0 / global_std(means)  # unscaled posterior means; one std over all channels, as SD
     s.ae.register_to_config(scaling_factor=scale)
     vae_dir = os.path.join(s.run_dir, "vae")
@@ -326,7 +326,7 @@ def _finish_main(s: Stage1) -> None:
     vae = FrozenVAE.from_pretrained(vae_dir, s.device)  # exactly what stage 2 will load
     generator = torch.Generator(s.device).manual_seed(0)
     scaled_std = global_std(vae.encode(v, generator=generator)
-                            for v in video_batches(s.train_set, train_idx, tcfg.batch_size))
+                            for v in window_batches(s.train_set, train_idx, tcfg.batch_size))
     heldout = heldout_psnr(vae, s.val_set, tcfg.batch_size)
     s.log.scalar("val/heldout_psnr", heldout, s.pos.step)
     s.log.info(f"scaling_factor = {scale:.4f} (1 / std of posterior means over {len(train_idx)} "
@@ -377,7 +377,7 @@ def global_std(tensors: Iterator[torch.Tensor]) -> float:
 def heldout_psnr(vae: FrozenVAE, val_set, batch: int) -> float:
     """PSNR of posterior-mean round trips over every held-out window, streamed in batches."""
     squared, count = torch.zeros((), dtype=torch.float64, device=vae.device), 0
-    for videos in video_batches(val_set, list(range(len(val_set))), batch):
+    for videos in window_batches(val_set, list(range(len(val_set))), batch):
         videos = videos.to(vae.device)  # (b, 3, T, H, W): compared where the reconstruction is
         recon = vae.decode(vae.encode(videos, sample=False))
         squared += ((recon.double() - videos.double()) ** 2).sum()
