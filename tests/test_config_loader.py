@@ -68,3 +68,15 @@ def test_entry_script_exits_2_without_traceback(tmp_path, content):
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and "cfg.bin" in r.stderr
+
+
+@pytest.mark.parametrize("fps, ok", [(100, True), (101, False), (1000, False)])
+def test_validation_fps_is_bounded_at_load(fps, ok):
+    """The validation samples are written as .gif too (whole 1/100 s ticks): a rate above 100
+    fps used to load and fail only when the first validation wrote its samples, after training."""
+    overrides = ["vae.path=x", f"validation.fps={fps}"]
+    if ok:
+        assert load_config(TrainRunConfig, None, overrides).validation.fps == fps
+        return
+    with pytest.raises(ConfigError, match=rf"validation\.fps = {fps}: must be at most 100 frames"):
+        load_config(TrainRunConfig, None, overrides)

@@ -456,6 +456,10 @@ class ValidationConfig:
 
     def validate(self, prefix: str = "validation") -> None:
         _positive(self, prefix, "num_videos", "num_steps", "fps")
+        hi = PREDICT_FPS_RANGE[1]  # the validation samples are written as .gif too
+        if self.fps > hi:
+            raise ConfigError(f"{prefix}.fps = {self.fps}: must be at most {hi:g} frames per second; "
+                              "the .gif of the validation samples counts time in whole 1/100 s")
         if self.every_epochs < 0:
             raise ConfigError(f"{prefix}.every_epochs = {self.every_epochs}: must be >= 0")
         if self.loss_clips < 0:
