@@ -1,6 +1,5 @@
 """FVD (Frechet math, the evaluate.py protocol end to end with a stand-in detector), and the
 held-out validation loss of stage 2 (logged, deterministic across runs and resumes)."""
-import glob
 import json
 import os
 import re
@@ -13,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
-from tests.test_stage2 import ROOT, TINY, _train, random_vae  # noqa: F401  (random_vae is a fixture)
+from tests.test_stage2 import ROOT, _train, random_vae  # noqa: F401  (random_vae is a fixture)
 from utils.config import EvaluateConfig, load_config
 from utils.errors import ConfigError, MissingFileError, UserError
 from utils.fvd import (FeatureStats, frechet_distance, fvd_from_stats, kernel_inception_distance,
@@ -104,6 +103,13 @@ def test_kid_matches_the_unbiased_mmd_by_definition():
     expected = within / (m * (m - 1)) - 2 * cross / m ** 2
     got = kernel_inception_distance(y, x, num_subsets=1, max_subset_size=1000, seed=0)
     assert got == pytest.approx(expected, rel=1e-9)
+    # 30 of x against 30 of y: the subsets are the whole sets, so any seed gives the estimator
+    # over every pair of xx[:30] and yy.
+    within = sum(k(a, b) for i, a in enumerate(xx[:30]) for j, b in enumerate(xx[:30]) if i != j) + \
+        sum(k(a, b) for i, a in enumerate(yy) for j, b in enumerate(yy) if i != j)
+    whole = within / (m * (m - 1)) - 2 * sum(k(a, b) for a in xx[:30] for b in yy) / m ** 2
+    for seed in (0, 5):
+        assert kernel_inception_distance(y, x[:30], 1, 1000, seed) == pytest.approx(whole, rel=1e-9)
     z = _features(9, n=800, d=6)  # one distribution, two halves
     same = kernel_inception_distance(z[:400], z[400:], 20, 200)
     assert abs(same) < 0.1 * kernel_inception_distance(y, x, 20, 25)  # same distribution: ~0
