@@ -407,11 +407,17 @@ def guided_v(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, y: Optional[to
     return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
+class SamplingStopped(Exception):
+    """`sample` ended early because its `should_stop()` said so (raised between steps, never
+    from a signal handler)."""
+
+
 @torch.no_grad()
 def sample(model_fn: ModelFn, shape: tuple[int, ...], *, scheduler, num_steps: int,
            generator: Generators, device: torch.device | str, y: Optional[torch.Tensor] = None,
            guidance_scale: float = 1.0, null_class_id: Optional[int] = None,
-           progress: bool = False, mu: Optional[float] = None) -> torch.Tensor:
+           progress: bool = False, mu: Optional[float] = None,
+           should_stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
     """Run `scheduler` from pure noise to x0 latents of `shape`, e.g. (B, C, T, h, w).
 
     `model_fn(x_t, t, y) -> output` (v, or the flow velocity) with t a (B,) tensor of the
@@ -419,6 +425,8 @@ def sample(model_fn: ModelFn, shape: tuple[int, ...], *, scheduler, num_steps: i
     this repo: validation and predict both call it. `scheduler` is stateful: pass a fresh one
     from `make_scheduler` (or one you own) per call. `mu`: the dynamic flow shift
     (`flow_mu(cfg, shape)`), needed exactly when the scheduler was built with one.
+    `should_stop() -> bool` is asked before every sampler step (a stop-request flag, e.g.
+    predict's): True raises SamplingStopped there; it changes no number otherwise.
     """
     dynamic = scheduler.config.get("use_dynamic_shifting", False)
     if dynamic != (mu is not None):
@@ -431,6 +439,8 @@ def sample(model_fn: ModelFn, shape: tuple[int, ...], *, scheduler, num_steps: i
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     y = None if y is None else y.to(device)
     for t in tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False):
+        if should_stop is not None and should_stop():
+            raise SamplingStopped
         x_in = scale_input(x, t)  # identity except for Euler (sigma -> VP scale)
         t_batch = t.to(device).expand(shape[0])  # (B,)
         out = guided_v(model_fn, x_in, t_batch, y, guidance_scale, null_class_id)

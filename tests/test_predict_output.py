@@ -172,6 +172,54 @@ def test_sigterm_inside_a_finalizer_still_stops_predict(tmp_path, checkpoint, ca
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler before predict is back
 
 
+def test_sigterm_during_sampling_stops_before_the_next_sampler_step(tmp_path, checkpoint, capsys, monkeypatch):
+    """The flag is also asked before every sampler step: a stop that arrives while a batch is
+    sampled ends predict there (the batch is dropped), not when the batch is finished, which
+    at large batch sizes can outlast the 30 s Slurm and Kubernetes allow after SIGTERM."""
+    import models.diffusion as diffusion
+    original, calls = diffusion.guided_v, []
+
+    def step_and_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # the first of the second batch's 3 steps
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(diffusion, "guided_v", step_and_signal)
+    out = tmp_path / "out"
+    args = _args(checkpoint, out, "num_videos=6", "batch_size=2", "num_steps=3")
+    code, said, err = _cli(predict_advanced, args, capsys)
+    assert code == 130, (said, err)
+    assert len(calls) == 4  # no sampler step after the signal (the old loop ran the batch out: 6)
+    assert "interrupted: 2 of 6 videos" in said
+    assert sorted(n for n in _names(out) if n.startswith("sample_")) == \
+        ["sample_000.gif", "sample_000.mp4", "sample_001.gif", "sample_001.mp4"]
+
+
+def test_should_stop_changes_no_number_and_ends_between_steps(checkpoint):
+    """generate_batches(should_stop=...) gives the same videos as without it while it says
+    False, and ends before the next sampler step once it says True."""
+    import training.sampling as sampling
+    from utils.config import PredictConfig, load_config
+    cfg = load_config(PredictConfig, CONFIG, ["device=cpu", f"checkpoint={checkpoint}",
+                                               "num_videos=4", "batch_size=2", "num_steps=3"])
+    loaded = sampling.load_for_sampling(cfg, torch.device("cpu"))
+
+    def run(should_stop):
+        return [v for batch in sampling._generate(cfg, loaded.model, loaded.vae, loaded.ckpt, loaded.labels,
+                                                  torch.device("cpu"), should_stop) for v in batch]
+
+    plain = run(None)
+    asked = []
+    flagged = run(lambda: asked.append(1) is None and False)
+    assert len(asked) == 6 and len(plain) == len(flagged) == 4  # 2 batches x 3 steps
+    assert all(np.array_equal(a, b) for a, b in zip(plain, flagged))
+    asked.clear()
+    stopped = run(lambda: asked.append(1) is None and len(asked) > 4)  # True before batch 2's 2nd step
+    assert len(stopped) == 2 and all(np.array_equal(a, b) for a, b in zip(plain, stopped))
+    assert len(asked) == 5  # asked before batch 2's second step, and it ran no further
+
+
 # --------------------------------------------------------------------------- 21: cost per file
 
 

@@ -7,7 +7,8 @@ checkpoint's schedule, and are decoded by the same frozen VAE the DiT was traine
 predict streams (`predict_to_folder`): each batch of videos is written as soon as it is
 decoded (every file written under a temp name, then renamed), so Ctrl-C or SIGTERM keeps
 every finished video and memory does not grow with `num_videos`. A stop request is a flag
-checked after each video (never an exception raised inside a writer). Its output folder's
+checked after each video and before each sampler step (never an exception raised inside a
+writer). Its output folder's
 `.predict_manifest.jsonl` records what predict wrote there (name, size, sha256): a later run
 removes those files and nothing else, and refuses to overwrite a file it cannot prove it wrote.
 """
@@ -20,13 +21,13 @@ import os
 import tempfile
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from models.diffusion import flow_mu, make_scheduler, sample
+from models.diffusion import SamplingStopped, flow_mu, make_scheduler, sample
 from models.vae import FrozenVAE
 from training.checkpoints import (PREDICT_ENTRIES, check_entries, check_format, check_vae,
                                   latent_shape, load_entry, model_dims, model_from_checkpoint)
@@ -70,19 +71,24 @@ def generate_videos(model: nn.Module, vae: FrozenVAE, diffusion_cfg: DiffusionCo
 def generate_batches(model: nn.Module, vae: FrozenVAE, diffusion_cfg: DiffusionConfig, *,
                      latent_shape: Sequence[int], seeds: Sequence[int], labels: Optional[torch.Tensor],
                      sampler: str, num_steps: int, guidance_scale: float, null_class_id: Optional[int],
-                     device: torch.device, batch_size: int = 8,
-                     progress: bool = False) -> Iterator[list[np.ndarray]]:
-    """`generate_videos`, one batch of uint8 videos (T, H, W, 3) at a time, as each is decoded."""
+                     device: torch.device, batch_size: int = 8, progress: bool = False,
+                     should_stop: Optional[Callable[[], bool]] = None) -> Iterator[list[np.ndarray]]:
+    """`generate_videos`, one batch of uint8 videos (T, H, W, 3) at a time, as each is decoded.
+    `should_stop() -> bool` is asked before every sampler step: True ends the iteration there
+    (the batch being sampled is dropped; the batches already yielded are whole)."""
     model.eval()
     for start in range(0, len(seeds), batch_size):
         chunk = list(seeds[start:start + batch_size])
         generators = [torch.Generator(device).manual_seed(int(s)) for s in chunk]
         y = labels[start:start + len(chunk)].to(device) if labels is not None else None
         scheduler = make_scheduler(sampler, diffusion_cfg)
-        latents = sample(model, (len(chunk), *latent_shape), scheduler=scheduler, num_steps=num_steps,
-                         generator=generators, device=device, y=y, guidance_scale=guidance_scale,
-                         null_class_id=null_class_id, progress=progress,
-                         mu=flow_mu(diffusion_cfg, (len(chunk), *latent_shape)))  # (B, C, T, h, w)
+        try:
+            latents = sample(model, (len(chunk), *latent_shape), scheduler=scheduler, num_steps=num_steps,
+                             generator=generators, device=device, y=y, guidance_scale=guidance_scale,
+                             null_class_id=null_class_id, progress=progress, should_stop=should_stop,
+                             mu=flow_mu(diffusion_cfg, (len(chunk), *latent_shape)))  # (B, C, T, h, w)
+        except SamplingStopped:
+            return
         pixels = vae.decode(latents.float())  # (B, 3, T, H, W) in [-1, 1]
         yield [video_tensor_to_uint8(v) for v in pixels.cpu()]
 
@@ -337,8 +343,8 @@ def predict_to_folder(cfg: PredictConfig, device: torch.device) -> SampleWriter:
     """Sample cfg.num_videos into cfg.output_dir, each batch written as it is finished, then
     grid.png. Files an earlier predict wrote there are removed first; any other file in the
     way is refused (`OutputFolder`). Ctrl-C or SIGTERM sets a flag checked after every video
-    (and so after every batch is sampled): the finished videos and a grid of them stay, and
-    the writer's `interrupted` is True. A second Ctrl-C stops at once (KeyboardInterrupt)."""
+    and before every sampler step (the batch being sampled is dropped): the finished videos
+    and a grid of them stay, and the writer's `interrupted` is True. A second Ctrl-C stops at once (KeyboardInterrupt)."""
     loaded = load_for_sampling(cfg, device)  # refused now, before a file is touched
     folder = OutputFolder(cfg.output_dir)
     removed = folder.claim(sample_names(cfg.num_videos) + [GRID_NAME])
@@ -346,9 +352,10 @@ def predict_to_folder(cfg: PredictConfig, device: torch.device) -> SampleWriter:
         print(f"removed {len(removed)} files an earlier predict wrote in {cfg.output_dir} "
               f"({removed[0]} ... {removed[-1]})")
     writer = SampleWriter(cfg.output_dir, loaded.fps, folder)
-    videos = (frames for batch in _batches(cfg, loaded, device) for frames in batch)
+    stop = GracefulStop()
+    videos = (frames for batch in _batches(cfg, loaded, device, lambda: stop.requested) for frames in batch)
     try:
-        with GracefulStop() as stop:
+        with stop:
             for frames in videos:
                 writer.add(frames)
                 if stop.requested:  # the video in hand is whole; the rest of its batch is dropped
@@ -376,9 +383,10 @@ def _output_fps(cfg: PredictConfig, ckpt: dict) -> float:
     return fps
 
 
-def _batches(cfg: PredictConfig, loaded: Loaded, device: torch.device) -> Iterator[list[np.ndarray]]:
+def _batches(cfg: PredictConfig, loaded: Loaded, device: torch.device,
+             should_stop: Optional[Callable[[], bool]] = None) -> Iterator[list[np.ndarray]]:
     try:
-        yield from _generate(cfg, loaded.model, loaded.vae, loaded.ckpt, loaded.labels, device)
+        yield from _generate(cfg, loaded.model, loaded.vae, loaded.ckpt, loaded.labels, device, should_stop)
     except torch.OutOfMemoryError:
         raise UserError(f"out of GPU memory sampling {cfg.batch_size} videos at once; lower "
                         "batch_size (videos sampled together) or guidance (cfg doubles the batch)") from None
@@ -394,13 +402,14 @@ def _trained_vae_settings(config: dict) -> VAERefConfig:
     return config_from_dict(VAERefConfig, {**recorded, "subfolder": None})
 
 
-def _generate(cfg: PredictConfig, model, vae, ckpt: dict, labels, device) -> Iterator[list[np.ndarray]]:
+def _generate(cfg: PredictConfig, model, vae, ckpt: dict, labels, device,
+              should_stop: Optional[Callable[[], bool]] = None) -> Iterator[list[np.ndarray]]:
     return generate_batches(
         model, vae, config_from_dict(DiffusionConfig, ckpt["diffusion"]),
         latent_shape=latent_shape(model_dims(ckpt["model"])),
         seeds=[cfg.seed + i for i in range(cfg.num_videos)], labels=labels, sampler=cfg.sampler,
         num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, null_class_id=model.null_class_id,
-        device=device, batch_size=cfg.batch_size, progress=True)
+        device=device, batch_size=cfg.batch_size, progress=True, should_stop=should_stop)
 
 
 def _labels(cfg: PredictConfig, num_classes: int, class_names: list):
