@@ -171,8 +171,14 @@ def test_checks_come_before_the_latent_cache(tmp_path, random_vae, capsys):
     _train(tmp_path, random_vae, "run", ["train.max_steps=1"])
     manifest = os.path.join(cache, "manifest.json")
     stamp = os.stat(manifest).st_mtime_ns
+    flat = tmp_path / "flat"  # videos without class folders: 0 classes
+    flat.mkdir()
+    for i in range(2):
+        write_video(str(flat / f"v{i}.mp4"), smooth_frames(8, 16, 16 + 8 * i), fps=8)
     for extra, words in ((["data.resolution=32"], ("trained on other data", "data.resolution is 16 "
                                                    "in the checkpoint but 32 now")),
+                         ([f"data.path={flat}"], ("trained on other data", "data.path is 'builtin:",
+                                                  f"but '{flat}' now")),
                          (["diffusion.beta_schedule=linear"], ("another diffusion schedule",
                                                                "diffusion.beta_schedule is"))):
         code, _, err = _cli(train_advanced, _args(tmp_path, random_vae, "run",

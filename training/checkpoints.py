@@ -95,8 +95,15 @@ def check_model(ckpt: dict, expected: dict, ckpt_path: str, data: Optional[dict]
     if not diffs:
         return
     trained = ckpt.get("config", {}).get("data", {})
+    # The class count is the data's too (the classes found in data.path): a changed data.path
+    # must not read as another model ("num_classes is 18 ... but 0 now").
+    classes = [d for d in diffs if d.split(" ")[0].split(".")[-1] == "num_classes"]
+    keys = DATA_GEOMETRY + (("path",) if classes else ())
     data_diffs = [f"data.{k} is {trained.get(k)!r} in the checkpoint but {data.get(k)!r} now"
-                  for k in DATA_GEOMETRY if data is not None and k in trained and trained[k] != data.get(k)]
+                  for k in keys if data is not None and k in trained and trained[k] != data.get(k)]
+    if classes and data is not None and not data_diffs:
+        data_diffs = [f"its data had other classes ({classes[0]}; classes are the data's class "
+                      "folders or labels)"]
     if data_diffs:
         raise UserError(f"checkpoint {ckpt_path} was trained on other data: " + "; ".join(data_diffs) +
                         " (the model's input size follows from them). " + RESTART_HELP)
