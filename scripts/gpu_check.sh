@@ -11,7 +11,7 @@
 #   stage2_fp16  GradScaler: all its steps were real updates (a run whose every step was
 #                skipped never reaches its step count), losses finite
 #   predict      every sample file and grid.png written
-#   diagnose     every code-path check (patchify, v identities, gradients, checkpoint, VAE
+#   diagnose     every code-path check (patchify, identities, gradients, checkpoint, VAE
 #                fingerprint) PASSes; its quality checks are shown (a 2-minute model may fail them)
 #   torchrun     stage 2 under torchrun on every GPU: world size logged, losses finite and falling.
 #                With ONE GPU this is one process: DDP itself (gradient all-reduce, several

@@ -32,7 +32,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMPILE_TOL = 1e-3  # torch.compile vs eager, fp32 with TF32 off: only reduction order differs
 BF16_TOL = 5e-2  # bf16 keeps 8 bits of mantissa (~4e-3 per op); a few layers stay well under this
 LOSS_LINE = re.compile(r" step (\d+)/\d+ .*?\bloss (\S+)")  # stage 1 and stage 2 training lines
-CODE_CHECKS = ("patchify", "v_identities", "gradients", "checkpoint", "vae_fingerprint")
 
 
 def _result(ok: bool, text: str) -> int:
@@ -112,6 +111,7 @@ def agree(ckpt_path: str, device_name: str) -> int:
 
 
 def diagnose(log: str) -> int:
+    from training.diagnostics import CODE_PATH_CHECKS as CODE_CHECKS  # diagnose's own names
     status = {}
     with open(log) as f:
         for line in f:

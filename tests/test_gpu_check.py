@@ -105,7 +105,7 @@ def test_steps_condition_fails_when_every_fp16_step_was_skipped(tmp_path):
 
 
 def test_diagnose_condition_fails_on_a_failed_code_check(tmp_path):
-    lines = ["[PASS] patchify         exact", "[PASS] v_identities     1e-7", "[PASS] gradients        ok",
+    lines = ["[PASS] patchify         exact", "[PASS] identities       1e-7", "[PASS] gradients        ok",
              "[PASS] checkpoint       ok", "[PASS] vae_fingerprint  ok", "[FAIL] denoise          1.2"]
     (tmp_path / "d.log").write_text("\n".join(lines) + "\n")
     proc = _condition("diagnose", tmp_path / "d.log")
@@ -113,6 +113,18 @@ def test_diagnose_condition_fails_on_a_failed_code_check(tmp_path):
     (tmp_path / "d.log").write_text("\n".join(lines).replace("[PASS] gradients", "[FAIL] gradients") + "\n")
     proc = _condition("diagnose", tmp_path / "d.log")
     assert proc.returncode == 1 and "gradients FAIL" in proc.stdout
+
+
+def test_the_required_diagnose_checks_are_names_diagnose_prints():
+    """The condition once required 'v_identities' after diagnose renamed the check 'identities':
+    every real diagnose then FAILed the gpu_check step. The names come from diagnostics now."""
+    import re
+
+    import training.diagnostics as diagnostics
+    with open(diagnostics.__file__) as f:
+        emitted = set(re.findall(r'(?:_guarded|Check)\("(\w+)"', f.read()))
+    assert set(diagnostics.CODE_PATH_CHECKS) <= emitted
+    assert set(diagnostics.CODE_PATH_CHECKS).isdisjoint({"vae_roundtrip", "latent_scale", "denoise", "jigsaw"})
 
 
 def test_fvd_and_bench_conditions(tmp_path):

@@ -453,6 +453,9 @@ def run_diagnostics(cfg: TrainRunConfig, checkpoint: Optional[str], device: torc
 
 
 CHECKPOINT_CHECKS = ("checkpoint", "vae_fingerprint", "denoise", "jigsaw")
+# The checks of the code paths (any model, trained or not, must PASS them); the others judge a
+# model's quality. scripts/gpu_check_conditions.py requires these by name.
+CODE_PATH_CHECKS = ("patchify", "identities", "gradients", "checkpoint", "vae_fingerprint")
 
 
 def _skipped(names: tuple[str, ...], why: str) -> Iterator[Check]:
