@@ -65,12 +65,15 @@ def _as_device(value: Any) -> torch.device:
 
 
 class LogicalDeviceMode(TorchFunctionMode):
-    """The checker (see the module docstring). `calls` counts the torch calls it checked."""
+    """The checker (see the module docstring). `calls` counts the torch calls it checked,
+    `host_reads` the reads of a GPU tensor's value on the host (`.item()`, `bool()`,
+    `.tolist()`, `.cpu()`): the host syncs a CUDA run would make."""
 
     def __init__(self):
         super().__init__()
         self._gpu = {}  # storage address -> weak reference (keeps the address unique while alive)
         self.calls = 0
+        self.host_reads = 0
 
     # ------------------------------------------------------------------ marks
 
@@ -106,6 +109,8 @@ class LogicalDeviceMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         self.calls += 1
+        if func in _HOST_READS and self.device_of(args[0]).type == "cuda":
+            self.host_reads += 1  # the host waits for the GPU here
         if self.calls % 20000 == 0:
             self._prune()
         if type(func).__name__ == "method-wrapper":  # a property getter: t.device, t.grad, ...
@@ -187,6 +192,8 @@ class LogicalDeviceMode(TorchFunctionMode):
         return self._move(args[0], CUDA, non_blocking=kwargs.get("non_blocking", False))
 
     def _cpu(self, func, args, kwargs):
+        if self.device_of(args[0]).type == "cuda":
+            self.host_reads += 1  # a blocking copy to the host waits for the GPU
         return self._move(args[0], CPU)
 
     def _numpy(self, func, args, kwargs):
@@ -230,6 +237,12 @@ _SPECIAL = {
     _T.__getitem__: LogicalDeviceMode._index, _T.__setitem__: LogicalDeviceMode._index,
     _T.get_device: LogicalDeviceMode._get_device,
 }
+
+
+# Reads of a GPU tensor's value on the host: each one waits for the GPU (a host sync).
+# And `.cpu()` (_cpu). Not `.to("cpu")`: torch's own internals call `.to(device)` with the real
+# (CPU) device of tensors this checker marks as on the GPU (clip_grad_norm_), which on a GPU is no copy.
+_HOST_READS = {_T.item, _T.__bool__, _T.tolist, _T.__float__, _T.__int__}
 
 
 # Calls that look at tensors on several devices without computing across them.
