@@ -40,6 +40,11 @@ from utils.train_utils import (GracefulStop, autocast_context, count_parameters,
                                make_grad_scaler, use_fast_adamw)
 
 PREVIEW_CLIPS = 4  # held-out clips in the TensorBoard reconstruction grid
+# Training runs the autoencoder's weights and frames in channels-last (NHWC) layout: oneDNN's
+# convolutions (forward and, above all, backward) are ~1.3x faster so on the 2-core CPU (and
+# it is cuDNN's preferred layout for bf16/fp16). Same math, other memory order; vae/ is saved
+# in the default layout (safetensors stores contiguous tensors only).
+CONV_LAYOUT = torch.channels_last
 
 
 class VAEObjective(nn.Module):
@@ -52,7 +57,7 @@ class VAEObjective(nn.Module):
 
     def forward(self, frames: torch.Tensor, generator: Optional[torch.Generator] = None):
         """`frames` (N, 3, H, W) -> (loss, {"recon": (N, 3, H, W), ...})."""
-        return self.loss_fn(self.ae, frames, generator)
+        return self.loss_fn(self.ae, frames.contiguous(memory_format=CONV_LAYOUT), generator)
 
 
 @dataclass
@@ -96,7 +101,7 @@ def setup(cfg: VAERunConfig, run_dir: str, dist: DistInfo, device: torch.device,
     loader = make_loader(train_set, tcfg.batch_size, shuffle=True, seed=cfg.experiment.seed,
                          num_workers=cfg.data.num_workers, rank=dist.rank,
                          world_size=dist.world_size, device_type=device.type)
-    ae = build_autoencoder(cfg.vae).to(device)
+    ae = build_autoencoder(cfg.vae).to(device, memory_format=CONV_LAYOUT)
     objective = VAEObjective(ae, VAELoss(tcfg.l1_weight, tcfg.mse_weight, tcfg.kl_weight))
     ddp = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist.enabled else None
@@ -325,6 +330,7 @@ def _finish_main(s: Stage1) -> None:
     means = (moments.encode_moments(v)[0] for v in video_batches(s.train_set, train_idx, tcfg.batch_size))
     scale = 1.0 / global_std(means)  # unscaled posterior means; one std over all channels, as SD
     s.ae.register_to_config(scaling_factor=scale)
+    s.ae.to(memory_format=torch.contiguous_format)  # training is over; safetensors needs this
     vae_dir = os.path.join(s.run_dir, "vae")
     s.ae.save_pretrained(vae_dir)
     vae = FrozenVAE.from_pretrained(vae_dir, s.device)  # exactly what stage 2 will load
