@@ -30,6 +30,7 @@ from training import checkpoints as ckpts
 from training.common import (Deadline, NonFiniteGuard, Position, StepOutcome, capture_rank_rng,
                              check_epoch, checkpoint_note, make_lr_schedule, optimizer_step,
                              out_of_memory, restore_position, restore_rank_rng, seed_rank)
+from training.outcome import StopReason, signal_outcome, stage1_outcome, write_outcome
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import VAERunConfig, config_to_dict
 from utils.dist import DistInfo, all_reduce_mean, any_rank, barrier
@@ -40,6 +41,9 @@ from utils.train_utils import (GracefulStop, autocast_context, count_parameters,
                                make_grad_scaler, use_fast_adamw)
 
 PREVIEW_CLIPS = 4  # held-out clips in the TensorBoard reconstruction grid
+# Held-out windows, evenly spread, for the train.target_psnr check: on the demo data 16 of its
+# 80 overlapping windows (one per clip) cost ~5x less than the final measure over all of them.
+TARGET_CHECK_WINDOWS = 16
 # Training runs the autoencoder's weights and frames in channels-last (NHWC) layout: oneDNN's
 # convolutions (forward and, above all, backward) are ~1.3x faster so on the 2-core CPU (and
 # it is cuDNN's preferred layout for bf16/fp16). Same math, other memory order; vae/ is saved
@@ -84,6 +88,7 @@ class Stage1:
     total_steps: int
     deadline: Deadline
     saved_step: int = 0  # the step latest.pth holds (a failing run saves only what is newer)
+    stopped_by: StopReason = StopReason.STEPS  # what ended the loop (for the outcome line)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -199,10 +204,10 @@ def _train_loop(s: Stage1) -> bool:
                disable=not s.dist.is_main)
     s.deadline.begin()
     s.ae.train()
-    timed_out, frames_seen, steps_seen, since = False, 0, 0, time.perf_counter()
+    timed_out, reached, frames_seen, steps_seen, since = False, False, 0, 0, time.perf_counter()
     with GracefulStop() as stop:
         while (s.pos.step < s.total_steps and s.pos.epoch < tcfg.epochs and not stop.requested
-               and not timed_out):
+               and not timed_out and not reached):
             set_epoch(s.loader, s.pos.epoch)
             s.sampler.set_start(s.pos.micro * tcfg.batch_size)  # mid-epoch resume: skip what was seen
             for batch in s.loader:
@@ -231,8 +236,10 @@ def _train_loop(s: Stage1) -> bool:
                     s.log.image("val/reconstructions", reconstruction_grid(s.ae, preview), s.pos.step)
                 if s.pos.step % tcfg.checkpoint_every == 0:
                     save(s)
-                stop.requested, timed_out = any_rank([stop.requested, s.deadline.expired()], s.dist, s.device)
-                if s.pos.step >= s.total_steps or stop.requested or timed_out:
+                reached = target_reached(s)  # every train.eval_every steps, with train.target_psnr
+                stop.requested, timed_out, reached = any_rank([stop.requested, s.deadline.expired(), reached],
+                                                              s.dist, s.device)
+                if s.pos.step >= s.total_steps or stop.requested or timed_out or reached:
                     break
             else:
                 s.pos.epoch += 1
@@ -242,8 +249,13 @@ def _train_loop(s: Stage1) -> bool:
     if stop.requested:
         s.log.info(f"stopped by signal at step {s.pos.step}; saved {s.run_dir}/latest.pth "
                    "(continue with train.resume=auto; vae/ is written when training ends)")
+        if s.dist.is_main:
+            write_outcome(s.run_dir, signal_outcome(1, s.pos.step, s.total_steps))
         return True
-    why = "the time limit" if timed_out else "the step budget (max_steps, epochs)"
+    s.stopped_by = (StopReason.TARGET if reached else StopReason.TIME_LIMIT if timed_out
+                    else StopReason.STEPS)
+    why = (f"the quality target (train.target_psnr = {tcfg.target_psnr} dB)" if reached
+           else "the time limit" if timed_out else "the step budget (max_steps, epochs)")
     s.log.info(f"stopped at step {s.pos.step} (epoch {s.pos.epoch}) by {why}")
     return False
 
@@ -343,6 +355,10 @@ def _finish_main(s: Stage1) -> None:
                f"training clips); scaled latent std on training data = {scaled_std:.3f}\n"
                f"held-out PSNR = {heldout:.2f} dB over {len(s.val_set)} val clips\n"
                f"saved {vae_dir} (fingerprint {vae.fingerprint})")
+    outcome = stage1_outcome(s.stopped_by, s.pos.step, s.total_steps, heldout, tcfg.target_psnr,
+                             tcfg.time_limit_minutes)
+    write_outcome(s.run_dir, outcome)
+    s.log.info(outcome)
 
 
 def global_std(tensors: Iterator[torch.Tensor]) -> float:
@@ -365,3 +381,45 @@ def heldout_psnr(vae: FrozenVAE, val_set, batch: int) -> float:
         count += videos.numel()
     mse = squared.item() / count
     return math.inf if mse == 0 else 10 * math.log10(2.0 ** 2 / mse)  # data range 2: pixels in [-1, 1]
+
+
+# ----------------------------------------------------------------------------- quality target
+
+
+def target_reached(s: Stage1) -> bool:
+    """Every train.eval_every steps, with train.target_psnr set: rank 0 measures the held-out
+    PSNR of the weights being trained over TARGET_CHECK_WINDOWS held-out windows (posterior
+    means, eval mode, no RNG drawn: the run's course is the same as without the check) and logs
+    it as val/heldout_psnr; True when it reaches the target. Other ranks answer False: the caller's any_rank spreads rank 0's answer."""
+    tcfg = s.cfg.train
+    if (s.pos.step % tcfg.eval_every or tcfg.target_psnr is None or s.pos.step >= s.total_steps
+            or not s.dist.is_main):
+        return False
+    s.ae.eval()
+    windows = torch.utils.data.Subset(s.val_set, spread_indices(s.val_set, TARGET_CHECK_WINDOWS))
+    psnr = heldout_psnr(TrainingAutoencoder(s.ae), windows, tcfg.batch_size)
+    s.ae.train()
+    s.log.scalar("val/heldout_psnr", psnr, s.pos.step)
+    s.log.info(f"step {s.pos.step}: held-out PSNR {psnr:.2f} dB over {len(windows)} windows "
+               f"(train.target_psnr = {tcfg.target_psnr:g})")
+    return psnr >= tcfg.target_psnr
+
+
+class TrainingAutoencoder:
+    """The autoencoder being trained, as `heldout_psnr` sees a VAE (`device`, `encode` and
+    `decode` of clips), without freezing it. No latent normalisation: a round trip is the same
+    without it (the scaling factor is measured only at the end)."""
+
+    def __init__(self, ae: AutoencoderKL):
+        self.ae, self.device = ae, next(ae.parameters()).device
+
+    def encode(self, videos: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        """(B, 3, T, H, W) -> posterior means (B, C, T, h, w)."""
+        assert not sample, "the quality check measures posterior means"
+        frames = rearrange(videos, "b c t h w -> (b t) c h w").contiguous(memory_format=CONV_LAYOUT)
+        return rearrange(self.ae.encode(frames).latent_dist.mean, "(b t) c h w -> b c t h w", b=videos.shape[0])
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, h, w) -> (B, 3, T, H, W)."""
+        z = rearrange(latents, "b c t h w -> (b t) c h w").contiguous(memory_format=CONV_LAYOUT)
+        return rearrange(self.ae.decode(z).sample, "(b t) c h w -> b c t h w", b=latents.shape[0])

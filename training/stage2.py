@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -32,6 +32,7 @@ from training.common import (Deadline, NonFiniteGuard, Position, StepOutcome, ca
                              optimizer_step, out_of_memory, restore_position, restore_rank_rng,
                              seed_rank)
 from training.evaluation import clip_batches, real_clip_plan, video_batches
+from training.outcome import StopReason, signal_outcome, stage2_outcome, write_outcome
 from training.sampling import default_labels, generate_videos, save_videos, side_by_side
 from utils.video_io import uint8_to_video_tensor
 from utils.checkpoint import atomic_save, load_checkpoint
@@ -84,6 +85,7 @@ class Stage2:
     fvd_real: Optional[FeatureStats] = None  # real clips' features for val/fvd, computed once
     saved_step: int = 0  # the step latest.pth holds (a failing run saves only what is newer)
     last_data_wait_fraction: float = 0.0  # of the last logging interval (benchmarks read it)
+    val_losses: list[float] = field(default_factory=list)  # val/loss (EMA) of each validation, this launch
     fps: Optional[float] = None  # frames per second of the training windows (in checkpoints)
 
 
@@ -413,7 +415,7 @@ def _train_loop(s: Stage2) -> Position:
     if timed_out:
         s.log.info(f"train.time_limit_minutes = {tcfg.time_limit_minutes} reached at step "
                    f"{s.pos.step} of {s.total_steps}")
-    _finish(s, interrupted=stop.requested)
+    _finish(s, interrupted=stop.requested, timed_out=timed_out)
     return s.pos
 
 
@@ -448,15 +450,22 @@ def _end_epoch(s: Stage2) -> None:
             ckpts.prune_epoch_checkpoints(s.run_dir, tcfg.keep_last)
 
 
-def _finish(s: Stage2, interrupted: bool) -> None:
+def _finish(s: Stage2, interrupted: bool, timed_out: bool = False) -> None:
     save(s)
     if interrupted:
         s.log.info(f"stopped by signal at step {s.pos.step}; saved {s.run_dir}/latest.pth "
                    "(continue with train.resume=auto)")
+        if s.dist.is_main:
+            write_outcome(s.run_dir, signal_outcome(2, s.pos.step, s.total_steps))
         return
     if s.cfg.validation.every_epochs:
         validate(s)
     s.log.info(f"done: {s.pos.step} steps; checkpoint {s.run_dir}/latest.pth")
+    if s.dist.is_main:  # what stopped it and what the model is worth: also <run>/outcome.txt
+        outcome = stage2_outcome(StopReason.TIME_LIMIT if timed_out else StopReason.STEPS, s.pos.step,
+                                 s.total_steps, s.val_losses, s.cfg.train.time_limit_minutes)
+        write_outcome(s.run_dir, outcome)
+        s.log.info(outcome)
 
 
 def _log_step(s: Stage2, stats: LossStats, bar: tqdm) -> None:
@@ -566,6 +575,7 @@ def _log_held_out_loss(s: Stage2) -> None:
     ema, raw = held_out_loss(s, s.ema.model), held_out_loss(s, s.model)
     width = s.cfg.diffusion.num_train_timesteps // NUM_T_BUCKETS
     values = {"val/loss": ema.mean().item(), "val/loss_raw": raw.mean().item()}
+    s.val_losses.append(values["val/loss"])
     for b in range(NUM_T_BUCKETS):
         values[f"val_loss_by_t/t{b * width:04d}-{(b + 1) * width - 1:04d}"] = ema[b].item()
     s.log.scalars(values, s.pos.step)
