@@ -130,3 +130,24 @@ def test_bad_target_keys_are_refused_by_name(override, words):
         load_config(VAERunConfig, os.path.join(ROOT, "config_vae.yaml"), [override])
     for w in words:
         assert w in str(e.value)
+
+
+@pytest.mark.slow  # one 2-process stage-1 run: ~15 s
+def test_the_target_stops_every_rank_under_torchrun(tmp_path):
+    """Rank 0 measures; its answer reaches rank 1 with the stop flags (one all-reduce): both
+    stop at the same step, no rank waits for the other forever."""
+    import subprocess
+    import sys
+    from tests.test_ddp import _free_port
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={_free_port()}", "--master_addr=127.0.0.1", "train_vae.py",
+           "--config", "config_vae.yaml", *TINY_OVERRIDES, "data.builtin.num_clips=8",
+           "train.max_steps=50", "train.time_limit_minutes=null", "train.target_psnr=3",
+           "train.eval_every=2", f"experiment.runs_dir={tmp_path}", "experiment.name=vae", "train.resume=null"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = load_checkpoint(os.path.join(tmp_path, "vae", "latest.pth"))
+    assert ckpt["step"] == 2 and ckpt["world_size"] == 2
+    outcome = (tmp_path / "vae" / OUTCOME_FILE).read_text()
+    assert outcome.startswith("stage 1: reached its quality target at step 2 of at most 50")
