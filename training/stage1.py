@@ -44,24 +44,20 @@ PREVIEW_CLIPS = 4  # held-out clips in the TensorBoard reconstruction grid
 # Held-out windows, evenly spread, for the train.target_psnr check: on the demo data 16 of its
 # 80 overlapping windows (one per clip) cost ~5x less than the final measure over all of them.
 TARGET_CHECK_WINDOWS = 16
-# Training runs the autoencoder's weights and frames in channels-last (NHWC) layout: oneDNN's
-# convolutions (forward and, above all, backward) are ~1.3x faster so on the 2-core CPU (and
-# it is cuDNN's preferred layout for bf16/fp16). Same math, other memory order; vae/ is saved
-# in the default layout (safetensors stores contiguous tensors only).
-CONV_LAYOUT = torch.channels_last
 
 
 class VAEObjective(nn.Module):
     """The autoencoder and its loss as one module: DDP syncs the gradients of what its forward
     computes, and the loss calls `encode` and `decode`, not the autoencoder's forward."""
 
-    def __init__(self, ae: AutoencoderKL, loss_fn: VAELoss):
+    def __init__(self, ae: AutoencoderKL, loss_fn: VAELoss,
+                 layout: torch.memory_format = torch.contiguous_format):
         super().__init__()
-        self.ae, self.loss_fn = ae, loss_fn
+        self.ae, self.loss_fn, self.layout = ae, loss_fn, layout  # layout: the weights' and frames'
 
     def forward(self, frames: torch.Tensor, generator: Optional[torch.Generator] = None):
         """`frames` (N, 3, H, W) -> (loss, {"recon": (N, 3, H, W), ...})."""
-        return self.loss_fn(self.ae, frames.contiguous(memory_format=CONV_LAYOUT), generator)
+        return self.loss_fn(self.ae, frames.contiguous(memory_format=self.layout), generator)
 
 
 @dataclass
@@ -106,8 +102,10 @@ def setup(cfg: VAERunConfig, run_dir: str, dist: DistInfo, device: torch.device,
     loader = make_loader(train_set, tcfg.batch_size, shuffle=True, seed=cfg.experiment.seed,
                          num_workers=cfg.data.num_workers, rank=dist.rank,
                          world_size=dist.world_size, device_type=device.type)
-    ae = build_autoencoder(cfg.vae).to(device, memory_format=CONV_LAYOUT)
-    objective = VAEObjective(ae, VAELoss(tcfg.l1_weight, tcfg.mse_weight, tcfg.kl_weight))
+    # train.channels_last: weights and frames in NHWC layout (same math, other memory order)
+    layout = torch.channels_last if tcfg.channels_last else torch.contiguous_format
+    ae = build_autoencoder(cfg.vae).to(device, memory_format=layout)
+    objective = VAEObjective(ae, VAELoss(tcfg.l1_weight, tcfg.mse_weight, tcfg.kl_weight), layout)
     ddp = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist.enabled else None
     optimizer = make_adamw(ae.parameters(), tcfg.lr, weight_decay=tcfg.weight_decay)
@@ -342,7 +340,7 @@ def _finish_main(s: Stage1) -> None:
     means = (moments.encode_moments(v)[0] for v in video_batches(s.train_set, train_idx, tcfg.batch_size))
     scale = 1.0 / global_std(means)  # unscaled posterior means; one std over all channels, as SD
     s.ae.register_to_config(scaling_factor=scale)
-    s.ae.to(memory_format=torch.contiguous_format)  # training is over; safetensors needs this
+    s.ae.to(memory_format=torch.contiguous_format)  # after train.channels_last: safetensors needs it
     vae_dir = os.path.join(s.run_dir, "vae")
     s.ae.save_pretrained(vae_dir)
     vae = FrozenVAE.from_pretrained(vae_dir, s.device)  # exactly what stage 2 will load
@@ -416,10 +414,10 @@ class TrainingAutoencoder:
     def encode(self, videos: torch.Tensor, sample: bool = False) -> torch.Tensor:
         """(B, 3, T, H, W) -> posterior means (B, C, T, h, w)."""
         assert not sample, "the quality check measures posterior means"
-        frames = rearrange(videos, "b c t h w -> (b t) c h w").contiguous(memory_format=CONV_LAYOUT)
+        frames = rearrange(videos, "b c t h w -> (b t) c h w")
         return rearrange(self.ae.encode(frames).latent_dist.mean, "(b t) c h w -> b c t h w", b=videos.shape[0])
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, T, h, w) -> (B, 3, T, H, W)."""
-        z = rearrange(latents, "b c t h w -> (b t) c h w").contiguous(memory_format=CONV_LAYOUT)
+        z = rearrange(latents, "b c t h w -> (b t) c h w")
         return rearrange(self.ae.decode(z).sample, "(b t) c h w -> b c t h w", b=latents.shape[0])

@@ -341,6 +341,10 @@ class VAETrainConfig:
     grad_clip: Optional[float] = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     tf32: bool = True
+    # NHWC weights and frames: the step ran 1.36x faster on a 2-core CPU at load ~1.5 but
+    # 0.85x at load ~10 (one interleaved run each): off until the quiet-machine A/B of
+    # README "Stage 1 speed" decides
+    channels_last: bool = False
     log_every: int = 25
     image_every: int = 200  # steps between reconstruction grids in TensorBoard
     checkpoint_every: int = 200
