@@ -83,7 +83,7 @@ def _misplaced_share(line):
     return tuple(float(x) for x in m.groups())
 
 
-ALL_CHECKS = {"vae_roundtrip", "latent_scale", "patchify", "v_identities", "gradients",
+ALL_CHECKS = {"vae_roundtrip", "latent_scale", "patchify", "identities", "gradients",
               "checkpoint", "vae_fingerprint", "denoise", "jigsaw"}
 
 
@@ -151,7 +151,7 @@ def test_scrambled_unpatchify_fails_jigsaw_patchify_and_denoise(healthy_run, vae
     assert code == 1
     for name in ("jigsaw", "patchify", "denoise"):
         assert checks[name][0] == "FAIL", out
-    for name in ("vae_roundtrip", "vae_fingerprint", "checkpoint", "v_identities"):
+    for name in ("vae_roundtrip", "vae_fingerprint", "checkpoint", "identities"):
         assert checks[name][0] == "PASS", out
     healthy = healthy_report[1]
     assert _denoise_ratio(checks["denoise"][1]) > 1 > 0.8 > _denoise_ratio(healthy["denoise"][1])
@@ -179,7 +179,7 @@ def test_misplaced_pieces_finds_positions_that_come_from_elsewhere():
 
 
 def _denoise_ratio(line):
-    return float(re.search(r"predicting v = 0: ([\d.]+)", line).group(1))
+    return float(re.search(r"error of predicting 0: ([\d.]+)", line).group(1))
 
 
 def _misplaced(generate_videos, cell):
@@ -280,6 +280,6 @@ def test_v_identity_check_catches_a_wrong_formula(monkeypatch):
     from models.diffusion import Diffusion
     from utils.config import DiffusionConfig
     d = Diffusion(DiffusionConfig())
-    assert diagnostics.check_v_identities(d, (4, 3, 4, 4)).status == "PASS"
+    assert diagnostics.check_identities(d, (4, 3, 4, 4)).status == "PASS"
     monkeypatch.setattr(Diffusion, "eps_from_v", lambda self, x_t, v, t: x_t + v)
-    assert diagnostics.check_v_identities(d, (4, 3, 4, 4)).status == "FAIL"
+    assert diagnostics.check_identities(d, (4, 3, 4, 4)).status == "FAIL"

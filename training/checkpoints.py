@@ -14,7 +14,7 @@ from dataclasses import asdict
 from typing import Any, Callable, Optional
 
 from models.vae import FrozenVAE
-from utils.config import ModelConfig
+from utils.config import DiffusionConfig, ModelConfig, config_from_dict, config_to_dict
 from utils.checkpoint import require_entries
 from utils.errors import UserError
 
@@ -117,8 +117,10 @@ def load_entry(ckpt_path: str, entry: str, load: Callable[[Any], Any], value: An
 
 
 def check_diffusion(ckpt: dict, expected: dict, ckpt_path: str) -> None:
-    """The noise schedule the model learnt is the one it must keep."""
-    diffs = _diff(ckpt["diffusion"], expected)
+    """The objective and noise schedule the model learnt are the ones it must keep. Keys a
+    checkpoint predates take their defaults (no `objective` recorded: v_prediction)."""
+    recorded = config_to_dict(config_from_dict(DiffusionConfig, ckpt["diffusion"]))
+    diffs = _diff(recorded, expected)
     if diffs:
         raise UserError(f"checkpoint {ckpt_path} was trained with another diffusion schedule: "
                         + "; ".join(f"diffusion.{d}" for d in diffs) +

@@ -7,7 +7,8 @@ Checks that need a stage-2 checkpoint are SKIPped (never passed) when there is n
     vae_roundtrip    decode(encode(x)) PSNR on held-out clips of the configured data
     latent_scale     std of scaled latents on training clips (the schedule assumes ~1)
     patchify         models.dit.patchify / unpatchify round trip on the configured latent grid
-    v_identities     x0 and eps recovered from (x_t, v) by `Diffusion`
+    identities       x0 and eps recovered from (x_t, target) by `Diffusion`, for the
+                     configured objective (v_prediction or flow_matching)
     gradients        one training-style step: every DiT parameter gets a finite nonzero
                      gradient, the VAE none (and is outside the optimizer)
     checkpoint       the checkpoint loads and was made for the configured model
@@ -16,7 +17,7 @@ Checks that need a stage-2 checkpoint are SKIPped (never passed) when there is n
                      model that predicts nothing (catches misplaced patches, which sampling
                      turns into incoherent blobs rather than grid seams)
     jigsaw           the checkpoint's (EMA) output patches land where they belong (each
-                     piece of its v prediction on noised held-out clips matches the true v
+                     piece of its output on noised held-out clips matches the true target
                      at its own position best), and its samples have no patch-grid seams
                      (their seam score is close to that of real clips)
 """
@@ -61,7 +62,7 @@ NUM_SCALE_CLIPS = 64
 # spreads over 0.5-1.5, on 32 it is within ~0.1 of the mean.
 NUM_JIGSAW_REAL_CLIPS = 32
 NUM_SAMPLES = 8  # videos sampled from the checkpoint for the jigsaw check
-V_IDENTITY_TOL = 1e-4  # max abs error of x0 / eps recovered from v, in latent units (fp32)
+V_IDENTITY_TOL = 1e-4  # max abs error of x0 / eps recovered from the target, in latent units (fp32)
 DENOISE_NOISE_LEVELS = (0.4, 0.6)  # t / T at which the denoise check noises real latents
 # x0 error relative to predicting v = 0. Measured on the tiny test model (tests/test_diagnose.py):
 # exactly 1 at init (zero output layer), 0.94 after 10 steps, 0.46 after 100, 0.21-0.30
@@ -153,26 +154,33 @@ def check_patchify(latent_shape: tuple[int, int, int, int], patch_t: int, patch:
                  "checks it)")
 
 
-def check_v_identities(diffusion: Diffusion, latent_shape: tuple[int, int, int, int],
-                       seed: int = 0) -> Check:
-    """x_t = alpha x0 + sigma eps, v = alpha eps - sigma x0 => x0, eps recovered from (x_t, v)."""
+def check_identities(diffusion: Diffusion, latent_shape: tuple[int, int, int, int],
+                     seed: int = 0) -> Check:
+    """x0 and eps recovered from (x_t, target) by the objective's inverses, plus the schedule's
+    own identity: v: x_t = alpha x0 + sigma eps, v = alpha eps - sigma x0, alpha^2 + sigma^2 = 1;
+    flow: x_t = (1 - s) x0 + s eps, u = eps - x0, x_t = x0 at t = 0."""
     g = torch.Generator().manual_seed(seed)
     T = diffusion.num_train_timesteps
     t = torch.tensor([0, 1, T // 4, T // 2, 3 * T // 4, T - 1])  # both ends of the schedule
     x0 = torch.randn((len(t), *latent_shape), generator=g)
     eps = torch.randn((len(t), *latent_shape), generator=g)
     x_t = diffusion.add_noise(x0, eps, t)
-    v = diffusion.v_target(x0, eps, t)
-    err_x0 = (diffusion.x0_from_v(x_t, v, t) - x0).abs().max().item()
-    err_eps = (diffusion.eps_from_v(x_t, v, t) - eps).abs().max().item()
-    alpha, sigma = diffusion.alpha_sigma(t, x0)
-    err_unit = (alpha ** 2 + sigma ** 2 - 1).abs().max().item()
-    measured = (f"max error x0 {err_x0:.2e}, eps {err_eps:.2e}, alpha^2 + sigma^2 - 1 "
+    out = diffusion.target(x0, eps, t)
+    err_x0 = (diffusion.x0_from_output(x_t, out, t) - x0).abs().max().item()
+    err_eps = (diffusion.eps_from_output(x_t, out, t) - eps).abs().max().item()
+    if diffusion.is_flow:
+        err_unit = (x_t[0] - x0[0]).abs().max().item()
+        unit = "x_t - x0 at t = 0"
+    else:
+        alpha, sigma = diffusion.alpha_sigma(t, x0)
+        err_unit = (alpha ** 2 + sigma ** 2 - 1).abs().max().item()
+        unit = "alpha^2 + sigma^2 - 1"
+    measured = (f"{diffusion.objective}: max error x0 {err_x0:.2e}, eps {err_eps:.2e}, {unit} "
                 f"{err_unit:.2e} (tolerance {V_IDENTITY_TOL:g})")
     if max(err_x0, err_eps, err_unit) <= V_IDENTITY_TOL:
-        return Check("v_identities", PASS, measured)
-    return Check("v_identities", FAIL, measured,
-                 "the v-prediction formulas in models/diffusion.py disagree with each other: "
+        return Check("identities", PASS, measured)
+    return Check("identities", FAIL, measured,
+                 f"the {diffusion.objective} formulas in models/diffusion.py disagree with each other: "
                  "training target and sampler then mean different things. Fix models/diffusion.py")
 
 
@@ -253,12 +261,12 @@ def check_vae_fingerprint(ckpt: dict, vae: FrozenVAE, path: str) -> Check:
 @torch.no_grad()
 def check_denoise(ckpt: dict, vae: FrozenVAE, clips: torch.Tensor, labels: Optional[torch.Tensor],
                   device: torch.device, seed: int) -> Check:
-    """EMA model's x0 error on noised held-out latents, relative to predicting v = 0.
+    """EMA model's x0 error on noised held-out latents, relative to an output of 0.
 
-    v = 0 gives x0_hat = alpha * x_t (the zero-initialised model's answer), so the ratio is
-    ~1 for an untrained model, well below 1 for a trained one, and above 1 when the model's
-    output lands in the wrong places (patches), the wrong latent space (VAE) or means
-    something else than v.
+    Output 0 gives x0_hat = alpha * x_t for v, x_t for flow (the zero-initialised model's
+    answer), so the ratio is ~1 for an untrained model, well below 1 for a trained one, and
+    above 1 when the model's output lands in the wrong places (patches), the wrong latent
+    space (VAE) or means something else than the objective's target (the checkpoint's).
     """
     model = ckpts.model_from_checkpoint(ckpt, use_ema=True, device=device)
     diffusion = Diffusion(config_from_dict(DiffusionConfig, ckpt["diffusion"]))
@@ -269,11 +277,11 @@ def check_denoise(ckpt: dict, vae: FrozenVAE, clips: torch.Tensor, labels: Optio
     for frac in DENOISE_NOISE_LEVELS:
         t = torch.full((x0.shape[0],), int(frac * (diffusion.num_train_timesteps - 1)), device=device)
         x_t = diffusion.add_noise(x0, torch.randn(x0.shape, generator=g).to(device), t)
-        x0_hat = diffusion.x0_from_v(x_t, model(x_t, t, y), t)
+        x0_hat = diffusion.x0_from_output(x_t, model(x_t, t, y), t)
         err += (x0_hat - x0).square().mean().item()
-        base += (diffusion.x0_from_v(x_t, torch.zeros_like(x_t), t) - x0).square().mean().item()
+        base += (diffusion.x0_from_output(x_t, torch.zeros_like(x_t), t) - x0).square().mean().item()
     ratio = err / base
-    measured = (f"x0 error / error of predicting v = 0: {ratio:.3f} on {x0.shape[0]} held-out clips at "
+    measured = (f"x0 error / error of predicting 0: {ratio:.3f} ({diffusion.objective}) on {x0.shape[0]} held-out clips at "
                 f"t = {', '.join(f'{f:g}' for f in DENOISE_NOISE_LEVELS)} x T (pass below "
                 f"{DENOISE_WARN_RATIO:g}; 1 = no better than an untrained model)")
     if ratio < DENOISE_WARN_RATIO:
@@ -286,8 +294,8 @@ def check_denoise(ckpt: dict, vae: FrozenVAE, clips: torch.Tensor, labels: Optio
     return Check("denoise", FAIL, measured,
                  "the model denoises held-out clips worse than predicting nothing: its output lands in "
                  "the wrong places (patchify), in another latent space (a different VAE or "
-                 "scaling factor than it was trained with), or is not v. Check the patchify, "
-                 "v_identities and vae_fingerprint lines")
+                 "scaling factor than it was trained with), or is not its objective's target. "
+                 "Check the patchify, identities and vae_fingerprint lines")
 
 
 @torch.no_grad()
@@ -295,9 +303,10 @@ def check_jigsaw(ckpt: dict, vae: FrozenVAE, real_clips: torch.Tensor, labels: O
                  device: torch.device, sampling: ValidationConfig, num_videos: int = NUM_SAMPLES) -> Check:
     """Are the DiT's pieces in their places? Two measurements, either can fail:
 
-    - placement: the EMA model's v prediction for noised held-out clips, cut into its patches
+    - placement: the EMA model's output (v or flow velocity, the checkpoint's objective) for
+      noised held-out clips, cut into its patches
       (C x patch_t x patch x patch latent values), each matched to the most similar patch of
-      the true v; the true v carries the noise of its own position, so a healthy model's
+      the true target; the target carries the noise of its own position, so a healthy model's
       pieces match where they are, and pieces put back in a wrong order (a broken unpatchify)
       match where they came from, the same place in every clip (`misplaced_pieces`).
     - seams: `num_videos` sampled videos scored for gradient energy across the patch grid
@@ -319,7 +328,7 @@ def check_jigsaw(ckpt: dict, vae: FrozenVAE, real_clips: torch.Tensor, labels: O
         t = torch.full((x0.shape[0],), int(frac * (diffusion.num_train_timesteps - 1)), device=device)
         noise = torch.randn(x0.shape, generator=g).to(device)
         v_pred.append(model(diffusion.add_noise(x0, noise, t), t, y))
-        v_true.append(diffusion.v_target(x0, noise, t))
+        v_true.append(diffusion.target(x0, noise, t))
     share = misplaced_pieces(torch.cat(v_pred), torch.cat(v_true), mcfg.patch_t,
                              mcfg.patch_size).float().mean().item()
 
@@ -335,7 +344,7 @@ def check_jigsaw(ckpt: dict, vae: FrozenVAE, real_clips: torch.Tensor, labels: O
     score, real = jigsaw_score(samples, cell), jigsaw_score(real_clips, cell)
     limit = JIGSAW_RATIO * real + JIGSAW_MARGIN
     measured = (f"misplaced pieces {100 * share:.1f}% of positions (fail above {100 * MAX_MISPLACED:g}%; "
-                f"the model's v on {x0.shape[0]} noised held-out clips at t = "
+                f"the model's output on {x0.shape[0]} noised held-out clips at t = "
                 f"{', '.join(f'{f:g}' for f in PLACEMENT_NOISE_LEVELS)} x T); seams: samples {score:.3f} "
                 f"vs real clips {real:.3f} (fail above {limit:.3f}; {num_videos} {sampling.sampler} samples, "
                 f"{sampling.num_steps} steps, guidance {sampling.guidance_scale:g}, EMA, cell {cell} px)")
@@ -413,7 +422,7 @@ def run_diagnostics(cfg: TrainRunConfig, checkpoint: Optional[str], device: torc
     yield _guarded("vae_roundtrip", lambda: check_vae_roundtrip(vae, few_val, min_vae_psnr))
     yield _guarded("latent_scale", lambda: check_latent_scale(vae, train))
     yield _guarded("patchify", lambda: check_patchify(latent_shape, mcfg.patch_t, mcfg.patch_size))
-    yield _guarded("v_identities", lambda: check_v_identities(Diffusion(cfg.diffusion), latent_shape))
+    yield _guarded("identities", lambda: check_identities(Diffusion(cfg.diffusion), latent_shape))
     yield _guarded("gradients", lambda: check_gradients(cfg, device))
 
     if checkpoint is None:

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.diffusion import make_scheduler, sample
+from models.diffusion import flow_mu, make_scheduler, sample
 from models.vae import FrozenVAE
 from training.checkpoints import (PREDICT_ENTRIES, check_entries, check_format, check_vae,
                                   latent_shape, model_dims, model_from_checkpoint)
 from utils.checkpoint import load_checkpoint
 from utils.config import (DiffusionConfig, PredictConfig, VAERefConfig, check_num_steps,
-                          config_from_dict)
+                          check_sampler, config_from_dict)
 from utils.errors import UserError
 from utils.video_io import save_grid_png, video_tensor_to_uint8, write_video
 
@@ -75,7 +75,8 @@ def generate_batches(model: nn.Module, vae: FrozenVAE, diffusion_cfg: DiffusionC
         scheduler = make_scheduler(sampler, diffusion_cfg)
         latents = sample(model, (len(chunk), *latent_shape), scheduler=scheduler, num_steps=num_steps,
                          generator=generators, device=device, y=y, guidance_scale=guidance_scale,
-                         null_class_id=null_class_id, progress=progress)  # (B, C, T, h, w)
+                         null_class_id=null_class_id, progress=progress,
+                         mu=flow_mu(diffusion_cfg, (len(chunk), *latent_shape)))  # (B, C, T, h, w)
         pixels = vae.decode(latents.float())  # (B, 3, T, H, W) in [-1, 1]
         yield [video_tensor_to_uint8(v) for v in pixels.cpu()]
 
@@ -178,6 +179,9 @@ def load_for_sampling(cfg: PredictConfig, device: torch.device) -> Loaded:
     check_format(ckpt, cfg.checkpoint)
     check_entries(ckpt, cfg.checkpoint, PREDICT_ENTRIES)
     check_num_steps(cfg.num_steps, ckpt["diffusion"].get("num_train_timesteps", cfg.num_steps), "num_steps")
+    # The objective the checkpoint was trained with (recorded since flow matching; older ones are v).
+    objective = config_from_dict(DiffusionConfig, ckpt["diffusion"]).objective
+    check_sampler(cfg.sampler, objective, "sampler", f"checkpoint {cfg.checkpoint}, trained with")
     dims = model_dims(ckpt["model"])
     labels = _labels(cfg, dims.get("num_classes", 0), ckpt.get("class_names", []))
     vae = FrozenVAE.from_config(_trained_vae_settings(ckpt), device, cfg.vae.path or ckpt["vae"]["path"])
@@ -185,7 +189,8 @@ def load_for_sampling(cfg: PredictConfig, device: torch.device) -> Loaded:
     model = model_from_checkpoint(ckpt, cfg.use_ema, device)
     guidance = (f"guidance {cfg.guidance_scale}" if dims["num_classes"] or cfg.guidance_scale == 1
                 else f"no guidance (guidance_scale = {cfg.guidance_scale} needs a class-conditional model)")
-    print(f"checkpoint {cfg.checkpoint}: step {ckpt['step']}, {'EMA' if cfg.use_ema else 'raw'} weights; "
+    print(f"checkpoint {cfg.checkpoint}: step {ckpt['step']}, {'EMA' if cfg.use_ema else 'raw'} weights, "
+          f"{objective}; "
           f"VAE {vae.path} (fingerprint {vae.fingerprint} matches); sampler {cfg.sampler}, "
           f"{cfg.num_steps} steps, {guidance}")
     return Loaded(ckpt, model, vae, labels)

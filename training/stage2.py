@@ -316,7 +316,8 @@ class LossStats:
         self.steps, self.samples, self.data_wait, self.t0 = 0, 0, 0.0, time.perf_counter()
 
     def add(self, per_sample: torch.Tensor, t: torch.Tensor) -> None:
-        bucket = (t * NUM_T_BUCKETS // self.T).clamp_(max=NUM_T_BUCKETS - 1)
+        # t is the model time in [0, T]: integer (v) or float s * T (flow), bucketed by t / T
+        bucket = (t * NUM_T_BUCKETS // self.T).long().clamp_(max=NUM_T_BUCKETS - 1)
         self.loss_sum.index_add_(0, bucket, per_sample.detach().double())
         self.count.index_add_(0, bucket, torch.ones_like(per_sample, dtype=torch.float64))
         self.samples += per_sample.shape[0]
@@ -374,7 +375,7 @@ def _train_loop(s: Stage2) -> Position:
                 x0 = batch_latents(s, batch)  # (B, C, T, h, w)
                 y = batch["label"].to(s.device) if s.dims["num_classes"] else None
                 # Sample t and noise.
-                t = s.diffusion.sample_timesteps(x0.shape[0], s.device, s.noise_gen)
+                t = s.diffusion.sample_timesteps(x0.shape[0], s.device, s.noise_gen, latent_shape=x0.shape)
                 noise = torch.randn(x0.shape, device=s.device, generator=s.noise_gen)
                 x_t = s.diffusion.add_noise(x0, noise, t)
                 # Forward and backward.

@@ -213,21 +213,54 @@ class ModelConfig:
             raise ConfigError(f"{prefix}.class_dropout = {self.class_dropout}: must be in [0, 1)")
 
 
+# Which diffusers samplers can serve each objective (`sampler:` of validation, predict and
+# evaluate). `euler` is EulerDiscrete for v and FlowMatchEulerDiscrete for flow; `dpm++` is
+# DPM-Solver++ with the VP sigmas or with flow sigmas; `unipc` (flow sigmas) is offered for
+# flow only; ddim / ddpm step a VP schedule that flow matching does not have.
+SamplerName = Literal["ddim", "dpm++", "euler", "ddpm", "unipc"]
+SAMPLERS_BY_OBJECTIVE = {"v_prediction": ("ddim", "dpm++", "euler", "ddpm"),
+                         "flow_matching": ("euler", "dpm++", "unipc")}
+
+
 @dataclass
 class DiffusionConfig:
-    """Training schedule; predict and validation rebuild diffusers schedulers from it."""
+    """Training objective and schedule; predict and validation rebuild diffusers schedulers from it.
+
+    `objective: v_prediction` uses the VP schedule keys (num_train_timesteps, beta_*,
+    rescale_betas_zero_snr, min_snr_gamma). `flow_matching` ignores beta_* and
+    rescale_betas_zero_snr (its schedule is x_t = (1 - s) x0 + s eps, s in [0, 1]; the model
+    sees t = s * num_train_timesteps) and uses the flow_* keys and loss_weighting instead.
+    """
+    objective: Literal["v_prediction", "flow_matching"] = "v_prediction"
     num_train_timesteps: int = 1000
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
     beta_start: float = 0.0001
     beta_end: float = 0.02
     rescale_betas_zero_snr: bool = True
-    # min-SNR-gamma weighting; null = plain v MSE. With zero-terminal SNR it gives ~0 weight
-    # to the high-noise steps every sampler starts from, so it is off by default.
+    # min-SNR-gamma weighting (v only); null = plain v MSE. With zero-terminal SNR it gives ~0
+    # weight to the high-noise steps every sampler starts from, so it is off by default.
     min_snr_gamma: Optional[float] = None
-    # Which timesteps training draws: uniform, or logit_normal (t / T = sigmoid(N(mean, std))).
-    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    # Which timesteps training draws: uniform, logit_normal (t / T = sigmoid(N(mean, std))), or
+    # mode (SD3's heavy-middle density, curvature mode_scale), as diffusers' training utilities.
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "uniform"
     logit_mean: float = 0.0  # > 0 trains the noisy end more often
     logit_std: float = 1.0
+    mode_scale: float = 1.29  # timestep_sampling: mode; in [-1, 2 / (pi - 2)]
+    # Flow matching only. Shift of the noise level, s' = shift s / (1 + (shift - 1) s), in
+    # training and sampling alike; > 1 spends more steps at high noise (SD3: 3.0, Wan: 3-5).
+    flow_shift: float = 1.0
+    # Flow matching only: a shift that grows with the latent size instead of flow_shift:
+    # mu interpolated linearly in the sequence length (latent frames x height x width) from
+    # flow_base_shift at flow_base_seq_len to flow_max_shift at flow_max_seq_len, then
+    # s' = e^mu / (e^mu + 1/s - 1) (SD3 / Flux / LTX; diffusers' use_dynamic_shifting).
+    flow_shift_dynamic: bool = False
+    flow_base_shift: float = 0.5
+    flow_max_shift: float = 1.15
+    flow_base_seq_len: int = 256  # latent positions T * h * w
+    flow_max_seq_len: int = 4096  # latent positions T * h * w
+    # Flow matching only: weight on the velocity MSE, named as diffusers'
+    # compute_loss_weighting_for_sd3: none, sigma_sqrt (1 / s^2), cosmap (2 / (pi (1 - 2s + 2s^2))).
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
 
     def validate(self, prefix: str = "diffusion") -> None:
         _positive(self, prefix, "num_train_timesteps")
@@ -238,6 +271,37 @@ class DiffusionConfig:
             raise ConfigError(f"{prefix}.min_snr_gamma = {self.min_snr_gamma}: must be > 0 or null")
         if self.logit_std <= 0:
             raise ConfigError(f"{prefix}.logit_std = {self.logit_std}: must be > 0")
+        if not -1 <= self.mode_scale <= 2 / (math.pi - 2):
+            raise ConfigError(f"{prefix}.mode_scale = {self.mode_scale}: must be in [-1, 1.75] "
+                              "(outside it the mode density is not a density on [0, 1])")
+        if self.flow_shift <= 0:
+            raise ConfigError(f"{prefix}.flow_shift = {self.flow_shift}: must be > 0 (1 = no shift)")
+        if not 0 < self.flow_base_seq_len < self.flow_max_seq_len:
+            raise ConfigError(f"{prefix}.flow_base_seq_len / flow_max_seq_len = {self.flow_base_seq_len} / "
+                              f"{self.flow_max_seq_len}: need 0 < flow_base_seq_len < flow_max_seq_len")
+        if self.objective == "flow_matching":
+            if self.min_snr_gamma is not None:
+                raise ConfigError(f"{prefix}.min_snr_gamma = {self.min_snr_gamma} is a v_prediction weighting; "
+                                  f"with {prefix}.objective = flow_matching use {prefix}.loss_weighting "
+                                  "(none, sigma_sqrt, cosmap) and set min_snr_gamma to null")
+            if self.flow_shift_dynamic and self.flow_shift != 1.0:
+                raise ConfigError(f"{prefix}.flow_shift = {self.flow_shift} with {prefix}.flow_shift_dynamic "
+                                  "= true: the dynamic shift replaces the fixed one; set one of them")
+            return
+        flow_only = {"flow_shift": 1.0, "flow_shift_dynamic": False, "loss_weighting": "none"}
+        for key, neutral in flow_only.items():
+            if getattr(self, key) != neutral:
+                raise ConfigError(f"{prefix}.{key} = {getattr(self, key)!r} applies to flow matching only, "
+                                  f"but {prefix}.objective = v_prediction: set {prefix}.objective="
+                                  f"flow_matching, or remove {prefix}.{key}")
+
+
+def check_sampler(sampler: str, objective: str, key: str = "sampler", whose: str = "") -> None:
+    """Refuse a sampler that cannot serve `objective`, naming the ones that can."""
+    usable = SAMPLERS_BY_OBJECTIVE[objective]
+    if sampler not in usable:
+        raise ConfigError(f"{key} = {sampler!r} cannot sample {whose or 'a model trained with'} "
+                          f"diffusion.objective = {objective}; use one of {', '.join(usable)}")
 
 
 @dataclass
@@ -303,7 +367,7 @@ class ValidationFVDConfig:
 class ValidationConfig:
     every_epochs: int = 10  # sample validation videos every k epochs (and at the end); 0 = never
     num_videos: int = 4
-    sampler: Literal["ddim", "dpm++", "euler", "ddpm"] = "ddim"
+    sampler: SamplerName = "ddim"
     num_steps: int = 50
     guidance_scale: float = 1.0  # classifier-free guidance; 1 = off
     fps: int = 8
@@ -421,6 +485,7 @@ class TrainRunConfig:
             getattr(self, part).validate(part)
         check_num_steps(self.validation.num_steps, self.diffusion.num_train_timesteps,
                         "validation.num_steps")
+        check_sampler(self.validation.sampler, self.diffusion.objective, "validation.sampler")
         if self.vae.path is None:
             raise ConfigError("vae.path is not set: point it at a diffusers VAE directory (e.g. the vae/ "
                               "folder that train_vae.py writes into its run directory) or a pipeline folder")
@@ -439,7 +504,7 @@ class PredictConfig:
     output_dir: str = "runs/demo/predict"
     num_videos: int = 4
     batch_size: int = 4  # videos sampled at once
-    sampler: Literal["ddim", "dpm++", "euler", "ddpm"] = "ddim"
+    sampler: SamplerName = "ddim"
     num_steps: int = 50
     guidance_scale: float = 1.0  # classifier-free guidance; 1 = off
     class_labels: Optional[list[int]] = None  # one per video, cycled; null = 0, 1, 2, ...
@@ -542,7 +607,7 @@ class EvaluateConfig:
     generated: GeneratedConfig = field(default_factory=GeneratedConfig)
     num_videos: int = 2048  # generated videos (StyleGAN-V's fvd2048_16f: 2048)
     batch_size: int = 16  # videos sampled at once
-    sampler: Literal["ddim", "dpm++", "euler", "ddpm"] = "ddim"
+    sampler: SamplerName = "ddim"
     num_steps: int = 50
     guidance_scale: float = 1.0
     class_labels: Optional[list[int]] = None  # cycled over the videos; null = 0, 1, 2, ...
