@@ -89,7 +89,13 @@ def parse_recipe(text: str) -> Recipe:
     if bad:
         raise SystemExit(f"--recipe {text!r}: {bad[0]!r} is not key=value")
     predict = [o[len(PREDICT_PREFIX):] for o in overrides if o.startswith(PREDICT_PREFIX)]
-    return Recipe(name, [o for o in overrides if not o.startswith(PREDICT_PREFIX)], predict)
+    train = [o for o in overrides if not o.startswith(PREDICT_PREFIX)]
+    # Validation is off here, but its sampler must still serve the objective (a config
+    # check): it follows predict.sampler unless the recipe names one.
+    sampler = [o for o in predict if o.startswith("sampler=")]
+    if sampler and not any(o.startswith("validation.sampler=") for o in train):
+        train.append(f"validation.{sampler[-1]}")
+    return Recipe(name, train, predict)
 
 
 def first_reaching(evaluations: list[dict], target: int) -> Optional[dict]:

@@ -96,7 +96,7 @@ def test_time_to_quality_quick_scores_each_recipe(tmp_path):
         assert rec["steps_per_s"] > 0
     assert r["recipes"]["slow"]["evaluations"][0]["sampler"] == "ddim"
     assert r["recipes"]["fast"]["evaluations"][0]["sampler"] == "ddpm"  # predict_advanced.yaml's
-    assert r["recipes"]["slow"]["train_overrides"] == ["train.lr=3e-4"]
+    assert r["recipes"]["slow"]["train_overrides"] == ["train.lr=3e-4", "validation.sampler=ddim"]  # follows predict
     assert "fast (train.lr=1e-3): " in proc.stdout and "2/2 coherent: " in proc.stdout
 
 
