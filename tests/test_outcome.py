@@ -171,3 +171,28 @@ def test_the_target_stops_every_rank_under_torchrun(tmp_path):
     assert re.findall(r"step (\d+): held-out PSNR", log) == ["2"]  # rank 0 measured once
     outcome = (tmp_path / "vae" / OUTCOME_FILE).read_text()
     assert outcome.startswith("stage 1: reached its quality target at step 3 of at most 50")
+
+
+def test_a_target_request_is_a_stop_reason_of_the_step_vote():
+    """StepControl.request(TARGET): one process stops at once; a signal still wins (latest.pth
+    and a resume hint, not a finished VAE); other reasons are refused."""
+    from training.common import Deadline, LRPlan, Position, StepControl
+    from utils.dist import DistInfo
+    from utils.logging import RunLogger
+    from utils.train_utils import GracefulStop
+
+    def control():
+        deadline = Deadline(0.0, None)
+        stop = GracefulStop()
+        return StepControl(DistInfo(), torch.device("cpu"), deadline, LRPlan(None, 10, deadline),
+                           Position(step=3), stop, RunLogger(None)), stop
+
+    c, stop = control()
+    assert c.agree(torch.tensor(True)) and c.reason() is None
+    c.request(StopReason.TARGET)
+    assert c.reason() is StopReason.TARGET
+    assert c.agree(torch.tensor(True)) and c.verdict.target  # the next vote carries it too
+    stop.requested = True
+    assert c.reason() is StopReason.SIGNAL
+    with pytest.raises(ValueError, match="TARGET"):
+        control()[0].request(StopReason.TIME_LIMIT)

@@ -402,7 +402,8 @@ class LoopHooks:
     # `s.control.agree`. Returns its outcome, or None for a micro-batch that only accumulated.
     train_step: Callable[[dict], Optional[StepOutcome]]
     # After a STEPPED step (s.pos.step already counts it): EMA, log, preview, checkpoint. May
-    # return a stage's own StopReason (then the same on every rank), else None.
+    # return a stage's own StopReason (then the same on every rank), else None; a stop that one
+    # rank alone decides (stage 1's quality target) goes to `s.control.request` instead.
     after_step: Callable[[], Optional[StopReason]]
     end_epoch: Callable[[], None] = lambda: None  # after s.pos moved to the next epoch
     start_epoch: Callable[[], None] = lambda: None  # before the epoch's first batch is asked for
