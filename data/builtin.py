@@ -91,7 +91,9 @@ class MovingShapes(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         clip, frames = self.window(index)
-        item = {"video": self.source_frames(clip, frames), "label": self.source_label(clip)}
+        scene = self.scene(clip)  # drawn once for the pixels and the label
+        video = self.render_frames(scene, frames)  # (3, T, H, W) in [0, 1]
+        item = {"video": torch.from_numpy(video * 2 - 1), "label": scene["label"]}
         if self.has_captions:
             item["caption"] = self.caption(index)
         return item
@@ -144,8 +146,7 @@ class MovingShapes(torch.utils.data.Dataset):
 
     def source_frames(self, clip: int, indices: list[int]) -> torch.Tensor:
         """Frames `indices` of `clip` -> (3, n, H, W) in [-1, 1]."""
-        scene = self.scene(clip)
-        video = np.stack([self.render(scene, t) for t in indices], axis=1)  # (3, n, H, W) in [0, 1]
+        video = self.render_frames(self.scene(clip), indices)  # (3, n, H, W) in [0, 1]
         return torch.from_numpy(video * 2 - 1)
 
     def iter_source_frames(self, clip: int, indices: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
@@ -190,18 +191,35 @@ class MovingShapes(torch.utils.data.Dataset):
     @staticmethod
     def render_positions(scene: dict, t: float) -> np.ndarray:
         """(n, 2) shape centres (x, y in shorter sides) at source time `t`."""
-        lo = scene["half"][:, None]  # (n, 1): centres stay this far from the borders
-        return _bounce(scene["pos0"] + t * scene["vel"], lo, scene["extent"] - lo)
+        return MovingShapes._positions(scene, np.array([t], dtype=np.float64))[:, 0]
+
+    @staticmethod
+    def _positions(scene: dict, times: np.ndarray) -> np.ndarray:
+        """(n_shapes, n, 2) shape centres at the source times `times` (n,)."""
+        lo = scene["half"][:, None, None]  # (n_shapes, 1, 1): centres stay this far from the borders
+        free = scene["pos0"][:, None] + times[None, :, None] * scene["vel"][:, None]  # (n_shapes, n, 2)
+        return _bounce(free, lo, scene["extent"] - lo)
 
     def render(self, scene: dict, t: float) -> np.ndarray:
         """Frame at source time `t` (frames) -> (3, H, W) float32 in [0, 1]."""
-        img = self._background(scene)  # (3, H, W)
-        pos = self.render_positions(scene, t)  # (n, 2)
-        for (cx, cy), h, colour in zip(pos, scene["half"], scene["colours"]):
+        return self.render_frames(scene, [t])[:, 0]
+
+    def render_frames(self, scene: dict, times: list[float]) -> np.ndarray:
+        """Frames at source times `times` -> (3, n, H, W) float32 in [0, 1], all at once.
+
+        One array pass per shape for the whole window instead of one per frame (stage 1 draws
+        a window per clip at every step); per pixel the arithmetic is that of a single frame,
+        so every frame is bitwise the same as rendered alone.
+        """
+        img = self._background(scene)[:, None]  # (3, 1, H, W): every frame starts from it
+        pos = self._positions(scene, np.asarray(times, dtype=np.float64))  # (n_shapes, n, 2)
+        for shape_pos, h, colour in zip(pos, scene["half"], scene["colours"]):
+            cx, cy = shape_pos[:, 0, None, None], shape_pos[:, 1, None, None]  # (n, 1, 1) each
             cover = _coverage(self._sdf(scene["kind"], self._x - cx, self._y - cy, h),
-                              1.0 / self._side)  # (H, W)
-            img = img + cover * (colour[:, None, None] - img)
-        return img.astype(np.float32)
+                              1.0 / self._side)  # (n, H, W)
+            img = img + cover * (colour[:, None, None, None] - img)  # (3, n, H, W)
+        return np.ascontiguousarray(np.broadcast_to(img, (3, len(times)) + self._x.shape),
+                                    dtype=np.float32)
 
     def _background(self, scene: dict) -> np.ndarray:
         c0, c1 = scene["background"][:, :, None, None]  # (3, 1, 1) each
@@ -226,7 +244,7 @@ class MovingShapes(torch.utils.data.Dataset):
         # R = 2*half/sqrt(3); its centroid sits R/4 below the box centre, so the box spans
         # +-0.75 R = +-0.87 half vertically. Distance = max over the three edge lines.
         R = 2 * half / np.sqrt(3)
-        p = np.stack([dx, -(dy - R / 4)], -1)  # (H, W, 2), relative to the centroid, y up
+        p = np.stack([dx, -(dy - R / 4)], -1)  # (..., H, W, 2), relative to the centroid, y up
         return (p @ TRIANGLE_NORMALS.T).max(-1) - R / 2  # inradius R/2
 
 

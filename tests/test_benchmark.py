@@ -74,3 +74,53 @@ def test_data_benchmark_prints_every_ratio(tmp_path):
     assert r["index"]["files"] == 40 and r["index"]["cold_s"] > 0 and r["index"]["warm_s"] > 0
     for text in ("pipeline vs raw PyAV", "last/first", "long/short", "end/start", "short/long", "index 40 files"):
         assert text in proc.stdout, text
+
+
+def test_time_to_quality_quick_scores_each_recipe(tmp_path):
+    """benchmarks/time_to_quality.py --quick with two v-prediction recipes (two learning rates,
+    one sampled with another sampler): evaluations at steps 2 and 4, the first reaching of each
+    target, and the table."""
+    out = tmp_path / "ttq.json"
+    proc = subprocess.run([sys.executable, "benchmarks/time_to_quality.py", "--quick",
+                           "--recipe", "fast:train.lr=1e-3", "--recipe", "slow:train.lr=3e-4,predict.sampler=ddim",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["steps"] == 4 and r["videos"] == 2 and r["targets"] == [1, 2] and set(r["recipes"]) == {"fast", "slow"}
+    for name, rec in r["recipes"].items():
+        evals = rec["evaluations"]
+        assert [e["steps"] for e in evals] == [2, 4] and all(e["videos"] == 2 for e in evals)
+        assert all(0 <= e["coherent"] <= 2 for e in evals) and 0 < evals[0]["minutes"] < evals[1]["minutes"]
+        for k in ("1", "2"):
+            hit = rec["reached"][k]
+            first = next((e for e in evals if e["coherent"] >= int(k)), None)
+            assert hit == (first and {"steps": first["steps"], "minutes": first["minutes"]})
+        assert rec["steps_per_s"] > 0
+    assert r["recipes"]["slow"]["evaluations"][0]["sampler"] == "ddim"
+    assert r["recipes"]["fast"]["evaluations"][0]["sampler"] == "ddpm"  # predict_advanced.yaml's
+    assert r["recipes"]["slow"]["train_overrides"] == ["train.lr=3e-4", "validation.sampler=ddim"]  # follows predict
+    assert "fast (train.lr=1e-3): " in proc.stdout and "2/2 coherent: " in proc.stdout
+
+
+def test_time_to_quality_interleaved_recipe_trains_as_it_would_alone(tmp_path):
+    """Chunks of one step, alternating with another recipe, give bitwise the checkpoint of one
+    uninterrupted train_advanced.py run (data position, own noise and global RNG streams)."""
+    import torch
+
+    import train_advanced
+    from benchmarks.time_to_quality import QUICK_TRAIN, main, parse_recipe
+    from utils.checkpoint import load_checkpoint
+    runs = tmp_path / "ttq"
+    assert main(["--quick", "--recipe", "a:train.lr=1e-3", "--recipe", "b:train.lr=3e-4,model.qk_norm=false",
+                 "--steps", "3", "--chunk", "1", "--every", "3", "--videos", "1", "--runs-dir", str(runs)]) == 0
+    assert train_advanced.main(["--config", os.path.join(ROOT, "config_advanced.yaml"), *QUICK_TRAIN,
+                                f"vae.path={runs / 'random_vae'}", f"experiment.runs_dir={tmp_path}",
+                                "experiment.name=alone", "train.max_steps=3", "train.time_limit_minutes=null",
+                                "validation.every_epochs=0", "train.lr=1e-3", "device=cpu"]) == 0
+    chunked, alone = (load_checkpoint(str(p / "latest.pth")) for p in (runs / "a", tmp_path / "alone"))
+    assert chunked["step"] == alone["step"] == 3
+    for part in ("model_state", "ema_state"):
+        for k, v in alone[part].items():
+            assert torch.equal(chunked[part][k], v), (part, k)
+    assert parse_recipe("x:train.betas=[0.9,0.99],predict.num_steps=20").train == ["train.betas=[0.9,0.99]"]

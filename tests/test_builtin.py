@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.builtin import CLASS_NAMES, MovingShapes, _bounce, windows_per_clip
+from data.builtin import CLASS_NAMES, MovingShapes, _bounce, _coverage, windows_per_clip
 from utils.config import BuiltinDataConfig, DataConfig
 from utils.errors import ConfigError
 
@@ -137,3 +137,25 @@ def test_gradient_background_is_not_flat():
     frame = MovingShapes(cfg).render(MovingShapes(cfg).scene(0), 0.0)  # (3, H, W)
     corners = frame[:, [0, 0, -1, -1], [0, -1, 0, -1]]
     assert corners.std(axis=1).max() > 0.01
+
+
+@pytest.mark.parametrize("builtin, resolution", [({}, 32), ({"num_shapes": 3, "background": "gradient"}, [32, 48]),
+                                                 ({"labels": "shape_colour", "num_shapes": 2}, [40, 24])])
+def test_a_window_renders_bitwise_as_frame_by_frame(builtin, resolution):
+    """The window is drawn in one array pass per shape (stage 1's speed); each frame must be
+    bitwise what drawing it alone, shape after shape, gives (so the data did not change)."""
+    cfg = dataclasses.replace(make_cfg(**builtin), resolution=resolution, num_frames=6)
+    cfg.validate()
+    ds = MovingShapes(cfg)
+    for index in (0, len(ds) - 1):
+        clip, frames = ds.window(index)
+        scene = ds.scene(clip)
+        video = ds[index]["video"]  # (3, T, H, W)
+        for i, t in enumerate(frames):  # the frame-by-frame reference
+            img = ds._background(scene)
+            lo = scene["half"][:, None]
+            pos = _bounce(scene["pos0"] + t * scene["vel"], lo, scene["extent"] - lo)  # (n, 2)
+            for (cx, cy), h, colour in zip(pos, scene["half"], scene["colours"]):
+                cover = _coverage(ds._sdf(scene["kind"], ds._x - cx, ds._y - cy, h), 1.0 / ds._side)
+                img = img + cover * (colour[:, None, None] - img)
+            assert torch.equal(video[:, i], torch.from_numpy(img.astype(np.float32) * 2 - 1)), (index, t)

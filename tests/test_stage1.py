@@ -200,3 +200,28 @@ def test_stage2_fp16_skipped_steps_do_not_advance_step_lr_or_ema(tmp_path, monke
     assert any(not torch.equal(a, b) for a, b in zip(seen[0][3], seen[1][3]))
     assert all(torch.equal(a, b) for a, b in zip(seen[1][3], seen[2][3]))
     assert "non-finite" not in (tmp_path / "run" / "log.txt").read_text()  # not a NaN/Inf loss
+
+
+def test_channels_last_computes_the_same_loss_and_gradients_and_saves_vae(tmp_path):
+    """train.channels_last changes the memory order, not the math: the same loss and gradients
+    (to float tolerance; Adam then amplifies rounding in near-zero gradients, so whole runs are
+    compared no further), and vae/ (safetensors: contiguous tensors only) is still written."""
+    from models.vae import VAELoss, build_autoencoder
+    from training.stage1 import VAEObjective
+    from utils.config import VAEArchConfig
+    frames = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    grads = {}
+    for layout in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(0)
+        ae = build_autoencoder(VAEArchConfig(block_out_channels=[8, 16, 16], norm_num_groups=8))
+        objective = VAEObjective(ae.to(memory_format=layout), VAELoss(), layout)
+        loss, _ = objective(frames, torch.Generator().manual_seed(1))
+        loss.backward()
+        grads[layout] = (loss.detach(), {k: p.grad for k, p in ae.named_parameters()})
+    (loss_a, ga), (loss_b, gb) = grads.values()
+    torch.testing.assert_close(loss_a, loss_b)
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert train_vae.main(_args(tmp_path, "cl", ["train.max_steps=2", "train.resume=null",
+                                                 "train.channels_last=true"])) == 0
+    assert (tmp_path / "cl" / "vae" / "diffusion_pytorch_model.safetensors").is_file()

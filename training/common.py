@@ -249,9 +249,11 @@ def total_steps(tcfg, steps_per_epoch: int) -> int:
 
 
 class StopReason(enum.Enum):
-    STEPS = "the step budget (max_steps, epochs)"
+    """What ended a stage's loop (its log line; `training/outcome.py` words the outcome)."""
+    STEPS = "the step budget (max_steps, epochs)"  # the planned work is done
+    TARGET = "the quality target"  # a stage's own goal (stage 1: train.target_psnr), via StepControl.request
     TIME_LIMIT = "the time limit"
-    SIGNAL = "a signal"
+    SIGNAL = "a signal"  # SIGINT / SIGTERM: latest.pth saved, continue with train.resume=auto
 
 
 @dataclass
@@ -261,16 +263,17 @@ class Verdict:
     stop: bool = False  # some rank got SIGINT/SIGTERM
     timed_out: bool = False  # some rank's clock passed the time limit
     proposal: Optional[float] = None  # the smallest end-step proposal of the ranks that made one
+    target: bool = False  # some rank requested a stop at its quality target (StepControl.request)
 
 
 class StepControl:
     """Every decision that skips an update or ends training, taken by all ranks together.
 
     At each optimizer step `agree` combines this rank's finite flag, stop request, time-limit
-    expiry and end-step proposal into one all-reduce (MAX) and one host read: the single host
-    sync of an ordinary step (with one process, the read of the finite flag alone). A rank
-    that alone saw a NaN, a signal or its deadline therefore never leaves the others waiting
-    in a collective it does not join.
+    expiry, end-step proposal and quality-target request (`request`) into one all-reduce (MAX)
+    and one host read: the single host sync of an ordinary step (with one process, the read of
+    the finite flag alone). A rank that alone saw a NaN, a signal, its deadline or its target
+    therefore never leaves the others waiting in a collective it does not join.
     """
 
     def __init__(self, dist: DistInfo, device: torch.device, deadline: Deadline, plan: LRPlan,
@@ -278,21 +281,31 @@ class StepControl:
         self.dist, self.device, self.deadline, self.plan = dist, device, deadline, plan
         self.pos, self.stop, self.log = pos, stop, log
         self.verdict = Verdict()
+        self.target_requested = False  # this rank's `request(StopReason.TARGET)`, not yet agreed
+
+    def request(self, reason: StopReason) -> None:
+        """A stage's own stop (only StopReason.TARGET: e.g. rank 0 measured its quality target).
+        One process stops after the current step; several carry it into the next step's vote
+        (no collective of its own), so every rank stops at the same step, one step later."""
+        if reason is not StopReason.TARGET:
+            raise ValueError(f"StepControl.request takes StopReason.TARGET, not {reason}")
+        self.target_requested = True
 
     def agree(self, finite: torch.Tensor) -> bool:
         """`finite`: this rank's 0-d bool tensor. True when the update may be made on every rank."""
         stop, expired, proposal = self.stop.requested, self.deadline.expired(), self.plan.proposal(self.pos.step)
         if self.dist.enabled:
             # torch.full, not a copy from host memory: on CUDA that would sync before the copy.
-            host = [float(stop), float(expired), -math.inf if proposal is None else -proposal]
+            host = [float(stop), float(expired), -math.inf if proposal is None else -proposal,
+                    float(self.target_requested)]
             flags = torch.stack([(~finite).to(torch.float64)] + [
                 torch.full((), x, dtype=torch.float64, device=self.device) for x in host])
-            nonfinite, stop, expired, neg = all_reduce_max(flags, self.dist).tolist()
+            nonfinite, stop, expired, neg, target = all_reduce_max(flags, self.dist).tolist()
             nonfinite, proposal = nonfinite > 0, None if neg == -math.inf else -neg
-            stop, expired = stop > 0, expired > 0
+            stop, expired, target = stop > 0, expired > 0, target > 0
         else:
-            nonfinite = not bool(finite)
-        self.verdict = Verdict(nonfinite, stop, expired, proposal)
+            nonfinite, target = not bool(finite), self.target_requested
+        self.verdict = Verdict(nonfinite, stop, expired, proposal, target)
         self.stop.requested = stop  # another rank's signal stops this one too
         if proposal is not None and self.plan.undecided:
             self.plan.decide(self.pos.step, proposal, self.log)
@@ -304,6 +317,8 @@ class StepControl:
         alone = not self.dist.enabled
         if self.verdict.stop or (alone and self.stop.requested):
             return StopReason.SIGNAL
+        if self.verdict.target or (alone and self.target_requested):
+            return StopReason.TARGET
         planned_end = self.plan.end_step < self.plan.total_steps and self.pos.step >= self.plan.end_step
         if self.verdict.timed_out or planned_end or (alone and self.deadline.expired()):
             return StopReason.TIME_LIMIT
@@ -387,7 +402,8 @@ class LoopHooks:
     # `s.control.agree`. Returns its outcome, or None for a micro-batch that only accumulated.
     train_step: Callable[[dict], Optional[StepOutcome]]
     # After a STEPPED step (s.pos.step already counts it): EMA, log, preview, checkpoint. May
-    # return a stage's own StopReason (then the same on every rank), else None.
+    # return a stage's own StopReason (then the same on every rank), else None; a stop that one
+    # rank alone decides (stage 1's quality target) goes to `s.control.request` instead.
     after_step: Callable[[], Optional[StopReason]]
     end_epoch: Callable[[], None] = lambda: None  # after s.pos moved to the next epoch
     start_epoch: Callable[[], None] = lambda: None  # before the epoch's first batch is asked for

@@ -32,6 +32,7 @@ from training.common import (Deadline, LoopHooks, LRPlan, Position, StepControl,
                              StopReason, capture_rank_rng, check_epoch, checkpoint_note,
                              make_lr_schedule, now, optimizer_step, out_of_memory,
                              restore_position, restore_rank_rng, run_epochs, seed_rank, total_steps)
+from training.outcome import signal_outcome, stage1_outcome, write_outcome
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import VAERunConfig, config_to_dict
 from utils.dist import DistInfo, all_reduce_mean, barrier
@@ -42,19 +43,23 @@ from utils.train_utils import (GracefulStop, autocast_context, count_parameters,
                                make_grad_scaler, use_fast_adamw)
 
 PREVIEW_CLIPS = 4  # held-out clips in the TensorBoard reconstruction grid
+# Held-out windows, evenly spread, for the train.target_psnr check: on the demo data 16 of its
+# 80 overlapping windows (one per clip) cost ~5x less than the final measure over all of them.
+TARGET_CHECK_WINDOWS = 16
 
 
 class VAEObjective(nn.Module):
     """The autoencoder and its loss as one module: DDP syncs the gradients of what its forward
     computes, and the loss calls `encode` and `decode`, not the autoencoder's forward."""
 
-    def __init__(self, ae: AutoencoderKL, loss_fn: VAELoss):
+    def __init__(self, ae: AutoencoderKL, loss_fn: VAELoss,
+                 layout: torch.memory_format = torch.contiguous_format):
         super().__init__()
-        self.ae, self.loss_fn = ae, loss_fn
+        self.ae, self.loss_fn, self.layout = ae, loss_fn, layout  # layout: the weights' and frames'
 
     def forward(self, frames: torch.Tensor, generator: Optional[torch.Generator] = None):
         """`frames` (N, 3, H, W) -> (loss, {"recon": (N, 3, H, W), ...})."""
-        return self.loss_fn(self.ae, frames, generator)
+        return self.loss_fn(self.ae, frames.contiguous(memory_format=self.layout), generator)
 
 
 @dataclass
@@ -83,6 +88,7 @@ class Stage1:
     plan: LRPlan  # the step the LR anneals to (and training ends at) under the time limit
     saved_step: int = 0  # the step latest.pth holds (a failing run saves only what is newer)
     control: Optional[StepControl] = None  # the loop's agreed stop decisions (set by train())
+    stopped_by: StopReason = StopReason.STEPS  # what ended the loop (for the outcome line)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -100,8 +106,10 @@ def setup(cfg: VAERunConfig, run_dir: str, dist: DistInfo, device: torch.device,
     loader = make_loader(train_set, tcfg.batch_size, shuffle=True, seed=cfg.experiment.seed,
                          num_workers=cfg.data.num_workers, rank=dist.rank,
                          world_size=dist.world_size, device_type=device.type)
-    ae = build_autoencoder(cfg.vae).to(device)
-    objective = VAEObjective(ae, VAELoss(tcfg.l1_weight, tcfg.mse_weight, tcfg.kl_weight))
+    # train.channels_last: weights and frames in NHWC layout (same math, other memory order)
+    layout = torch.channels_last if tcfg.channels_last else torch.contiguous_format
+    ae = build_autoencoder(cfg.vae).to(device, memory_format=layout)
+    objective = VAEObjective(ae, VAELoss(tcfg.l1_weight, tcfg.mse_weight, tcfg.kl_weight), layout)
     ddp = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist.enabled else None
     optimizer = make_adamw(ae.parameters(), tcfg.lr, weight_decay=tcfg.weight_decay)
@@ -225,6 +233,9 @@ def _train_loop(s: Stage1) -> bool:
             s.log.image("val/reconstructions", reconstruction_grid(s.ae, preview), s.pos.step)
         if s.pos.step % tcfg.checkpoint_every == 0:
             save(s)
+        # Quality target: rank 0's answer joins the stop vote (StepControl).
+        if target_reached(s):
+            s.control.request(StopReason.TARGET)
 
     with GracefulStop() as stop:
         s.control = StepControl(s.dist, s.device, s.deadline, s.plan, s.pos, stop, s.log)
@@ -234,8 +245,13 @@ def _train_loop(s: Stage1) -> bool:
     if reason is StopReason.SIGNAL:
         s.log.info(f"stopped by signal at step {s.pos.step}; saved {s.run_dir}/latest.pth "
                    "(continue with train.resume=auto; vae/ is written when training ends)")
+        if s.dist.is_main:
+            write_outcome(s.run_dir, signal_outcome(1, s.pos.step, s.total_steps))
         return True
-    s.log.info(f"stopped at step {s.pos.step} (epoch {s.pos.epoch}) by {reason.value}")
+    s.stopped_by = reason
+    why = (f"the quality target (train.target_psnr = {tcfg.target_psnr} dB)"
+           if reason is StopReason.TARGET else reason.value)
+    s.log.info(f"stopped at step {s.pos.step} (epoch {s.pos.epoch}) by {why}")
     return False
 
 
@@ -321,6 +337,7 @@ def _finish_main(s: Stage1) -> None:
     means = (moments.encode_moments(v)[0] for v in window_batches(s.train_set, train_idx, tcfg.batch_size))
     scale = 1.0 / global_std(means)  # unscaled posterior means; one std over all channels, as SD
     s.ae.register_to_config(scaling_factor=scale)
+    s.ae.to(memory_format=torch.contiguous_format)  # after train.channels_last: safetensors needs it
     vae_dir = os.path.join(s.run_dir, "vae")
     _write_vae(s.ae, vae_dir, s.log)
     vae = FrozenVAE.from_pretrained(vae_dir, s.device)  # exactly what stage 2 will load
@@ -333,6 +350,10 @@ def _finish_main(s: Stage1) -> None:
                f"training clips); scaled latent std on training data = {scaled_std:.3f}\n"
                f"held-out PSNR = {heldout:.2f} dB over {len(s.val_set)} val clips\n"
                f"saved {vae_dir} (fingerprint {vae.fingerprint})")
+    outcome = stage1_outcome(s.stopped_by, s.pos.step, s.total_steps, heldout, tcfg.target_psnr,
+                             tcfg.time_limit_minutes)
+    write_outcome(s.run_dir, outcome)
+    s.log.info(outcome)
 
 
 def _write_vae(ae: AutoencoderKL, vae_dir: str, log: RunLogger) -> None:
@@ -384,3 +405,47 @@ def heldout_psnr(vae: FrozenVAE, val_set, batch: int) -> float:
         count += videos.numel()
     mse = squared.item() / count
     return math.inf if mse == 0 else 10 * math.log10(2.0 ** 2 / mse)  # data range 2: pixels in [-1, 1]
+
+
+# ----------------------------------------------------------------------------- quality target
+
+
+def target_reached(s: Stage1) -> bool:
+    """Every train.eval_every steps, with train.target_psnr set: rank 0 measures the held-out
+    PSNR of the weights being trained over TARGET_CHECK_WINDOWS held-out windows (posterior
+    means, eval mode, no RNG drawn: the run's course is the same as without the check) and logs
+    it as val/heldout_psnr; True when it reaches the target. Other ranks answer False: the
+    caller hands rank 0's answer to `StepControl.request`, and the ranks stop together (one
+    process at once, several at the next step's vote, which carries it)."""
+    tcfg = s.cfg.train
+    if (s.pos.step % tcfg.eval_every or tcfg.target_psnr is None or s.pos.step >= s.plan.end_step
+            or not s.dist.is_main):
+        return False
+    s.ae.eval()
+    windows = torch.utils.data.Subset(s.val_set, spread_indices(s.val_set, TARGET_CHECK_WINDOWS))
+    psnr = heldout_psnr(TrainingAutoencoder(s.ae), windows, tcfg.batch_size)
+    s.ae.train()
+    s.log.scalar("val/heldout_psnr", psnr, s.pos.step)
+    s.log.info(f"step {s.pos.step}: held-out PSNR {psnr:.2f} dB over {len(windows)} windows "
+               f"(train.target_psnr = {tcfg.target_psnr:g})")
+    return psnr >= tcfg.target_psnr
+
+
+class TrainingAutoencoder:
+    """The autoencoder being trained, as `heldout_psnr` sees a VAE (`device`, `encode` and
+    `decode` of clips), without freezing it. No latent normalisation: a round trip is the same
+    without it (the scaling factor is measured only at the end)."""
+
+    def __init__(self, ae: AutoencoderKL):
+        self.ae, self.device = ae, next(ae.parameters()).device
+
+    def encode(self, videos: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        """(B, 3, T, H, W) -> posterior means (B, C, T, h, w)."""
+        assert not sample, "the quality check measures posterior means"
+        frames = rearrange(videos, "b c t h w -> (b t) c h w")
+        return rearrange(self.ae.encode(frames).latent_dist.mean, "(b t) c h w -> b c t h w", b=videos.shape[0])
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, h, w) -> (B, 3, T, H, W)."""
+        z = rearrange(latents, "b c t h w -> (b t) c h w")
+        return rearrange(self.ae.decode(z).sample, "(b t) c h w -> b c t h w", b=latents.shape[0])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
@@ -29,6 +29,7 @@ from training.common import (Deadline, LoopHooks, LRPlan, Position, StepControl,
                              StopReason, capture_rank_rng, check_epoch, checkpoint_note,
                              make_lr_schedule, maybe_no_sync, now, optimizer_step, out_of_memory,
                              restore_position, restore_rank_rng, run_epochs, seed_rank, total_steps)
+from training.outcome import signal_outcome, stage2_outcome, write_outcome
 from training.validation import NUM_T_BUCKETS, HeldOut, validate
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import TrainRunConfig, check_resolution_multiple, config_to_dict
@@ -78,6 +79,7 @@ class Stage2:
     fvd_real: Optional[FeatureStats] = None  # real clips' features for val/fvd, computed once
     saved_step: int = 0  # the step latest.pth holds (a failing run saves only what is newer)
     last_data_wait_fraction: float = 0.0  # of the last logging interval (benchmarks read it)
+    val_losses: list[float] = field(default_factory=list)  # val/loss (EMA) of each validation, this launch
     fps: Optional[float] = None  # frames per second of the training windows (in checkpoints)
     control: Optional[StepControl] = None  # the loop's agreed stop decisions (set by train())
 
@@ -401,7 +403,7 @@ def _train_loop(s: Stage2) -> Position:
         if reason is StopReason.TIME_LIMIT:
             s.log.info(f"train.time_limit_minutes = {tcfg.time_limit_minutes} reached at step "
                        f"{s.pos.step} of {s.total_steps}")
-        _finish(s, interrupted=reason is StopReason.SIGNAL)
+        _finish(s, interrupted=reason is StopReason.SIGNAL, timed_out=reason is StopReason.TIME_LIMIT)
     return s.pos
 
 
@@ -439,18 +441,25 @@ def _end_epoch(s: Stage2) -> None:
             ckpts.prune_epoch_checkpoints(s.run_dir, tcfg.keep_last)
 
 
-def _finish(s: Stage2, interrupted: bool) -> None:
+def _finish(s: Stage2, interrupted: bool, timed_out: bool = False) -> None:
     if s.saved_step != s.pos.step or not os.path.exists(os.path.join(s.run_dir, "latest.pth")):
         save(s)
     if interrupted:
         s.log.info(f"stopped by signal at step {s.pos.step}; saved {s.run_dir}/latest.pth "
                    "(continue with train.resume=auto)")
+        if s.dist.is_main:
+            write_outcome(s.run_dir, signal_outcome(2, s.pos.step, s.total_steps))
         return
     if s.cfg.validation.every_epochs and not validate(s):
         s.log.info(f"stopped by signal during the final validation; {s.run_dir}/latest.pth "
                    f"holds step {s.pos.step} (continue with train.resume=auto)")
         return
     s.log.info(f"done: {s.pos.step} steps; checkpoint {s.run_dir}/latest.pth")
+    if s.dist.is_main:  # what stopped it and what the model is worth: also <run>/outcome.txt
+        outcome = stage2_outcome(StopReason.TIME_LIMIT if timed_out else StopReason.STEPS, s.pos.step,
+                                 s.total_steps, s.val_losses, s.cfg.train.time_limit_minutes)
+        write_outcome(s.run_dir, outcome)
+        s.log.info(outcome)
 
 
 def _log_step(s: Stage2, stats: LossStats, bar: tqdm) -> None:

@@ -145,6 +145,7 @@ def _log_held_out_loss(s: Stage2) -> None:
     ema, raw = held_out_loss(s, s.ema.model), held_out_loss(s, s.model)
     width = s.cfg.diffusion.num_train_timesteps // NUM_T_BUCKETS
     values = {"val/loss": ema.mean().item(), "val/loss_raw": raw.mean().item()}
+    s.val_losses.append(values["val/loss"])  # for the outcome line (training/outcome.py)
     for b in range(NUM_T_BUCKETS):
         values[f"val_loss_by_t/t{b * width:04d}-{(b + 1) * width - 1:04d}"] = ema[b].item()
     s.log.scalars(values, s.pos.step)

@@ -473,6 +473,8 @@ class VAETrainConfig:
     epochs: int = 1000
     max_steps: Optional[int] = 1600
     time_limit_minutes: Optional[float] = 4.0  # wall time from launch; the LR anneals by then too
+    target_psnr: Optional[float] = None  # dB: stop once the held-out PSNR reaches it; null = off
+    eval_every: int = 200  # steps between held-out PSNR checks (with target_psnr)
     batch_size: int = 16  # clips per batch
     frames_per_clip: Optional[int] = 1  # random frames per clip in the VAE batch; null = all
     lr: float = 1e-3
@@ -486,6 +488,10 @@ class VAETrainConfig:
     grad_clip: Optional[float] = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     tf32: bool = True
+    # NHWC weights and frames: the step ran 1.36x faster on a 2-core CPU at load ~1.5 but
+    # 0.85x at load ~10 (one interleaved run each): off until the quiet-machine A/B of
+    # README "Stage 1 speed" decides
+    channels_last: bool = False
     log_every: int = 25
     image_every: int = 200  # steps between reconstruction grids in TensorBoard
     checkpoint_every: int = 200
@@ -495,7 +501,9 @@ class VAETrainConfig:
 
     def validate(self, prefix: str = "train") -> None:
         _positive(self, prefix, "epochs", "batch_size", "log_every", "image_every",
-                  "checkpoint_every", "scale_num_clips", "max_nonfinite_steps")
+                  "checkpoint_every", "scale_num_clips", "max_nonfinite_steps", "eval_every")
+        if self.target_psnr is not None and self.target_psnr <= 0:
+            raise ConfigError(f"{prefix}.target_psnr = {self.target_psnr}: must be > 0 (dB) or null (off)")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"{prefix}.max_steps = {self.max_steps}: must be >= 1 or null")
         if self.frames_per_clip is not None and self.frames_per_clip < 1:
