@@ -336,7 +336,7 @@ class FrozenTextEncoder(nn.Module):
         return TextEmbeddings(tokens, mask, pooled)
 
     def _warn_truncated(self, texts: list[str]) -> None:
-        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
+        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
         cut = [t for t, n in zip(texts, lengths) if n > self.max_length]
         if cut:
             example = cut[0] if len(cut[0]) <= 80 else cut[0][:77] + "..."
@@ -397,7 +397,8 @@ def check_text_encoder(recorded: dict, encoder: FrozenTextEncoder, where: str) -
     theirs, ours = recorded.get("parts") or {}, encoder.parts
     differs = [k for k in ("weights", "config", "tokenizer") if theirs.get(k) != ours.get(k)]
     if recorded.get("fingerprint") != encoder.fingerprint:
-        what = f"its {' and '.join(differs) or 'fingerprint'} differ" if differs else "its fingerprint differs"
+        listed = ", ".join(differs[:-1]) + " and " + differs[-1] if len(differs) > 1 else "".join(differs)
+        what = f"its {listed} differ" if differs else "its fingerprint differs"
         raise UserError(
             f"text encoder mismatch: {where} was trained with the {recorded.get('class_name')} at "
             f"{recorded.get('path')} (fingerprint {recorded.get('fingerprint')}), but text_encoder.path = "

@@ -291,3 +291,18 @@ def test_cached_latent_windows_carry_captions(tmp_path):
     cache = LatentCache(plain, str(tmp_path / "plain"), {"k": 1})
     cache.write_manifest(cache.build_part(encode, progress=False))
     assert "caption" not in cache.load()[0]
+
+
+def test_prompts_file(tmp_path):
+    from data.captions import read_prompts_file
+    path = tmp_path / "prompts.txt"
+    path.write_text("\ufeffa red square moving left\n\n  雪の中を走る犬 \r\na blue circle\n", encoding="utf-8")
+    assert read_prompts_file(str(path)) == ["a red square moving left", "雪の中を走る犬", "a blue circle"]
+    path.write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(UserError, match=f"prompts_file = {path}: has no prompts"):
+        read_prompts_file(str(path))
+    path.write_bytes(b"fine\ncaf\xe9\n")
+    with pytest.raises(UserError, match="line 2: not UTF-8"):
+        read_prompts_file(str(path))
+    with pytest.raises(MissingFileError, match="validation.prompts_file = .*nope.txt: file not found"):
+        read_prompts_file(str(tmp_path / "nope.txt"), key="validation.prompts_file")

@@ -9,7 +9,7 @@ import torch
 
 from data.builtin import MovingShapes
 from data.text_cache import TextEmbeddingCache, caption_key, text_cache_key
-from models.text_encoder import FrozenTextEncoder
+from models.text_encoder import FrozenTextEncoder, TextWarning
 from utils.config import BuiltinDataConfig, DataConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -87,7 +87,8 @@ def test_another_encoder_or_max_length_reencodes_all(encoders, text_encoders, tm
     log = []
     short = FrozenTextEncoder.from_pretrained(text_encoders["t5"], max_length=6)
     counting = Counting(short)
-    _cache(tmp_path, short, log).ensure(CAPTIONS, counting, progress=False)
+    with pytest.warns(TextWarning, match="longer than text_encoder.max_length = 6"):
+        _cache(tmp_path, short, log).ensure(CAPTIONS, counting, progress=False)
     assert len(counting.texts) == 4
     assert any("text_encoder.max_length changed (16 -> 6)" in m and "re-encoding every caption" in m for m in log)
     other = encoders["clip_projection"]

@@ -159,7 +159,7 @@ def test_fingerprint_follows_weights_config_and_tokenizer(text_encoders, loaded,
     with pytest.raises(UserError, match="its tokenizer differ"):
         check_text_encoder(base.describe(), other, "ckpt.pth")
 
-    with pytest.raises(UserError, match="its weights and config differ"):
+    with pytest.raises(UserError, match="its weights, config and tokenizer differ"):
         check_text_encoder(base.describe(), loaded["umt5"], "ckpt.pth")
     short = FrozenTextEncoder.from_pretrained(text_encoders["t5"], max_length=8)
     with pytest.raises(UserError, match=f"set text_encoder.max_length = {MAX_LENGTH}"):
@@ -219,3 +219,33 @@ def test_reloaded_from_its_record(text_encoders, tmp_path):
                                          subfolder="text_encoder_2").fingerprint == pipe.fingerprint
     with pytest.raises(UserError, match="text encoder mismatch: ckpt.pth"):
         FrozenTextEncoder.from_record(record, "ckpt.pth", path=str(moved))  # its text_encoder/: a T5
+
+
+def test_sentencepiece_style_t5_tokenizer(loaded, text_encoders):
+    """UMT5 and the pipeline's T5 carry a Unigram T5Tokenizer, the class real T5 / Wan folders name."""
+    pipeline = FrozenTextEncoder.from_pretrained(text_encoders["pipeline"])
+    assert type(pipeline.tokenizer).__name__ == "T5Tokenizer"  # (beside a umt5 config.json, AutoTokenizer
+    for enc in (loaded["umt5"], pipeline):                     # reads the same tokenizer.json generically)
+        ids = enc.tokenizer("a red square zebra")["input_ids"]
+        assert enc.tokenizer.convert_ids_to_tokens(ids)[:3] == ["▁a", "▁red", "▁square"] and ids[-1] == enc.tokenizer.eos_token_id
+        out = enc.encode(["a red square", "a red square moving left"])
+        assert out.mask.sum(1).tolist() == [4, 6]
+
+
+def test_no_token_rows_and_non_finite_outputs(text_encoders, monkeypatch):
+    """A tokenizer that gives an empty caption no token at all still yields one (zero, valid)
+    token, so attention over it is defined; NaN/Inf from the encoder is refused with the fix."""
+    enc = FrozenTextEncoder.from_pretrained(text_encoders["t5"])
+    from tokenizers import processors
+    enc.tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])
+    out = enc.encode(["", "a dog"])
+    assert out.mask.sum(1).tolist() == [1, 2] and (out.tokens[0] == 0).all()
+    real = enc.model.forward
+
+    def overflowing(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.last_hidden_state[0, 0, 0] = float("inf")
+        return result
+    monkeypatch.setattr(enc.model, "forward", overflowing)
+    with pytest.raises(UserError, match="gave NaN/Inf for caption 'a dog'.* text_encoder.dtype to bf16 or fp32"):
+        enc.encode(["a dog"])

@@ -2,7 +2,9 @@
 
 No downloads: each model is built at test time from a small transformers config (32-wide,
 2 layers), its tokenizer a word-level fast tokenizer over WORDS (models/text_encoder.py
-`word_tokenizer`, built with the `tokenizers` library). `write_encoders(root)` writes one
+`word_tokenizer`, built with the `tokenizers` library), except UMT5's and the pipeline's T5,
+which get a SentencePiece-style Unigram `T5Tokenizer` (the class real T5 / Wan folders name,
+built from a vocabulary list: no sentencepiece needed). `write_encoders(root)` writes one
 folder per kind and a diffusers-style pipeline folder, and returns {name: path}:
 
   t5, umt5, clip, clip_projection   an encoder folder with its tokenizer beside the weights
@@ -18,7 +20,8 @@ import os
 
 import torch
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config,
-                          T5EncoderModel, T5ForConditionalGeneration, UMT5Config, UMT5EncoderModel)
+                          T5EncoderModel, T5ForConditionalGeneration, T5Tokenizer, UMT5Config,
+                          UMT5EncoderModel)
 
 from data.builtin import CAPTION_WORDS
 from models.text_encoder import word_tokenizer
@@ -34,6 +37,14 @@ def t5_tokenizer(words=WORDS):
     return word_tokenizer(words, MAX_LENGTH)
 
 
+def unigram_tokenizer(words=WORDS):
+    """A T5Tokenizer (Unigram, "▁word" pieces, single letters for unknown words) over `words`."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -5.0)]
+    pieces += [("▁" + w, -1.0) for w in sorted(set(words))]
+    pieces += [(c, -10.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=MAX_LENGTH)
+
+
 def clip_tokenizer(words=WORDS):
     return word_tokenizer(words, CLIP_POSITIONS, bos="<|startoftext|>", eos="<|endoftext|>")
 
@@ -42,7 +53,7 @@ def build(name: str, words=WORDS, seed: int = 0):
     """(model, tokenizer) of kind `name`, seeded: the same weights every time."""
     torch.manual_seed(seed)
     if name in ("t5", "t5_full", "umt5"):
-        tok = t5_tokenizer(words)
+        tok = unigram_tokenizer(words) if name == "umt5" else t5_tokenizer(words)
         cls, config_cls = {"t5": (T5EncoderModel, T5Config), "t5_full": (T5ForConditionalGeneration, T5Config),
                            "umt5": (UMT5EncoderModel, UMT5Config)}[name]
         config = config_cls(vocab_size=len(tok), d_model=HIDDEN, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=1,
@@ -69,7 +80,9 @@ def write_encoders(root: str) -> dict[str, str]:
     for name in ("t5", "umt5", "clip", "clip_projection", "t5_full"):
         out[name] = save(os.path.join(root, name), *build(name))
     pipe = os.path.join(root, "pipeline")
-    t5, t5_tok = build("t5", seed=1)
+    t5, _ = build("t5", seed=1)
+    t5_tok = unigram_tokenizer()
+    t5.resize_token_embeddings(len(t5_tok))
     clip, clip_tok = build("clip_projection", seed=2)
     save(os.path.join(pipe, "text_encoder"), t5, t5_tok, os.path.join(pipe, "tokenizer"))
     save(os.path.join(pipe, "text_encoder_2"), clip, clip_tok, os.path.join(pipe, "tokenizer_2"))
