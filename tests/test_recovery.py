@@ -123,11 +123,11 @@ def test_stage1_user_error_mid_run_saves_and_exits_2(tmp_path, monkeypatch, caps
     import training.stage1 as stage1
     original = stage1.optimizer_step
 
-    def fail_at_step_3(optimizer, scaler, loss, grad_clip):
+    def fail_at_step_3(optimizer, scaler, loss, grad_clip, *agree):
         if stage1_steps[0] == 2:
             raise UserError("a clip could not be read (simulated)")
         stage1_steps[0] += 1
-        return original(optimizer, scaler, loss, grad_clip)
+        return original(optimizer, scaler, loss, grad_clip, *agree)
 
     stage1_steps = [0]
     monkeypatch.setattr(stage1, "optimizer_step", fail_at_step_3)

@@ -17,16 +17,18 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from data.loader import set_epoch
 from data.videos import DataWarning
 from training.checkpoints import ensure_writable_dir, resolve_resume
 from utils.checkpoint import capture_rng, restore_rng
 from utils.cli import parse_args
 from utils.config import dump_config, load_config
-from utils.dist import DistInfo, cleanup, gather_objects, init_distributed
+from utils.dist import DistInfo, all_reduce_max, cleanup, gather_objects, init_distributed
 from utils.errors import UserError
 from utils.logging import RunLogger
 from utils.run_guard import RunLock
-from utils.train_utils import global_seed, lr_multiplier, noise_seed, seed_everything, setup_runtime
+from utils.train_utils import (GracefulStop, global_seed, lr_multiplier, noise_seed, seed_everything,
+                               setup_runtime)
 
 
 @dataclass
@@ -43,7 +45,7 @@ def run_stage(argv: Optional[list[str]], doc: str, config_cls: type, setup: Call
     config; start the process group; take the run directory (lock, resume rule); `setup`
     (every check before heavy work); only then write config.yaml, so a refused run leaves the
     old one; then `run(state, started)`."""
-    started = time.monotonic()  # train.time_limit_minutes counts from here, startup included
+    started = now()  # train.time_limit_minutes counts from here, startup included
     config_path, overrides, flags = parse_args(argv, doc, flags=("resume",))
     if flags["resume"]:
         overrides.append(f"train.resume={flags['resume']}")
@@ -122,41 +124,194 @@ def check_epoch(num_items: int, tcfg, dist: DistInfo, accum_steps: int = 1) -> i
 # ----------------------------------------------------------------------------- time and LR
 
 
-class Deadline:
-    """`train.time_limit_minutes`, counted from `started` (the launch, startup included).
+def now() -> float:
+    """The clock train.time_limit_minutes reads (seconds; one seam, so tests can give the
+    processes clocks that disagree)."""
+    return time.monotonic()
 
-    The LR schedule reads `position()`: the step, or further when the time limit will stop
-    the run before `total_steps`, so that a slow machine still anneals the LR by the deadline.
-    """
+
+class Deadline:
+    """`train.time_limit_minutes`, counted from `started` (the launch, startup included), on
+    this process's clock. Only a hard stop: ranks agree on it through `StepControl`, and the
+    LR schedule's end under a time limit is `LRPlan`'s, decided once for all ranks."""
 
     def __init__(self, started: float, minutes: Optional[float]):
         self.end = started + 60 * minutes if minutes else math.inf
         self.minutes = minutes
-        self.loop_start = time.monotonic()
-
-    def begin(self) -> None:
-        """The loop starts now: the time-based schedule position counts from here."""
-        self.loop_start = time.monotonic()
 
     def expired(self) -> bool:
-        return time.monotonic() >= self.end
-
-    def position(self, step: int, total_steps: int) -> float:
-        if self.end == math.inf:
-            return step
-        elapsed = (time.monotonic() - self.loop_start) / max(self.end - self.loop_start, 1e-9)
-        return max(step, total_steps * elapsed)
+        return now() >= self.end
 
 
-def make_lr_schedule(optimizer: torch.optim.Optimizer, tcfg, total_steps: int,
-                     deadline: Deadline) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup, then `tcfg.lr_schedule` (cosine to `min_lr_ratio` x lr, or constant) over
-    `total_steps`, at the deadline-aware position. `tcfg`: a stage's train config."""
-    def multiplier(step: int) -> float:  # a closure: LambdaLR's state_dict leaves it out
-        return lr_multiplier(deadline.position(step, total_steps), warmup_steps=tcfg.warmup_steps,
-                             total_steps=total_steps, schedule=tcfg.lr_schedule,
-                             min_lr_ratio=tcfg.min_lr_ratio)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+# The pace that decides LRPlan's end step is timed after the first steps of a launch (a
+# compile, caches warming up) over at least this many steps and this share of the time left.
+PACE_SKIP_STEPS = 5
+PACE_MIN_STEPS = 20
+PACE_MIN_FRACTION = 0.05
+
+
+class LRPlan:
+    """The step the LR schedule anneals to.
+
+    Without a time limit, or while it will not bind, that is `total_steps` (max_steps and
+    epochs): the schedule is then exactly the step schedule, so a resume is bit-exact. With
+    `train.time_limit_minutes`, each rank times its pace after a short warm-up and proposes
+    the last step the time left allows; the ranks agree on the smallest proposal once
+    (`StepControl`), and if it falls short of `total_steps` it becomes `end_step`: the cosine
+    anneals to it and training stops there (the time limit stays a hard stop). The decision is
+    saved in the checkpoint; a resume with the same `time_limit_minutes` and step budget keeps
+    it, any other budget is planned afresh in the new launch (README, "Time limits").
+    """
+
+    def __init__(self, tcfg, total_steps: int, deadline: Deadline):
+        self.tcfg, self.total_steps, self.deadline = tcfg, total_steps, deadline
+        self.end_step = total_steps
+        self.decided_at: Optional[int] = None  # the step at which end_step was decided
+        self._launch_step = 0
+        self._timed_from: Optional[tuple[int, float]] = None  # (step, clock) where timing began
+
+    @property
+    def undecided(self) -> bool:
+        return self.deadline.minutes is not None and self.decided_at is None
+
+    def multiplier(self, step: int) -> float:
+        return lr_multiplier(step, warmup_steps=self.tcfg.warmup_steps, total_steps=self.end_step,
+                             schedule=self.tcfg.lr_schedule, min_lr_ratio=self.tcfg.min_lr_ratio)
+
+    def begin(self, step: int) -> None:
+        """The loop of this launch starts at `step`: the pace is timed from here on."""
+        self._launch_step, self._timed_from = step, None
+
+    def proposal(self, step: int) -> Optional[float]:
+        """This rank's estimate of the last step the time limit allows (`step` done so far),
+        once it has timed enough steps; None before that, and once decided."""
+        if not self.undecided:
+            return None
+        t = now()
+        if self._timed_from is None:
+            if step >= self._launch_step + PACE_SKIP_STEPS:
+                self._timed_from = (step, t)
+            return None
+        step0, t0 = self._timed_from
+        steps, elapsed = step - step0, t - t0
+        if steps < PACE_MIN_STEPS or elapsed <= 0 or elapsed < PACE_MIN_FRACTION * (self.deadline.end - t0):
+            return None
+        return step + steps / elapsed * max(self.deadline.end - t, 0.0)
+
+    def decide(self, step: int, proposal: float, log: RunLogger) -> None:
+        """Every rank, with the same agreed `proposal`: fixes end_step for the rest of the run."""
+        self.decided_at = step
+        last = max(step, math.floor(proposal))
+        if last < self.total_steps:
+            self.end_step = last
+            log.info(f"time limit: at step {step} the pace allows about {last} steps within "
+                     f"train.time_limit_minutes = {self.deadline.minutes} (of {self.total_steps}); "
+                     f"the LR anneals to step {last} and training ends there")
+        else:
+            log.info(f"time limit: at step {step} the pace finishes all {self.total_steps} steps "
+                     f"within train.time_limit_minutes = {self.deadline.minutes}; the LR follows "
+                     "the step schedule")
+
+    def state_dict(self) -> dict:
+        return {"end_step": self.end_step, "decided_at": self.decided_at,
+                "total_steps": self.total_steps, "time_limit_minutes": self.deadline.minutes}
+
+    def load_state_dict(self, saved: Optional[dict], log: RunLogger) -> None:
+        """Keep a saved decision made for this very budget (time limit and total steps);
+        otherwise this launch plans its own (a checkpoint from before plans were saved, too)."""
+        if not saved or saved.get("decided_at") is None:
+            return
+        same = (saved["time_limit_minutes"] == self.deadline.minutes
+                and saved["total_steps"] == self.total_steps)
+        if same and self.deadline.minutes is not None:
+            self.end_step, self.decided_at = saved["end_step"], saved["decided_at"]
+            if self.end_step < self.total_steps:
+                log.info(f"time limit: continuing the checkpoint's plan: the LR anneals to step "
+                         f"{self.end_step} (decided at step {self.decided_at}) and training ends there")
+        elif saved["end_step"] < saved["total_steps"]:
+            log.info(f"time limit: the checkpoint planned to end at step {saved['end_step']} for "
+                     f"train.time_limit_minutes = {saved['time_limit_minutes']} and "
+                     f"{saved['total_steps']} steps; this run has {self.deadline.minutes} and "
+                     f"{self.total_steps}: the plan is made again")
+
+
+def make_lr_schedule(optimizer: torch.optim.Optimizer, plan: LRPlan) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then `train.lr_schedule` (cosine to `min_lr_ratio` x lr, or constant) to
+    `plan.end_step`. The multiplier is the plan's bound method: LambdaLR's state_dict leaves it
+    out, and the plan is checkpointed on its own."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, plan.multiplier)
+
+
+def total_steps(tcfg, steps_per_epoch: int) -> int:
+    """Optimizer steps of the run: `train.epochs` epochs, or `train.max_steps` if fewer."""
+    total = tcfg.epochs * steps_per_epoch
+    return min(total, tcfg.max_steps) if tcfg.max_steps else total
+
+
+# ----------------------------------------------------------------------------- stop decisions
+
+
+class StopReason(enum.Enum):
+    STEPS = "the step budget (max_steps, epochs)"
+    TIME_LIMIT = "the time limit"
+    SIGNAL = "a signal"
+
+
+@dataclass
+class Verdict:
+    """What every rank agreed at an optimizer step."""
+    nonfinite: bool = False  # some rank's loss or gradient was NaN/Inf: no rank updates
+    stop: bool = False  # some rank got SIGINT/SIGTERM
+    timed_out: bool = False  # some rank's clock passed the time limit
+    proposal: Optional[float] = None  # the smallest end-step proposal of the ranks that made one
+
+
+class StepControl:
+    """Every decision that skips an update or ends training, taken by all ranks together.
+
+    At each optimizer step `agree` combines this rank's finite flag, stop request, time-limit
+    expiry and end-step proposal into one all-reduce (MAX) and one host read: the single host
+    sync of an ordinary step (with one process, the read of the finite flag alone). A rank
+    that alone saw a NaN, a signal or its deadline therefore never leaves the others waiting
+    in a collective it does not join.
+    """
+
+    def __init__(self, dist: DistInfo, device: torch.device, deadline: Deadline, plan: LRPlan,
+                 pos: Position, stop: GracefulStop, log: RunLogger):
+        self.dist, self.device, self.deadline, self.plan = dist, device, deadline, plan
+        self.pos, self.stop, self.log = pos, stop, log
+        self.verdict = Verdict()
+
+    def agree(self, finite: torch.Tensor) -> bool:
+        """`finite`: this rank's 0-d bool tensor. True when the update may be made on every rank."""
+        stop, expired, proposal = self.stop.requested, self.deadline.expired(), self.plan.proposal(self.pos.step)
+        if self.dist.enabled:
+            host = torch.tensor([float(stop), float(expired), -math.inf if proposal is None else -proposal],
+                                dtype=torch.float64)
+            flags = torch.cat([(~finite).to(torch.float64).reshape(1), host.to(self.device)])
+            nonfinite, stop, expired, neg = all_reduce_max(flags, self.dist).tolist()
+            nonfinite, proposal = nonfinite > 0, None if neg == -math.inf else -neg
+            stop, expired = stop > 0, expired > 0
+        else:
+            nonfinite = not bool(finite)
+        self.verdict = Verdict(nonfinite, stop, expired, proposal)
+        self.stop.requested = stop  # another rank's signal stops this one too
+        if proposal is not None and self.plan.undecided:
+            self.plan.decide(self.pos.step, proposal, self.log)
+        return not nonfinite
+
+    def reason(self) -> Optional[StopReason]:
+        """Why the loop must end after the step just agreed (None: go on). One process reads
+        its flag and clock afresh (nothing to agree on); several use what they agreed."""
+        alone = not self.dist.enabled
+        if self.verdict.stop or (alone and self.stop.requested):
+            return StopReason.SIGNAL
+        planned_end = self.plan.end_step < self.plan.total_steps and self.pos.step >= self.plan.end_step
+        if self.verdict.timed_out or planned_end or (alone and self.deadline.expired()):
+            return StopReason.TIME_LIMIT
+        if self.pos.step >= self.plan.total_steps:
+            return StopReason.STEPS
+        return None
 
 
 # ----------------------------------------------------------------------------- the step
@@ -169,19 +324,22 @@ class StepOutcome(enum.Enum):
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                   loss: torch.Tensor, grad_clip: Optional[float]) -> tuple[StepOutcome, torch.Tensor]:
+                   loss: torch.Tensor, grad_clip: Optional[float],
+                   agree: Callable[[torch.Tensor], bool] = bool) -> tuple[StepOutcome, torch.Tensor]:
     """Unscale, clip, step, update the scaler, zero the gradients. Returns (outcome, grad norm).
 
     Only STEPPED is a step: the caller advances the step count, LR schedule and EMA on it
-    alone. One host sync per step (`bool(finite)`); with fp16 one more, the scale read that
-    tells a step the GradScaler skipped (its own `step` syncs as well).
+    alone. `agree(finite)` decides whether to update: `bool` for one process, else
+    `StepControl.agree`, so that every rank takes the same branch. That is the one host sync
+    of a step; with fp16 one more, the scale read that tells a step the GradScaler skipped
+    (its own `step` syncs as well).
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else math.inf)
     # With a scaler, inf gradients are its business (it skips the step and lowers the scale).
     finite = torch.isfinite(loss).all() & (torch.isfinite(grad_norm) | scaler.is_enabled())
-    if not bool(finite):
+    if not agree(finite):
         if scaler.is_enabled():
             scaler.update()  # unscale_ was called: the scaler must close this iteration
         optimizer.zero_grad(set_to_none=True)
@@ -196,10 +354,11 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
 
 
 class NonFiniteGuard:
-    """Counts NaN/Inf updates in a row; after `limit` it saves the batch and stops with a message."""
+    """Counts NaN/Inf updates in a row; after `limit` it saves the batch and stops with a message.
+    Every rank counts the same skips (`StepControl.agree`), so all stop at the same step."""
 
-    def __init__(self, limit: int, run_dir: str, rank: int, log: RunLogger):
-        self.limit, self.run_dir, self.rank, self.log = limit, run_dir, rank, log
+    def __init__(self, limit: int, run_dir: str, dist: DistInfo, log: RunLogger):
+        self.limit, self.run_dir, self.dist, self.log = limit, run_dir, dist, log
         self.in_a_row = 0
 
     def ok(self) -> None:
@@ -212,11 +371,64 @@ class NonFiniteGuard:
                       f"({self.in_a_row} in a row, stopping at {self.limit})")
         if self.in_a_row < self.limit:
             return
-        path = os.path.join(self.run_dir, f"nonfinite_batch_rank{self.rank}.pt")
+        path = os.path.join(self.run_dir, f"nonfinite_batch_rank{self.dist.rank}.pt")
         torch.save({k: v for k, v in batch.items() if torch.is_tensor(v)}, path)
+        each = " (every process saved its own, nonfinite_batch_rank<R>.pt)" if self.dist.enabled else ""
         raise UserError(f"{self.limit} non-finite losses in a row at step {step}: stopped. The "
-                        f"offending batch is saved in {path}; {checkpoint_note}. Try a lower "
+                        f"offending batch is saved in {path}{each}; {checkpoint_note}. Try a lower "
                         "train.lr, train.grad_clip, or train.precision=fp32 / bf16.")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class LoopHooks:
+    """What a stage adds to the loop both stages share (`run_epochs`)."""
+    # One micro-batch: forward, backward and, when it closes a step, `optimizer_step` with
+    # `s.control.agree`. Returns its outcome, or None for a micro-batch that only accumulated.
+    train_step: Callable[[dict], Optional[StepOutcome]]
+    # After a STEPPED step (s.pos.step already counts it): EMA, log, preview, checkpoint. May
+    # return a stage's own StopReason (then the same on every rank), else None.
+    after_step: Callable[[], Optional[StopReason]]
+    end_epoch: Callable[[], None] = lambda: None  # after s.pos moved to the next epoch
+    start_epoch: Callable[[], None] = lambda: None  # before the epoch's first batch is asked for
+
+
+def run_epochs(s, hooks: LoopHooks) -> StopReason:
+    """Epochs of `s.loader` from `s.pos` until a stop that every rank agreed (`s.control`).
+
+    `s`: a stage's state (cfg.train, run_dir, dist, log, loader, sampler, pos, control). The
+    skeleton of both stages: data position, step count, the non-finite guard and the stop
+    decisions live here; the stage's model, loss and logging live in `hooks`.
+    """
+    tcfg = s.cfg.train
+    guard = NonFiniteGuard(tcfg.max_nonfinite_steps, s.run_dir, s.dist, s.log)
+    s.control.plan.begin(s.pos.step)
+    reason = s.control.reason()  # a resume may start at the end
+    while reason is None and s.pos.epoch < tcfg.epochs:
+        set_epoch(s.loader, s.pos.epoch)  # sampler order and per-item augmentation
+        s.sampler.set_start(s.pos.micro * tcfg.batch_size)  # mid-epoch resume: skip what was seen
+        hooks.start_epoch()
+        for batch in s.loader:
+            s.pos.micro += 1
+            outcome = hooks.train_step(batch)
+            if outcome is None:  # a micro-batch that only accumulated: nothing was agreed
+                continue
+            if outcome is StepOutcome.NONFINITE:  # not a step: no LR, EMA or step count
+                guard.bad(s.pos.step + 1, batch, checkpoint_note(s.run_dir, tcfg.checkpoint_every))
+            elif outcome is StepOutcome.STEPPED:
+                guard.ok()
+                s.pos.step += 1
+                reason = hooks.after_step()
+            reason = reason or s.control.reason()
+            if reason is not None:
+                break
+        else:
+            s.pos.epoch += 1
+            s.pos.micro = 0
+            hooks.end_epoch()
+    return reason or StopReason.STEPS
 
 
 def checkpoint_note(run_dir: str, checkpoint_every: int) -> str:

@@ -23,16 +23,17 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import build_dataset
-from data.loader import ResumableSampler, batches_per_epoch, make_loader, set_epoch
+from data.loader import ResumableSampler, make_loader
 from data.source_index import RUN_INDEX_FILE
 from models.vae import FrozenVAE, VAELoss, build_autoencoder
 from training import checkpoints as ckpts
-from training.common import (Deadline, NonFiniteGuard, Position, StepOutcome, capture_rank_rng,
-                             check_epoch, checkpoint_note, make_lr_schedule, optimizer_step,
-                             out_of_memory, restore_position, restore_rank_rng, seed_rank)
+from training.common import (Deadline, LoopHooks, LRPlan, Position, StepControl, StepOutcome,
+                             StopReason, capture_rank_rng, check_epoch, checkpoint_note,
+                             make_lr_schedule, now, optimizer_step, out_of_memory,
+                             restore_position, restore_rank_rng, run_epochs, seed_rank, total_steps)
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import VAERunConfig, config_to_dict
-from utils.dist import DistInfo, all_reduce_mean, any_rank, barrier
+from utils.dist import DistInfo, all_reduce_mean, barrier
 from utils.errors import UserError
 from utils.logging import RunLogger
 from utils.run_guard import save_before_fail, weights_finite
@@ -77,8 +78,10 @@ class Stage1:
     val_set: torch.utils.data.Dataset
     pos: Position
     total_steps: int
-    deadline: Deadline
+    deadline: Deadline  # train.time_limit_minutes: a hard stop
+    plan: LRPlan  # the step the LR anneals to (and training ends at) under the time limit
     saved_step: int = 0  # the step latest.pth holds (a failing run saves only what is newer)
+    control: Optional[StepControl] = None  # the loop's agreed stop decisions (set by train())
 
 
 # ----------------------------------------------------------------------------- setup
@@ -91,7 +94,7 @@ def setup(cfg: VAERunConfig, run_dir: str, dist: DistInfo, device: torch.device,
     train_set = build_dataset(cfg.data, "train", cfg.experiment.seed,
                               index_file=os.path.join(run_dir, RUN_INDEX_FILE))
     val_set = build_dataset(cfg.data, "val", cfg.experiment.seed)
-    check_epoch(len(train_set), tcfg, dist)  # before the model: an epoch holds a batch
+    steps_per_epoch = check_epoch(len(train_set), tcfg, dist)  # before the model: an epoch holds a batch
     ckpt = _checked_checkpoint(cfg, resume_path) if resume_path else None
     loader = make_loader(train_set, tcfg.batch_size, shuffle=True, seed=cfg.experiment.seed,
                          num_workers=cfg.data.num_workers, rank=dist.rank,
@@ -101,13 +104,13 @@ def setup(cfg: VAERunConfig, run_dir: str, dist: DistInfo, device: torch.device,
     ddp = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist.enabled else None
     optimizer = make_adamw(ae.parameters(), tcfg.lr, weight_decay=tcfg.weight_decay)
-    total = min(tcfg.max_steps or math.inf, tcfg.epochs * batches_per_epoch(loader))
-    deadline = Deadline(time.monotonic() if started is None else started, tcfg.time_limit_minutes)
+    total = total_steps(tcfg, steps_per_epoch)
+    deadline = Deadline(now() if started is None else started, tcfg.time_limit_minutes)
+    plan = LRPlan(tcfg, total, deadline)
     s = Stage1(cfg, run_dir, dist, device, dtype, log, ae, ddp if ddp is not None else objective, ddp,
-               optimizer, make_grad_scaler(device, dtype),
-               make_lr_schedule(optimizer, tcfg, total, deadline), loader, loader.sampler,
-               seed_rank(cfg.experiment.seed, dist, device), train_set, val_set, Position(), total,
-               deadline)
+               optimizer, make_grad_scaler(device, dtype), make_lr_schedule(optimizer, plan), loader,
+               loader.sampler, seed_rank(cfg.experiment.seed, dist, device), train_set, val_set,
+               Position(), total, deadline, plan)
     if ckpt is not None:
         _resume(s, ckpt, resume_path)
     log.info(f"run {run_dir}: {count_parameters(ae)[1] / 1e6:.2f}M params on {device} ({dtype}), "
@@ -128,6 +131,7 @@ def checkpoint_dict(s: Stage1, gather: bool = True) -> dict:
             "num_items": len(s.train_set),  # a resume on other data starts a new epoch
             "model_state": s.ae.state_dict(), "optimizer": s.optimizer.state_dict(),
             "scaler": s.scaler.state_dict(), "lr_sched": s.lr_sched.state_dict(),
+            "lr_plan": s.plan.state_dict(),
             "rng": capture_rank_rng(s.noise_gen, s.dist, gather),  # index = rank
             "config": config_to_dict(s.cfg)}
 
@@ -165,6 +169,7 @@ def _resume(s: Stage1, ckpt: dict, path: str) -> None:
     s.pos = restore_position(ckpt, s.dist, s.cfg.train.batch_size, len(s.train_set), s.log)
     s.saved_step = s.pos.step
     s.log.info(f"resumed from {path} at step {s.pos.step}")
+    s.plan.load_state_dict(ckpt.get("lr_plan"), s.log)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -188,58 +193,48 @@ def train(s: Stage1) -> bool:
 
 def _train_loop(s: Stage1) -> bool:
     tcfg = s.cfg.train
-    guard = NonFiniteGuard(tcfg.max_nonfinite_steps, s.run_dir, s.dist.rank, s.log)
     preview = stack_videos(s.val_set, PREVIEW_CLIPS) if s.dist.is_main else None  # (4, 3, T, H, W)
     bar = tqdm(total=s.total_steps, initial=s.pos.step, desc="vae", dynamic_ncols=True,
                disable=not s.dist.is_main)
-    s.deadline.begin()
     s.ae.train()
-    timed_out, frames_seen, steps_seen, since = False, 0, 0, time.perf_counter()
+    meter = {"frames": 0, "steps": 0, "since": time.perf_counter()}  # since the last log step
+    last = {}  # the step's tensors, read at log steps only
+
+    def train_step(batch: dict) -> StepOutcome:
+        # Forward and backward.
+        frames = pick_frames(batch["video"].to(s.device, non_blocking=True), tcfg.frames_per_clip)
+        with autocast_context(s.device, s.dtype):
+            loss, out = s.net(frames, s.noise_gen)
+        s.scaler.scale(loss).backward()
+        # Step.
+        outcome, grad_norm = optimizer_step(s.optimizer, s.scaler, loss, tcfg.grad_clip, s.control.agree)
+        last.update(loss=loss, recon=out["recon"], frames=frames, grad_norm=grad_norm)
+        return outcome
+
+    def after_step() -> None:
+        s.lr_sched.step()
+        meter["frames"], meter["steps"] = meter["frames"] + last["frames"].shape[0], meter["steps"] + 1
+        bar.update(1)
+        # Log, preview, checkpoint.
+        if s.pos.step % tcfg.log_every == 0 or s.pos.step == s.plan.end_step:
+            _log_step(s, last["loss"], last["recon"], last["frames"], last["grad_norm"],
+                      (meter["frames"], meter["steps"], meter["since"]), bar)
+            meter.update(frames=0, steps=0, since=time.perf_counter())
+        if s.pos.step % tcfg.image_every == 0 and s.dist.is_main:
+            s.log.image("val/reconstructions", reconstruction_grid(s.ae, preview), s.pos.step)
+        if s.pos.step % tcfg.checkpoint_every == 0:
+            save(s)
+
     with GracefulStop() as stop:
-        while (s.pos.step < s.total_steps and s.pos.epoch < tcfg.epochs and not stop.requested
-               and not timed_out):
-            set_epoch(s.loader, s.pos.epoch)
-            s.sampler.set_start(s.pos.micro * tcfg.batch_size)  # mid-epoch resume: skip what was seen
-            for batch in s.loader:
-                # Forward and backward.
-                frames = pick_frames(batch["video"].to(s.device, non_blocking=True), tcfg.frames_per_clip)
-                s.pos.micro += 1
-                with autocast_context(s.device, s.dtype):
-                    loss, out = s.net(frames, s.noise_gen)
-                s.scaler.scale(loss).backward()
-                # Step.
-                outcome, grad_norm = optimizer_step(s.optimizer, s.scaler, loss, tcfg.grad_clip)
-                if outcome is not StepOutcome.STEPPED:  # not a step: no LR or step count
-                    if outcome is StepOutcome.NONFINITE:
-                        guard.bad(s.pos.step + 1, batch, checkpoint_note(s.run_dir, tcfg.checkpoint_every))
-                    continue
-                guard.ok()
-                s.lr_sched.step()
-                s.pos.step += 1
-                frames_seen, steps_seen = frames_seen + frames.shape[0], steps_seen + 1
-                bar.update(1)
-                # Log, preview, checkpoint.
-                if s.pos.step % tcfg.log_every == 0 or s.pos.step == s.total_steps:
-                    _log_step(s, loss, out["recon"], frames, grad_norm, (frames_seen, steps_seen, since), bar)
-                    frames_seen, steps_seen, since = 0, 0, time.perf_counter()
-                if s.pos.step % tcfg.image_every == 0 and s.dist.is_main:
-                    s.log.image("val/reconstructions", reconstruction_grid(s.ae, preview), s.pos.step)
-                if s.pos.step % tcfg.checkpoint_every == 0:
-                    save(s)
-                stop.requested, timed_out = any_rank([stop.requested, s.deadline.expired()], s.dist, s.device)
-                if s.pos.step >= s.total_steps or stop.requested or timed_out:
-                    break
-            else:
-                s.pos.epoch += 1
-                s.pos.micro = 0
+        s.control = StepControl(s.dist, s.device, s.deadline, s.plan, s.pos, stop, s.log)
+        reason = run_epochs(s, LoopHooks(train_step, after_step))
     bar.close()
     save(s)
-    if stop.requested:
+    if reason is StopReason.SIGNAL:
         s.log.info(f"stopped by signal at step {s.pos.step}; saved {s.run_dir}/latest.pth "
                    "(continue with train.resume=auto; vae/ is written when training ends)")
         return True
-    why = "the time limit" if timed_out else "the step budget (max_steps, epochs)"
-    s.log.info(f"stopped at step {s.pos.step} (epoch {s.pos.epoch}) by {why}")
+    s.log.info(f"stopped at step {s.pos.step} (epoch {s.pos.epoch}) by {reason.value}")
     return False
 
 

@@ -21,16 +21,16 @@ from tqdm import tqdm
 from data import build_dataset
 from data.latent_cache import (CacheCorruptError, CachedWindows, LatentCache, cache_disabled_reason,
                                cache_key)
-from data.loader import ResumableSampler, make_loader, set_epoch
+from data.loader import ResumableSampler, make_loader
 from data.source_index import RUN_INDEX_FILE
 from models.diffusion import Diffusion
 from models.dit import VideoDiT
 from models.vae import FrozenVAE
 from training import checkpoints as ckpts
-from training.common import (Deadline, NonFiniteGuard, Position, StepOutcome, capture_rank_rng,
-                             check_epoch, checkpoint_note, make_lr_schedule, maybe_no_sync,
-                             optimizer_step, out_of_memory, restore_position, restore_rank_rng,
-                             seed_rank)
+from training.common import (Deadline, LoopHooks, LRPlan, Position, StepControl, StepOutcome,
+                             StopReason, capture_rank_rng, check_epoch, checkpoint_note,
+                             make_lr_schedule, maybe_no_sync, now, optimizer_step, out_of_memory,
+                             restore_position, restore_rank_rng, run_epochs, seed_rank, total_steps)
 from training.evaluation import clip_batches, fvd_real_clips, generated_geometry, video_batches
 from training.sampling import default_labels, generate_videos, save_videos, side_by_side
 from utils.video_io import uint8_to_video_tensor
@@ -77,7 +77,8 @@ class Stage2:
     class_names: list
     pos: Position
     total_steps: int
-    deadline: Deadline  # train.time_limit_minutes, and the LR schedule's position under it
+    deadline: Deadline  # train.time_limit_minutes: a hard stop
+    plan: LRPlan  # the step the LR anneals to (and training ends at) under the time limit
     real_jigsaw: Optional[float] = None  # jigsaw score of real clips, computed once
     held_out: Optional["HeldOut"] = None  # val/loss's fixed windows, encoded once (rank 0)
     detector: Optional[torch.jit.ScriptModule] = None  # validation.fvd's I3D, if set
@@ -85,6 +86,7 @@ class Stage2:
     saved_step: int = 0  # the step latest.pth holds (a failing run saves only what is newer)
     last_data_wait_fraction: float = 0.0  # of the last logging interval (benchmarks read it)
     fps: Optional[float] = None  # frames per second of the training windows (in checkpoints)
+    control: Optional[StepControl] = None  # the loop's agreed stop decisions (set by train())
 
 
 # ----------------------------------------------------------------------------- setup
@@ -134,10 +136,10 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
     model.activation_checkpointing = tcfg.activation_checkpointing
     ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup_steps)
     optimizer = make_adamw(model.parameters(), tcfg.lr, tcfg.betas, tcfg.weight_decay)
-    total = tcfg.epochs * steps_per_epoch
-    total = min(total, tcfg.max_steps) if tcfg.max_steps else total
-    deadline = Deadline(time.monotonic() if started is None else started, tcfg.time_limit_minutes)
-    lr_sched = make_lr_schedule(optimizer, tcfg, total, deadline)
+    total = total_steps(tcfg, steps_per_epoch)
+    deadline = Deadline(now() if started is None else started, tcfg.time_limit_minutes)
+    plan = LRPlan(tcfg, total, deadline)
+    lr_sched = make_lr_schedule(optimizer, plan)
     # Compile the bare model and wrap that in DDP: the loop keeps the DDP module itself, whose
     # no_sync() a compiled wrapper around it would hide from gradient accumulation.
     net = torch.compile(model) if tcfg.compile else model
@@ -147,7 +149,7 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
     s = Stage2(cfg, run_dir, dist, device, dtype, log, vae, Diffusion(cfg.diffusion), model,
                ddp if ddp is not None else net, ddp, ema, optimizer, make_grad_scaler(device, dtype),
                lr_sched, loader, loader.sampler, noise_gen, dims,
-               list(getattr(dataset, "class_names", [])), Position(), total, deadline)
+               list(getattr(dataset, "class_names", [])), Position(), total, deadline, plan)
     s.detector = detector
     # the windows' frame rate (data.fps, else the clips' median), or validation.fps for data
     # with no time of its own (built-in clips); predict writes videos at it by default
@@ -245,6 +247,7 @@ def checkpoint_dict(s: Stage2, gather: bool = True) -> dict:
         "optimizer": s.optimizer.state_dict(),
         "scaler": s.scaler.state_dict(),
         "lr_sched": s.lr_sched.state_dict(),
+        "lr_plan": s.plan.state_dict(),
         "rng": capture_rank_rng(s.noise_gen, s.dist, gather),  # index = rank
         "vae": ckpts.vae_record(s.vae),
         "diffusion": asdict(s.cfg.diffusion),
@@ -295,6 +298,7 @@ def _resume(s: Stage2, ckpt: dict, path: str) -> None:
     s.pos = restore_position(ckpt, s.dist, s.cfg.train.batch_size, len(s.loader.dataset), s.log)
     s.saved_step = s.pos.step
     s.log.info(f"resumed from {path} ({ckpts.checkpoint_summary(ckpt)})")
+    s.plan.load_state_dict(ckpt.get("lr_plan"), s.log)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -312,6 +316,7 @@ class LossStats:
         self.count = torch.zeros(NUM_T_BUCKETS, device=self.device, dtype=torch.float64)
         self.grad_norm_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         self.steps, self.samples, self.data_wait, self.t0 = 0, 0, 0.0, time.perf_counter()
+        self.wait_start = self.t0  # when the loop last asked the loader for a batch
 
     def add(self, per_sample: torch.Tensor, t: torch.Tensor) -> None:
         # t is the model time in [0, T]: integer (v) or float s * T (flow), bucketed by t / T
@@ -354,67 +359,54 @@ def train(s: Stage2) -> Position:
 def _train_loop(s: Stage2) -> Position:
     tcfg, T = s.cfg.train, s.cfg.diffusion.num_train_timesteps
     stats = LossStats(s.device, T)
-    guard = NonFiniteGuard(tcfg.max_nonfinite_steps, s.run_dir, s.dist.rank, s.log)
-    s.deadline.begin()
     bar = tqdm(total=s.total_steps, initial=s.pos.step, disable=not s.dist.is_main,
                dynamic_ncols=True, desc=_epoch_desc(s))
+
+    def start_epoch() -> None:
+        s.optimizer.zero_grad(set_to_none=True)
+        bar.set_description(_epoch_desc(s))
+        stats.wait_start = time.perf_counter()
+
+    def train_step(batch: dict) -> Optional[StepOutcome]:
+        stats.data_wait += time.perf_counter() - stats.wait_start
+        # Latents of the frozen VAE (no graph: the VAE never sees a gradient).
+        x0 = batch_latents(s, batch)  # (B, C, T, h, w)
+        y = batch["label"].to(s.device) if s.dims["num_classes"] else None
+        # Sample t and noise.
+        t = s.diffusion.sample_timesteps(x0.shape[0], s.device, s.noise_gen, latent_shape=x0.shape)
+        noise = torch.randn(x0.shape, device=s.device, generator=s.noise_gen)
+        x_t = s.diffusion.add_noise(x0, noise, t)
+        # Forward and backward.
+        sync = s.pos.micro % tcfg.grad_accum_steps == 0
+        with maybe_no_sync(s.ddp, sync), autocast_context(s.device, s.dtype):
+            v_pred = s.net(x_t, t, y)  # (B, C, T, h, w)
+        per_sample = s.diffusion.loss(v_pred.float(), x0, noise, t).loss  # (B,)
+        s.scaler.scale(per_sample.mean() / tcfg.grad_accum_steps).backward()
+        stats.add(per_sample, t)
+        # Step (when this micro-batch closes one).
+        outcome = _optimizer_step(s, stats, per_sample) if sync else None
+        stats.wait_start = time.perf_counter()
+        return outcome
+
+    def after_step() -> None:
+        # EMA.
+        s.ema.update(s.model, s.pos.step)
+        # Log, sample, checkpoint.
+        bar.update(1)
+        if s.pos.step % tcfg.log_every == 0 or s.pos.step == s.plan.end_step:
+            _log_step(s, stats, bar)
+        if s.pos.step % tcfg.checkpoint_every == 0:
+            save(s)
+        stats.wait_start = time.perf_counter()
+
     with GracefulStop() as stop:
-        timed_out = False
-        while (s.pos.step < s.total_steps and s.pos.epoch < tcfg.epochs and not stop.requested
-               and not timed_out):
-            set_epoch(s.loader, s.pos.epoch)  # sampler order and per-item augmentation
-            s.sampler.set_start(s.pos.micro * tcfg.batch_size)  # mid-epoch resume: skip what was seen
-            s.optimizer.zero_grad(set_to_none=True)
-            bar.set_description(_epoch_desc(s))
-            wait_start = time.perf_counter()
-            for batch in s.loader:
-                stats.data_wait += time.perf_counter() - wait_start
-                # Latents of the frozen VAE (no graph: the VAE never sees a gradient).
-                x0 = batch_latents(s, batch)  # (B, C, T, h, w)
-                y = batch["label"].to(s.device) if s.dims["num_classes"] else None
-                # Sample t and noise.
-                t = s.diffusion.sample_timesteps(x0.shape[0], s.device, s.noise_gen, latent_shape=x0.shape)
-                noise = torch.randn(x0.shape, device=s.device, generator=s.noise_gen)
-                x_t = s.diffusion.add_noise(x0, noise, t)
-                # Forward and backward.
-                s.pos.micro += 1
-                sync = s.pos.micro % tcfg.grad_accum_steps == 0
-                with maybe_no_sync(s.ddp, sync), autocast_context(s.device, s.dtype):
-                    v_pred = s.net(x_t, t, y)  # (B, C, T, h, w)
-                per_sample = s.diffusion.loss(v_pred.float(), x0, noise, t).loss  # (B,)
-                s.scaler.scale(per_sample.mean() / tcfg.grad_accum_steps).backward()
-                stats.add(per_sample, t)
-                if not sync:
-                    wait_start = time.perf_counter()
-                    continue
-                # Step.
-                outcome = _optimizer_step(s, stats, per_sample)
-                if outcome is not StepOutcome.STEPPED:  # not a step: no LR, EMA or step count
-                    if outcome is StepOutcome.NONFINITE:
-                        guard.bad(s.pos.step + 1, batch, checkpoint_note(s.run_dir, tcfg.checkpoint_every))
-                    wait_start = time.perf_counter()
-                    continue
-                guard.ok()
-                s.pos.step += 1
-                # EMA.
-                s.ema.update(s.model, s.pos.step)
-                # Log, sample, checkpoint.
-                bar.update(1)
-                if s.pos.step % tcfg.log_every == 0 or s.pos.step == s.total_steps:
-                    _log_step(s, stats, bar)
-                if s.pos.step % tcfg.checkpoint_every == 0:
-                    save(s)
-                stop.requested, timed_out = any_rank([stop.requested, s.deadline.expired()], s.dist, s.device)
-                if s.pos.step >= s.total_steps or stop.requested or timed_out:
-                    break
-                wait_start = time.perf_counter()
-            else:
-                _end_epoch(s)
-    bar.close()
-    if timed_out:
-        s.log.info(f"train.time_limit_minutes = {tcfg.time_limit_minutes} reached at step "
-                   f"{s.pos.step} of {s.total_steps}")
-    _finish(s, interrupted=stop.requested)
+        s.control = StepControl(s.dist, s.device, s.deadline, s.plan, s.pos, stop, s.log)
+        reason = run_epochs(s, LoopHooks(train_step, after_step, lambda: _end_epoch(s), start_epoch))
+        bar.close()
+        if reason is StopReason.TIME_LIMIT:
+            s.log.info(f"train.time_limit_minutes = {tcfg.time_limit_minutes} reached at step "
+                       f"{s.pos.step} of {s.total_steps}")
+        _finish(s, interrupted=reason is StopReason.SIGNAL)
     return s.pos
 
 
@@ -428,8 +420,10 @@ def batch_latents(s: Stage2, batch: dict) -> torch.Tensor:
 
 
 def _optimizer_step(s: Stage2, stats: LossStats, per_sample: torch.Tensor) -> StepOutcome:
-    """Clip, step, schedule: the LR schedule moves only when the update was made."""
-    outcome, grad_norm = optimizer_step(s.optimizer, s.scaler, per_sample, s.cfg.train.grad_clip)
+    """Clip, step, schedule: the LR schedule moves only when the update was made (on every
+    rank alike: `s.control.agree`)."""
+    outcome, grad_norm = optimizer_step(s.optimizer, s.scaler, per_sample, s.cfg.train.grad_clip,
+                                        s.control.agree)
     if outcome is StepOutcome.STEPPED:
         s.lr_sched.step()
         stats.grad_norm_sum += grad_norm.double()
@@ -441,7 +435,7 @@ def _end_epoch(s: Stage2) -> None:
     s.pos.epoch += 1
     s.pos.micro = 0
     every, tcfg = s.cfg.validation.every_epochs, s.cfg.train
-    if every and s.pos.epoch % every == 0 and s.pos.step < s.total_steps:
+    if every and s.pos.epoch % every == 0 and s.control.reason() is None:
         validate(s)
     if tcfg.epoch_checkpoint_every and s.pos.epoch % tcfg.epoch_checkpoint_every == 0:
         save(s, f"epoch_{s.pos.epoch:04d}.pth")

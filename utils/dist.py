@@ -59,6 +59,15 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Elementwise max over ranks (a flag set on any rank is set on all; -x gives a min)."""
+    if not info.enabled:
+        return t
+    t = t.clone()
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return t
+
+
 def gather_dicts(part: dict, info: DistInfo) -> dict:
     """Union of every rank's dict (small, picklable values), available on all ranks."""
     if not info.enabled:
@@ -80,8 +89,7 @@ def any_rank(flags: list[bool], info: DistInfo, device: torch.device) -> list[bo
     """Each flag True on every rank if it is True on any rank (stop requests): one all-reduce."""
     if not info.enabled:
         return list(flags)
-    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
-    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    t = all_reduce_max(torch.tensor([1.0 if f else 0.0 for f in flags], device=device), info)
     return [bool(x) for x in t.tolist()]
 
 

@@ -182,14 +182,23 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+class StopRequested(BaseException):
+    """SIGINT/SIGTERM inside `GracefulStop.interruptible()`: unwinds that phase (validation)
+    at once. A BaseException, so that `except Exception` in between does not swallow it."""
+
+
 class GracefulStop:
     """SIGINT/SIGTERM set a flag the loop checks after each step (it then saves and exits).
 
-    A second SIGINT raises KeyboardInterrupt at once, for a user who really wants out.
+    Inside `interruptible()` (long phases without steps: validation sampling) the first
+    signal also raises StopRequested, so a stop is not held up until the phase ends (Slurm
+    and Kubernetes kill 30 s after SIGTERM). A second SIGINT raises KeyboardInterrupt at
+    once, for a user who really wants out.
     """
 
     def __init__(self):
         self.requested = False
+        self._raise = False
         self._previous = {}
 
     def __enter__(self) -> "GracefulStop":
@@ -203,8 +212,22 @@ class GracefulStop:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    @contextlib.contextmanager
+    def interruptible(self):
+        """A phase that a stop request ends at once (StopRequested), also one that came before."""
+        if self.requested:
+            raise StopRequested
+        self._raise = True
+        try:
+            yield
+        finally:
+            self._raise = False
+
     def _handle(self, signum, frame) -> None:
         import signal
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        if self._raise:
+            self._raise = False  # once: the handler of the phase's clean-up must not raise again
+            raise StopRequested

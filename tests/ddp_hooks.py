@@ -1,0 +1,77 @@
+"""A stage-2 training process with test hooks, for the multi-process tests of
+tests/test_schedule_ddp.py. Launched once per rank (RANK, WORLD_SIZE, MASTER_ADDR, ... in the
+environment, as torchrun or srun set them):
+
+    python tests/ddp_hooks.py OUT_PREFIX HOOKS key=value ...
+
+HOOKS, comma-separated:
+- `clock`: `training.common.now` becomes a counter that advances 1 s per read, and 1.3 s on
+  rank 1 (the ranks' clocks disagree, as two machines' do); the end-step plan is timed after
+  1 step over 3 steps, so a short time limit binds within a few steps.
+- `nan1`: rank 1 alone gets a NaN loss at every step, with an fp16-style GradScaler on (the
+  other rank then sees only a scaler skip: the setup that left it waiting in a collective).
+
+After training, each rank writes OUT_PREFIX.rank<R>.pt: its weights, the learning rate of each
+update it attempted, and its LR plan.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a script
+    sys.path.insert(0, ROOT)
+
+import train_advanced  # noqa: E402
+import training.common as common  # noqa: E402
+import training.stage2 as stage2  # noqa: E402
+from models.diffusion import Diffusion  # noqa: E402
+
+CLOCK_RATE = {0: 1.0, 1: 1.3}  # seconds per clock read, by rank
+
+
+def main(argv=None) -> int:
+    out, hooks, overrides = sys.argv[1], sys.argv[2].split(","), sys.argv[3:]
+    rank = int(os.environ.get("RANK", "0"))
+    if "clock" in hooks:
+        reads = [0]
+
+        def fake_now() -> float:
+            reads[0] += 1
+            return reads[0] * CLOCK_RATE[rank]
+
+        common.now = fake_now
+        common.PACE_SKIP_STEPS, common.PACE_MIN_STEPS, common.PACE_MIN_FRACTION = 1, 3, 0.0
+    if "nan1" in hooks:
+        stage2.make_grad_scaler = lambda device, dtype: torch.amp.GradScaler("cpu")
+        if rank == 1:
+            original = Diffusion.loss
+
+            def nan_loss(self, v, x0, noise, t):
+                result = original(self, v, x0, noise, t)
+                return result._replace(loss=result.loss * float("nan"))
+
+            Diffusion.loss = nan_loss
+    record = {"lr": [], "state": None, "plan": None}
+    original_step = stage2._optimizer_step
+
+    def spy_step(s, stats, per_sample):
+        record["lr"].append(s.optimizer.param_groups[0]["lr"])
+        outcome = original_step(s, stats, per_sample)
+        record["state"] = {k: v.detach().clone() for k, v in s.model.state_dict().items()}
+        record["plan"] = s.plan.state_dict()
+        return outcome
+
+    stage2._optimizer_step = spy_step
+    try:
+        return train_advanced.main(["--config", os.path.join(ROOT, "config_advanced.yaml"), *overrides])
+    finally:
+        torch.save(record, f"{out}.rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    from utils.cli import run_main
+    run_main(main)
