@@ -455,6 +455,12 @@ class VideoFolder(Dataset):
             raise ValueError("this dataset has no captions (data.captions is null)")
         return self.captions[self.window(index)[0]]
 
+    def source_caption(self, src: int, frames: Optional[list[int]] = None) -> str:
+        """The caption of source `src` (any of its windows `frames`); ValueError without data.captions."""
+        if self.captions is None:
+            raise ValueError("this dataset has no captions (data.captions is null)")
+        return self.captions[src]
+
     def distinct_captions(self) -> list[str]:
         """Every caption of this split once, sorted (what the text embedding cache encodes)."""
         return sorted(set(self.captions or []))

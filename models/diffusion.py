@@ -54,7 +54,7 @@ SAMPLERS = SAMPLERS_BY_OBJECTIVE["v_prediction"]
 FLOW_SAMPLERS = SAMPLERS_BY_OBJECTIVE["flow_matching"]
 FLOW = "flow_matching"
 Generators = Union[torch.Generator, list[torch.Generator], None]
-ModelFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+ModelFn = Callable[..., torch.Tensor]  # (x_t, t, **condition) -> output
 
 
 def append_dims(a: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -393,17 +393,30 @@ def initial_noise(shape: tuple[int, ...], generator: Generators, device: torch.d
     return torch.randn(shape, generator=generator, device=gen_device).to(device)
 
 
-def guided_v(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor],
-             guidance_scale: float, null_class_id: Optional[int]) -> torch.Tensor:
+def guided_v(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, cond,
+             guidance_scale: float, null_class_id: Optional[int] = None,
+             uncond: Optional[dict] = None) -> torch.Tensor:
     """The model's output (v or flow velocity), with classifier-free guidance by one batched
-    cond + uncond pass (guidance is linear in the output, so it is the same for both)."""
-    if guidance_scale == 1.0 or y is None:
-        return model_fn(x, t, y)
-    if null_class_id is None:
-        raise ValueError("guidance_scale != 1 needs null_class_id (the model's unconditional label)")
-    y_null = torch.full_like(y, null_class_id)
-    v_cond, v_uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]),
-                                torch.cat([y, y_null])).chunk(2)  # each (B, C, T, h, w)
+    cond + uncond pass (guidance is linear in the output, so it is the same for both).
+
+    `cond`: the model's keyword conditions (a dict of batch-first tensors, e.g. from
+    training/conditioning.py), with `uncond` the same keys for the unconditional half; or the
+    older form, a (B,) class tensor `y` (None: unconditional) whose uncond is `null_class_id`."""
+    if cond is None or isinstance(cond, torch.Tensor):  # class labels (or nothing): model_fn(x, t, y)
+        y = cond
+        if guidance_scale == 1.0 or y is None:
+            return model_fn(x, t, y)
+        if null_class_id is None:
+            raise ValueError("guidance_scale != 1 needs null_class_id (the model's unconditional label)")
+        v_cond, v_uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]),
+                                    torch.cat([y, torch.full_like(y, null_class_id)])).chunk(2)
+        return v_uncond + guidance_scale * (v_cond - v_uncond)
+    if guidance_scale == 1.0 or uncond is None:
+        return model_fn(x, t, **cond)
+    if set(cond) != set(uncond):
+        raise ValueError(f"cond and uncond name different conditions: {sorted(cond)} vs {sorted(uncond)}")
+    both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+    v_cond, v_uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)  # each (B, C, T, h, w)
     return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
@@ -411,15 +424,20 @@ def guided_v(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, y: Optional[to
 def sample(model_fn: ModelFn, shape: tuple[int, ...], *, scheduler, num_steps: int,
            generator: Generators, device: torch.device | str, y: Optional[torch.Tensor] = None,
            guidance_scale: float = 1.0, null_class_id: Optional[int] = None,
-           progress: bool = False, mu: Optional[float] = None) -> torch.Tensor:
+           progress: bool = False, mu: Optional[float] = None, cond: Optional[dict] = None,
+           uncond: Optional[dict] = None) -> torch.Tensor:
     """Run `scheduler` from pure noise to x0 latents of `shape`, e.g. (B, C, T, h, w).
 
-    `model_fn(x_t, t, y) -> output` (v, or the flow velocity) with t a (B,) tensor of the
+    `model_fn(x_t, t, **cond) -> output` (v, or the flow velocity) with t a (B,) tensor of the
     scheduler's timesteps (integers, or floats s * T for FlowMatchEuler). The one sampler of
     this repo: validation and predict both call it. `scheduler` is stateful: pass a fresh one
     from `make_scheduler` (or one you own) per call. `mu`: the dynamic flow shift
     (`flow_mu(cfg, shape)`), needed exactly when the scheduler was built with one.
+    The condition: `cond` / `uncond` keyword dicts (training/conditioning.py's
+    `SampleConditions.rows`), or the older class form `y` with `null_class_id`.
     """
+    if cond is not None and y is not None:
+        raise ValueError("give the condition as cond (a dict) or y (class labels), not both")
     dynamic = scheduler.config.get("use_dynamic_shifting", False)
     if dynamic != (mu is not None):
         raise ValueError("a scheduler with a dynamic flow shift needs mu = flow_mu(cfg, shape), "
@@ -429,10 +447,11 @@ def sample(model_fn: ModelFn, shape: tuple[int, ...], *, scheduler, num_steps: i
     x = initial_noise(shape, generator, device) * getattr(scheduler, "init_noise_sigma", 1.0)
     scale_input = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    y = None if y is None else y.to(device)
+    if cond is None:
+        cond = None if y is None else y.to(device)
     for t in tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False):
         x_in = scale_input(x, t)  # identity except for Euler (sigma -> VP scale)
         t_batch = t.to(device).expand(shape[0])  # (B,)
-        out = guided_v(model_fn, x_in, t_batch, y, guidance_scale, null_class_id)
+        out = guided_v(model_fn, x_in, t_batch, cond, guidance_scale, null_class_id, uncond)
         x = scheduler.step(out.to(x.dtype), t, x, **step_kwargs).prev_sample
     return x

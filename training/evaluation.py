@@ -42,6 +42,7 @@ from data.videos import find_sources
 from data.windows import window_span
 from models.vae import Geometry
 from training.checkpoints import PREDICT_ENTRIES, check_entries, check_format, model_dims
+from training.conditioning import conditioning_from_checkpoint, seam_of
 from training.sampling import default_labels
 from utils.checkpoint import load_checkpoint, write_json
 from utils.config import DataConfig, EvaluateConfig, PredictConfig
@@ -318,12 +319,15 @@ def evaluate(cfg: EvaluateConfig, device: torch.device, sample_fn: SampleFn) -> 
     real_clips = fvd_real_clips(data, generated, generator, cfg.real.split, dataset_seed,
                                 cfg.real.num_clips or cfg.num_videos, cfg.real.seed)
     check_detector(i3d, "i3d", data.num_frames, device, "fvd.detector_path", cfg.fvd.detector_path)
+    if ckpt is not None:  # a text checkpoint's encoder (cfg.text_encoder.path: the same one) refused now
+        t = cfg.text_encoder
+        conditioning_from_checkpoint(ckpt, cfg.checkpoint, device, t.path, t.subfolder, t.dtype)
     # Real side, then generated.
     real = features().add_all(_progress(clip_batches(real_clips.dataset, real_clips.plan,
                                                      cfg.fvd.batch_size),
                                         len(real_clips.plan), "features, real clips"))
     if ckpt is not None:
-        gen, gen_record = _checkpoint_features(cfg, ckpt, generated, features(), sample_fn)
+        gen, gen_record = _checkpoint_features(cfg, ckpt, generated, features(), sample_fn, real_clips)
     else:
         gen = features().add_all(_progress(folder.batches(data.num_frames, data.frame_stride,
                                                           cfg.fvd.batch_size),
@@ -363,17 +367,21 @@ def _checkpoint_generator(path: str, ckpt: dict) -> str:
 
 
 def _checkpoint_features(cfg: EvaluateConfig, ckpt: dict, geometry: ClipGeometry,
-                         features: ClipFeatures, sample_fn: SampleFn) -> tuple[ClipFeatures, dict]:
+                         features: ClipFeatures, sample_fn: SampleFn,
+                         real_clips: RealClips) -> tuple[ClipFeatures, dict]:
     """Samples num_videos with predict's path, in chunks (video i always has seed + i and the
-    label predict gives video i), and accumulates their features."""
+    label predict gives video i; a text model: real clip i's caption), and accumulates their
+    features."""
     dims = model_dims(ckpt["model"])
     labels = default_labels(cfg.num_videos, dims["num_classes"], cfg.class_labels)
+    prompts = real_prompts(real_clips, cfg.num_videos) if "caption" in seam_of(ckpt).reads else None
     expected = (geometry.num_frames, geometry.height, geometry.width, 3)
     with tqdm(total=cfg.num_videos, desc="features, generated", unit="video", leave=False) as bar:
         for start in range(0, cfg.num_videos, GENERATION_CHUNK):
             n = min(GENERATION_CHUNK, cfg.num_videos - start)
             chunk = replace(cfg.sampling(), num_videos=n, seed=cfg.seed + start,
-                            class_labels=None if labels is None else labels[start:start + n].tolist())
+                            class_labels=None if labels is None else labels[start:start + n].tolist(),
+                            prompts=None if prompts is None else prompts[start:start + n])
             videos, _ = sample_fn(chunk, features.device)
             assert all(v.shape == expected for v in videos), (videos[0].shape, expected)
             features.add_all(video_batches(videos, cfg.fvd.batch_size))
@@ -382,11 +390,28 @@ def _checkpoint_features(cfg: EvaluateConfig, ckpt: dict, geometry: ClipGeometry
               "step": int(ckpt["step"]), "vae_fingerprint": ckpt["vae"]["fingerprint"],
               "vae_class": ckpt["vae"].get("class_name"), "weights": "EMA" if cfg.use_ema else "raw",
               "sampler": cfg.sampler, "num_steps": cfg.num_steps, "guidance_scale": cfg.guidance_scale,
-              "class_labels": cfg.class_labels, "seeds": f"{cfg.seed} + i, i = 0 ... {cfg.num_videos - 1}",
+              "class_labels": cfg.class_labels, **_prompt_record(ckpt, prompts), "seeds": f"{cfg.seed} + i, i = 0 ... {cfg.num_videos - 1}",
               "num_frames": geometry.num_frames, "latent_frames": dims["num_frames"],
               "resolution": [geometry.height, geometry.width],
               "uint8": "predict's: round((x + 1) * 127.5) of the decoded [-1, 1] pixels"}
     return features, record
+
+
+def real_prompts(real: RealClips, num_videos: int) -> list[str]:
+    """Text checkpoints: generated video i is conditioned on the caption of real clip i (cycled),
+    so the two sides of FVD describe the same content."""
+    captions = [real.dataset.source_caption(src, frames) for src, frames in real.plan]
+    return [captions[i % len(captions)] for i in range(num_videos)]
+
+
+def _prompt_record(ckpt: dict, prompts: Optional[list[str]]) -> dict:
+    if prompts is None:
+        return {}
+    encoder = ckpt["conditioning"]["text_encoder"]
+    return {"prompts": "the captions of the real clips: generated video i is conditioned on real clip i's "
+                       "(cycled when there are fewer real clips)",
+            "num_distinct_prompts": len(set(prompts)), "first_prompt": prompts[0],
+            "text_encoder": {k: encoder.get(k) for k in ("class_name", "fingerprint", "max_length")}}
 
 
 def _folder_record(folder: GeneratedFolder, data: DataConfig) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -32,7 +32,8 @@ from training.common import (Deadline, LoopHooks, LRPlan, Position, StepControl,
                              make_lr_schedule, maybe_no_sync, now, optimizer_step, out_of_memory,
                              restore_position, restore_rank_rng, run_epochs, seed_rank, total_steps)
 from training.evaluation import clip_batches, fvd_real_clips, generated_geometry, video_batches
-from training.sampling import default_labels, generate_videos, save_videos, side_by_side
+from training.conditioning import TEXT_CACHE_DIR, Conditioning, SampleConditions, conditioning_for_training
+from training.sampling import generate_videos, save_videos, side_by_side
 from utils.video_io import uint8_to_video_tensor
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import TrainRunConfig, check_resolution_multiple, config_to_dict
@@ -87,6 +88,8 @@ class Stage2:
     last_data_wait_fraction: float = 0.0  # of the last logging interval (benchmarks read it)
     fps: Optional[float] = None  # frames per second of the training windows (in checkpoints)
     control: Optional[StepControl] = None  # the loop's agreed stop decisions (set by train())
+    cond: Conditioning = field(default_factory=Conditioning)  # what a condition is (training/conditioning.py)
+    val_captions: list = field(default_factory=list)  # distinct captions of the val split (text runs)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -119,13 +122,20 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
     # latent cache is built or a step runs.
     dataset = build_dataset(cfg.data, "train", cfg.experiment.seed,  # the index: frame counts only
                             index_file=os.path.join(run_dir, RUN_INDEX_FILE))
-    dims = latent_dims(cfg, vae, dataset.num_classes)  # resolution, frame rule, patch_t
+    cond = conditioning_for_training(cfg, dataset, device, log)  # text: the frozen encoder, loaded
+    dims = {**latent_dims(cfg, vae, dataset.num_classes), **cond.dims()}  # resolution, frame rule, patch_t
     steps_per_epoch = check_epoch(len(dataset), tcfg, dist, tcfg.grad_accum_steps)
-    ckpt = _checked_checkpoint(cfg, resume_path, vae, dims) if resume_path else None
+    ckpt = _checked_checkpoint(cfg, resume_path, vae, dims, cond) if resume_path else None
     detector = None
     if cfg.validation.fvd.detector_path is not None:  # fail now, not at the first validation
         detector = load_detector(cfg.validation.fvd.detector_path, device,  # tried on a clip
                                  key="validation.fvd.detector_path", check_frames=cfg.data.num_frames)
+    val_captions: list[str] = []
+
+    def captions() -> list[str]:  # every caption the run looks up: both splits, validation prompts
+        val_captions.extend(build_dataset(cfg.data, "val", cfg.experiment.seed).distinct_captions())
+        return [*dataset.distinct_captions(), *val_captions, *(cfg.validation.prompts or [])]
+    cond.prepare(captions, os.path.join(run_dir, TEXT_CACHE_DIR), dist, log, cfg.text_encoder.batch_size)
     dataset = _maybe_cached(dataset, cfg, vae, run_dir, dist, device, log)
     if dist.is_main:
         _log_latent_rms(vae, dataset, log)
@@ -150,7 +160,7 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
                ddp if ddp is not None else net, ddp, ema, optimizer, make_grad_scaler(device, dtype),
                lr_sched, loader, loader.sampler, noise_gen, dims,
                list(getattr(dataset, "class_names", [])), Position(), total, deadline, plan)
-    s.detector = detector
+    s.detector, s.cond, s.val_captions = detector, cond, sorted(set(val_captions))
     # the windows' frame rate (data.fps, else the clips' median), or validation.fps for data
     # with no time of its own (built-in clips); predict writes videos at it by default
     s.fps = getattr(dataset, "frame_rate", None) or cfg.validation.fps
@@ -223,7 +233,7 @@ def _log_setup(s: Stage2, dataset, steps_per_epoch: int) -> None:
                f"trainable of {vae_total / 1e6:.2f}M (frozen); optimizer holds DiT parameters only")
     s.log.info(f"latents (C, t, h, w) = {ckpts.latent_shape(s.dims)} from {s.cfg.data.num_frames} frames "
                f"of {s.cfg.data.height}x{s.cfg.data.width} pixels, "
-               f"{math.prod(s.model.grid)} tokens per clip, classes {s.dims['num_classes']}; "
+               f"{math.prod(s.model.grid)} tokens per clip, condition: {s.cond.summary()}; "
                f"{len(dataset)} training clips, {steps_per_epoch} steps/epoch, {s.total_steps} steps total")
     s.log.info(f"device {s.device}, precision {str(s.dtype).replace('torch.', '')}, world size "
                f"{s.dist.world_size}, global batch {global_batch} = {t.batch_size} per process x "
@@ -252,6 +262,7 @@ def checkpoint_dict(s: Stage2, gather: bool = True) -> dict:
         "vae": ckpts.vae_record(s.vae),
         "diffusion": asdict(s.cfg.diffusion),
         "class_names": list(s.class_names),
+        "conditioning": s.cond.record(),  # kind, classes or the text encoder's describe()
         "fps": s.fps,
         "config": config_to_dict(s.cfg),
     }
@@ -275,12 +286,14 @@ def _save_on_failure(s: Stage2) -> None:
     save(s, collective=False)
 
 
-def _checked_checkpoint(cfg: TrainRunConfig, path: str, vae: FrozenVAE, dims: dict) -> dict:
+def _checked_checkpoint(cfg: TrainRunConfig, path: str, vae: FrozenVAE, dims: dict,
+                        cond: Conditioning) -> dict:
     """The checkpoint to resume from, refused now if it does not fit, naming what differs: the
-    data, the model, the diffusion schedule or the VAE."""
+    condition (a text encoder), the data, the model, the diffusion schedule or the VAE."""
     ckpt = load_checkpoint(path, map_location="cpu")
     ckpts.check_format(ckpt, path)
     ckpts.check_entries(ckpt, path)
+    cond.check_checkpoint(ckpt, path)
     ckpts.check_model(ckpt, ckpts.model_record(cfg.model, dims), path, asdict(cfg.data))
     ckpts.check_vae(ckpt, vae, path)
     ckpts.check_diffusion(ckpt, asdict(cfg.diffusion), path)
@@ -371,15 +384,16 @@ def _train_loop(s: Stage2) -> Position:
         stats.data_wait += time.perf_counter() - stats.wait_start
         # Latents of the frozen VAE (no graph: the VAE never sees a gradient).
         x0 = batch_latents(s, batch)  # (B, C, T, h, w)
-        y = batch["label"].to(s.device) if s.dims["num_classes"] else None
         # Sample t and noise.
         t = s.diffusion.sample_timesteps(x0.shape[0], s.device, s.noise_gen, latent_shape=x0.shape)
         noise = torch.randn(x0.shape, device=s.device, generator=s.noise_gen)
         x_t = s.diffusion.add_noise(x0, noise, t)
+        # The condition (cached text, labels; caption dropout from noise_gen), from the seam.
+        kw = s.cond.train_kwargs(batch, s.device, s.noise_gen)
         # Forward and backward.
         sync = s.pos.micro % tcfg.grad_accum_steps == 0
         with maybe_no_sync(s.ddp, sync), autocast_context(s.device, s.dtype):
-            v_pred = s.net(x_t, t, y)  # (B, C, T, h, w)
+            v_pred = s.net(x_t, t, **kw)  # (B, C, T, h, w)
         per_sample = s.diffusion.loss(v_pred.float(), x0, noise, t).loss  # (B,)
         s.scaler.scale(per_sample.mean() / tcfg.grad_accum_steps).backward()
         stats.add(per_sample, t)
@@ -479,15 +493,18 @@ def validate(s: Stage2) -> None:
         v = s.cfg.validation
         if v.loss_clips:
             _log_held_out_loss(s)
-        labels = default_labels(v.num_videos, s.dims["num_classes"])
+        conditions = validation_conditions(s, v.num_videos)
         videos = generate_videos(
             s.ema.model, s.vae, s.cfg.diffusion, latent_shape=ckpts.latent_shape(s.dims),
-            seeds=[v.seed + i for i in range(v.num_videos)], labels=labels, sampler=v.sampler,
-            num_steps=v.num_steps, guidance_scale=v.guidance_scale,
-            null_class_id=s.model.null_class_id, device=s.device)
+            seeds=[v.seed + i for i in range(v.num_videos)], sampler=v.sampler,
+            num_steps=v.num_steps, guidance_scale=v.guidance_scale, device=s.device,
+            conditions=conditions)
         out = os.path.join(s.run_dir, "samples", f"step_{s.pos.step:07d}")
-        save_videos(out, videos, v.fps)
+        save_videos(out, videos, v.fps, conditions.prompts)
         s.log.video("val/samples", side_by_side(videos), s.pos.step, v.fps)
+        if any(conditions.prompts):  # each video's prompt / class, left to right
+            s.log.text("val/samples_conditions", "\n\n".join(
+                f"{i}: {name}" for i, name in enumerate(conditions.prompts)), s.pos.step)
         cell = s.vae.downsample_factor * s.model.cfg.patch_size  # patch side in pixels
         score = jigsaw_score(torch.stack([uint8_to_video_tensor(x) for x in videos]), cell)
         s.log.scalars({"val/jigsaw_score": score, "val/jigsaw_score_real": _real_jigsaw(s, cell)},
@@ -507,7 +524,7 @@ def validate(s: Stage2) -> None:
 class HeldOut:
     """val/loss's fixed windows of the val split, as the frozen VAE's scaled posterior means."""
     latents: torch.Tensor  # (N, C, T, h, w) on the training device
-    labels: Optional[torch.Tensor]  # (N,) or None for an unconditional model
+    cond: dict  # the seam's eval keyword arguments, (N, ...) each ({} for an unconditional model)
 
 
 def _held_out(s: Stage2) -> HeldOut:
@@ -520,9 +537,9 @@ def _held_out(s: Stage2) -> HeldOut:
         pixels = torch.stack([it["video"] for it in items])  # (N, 3, T, H, W)
         latents = torch.cat([s.vae.encode(p.to(s.device), sample=False)  # the posterior mean
                              for p in pixels.split(s.cfg.train.batch_size)])  # (N, C, T, h, w)
-        labels = torch.tensor([it["label"] for it in items], device=s.device) \
-            if s.dims["num_classes"] else None
-        s.held_out = HeldOut(latents, labels)
+        batch = {"label": torch.tensor([it["label"] for it in items]),
+                 "caption": [it.get("caption") for it in items]}
+        s.held_out = HeldOut(latents, s.cond.eval_kwargs(batch, s.device))
     return s.held_out
 
 
@@ -538,7 +555,7 @@ def held_out_loss(s: Stage2, model: nn.Module) -> torch.Tensor:
     noise = torch.randn((NUM_T_BUCKETS, *held.latents.shape), generator=gen)  # (K, N, C, T, h, w)
     t_all = (torch.arange(NUM_T_BUCKETS) * width + width // 2).repeat_interleave(n)  # (K*N,)
     x0_all = held.latents.repeat(NUM_T_BUCKETS, 1, 1, 1, 1)  # (K*N, C, T, h, w), bucket-major
-    y_all = None if held.labels is None else held.labels.repeat(NUM_T_BUCKETS)
+    cond_all = {k: v.repeat(NUM_T_BUCKETS, *[1] * (v.ndim - 1)) for k, v in held.cond.items()}  # bucket-major
     chunk = VAL_BATCH_FACTOR * s.cfg.train.batch_size  # no activations kept: larger batches fit
     was_training = model.training
     model.eval()  # no label dropout (it would also draw from the global RNG)
@@ -547,9 +564,9 @@ def held_out_loss(s: Stage2, model: nn.Module) -> torch.Tensor:
         x0 = x0_all[i:i + chunk]
         eps = noise.flatten(0, 1)[i:i + chunk].to(s.device)
         t = t_all[i:i + chunk].to(s.device)
-        y = None if y_all is None else y_all[i:i + chunk]
+        kw = {k: v[i:i + chunk] for k, v in cond_all.items()}
         with autocast_context(s.device, s.dtype):
-            v = model(s.diffusion.add_noise(x0, eps, t), t, y)  # (B, C, T, h, w)
+            v = model(s.diffusion.add_noise(x0, eps, t), t, **kw)  # (B, C, T, h, w)
         losses.append(s.diffusion.loss(v.float(), x0, eps, t).loss.double().cpu())
     model.train(was_training)
     return torch.cat(losses).reshape(NUM_T_BUCKETS, n).mean(1)
@@ -584,14 +601,23 @@ def _val_fvd(s: Stage2) -> float:
         s.fvd_real = _gather_stats(stats_of(s.detector, clip_batches(real.dataset, real.plan[r::w],
                                                                      f.batch_size), s.device), s.dist)
     mine = list(range(r, f.num_videos, w))
-    labels = default_labels(f.num_videos, s.dims["num_classes"])
     videos = generate_videos(
         s.ema.model, s.vae, s.cfg.diffusion, latent_shape=ckpts.latent_shape(s.dims),
-        seeds=[v.seed + i for i in mine], labels=None if labels is None else labels[mine],
+        seeds=[v.seed + i for i in mine], conditions=validation_conditions(s, f.num_videos).select(mine),
         sampler=v.sampler, num_steps=v.num_steps, guidance_scale=v.guidance_scale,
-        null_class_id=s.model.null_class_id, device=s.device, batch_size=f.batch_size)
+        device=s.device, batch_size=f.batch_size)
     generated = _gather_stats(stats_of(s.detector, video_batches(videos, f.batch_size), s.device), s.dist)
     return fvd_from_stats(s.fvd_real, generated)
+
+
+def validation_conditions(s: Stage2, n: int) -> SampleConditions:
+    """What validation video i is conditioned on: validation.prompts (null: the captions of
+    held-out clips, spread over the val split) for text; classes 0, 1, 2, ... for class."""
+    prompts = s.cfg.validation.prompts
+    if prompts is None and s.val_captions:
+        pick = np.linspace(0, len(s.val_captions) - 1, min(n, len(s.val_captions))).round().astype(int)
+        prompts = [s.val_captions[i] for i in pick]
+    return s.cond.samples(n, prompts=prompts)
 
 
 def _gather_stats(part: FeatureStats, dist: DistInfo) -> FeatureStats:
