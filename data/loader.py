@@ -79,6 +79,15 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
+def fewer_than_one_batch(num_items: int, batch_size: int, world_size: int = 1) -> UserError:
+    """The error for a dataset that gives a process less than one batch of `batch_size`."""
+    per_rank = num_items // world_size
+    per = f" ({per_rank} per process over {world_size} processes)" if world_size > 1 else ""
+    return UserError(f"the dataset has {num_items} items{per}, fewer than one batch of "
+                     f"{batch_size}; lower train.batch_size, or add clips / lower "
+                     "data.window_stride to get more windows")
+
+
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int,
                 num_workers: int = 0, rank: int = 0, world_size: int = 1,
                 drop_last: bool = True, device_type: str = "cpu") -> DataLoader:
@@ -90,10 +99,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int,
     sampler = ResumableSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank,
                                world_size=world_size, drop_last=drop_last)
     if sampler.per_rank == 0 or (drop_last and sampler.per_rank < batch_size):
-        per = f" ({sampler.per_rank} per process over {world_size} processes)" if world_size > 1 else ""
-        raise UserError(f"the dataset has {len(dataset)} items{per}, fewer than one batch of "
-                        f"{batch_size}; lower train.batch_size, or add clips / lower "
-                        "data.window_stride to get more windows")
+        raise fewer_than_one_batch(len(dataset), batch_size, world_size)
     workers = dict(persistent_workers=True, prefetch_factor=PREFETCH_BATCHES) if num_workers else {}
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       drop_last=drop_last, pin_memory=device_type == "cuda",

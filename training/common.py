@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from data.loader import set_epoch
+from data.loader import fewer_than_one_batch, set_epoch
 from data.videos import DataWarning
 from training.checkpoints import ensure_writable_dir, resolve_resume
 from utils.checkpoint import capture_rng, restore_rng
@@ -111,10 +111,7 @@ def check_epoch(num_items: int, tcfg, dist: DistInfo, accum_steps: int = 1) -> i
     per_rank = num_items // dist.world_size
     batches = per_rank // tcfg.batch_size
     if batches == 0:
-        per = f" ({per_rank} per process over {dist.world_size} processes)" if dist.world_size > 1 else ""
-        raise UserError(f"the dataset has {num_items} items{per}, fewer than one batch of "
-                        f"{tcfg.batch_size}; lower train.batch_size, or add clips / lower "
-                        "data.window_stride to get more windows")
+        raise fewer_than_one_batch(num_items, tcfg.batch_size, dist.world_size)
     if batches < accum_steps:
         raise UserError(f"one epoch has {batches} batches, fewer than train.grad_accum_steps = "
                         f"{accum_steps}; lower it or train.batch_size")
@@ -428,6 +425,7 @@ def run_epochs(s, hooks: LoopHooks) -> StopReason:
             s.pos.epoch += 1
             s.pos.micro = 0
             hooks.end_epoch()
+            reason = s.control.reason()  # e.g. a signal during the epoch's validation
     return reason or StopReason.STEPS
 
 

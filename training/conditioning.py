@@ -38,7 +38,6 @@ A fourth kind (first frames for image-to-video) plugs in as another subclass: it
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from data import build_dataset
 from data.loader import ResumableSampler, make_loader
 from data.source_index import RUN_INDEX_FILE
-from models.vae import FrozenVAE, VAELoss, build_autoencoder
+from models.vae import FrozenVAE, VAELoss, build_autoencoder, vae_fingerprint
 from training import checkpoints as ckpts
 from training.common import (Deadline, LoopHooks, LRPlan, Position, StepControl, StepOutcome,
                              StopReason, capture_rank_rng, check_epoch, checkpoint_note,
@@ -299,7 +300,7 @@ def stack_videos(dataset, count: int) -> torch.Tensor:
     return torch.stack([dataset[i]["video"] for i in spread_indices(dataset, count)])
 
 
-def video_batches(dataset, indices: list[int], batch: int) -> Iterator[torch.Tensor]:
+def window_batches(dataset, indices: list[int], batch: int) -> Iterator[torch.Tensor]:
     """The windows at `indices`, `batch` at a time, each (b, 3, T, H, W) on the CPU: memory
     stays bounded however many windows are measured."""
     for start in range(0, len(indices), batch):
@@ -317,21 +318,50 @@ def _finish_main(s: Stage1) -> None:
     tcfg = s.cfg.train
     train_idx = spread_indices(s.train_set, tcfg.scale_num_clips)
     moments = FrozenVAE(s.ae)  # eval, no grads, the same encode stage 2 uses
-    means = (moments.encode_moments(v)[0] for v in video_batches(s.train_set, train_idx, tcfg.batch_size))
+    means = (moments.encode_moments(v)[0] for v in window_batches(s.train_set, train_idx, tcfg.batch_size))
     scale = 1.0 / global_std(means)  # unscaled posterior means; one std over all channels, as SD
     s.ae.register_to_config(scaling_factor=scale)
     vae_dir = os.path.join(s.run_dir, "vae")
-    s.ae.save_pretrained(vae_dir)
+    _write_vae(s.ae, vae_dir, s.log)
     vae = FrozenVAE.from_pretrained(vae_dir, s.device)  # exactly what stage 2 will load
     generator = torch.Generator(s.device).manual_seed(0)
     scaled_std = global_std(vae.encode(v, generator=generator)
-                            for v in video_batches(s.train_set, train_idx, tcfg.batch_size))
+                            for v in window_batches(s.train_set, train_idx, tcfg.batch_size))
     heldout = heldout_psnr(vae, s.val_set, tcfg.batch_size)
     s.log.scalar("val/heldout_psnr", heldout, s.pos.step)
     s.log.info(f"scaling_factor = {scale:.4f} (1 / std of posterior means over {len(train_idx)} "
                f"training clips); scaled latent std on training data = {scaled_std:.3f}\n"
                f"held-out PSNR = {heldout:.2f} dB over {len(s.val_set)} val clips\n"
                f"saved {vae_dir} (fingerprint {vae.fingerprint})")
+
+
+def _write_vae(ae: AutoencoderKL, vae_dir: str, log: RunLogger) -> None:
+    """Write `vae_dir`. A different VAE already there (an earlier end of this run, continued
+    with more steps) may be the one stage-2 runs were trained on, and they refuse any other:
+    it is kept as `<vae_dir>.<its fingerprint>/` (the fingerprint stage 2 names), never lost."""
+    tmp = f"{vae_dir}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ae.save_pretrained(tmp)
+    if os.path.exists(vae_dir):
+        old = _fingerprint_or_none(vae_dir)
+        if old != vae_fingerprint(ae):
+            kept = f"{vae_dir}.{old or 'unreadable-' + time.strftime('%Y%m%d-%H%M%S')}"
+            if os.path.exists(kept):  # the same VAE was kept before
+                shutil.rmtree(vae_dir)
+            else:
+                os.replace(vae_dir, kept)
+            log.info(f"kept the previous {vae_dir} (fingerprint {old}) as {kept}: stage-2 runs "
+                     f"trained on it need it (point their vae.path there)")
+        else:
+            shutil.rmtree(vae_dir)
+    os.replace(tmp, vae_dir)
+
+
+def _fingerprint_or_none(vae_dir: str) -> Optional[str]:
+    try:
+        return FrozenVAE.from_pretrained(vae_dir).fingerprint
+    except (UserError, OSError, ValueError):
+        return None
 
 
 def global_std(tensors: Iterator[torch.Tensor]) -> float:
@@ -347,7 +377,7 @@ def global_std(tensors: Iterator[torch.Tensor]) -> float:
 def heldout_psnr(vae: FrozenVAE, val_set, batch: int) -> float:
     """PSNR of posterior-mean round trips over every held-out window, streamed in batches."""
     squared, count = torch.zeros((), dtype=torch.float64, device=vae.device), 0
-    for videos in video_batches(val_set, list(range(len(val_set))), batch):
+    for videos in window_batches(val_set, list(range(len(val_set))), batch):
         videos = videos.to(vae.device)  # (b, 3, T, H, W): compared where the reconstruction is
         recon = vae.decode(vae.encode(videos, sample=False))
         squared += ((recon.double() - videos.double()) ** 2).sum()

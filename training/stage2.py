@@ -12,15 +12,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import build_dataset
-from data.latent_cache import (CacheCorruptError, CachedWindows, LatentCache, cache_disabled_reason,
-                               cache_key)
+from data.latent_cache import CacheCorruptError, LatentCache, cache_disabled_reason, cache_key
 from data.loader import ResumableSampler, make_loader
 from data.source_index import RUN_INDEX_FILE
 from models.diffusion import Diffusion
@@ -31,23 +29,18 @@ from training.common import (Deadline, LoopHooks, LRPlan, Position, StepControl,
                              StopReason, capture_rank_rng, check_epoch, checkpoint_note,
                              make_lr_schedule, maybe_no_sync, now, optimizer_step, out_of_memory,
                              restore_position, restore_rank_rng, run_epochs, seed_rank, total_steps)
-from training.evaluation import clip_batches, fvd_real_clips, generated_geometry, video_batches
-from training.conditioning import TEXT_CACHE_DIR, Conditioning, SampleConditions, conditioning_for_training
-from training.sampling import generate_videos, save_videos, side_by_side
-from utils.video_io import uint8_to_video_tensor
+from training.conditioning import TEXT_CACHE_DIR, Conditioning, conditioning_for_training
+from training.validation import NUM_T_BUCKETS, HeldOut, validate
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import TrainRunConfig, check_resolution_multiple, config_to_dict
 from utils.dist import DistInfo, all_reduce_mean, all_reduce_sum, any_rank, barrier, gather_dicts
 from utils.errors import ConfigError
-from utils.fvd import FeatureStats, fvd_from_stats, load_detector, stats_of
+from utils.fvd import FeatureStats, load_detector
 from utils.logging import RunLogger
-from utils.metrics import jigsaw_score
 from utils.run_guard import save_before_fail, weights_finite
 from utils.train_utils import (EMA, GracefulStop, autocast_context, count_parameters, make_adamw,
                                make_grad_scaler, use_fast_adamw)
 
-NUM_T_BUCKETS = 10  # loss per timestep bucket, so learning at high noise is visible
-VAL_BATCH_FACTOR = 4  # held-out loss batches: this many training batches (forward only)
 RMS_CLIPS = 8  # training clips whose normalised latent RMS is printed at start
 RMS_RANGE = (0.5, 2.0)  # outside: warn that the VAE's normalisation does not fit
 
@@ -81,7 +74,7 @@ class Stage2:
     deadline: Deadline  # train.time_limit_minutes: a hard stop
     plan: LRPlan  # the step the LR anneals to (and training ends at) under the time limit
     real_jigsaw: Optional[float] = None  # jigsaw score of real clips, computed once
-    held_out: Optional["HeldOut"] = None  # val/loss's fixed windows, encoded once (rank 0)
+    held_out: Optional[HeldOut] = None  # val/loss's fixed windows, encoded once (rank 0)
     detector: Optional[torch.jit.ScriptModule] = None  # validation.fvd's I3D, if set
     fvd_real: Optional[FeatureStats] = None  # real clips' features for val/fvd, computed once
     saved_step: int = 0  # the step latest.pth holds (a failing run saves only what is newer)
@@ -150,14 +143,16 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
     deadline = Deadline(now() if started is None else started, tcfg.time_limit_minutes)
     plan = LRPlan(tcfg, total, deadline)
     lr_sched = make_lr_schedule(optimizer, plan)
-    # Compile the bare model and wrap that in DDP: the loop keeps the DDP module itself, whose
-    # no_sync() a compiled wrapper around it would hide from gradient accumulation.
-    net = torch.compile(model) if tcfg.compile else model
-    ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
+    # DDP, then compile that: PyTorch's supported order, in which dynamo's DDP optimizer splits
+    # the graph at DDP's gradient buckets so their all-reduces overlap the rest of the backward.
+    # The loop keeps the DDP module itself for no_sync() (DDP's forward still runs it).
+    # benchmarks/ddp_compile_bench.py: the same weights as the other order, no_sync included.
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist.enabled else None
+    net = ddp if ddp is not None else model
+    net = torch.compile(net) if tcfg.compile else net
     noise_gen = seed_rank(cfg.experiment.seed, dist, device)
-    s = Stage2(cfg, run_dir, dist, device, dtype, log, vae, Diffusion(cfg.diffusion), model,
-               ddp if ddp is not None else net, ddp, ema, optimizer, make_grad_scaler(device, dtype),
+    s = Stage2(cfg, run_dir, dist, device, dtype, log, vae, Diffusion(cfg.diffusion), model, net, ddp, ema, optimizer, make_grad_scaler(device, dtype),
                lr_sched, loader, loader.sampler, noise_gen, dims,
                list(getattr(dataset, "class_names", [])), Position(), total, deadline, plan)
     s.detector, s.cond, s.val_captions = detector, cond, sorted(set(val_captions))
@@ -446,10 +441,11 @@ def _optimizer_step(s: Stage2, stats: LossStats, per_sample: torch.Tensor) -> St
 
 
 def _end_epoch(s: Stage2) -> None:
-    s.pos.epoch += 1
-    s.pos.micro = 0
+    """After s.pos moved to the next epoch: validation and the epoch checkpoint, if due."""
     every, tcfg = s.cfg.validation.every_epochs, s.cfg.train
     if every and s.pos.epoch % every == 0 and s.control.reason() is None:
+        if s.saved_step != s.pos.step:  # first: a stop during validation then loses nothing
+            save(s)
         validate(s)
     if tcfg.epoch_checkpoint_every and s.pos.epoch % tcfg.epoch_checkpoint_every == 0:
         save(s, f"epoch_{s.pos.epoch:04d}.pth")
@@ -458,13 +454,16 @@ def _end_epoch(s: Stage2) -> None:
 
 
 def _finish(s: Stage2, interrupted: bool) -> None:
-    save(s)
+    if s.saved_step != s.pos.step or not os.path.exists(os.path.join(s.run_dir, "latest.pth")):
+        save(s)
     if interrupted:
         s.log.info(f"stopped by signal at step {s.pos.step}; saved {s.run_dir}/latest.pth "
                    "(continue with train.resume=auto)")
         return
-    if s.cfg.validation.every_epochs:
-        validate(s)
+    if s.cfg.validation.every_epochs and not validate(s):
+        s.log.info(f"stopped by signal during the final validation; {s.run_dir}/latest.pth "
+                   f"holds step {s.pos.step} (continue with train.resume=auto)")
+        return
     s.log.info(f"done: {s.pos.step} steps; checkpoint {s.run_dir}/latest.pth")
 
 
@@ -480,163 +479,6 @@ def _log_step(s: Stage2, stats: LossStats, bar: tqdm) -> None:
                f"lr {values['train/lr']:.2e} {values['perf/samples_per_sec']:.1f} samples/s",
                echo=False)  # the progress bar shows it; log.txt keeps every log step
     stats.reset()
-
-
-def validate(s: Stage2) -> None:
-    """val/fvd (all ranks share the work), then on rank 0: the held-out loss and EMA samples ->
-    VAE decode -> mp4/gif under samples/ and a GIF in TensorBoard. The other ranks wait at the
-    barrier: rank 0's part must finish within the process group's timeout (torch's default:
-    10 min with nccl, 30 min with gloo), which validation.num_videos samples and a few dozen
-    forward passes do by far."""
-    fvd = _val_fvd(s) if s.detector is not None else None
-    if s.dist.is_main:
-        v = s.cfg.validation
-        if v.loss_clips:
-            _log_held_out_loss(s)
-        conditions = validation_conditions(s, v.num_videos)
-        videos = generate_videos(
-            s.ema.model, s.vae, s.cfg.diffusion, latent_shape=ckpts.latent_shape(s.dims),
-            seeds=[v.seed + i for i in range(v.num_videos)], sampler=v.sampler,
-            num_steps=v.num_steps, guidance_scale=v.guidance_scale, device=s.device,
-            conditions=conditions)
-        out = os.path.join(s.run_dir, "samples", f"step_{s.pos.step:07d}")
-        save_videos(out, videos, v.fps, conditions.prompts)
-        s.log.video("val/samples", side_by_side(videos), s.pos.step, v.fps)
-        if any(conditions.prompts):  # each video's prompt / class, left to right
-            s.log.text("val/samples_conditions", "\n\n".join(
-                f"{i}: {name}" for i, name in enumerate(conditions.prompts)), s.pos.step)
-        cell = s.vae.downsample_factor * s.model.cfg.patch_size  # patch side in pixels
-        score = jigsaw_score(torch.stack([uint8_to_video_tensor(x) for x in videos]), cell)
-        s.log.scalars({"val/jigsaw_score": score, "val/jigsaw_score_real": _real_jigsaw(s, cell)},
-                      s.pos.step)
-        if fvd is not None:
-            s.log.scalar("val/fvd", fvd, s.pos.step)
-        fvd_text = "" if fvd is None else f"; FVD {fvd:.2f} ({v.fvd.num_videos} generated vs {s.fvd_real.n} real clips)"
-        s.log.info(f"validation samples: {out} (jigsaw score {score:.2f}, real clips "
-                   f"{_real_jigsaw(s, cell):.2f}; well above real means patch seams){fvd_text}")
-    barrier(s.dist)
-
-
-# ----------------------------------------------------------------------------- held-out loss
-
-
-@dataclass
-class HeldOut:
-    """val/loss's fixed windows of the val split, as the frozen VAE's scaled posterior means."""
-    latents: torch.Tensor  # (N, C, T, h, w) on the training device
-    cond: dict  # the seam's eval keyword arguments, (N, ...) each ({} for an unconditional model)
-
-
-def _held_out(s: Stage2) -> HeldOut:
-    """`validation.loss_clips` windows spread evenly over the val split, encoded once."""
-    if s.held_out is None:
-        dataset = build_dataset(s.cfg.data, "val", s.cfg.experiment.seed)  # no augmentation
-        n = min(s.cfg.validation.loss_clips, len(dataset))
-        index = np.unique(np.linspace(0, len(dataset) - 1, n).round().astype(int))
-        items = [dataset[int(i)] for i in index]
-        pixels = torch.stack([it["video"] for it in items])  # (N, 3, T, H, W)
-        latents = torch.cat([s.vae.encode(p.to(s.device), sample=False)  # the posterior mean
-                             for p in pixels.split(s.cfg.train.batch_size)])  # (N, C, T, h, w)
-        batch = {"label": torch.tensor([it["label"] for it in items]),
-                 "caption": [it.get("caption") for it in items]}
-        s.held_out = HeldOut(latents, s.cond.eval_kwargs(batch, s.device))
-    return s.held_out
-
-
-@torch.no_grad()
-def held_out_loss(s: Stage2, model: nn.Module) -> torch.Tensor:
-    """(NUM_T_BUCKETS,) mean loss of `model` on the held-out windows at each bucket's central
-    timestep, with noise drawn from `validation.seed`: the same inputs at every validation,
-    so the curve moves only when the model does. Touches no training RNG."""
-    held = _held_out(s)
-    n, T = held.latents.shape[0], s.cfg.diffusion.num_train_timesteps
-    width = T // NUM_T_BUCKETS
-    gen = torch.Generator().manual_seed(s.cfg.validation.seed)  # CPU: same noise on any device
-    noise = torch.randn((NUM_T_BUCKETS, *held.latents.shape), generator=gen)  # (K, N, C, T, h, w)
-    t_all = (torch.arange(NUM_T_BUCKETS) * width + width // 2).repeat_interleave(n)  # (K*N,)
-    x0_all = held.latents.repeat(NUM_T_BUCKETS, 1, 1, 1, 1)  # (K*N, C, T, h, w), bucket-major
-    cond_all = {k: v.repeat(NUM_T_BUCKETS, *[1] * (v.ndim - 1)) for k, v in held.cond.items()}  # bucket-major
-    chunk = VAL_BATCH_FACTOR * s.cfg.train.batch_size  # no activations kept: larger batches fit
-    was_training = model.training
-    model.eval()  # no label dropout (it would also draw from the global RNG)
-    losses = []
-    for i in range(0, x0_all.shape[0], chunk):
-        x0 = x0_all[i:i + chunk]
-        eps = noise.flatten(0, 1)[i:i + chunk].to(s.device)
-        t = t_all[i:i + chunk].to(s.device)
-        kw = {k: v[i:i + chunk] for k, v in cond_all.items()}
-        with autocast_context(s.device, s.dtype):
-            v = model(s.diffusion.add_noise(x0, eps, t), t, **kw)  # (B, C, T, h, w)
-        losses.append(s.diffusion.loss(v.float(), x0, eps, t).loss.double().cpu())
-    model.train(was_training)
-    return torch.cat(losses).reshape(NUM_T_BUCKETS, n).mean(1)
-
-
-def _log_held_out_loss(s: Stage2) -> None:
-    """val/loss (EMA weights: what is sampled), val/loss_raw (the trained weights, like
-    train/loss), and val_loss_by_t/... (EMA) to TensorBoard and log.txt."""
-    ema, raw = held_out_loss(s, s.ema.model), held_out_loss(s, s.model)
-    width = s.cfg.diffusion.num_train_timesteps // NUM_T_BUCKETS
-    values = {"val/loss": ema.mean().item(), "val/loss_raw": raw.mean().item()}
-    for b in range(NUM_T_BUCKETS):
-        values[f"val_loss_by_t/t{b * width:04d}-{(b + 1) * width - 1:04d}"] = ema[b].item()
-    s.log.scalars(values, s.pos.step)
-    s.log.info(f"step {s.pos.step} val/loss {values['val/loss']:.4f} (EMA) val/loss_raw "
-               f"{values['val/loss_raw']:.4f} on {s.held_out.latents.shape[0]} held-out clips; by t: "
-               + " ".join(f"{x:.4f}" for x in ema.tolist()))
-
-
-# ----------------------------------------------------------------------------- in-loop FVD
-
-
-def _val_fvd(s: Stage2) -> float:
-    """FVD of validation.fvd.num_videos EMA samples (seeds validation.seed + i, the validation
-    sampler) against as many training clips (evaluate.py's windows, seed validation.seed).
-    Every rank takes videos rank, rank + W, ...; the feature sums are gathered, so no rank
-    waits on another's share."""
-    f, v, r, w = s.cfg.validation.fvd, s.cfg.validation, s.dist.rank, s.dist.world_size
-    if s.fvd_real is None:
-        real = fvd_real_clips(s.cfg.data, generated_geometry(s.dims, s.vae.describe()), "the model",
-                              "train", s.cfg.experiment.seed, f.num_videos, v.seed)
-        s.fvd_real = _gather_stats(stats_of(s.detector, clip_batches(real.dataset, real.plan[r::w],
-                                                                     f.batch_size), s.device), s.dist)
-    mine = list(range(r, f.num_videos, w))
-    videos = generate_videos(
-        s.ema.model, s.vae, s.cfg.diffusion, latent_shape=ckpts.latent_shape(s.dims),
-        seeds=[v.seed + i for i in mine], conditions=validation_conditions(s, f.num_videos).select(mine),
-        sampler=v.sampler, num_steps=v.num_steps, guidance_scale=v.guidance_scale,
-        device=s.device, batch_size=f.batch_size)
-    generated = _gather_stats(stats_of(s.detector, video_batches(videos, f.batch_size), s.device), s.dist)
-    return fvd_from_stats(s.fvd_real, generated)
-
-
-def validation_conditions(s: Stage2, n: int) -> SampleConditions:
-    """What validation video i is conditioned on: validation.prompts (null: the captions of
-    held-out clips, spread over the val split) for text; classes 0, 1, 2, ... for class."""
-    prompts = s.cfg.validation.prompts
-    if prompts is None and s.val_captions:
-        pick = np.linspace(0, len(s.val_captions) - 1, min(n, len(s.val_captions))).round().astype(int)
-        prompts = [s.val_captions[i] for i in pick]
-    return s.cond.samples(n, prompts=prompts)
-
-
-def _gather_stats(part: FeatureStats, dist: DistInfo) -> FeatureStats:
-    """The union of every rank's feature statistics (a rank may hold none)."""
-    parts = gather_dicts({dist.rank: (part.packed(), part.sum.shape[0]) if part.n else None}, dist)
-    packed = [p for p in parts.values() if p is not None]
-    dim = packed[0][1]
-    return FeatureStats.from_packed(sum(p for p, _ in packed), dim)
-
-
-def _real_jigsaw(s: Stage2, cell: int) -> float:
-    """The jigsaw score of real training clips: the reference a healthy sample should match."""
-    if s.real_jigsaw is None:
-        pixels = s.loader.dataset
-        pixels = pixels.dataset if isinstance(pixels, CachedWindows) else pixels  # the clips themselves
-        n = min(len(pixels), 16)
-        clips = torch.stack([pixels[i]["video"] for i in range(n)])  # (n, 3, T, H, W)
-        s.real_jigsaw = jigsaw_score(clips, cell)
-    return s.real_jigsaw
 
 
 def _epoch_desc(s: Stage2) -> str:

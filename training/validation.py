@@ -1,0 +1,211 @@
+"""Stage-2 validation: EMA samples (mp4/gif under samples/, a GIF in TensorBoard), the
+held-out loss by timestep, the jigsaw score against real clips, and val/fvd.
+
+`validate(s)` runs on every rank with the training state `s` (training.stage2.Stage2); a
+SIGINT/SIGTERM ends it at once (see its docstring). Nothing here changes a training RNG or
+weight: the held-out loss and the samples draw from generators seeded by validation.seed.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from data import build_dataset
+from data.latent_cache import CachedWindows
+from training import checkpoints as ckpts
+from training.conditioning import SampleConditions
+from training.evaluation import clip_batches, fvd_real_clips, generated_geometry, video_batches
+from training.sampling import generate_videos, save_videos, side_by_side
+from utils.dist import DistInfo, barrier, gather_dicts
+from utils.fvd import FeatureStats, fvd_from_stats, stats_of
+from utils.metrics import jigsaw_score
+from utils.train_utils import GracefulStop, StopRequested, autocast_context
+from utils.video_io import uint8_to_video_tensor
+
+if TYPE_CHECKING:
+    from training.stage2 import Stage2
+
+NUM_T_BUCKETS = 10  # loss per timestep bucket (train and val), so learning at high noise is visible
+VAL_BATCH_FACTOR = 4  # held-out loss batches: this many training batches (forward only)
+
+
+def validate(s: Stage2) -> bool:
+    """val/fvd (all ranks share the work), then on rank 0: the held-out loss and EMA samples
+    -> VAE decode -> mp4/gif under samples/ and a GIF in TensorBoard. The other ranks wait at the barrier:
+    rank 0's part must finish within the process group's timeout (torch's default: 10 min
+    with nccl, 30 min with gloo), which validation.num_videos samples and a few dozen forward
+    passes do by far.
+
+    SIGINT/SIGTERM ends validation at once (StopRequested) and returns False: all of it with
+    one process, rank 0's own part under DDP (val/fvd's collectives must run on every rank).
+    The caller writes latest.pth first, so that such a stop loses nothing."""
+    stop = s.control.stop if s.control is not None else GracefulStop()
+    alone, finished = not s.dist.enabled, True
+    try:
+        with stop.interruptible() if alone else contextlib.nullcontext():
+            fvd = _val_fvd(s) if s.detector is not None else None
+            if s.dist.is_main:
+                with contextlib.nullcontext() if alone else stop.interruptible():
+                    _validate_main(s, fvd)
+    except StopRequested:
+        finished = False
+        s.log.info(f"stop requested during the validation at step {s.pos.step}: the rest of it "
+                   f"is skipped ({s.run_dir}/latest.pth holds step {s.saved_step})")
+    barrier(s.dist)
+    return finished
+
+
+def _validate_main(s: Stage2, fvd: Optional[float]) -> None:
+    v = s.cfg.validation
+    if v.loss_clips:
+        _log_held_out_loss(s)
+    conditions = validation_conditions(s, v.num_videos)
+    videos = generate_videos(
+        s.ema.model, s.vae, s.cfg.diffusion, latent_shape=ckpts.latent_shape(s.dims),
+        seeds=[v.seed + i for i in range(v.num_videos)], sampler=v.sampler,
+        num_steps=v.num_steps, guidance_scale=v.guidance_scale, device=s.device,
+        conditions=conditions)
+    out = os.path.join(s.run_dir, "samples", f"step_{s.pos.step:07d}")
+    save_videos(out, videos, v.fps, conditions.prompts)  # + prompts.txt for a text model
+    s.log.video("val/samples", side_by_side(videos), s.pos.step, v.fps)
+    if any(conditions.prompts):  # TensorBoard's Text tab: each video's prompt, left to right
+        s.log.text("val/samples_prompts", "\n\n".join(
+            f"{i}: {p}" for i, p in enumerate(conditions.prompts)), s.pos.step)
+    cell = s.vae.downsample_factor * s.model.cfg.patch_size  # patch side in pixels
+    score = jigsaw_score(torch.stack([uint8_to_video_tensor(x) for x in videos]), cell)
+    s.log.scalars({"val/jigsaw_score": score, "val/jigsaw_score_real": _real_jigsaw(s, cell)},
+                  s.pos.step)
+    if fvd is not None:
+        s.log.scalar("val/fvd", fvd, s.pos.step)
+    fvd_text = "" if fvd is None else f"; FVD {fvd:.2f} ({v.fvd.num_videos} generated vs {s.fvd_real.n} real clips)"
+    s.log.info(f"validation samples: {out} (jigsaw score {score:.2f}, real clips "
+               f"{_real_jigsaw(s, cell):.2f}; well above real means patch seams){fvd_text}")
+
+
+# ----------------------------------------------------------------------------- held-out loss
+
+
+@dataclass
+class HeldOut:
+    """val/loss's fixed windows of the val split, as the frozen VAE's scaled posterior means."""
+    latents: torch.Tensor  # (N, C, T, h, w) on the training device
+    cond: dict  # the seam's eval keyword arguments, (N, ...) each ({} for an unconditional model)
+
+
+def _held_out(s: Stage2) -> HeldOut:
+    """`validation.loss_clips` windows spread evenly over the val split, encoded once."""
+    if s.held_out is None:
+        dataset = build_dataset(s.cfg.data, "val", s.cfg.experiment.seed)  # no augmentation
+        n = min(s.cfg.validation.loss_clips, len(dataset))
+        index = np.unique(np.linspace(0, len(dataset) - 1, n).round().astype(int))
+        items = [dataset[int(i)] for i in index]
+        pixels = torch.stack([it["video"] for it in items])  # (N, 3, T, H, W)
+        latents = torch.cat([s.vae.encode(p.to(s.device), sample=False)  # the posterior mean
+                             for p in pixels.split(s.cfg.train.batch_size)])  # (N, C, T, h, w)
+        batch = {"label": torch.tensor([it["label"] for it in items]),
+                 "caption": [it.get("caption") for it in items]}
+        s.held_out = HeldOut(latents, s.cond.eval_kwargs(batch, s.device))
+    return s.held_out
+
+
+@torch.no_grad()
+def held_out_loss(s: Stage2, model: nn.Module) -> torch.Tensor:
+    """(NUM_T_BUCKETS,) mean loss of `model` on the held-out windows at each bucket's central
+    timestep, with noise drawn from `validation.seed`: the same inputs at every validation,
+    so the curve moves only when the model does. Touches no training RNG."""
+    held = _held_out(s)
+    n, T = held.latents.shape[0], s.cfg.diffusion.num_train_timesteps
+    width = T // NUM_T_BUCKETS
+    gen = torch.Generator().manual_seed(s.cfg.validation.seed)  # CPU: same noise on any device
+    noise = torch.randn((NUM_T_BUCKETS, *held.latents.shape), generator=gen)  # (K, N, C, T, h, w)
+    t_all = (torch.arange(NUM_T_BUCKETS) * width + width // 2).repeat_interleave(n)  # (K*N,)
+    x0_all = held.latents.repeat(NUM_T_BUCKETS, 1, 1, 1, 1)  # (K*N, C, T, h, w), bucket-major
+    cond_all = {k: v.repeat(NUM_T_BUCKETS, *[1] * (v.ndim - 1)) for k, v in held.cond.items()}  # bucket-major
+    chunk = VAL_BATCH_FACTOR * s.cfg.train.batch_size  # no activations kept: larger batches fit
+    was_training = model.training
+    model.eval()  # no label dropout (it would also draw from the global RNG)
+    losses = []
+    for i in range(0, x0_all.shape[0], chunk):
+        x0 = x0_all[i:i + chunk]
+        eps = noise.flatten(0, 1)[i:i + chunk].to(s.device)
+        t = t_all[i:i + chunk].to(s.device)
+        kw = {k: v[i:i + chunk] for k, v in cond_all.items()}
+        with autocast_context(s.device, s.dtype):
+            v = model(s.diffusion.add_noise(x0, eps, t), t, **kw)  # (B, C, T, h, w)
+        losses.append(s.diffusion.loss(v.float(), x0, eps, t).loss.double().cpu())
+    model.train(was_training)
+    return torch.cat(losses).reshape(NUM_T_BUCKETS, n).mean(1)
+
+
+def _log_held_out_loss(s: Stage2) -> None:
+    """val/loss (EMA weights: what is sampled), val/loss_raw (the trained weights, like
+    train/loss), and val_loss_by_t/... (EMA) to TensorBoard and log.txt."""
+    ema, raw = held_out_loss(s, s.ema.model), held_out_loss(s, s.model)
+    width = s.cfg.diffusion.num_train_timesteps // NUM_T_BUCKETS
+    values = {"val/loss": ema.mean().item(), "val/loss_raw": raw.mean().item()}
+    for b in range(NUM_T_BUCKETS):
+        values[f"val_loss_by_t/t{b * width:04d}-{(b + 1) * width - 1:04d}"] = ema[b].item()
+    s.log.scalars(values, s.pos.step)
+    s.log.info(f"step {s.pos.step} val/loss {values['val/loss']:.4f} (EMA) val/loss_raw "
+               f"{values['val/loss_raw']:.4f} on {s.held_out.latents.shape[0]} held-out clips; by t: "
+               + " ".join(f"{x:.4f}" for x in ema.tolist()))
+
+
+# ----------------------------------------------------------------------------- val/fvd
+
+
+def _val_fvd(s: Stage2) -> float:
+    """FVD of validation.fvd.num_videos EMA samples (seeds validation.seed + i, the validation
+    sampler) against as many training clips (evaluate.py's windows, seed validation.seed).
+    Every rank takes videos rank, rank + W, ...; the feature sums are gathered, so no rank
+    waits on another's share."""
+    f, v, r, w = s.cfg.validation.fvd, s.cfg.validation, s.dist.rank, s.dist.world_size
+    if s.fvd_real is None:
+        real = fvd_real_clips(s.cfg.data, generated_geometry(s.dims, s.vae.describe()), "the model",
+                              "train", s.cfg.experiment.seed, f.num_videos, v.seed)
+        s.fvd_real = _gather_stats(stats_of(s.detector, clip_batches(real.dataset, real.plan[r::w],
+                                                                     f.batch_size), s.device), s.dist)
+    mine = list(range(r, f.num_videos, w))
+    videos = generate_videos(
+        s.ema.model, s.vae, s.cfg.diffusion, latent_shape=ckpts.latent_shape(s.dims),
+        seeds=[v.seed + i for i in mine], conditions=validation_conditions(s, f.num_videos).select(mine),
+        sampler=v.sampler, num_steps=v.num_steps, guidance_scale=v.guidance_scale,
+        device=s.device, batch_size=f.batch_size)
+    generated = _gather_stats(stats_of(s.detector, video_batches(videos, f.batch_size), s.device), s.dist)
+    return fvd_from_stats(s.fvd_real, generated)
+
+
+def validation_conditions(s: Stage2, n: int) -> SampleConditions:
+    """What validation video i is conditioned on, from the seam: validation.prompts (null: the
+    captions of held-out clips, spread over the val split's distinct captions) for a text
+    model; classes 0, 1, 2, ... for a class model; nothing for an unconditional one."""
+    prompts = s.cfg.validation.prompts
+    if prompts is None and s.val_captions:
+        pick = np.linspace(0, len(s.val_captions) - 1, min(n, len(s.val_captions))).round().astype(int)
+        prompts = [s.val_captions[i] for i in pick]
+    return s.cond.samples(n, prompts=prompts)
+
+
+def _gather_stats(part: FeatureStats, dist: DistInfo) -> FeatureStats:
+    """The union of every rank's feature statistics (a rank may hold none)."""
+    parts = gather_dicts({dist.rank: (part.packed(), part.sum.shape[0]) if part.n else None}, dist)
+    packed = [p for p in parts.values() if p is not None]
+    dim = packed[0][1]
+    return FeatureStats.from_packed(sum(p for p, _ in packed), dim)
+
+
+def _real_jigsaw(s: Stage2, cell: int) -> float:
+    """The jigsaw score of real training clips: the reference a healthy sample should match."""
+    if s.real_jigsaw is None:
+        pixels = s.loader.dataset
+        pixels = pixels.dataset if isinstance(pixels, CachedWindows) else pixels  # the clips themselves
+        n = min(len(pixels), 16)
+        clips = torch.stack([pixels[i]["video"] for i in range(n)])  # (n, 3, T, H, W)
+        s.real_jigsaw = jigsaw_score(clips, cell)
+    return s.real_jigsaw
