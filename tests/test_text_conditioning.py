@@ -2,7 +2,6 @@
 built-in captions with a tiny frozen T5, the embedding cache reused, exact resume, the encoder
 recorded and a different one refused (resume, predict, evaluate), caption dropout, guidance
 with prompts and a negative prompt, prompts.txt, and the class path's numbers unchanged."""
-import json
 import os
 import re
 import subprocess
@@ -12,7 +11,6 @@ import pytest
 import torch
 
 import evaluate
-import predict_advanced
 from models.diffusion import guided_v
 from models.dit import VideoDiT
 from models.text_encoder import FrozenTextEncoder
