@@ -210,8 +210,8 @@ def conditioned(size: dict, device: torch.device, kind: str) -> VideoDiT:
 
 
 def bench_conditioning(size: dict, device: torch.device, reps: int) -> dict:
-    """Seconds per training step (forward, MSE, backward, fused AdamW) with class vs text
-    conditioning, same DiT size and input; repetitions interleaved as in `time_variants`."""
+    """Seconds and FLOPs per training step (forward, MSE, backward, fused AdamW) with class vs
+    text conditioning, same DiT size and input; repetitions interleaved as in `time_variants`."""
     b, L = size["batch"], TEXT["tokens"]
     x = torch.randn(b, 4, size["frames"], size["latent"], size["latent"], device=device)  # (B, C, T, h, w)
     t = torch.randint(0, 1000, (b,), device=device)
@@ -231,7 +231,8 @@ def bench_conditioning(size: dict, device: torch.device, reps: int) -> dict:
         for _ in range(2):  # warm-up
             step()
         steps[kind] = step
-        out[kind] = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6}
+        flops = step_flops(model, lambda model=model, cond=cond: model(x, t, **cond), x)
+        out[kind] = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6, "gflop_per_step": flops / 1e9}
     times = {kind: [] for kind in steps}
     for _ in range(reps):
         for kind, step in steps.items():
@@ -239,6 +240,7 @@ def bench_conditioning(size: dict, device: torch.device, reps: int) -> dict:
     for kind in steps:
         out[kind]["sec_per_step"] = statistics.median(times[kind])
     out["text_over_class"] = out["text"]["sec_per_step"] / out["class"]["sec_per_step"]
+    out["flop_ratio_text_over_class"] = out["text"]["gflop_per_step"] / out["class"]["gflop_per_step"]
     return out
 
 
@@ -418,7 +420,7 @@ def print_table(r: dict) -> None:
     print(f"conditioning (same DiT): class {c['class']['sec_per_step']:.3f} s/step, text "
           f"{c['text']['sec_per_step']:.3f} s/step ({TEXT['tokens']} tokens of width {TEXT['dim']}, "
           f"{TEXT['real']} real; {c['text']['params_M'] - c['class']['params_M']:+.2f}M params): "
-          f"text / class {c['text_over_class']:.2f}x")
+          f"text / class {c['text_over_class']:.2f}x time, {c['flop_ratio_text_over_class']:.2f}x FLOPs")
     t = r["training"]
     print(f"stage 2 demo config: {t['cache_off']['steps_per_s']:.2f} steps/s encoding every step, "
           f"{t['cache_auto']['steps_per_s']:.2f} with the latent cache ({t['cache_speedup']:.2f}x); "

@@ -7,7 +7,8 @@ Design (DiT, Peebles & Xie 2023; Latte, Ma et al. 2024):
   S = (h / patch) * (w / patch) tokens per latent frame.
 - Position: fixed sin-cos, separable: a 2-D spatial table (half the channels for rows, half
   for columns) plus a 1-D temporal table, summed and added once to the tokens. No RoPE.
-- Blocks: pre-norm transformer blocks with adaLN-Zero conditioning on c = emb(t) + emb(y).
+- Blocks: pre-norm transformer blocks with adaLN-Zero conditioning on c = emb(t) + emb(y)
+  (+ emb(pooled text)).
   `model.attention = "factorized"` alternates spatial blocks (the S tokens of one frame attend
   to each other) and temporal blocks (the T tokens at one spatial position attend to each
   other), as Latte; `"full"` attends over all T * S tokens in every block. Every block keeps
@@ -39,9 +40,11 @@ Design (DiT, Peebles & Xie 2023; Latte, Ma et al. 2024):
   A negative prompt at predict is an ordinary caption, not the null.
 - Per-frame timesteps (first-frame conditioning and extension; the per-token timesteps of
   LTX-Video and Open-Sora 1.2): t may be (B, T) with one timestep per latent frame (the clean
-  condition frames at t = 0). c is then (B, T', D), computed per frame, and every adaLN
-  modulation broadcasts over the S tokens of a frame through a (B, T', S, D) view: no per-token
-  Linear. With t of shape (B,) the computation is today's, op for op.
+  condition frames at t = 0; with patch_t > 1 the frames of one temporal patch share one t).
+  c is then (B, T', D), computed per frame, and every adaLN modulation (blocks and final
+  layer) broadcasts over the S tokens of a frame through a (B, T', S, D) view: no per-token
+  Linear. With t of shape (B,) the computation is today's, op for op. Which frames are clean,
+  their noise and their loss mask are the objective's business, not the network's.
 
 The network knows nothing of the objective: the diffusion module decides what the output means.
 """
@@ -194,7 +197,10 @@ class TextEmbedder(nn.Module):
             raise ValueError(f"this model reads a pooled text vector (pooled_dim = "
                              f"{self.pooled[0].in_features}): pass pooled (B, pooled_dim) with the text")
         emb = self.pooled(pooled.to(self.pooled[0].weight.dtype))  # (B, D)
-        return emb if drop is None else torch.where(drop.bool()[:, None], self.null_pooled.to(emb.dtype), emb)
+        # null_pooled always in the graph (a zero gradient when nothing is dropped): DDP requires
+        # every parameter to take part in each step
+        null = torch.zeros(batch, dtype=torch.bool, device=emb.device) if drop is None else drop.bool()
+        return torch.where(null[:, None], self.null_pooled.to(emb.dtype), emb)
 
 
 # --------------------------------------------------------------------------- blocks
