@@ -29,6 +29,7 @@ from torch import nn
 from models.diffusion import flow_mu, make_scheduler, sample
 from models.vae import FrozenVAE
 from training.conditioning import SampleConditions, conditioning_from_checkpoint
+from training.first_frames import FirstFrames, generate_long, load_image, window_plan
 from training.checkpoints import (PREDICT_ENTRIES, check_entries, check_format, check_vae,
                                   latent_shape, load_entry, model_dims, model_from_checkpoint)
 from utils.checkpoint import load_checkpoint
@@ -74,10 +75,17 @@ def generate_batches(model: nn.Module, vae: FrozenVAE, diffusion_cfg: DiffusionC
                      latent_shape: Sequence[int], seeds: Sequence[int], labels: Optional[torch.Tensor] = None,
                      sampler: str, num_steps: int, guidance_scale: float, null_class_id: Optional[int] = None,
                      device: torch.device, batch_size: int = 8, progress: bool = False,
-                     conditions: Optional[SampleConditions] = None) -> Iterator[list[np.ndarray]]:
+                     conditions: Optional[SampleConditions] = None, images: Optional[torch.Tensor] = None,
+                     num_frames: Optional[int] = None, condition_frames: int = 1
+                     ) -> Iterator[list[np.ndarray]]:
     """`generate_videos`, one batch of uint8 videos (T, H, W, 3) at a time, as each is decoded.
     The condition of video i: row i of `conditions` (training/conditioning.py's seam), or the
-    older class form `labels` with `null_class_id` (None: unconditional)."""
+    older class form `labels` with `null_class_id` (None: unconditional).
+
+    First frames (a model trained with model.first_frame_conditioning): `images` (N, 3, H, W)
+    in [-1, 1], image i the first frame of video i; `num_frames` pixel frames per video (more
+    than the window: extended window by window on the last `condition_frames` latent frames;
+    training/first_frames.py `generate_long`). Both None: one window, as before."""
     if conditions is None:
         conditions = class_conditions(labels, null_class_id)
     model.eval()
@@ -85,6 +93,18 @@ def generate_batches(model: nn.Module, vae: FrozenVAE, diffusion_cfg: DiffusionC
         chunk = list(seeds[start:start + batch_size])
         generators = [torch.Generator(device).manual_seed(int(s)) for s in chunk]
         cond, uncond = conditions.rows(start, start + len(chunk), device)
+        if images is not None or num_frames is not None:
+            def window(shape, cond_frames, generators=generators, cond=cond, uncond=uncond):
+                return sample(model, shape, scheduler=make_scheduler(sampler, diffusion_cfg),
+                              num_steps=num_steps, generator=generators, device=device, cond=cond,
+                              uncond=uncond, guidance_scale=guidance_scale, progress=progress,
+                              mu=flow_mu(diffusion_cfg, shape), cond_frames=cond_frames)
+            pixels = generate_long(
+                window, vae, batch=len(chunk), latent_shape=latent_shape, frames=condition_frames,
+                num_frames=num_frames or vae.geometry.pixel_frames(latent_shape[1]), device=device,
+                images=None if images is None else images[start:start + len(chunk)])
+            yield [video_tensor_to_uint8(v) for v in pixels.cpu()]
+            continue
         scheduler = make_scheduler(sampler, diffusion_cfg)
         latents = sample(model, (len(chunk), *latent_shape), scheduler=scheduler, num_steps=num_steps,
                          generator=generators, device=device, cond=cond, uncond=uncond,
@@ -321,6 +341,7 @@ class Loaded:
     vae: FrozenVAE
     conditions: SampleConditions
     fps: float = 0.0  # frames per second the videos are written at
+    images: Optional[torch.Tensor] = None  # (N, 3, H, W) in [-1, 1]: frame 0 of each video (image-to-video)
 
 
 def load_for_sampling(cfg: PredictConfig, device: torch.device) -> Loaded:
@@ -342,11 +363,12 @@ def load_for_sampling(cfg: PredictConfig, device: torch.device) -> Loaded:
     vae = FrozenVAE.from_config(vae_settings, device, cfg.vae.path or ckpt["vae"]["path"])
     check_vae(ckpt, vae, cfg.checkpoint)
     model = model_from_checkpoint(ckpt, cfg.use_ema, device, cfg.checkpoint)
+    images = _first_frames(cfg, ckpt, vae, model)
     print(f"checkpoint {cfg.checkpoint}: step {ckpt['step']}, {'EMA' if cfg.use_ema else 'raw'} weights, "
           f"{objective}; "
           f"VAE {vae.path} (fingerprint {vae.fingerprint} matches); {cond.summary()}; sampler {cfg.sampler}, "
           f"{cfg.num_steps} steps, {cond.guidance_note(cfg.guidance_scale)}; {fps:g} fps")
-    return Loaded(ckpt, model, vae, conditions, fps)
+    return Loaded(ckpt, model, vae, conditions, fps, images)
 
 
 def sample_videos(cfg: PredictConfig, device: torch.device) -> tuple[list, dict]:
@@ -401,7 +423,8 @@ def _output_fps(cfg: PredictConfig, ckpt: dict) -> float:
 
 def _batches(cfg: PredictConfig, loaded: Loaded, device: torch.device) -> Iterator[list[np.ndarray]]:
     try:
-        yield from _generate(cfg, loaded.model, loaded.vae, loaded.ckpt, loaded.conditions, device)
+        yield from _generate(cfg, loaded.model, loaded.vae, loaded.ckpt, loaded.conditions, device,
+                             loaded.images)
     except torch.OutOfMemoryError:
         raise UserError(f"out of GPU memory sampling {cfg.batch_size} videos at once; lower "
                         "batch_size (videos sampled together) or guidance (cfg doubles the batch)") from None
@@ -418,13 +441,35 @@ def _trained_vae_settings(config: dict) -> VAERefConfig:
 
 
 def _generate(cfg: PredictConfig, model, vae, ckpt: dict, conditions: SampleConditions,
-              device) -> Iterator[list[np.ndarray]]:
+              device, images: Optional[torch.Tensor] = None) -> Iterator[list[np.ndarray]]:
     return generate_batches(
         model, vae, config_from_dict(DiffusionConfig, ckpt["diffusion"]),
         latent_shape=latent_shape(model_dims(ckpt["model"])),
         seeds=[cfg.seed + i for i in range(cfg.num_videos)], sampler=cfg.sampler,
         num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, conditions=conditions,
-        device=device, batch_size=cfg.batch_size, progress=True)
+        device=device, batch_size=cfg.batch_size, progress=True, images=images,
+        num_frames=cfg.num_frames, condition_frames=FirstFrames.of(ckpt["model"]["config"]).frames)
+
+
+def _first_frames(cfg: PredictConfig, ckpt: dict, vae: FrozenVAE, model) -> Optional[torch.Tensor]:
+    """The `image` / `images` (N, 3, H, W) resized and cropped as training clips, or None; image
+    and a `num_frames` beyond the window refused for a checkpoint trained without first frames."""
+    first = FirstFrames.of(ckpt["model"]["config"])
+    _, frames, h, w = model.input_shape
+    window = vae.geometry.pixel_frames(frames)
+    paths = cfg.image_list()
+    if paths is not None:
+        first.require("image-to-video (image / images)", cfg.checkpoint)
+    if cfg.num_frames is not None and cfg.num_frames > window:
+        first.require(f"num_frames = {cfg.num_frames} (longer than the {window}-frame training window)",
+                      cfg.checkpoint)
+        overlap = vae.geometry.pixel_frames(first.frames)
+        print(f"num_frames = {cfg.num_frames}: {len(window_plan(cfg.num_frames, window, overlap))} windows "
+              f"of {window} frames, each after the first conditioned on the {overlap} frame(s) before it")
+    if paths is None:
+        return None
+    height, width = h * vae.downsample_factor, w * vae.downsample_factor
+    return torch.stack([load_image(p, height, width, "image" if cfg.image else "images") for p in paths])
 
 
 def _conditions(cfg: PredictConfig, ckpt: dict, device: torch.device):

@@ -30,6 +30,7 @@ from training.common import (Deadline, LoopHooks, LRPlan, Position, StepControl,
                              make_lr_schedule, maybe_no_sync, now, optimizer_step, out_of_memory,
                              restore_position, restore_rank_rng, run_epochs, seed_rank, total_steps)
 from training.conditioning import TEXT_CACHE_DIR, Conditioning, conditioning_for_training
+from training.first_frames import FirstFrames
 from training.validation import NUM_T_BUCKETS, HeldOut, validate
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import TrainRunConfig, check_resolution_multiple, config_to_dict
@@ -83,6 +84,7 @@ class Stage2:
     control: Optional[StepControl] = None  # the loop's agreed stop decisions (set by train())
     cond: Conditioning = field(default_factory=Conditioning)  # what a condition is (training/conditioning.py)
     val_captions: list = field(default_factory=list)  # distinct captions of the val split (text runs)
+    first_frames: FirstFrames = field(default_factory=FirstFrames)  # model.first_frame_conditioning
 
 
 # ----------------------------------------------------------------------------- setup
@@ -156,6 +158,7 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
                lr_sched, loader, loader.sampler, noise_gen, dims,
                list(getattr(dataset, "class_names", [])), Position(), total, deadline, plan)
     s.detector, s.cond, s.val_captions = detector, cond, sorted(set(val_captions))
+    s.first_frames = FirstFrames.of(cfg.model)
     # the windows' frame rate (data.fps, else the clips' median), or validation.fps for data
     # with no time of its own (built-in clips); predict writes videos at it by default
     s.fps = getattr(dataset, "frame_rate", None) or cfg.validation.fps
@@ -228,7 +231,7 @@ def _log_setup(s: Stage2, dataset, steps_per_epoch: int) -> None:
                f"trainable of {vae_total / 1e6:.2f}M (frozen); optimizer holds DiT parameters only")
     s.log.info(f"latents (C, t, h, w) = {ckpts.latent_shape(s.dims)} from {s.cfg.data.num_frames} frames "
                f"of {s.cfg.data.height}x{s.cfg.data.width} pixels, "
-               f"{math.prod(s.model.grid)} tokens per clip, condition: {s.cond.summary()}; "
+               f"{math.prod(s.model.grid)} tokens per clip, condition: {s.cond.summary()}, {s.first_frames.summary()}; "
                f"{len(dataset)} training clips, {steps_per_epoch} steps/epoch, {s.total_steps} steps total")
     s.log.info(f"device {s.device}, precision {str(s.dtype).replace('torch.', '')}, world size "
                f"{s.dist.world_size}, global batch {global_batch} = {t.batch_size} per process x "
@@ -385,13 +388,17 @@ def _train_loop(s: Stage2) -> Position:
         x_t = s.diffusion.add_noise(x0, noise, t)
         # The condition (cached text, labels; caption dropout from noise_gen), from the seam.
         kw = s.cond.train_kwargs(batch, s.device, s.noise_gen)
+        # First frames (model.first_frame_conditioning): some clips keep their first latent
+        # frames clean at t = 0, without loss (training/first_frames.py says why); drawn from noise_gen.
+        given = s.first_frames.draw(x0.shape[0], s.device, s.noise_gen)
+        x_t, t, frame_mask = s.first_frames.noised(x0, x_t, t, given)  # t (B,) or (B, T)
         # Forward and backward.
         sync = s.pos.micro % tcfg.grad_accum_steps == 0
         with maybe_no_sync(s.ddp, sync), autocast_context(s.device, s.dtype):
             v_pred = s.net(x_t, t, **kw)  # (B, C, T, h, w)
-        per_sample = s.diffusion.loss(v_pred.float(), x0, noise, t).loss  # (B,)
+        per_sample = s.diffusion.loss(v_pred.float(), x0, noise, t, frame_mask).loss  # (B,)
         s.scaler.scale(per_sample.mean() / tcfg.grad_accum_steps).backward()
-        stats.add(per_sample, t)
+        stats.add(per_sample, t if t.ndim == 1 else t.max(dim=1).values)  # the generated frames' t
         # Step (when this micro-batch closes one).
         outcome = _optimizer_step(s, stats, per_sample) if sync else None
         stats.wait_start = time.perf_counter()

@@ -608,6 +608,17 @@ class PredictConfig:
     use_ema: bool = True  # False: the raw (non-EMA) weights
     vae: PredictVAEConfig = field(default_factory=PredictVAEConfig)
     text_encoder: PredictTextEncoderConfig = field(default_factory=PredictTextEncoderConfig)
+    # image-to-video (a checkpoint trained with model.first_frame_conditioning): a PNG/JPG that
+    # becomes frame 0 of every video, or `images`, one per video (cycled)
+    image: Optional[str] = None
+    images: Optional[list[str]] = None
+    # pixel frames per video; null = the training window's. Longer: extended window by window
+    num_frames: Optional[int] = None
+
+    def image_list(self) -> Optional[list[str]]:
+        """The image of each video (cycled over num_videos), or None."""
+        paths = [self.image] if self.image is not None else self.images
+        return None if not paths else [paths[i % len(paths)] for i in range(self.num_videos)]
 
     def prompt_list(self) -> Optional[list[str]]:
         """`prompts`, or the lines of `prompts_file`, or None."""
@@ -625,6 +636,16 @@ class PredictConfig:
             raise ConfigError("negative_prompt is empty: give a caption (e.g. \"blurry, static\") or null "
                               "(the learned null caption)")
         _positive(self, "", "num_videos", "batch_size", "num_steps")
+        if self.image is not None and self.images is not None:
+            raise ConfigError("image and images are both set: give one image (every video) or a list "
+                              "(one per video)")
+        if self.images is not None and not self.images:
+            raise ConfigError("images is an empty list: give image paths, or null")
+        if self.images is not None and len(self.images) > self.num_videos:
+            raise ConfigError(f"{len(self.images)} images but num_videos = {self.num_videos}: video i "
+                              f"starts with image i, so set num_videos = {len(self.images)}")
+        if self.num_frames is not None:
+            _positive(self, "", "num_frames")
         lo, hi = PREDICT_FPS_RANGE
         if self.fps is not None and not lo <= self.fps <= hi:
             raise ConfigError(f"fps = {self.fps:g}: must be between {lo:g} and {hi:g} frames per second, "
