@@ -221,3 +221,56 @@ def test_checkpoint_conditioning_of_older_checkpoints():
     assert none.kind == "none" and none.samples(2).cond == {}
     with pytest.raises(UserError, match="not text-conditioned"):
         none.samples(2, prompts=["a dog"])
+
+
+def test_diagnose_condition_check_names_the_encoder_and_measures_caption_reading(text_run, random_vae,
+                                                                                 text_encoders):
+    from models.vae import FrozenVAE
+    from training import diagnostics
+    from training.conditioning import conditioning_for_training
+    from utils.config import TrainRunConfig, load_config
+    from utils.logging import RunLogger
+    path = os.path.join(text_run, "latest.pth")
+    ckpt = load_checkpoint(path)
+    device = torch.device("cpu")
+    seam = conditioning_from_checkpoint(ckpt, path, device)
+    vae = FrozenVAE.from_pretrained(random_vae)
+
+    def configured(encoder):
+        cfg = load_config(TrainRunConfig, os.path.join(ROOT, "config_advanced.yaml"),
+                          ["device=cpu", "data.num_frames=4", "data.resolution=16", "data.builtin.num_clips=6",
+                           "data.builtin.clip_frames=8", f"vae.path={random_vae}",
+                           *_text_args(encoder, 3)])
+        from data import build_dataset
+        return cfg, conditioning_for_training(cfg, build_dataset(cfg.data, "train", 0), device, RunLogger(None))
+    cfg, same = configured(text_encoders["t5"])
+    clips, batch = diagnostics.real_clips(cfg, "val", 4)
+    check = diagnostics.check_condition(ckpt, same, seam, vae, clips, batch, device, 0, path)
+    m = re.search(r"loss with own captions ([\d.]+) vs shuffled ([\d.]+) on 4 held-out clips", check.line())
+    assert m and float(m.group(1)) > 0 and check.status == ("PASS" if float(m.group(1)) < float(m.group(2)) else "FAIL")
+    _, other = configured(text_encoders["umt5"])
+    bad = diagnostics.check_condition(ckpt, other, seam, vae, clips, batch, device, 0, path)
+    assert bad.status == "FAIL" and "text encoder mismatch" in bad.line()
+
+
+def test_evaluate_conditions_on_the_real_clips_captions(text_run, detector):
+    import training.evaluation as ev
+    from training.sampling import sample_videos
+    from utils.config import EvaluateConfig, load_config
+    seen = []
+
+    def spy(cfg, device):  # predict's sample_videos, recording the prompts it is given
+        seen.extend(cfg.prompts)
+        return sample_videos(cfg, device)
+    path = os.path.join(text_run, "latest.pth")
+    cfg = load_config(EvaluateConfig, os.path.join(ROOT, "evaluate.yaml"),
+                      ["device=cpu", f"checkpoint={path}", "num_videos=4", "num_steps=2", "sampler=ddim",
+                       f"fvd.detector_path={detector}"])
+    result = ev.evaluate(cfg, torch.device("cpu"), spy)
+    ckpt = load_checkpoint(path)
+    real = ev.select_real_clips(cfg.data.resolved(ckpt["config"]["data"]), "all",
+                                ckpt["config"]["experiment"]["seed"], 4, 0)
+    assert seen == ev.real_prompts(real, 4) and len(set(seen)) >= 2  # video i: real clip i's caption
+    g = result["protocol"]["generated"]
+    assert g["first_prompt"] == seen[0] and "captions of the real clips" in g["prompts"]
+    assert g["text_encoder"]["fingerprint"] == ckpt["conditioning"]["text_encoder"]["fingerprint"]

@@ -308,9 +308,9 @@ def conditioning_for_training(cfg, dataset, device: torch.device, log) -> Condit
     text loads the frozen encoder from text_encoder.path (for its sizes and fingerprint, which
     a resumed checkpoint is checked against) but encodes nothing until `prepare`."""
     kind = cfg.model.resolved().conditioning
-    if kind == "class":
+    if kind == "class" and dataset.num_classes > 0:
         return ClassConditioning(dataset.num_classes, list(getattr(dataset, "class_names", [])))
-    if kind == "none":
+    if kind != "text":  # none, or class on data without labels (unconditional, as always)
         return Conditioning()
     if not getattr(dataset, "has_captions", False):
         raise UserError("model.conditioning = text but the clips have no captions: set data.captions "
@@ -330,9 +330,10 @@ def conditioning_from_checkpoint(ckpt: dict, where: str, device: torch.device,
     the encoder the checkpoint records (or the one at `text_encoder_path`, which must be the
     same: check_text_encoder names what differs)."""
     kind = checkpoint_kind(ckpt)
+    if kind == "class" and int(ckpt["model"]["dims"].get("num_classes", 0)) > 0:
+        return ClassConditioning(int(ckpt["model"]["dims"]["num_classes"]), ckpt.get("class_names", []))
     if kind == "class":
-        dims = ckpt["model"]["dims"]
-        return ClassConditioning(int(dims["num_classes"]), ckpt.get("class_names", []))
+        return Conditioning()
     if kind == "none":
         return Conditioning()
     from models.text_encoder import FrozenTextEncoder

@@ -400,6 +400,10 @@ def _checkpoint_features(cfg: EvaluateConfig, ckpt: dict, geometry: ClipGeometry
 def real_prompts(real: RealClips, num_videos: int) -> list[str]:
     """Text checkpoints: generated video i is conditioned on the caption of real clip i (cycled),
     so the two sides of FVD describe the same content."""
+    if not getattr(real.dataset, "has_captions", False):
+        raise UserError("the checkpoint is text-conditioned, so each generated video is conditioned on "
+                        "the caption of the real clip it is compared with, but the real clips have no "
+                        "captions: set data.captions (or leave data.path null: the checkpoint's data)")
     captions = [real.dataset.source_caption(src, frames) for src, frames in real.plan]
     return [captions[i % len(captions)] for i in range(num_videos)]
 
