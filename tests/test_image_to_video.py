@@ -1,7 +1,9 @@
 """Image-to-video and long videos (issue 21): first-frame conditioning in the loss, the noising
 and the sampler; predict with `image` / `num_frames` (windows joined without repeated frames)
 on a per-frame and a causal VAE; refusals; resume bit-exact with the condition on."""
+import glob
 import os
+import re
 import shutil
 
 import numpy as np
@@ -189,7 +191,16 @@ def test_three_windows_join_without_repeated_frames(temporal, frames):
 def per_frame_run(tmp_path_factory, trained_vae):
     runs = tmp_path_factory.mktemp("i2v")
     return _train(runs, trained_vae, "ffc", [*PER_FRAME, *FFC, "diffusion.objective=flow_matching", "validation.sampler=euler",
-                                             "model.conditioning=class"])
+                                             "model.conditioning=class", "validation.every_epochs=1"])
+
+
+def test_validation_shows_an_image_to_video_sample(per_frame_run):
+    run = os.path.dirname(per_frame_run)
+    log = open(os.path.join(run, "log.txt")).read()
+    found = re.search(r"image-to-video samples of \d+ held-out first frames: frame 0 PSNR ([\d.]+) dB", log)
+    assert found and float(found.group(1)) > 20  # frame 0 is the image through the fixture VAE
+    events = b"".join(open(p, "rb").read() for p in glob.glob(os.path.join(run, "tensorboard", "events.*")))
+    assert b"val/image_to_video" in events and b"val/first_frame_psnr" in events
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,8 @@ def generate_videos(model: nn.Module, vae: FrozenVAE, diffusion_cfg: DiffusionCo
                     latent_shape: Sequence[int], seeds: Sequence[int], labels: Optional[torch.Tensor] = None,
                     sampler: str, num_steps: int, guidance_scale: float, null_class_id: Optional[int] = None,
                     device: torch.device, batch_size: int = 8, progress: bool = False,
-                    conditions: Optional[SampleConditions] = None) -> list[np.ndarray]:
+                    conditions: Optional[SampleConditions] = None, images: Optional[torch.Tensor] = None,
+                    num_frames: Optional[int] = None, condition_frames: int = 1) -> list[np.ndarray]:
     """Sample one video per seed. Returns uint8 frames (T, H, W, 3) per video, H x W the VAE's
     decode of `latent_shape`'s (h, w): data.resolution of the training run, square or not.
 
@@ -66,7 +67,7 @@ def generate_videos(model: nn.Module, vae: FrozenVAE, diffusion_cfg: DiffusionCo
         model, vae, diffusion_cfg, latent_shape=latent_shape, seeds=seeds, labels=labels,
         sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
         null_class_id=null_class_id, device=device, batch_size=batch_size, progress=progress,
-        conditions=conditions)
+        conditions=conditions, images=images, num_frames=num_frames, condition_frames=condition_frames)
         for v in batch]
 
 

@@ -20,13 +20,14 @@ from data import build_dataset
 from data.latent_cache import CachedWindows
 from training import checkpoints as ckpts
 from training.conditioning import SampleConditions
+from training.first_frames import psnr
 from training.evaluation import clip_batches, fvd_real_clips, generated_geometry, video_batches
 from training.sampling import generate_videos, save_videos, side_by_side
 from utils.dist import DistInfo, barrier, gather_dicts
 from utils.fvd import FeatureStats, fvd_from_stats, stats_of
 from utils.metrics import jigsaw_score
 from utils.train_utils import GracefulStop, StopRequested, autocast_context
-from utils.video_io import uint8_to_video_tensor
+from utils.video_io import uint8_to_video_tensor, video_tensor_to_uint8
 
 if TYPE_CHECKING:
     from training.stage2 import Stage2
@@ -81,11 +82,35 @@ def _validate_main(s: Stage2, fvd: Optional[float]) -> None:
     score = jigsaw_score(torch.stack([uint8_to_video_tensor(x) for x in videos]), cell)
     s.log.scalars({"val/jigsaw_score": score, "val/jigsaw_score_real": _real_jigsaw(s, cell)},
                   s.pos.step)
+    if s.first_frames.enabled:
+        _log_image_to_video(s)
     if fvd is not None:
         s.log.scalar("val/fvd", fvd, s.pos.step)
     fvd_text = "" if fvd is None else f"; FVD {fvd:.2f} ({v.fvd.num_videos} generated vs {s.fvd_real.n} real clips)"
     s.log.info(f"validation samples: {out} (jigsaw score {score:.2f}, real clips "
                f"{_real_jigsaw(s, cell):.2f}; well above real means patch seams){fvd_text}")
+
+
+def _log_image_to_video(s: Stage2) -> None:
+    """A run trained with model.first_frame_conditioning: frame 0 of held-out clips as the
+    image, EMA samples from it side by side in TensorBoard (val/image_to_video), and the PSNR
+    of their frame 0 against the image (val/first_frame_psnr; the VAE round trip bounds it)."""
+    v = s.cfg.validation
+    dataset = build_dataset(s.cfg.data, "val", s.cfg.experiment.seed)
+    n = min(v.num_videos, len(dataset))
+    index = np.unique(np.linspace(0, len(dataset) - 1, n).round().astype(int))
+    images = torch.stack([dataset[int(i)]["video"][:, 0] for i in index])  # (n, 3, H, W)
+    videos = generate_videos(
+        s.ema.model, s.vae, s.cfg.diffusion, latent_shape=ckpts.latent_shape(s.dims),
+        seeds=[v.seed + i for i in range(len(index))], sampler=v.sampler, num_steps=v.num_steps,
+        guidance_scale=v.guidance_scale, device=s.device,
+        conditions=validation_conditions(s, len(index)), images=images,
+        condition_frames=s.first_frames.frames)
+    s.log.video("val/image_to_video", side_by_side(videos), s.pos.step, v.fps)
+    given = [video_tensor_to_uint8(im[:, None])[0] for im in images]  # (H, W, 3) each
+    score = float(np.mean([psnr(x[0], g) for x, g in zip(videos, given)]))
+    s.log.scalar("val/first_frame_psnr", score, s.pos.step)
+    s.log.info(f"image-to-video samples of {len(index)} held-out first frames: frame 0 PSNR {score:.2f} dB")
 
 
 # ----------------------------------------------------------------------------- held-out loss
