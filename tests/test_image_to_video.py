@@ -303,3 +303,39 @@ def test_resume_bit_exact_with_the_condition_on(tmp_path, trained_vae, monkeypat
     for key in ("model_state", "ema_state"):
         for name, tensor in straight[key].items():
             assert torch.equal(tensor, resumed[key][name]), f"{key}.{name} differs after resume"
+
+
+# --------------------------------------------------------------------------- evaluate: fidelity and drift
+
+
+def test_evaluate_first_frame_psnr_and_drift_by_window(per_frame_run, tmp_path, capsys):
+    import json
+
+    import evaluate
+    from tests.test_evaluate import StandInI3D
+    torch.manual_seed(0)
+    detector = str(tmp_path / "i3d_torchscript.pt")
+    torch.jit.save(torch.jit.script(StandInI3D()), detector)
+    out = str(tmp_path / "e.json")
+    assert evaluate.main(["--config", os.path.join(ROOT, "evaluate.yaml"), "device=cpu", f"output={out}",
+                          f"checkpoint={per_frame_run}", "num_videos=3", "num_steps=2", "sampler=euler",
+                          f"fvd.detector_path={detector}", "batch_size=3", "image_to_video=true",
+                          "windows=3"]) == 0
+    r = json.load(open(out))
+    d = r["image_to_video"]
+    assert d["windows"] == 3 and d["num_frames"] == 10 and d["overlap_frames"] == 1
+    assert d["window_spans"] == [[0, 4], [3, 7], [6, 10]]
+    assert len(d["fvd_by_window"]) == len(d["jigsaw_by_window"]) == 3
+    assert d["fvd_by_window"][0] == pytest.approx(r["fvd"])  # FVD itself scores the first window
+    assert d["first_frame_psnr"] >= d["first_frame_psnr_vae_round_trip"] - 0.5 > 20
+    assert "FVD by window" in capsys.readouterr().out
+    # refused for a checkpoint trained without the condition, naming the key
+    plain = _train(tmp_path, _vae_of(per_frame_run), "plain", [*PER_FRAME])
+    with pytest.raises(Exception, match="model.first_frame_conditioning"):
+        evaluate.main(["--config", os.path.join(ROOT, "evaluate.yaml"), "device=cpu", f"checkpoint={plain}",
+                       "num_videos=2", "num_steps=2", "sampler=euler", f"fvd.detector_path={detector}",
+                       "windows=2"])
+
+
+def _vae_of(ckpt_path):
+    return load_checkpoint(ckpt_path)["vae"]["path"]

@@ -764,10 +764,15 @@ class EvaluateConfig:
     fvd: FVDConfig = field(default_factory=FVDConfig)
     fid: FIDConfig = field(default_factory=FIDConfig)
     output: Optional[str] = None  # JSON file for every number and the protocol; null = stdout only
+    # A checkpoint trained with model.first_frame_conditioning: video i starts from the first
+    # frame of real clip i (image_to_video) and/or runs `windows` training windows; FVD then
+    # scores the first window, and each window position gets its own FVD and jigsaw score (drift)
+    image_to_video: bool = False
+    windows: int = 1
 
     def validate(self) -> None:
         _check_device(self.device)
-        _positive(self, "", "num_videos", "batch_size", "num_steps")
+        _positive(self, "", "num_videos", "batch_size", "num_steps", "windows")
         if self.num_videos < 2:
             raise ConfigError(f"num_videos = {self.num_videos}: a covariance needs >= 2 videos")
         if self.guidance_scale < 0:
