@@ -339,3 +339,16 @@ def test_evaluate_first_frame_psnr_and_drift_by_window(per_frame_run, tmp_path, 
 
 def _vae_of(ckpt_path):
     return load_checkpoint(ckpt_path)["vae"]["path"]
+
+
+def test_drift_benchmark_quick(tmp_path, capsys):
+    import json
+
+    from benchmarks.drift import main
+    out = str(tmp_path / "drift.json")
+    assert main(["--quick", "--json", out]) == 0
+    r = json.load(open(out))
+    assert r["image_to_video"] and r["num_frames"] == 7  # windows of 4 frames joined on 1: 4 + 3
+    assert [row["frames"] for row in r["rows"]] == [[0, 4], [3, 7]]
+    assert all(row["videos"] == 2 and 0 <= row["coherent_so_far"] <= row["videos"] for row in r["rows"])
+    assert "| window | frames | coherent (this window)" in capsys.readouterr().out
