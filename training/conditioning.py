@@ -33,8 +33,10 @@ Kinds:
   captions. The uncond half of guidance is the same null (`drop_text` all True), or an ordinary
   caption: the negative prompt.
 
-A fourth kind (first frames for image-to-video) plugs in as another subclass: its `dims`,
-`record`, `train_kwargs` (e.g. per-frame timesteps and clean first latents) and `samples`.
+First frames (image-to-video, extension) are not a fourth kind but an aspect orthogonal to
+these three, combinable with each: `training/first_frames.py` (`FirstFrames`, held beside the
+seam as `Stage2.first_frames`; recorded by the model config's first_frame_conditioning /
+condition_frames), which changes x_t, t and the loss mask rather than the model's keywords.
 """
 from __future__ import annotations
 

@@ -120,6 +120,7 @@ def load_image(path: str, height: int, width: int, key: str = "image") -> torch.
 
     from data.videos import cover_crop_box, crop_resize
     from utils.video_io import VideoReadError, _read_image
+    path = os.path.expanduser(path)
     if not os.path.isfile(path):
         raise UserError(f"{key} = {path}: no such file; give a PNG or JPG image")
     try:
