@@ -5,13 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-stamp=".venv/.requirements-$(sha256sum requirements.txt | cut -c1-16)"
-if [ ! -f "$stamp" ]; then
-  echo "== setting up .venv (about 80 s on first run)"
-  python3 -m venv .venv
-  .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
-  touch "$stamp"
-fi
+bash scripts/setup_venv.sh  # .venv + requirements if missing (shared with scripts/test.sh)
 PY=.venv/bin/python
 
 if [ -f runs/vae/vae/config.json ]; then

@@ -21,6 +21,17 @@ A key that differs from the manifest's rebuilds the cache, saying what changed. 
 encode disjoint sources in parallel. This module takes an encode function, so `data/`
 never imports `models/`.
 
+Key. Everything that decides what is cached: the VAE, the dataset's pixels (files, sizes,
+mtimes, resolution, frame rate) and, for the per-window layout, the windows themselves
+(data.num_frames, frame_stride, window_stride, and a digest of every window's frames): a
+cache built with another window stride is rebuilt, never served (it raised a KeyError in a
+DataLoader worker). `load` also checks that the cached windows are the dataset's.
+
+Unreadable sources. A source that cannot be decoded while building (a frame folder whose
+images differ in size, a file cut short after indexing) is recorded as skipped with its
+reason (one DataWarning), as reading it with the cache off does; its windows are served by
+the first window of the next usable source.
+
 Healing. A manifest or shard that cannot be read, or that does not cover every source with
 well-formed latents, is reported (`CacheCorruptError`) and the cache is rebuilt. A build is
 written shard by shard (every `SOURCES_PER_SHARD` sources or `SHARD_BYTES`), each shard
@@ -40,20 +51,37 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
+import warnings
 from typing import Callable, Iterator, Optional
 
 import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from data.source_index import DataWarning
 from utils.checkpoint import atomic_save, write_json
+from utils.errors import UserError
 
 EncodeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (B,3,T,H,W) -> mean, std (B,C,t,h,w)
 SOURCES_PER_SHARD = 256
 SHARD_BYTES = 256 * 2**20  # a shard is also closed at this size: a killed build loses less
 PIXELS_PER_ENCODE = 1 << 22  # frame pixels (after resize) per encode call: ~50 MB of float pixels
+
+
+def window_key(dataset) -> dict:
+    """What decides which windows a per-window cache holds: the window settings (named in the
+    message when they change) and a digest of every window's (source, frames)."""
+    digest = hashlib.sha256()
+    for index in range(len(dataset)):
+        src, frames = dataset.window(index)
+        digest.update(repr((src, list(frames))).encode())
+    cfg = getattr(dataset, "cfg", None)
+    settings = {k: getattr(cfg, k) for k in ("num_frames", "frame_stride", "window_stride")
+                if hasattr(cfg, k)}
+    return {**settings, "windows": digest.hexdigest()[:16]}
 
 
 def cache_key(dataset, vae_fingerprint: str, vae_settings: Optional[dict] = None) -> dict:
@@ -69,7 +97,8 @@ class CacheCorruptError(Exception):
 def describe_change(old: dict, new: dict) -> str:
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     names = {"vae_fingerprint": "the VAE changed", "files": "the video files changed",
-             "vae_dtype": "vae.dtype changed", "layout": "the VAE's temporal compression changed"}
+             "vae_dtype": "vae.dtype changed", "layout": "the VAE's temporal compression changed",
+             "windows": "the windows changed"}
     return ", ".join(names.get(k, f"data setting {k!r} changed") for k in changed)
 
 
@@ -78,8 +107,10 @@ class LatentCache:
 
     def __init__(self, dataset, cache_dir: str, key: dict, per_window: bool = False,
                  vae_record: Optional[dict] = None):
-        self.dataset, self.dir, self.key = dataset, cache_dir, key
         self.per_window = per_window  # encode each window as its own clip (causal video VAEs)
+        # per window, the windows are what is cached: they belong to the key
+        self.dataset, self.dir = dataset, cache_dir
+        self.key = {**key, **window_key(dataset)} if per_window else key
         self.vae_record = vae_record or {}  # class, geometry, normalisation: written to the manifest
         self.manifest_path = os.path.join(cache_dir, "manifest.json")
 
@@ -116,9 +147,13 @@ class LatentCache:
         bar = tqdm(mine, desc="latent cache", disable=not progress, dynamic_ncols=True,
                    initial=len(written), total=len(written) + len(mine))
         for src in bar:
-            shard[src] = (self._encode_windows(src, windows.get(src, []), encode) if self.per_window
-                          else self._encode_source(src, encode))
-            size += sum(t.numel() * t.element_size() for t in shard[src].values())
+            try:
+                shard[src] = (self._encode_windows(src, windows.get(src, []), encode) if self.per_window
+                              else self._encode_source(src, encode))
+            except (UserError, OSError) as e:  # this source's pixels cannot be read: skip it
+                shard[src] = {"skipped": str(e)}
+                _warn_skipped({src: str(e)}, "building the latent cache")
+            size += sum(t.numel() * t.element_size() for t in shard[src].values() if torch.is_tensor(t))
             if len(shard) == SOURCES_PER_SHARD or size >= SHARD_BYTES or src == mine[-1]:
                 name = f"shard_r{rank}_{k:05d}.pt"
                 atomic_save(shard, os.path.join(self.dir, name))
@@ -154,8 +189,15 @@ class LatentCache:
             if not isinstance(part, dict):
                 raise CacheCorruptError(f"shard {path} is not a dict of latents")
             latents.update(part)
+        windows = self._windows_by_source() if self.per_window else {}
         for src in range(self.dataset.num_sources):
-            self._check_entry(src, latents.get(src))
+            self._check_entry(src, latents.get(src), windows.get(src, []))
+        skipped = {s: e["skipped"] for s, e in latents.items() if "skipped" in e}
+        if len(skipped) == self.dataset.num_sources:
+            raise UserError(f"none of the {len(skipped)} sources could be read for the latent "
+                            f"cache {self.dir}: " + "; ".join(sorted(set(skipped.values()))[:5]))
+        if skipped:
+            _warn_skipped(skipped, "in the latent cache")
         return CachedWindows(self.dataset, latents)
 
     def _manifest(self) -> dict:
@@ -169,11 +211,17 @@ class LatentCache:
             raise CacheCorruptError(f"{self.manifest_path} lacks its 'key' or 'shards'")
         return manifest
 
-    def _check_entry(self, src: int, entry) -> None:
-        """A source's latents are complete: mean and std of every frame (or every window)."""
+    def _check_entry(self, src: int, entry, windows: list[list[int]]) -> None:
+        """A source's latents are complete: mean and std of every frame (or of every one of
+        the dataset's windows, exactly those), or the reason it was skipped."""
+        if isinstance(entry, dict) and isinstance(entry.get("skipped"), str):
+            return
         ok = isinstance(entry, dict) and all(torch.is_tensor(entry.get(k)) for k in ("mean", "std"))
         if ok and self.per_window:
             ok = torch.is_tensor(entry.get("frames")) and entry["mean"].shape[0] == entry["frames"].shape[0]
+            if ok and entry["frames"].tolist() != windows:
+                raise CacheCorruptError(f"the cached windows of source {src} are not the dataset's "
+                                        "(data.num_frames, frame_stride or window_stride changed)")
         elif ok:
             ok = entry["mean"].ndim == 4 and entry["mean"].shape[1] == self.dataset.source_length(src)
         if not ok or entry["mean"].shape != entry["std"].shape:
@@ -267,9 +315,16 @@ def _chunks(frames: Iterator[tuple[int, torch.Tensor]], max_pixels: int) -> Iter
         yield group
 
 
+def _warn_skipped(skipped: dict[int, str], when: str) -> None:
+    lines = "\n  ".join(f"source {s}: {why}" for s, why in sorted(skipped.items())[:20])
+    warnings.warn(f"{len(skipped)} source(s) could not be read {when}; their windows are served "
+                  f"by other clips:\n  {lines}", DataWarning, stacklevel=3)
+
+
 class CachedWindows(Dataset):
     """The dataset's windows, served from cached latents: {"mean", "std": (C, T, h, w), "label"}
-    (+ "caption": the window's caption when the dataset has captions)."""
+    (+ "caption": the window's caption when the dataset has captions). A skipped source's
+    windows are served by the first window of the next usable source."""
 
     def __init__(self, dataset, latents: dict[int, dict]):
         self.dataset, self.latents = dataset, latents
@@ -284,7 +339,11 @@ class CachedWindows(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
-        src, frames = self.dataset.window(index)
+        wanted, frames = self.dataset.window(index)
+        n = len(self.latents)
+        src = next(s for s in ((wanted + k) % n for k in range(n)) if "skipped" not in self.latents[s])
+        if src != wanted:
+            frames = [f - frames[0] for f in frames]  # the substitute's first window
         entry = self.latents[src]
         if "frames" in entry:  # per window: the window's own encoding
             row = self.rows[(src, tuple(frames))]
@@ -294,8 +353,8 @@ class CachedWindows(Dataset):
             idx = torch.as_tensor(frames)
             item = {"mean": entry["mean"][:, idx], "std": entry["std"][:, idx],  # (C, T, h, w)
                     "label": self.labels[src]}
-        if getattr(self.dataset, "has_captions", False):
-            item["caption"] = self.dataset.caption(index)
+        if getattr(self.dataset, "has_captions", False):  # a substitute's latents get its own caption
+            item["caption"] = self.dataset.caption(index) if src == wanted else self.dataset.captions[src]
         return item
 
 

@@ -92,7 +92,11 @@ def probe_rules() -> str:
     without docstrings, so comments and wording do not count) and the PyAV / FFmpeg versions."""
     trees = []
     for fn in (probe_source, *video_io.PROBE_FUNCTIONS):
-        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        except (OSError, TypeError):  # no source on disk (a zipped install): the bytecode
+            trees.append(fn.__code__.co_code.hex())
+            continue
         for node in ast.walk(tree):
             body = getattr(node, "body", None)
             if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \

@@ -411,21 +411,21 @@ class VideoFolder(Dataset):
         if s in self._reprobed:
             return False
         self._reprobed.add(s)
-        path = self.sources[s][0]
+        path, indexed = self.sources[s]
         old, new = reprobe(os.path.abspath(path), self.index_file)
+        if isinstance(new.frames, str):
+            return False  # no answer now: the file is at fault
         rel = os.path.relpath(path, self.cfg.path).replace(os.sep, "/")
-        if new == old or isinstance(new.frames, str):
-            return False  # the same answer (or none): the file is at fault
         length = self._length(rel, new, self.cfg.frame_folder_fps)
-        if isinstance(length, str):
-            return False
+        if isinstance(length, str) or length == indexed:
+            return False  # the same answer: the file is at fault
         self._frame_maps[s] = self._maps.get(rel)
         self._caps[s] = length
         where = f"data.index_cache = {self.index_file}" if self.index_file else "the data index"
+        was = old.frames if old is not None else indexed
         warnings.warn(f"data.path = {self.cfg.path}: {where} had a stale entry for {path} "
-                      f"({old.frames if old else '?'} frames; the file has {new.frames}); it is "
-                      f"corrected, and this run's windows past frame {length} are served by other "
-                      "clips", DataWarning)
+                      f"({was} frames; the file has {new.frames}); it is corrected, and this "
+                      f"run's windows past frame {length} are served by other clips", DataWarning)
         return True
 
     # ----------------------------------------------------------------- latent cache protocol
@@ -503,10 +503,14 @@ class VideoFolder(Dataset):
     def transform(self, frames: np.ndarray, g: Optional[torch.Generator] = None) -> torch.Tensor:
         """(T, h, w, 3) uint8 -> (3, T, H, W) float in [-1, 1]: crop, resize, flip.
 
-        The frame is resized to cover H x W keeping its aspect ratio, then cropped (centered,
-        or at a random place when `g` is given and cfg.random_crop). Cropping the largest box
-        of the target's aspect ratio first (`cover_crop_box`) and resizing it to H x W gives
-        the same pixels with fewer to resize.
+        The largest box of the target's aspect ratio is cropped from the frame (centered, or at
+        a random place when `g` is given and cfg.random_crop; `cover_crop_box`), then resized
+        to exactly H x W (bilinear, antialiased, in uint8). This is what resizing the frame to
+        cover H x W and cropping would show, but not the same pixels: that route rounds the
+        resized frame to whole pixels (640 x 480 to 32 x 32 would be resized to 43 x 32, a
+        scale 1% off across) and crops at whole resized pixels, where this one rounds the box
+        to whole source pixels and resizes once, with one scale per axis. The two agree exactly
+        when the frame already has the target's aspect ratio (tests/test_data_hardening.py).
         """
         height, width = self.cfg.height, self.cfg.width
         x = rearrange(torch.from_numpy(frames), "t h w c -> t c h w")  # uint8
@@ -540,7 +544,8 @@ def cover_crop_box(h: int, w: int, height: int, width: int,
     """(top, left, box_h, box_w): the largest box of aspect ratio height:width inside an h x w
     frame (all in pixels): its full width when the frame is taller than the target, else its
     full height. Centered, or at a uniformly random place drawn from `g` (top, then left).
-    Resizing the box to height x width = resizing the frame to cover the target, then cropping.
+    Resizing the box to height x width shows what resizing the frame to cover the target and
+    cropping would, without rounding the resized frame's size (see `VideoFolder.transform`).
     """
     if h * width > w * height:  # taller than the target: keep the width, crop rows
         box_h, box_w = min(h, (2 * w * height + width) // (2 * width)), w  # round(w * height / width)

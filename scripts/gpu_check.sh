@@ -1,23 +1,47 @@
 #!/usr/bin/env bash
-# Every GPU code path, one PASS/FAIL line per step, in under 10 minutes on one GPU:
+# The CUDA code paths on one GPU, each step with a numeric pass condition, one PASS/FAIL line
+# per step, in about 10 minutes:
 #   bash scripts/gpu_check.sh            (from the repo root; exit 1 if any step fails)
-# Steps: stage 1 (short) -> stage 2 in bf16 with TF32, torch.compile and activation
-# checkpointing (with validation) -> a short fp16 run (GradScaler) -> predict -> diagnose ->
-# stage 2 under torchrun on every GPU -> the DiT-B/2 benchmark at a real size (16-frame
-# 256x256 clips through an 8x VAE = 16 x 32 x 32 latents): samples/s, tokens/s, MFU.
+# Steps and what each must show (scripts/gpu_check_conditions.py computes the numbers):
+#   stage1       the VAE trains: every logged loss finite, the last third's mean below the first's
+#   stage2_bf16  stage 2 in bf16 with TF32, torch.compile, activation checkpointing and
+#                validation samples: losses finite and falling, sample videos written
+#   agreement    the trained DiT: torch.compile vs eager outputs and gradients within 1e-3,
+#                bf16 autocast vs fp32 outputs within 5e-2 (relative L2)
+#   stage2_fp16  GradScaler: all its steps were real updates (a run whose every step was
+#                skipped never reaches its step count), losses finite
+#   predict      every sample file and grid.png written
+#   diagnose     every code-path check (patchify, v identities, gradients, checkpoint, VAE
+#                fingerprint) PASSes; its quality checks are shown (a 2-minute model may fail them)
+#   torchrun     stage 2 under torchrun on every GPU: world size logged, losses finite and falling.
+#                With ONE GPU this is one process: DDP itself (gradient all-reduce, several
+#                ranks) is NOT exercised here; the 2-process CPU tests (tests/test_ddp*.py) cover it
+#   video_vae    a tiny causal video VAE (AutoencoderKLWan) in bf16: stage 2 with its per-window
+#                latent cache (layout 'window'), losses finite; bf16 vs fp32 encode/decode within 5e-2
+#   workers      stage 2 reading real mp4 files with DataLoader worker processes: losses finite
+#   evaluate     evaluate.py (FVD) of the bf16 checkpoint: a finite FVD >= 0. The I3D detector
+#                is GPU_CHECK_I3D (a path) if set, else a stand-in with I3D's call and random
+#                weights (the code path, not a meaningful number)
+#   benchmark    bench.py --real-size --compile: a DiT-B/2 step on 16 x 32 x 32 latents, samples/s > 0, MFU
 # All runs go into a temporary runs dir (kept, with one log per step, when a step fails or
 # GPU_CHECK_KEEP=1). Without CUDA it stops at once with exit status 1.
 #
 # GPU_CHECK_DRY_CPU=1   print each step's command (device=cpu) and exit 0: the tests check that
 #                       every command line is accepted by its script's config.
-# GPU_CHECK_DRY_CPU=run run every step on the CPU with tiny sizes (a few minutes on 2 cores).
+# GPU_CHECK_DRY_CPU=run run every step on the CPU with tiny sizes, the same numeric conditions
+#                       evaluated (several minutes on 2 cores).
+# GPU_CHECK_ONLY="stage1 stage2_bf16"  run only these steps (later steps need earlier ones' runs).
+# GPU_CHECK_OVERRIDES="key=value ..."  extra overrides for every training run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PY=python3
 [ -x .venv/bin/python ] && PY=.venv/bin/python
 DRY="${GPU_CHECK_DRY_CPU:-}"
+ONLY="${GPU_CHECK_ONLY:-}"
+read -r -a EXTRA <<<"${GPU_CHECK_OVERRIDES:-}"
 export PYTHONUNBUFFERED=1
+COND=("$PY" scripts/gpu_check_conditions.py)
 
 no_gpu() {
   echo "gpu_check: needs a CUDA GPU, and $1." >&2
@@ -35,22 +59,39 @@ if [ -z "$DRY" ]; then
   DEVICE=cuda
   VAE=(train.max_steps=400 train.time_limit_minutes=2)
   DIT=(train.max_steps=200 validation.num_steps=20)
-  FP16=(train.max_steps=100)
-  PRED=(num_videos=4 num_steps=20)
+  FP16_STEPS=100
+  FP16=(train.max_steps=$FP16_STEPS)
+  PRED_N=4
+  PRED=(num_videos=$PRED_N num_steps=20)
   DDP=(train.max_steps=100)
+  VIDEO=(train.max_steps=30 vae.dtype=bf16)
+  WORKER_STEPS=30
+  WORKERS=(train.max_steps=$WORKER_STEPS data.num_workers=4)
+  EVAL=(num_videos=16 num_steps=20 batch_size=16)
   BENCH=(--real-size --compile)
 else
   NGPU=2  # two CPU processes over gloo stand in for the GPUs
   DEVICE=cpu
   TINY=(data.resolution=16 data.num_frames=4 data.builtin.num_clips=8 data.builtin.clip_frames=8
         data.builtin.num_val_clips=2)
-  VAE=("${TINY[@]}" train.max_steps=3 train.batch_size=4 train.scale_num_clips=4
+  VAE=("${TINY[@]}" train.max_steps=12 train.log_every=1 train.batch_size=4 train.scale_num_clips=4
        vae.block_out_channels=[8,16,16] vae.norm_num_groups=8)
-  DIT=("${TINY[@]}" train.max_steps=3 train.batch_size=2 validation.num_steps=2 validation.num_videos=2
-       model.hidden_size=32 model.depth=2 model.num_heads=2)
-  FP16=("${DIT[@]}")
-  PRED=(num_videos=2 num_steps=2)
+  SMALL_DIT=(model.hidden_size=32 model.depth=2 model.num_heads=2)
+  DIT=("${TINY[@]}" train.max_steps=12 train.log_every=1 train.batch_size=2 validation.num_steps=2
+       validation.num_videos=2 "${SMALL_DIT[@]}")
+  FP16_STEPS=3
+  FP16=("${TINY[@]}" train.max_steps=$FP16_STEPS train.batch_size=2 validation.num_steps=2
+        validation.num_videos=2 "${SMALL_DIT[@]}")
+  PRED_N=2
+  PRED=(num_videos=$PRED_N num_steps=2)
   DDP=("${DIT[@]}")
+  VIDEO=(data.resolution=16 data.num_frames=5 data.builtin.num_clips=4 data.builtin.clip_frames=9
+         data.builtin.num_val_clips=2 train.max_steps=3 train.log_every=1 train.batch_size=2
+         validation.num_videos=2 validation.num_steps=2 "${SMALL_DIT[@]}")
+  WORKER_STEPS=3
+  WORKERS=(data.resolution=16 data.num_frames=4 train.max_steps=$WORKER_STEPS train.log_every=1 train.batch_size=2
+           data.num_workers=2 validation.num_videos=2 validation.num_steps=2 "${SMALL_DIT[@]}")
+  EVAL=(num_videos=4 num_steps=2 batch_size=4)
   BENCH=(--real-size --quick --device cpu)
 fi
 
@@ -59,12 +100,16 @@ FAILED=0
 COMMON=(device=$DEVICE "experiment.runs_dir=$RUNS" train.resume=null)
 echo "gpu_check: $NGPU GPU(s), device=$DEVICE, python $PY, runs in $RUNS"
 
-# step NAME CHECK COMMAND...: run COMMAND (log in $RUNS/NAME.log), then CHECK (a shell test);
-# print PASS or FAIL with the seconds taken and, on failure, the end of the log. With
-# ALLOW_EXIT=N set, exit status N counts as success too.
+# step NAME CHECK COMMAND...: run COMMAND (log in $RUNS/NAME.log), then CHECK (a shell command,
+# usually a numeric condition; its output is appended to the log and its last line shown next
+# to PASS/FAIL); print PASS or FAIL with the seconds taken and, on failure, the end of the
+# log. With ALLOW_EXIT=N set, exit status N of COMMAND counts as success too (CHECK decides).
+wanted() { [ -z "$ONLY" ] || [[ " ${ONLY//,/ } " == *" $1 "* ]]; }
+
 step() {
   local name=$1 check=$2
   shift 2
+  wanted "$name" || return 0
   if [ "$DRY" = 1 ]; then
     printf 'DRY %s:' "$name"; printf ' %q' "$@"; echo
     return
@@ -72,60 +117,79 @@ step() {
   local start=$SECONDS
   "$@" >"$RUNS/$name.log" 2>&1
   local rc=$?
-  if { [ $rc -eq 0 ] || [ "$rc" = "${ALLOW_EXIT:-0}" ]; } && eval "$check"; then
-    printf 'PASS %-14s %4ds  %s\n' "$name" $((SECONDS - start)) "$(summary "$name")"
+  local said=""
+  if { [ $rc -eq 0 ] || [ "$rc" = "${ALLOW_EXIT:-0}" ]; } && said=$(eval "$check" 2>&1); then
+    printf 'PASS %-12s %4ds  %s\n' "$name" $((SECONDS - start)) "$(tail -n 1 <<<"$said")"
   else
-    printf 'FAIL %-14s %4ds  exit %d; log %s:\n' "$name" $((SECONDS - start)) $rc "$RUNS/$name.log"
+    printf 'FAIL %-12s %4ds  exit %d; log %s:\n' "$name" $((SECONDS - start)) $rc "$RUNS/$name.log"
+    { echo "-- pass condition:"; echo "$said"; } >>"$RUNS/$name.log"
     tail -n 15 "$RUNS/$name.log" | sed 's/^/    /'
     FAILED=1
   fi
 }
 
-# The one line of a step's log worth showing next to PASS.
-summary() {
-  local log="$RUNS/$1.log"
-  case $1 in
-    stage1) grep -o 'held-out PSNR = .*' "$log" | tail -1 ;;
-    diagnose) tail -1 "$log" ;;
-    benchmark) grep -o '[0-9.]* samples/s.*' "$log" | tail -1 ;;
-    *) grep -o 'done: .*steps' "$log" | tail -1 ;;
-  esac
-}
+# Inputs of the later steps, made before any step runs: a tiny random causal video VAE, real
+# mp4 clips for the DataLoader workers, and (without GPU_CHECK_I3D) a stand-in I3D detector.
+I3D="${GPU_CHECK_I3D:-$RUNS/i3d_standin.pt}"
+if [ "$DRY" != 1 ] && { wanted video_vae || wanted workers || wanted evaluate; }; then
+  if ! { "${COND[@]}" make_video_vae "$RUNS/video_vae" && "${COND[@]}" make_clips "$RUNS/clips" 12 &&
+         { [ -f "$I3D" ] || "${COND[@]}" make_detector "$I3D"; }; } >"$RUNS/prepare.log" 2>&1; then
+    echo "FAIL prepare: the inputs of the video_vae, workers and evaluate steps; log $RUNS/prepare.log"
+    tail -n 15 "$RUNS/prepare.log" | sed 's/^/    /'
+    FAILED=1
+  fi
+fi
 
-step stage1 '[ -f "$RUNS/vae/vae/config.json" ]' \
-  "$PY" train_vae.py --config config_vae.yaml "${COMMON[@]}" experiment.name=vae "${VAE[@]}"
+# Every condition below is a command whose exit status decides; `&&` chains several.
+step stage1 '[ -f "$RUNS/vae/vae/config.json" ] && "${COND[@]}" loss "$RUNS/vae/log.txt" --falling' \
+  "$PY" train_vae.py --config config_vae.yaml "${COMMON[@]}" experiment.name=vae "${VAE[@]}" "${EXTRA[@]}"
 
 VAE_PATH="vae.path=$RUNS/vae/vae"
-step stage2_bf16 'grep -q "precision bfloat16" "$RUNS/bf16/log.txt" && ls "$RUNS"/bf16/samples/*/sample_000.mp4 >/dev/null' \
+step stage2_bf16 'grep -q "precision bfloat16" "$RUNS/bf16/log.txt" && ls "$RUNS"/bf16/samples/*/sample_000.mp4 >/dev/null && "${COND[@]}" loss "$RUNS/bf16/log.txt" --falling' \
   "$PY" train_advanced.py --config config_advanced.yaml "${COMMON[@]}" "$VAE_PATH" experiment.name=bf16 \
   train.precision=bf16 train.tf32=true train.compile=true train.activation_checkpointing=true \
-  validation.every_epochs=1 "${DIT[@]}"
+  validation.every_epochs=1 "${DIT[@]}" "${EXTRA[@]}"
 
-step stage2_fp16 'grep -q "precision float16" "$RUNS/fp16/log.txt"' \
+step agreement 'grep "^ok: " "$RUNS/agreement.log"' \
+  "${COND[@]}" agree "$RUNS/bf16/latest.pth" $DEVICE
+
+step stage2_fp16 'grep -q "precision float16" "$RUNS/fp16/log.txt" && "${COND[@]}" steps "$RUNS/fp16" $FP16_STEPS' \
   "$PY" train_advanced.py --config config_advanced.yaml "${COMMON[@]}" "$VAE_PATH" experiment.name=fp16 \
-  train.precision=fp16 validation.every_epochs=0 "${FP16[@]}"
+  train.precision=fp16 validation.every_epochs=0 "${FP16[@]}" "${EXTRA[@]}"
 
-step predict '[ -f "$RUNS/predict/grid.png" ]' \
+step predict '[ -f "$RUNS/predict/grid.png" ] && n=$(ls "$RUNS"/predict/sample_*.* | wc -l) && echo "$n sample files" && [ "$n" -eq $((2 * PRED_N)) ]' \
   "$PY" predict_advanced.py --config predict_advanced.yaml device=$DEVICE \
   "checkpoint=$RUNS/bf16/latest.pth" "output_dir=$RUNS/predict" "${PRED[@]}"
 
-# diagnose exits 1 when a check fails: a 2-minute model may fail quality checks, and this
-# step is about the code paths, so it passes on a complete report (exit 0 or 1, no traceback).
-ALLOW_EXIT=1 step diagnose 'grep -q "checks:" "$RUNS/diagnose.log"' \
+# diagnose exits 1 when any check fails, quality checks included; the condition requires every
+# code-path check to PASS and shows the quality checks.
+ALLOW_EXIT=1 step diagnose '"${COND[@]}" diagnose "$RUNS/diagnose.log"' \
   "$PY" diagnose.py --config config_advanced.yaml \
   device=$DEVICE "$VAE_PATH" "experiment.runs_dir=$RUNS" experiment.name=bf16 "${DIT[@]}" \
   --checkpoint "$RUNS/bf16/latest.pth"
 
-step torchrun "grep -q 'world size $NGPU' \"\$RUNS/ddp/log.txt\"" \
+step torchrun "grep -q 'world size $NGPU' \"\$RUNS/ddp/log.txt\" && \"\${COND[@]}\" loss \"\$RUNS/ddp/log.txt\" --falling" \
   "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" train_advanced.py \
   --config config_advanced.yaml "${COMMON[@]}" "$VAE_PATH" experiment.name=ddp \
-  validation.every_epochs=0 "${DDP[@]}"
+  validation.every_epochs=0 "${DDP[@]}" "${EXTRA[@]}"
 
-step benchmark 'grep -q MFU "$RUNS/benchmark.log"' \
+step video_vae '"${COND[@]}" loss "$RUNS/video/log.txt" && "${COND[@]}" cache "$RUNS/video" && "${COND[@]}" vae_bf16 "$RUNS/video_vae" $DEVICE' \
+  "$PY" train_advanced.py --config config_advanced.yaml "${COMMON[@]}" "vae.path=$RUNS/video_vae" \
+  experiment.name=video data.cache=auto validation.every_epochs=0 "${VIDEO[@]}" "${EXTRA[@]}"
+
+step workers '"${COND[@]}" steps "$RUNS/workers" "$WORKER_STEPS"' \
+  "$PY" train_advanced.py --config config_advanced.yaml "${COMMON[@]}" "$VAE_PATH" experiment.name=workers \
+  "data.path=$RUNS/clips" data.cache=off validation.every_epochs=0 "${WORKERS[@]}" "${EXTRA[@]}"
+
+step evaluate '"${COND[@]}" fvd "$RUNS/fvd.json"' \
+  "$PY" evaluate.py --config evaluate.yaml device=$DEVICE "checkpoint=$RUNS/bf16/latest.pth" \
+  "fvd.detector_path=$I3D" "output=$RUNS/fvd.json" "${EVAL[@]}"
+
+step benchmark 'grep -q MFU "$RUNS/benchmark.log" && "${COND[@]}" bench "$RUNS/bench.json"' \
   "$PY" benchmarks/bench.py "${BENCH[@]}" --json "$RUNS/bench.json"
 
 [ "$DRY" = 1 ] && { rm -rf "$RUNS"; exit 0; }
-[ "$NGPU" -lt 2 ] && echo "note: 1 GPU, so torchrun ran one process: DDP itself needs 2 or more GPUs"
+[ "$NGPU" -lt 2 ] && [ "$DEVICE" = cuda ] && echo "note: 1 GPU, so torchrun ran one process: DDP itself was not exercised (it needs 2 or more GPUs; the CPU tests run it with 2 processes)"
 if [ $FAILED -ne 0 ]; then
   echo "gpu_check: FAILED (logs and runs kept in $RUNS)"
   exit 1

@@ -248,7 +248,7 @@ def test_evaluate_compares_height_x_width_samples_with_real_clips_cropped_alike(
                                                                               tmp_path, capsys):
     """evaluate.py's real side takes the checkpoint's [32, 64] and its clips (data.* null)."""
     result = _evaluate([f"checkpoint={os.path.join(wide_runs['dit'], 'latest.pth')}", "num_videos=2",
-                        "num_steps=2", f"fvd.detector_path={detector}", "real.split=val"], tmp_path)
+                        "num_steps=2", f"fvd.detector_path={detector}"], tmp_path)  # real: all 3 videos
     assert result["protocol"]["real"]["resolution"] == [32, 64] and result["num_real"] == 2
     assert re.search(r"^FVD [\d.]+ \(2 generated vs 2 real clips of 4 frames, frame stride 1, 32x64 px;",
                      capsys.readouterr().out, re.M)

@@ -179,7 +179,7 @@ def test_misplaced_pieces_finds_positions_that_come_from_elsewhere():
 
 
 def _denoise_ratio(line):
-    return float(re.search(r"predicting v = 0: ([\d.]+)", line).group(1))
+    return float(re.search(r"error of predicting 0: ([\d.]+)", line).group(1))
 
 
 def _misplaced(generate_videos, cell):

@@ -1,24 +1,29 @@
-"""scripts/gpu_check.sh: refuses at once without CUDA; every step's command line is accepted."""
+"""scripts/gpu_check.sh: refuses at once without CUDA; every step's command line is accepted;
+each step's numeric pass condition (scripts/gpu_check_conditions.py) can fail, and a failed
+condition fails the script."""
+import json
 import os
 import shlex
 import subprocess
+import sys
 
 import pytest
 import torch
 
 from utils.cli import parse_args
-from utils.config import PredictConfig, TrainRunConfig, VAERunConfig, load_config
+from utils.config import EvaluateConfig, PredictConfig, TrainRunConfig, VAERunConfig, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
 CONFIGS = {"train_vae.py": (VAERunConfig, ()), "train_advanced.py": (TrainRunConfig, ("resume",)),
            "predict_advanced.py": (PredictConfig, ()),
-           "diagnose.py": (TrainRunConfig, ("checkpoint", "min-vae-psnr"))}
+           "diagnose.py": (TrainRunConfig, ("checkpoint", "min-vae-psnr")), "evaluate.py": (EvaluateConfig, ())}
+CONDITIONS = os.path.join(ROOT, "scripts", "gpu_check_conditions.py")
 
 
-def _run(env_extra: dict) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "GPU_CHECK_DRY_CPU"}
-    return subprocess.run(["bash", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=120,
+def _run(env_extra: dict, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK_")}
+    return subprocess.run(["bash", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**env, **env_extra})
 
 
@@ -39,8 +44,8 @@ def test_every_step_command_is_accepted_by_its_script():
         if line.startswith("DRY "):
             name, command = line[4:].split(":", 1)
             steps[name] = shlex.split(command)
-    assert list(steps) == ["stage1", "stage2_bf16", "stage2_fp16", "predict", "diagnose", "torchrun",
-                           "benchmark"]
+    assert list(steps) == ["stage1", "stage2_bf16", "agreement", "stage2_fp16", "predict", "diagnose",
+                           "torchrun", "video_vae", "workers", "evaluate", "benchmark"]
     for name, argv in steps.items():
         script = next((a for a in argv if a.endswith(".py")), None)
         if script in CONFIGS:
@@ -54,3 +59,76 @@ def test_every_step_command_is_accepted_by_its_script():
     assert (bf16.train.precision, bf16.train.tf32, bf16.train.compile, bf16.train.activation_checkpointing) \
         == ("bf16", True, True, True)
     assert "fp16" in " ".join(steps["stage2_fp16"]) and "--real-size" in steps["benchmark"]
+    assert "data.cache=auto" in steps["video_vae"] and any(a.startswith("data.num_workers=") for a in steps["workers"])
+    assert steps["agreement"][1:3] == ["scripts/gpu_check_conditions.py", "agree"]
+
+
+def test_the_header_says_ddp_is_not_exercised_on_one_gpu():
+    header = open(SCRIPT).read().split("set -uo pipefail")[0]
+    assert "every GPU code path" not in header.lower() and "Every GPU code path" not in header
+    assert "DDP itself" in header and "NOT exercised" in header
+
+
+def _condition(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, CONDITIONS, *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def _log(path, losses):
+    path.write_text("".join(f"2026-12-02 10:00:00 step {i + 1}/{len(losses)} epoch 1 loss {v} grad_norm 1.0\n"
+                            for i, v in enumerate(losses)))
+    return path
+
+
+@pytest.mark.parametrize("losses, falling, ok", [
+    ([1.0, 0.9, 0.7, 0.6, 0.5, 0.4], True, True),
+    ([0.4, 0.5, 0.6, 0.7, 0.9, 1.0], True, False),  # rising
+    ([1.0, 0.8, 0.6], False, True),
+    ([1.0, float("nan"), 0.6], False, False),  # non-finite
+    ([1.0, 0.5], True, False),  # too few logged steps to say it falls
+    ([], False, False),
+])
+def test_loss_condition(tmp_path, losses, falling, ok):
+    proc = _condition("loss", _log(tmp_path / "log.txt", losses), *(["--falling"] if falling else []))
+    assert (proc.returncode == 0) == ok, proc.stdout
+
+
+def test_steps_condition_fails_when_every_fp16_step_was_skipped(tmp_path):
+    """A GradScaler that skips every step never advances the step count."""
+    import torch
+    torch.save({"step": 0}, tmp_path / "latest.pth")
+    _log(tmp_path / "log.txt", [1.0, 1.0])
+    proc = _condition("steps", tmp_path, 100)
+    assert proc.returncode == 1 and "0 of 100 updates" in proc.stdout
+    torch.save({"step": 100}, tmp_path / "latest.pth")
+    assert _condition("steps", tmp_path, 100).returncode == 0
+
+
+def test_diagnose_condition_fails_on_a_failed_code_check(tmp_path):
+    lines = ["[PASS] patchify         exact", "[PASS] v_identities     1e-7", "[PASS] gradients        ok",
+             "[PASS] checkpoint       ok", "[PASS] vae_fingerprint  ok", "[FAIL] denoise          1.2"]
+    (tmp_path / "d.log").write_text("\n".join(lines) + "\n")
+    proc = _condition("diagnose", tmp_path / "d.log")
+    assert proc.returncode == 0 and "denoise FAIL" in proc.stdout  # quality: shown, not required
+    (tmp_path / "d.log").write_text("\n".join(lines).replace("[PASS] gradients", "[FAIL] gradients") + "\n")
+    proc = _condition("diagnose", tmp_path / "d.log")
+    assert proc.returncode == 1 and "gradients FAIL" in proc.stdout
+
+
+def test_fvd_and_bench_conditions(tmp_path):
+    (tmp_path / "f.json").write_text(json.dumps({"fvd": 12.5}))
+    assert _condition("fvd", tmp_path / "f.json").returncode == 0
+    (tmp_path / "f.json").write_text(json.dumps({"fvd": float("nan")}))
+    assert _condition("fvd", tmp_path / "f.json").returncode == 1
+    (tmp_path / "b.json").write_text(json.dumps({"samples_per_s": 3.0, "tokens_per_s": 9.0, "mfu": 0.0}))
+    assert _condition("bench", tmp_path / "b.json").returncode == 1
+
+
+def test_a_failed_condition_fails_the_script():
+    """Stage 1 on the CPU with one logged step: the run itself succeeds (exit 0), but 'loss is
+    falling' cannot be shown, so the step FAILs and the script exits 1."""
+    proc = _run({"GPU_CHECK_DRY_CPU": "run", "GPU_CHECK_ONLY": "stage1",
+                 "GPU_CHECK_OVERRIDES": "train.max_steps=1"}, timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAIL stage1" in proc.stdout and "exit 0" in proc.stdout and "training losses logged" in proc.stdout
+    assert "gpu_check: FAILED" in proc.stdout

@@ -5,7 +5,10 @@
 |-------------------------------------------------------|-------------------------------------------------------|
 | predict removes / overwrites only what it wrote (14)  | test_predict_removes_only_what_it_wrote,              |
 |                                                       | test_predict_refuses_to_overwrite_a_file_it_did_not_write |
-| SIGTERM is a flag, never a swallowed exception (17)   | test_sigterm_stops_predict_every_time (real processes) |
+| a killed predict, a foreign manifest (14)             | test_a_killed_predict_leaves_nothing_the_next_one_cannot_clean, |
+|                                                       | test_a_manifest_predict_did_not_write_is_refused      |
+| SIGTERM is a flag, never a swallowed exception (17)   | test_sigterm_stops_predict_every_time (real processes), |
+|                                                       | test_sigterm_inside_a_finalizer_still_stops_predict    |
 | cost per written file (21)                            | test_writing_a_video_runs_no_garbage_collection       |
 | a malicious pickle is named as such (18)              | test_malicious_pickle_is_refused_and_not_run          |
 | malformed stage-2 entries in predict (19)             | test_malformed_checkpoint_entries_are_named           |
@@ -133,6 +136,40 @@ def test_sigterm_stops_predict_every_time(tmp_path, checkpoint, attempt):
         assert grid.size[1] == done * 16 + (done - 1) * 2  # one row per finished video
     with av.open(str(out / f"sample_{done - 1:03d}.mp4")) as c:  # the last one is whole
         assert len(list(c.decode(video=0))) == 4
+
+
+class _SignalInFinalizer:
+    """Delivers SIGTERM's handler the way the signal reached it in defect 17: inside an object's
+    __del__ (imageio's writer), where Python discards any exception raised."""
+
+    def __del__(self):
+        handler = signal.getsignal(signal.SIGTERM)
+        if callable(handler):
+            handler(signal.SIGTERM, None)
+
+
+def test_sigterm_inside_a_finalizer_still_stops_predict(tmp_path, checkpoint, capsys, monkeypatch):
+    """Deterministic form of the race above: the handler runs inside a __del__ while the second
+    video is decoded. A handler that raises is silenced there and predict ran on to exit 0; a
+    flag is seen after that video: 2 of 5 videos, exit 130."""
+    import training.sampling as sampling
+    original, calls = sampling.video_tensor_to_uint8, []
+
+    def decode_and_signal(video):
+        calls.append(1)
+        if len(calls) == 2:
+            _SignalInFinalizer()  # made and dropped at once: __del__ runs here
+        return original(video)
+
+    monkeypatch.setattr(sampling, "video_tensor_to_uint8", decode_and_signal)
+    out = tmp_path / "out"
+    code, said, err = _cli(predict_advanced, _args(checkpoint, out, "num_videos=5", "batch_size=1"), capsys)
+    assert code == 130, (said, err)
+    assert "interrupted: 2 of 5 videos" in said
+    assert sorted(n for n in _names(out) if n.startswith("sample_")) == \
+        ["sample_000.gif", "sample_000.mp4", "sample_001.gif", "sample_001.mp4"]
+    assert (out / "grid.png").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler before predict is back
 
 
 # --------------------------------------------------------------------------- 21: cost per file
@@ -277,3 +314,49 @@ def test_edited_vae_config_names_the_key(tmp_path, random_vae, key, value, words
     with pytest.raises(UserError) as e:
         FrozenVAE.from_pretrained(edited)
     assert words in str(e.value) and "corrupt" not in str(e.value)
+
+
+def test_a_killed_predict_leaves_nothing_the_next_one_cannot_clean(tmp_path):
+    """kill -9 mid-write: a recorded file, its part file and the temp folder stay behind; the
+    next run removes what the manifest proves is predict's, and keeps the user's file."""
+    from training.sampling import OutputFolder, SampleWriter
+    out = str(tmp_path / "out")
+    folder = OutputFolder(out)
+    folder.claim(["sample_000.mp4", "sample_000.gif"])
+    SampleWriter(out, 8, folder).add(smooth_frames(4, 16, 16))
+    with open(os.path.join(folder.tmp_dir, "sample_001.mp4.part"), "wb") as f:
+        f.write(b"half a video")  # ... and the process dies here: no close()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    old_tmp = os.path.basename(folder.tmp_dir)
+    again = OutputFolder(out)
+    assert again.claim(["sample_000.mp4", "sample_000.gif"]) == ["sample_000.gif", "sample_000.mp4"]
+    assert sorted(os.listdir(out)) == sorted([MANIFEST_NAME, "notes.txt", os.path.basename(again.tmp_dir)])
+    assert os.path.basename(again.tmp_dir) != old_tmp  # the killed run's temp folder is gone
+    again.close()
+    assert sorted(os.listdir(out)) == [MANIFEST_NAME, "notes.txt"]
+
+
+def test_a_manifest_predict_did_not_write_is_refused(tmp_path, checkpoint, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / MANIFEST_NAME).write_text("my own notes\n")
+    code, _, err = _cli(predict_advanced, _args(checkpoint, out, "num_videos=1"), capsys)
+    _assert_user_error_exit(code, err, f"{out / MANIFEST_NAME} is not a manifest predict wrote")
+    assert os.listdir(out) == [MANIFEST_NAME] and (out / MANIFEST_NAME).read_text() == "my own notes\n"
+
+
+def test_a_manifest_cannot_point_outside_output_dir(tmp_path):
+    """A manifest entry naming a path (../victim) is ignored: predict removes only plain names
+    inside output_dir, even when the hash matches."""
+    import hashlib
+    from training.sampling import MANIFEST_FORMAT, OutputFolder
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"keep me")
+    out = tmp_path / "out"
+    out.mkdir()
+    entry = {"file": "../victim.txt", "size": 7, "sha256": hashlib.sha256(b"keep me").hexdigest()}
+    (out / MANIFEST_NAME).write_text(json.dumps({"format": MANIFEST_FORMAT}) + "\n" + json.dumps(entry) + "\n")
+    folder = OutputFolder(str(out))
+    assert folder.claim(["sample_000.mp4"]) == []
+    folder.close()
+    assert victim.read_bytes() == b"keep me"

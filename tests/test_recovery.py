@@ -348,8 +348,7 @@ def test_predict_checks_sampler_steps_first(tmp_path, checkpoint, capsys):
 def test_predict_sigterm_keeps_finished_videos(tmp_path, checkpoint):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "sample_042.mp4").write_bytes(b"a user's video: never predict's to remove")
-    (out / "sample_042.mp4").rename(out / "mine.mp4")
+    (out / "mine.mp4").write_bytes(b"a user's video: never predict's to remove")
     cmd = [sys.executable, "predict_advanced.py", "--config", "predict_advanced.yaml", "device=cpu",
            f"checkpoint={checkpoint}", f"output_dir={out}", "num_videos=200", "batch_size=1",
            "num_steps=20"]

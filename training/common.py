@@ -283,9 +283,10 @@ class StepControl:
         """`finite`: this rank's 0-d bool tensor. True when the update may be made on every rank."""
         stop, expired, proposal = self.stop.requested, self.deadline.expired(), self.plan.proposal(self.pos.step)
         if self.dist.enabled:
-            host = torch.tensor([float(stop), float(expired), -math.inf if proposal is None else -proposal],
-                                dtype=torch.float64)
-            flags = torch.cat([(~finite).to(torch.float64).reshape(1), host.to(self.device)])
+            # torch.full, not a copy from host memory: on CUDA that would sync before the copy.
+            host = [float(stop), float(expired), -math.inf if proposal is None else -proposal]
+            flags = torch.stack([(~finite).to(torch.float64)] + [
+                torch.full((), x, dtype=torch.float64, device=self.device) for x in host])
             nonfinite, stop, expired, neg = all_reduce_max(flags, self.dist).tolist()
             nonfinite, proposal = nonfinite > 0, None if neg == -math.inf else -neg
             stop, expired = stop > 0, expired > 0

@@ -299,21 +299,7 @@ def evaluate(cfg: EvaluateConfig, device: torch.device, sample_fn: SampleFn) -> 
     inception = None if cfg.fid.detector_path is None else \
         load_detector(cfg.fid.detector_path, device, "fid.detector_path", "inception", check_frames=1)
     features = lambda: ClipFeatures(i3d, inception, device, cfg.fid.batch_size)
-    ckpt, folder = None, None
-    if cfg.checkpoint is not None:
-        ckpt = _load_stage2(cfg.checkpoint)
-        generated = generated_geometry(model_dims(ckpt["model"]), ckpt["vae"])
-        data = cfg.data.resolved(ckpt["config"]["data"])
-        generator = _checkpoint_generator(cfg.checkpoint, ckpt)
-    else:
-        folder = GeneratedFolder.scan(cfg.generated.path, cfg.num_videos)
-        frames = cfg.data.num_frames or PROTOCOL_FRAMES
-        stride = cfg.data.frame_stride or PROTOCOL_STRIDE
-        folder.check(frames, stride)
-        generated = ClipGeometry(frames, folder.height, folder.width)
-        data = cfg.data.resolved(None, {"num_frames": frames, "frame_stride": stride,
-                                        "resolution": generated.resolution()})
-        generator = f"generated.path = {cfg.generated.path}"
+    ckpt, folder, generated, data, generator = _generated_side(cfg)
     dataset_seed = cfg.real.dataset_seed if cfg.real.dataset_seed is not None else \
         (ckpt["config"]["experiment"]["seed"] if ckpt else 0)
     real_clips = fvd_real_clips(data, generated, generator, cfg.real.split, dataset_seed,
@@ -349,6 +335,25 @@ def evaluate(cfg: EvaluateConfig, device: torch.device, sample_fn: SampleFn) -> 
         _write_json(cfg.output, result)
         print(f"wrote {cfg.output}")
     return result
+
+
+def _generated_side(cfg: EvaluateConfig):
+    """(checkpoint or None, GeneratedFolder or None, the generated videos' geometry, the real
+    clips' resolved data config, who generates the videos): everything checked, nothing
+    computed yet."""
+    if cfg.checkpoint is not None:
+        ckpt = _load_stage2(cfg.checkpoint)
+        generated = generated_geometry(model_dims(ckpt["model"]), ckpt["vae"])
+        data = cfg.data.resolved(ckpt["config"]["data"])
+        return ckpt, None, generated, data, _checkpoint_generator(cfg.checkpoint, ckpt)
+    folder = GeneratedFolder.scan(cfg.generated.path, cfg.num_videos)
+    frames = cfg.data.num_frames or PROTOCOL_FRAMES
+    stride = cfg.data.frame_stride or PROTOCOL_STRIDE
+    folder.check(frames, stride)
+    generated = ClipGeometry(frames, folder.height, folder.width)
+    data = cfg.data.resolved(None, {"num_frames": frames, "frame_stride": stride,
+                                    "resolution": generated.resolution()})
+    return None, folder, generated, data, f"generated.path = {cfg.generated.path}"
 
 
 def _load_stage2(path: str) -> dict:

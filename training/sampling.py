@@ -174,7 +174,8 @@ class OutputFolder:
                 record = json.loads(line)
                 if isinstance(record, dict) and isinstance(record.get("tmp"), str):
                     tmp_dirs.append(record["tmp"])
-                elif isinstance(record, dict) and {"file", "size", "sha256"} <= set(record):
+                elif isinstance(record, dict) and {"file", "size", "sha256"} <= set(record) \
+                        and _plain_name(record["file"]):  # never a path out of output_dir
                     files[record["file"]] = record
         return files, tmp_dirs
 
@@ -201,8 +202,8 @@ class OutputFolder:
         removed = [n for n in sorted(self.files) if self.owns(n)]
         for name in removed:
             os.remove(os.path.join(self.out_dir, name))
-        for tmp in self.tmp_dirs:
-            self._remove_tmp(os.path.join(self.out_dir, os.path.basename(tmp)))
+        for tmp in filter(_plain_name, self.tmp_dirs):
+            self._remove_tmp(os.path.join(self.out_dir, tmp))
         os.makedirs(self.out_dir, exist_ok=True)
         write_bytes_atomic(self.manifest, (json.dumps({"format": MANIFEST_FORMAT}) + "\n").encode())
         self.files, self.tmp_dirs = {}, []
@@ -239,6 +240,10 @@ class OutputFolder:
                 os.remove(os.path.join(folder, name))
         with contextlib.suppress(OSError):
             os.rmdir(folder)
+
+
+def _plain_name(name) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and os.path.basename(name) == name
 
 
 class SampleWriter:

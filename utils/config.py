@@ -14,15 +14,21 @@ from dataclasses import dataclass, field
 from typing import Any, Collection, Literal, Optional, Union
 
 from utils import config_loader
-# Re-exported: callers import the whole config API from this module.
-from utils.config_loader import (UniqueKeyLoader, config_to_dict, dump_config,  # noqa: F401
-                                 safe_load_unique)
 from utils.errors import ConfigError
+
+# Re-exported: callers import the whole config API from this module.
+UniqueKeyLoader = config_loader.UniqueKeyLoader
+config_to_dict = config_loader.config_to_dict
+dump_config = config_loader.dump_config
+safe_load_unique = config_loader.safe_load_unique
 
 # --------------------------------------------------------------------------- sections
 
 DEVICE_HELP = "use auto, cpu, cuda or cuda:N"
 CAPTION_FILE_EXTS = (".csv", ".jsonl", ".json")  # data.captions metadata files
+MAX_NAME_BYTES = 255  # a file or folder name's limit on ext4, xfs, btrfs, APFS, NTFS
+MAX_RESOLUTION = 8192  # pixels per side: 8K video; a window of 8192 x 8192 frames is already ~0.8 GB/frame
+MAX_FPS = 1000.0  # frames per second: beyond high-speed cameras' playback; resampling allocates fps * seconds
 
 
 @dataclass
@@ -40,6 +46,10 @@ class ExperimentConfig:
                               "path separators, not empty, '.' or '..', no surrounding spaces); "
                               f"the run directory is {prefix}.runs_dir/<name>. Put the parent "
                               f"folders in {prefix}.runs_dir instead")
+        if len(name.encode()) > MAX_NAME_BYTES:
+            raise ConfigError(f"{prefix}.name is {len(name.encode())} bytes long: a folder name may "
+                              f"have at most {MAX_NAME_BYTES} bytes on most file systems; shorten "
+                              f"{prefix}.name (the run directory is {prefix}.runs_dir/<name>)")
 
 
 @dataclass
@@ -115,6 +125,10 @@ class DataConfig:
             if getattr(self, n) is not None and getattr(self, n) <= 0:
                 raise ConfigError(f"{prefix}.{n} = {getattr(self, n)}: must be > 0 (frames per "
                                   "second) or null")
+            if getattr(self, n) is not None and getattr(self, n) > MAX_FPS:
+                raise ConfigError(f"{prefix}.{n} = {getattr(self, n):g}: at most {MAX_FPS:g} frames "
+                                  "per second (each second of every clip becomes this many frames "
+                                  "in memory); give the rate to train at, e.g. 8 to 30")
         if self.index_workers is not None and self.index_workers < 1:
             raise ConfigError(f"{prefix}.index_workers = {self.index_workers}: must be >= 1 or "
                               "null (one per CPU core)")
@@ -851,6 +865,9 @@ def _check_resolution(res: Union[int, list[int]], key: str) -> None:
     if not isinstance(res, (list, tuple)):
         if res < 1:
             raise ConfigError(f"{key} = {res}: must be >= 1")
+        if res > MAX_RESOLUTION:
+            raise ConfigError(f"{key} = {res}: at most {MAX_RESOLUTION} pixels per side (frames are "
+                              "resized to it in memory); training resolutions are typically 64-1024")
         return
     if len(res) != 2:
         raise ConfigError(f"{key} = {res}: give one side in pixels (a square, e.g. 32) or "
@@ -858,6 +875,9 @@ def _check_resolution(res: Union[int, list[int]], key: str) -> None:
     for side, v in zip(("height", "width"), res):
         if v < 1:
             raise ConfigError(f"{key} = {res}: {side} {v} must be >= 1")
+        if v > MAX_RESOLUTION:
+            raise ConfigError(f"{key} = {res}: {side} {v} is more than {MAX_RESOLUTION} pixels (frames "
+                              "are resized to it in memory); training resolutions are typically 64-1024")
 
 
 def check_resolution_multiple(data: DataConfig, multiple: int, what: str) -> None:

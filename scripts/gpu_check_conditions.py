@@ -1,0 +1,197 @@
+"""The numeric pass conditions of scripts/gpu_check.sh, one subcommand each; exit 0 = PASS.
+
+Each prints one line: what it measured and the bound it held to (or missed). Run from the repo
+root: `python scripts/gpu_check_conditions.py loss runs/x/log.txt --falling`.
+
+  loss LOG [--falling]          every logged training loss finite; with --falling the mean of
+                                the last third of the logged steps is below the first third's
+  steps RUN N                   the run made N real updates (fp16: a run whose every step the
+                                GradScaler skipped never reaches its step count), losses finite
+  bench JSON                    bench.py's samples/s, tokens/s and MFU are finite numbers > 0
+  agree CKPT DEVICE             the checkpoint's DiT: torch.compile vs eager (outputs and
+                                gradients) and bf16 autocast vs fp32 (outputs), relative L2 error bounded
+  diagnose LOG                  every code-path check of diagnose.py PASSed (quality checks of a
+                                short run are reported, not required)
+  vae_bf16 VAE DEVICE           a video VAE's bf16 encode/decode agrees with fp32 (relative L2)
+  cache RUN                     the run's latent cache is per window (a causal video VAE's layout)
+  fvd JSON                      evaluate's FVD is a finite number >= 0 over the counts it was asked for
+  make_video_vae DIR            writes a tiny random AutoencoderKLWan (a causal video VAE) to DIR
+  make_clips DIR N              writes N smooth 9-frame mp4 clips to DIR (real files for DataLoader workers)
+  make_detector PATH            writes a stand-in I3D TorchScript (I3D's call, random weights) to PATH
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+COMPILE_TOL = 1e-3  # torch.compile vs eager, fp32 with TF32 off: only reduction order differs
+BF16_TOL = 5e-2  # bf16 keeps 8 bits of mantissa (~4e-3 per op); a few layers stay well under this
+LOSS_LINE = re.compile(r" step (\d+)/\d+ .*?\bloss (\S+)")  # stage 1 and stage 2 training lines
+CODE_CHECKS = ("patchify", "v_identities", "gradients", "checkpoint", "vae_fingerprint")
+
+
+def _result(ok: bool, text: str) -> int:
+    print(("ok: " if ok else "FAILED: ") + text)
+    return 0 if ok else 1
+
+
+def _losses(log: str) -> list[float]:
+    with open(log) as f:
+        return [float(m.group(2)) for m in map(LOSS_LINE.search, f) if m]
+
+
+def loss(log: str, falling: bool = False) -> int:
+    values = _losses(log)
+    if len(values) < (3 if falling else 1):
+        return _result(False, f"{len(values)} training losses logged in {log}")
+    if not all(math.isfinite(v) for v in values):
+        return _result(False, f"non-finite training loss in {log}: {values}")
+    third = max(1, len(values) // 3)
+    first, last = sum(values[:third]) / third, sum(values[-third:]) / third
+    text = f"loss {first:.4f} -> {last:.4f} (means of the first and last {third} of {len(values)} logged steps)"
+    return _result(last < first if falling else True, text + (", falling" if falling and last < first else ""))
+
+
+def steps(run: str, expected: int) -> int:
+    """All `expected` optimizer steps were made (fp16: a step the GradScaler skipped does not
+    count, so a run whose every step was skipped never gets there) and every loss is finite."""
+    from utils.checkpoint import load_checkpoint
+    done = load_checkpoint(os.path.join(run, "latest.pth"))["step"]
+    values = _losses(os.path.join(run, "log.txt"))
+    ok = done == expected and values and all(math.isfinite(v) for v in values)
+    return _result(bool(ok), f"{done} of {expected} updates made (skipped ones do not count), "
+                             f"{len(values)} logged losses, last {values[-1:]}")
+
+
+def bench(path: str) -> int:
+    r = json.load(open(path))
+    ok = all(isinstance(r.get(k), (int, float)) and math.isfinite(r[k]) and r[k] > 0
+             for k in ("samples_per_s", "tokens_per_s", "mfu"))
+    return _result(ok, f"{r.get('samples_per_s', 0):.2f} samples/s, {r.get('tokens_per_s', 0):.0f} tokens/s, "
+                       f"MFU {r.get('mfu', 0):.1%}")
+
+
+def _rel(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+def agree(ckpt_path: str, device_name: str) -> int:
+    import torch
+    from training.checkpoints import latent_shape, model_dims, model_from_checkpoint
+    from utils.checkpoint import load_checkpoint
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    device = torch.device(device_name)
+    ckpt = load_checkpoint(ckpt_path)
+    model = model_from_checkpoint(ckpt, True, device, ckpt_path).requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *latent_shape(model_dims(ckpt["model"])), generator=g).to(device)  # (B, C, T, h, w)
+    t = torch.tensor([100, 700], device=device)
+    y = torch.zeros(2, dtype=torch.long, device=device) if model.num_classes else None
+
+    def run(net):
+        model.zero_grad()
+        out = net(x, t, y)
+        out.square().mean().backward()
+        return out.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    eager_out, eager_grad = run(model)
+    compiled_out, compiled_grad = run(torch.compile(model))
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        bf16_out = model(x, t, y)
+    errs = {"compiled output": _rel(compiled_out, eager_out), "compiled grads": _rel(compiled_grad, eager_grad),
+            "bf16 output": _rel(bf16_out, eager_out)}
+    ok = errs["compiled output"] <= COMPILE_TOL and errs["compiled grads"] <= COMPILE_TOL and \
+        errs["bf16 output"] <= BF16_TOL
+    return _result(ok, ", ".join(f"{k} {v:.1e}" for k, v in errs.items()) +
+                   f" (relative L2 vs eager fp32; bounds {COMPILE_TOL:g} compiled, {BF16_TOL:g} bf16)")
+
+
+def diagnose(log: str) -> int:
+    status = {}
+    with open(log) as f:
+        for line in f:
+            m = re.match(r"\[(PASS|WARN|FAIL|SKIP)\] (\S+)", line)
+            if m:
+                status[m.group(2)] = m.group(1)
+    bad = [c for c in CODE_CHECKS if status.get(c) != "PASS"]
+    quality = ", ".join(f"{k} {v}" for k, v in status.items() if k not in CODE_CHECKS)
+    return _result(not bad, (f"code-path checks not passed: {', '.join(f'{c} {status.get(c)}' for c in bad)}"
+                             if bad else f"{len(CODE_CHECKS)} code-path checks PASS") + f"; quality: {quality}")
+
+
+def vae_bf16(vae_dir: str, device_name: str) -> int:
+    import torch
+    from models.vae import FrozenVAE
+    from tests.conftest import smooth_frames
+    from utils.video_io import uint8_to_video_tensor
+    device = torch.device(device_name)
+    clip = uint8_to_video_tensor(smooth_frames(9, 32, 32))[None].to(device)  # (1, 3, T, H, W)
+    out = {}
+    for dtype in ("fp32", "bf16"):
+        vae = FrozenVAE.from_pretrained(vae_dir, device, dtype=dtype)
+        with torch.no_grad():
+            z = vae.encode(clip, sample=False)  # (1, C, t, h, w) normalised posterior means
+            out[dtype] = (z, vae.decode(z))  # (1, 3, T, H, W)
+    err_z, err_x = _rel(out["bf16"][0], out["fp32"][0]), _rel(out["bf16"][1], out["fp32"][1])
+    return _result(err_z <= BF16_TOL and err_x <= BF16_TOL,
+                   f"video VAE bf16 vs fp32: latents {err_z:.1e}, decode {err_x:.1e} (bound {BF16_TOL:g})")
+
+
+def cache(run: str) -> int:
+    manifest = os.path.join(run, "latent_cache", "manifest.json")
+    layout = json.load(open(manifest)).get("key", {}).get("layout") if os.path.exists(manifest) else None
+    return _result(layout == "window", f"latent cache layout {layout!r} (want 'window': one entry per "
+                                       f"window of a causal video VAE) in {manifest}")
+
+
+def fvd(path: str) -> int:
+    record = json.load(open(path))
+    value = record.get("fvd")
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+    return _result(ok, f"fvd {value} in {path}")
+
+
+def make_video_vae(folder: str) -> int:
+    from tests.vae_families import build
+    build("wan").save_pretrained(folder)
+    return _result(True, f"tiny AutoencoderKLWan in {folder}")
+
+
+def make_clips(folder: str, count: str) -> int:
+    from tests.conftest import smooth_frames
+    from utils.video_io import write_video
+    for i in range(int(count)):
+        write_video(os.path.join(folder, f"clip_{i:03d}.mp4"), smooth_frames(9 + i % 3, 32, 32), fps=8)
+    return _result(True, f"{count} clips in {folder}")
+
+
+def make_detector(path: str) -> int:
+    import torch
+    from tests.test_evaluate import StandInI3D
+    torch.manual_seed(0)
+    torch.jit.save(torch.jit.script(StandInI3D()), path)
+    return _result(True, f"stand-in I3D TorchScript (random weights: a code-path check, not a real FVD) at {path}")
+
+
+COMMANDS = {"loss": loss, "steps": lambda run, n: steps(run, int(n)), "bench": bench, "agree": agree,
+            "diagnose": diagnose, "vae_bf16": vae_bf16, "cache": cache, "fvd": fvd,
+            "make_video_vae": make_video_vae, "make_clips": make_clips, "make_detector": make_detector}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__)
+        return 2
+    args = [a for a in argv[1:] if a != "--falling"]
+    if argv[0] == "loss":
+        return loss(args[0], falling="--falling" in argv)
+    return COMMANDS[argv[0]](*args)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
