@@ -352,3 +352,20 @@ def test_drift_benchmark_quick(tmp_path, capsys):
     assert [row["frames"] for row in r["rows"]] == [[0, 4], [3, 7]]
     assert all(row["videos"] == 2 and 0 <= row["coherent_so_far"] <= row["videos"] for row in r["rows"])
     assert "| window | frames | coherent (this window)" in capsys.readouterr().out
+
+
+def test_text_conditioning_with_first_frames(tmp_path, trained_vae, text_encoders, held_out_image):
+    text = ["model.conditioning=text", "model.class_conditional=null", "data.builtin.captions=true",
+            f"text_encoder.path={text_encoders['t5']}", "validation.every_epochs=1"]
+    ckpt = _train(tmp_path, trained_vae, "t2v_ffc", [*PER_FRAME, *FFC, *text])
+    record = load_checkpoint(ckpt)
+    assert record["conditioning"]["kind"] == "text"
+    assert record["model"]["config"]["first_frame_conditioning"] == 1.0
+    assert "image-to-video samples of" in open(os.path.join(tmp_path, "t2v_ffc", "log.txt")).read()
+    path, frame = held_out_image
+    out = str(tmp_path / "p")
+    assert predict_advanced.main(_predict_args(ckpt, out, [
+        f"image={path}", "num_frames=7", "guidance_scale=2.0",
+        "prompts=[a red square moving left on a black background]"])) == 0
+    assert count_frames(os.path.join(out, "sample_000.mp4")) == 7
+    assert open(os.path.join(out, "prompts.txt")).read().startswith("a red square")
