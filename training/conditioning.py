@@ -211,7 +211,11 @@ class TextConditioning(Conditioning):
         barrier(dist)
         if not dist.is_main:
             self.table = cache.load(texts)
+        device = encoder.device
         self.cache, self.encoder = cache, None  # frozen and done: its memory goes back
+        del encoder
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def embed(self, texts: Sequence[str], device: torch.device) -> Kwargs:
         """Captions -> text, text_mask (and pooled) on `device`: from the table when it has them
