@@ -213,7 +213,7 @@ class TextConditioning(Conditioning):
             self.table = cache.load(texts)
         device = encoder.device
         self.cache, self.encoder = cache, None  # frozen and done: its memory goes back
-        del encoder
+        encoder = None  # (the closure above held it too)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
