@@ -218,10 +218,10 @@ def test_misplaced_patches_in_samples_fail_jigsaw(healthy_run, vae_dir, healthy_
 
 def test_no_checkpoint_is_skipped_not_passed(vae_dir, tmp_path, capsys):
     code, checks, out = _diagnose(_args(tmp_path, vae_dir), capsys)
-    for name in ("checkpoint", "vae_fingerprint", "denoise", "jigsaw"):
+    for name in ("checkpoint", "vae_fingerprint", "condition", "denoise", "jigsaw"):
         assert checks[name][0] == "SKIP", out
     assert f"no checkpoint at {tmp_path}/run/latest.pth" in out
-    assert code == 0 and "0 failed, 4 skipped" in out
+    assert code == 0 and "0 failed, 5 skipped" in out
 
 
 def test_corrupt_checkpoint_is_a_failed_check(vae_dir, tmp_path, capsys):
@@ -259,7 +259,7 @@ def test_gradient_check_names_dead_dit_parameters(random_vae, monkeypatch):
     assert diagnostics.check_gradients(cfg, torch.device("cpu")).status == "PASS"
     original = models.dit.VideoDiT.condition
     monkeypatch.setattr(models.dit.VideoDiT, "condition",
-                        lambda self, t, y, b: original(self, t, y, b).detach())
+                        lambda self, t, y, b, *rest: original(self, t, y, b, *rest).detach())
     result = diagnostics.check_gradients(cfg, torch.device("cpu"))
     assert result.status == "FAIL" and "no gradient reaches DiT t_embed.mlp.0.weight" in result.advice
 

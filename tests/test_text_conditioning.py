@@ -274,3 +274,12 @@ def test_evaluate_conditions_on_the_real_clips_captions(text_run, detector):
     g = result["protocol"]["generated"]
     assert g["first_prompt"] == seen[0] and "captions of the real clips" in g["prompts"]
     assert g["text_encoder"]["fingerprint"] == ckpt["conditioning"]["text_encoder"]["fingerprint"]
+
+
+def test_a_clip_encoder_with_a_pooled_vector_trains_and_predicts(tmp_path, random_vae, text_encoders):
+    run = _train(tmp_path, random_vae, "clip", _text_args(text_encoders["clip_projection"], 2))
+    ckpt = load_checkpoint(os.path.join(run, "latest.pth"))
+    dims = ckpt["model"]["dims"]
+    assert dims["pooled_dim"] == ckpt["conditioning"]["text_encoder"]["pooled_size"] > 0
+    assert any(k.startswith("text_embed.pooled") for k in ckpt["model_state"])
+    assert _predict(os.path.join(run, "latest.pth"), str(tmp_path / "p"), ["num_videos=2", PROMPTS]) == 0

@@ -3,16 +3,19 @@
 Everything outside this module (the training loop, validation, the sampler, predict, evaluate,
 diagnose) asks a `Conditioning` object and never branches on the kind:
 
-    seam = conditioning_for_training(cfg, dataset, run_dir, dist, device, log)  # stage 2 setup
-    seam = conditioning_from_checkpoint(ckpt, where, device, text_encoder=...)   # predict / evaluate
+    seam = conditioning_for_training(cfg, dataset, device, log)   # stage 2 setup (text: loads the encoder)
+    seam.prepare(captions_fn, cache_dir, dist, log, batch_size)    # text: the embedding cache, once
+    seam = conditioning_from_checkpoint(ckpt, where, device, text_encoder_path, subfolder, dtype)
+    seam.kind, seam.reads           -> "none" | "class" | "text"; dataset item keys it needs
     seam.dims()                     -> VideoDiT keyword arguments (num_classes / text_dim, pooled_dim)
     seam.record()                   -> what the checkpoint keeps under "conditioning"
     seam.check_checkpoint(ckpt, p)  -> refuse a checkpoint made with another condition / encoder
     seam.train_kwargs(batch, device, gen) -> model(x_t, t, **kwargs) in the training step,
                                           caption dropout drawn from `gen` (resumable)
     seam.eval_kwargs(batch, device) -> the same without dropout (held-out loss, diagnose)
-    seam.samples(n, ...)            -> SampleConditions: cond / uncond rows of n videos, one
-                                       human-readable name each (prompts.txt, TensorBoard)
+    seam.samples(n, labels=, prompts=, negative_prompt=) -> SampleConditions: cond / uncond rows
+                                       of n videos and each video's prompt (prompts.txt, TensorBoard)
+    seam.summary(), seam.guidance_note(scale) -> log / predict lines
 
 `SampleConditions.rows(a, b, device)` gives the (cond, uncond) keyword dicts of videos a..b,
 which `models.diffusion.sample` batches for classifier-free guidance: uncond has the same keys
@@ -213,7 +216,11 @@ class TextConditioning(Conditioning):
         barrier(dist)
         if not dist.is_main:
             self.table = cache.load(texts)
+        device = encoder.device
         self.cache, self.encoder = cache, None  # frozen and done: its memory goes back
+        encoder = None  # (the closure above held it too)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def embed(self, texts: Sequence[str], device: torch.device) -> Kwargs:
         """Captions -> text, text_mask (and pooled) on `device`: from the table when it has them
