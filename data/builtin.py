@@ -106,7 +106,10 @@ class MovingShapes(torch.utils.data.Dataset):
 
     def caption(self, index: int) -> str:
         """What window `index` shows, e.g. "a red square moving left on a black background"."""
-        clip, frames = self.window(index)
+        return self.source_caption(*self.window(index))
+
+    def source_caption(self, clip: int, frames: list[int]) -> str:
+        """What frames `frames` of clip `clip` show (evaluate's real clips are such windows)."""
         scene = self.scene(clip)
         start, end = frames[0], (frames[-1] if len(frames) > 1 else frames[0] + 1)
         moves = self.render_positions(scene, end) - self.render_positions(scene, start)  # (n, 2)

@@ -455,6 +455,12 @@ class VideoFolder(Dataset):
             raise ValueError("this dataset has no captions (data.captions is null)")
         return self.captions[self.window(index)[0]]
 
+    def source_caption(self, src: int, frames: Optional[list[int]] = None) -> str:
+        """The caption of source `src` (any of its windows `frames`); ValueError without data.captions."""
+        if self.captions is None:
+            raise ValueError("this dataset has no captions (data.captions is null)")
+        return self.captions[src]
+
     def distinct_captions(self) -> list[str]:
         """Every caption of this split once, sorted (what the text embedding cache encodes)."""
         return sorted(set(self.captions or []))
@@ -508,12 +514,7 @@ class VideoFolder(Dataset):
         """
         height, width = self.cfg.height, self.cfg.width
         x = rearrange(torch.from_numpy(frames), "t h w c -> t c h w")  # uint8
-        top, left, box_h, box_w = self._crop_box(x.shape[2], x.shape[3], g)
-        x = x[:, :, top: top + box_h, left: left + box_w]  # (T, 3, box_h, box_w)
-        if (box_h, box_w) != (height, width):  # resized in uint8: a 4K frame never exists as float
-            x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True,
-                              align_corners=False)  # (T, 3, H, W)
-        x = x.float()
+        x = crop_resize(x, height, width, self._crop_box(x.shape[2], x.shape[3], g)).float()
         if g is not None and self.cfg.hflip and torch.rand((), generator=g) < 0.5:
             x = x.flip(-1)  # one flip for every frame of the window
         x = (x / 127.5 - 1).clamp(-1, 1)
@@ -523,6 +524,19 @@ class VideoFolder(Dataset):
         """(top, left, box height, box width) in an h x w source frame."""
         rng = g if self.cfg.random_crop else None
         return cover_crop_box(h, w, self.cfg.height, self.cfg.width, rng)
+
+
+def crop_resize(x: torch.Tensor, height: int, width: int,
+                box: tuple[int, int, int, int]) -> torch.Tensor:
+    """(T, 3, h, w) uint8 -> (T, 3, height, width) uint8: the `box` (top, left, box_h, box_w)
+    cut out and resized (bilinear, antialiased): how training clips (and predict's `image`)
+    are brought to data.resolution."""
+    top, left, box_h, box_w = box
+    x = x[:, :, top: top + box_h, left: left + box_w]  # (T, 3, box_h, box_w)
+    if (box_h, box_w) != (height, width):  # resized in uint8: a 4K frame never exists as float
+        x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True,
+                          align_corners=False)  # (T, 3, H, W)
+    return x
 
 
 def cover_crop_box(h: int, w: int, height: int, width: int,

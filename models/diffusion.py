@@ -54,11 +54,14 @@ SAMPLERS = SAMPLERS_BY_OBJECTIVE["v_prediction"]
 FLOW_SAMPLERS = SAMPLERS_BY_OBJECTIVE["flow_matching"]
 FLOW = "flow_matching"
 Generators = Union[torch.Generator, list[torch.Generator], None]
-ModelFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+ModelFn = Callable[..., torch.Tensor]  # (x_t, t, **condition) -> output
 
 
 def append_dims(a: torch.Tensor, ndim: int) -> torch.Tensor:
-    """(B,) -> (B, 1, ..., 1) with `ndim` dims in all, to broadcast over a sample of any rank."""
+    """(B,) -> (B, 1, ..., 1) with `ndim` dims in all, to broadcast over a sample of any rank.
+    A per-frame (B, T) -> (B, 1, T, 1, 1), to broadcast over (B, C, T, h, w) video latents."""
+    if a.ndim == 2 and ndim == 5:  # per-frame timesteps (first-frame conditioning)
+        return a[:, None, :, None, None]
     if a.ndim > ndim:
         raise ValueError(f"append_dims: tensor has {a.ndim} dims, more than the target {ndim}")
     return a[(...,) + (None,) * (ndim - a.ndim)]
@@ -155,7 +158,8 @@ class Diffusion:
     # ---- per-timestep coefficients (v_prediction)
 
     def _coefs(self, t: torch.Tensor) -> torch.Tensor:
-        """(B,) integer t -> (3, B) float32 rows alpha, sigma, snr on t's device."""
+        """(B,) (or per-frame (B, T)) integer t -> (3, B) (or (3, B, T)) float32 rows alpha,
+        sigma, snr on t's device."""
         assert not self.is_flow, "alpha/sigma/snr belong to the VP schedule of v_prediction"
         assert not t.is_floating_point(), "timesteps index the schedule: pass an integer tensor"
         table = self._tables.get(t.device)
@@ -171,7 +175,7 @@ class Diffusion:
         return append_dims(alpha, like.ndim), append_dims(sigma, like.ndim)
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
-        """(B,) float32 alpha^2 / sigma^2."""
+        """(B,) (or per-frame (B, T)) float32 alpha^2 / sigma^2."""
         return self._coefs(t)[2]
 
     # ---- the v parameterisation
@@ -249,12 +253,35 @@ class Diffusion:
         return snr.clamp(max=self.cfg.min_snr_gamma) / (snr + 1)
 
     def loss(self, model_out: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
-             t: torch.Tensor) -> LossOutput:
-        """Per-sample MSE to the objective's target (mean over all but the batch dim), weighted."""
+             t: torch.Tensor, frame_mask: Optional[torch.Tensor] = None) -> LossOutput:
+        """Per-sample MSE to the objective's target (mean over all but the batch dim), weighted.
+
+        Per-frame form (first-frame conditioning): `t` (B, T) one model time per latent frame of
+        (B, C, T, h, w) latents, `frame_mask` (B, T) bool, True = the frame carries loss (False:
+        a clean condition frame). Each frame's MSE is weighted by its own t's weight and the
+        sample's loss, mse and weight are means over its loss-carrying frames only (LTX-Video's
+        loss mask, Open-Sora 1.2's `mean_flat(mask)`), so a condition frame contributes nothing
+        and a sample's loss keeps the scale of an unconditioned one.
+        """
         target = self.target(x0.float(), noise.float(), t)
-        mse = (model_out.float() - target).square().flatten(1).mean(dim=1)  # (B,)
-        weight = self.loss_weight(t)
-        return LossOutput(loss=mse * weight, mse=mse, weight=weight)
+        if t.ndim == 1 and frame_mask is None:
+            mse = (model_out.float() - target).square().flatten(1).mean(dim=1)  # (B,)
+            weight = self.loss_weight(t)
+            return LossOutput(loss=mse * weight, mse=mse, weight=weight)
+        batch, frames = x0.shape[0], x0.shape[2]
+        t_frames = t if t.ndim == 2 else t[:, None].expand(batch, frames)  # (B, T)
+        keep = (torch.ones(batch, frames, dtype=torch.bool, device=x0.device) if frame_mask is None
+                else frame_mask.to(x0.device, torch.bool))  # (B, T)
+        if not bool(keep.any(dim=1).all()):
+            raise ValueError("frame_mask leaves a sample with no frame to carry loss")
+        per_frame = (model_out.float() - target).square().mean(dim=(1, 3, 4))  # (B, T)
+        w_frame = self.loss_weight(t_frames)  # (B, T)
+        kept = keep.float()
+        count = kept.sum(dim=1)  # (B,)
+        mse = (per_frame * kept).sum(dim=1) / count
+        loss = (per_frame * w_frame * kept).sum(dim=1) / count
+        weight = (w_frame * kept).sum(dim=1) / count
+        return LossOutput(loss=loss, mse=mse, weight=weight)
 
     def sample_timesteps(self, batch: int, device: torch.device | str,
                          generator: Optional[torch.Generator] = None, *,
@@ -393,17 +420,30 @@ def initial_noise(shape: tuple[int, ...], generator: Generators, device: torch.d
     return torch.randn(shape, generator=generator, device=gen_device).to(device)
 
 
-def guided_v(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor],
-             guidance_scale: float, null_class_id: Optional[int]) -> torch.Tensor:
+def guided_v(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, cond,
+             guidance_scale: float, null_class_id: Optional[int] = None,
+             uncond: Optional[dict] = None) -> torch.Tensor:
     """The model's output (v or flow velocity), with classifier-free guidance by one batched
-    cond + uncond pass (guidance is linear in the output, so it is the same for both)."""
-    if guidance_scale == 1.0 or y is None:
-        return model_fn(x, t, y)
-    if null_class_id is None:
-        raise ValueError("guidance_scale != 1 needs null_class_id (the model's unconditional label)")
-    y_null = torch.full_like(y, null_class_id)
-    v_cond, v_uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]),
-                                torch.cat([y, y_null])).chunk(2)  # each (B, C, T, h, w)
+    cond + uncond pass (guidance is linear in the output, so it is the same for both).
+
+    `cond`: the model's keyword conditions (a dict of batch-first tensors, e.g. from
+    training/conditioning.py), with `uncond` the same keys for the unconditional half; or the
+    older form, a (B,) class tensor `y` (None: unconditional) whose uncond is `null_class_id`."""
+    if cond is None or isinstance(cond, torch.Tensor):  # class labels (or nothing): model_fn(x, t, y)
+        y = cond
+        if guidance_scale == 1.0 or y is None:
+            return model_fn(x, t, y)
+        if null_class_id is None:
+            raise ValueError("guidance_scale != 1 needs null_class_id (the model's unconditional label)")
+        v_cond, v_uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]),
+                                    torch.cat([y, torch.full_like(y, null_class_id)])).chunk(2)
+        return v_uncond + guidance_scale * (v_cond - v_uncond)
+    if guidance_scale == 1.0 or uncond is None:
+        return model_fn(x, t, **cond)
+    if set(cond) != set(uncond):
+        raise ValueError(f"cond and uncond name different conditions: {sorted(cond)} vs {sorted(uncond)}")
+    both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+    v_cond, v_uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)  # each (B, C, T, h, w)
     return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
@@ -416,18 +456,28 @@ class SamplingStopped(Exception):
 def sample(model_fn: ModelFn, shape: tuple[int, ...], *, scheduler, num_steps: int,
            generator: Generators, device: torch.device | str, y: Optional[torch.Tensor] = None,
            guidance_scale: float = 1.0, null_class_id: Optional[int] = None,
-           progress: bool = False, mu: Optional[float] = None,
+           progress: bool = False, mu: Optional[float] = None, cond: Optional[dict] = None,
+           uncond: Optional[dict] = None, cond_frames: Optional[torch.Tensor] = None,
            should_stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
     """Run `scheduler` from pure noise to x0 latents of `shape`, e.g. (B, C, T, h, w).
 
-    `model_fn(x_t, t, y) -> output` (v, or the flow velocity) with t a (B,) tensor of the
+    `model_fn(x_t, t, **cond) -> output` (v, or the flow velocity) with t a (B,) tensor of the
     scheduler's timesteps (integers, or floats s * T for FlowMatchEuler). The one sampler of
     this repo: validation and predict both call it. `scheduler` is stateful: pass a fresh one
     from `make_scheduler` (or one you own) per call. `mu`: the dynamic flow shift
     (`flow_mu(cfg, shape)`), needed exactly when the scheduler was built with one.
     `should_stop() -> bool` is asked before every sampler step (a stop-request flag, e.g.
     predict's): True raises SamplingStopped there; it changes no number otherwise.
+    The condition: `cond` / `uncond` keyword dicts (training/conditioning.py's
+    `SampleConditions.rows`), or the older class form `y` with `null_class_id`.
+    `cond_frames` (B, C, k, h, w): clean latents of the first k latent frames (image-to-video,
+    extension; a model trained with model.first_frame_conditioning). At every step the model
+    sees them clean with per-frame t = 0 for them (t is then (B, T)), exactly as in training,
+    and after every step they are reset, so the returned x0 holds them unchanged (the same
+    condition for both halves of guidance).
     """
+    if cond is not None and y is not None:
+        raise ValueError("give the condition as cond (a dict) or y (class labels), not both")
     dynamic = scheduler.config.get("use_dynamic_shifting", False)
     if dynamic != (mu is not None):
         raise ValueError("a scheduler with a dynamic flow shift needs mu = flow_mu(cfg, shape), "
@@ -437,12 +487,28 @@ def sample(model_fn: ModelFn, shape: tuple[int, ...], *, scheduler, num_steps: i
     x = initial_noise(shape, generator, device) * getattr(scheduler, "init_noise_sigma", 1.0)
     scale_input = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    y = None if y is None else y.to(device)
+    if cond is None:
+        cond = None if y is None else y.to(device)
+    k = 0 if cond_frames is None else cond_frames.shape[2]
+    if k:
+        if len(shape) != 5 or tuple(cond_frames.shape) != (shape[0], shape[1], k, *shape[3:]) \
+                or k >= shape[2]:
+            raise ValueError(f"cond_frames of shape {tuple(cond_frames.shape)} do not fit latents "
+                             f"{tuple(shape)}: need (B, C, k, h, w) with k < T")
+        cond_frames = cond_frames.to(device, x.dtype)
+        x[:, :, :k] = cond_frames
     for t in tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False):
         if should_stop is not None and should_stop():
             raise SamplingStopped
         x_in = scale_input(x, t)  # identity except for Euler (sigma -> VP scale)
         t_batch = t.to(device).expand(shape[0])  # (B,)
-        out = guided_v(model_fn, x_in, t_batch, y, guidance_scale, null_class_id)
+        if k:  # the clean condition frames: model input exactly the clean latents, t = 0
+            x_in = x_in.clone()
+            x_in[:, :, :k] = cond_frames
+            t_batch = t_batch[:, None].repeat(1, shape[2])  # (B, T)
+            t_batch[:, :k] = 0
+        out = guided_v(model_fn, x_in, t_batch, cond, guidance_scale, null_class_id, uncond)
         x = scheduler.step(out.to(x.dtype), t, x, **step_kwargs).prev_sample
+        if k:
+            x[:, :, :k] = cond_frames
     return x

@@ -56,8 +56,8 @@ class ItemNoise:
     def add_noise(self, x0, noise, t):
         return self.diffusion.add_noise(x0, self.noise[self.ids].to(x0.device), t)
 
-    def loss(self, v, x0, noise, t):
-        return self.diffusion.loss(v, x0, self.noise[self.ids].to(x0.device), t)
+    def loss(self, v, x0, noise, t, frame_mask=None):
+        return self.diffusion.loss(v, x0, self.noise[self.ids].to(x0.device), t, frame_mask)
 
 
 def train_fixed(overrides: list[str], run_dir: str, dist: DistInfo = DistInfo()) -> dict:

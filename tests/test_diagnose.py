@@ -84,7 +84,7 @@ def _misplaced_share(line):
 
 
 ALL_CHECKS = {"vae_roundtrip", "latent_scale", "patchify", "identities", "gradients",
-              "checkpoint", "vae_fingerprint", "denoise", "jigsaw"}
+              "checkpoint", "vae_fingerprint", "condition", "denoise", "jigsaw"}
 
 
 @pytest.fixture(scope="module")
@@ -204,10 +204,10 @@ def test_misplaced_patches_in_samples_fail_jigsaw(healthy_run, vae_dir, healthy_
     vae = FrozenVAE.from_pretrained(vae_dir)
     cfg = load_config(TrainRunConfig, os.path.join(ROOT, "config_advanced.yaml"),
                       _args(healthy_run, vae_dir)[2:])
-    real, labels = diagnostics.real_clips(cfg, "val", diagnostics.NUM_JIGSAW_REAL_CLIPS)
+    real, batch = diagnostics.real_clips(cfg, "val", diagnostics.NUM_JIGSAW_REAL_CLIPS)
     cell = vae.downsample_factor * ckpt["model"]["config"]["patch_size"]
     monkeypatch.setattr(diagnostics, "generate_videos", _misplaced(diagnostics.generate_videos, cell))
-    result = diagnostics.check_jigsaw(ckpt, vae, real, labels, torch.device("cpu"), cfg.validation)
+    result = diagnostics.check_jigsaw(ckpt, vae, real, {"y": batch["label"]}, torch.device("cpu"), cfg.validation)
     assert result.status == "FAIL" and "patch grid" in result.advice
     score, real_score, limit = _jigsaw_numbers(result.line())
     healthy_score, healthy_real, _ = _jigsaw_numbers(healthy_report[1]["jigsaw"][1])
@@ -218,10 +218,10 @@ def test_misplaced_patches_in_samples_fail_jigsaw(healthy_run, vae_dir, healthy_
 
 def test_no_checkpoint_is_skipped_not_passed(vae_dir, tmp_path, capsys):
     code, checks, out = _diagnose(_args(tmp_path, vae_dir), capsys)
-    for name in ("checkpoint", "vae_fingerprint", "denoise", "jigsaw"):
+    for name in ("checkpoint", "vae_fingerprint", "condition", "denoise", "jigsaw"):
         assert checks[name][0] == "SKIP", out
     assert f"no checkpoint at {tmp_path}/run/latest.pth" in out
-    assert code == 0 and "0 failed, 4 skipped" in out
+    assert code == 0 and "0 failed, 5 skipped" in out
 
 
 def test_corrupt_checkpoint_is_a_failed_check(vae_dir, tmp_path, capsys):

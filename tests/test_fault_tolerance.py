@@ -120,8 +120,8 @@ def _nan_loss_on(calls_to_poison):
     """A Diffusion.loss that returns NaN (with a graph, so backward runs) on the given calls."""
     original, calls = Diffusion.loss, [0]
 
-    def loss(self, v, x0, noise, t):
-        out = original(self, v, x0, noise, t)
+    def loss(self, v, x0, noise, t, frame_mask=None):
+        out = original(self, v, x0, noise, t, frame_mask)
         calls[0] += 1
         return out._replace(loss=out.loss * float("nan")) if calls[0] in calls_to_poison else out
     return loss

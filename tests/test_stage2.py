@@ -220,7 +220,7 @@ def test_predict_says_guidance_is_off_for_an_unconditional_model(tmp_path, rando
     run = _train(tmp_path, random_vae, "run", ["train.max_steps=1", "model.class_conditional=false"])
     capsys.readouterr()
     assert _predict(os.path.join(run, "latest.pth"), str(tmp_path / "out"), ["guidance_scale=2.5"]) == 0
-    assert "no guidance (guidance_scale = 2.5 needs a class-conditional model)" in capsys.readouterr().out
+    assert "no guidance (guidance_scale = 2.5 needs a class- or text-conditional model)" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -13,6 +13,10 @@ Checks that need a stage-2 checkpoint are SKIPped (never passed) when there is n
                      gradient, the VAE none (and is outside the optimizer)
     checkpoint       the checkpoint loads and was made for the configured model
     vae_fingerprint  the checkpoint's VAE is the configured VAE
+    condition        the checkpoint was trained with the configured condition (a text model:
+                     the configured text encoder, same fingerprint); a text model must read its
+                     captions: on held-out clips its loss with each clip's own caption is
+                     lower than with the captions shuffled among the clips
     denoise          the checkpoint (EMA) denoises noised held-out latents better than a
                      model that predicts nothing (catches misplaced patches, which sampling
                      turns into incoherent blobs rather than grid seams)
@@ -39,7 +43,8 @@ from data import build_dataset
 from models.diffusion import Diffusion
 from models.vae import FrozenVAE
 from training import checkpoints as ckpts
-from training.sampling import default_labels, generate_videos
+from training.conditioning import Conditioning, conditioning_for_training, conditioning_from_checkpoint
+from training.sampling import generate_videos
 from utils.checkpoint import load_checkpoint
 from utils.config import DiffusionConfig, TrainRunConfig, ValidationConfig, config_from_dict
 from utils.dist import DistInfo
@@ -203,12 +208,12 @@ def check_gradients(cfg: TrainRunConfig, device: torch.device) -> Check:
     s.model.train()
     batch = next(iter(s.loader))
     x0 = stage2.batch_latents(s, batch)  # (B, C, T, h, w), as the training loop gets them
-    y = batch["label"].to(device) if s.dims["num_classes"] else None
+    kw = s.cond.train_kwargs(batch, device, None)  # the condition as the loop builds it (no dropout)
     T = cfg.diffusion.num_train_timesteps
     # Away from t = T-1, where the zero-SNR min-SNR weight is exactly 0.
     t = torch.linspace(T // 10, 9 * T // 10, x0.shape[0]).long().to(device)
     noise = torch.randn(x0.shape, device=device, generator=s.noise_gen)
-    v_pred = s.net(s.diffusion.add_noise(x0, noise, t), t, y)  # (B, C, T, h, w)
+    v_pred = s.net(s.diffusion.add_noise(x0, noise, t), t, **kw)  # (B, C, T, h, w)
     s.diffusion.loss(v_pred.float(), x0, noise, t).loss.mean().backward()
 
     dit_params = list(s.model.named_parameters())
@@ -259,7 +264,7 @@ def check_vae_fingerprint(ckpt: dict, vae: FrozenVAE, path: str) -> Check:
 
 
 @torch.no_grad()
-def check_denoise(ckpt: dict, vae: FrozenVAE, clips: torch.Tensor, labels: Optional[torch.Tensor],
+def check_denoise(ckpt: dict, vae: FrozenVAE, clips: torch.Tensor, cond: dict,
                   device: torch.device, seed: int) -> Check:
     """EMA model's x0 error on noised held-out latents, relative to an output of 0.
 
@@ -271,13 +276,12 @@ def check_denoise(ckpt: dict, vae: FrozenVAE, clips: torch.Tensor, labels: Optio
     model = ckpts.model_from_checkpoint(ckpt, use_ema=True, device=device)
     diffusion = Diffusion(config_from_dict(DiffusionConfig, ckpt["diffusion"]))
     x0 = vae.encode(clips.to(device), sample=False)  # (B, C, T, h, w)
-    y = labels.to(device) if labels is not None else None
     g = torch.Generator().manual_seed(seed)
     err = base = 0.0
     for frac in DENOISE_NOISE_LEVELS:
         t = torch.full((x0.shape[0],), int(frac * (diffusion.num_train_timesteps - 1)), device=device)
         x_t = diffusion.add_noise(x0, torch.randn(x0.shape, generator=g).to(device), t)
-        x0_hat = diffusion.x0_from_output(x_t, model(x_t, t, y), t)
+        x0_hat = diffusion.x0_from_output(x_t, model(x_t, t, **cond), t)
         err += (x0_hat - x0).square().mean().item()
         base += (diffusion.x0_from_output(x_t, torch.zeros_like(x_t), t) - x0).square().mean().item()
     ratio = err / base
@@ -299,8 +303,9 @@ def check_denoise(ckpt: dict, vae: FrozenVAE, clips: torch.Tensor, labels: Optio
 
 
 @torch.no_grad()
-def check_jigsaw(ckpt: dict, vae: FrozenVAE, real_clips: torch.Tensor, labels: Optional[torch.Tensor],
-                 device: torch.device, sampling: ValidationConfig, num_videos: int = NUM_SAMPLES) -> Check:
+def check_jigsaw(ckpt: dict, vae: FrozenVAE, real_clips: torch.Tensor, cond: dict,
+                 device: torch.device, sampling: ValidationConfig, num_videos: int = NUM_SAMPLES,
+                 seam: Optional[Conditioning] = None, prompts: Optional[list] = None) -> Check:
     """Are the DiT's pieces in their places? Two measurements, either can fail:
 
     - placement: the EMA model's output (v or flow velocity, the checkpoint's objective) for
@@ -321,24 +326,23 @@ def check_jigsaw(ckpt: dict, vae: FrozenVAE, real_clips: torch.Tensor, labels: O
     diffusion = Diffusion(config_from_dict(DiffusionConfig, ckpt["diffusion"]))
     mcfg, dims = model.cfg, ckpts.model_dims(ckpt["model"])
     x0 = vae.encode(real_clips.to(device), sample=False)  # (B, C, T, h, w)
-    y = labels.to(device) if labels is not None else None
     g = torch.Generator().manual_seed(sampling.seed)
     v_pred, v_true = [], []
     for frac in PLACEMENT_NOISE_LEVELS:
         t = torch.full((x0.shape[0],), int(frac * (diffusion.num_train_timesteps - 1)), device=device)
         noise = torch.randn(x0.shape, generator=g).to(device)
-        v_pred.append(model(diffusion.add_noise(x0, noise, t), t, y))
+        v_pred.append(model(diffusion.add_noise(x0, noise, t), t, **cond))
         v_true.append(diffusion.target(x0, noise, t))
     share = misplaced_pieces(torch.cat(v_pred), torch.cat(v_true), mcfg.patch_t,
                              mcfg.patch_size).float().mean().item()
 
+    seam = seam if seam is not None else conditioning_from_checkpoint(ckpt, "checkpoint", device)
     videos = generate_videos(
         model, vae, diffusion.cfg,
         latent_shape=ckpts.latent_shape(dims),
         seeds=[sampling.seed + i for i in range(num_videos)],
-        labels=default_labels(num_videos, dims["num_classes"]), sampler=sampling.sampler,
-        num_steps=sampling.num_steps, guidance_scale=sampling.guidance_scale,
-        null_class_id=model.null_class_id, device=device)
+        conditions=seam.samples(num_videos, prompts=prompts), sampler=sampling.sampler,
+        num_steps=sampling.num_steps, guidance_scale=sampling.guidance_scale, device=device)
     cell = vae.downsample_factor * mcfg.patch_size  # patch side in pixels
     samples = torch.stack([uint8_to_video_tensor(v) for v in videos])  # (B, 3, T, H, W)
     score, real = jigsaw_score(samples, cell), jigsaw_score(real_clips, cell)
@@ -360,6 +364,44 @@ def check_jigsaw(ckpt: dict, vae: FrozenVAE, real_clips: torch.Tensor, labels: O
                      "trained on. Check the patchify and vae_fingerprint lines above; if they pass, "
                      "look at the samples (predict_advanced.py) and the val/jigsaw_score curve")
     return Check("jigsaw", PASS, measured)
+
+
+@torch.no_grad()
+def check_condition(ckpt: dict, configured: Conditioning, seam: Conditioning, vae: FrozenVAE,
+                    clips: torch.Tensor, batch: dict, device: torch.device, seed: int, path: str) -> Check:
+    """The checkpoint's condition is the configured one (`configured.check_checkpoint`: the
+    kind, and a text model's encoder fingerprint); a text model reads its captions: the EMA
+    model's loss on noised held-out clips with each clip's own caption is below the loss with
+    the captions rolled by one clip (same noise, same t)."""
+    try:
+        configured.check_checkpoint(ckpt, path)
+    except UserError as e:
+        return Check("condition", FAIL, f"checkpoint {seam.summary()}", str(e))
+    matches = f"{seam.summary()} as configured"
+    captions = batch.get("caption")
+    if "caption" not in seam.reads or not captions or len(set(captions)) < 2:
+        return Check("condition", PASS, matches)
+    model = ckpts.model_from_checkpoint(ckpt, use_ema=True, device=device)
+    diffusion = Diffusion(config_from_dict(DiffusionConfig, ckpt["diffusion"]))
+    x0 = vae.encode(clips.to(device), sample=False)  # (B, C, T, h, w)
+    own = seam.eval_kwargs(batch, device)
+    shuffled = seam.eval_kwargs({**batch, "caption": captions[1:] + captions[:1]}, device)
+    g = torch.Generator().manual_seed(seed)
+    loss_own = loss_shuffled = 0.0
+    for frac in DENOISE_NOISE_LEVELS:
+        t = torch.full((x0.shape[0],), int(frac * (diffusion.num_train_timesteps - 1)), device=device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        x_t, target = diffusion.add_noise(x0, noise, t), diffusion.target(x0, noise, t)
+        loss_own += (model(x_t, t, **own) - target).square().mean().item()
+        loss_shuffled += (model(x_t, t, **shuffled) - target).square().mean().item()
+    measured = (f"{matches}; loss with own captions {loss_own / len(DENOISE_NOISE_LEVELS):.4f} vs "
+                f"shuffled {loss_shuffled / len(DENOISE_NOISE_LEVELS):.4f} on {x0.shape[0]} held-out clips")
+    if loss_own < loss_shuffled:
+        return Check("condition", PASS, measured)
+    return Check("condition", FAIL, measured,
+                 f"the model does not read its captions (step {ckpt['step']}): a wrong caption predicts "
+                 "as well as the right one. Train longer; check that the captions describe the clips "
+                 "(data.captions) and that model.caption_dropout is well below 1")
 
 
 def misplaced_pieces(v_pred: torch.Tensor, v_true: torch.Tensor, patch_t: int, patch: int) -> torch.Tensor:
@@ -393,13 +435,15 @@ def default_checkpoint(cfg: TrainRunConfig) -> str:
     return os.path.join(cfg.experiment.runs_dir, cfg.experiment.name, "latest.pth")
 
 
-def real_clips(cfg: TrainRunConfig, split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to `n` clips spread over the split: videos (n, 3, T, H, W) in [-1, 1], labels (n,)."""
+def real_clips(cfg: TrainRunConfig, split: str, n: int) -> tuple[torch.Tensor, dict]:
+    """Up to `n` clips spread over the split: videos (n, 3, T, H, W) in [-1, 1] and their batch
+    {"label": (n,), "caption": [n strings] or None} (what a condition is made of)."""
     dataset = build_dataset(cfg.data, split, cfg.experiment.seed)
     index = torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().long().tolist()
     items = [dataset[i] for i in index]
-    return (torch.stack([it["video"] for it in items]),
-            torch.tensor([int(it["label"]) for it in items], dtype=torch.long))
+    batch = {"label": torch.tensor([int(it["label"]) for it in items], dtype=torch.long),
+             "caption": [it["caption"] for it in items] if "caption" in items[0] else None}
+    return torch.stack([it["video"] for it in items]), batch
 
 
 def run_diagnostics(cfg: TrainRunConfig, checkpoint: Optional[str], device: torch.device,
@@ -411,10 +455,11 @@ def run_diagnostics(cfg: TrainRunConfig, checkpoint: Optional[str], device: torc
     """
     from training.stage2 import latent_dims
     vae = FrozenVAE.from_config(cfg.vae, device)
-    val, val_labels = real_clips(cfg, "val", NUM_JIGSAW_REAL_CLIPS)
+    val, val_batch = real_clips(cfg, "val", NUM_JIGSAW_REAL_CLIPS)
     train, _ = real_clips(cfg, "train", NUM_SCALE_CLIPS)
-    num_classes = build_dataset(cfg.data, "train", cfg.experiment.seed).num_classes
-    dims = latent_dims(cfg, vae, num_classes)
+    train_set = build_dataset(cfg.data, "train", cfg.experiment.seed)
+    configured = conditioning_for_training(cfg, train_set, device, RunLogger(None))  # text: the encoder
+    dims = {**latent_dims(cfg, vae, train_set.num_classes), **configured.dims()}
     mcfg = cfg.model.resolved()
     latent_shape = ckpts.latent_shape(dims)
 
@@ -445,14 +490,24 @@ def run_diagnostics(cfg: TrainRunConfig, checkpoint: Optional[str], device: torc
     if first.status == FAIL:  # its model does not fit this config's data
         yield from _skipped(CHECKPOINT_CHECKS[2:], "the checkpoint is for another model / data geometry")
         return
-    labels = _spread(val_labels, NUM_VAE_CLIPS) if dims["num_classes"] else None
-    yield _guarded("denoise", lambda: check_denoise(ckpt, vae, few_val, labels, device,
-                                                    cfg.experiment.seed))
-    yield _guarded("jigsaw", lambda: check_jigsaw(ckpt, vae, val, val_labels if dims["num_classes"] else None,
-                                                  device, cfg.validation))
+    t = cfg.text_encoder
+    try:  # the checkpoint's condition; a text model's encoder from the config, checked against it
+        seam = conditioning_from_checkpoint(ckpt, checkpoint, device, t.path, t.subfolder, t.dtype)
+    except UserError as e:
+        yield Check("condition", FAIL, f"model.conditioning = {configured.kind}", str(e))
+        yield from _skipped(CHECKPOINT_CHECKS[3:], "the checkpoint's condition cannot be built")
+        return
+    few_batch = _spread_batch(val_batch, NUM_VAE_CLIPS)
+    yield _guarded("condition", lambda: check_condition(ckpt, configured, seam, vae, few_val, few_batch,
+                                                        device, cfg.experiment.seed, checkpoint))
+    yield _guarded("denoise", lambda: check_denoise(ckpt, vae, few_val, seam.eval_kwargs(few_batch, device),
+                                                    device, cfg.experiment.seed))
+    prompts = cfg.validation.prompts or (val_batch["caption"][:NUM_SAMPLES] if val_batch["caption"] else None)
+    yield _guarded("jigsaw", lambda: check_jigsaw(ckpt, vae, val, seam.eval_kwargs(val_batch, device),
+                                                  device, cfg.validation, seam=seam, prompts=prompts))
 
 
-CHECKPOINT_CHECKS = ("checkpoint", "vae_fingerprint", "denoise", "jigsaw")
+CHECKPOINT_CHECKS = ("checkpoint", "vae_fingerprint", "condition", "denoise", "jigsaw")
 # The checks of the code paths (any model, trained or not, must PASS them); the others judge a
 # model's quality. scripts/gpu_check_conditions.py requires these by name.
 CODE_PATH_CHECKS = ("patchify", "identities", "gradients", "checkpoint", "vae_fingerprint")
@@ -467,6 +522,13 @@ def _spread(clips: torch.Tensor, n: int) -> torch.Tensor:
     """`n` of `clips` spread over all of them (neighbouring windows overlap)."""
     index = torch.linspace(0, clips.shape[0] - 1, min(n, clips.shape[0])).round().long()
     return clips[index]
+
+
+def _spread_batch(batch: dict, n: int) -> dict:
+    """The batch entries of the clips `_spread` picks."""
+    index = torch.linspace(0, len(batch["label"]) - 1, min(n, len(batch["label"]))).round().long()
+    return {"label": batch["label"][index],
+            "caption": None if batch["caption"] is None else [batch["caption"][i] for i in index.tolist()]}
 
 
 def _guarded(name: str, fn: Callable[[], Check]) -> Check:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ from data.videos import find_sources
 from data.windows import window_span
 from models.vae import Geometry
 from training.checkpoints import PREDICT_ENTRIES, check_entries, check_format, model_dims
+from training.conditioning import conditioning_from_checkpoint, seam_of
 from training.sampling import default_labels
 from utils.checkpoint import load_checkpoint, write_json
 from utils.config import DataConfig, EvaluateConfig, PredictConfig
@@ -304,12 +305,17 @@ def evaluate(cfg: EvaluateConfig, device: torch.device, sample_fn: SampleFn) -> 
     real_clips = fvd_real_clips(data, generated, generator, cfg.real.split, dataset_seed,
                                 cfg.real.num_clips or cfg.num_videos, cfg.real.seed)
     check_detector(i3d, "i3d", data.num_frames, device, "fvd.detector_path", cfg.fvd.detector_path)
+    if ckpt is not None:  # a text checkpoint's encoder (cfg.text_encoder.path: the same one) refused now
+        t = cfg.text_encoder
+        conditioning_from_checkpoint(ckpt, cfg.checkpoint, device, t.path, t.subfolder, t.dtype)
     # Real side, then generated.
     real = features().add_all(_progress(clip_batches(real_clips.dataset, real_clips.plan,
                                                      cfg.fvd.batch_size),
                                         len(real_clips.plan), "features, real clips"))
+    drift = None
     if ckpt is not None:
-        gen, gen_record = _checkpoint_features(cfg, ckpt, generated, features(), sample_fn)
+        gen, gen_record, drift = _checkpoint_features(cfg, ckpt, generated, features, sample_fn, real_clips,
+                                                      device)
     else:
         gen = features().add_all(_progress(folder.batches(data.num_frames, data.frame_stride,
                                                           cfg.fvd.batch_size),
@@ -321,6 +327,9 @@ def evaluate(cfg: EvaluateConfig, device: torch.device, sample_fn: SampleFn) -> 
                                    dict(gen_record, num_videos=gen.videos.n))}
     if inception is not None:
         result.update(_frame_metrics(cfg, real.frames, gen.frames))
+    if drift is not None:
+        result["image_to_video"] = drift.result(real.videos)
+        print(drift.line(result["image_to_video"]))
     _report(result, real_clips)
     if cfg.output:
         _write_json(cfg.output, result)
@@ -367,31 +376,155 @@ def _checkpoint_generator(path: str, ckpt: dict) -> str:
             f"frames to 1 + ({latent} - 1) x {temporal})")
 
 
+class WindowDrift:
+    """Image-to-video and long videos at evaluate (`image_to_video`, `windows`): the features,
+    jigsaw score and count of each window position (window 0 = the FVD of the record), and the
+    PSNR of frame 0 against the given image (with the image's own VAE round trip, its bound)."""
+
+    def __init__(self, cfg: EvaluateConfig, ckpt: dict, geometry: ClipGeometry, features: Callable,
+                 real_clips: RealClips, device: torch.device):
+        from training.first_frames import FirstFrames, window_plan, windows_of
+        first = FirstFrames.of(ckpt["model"]["config"])
+        if cfg.image_to_video:
+            first.require("image_to_video", cfg.checkpoint)
+        if cfg.windows > 1:
+            first.require(f"windows = {cfg.windows}", cfg.checkpoint)
+        self.cfg, self.real_clips, self.device = cfg, real_clips, device
+        window = geometry.num_frames
+        self.overlap = 1 + (first.frames - 1) * int(ckpt["vae"].get("temporal_factor", 1))
+        self.num_frames = window + (cfg.windows - 1) * (window - self.overlap)
+        assert len(window_plan(self.num_frames, window, self.overlap)) == cfg.windows
+        self.spans = windows_of(self.num_frames, window, self.overlap)
+        self.features = [features() for _ in self.spans]
+        self.jigsaw = [0.0 for _ in self.spans]
+        self.cell = int(ckpt["vae"].get("spatial_factor", 1)) * int(ckpt["model"]["config"].get("patch_size", 1))
+        self.psnr, self.round_trip, self.count = [], [], 0
+        self.vae = None
+        if cfg.image_to_video:
+            from models.vae import FrozenVAE
+            from training.sampling import _trained_vae_settings
+            self.vae = FrozenVAE.from_config(_trained_vae_settings(ckpt["config"]), device,
+                                             cfg.vae.path or ckpt["vae"]["path"])
+
+    def images(self, start: int, n: int, folder: str) -> Optional[list[str]]:
+        """PNGs of the first frames of real clips start .. start + n - 1 (cycled), in `folder`."""
+        if not self.cfg.image_to_video:
+            return None
+        from PIL import Image
+        paths, self.given = [], []
+        for i in range(start, start + n):
+            src, frames = self.real_clips.plan[i % len(self.real_clips.plan)]
+            frame = video_tensor_to_uint8(self.real_clips.dataset.source_frames(src, frames[:1]))[0]
+            paths.append(os.path.join(folder, f"first_{i:06d}.png"))
+            Image.fromarray(frame).save(paths[-1])
+            self.given.append(frame)
+        return paths
+
+    def add(self, videos: list[np.ndarray]) -> None:
+        from training.first_frames import psnr
+        from utils.metrics import jigsaw_score
+        from utils.video_io import uint8_to_video_tensor
+        for w, (a, b) in enumerate(self.spans):
+            part = [v[a:b] for v in videos]
+            self.features[w].add_all(video_batches(part, self.cfg.fvd.batch_size))
+            score = jigsaw_score(torch.stack([uint8_to_video_tensor(x) for x in part]), self.cell)
+            self.jigsaw[w] += score * len(part)
+        self.count += len(videos)
+        if self.vae is not None:
+            for v, given in zip(videos, self.given):
+                self.psnr.append(psnr(v[0], given))
+                x = uint8_to_video_tensor(given[None])[None].to(self.device)  # (1, 3, 1, H, W)
+                back = video_tensor_to_uint8(self.vae.decode(self.vae.encode(x, sample=False))[0].cpu())[0]
+                self.round_trip.append(psnr(back, given))
+
+    def result(self, real: FeatureStats) -> dict:
+        out = {"image_to_video": self.cfg.image_to_video, "windows": self.cfg.windows,
+               "num_frames": self.num_frames, "overlap_frames": self.overlap,
+               "window_spans": [list(s) for s in self.spans],
+               "fvd_by_window": [fvd_from_stats(real, f.videos) for f in self.features],
+               "jigsaw_by_window": [j / max(self.count, 1) for j in self.jigsaw]}
+        if self.psnr:
+            out["first_frame_psnr"] = float(np.mean(self.psnr))
+            out["first_frame_psnr_vae_round_trip"] = float(np.mean(self.round_trip))
+        return out
+
+    @staticmethod
+    def line(r: dict) -> str:
+        fvd = ", ".join(f"{x:.2f}" for x in r["fvd_by_window"])
+        jig = ", ".join(f"{x:.2f}" for x in r["jigsaw_by_window"])
+        first = "" if "first_frame_psnr" not in r else (
+            f"; frame 0 PSNR {r['first_frame_psnr']:.2f} dB vs the image (its VAE round trip "
+            f"{r['first_frame_psnr_vae_round_trip']:.2f} dB)")
+        return (f"windows: {r['windows']} of {r['num_frames']} frames ({r['overlap_frames']} shared "
+                f"per join); FVD by window {fvd}; jigsaw by window {jig}{first}")
+
+
 def _checkpoint_features(cfg: EvaluateConfig, ckpt: dict, geometry: ClipGeometry,
-                         features: ClipFeatures, sample_fn: SampleFn) -> tuple[ClipFeatures, dict]:
+                         features: Callable[[], ClipFeatures], sample_fn: SampleFn,
+                         real_clips: RealClips, device: torch.device
+                         ) -> tuple[ClipFeatures, dict, Optional[WindowDrift]]:
     """Samples num_videos with predict's path, in chunks (video i always has seed + i and the
-    label predict gives video i), and accumulates their features."""
+    label predict gives video i; a text model: real clip i's caption), and accumulates their
+    features. With `image_to_video` / `windows`: the first window's features, and the drift."""
+    drift = WindowDrift(cfg, ckpt, geometry, features, real_clips, device) \
+        if cfg.image_to_video or cfg.windows > 1 else None
+    features = drift.features[0] if drift is not None else features()
     dims = model_dims(ckpt["model"])
     labels = default_labels(cfg.num_videos, dims["num_classes"], cfg.class_labels)
-    expected = (geometry.num_frames, geometry.height, geometry.width, 3)
-    with tqdm(total=cfg.num_videos, desc="features, generated", unit="video", leave=False) as bar:
+    prompts = real_prompts(real_clips, cfg.num_videos) if "caption" in seam_of(ckpt).reads else None
+    frames = geometry.num_frames if drift is None else drift.num_frames
+    expected = (frames, geometry.height, geometry.width, 3)
+    with tqdm(total=cfg.num_videos, desc="features, generated", unit="video", leave=False) as bar, \
+            tempfile.TemporaryDirectory() as images_dir:
         for start in range(0, cfg.num_videos, GENERATION_CHUNK):
             n = min(GENERATION_CHUNK, cfg.num_videos - start)
             chunk = replace(cfg.sampling(), num_videos=n, seed=cfg.seed + start,
-                            class_labels=None if labels is None else labels[start:start + n].tolist())
+                            class_labels=None if labels is None else labels[start:start + n].tolist(),
+                            prompts=None if prompts is None else prompts[start:start + n])
+            if drift is not None:
+                chunk = replace(chunk, images=drift.images(start, n, images_dir),
+                                num_frames=None if cfg.windows == 1 else drift.num_frames)
             videos, _ = sample_fn(chunk, features.device)
             assert all(v.shape == expected for v in videos), (videos[0].shape, expected)
-            features.add_all(video_batches(videos, cfg.fvd.batch_size))
+            if drift is not None:
+                drift.add(videos)  # window 0 into `features`
+            else:
+                features.add_all(video_batches(videos, cfg.fvd.batch_size))
             bar.update(n)
     record = {"source": "checkpoint", "checkpoint": os.path.abspath(cfg.checkpoint),
               "step": int(ckpt["step"]), "vae_fingerprint": ckpt["vae"]["fingerprint"],
               "vae_class": ckpt["vae"].get("class_name"), "weights": "EMA" if cfg.use_ema else "raw",
               "sampler": cfg.sampler, "num_steps": cfg.num_steps, "guidance_scale": cfg.guidance_scale,
-              "class_labels": cfg.class_labels, "seeds": f"{cfg.seed} + i, i = 0 ... {cfg.num_videos - 1}",
+              "class_labels": cfg.class_labels, **_prompt_record(ckpt, prompts), "seeds": f"{cfg.seed} + i, i = 0 ... {cfg.num_videos - 1}",
               "num_frames": geometry.num_frames, "latent_frames": dims["num_frames"],
               "resolution": [geometry.height, geometry.width],
               "uint8": "predict's: round((x + 1) * 127.5) of the decoded [-1, 1] pixels"}
-    return features, record
+    if drift is not None:
+        record.update(image_to_video=cfg.image_to_video, windows=cfg.windows,
+                      images="the first frame of real clip i" if cfg.image_to_video else None,
+                      fvd_scores="the first window")
+    return features, record, drift
+
+
+def real_prompts(real: RealClips, num_videos: int) -> list[str]:
+    """Text checkpoints: generated video i is conditioned on the caption of real clip i (cycled),
+    so the two sides of FVD describe the same content."""
+    if not getattr(real.dataset, "has_captions", False):
+        raise UserError("the checkpoint is text-conditioned, so each generated video is conditioned on "
+                        "the caption of the real clip it is compared with, but the real clips have no "
+                        "captions: set data.captions (or leave data.path null: the checkpoint's data)")
+    captions = [real.dataset.source_caption(src, frames) for src, frames in real.plan]
+    return [captions[i % len(captions)] for i in range(num_videos)]
+
+
+def _prompt_record(ckpt: dict, prompts: Optional[list[str]]) -> dict:
+    if prompts is None:
+        return {}
+    encoder = ckpt["conditioning"]["text_encoder"]
+    return {"prompts": "the captions of the real clips: generated video i is conditioned on real clip i's "
+                       "(cycled when there are fewer real clips)",
+            "num_distinct_prompts": len(set(prompts)), "first_prompt": prompts[0],
+            "text_encoder": {k: encoder.get(k) for k in ("class_name", "fingerprint", "max_length")}}
 
 
 def _folder_record(folder: GeneratedFolder, data: DataConfig) -> dict:

@@ -29,6 +29,8 @@ from torch import nn
 
 from models.diffusion import SamplingStopped, flow_mu, make_scheduler, sample
 from models.vae import FrozenVAE
+from training.conditioning import SampleConditions, conditioning_from_checkpoint
+from training.first_frames import FirstFrames, generate_long, load_image, window_plan
 from training.checkpoints import (PREDICT_ENTRIES, check_entries, check_format, check_vae,
                                   latent_shape, load_entry, model_dims, model_from_checkpoint)
 from utils.checkpoint import load_checkpoint
@@ -51,9 +53,11 @@ def default_labels(num_videos: int, num_classes: int,
 
 @torch.no_grad()
 def generate_videos(model: nn.Module, vae: FrozenVAE, diffusion_cfg: DiffusionConfig, *,
-                    latent_shape: Sequence[int], seeds: Sequence[int], labels: Optional[torch.Tensor],
-                    sampler: str, num_steps: int, guidance_scale: float, null_class_id: Optional[int],
-                    device: torch.device, batch_size: int = 8, progress: bool = False) -> list[np.ndarray]:
+                    latent_shape: Sequence[int], seeds: Sequence[int], labels: Optional[torch.Tensor] = None,
+                    sampler: str, num_steps: int, guidance_scale: float, null_class_id: Optional[int] = None,
+                    device: torch.device, batch_size: int = 8, progress: bool = False,
+                    conditions: Optional[SampleConditions] = None, images: Optional[torch.Tensor] = None,
+                    num_frames: Optional[int] = None, condition_frames: int = 1) -> list[np.ndarray]:
     """Sample one video per seed. Returns uint8 frames (T, H, W, 3) per video, H x W the VAE's
     decode of `latent_shape`'s (h, w): data.resolution of the training run, square or not.
 
@@ -63,29 +67,58 @@ def generate_videos(model: nn.Module, vae: FrozenVAE, diffusion_cfg: DiffusionCo
     return [v for batch in generate_batches(
         model, vae, diffusion_cfg, latent_shape=latent_shape, seeds=seeds, labels=labels,
         sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
-        null_class_id=null_class_id, device=device, batch_size=batch_size, progress=progress)
+        null_class_id=null_class_id, device=device, batch_size=batch_size, progress=progress,
+        conditions=conditions, images=images, num_frames=num_frames, condition_frames=condition_frames)
         for v in batch]
 
 
 @torch.no_grad()
 def generate_batches(model: nn.Module, vae: FrozenVAE, diffusion_cfg: DiffusionConfig, *,
-                     latent_shape: Sequence[int], seeds: Sequence[int], labels: Optional[torch.Tensor],
-                     sampler: str, num_steps: int, guidance_scale: float, null_class_id: Optional[int],
+                     latent_shape: Sequence[int], seeds: Sequence[int], labels: Optional[torch.Tensor] = None,
+                     sampler: str, num_steps: int, guidance_scale: float, null_class_id: Optional[int] = None,
                      device: torch.device, batch_size: int = 8, progress: bool = False,
-                     should_stop: Optional[Callable[[], bool]] = None) -> Iterator[list[np.ndarray]]:
+                     conditions: Optional[SampleConditions] = None, images: Optional[torch.Tensor] = None,
+                     num_frames: Optional[int] = None, condition_frames: int = 1,
+                     should_stop: Optional[Callable[[], bool]] = None
+                     ) -> Iterator[list[np.ndarray]]:
     """`generate_videos`, one batch of uint8 videos (T, H, W, 3) at a time, as each is decoded.
+    The condition of video i: row i of `conditions` (training/conditioning.py's seam), or the
+    older class form `labels` with `null_class_id` (None: unconditional).
+
+    First frames (a model trained with model.first_frame_conditioning): `images` (N, 3, H, W)
+    in [-1, 1], image i the first frame of video i; `num_frames` pixel frames per video (more
+    than the window: extended window by window on the last `condition_frames` latent frames;
+    training/first_frames.py `generate_long`). Both None: one window, as before.
     `should_stop() -> bool` is asked before every sampler step: True ends the iteration there
     (the batch being sampled is dropped; the batches already yielded are whole)."""
+    if conditions is None:
+        conditions = class_conditions(labels, null_class_id)
     model.eval()
     for start in range(0, len(seeds), batch_size):
         chunk = list(seeds[start:start + batch_size])
         generators = [torch.Generator(device).manual_seed(int(s)) for s in chunk]
-        y = labels[start:start + len(chunk)].to(device) if labels is not None else None
+        cond, uncond = conditions.rows(start, start + len(chunk), device)
+        if images is not None or num_frames is not None:
+            def window(shape, cond_frames, generators=generators, cond=cond, uncond=uncond):
+                return sample(model, shape, scheduler=make_scheduler(sampler, diffusion_cfg),
+                              num_steps=num_steps, generator=generators, device=device, cond=cond,
+                              uncond=uncond, guidance_scale=guidance_scale, progress=progress,
+                              mu=flow_mu(diffusion_cfg, shape), cond_frames=cond_frames,
+                              should_stop=should_stop)
+            try:
+                pixels = generate_long(
+                    window, vae, batch=len(chunk), latent_shape=latent_shape, frames=condition_frames,
+                    num_frames=num_frames or vae.geometry.pixel_frames(latent_shape[1]), device=device,
+                    images=None if images is None else images[start:start + len(chunk)])
+            except SamplingStopped:
+                return
+            yield [video_tensor_to_uint8(v) for v in pixels.cpu()]
+            continue
         scheduler = make_scheduler(sampler, diffusion_cfg)
         try:
             latents = sample(model, (len(chunk), *latent_shape), scheduler=scheduler, num_steps=num_steps,
-                             generator=generators, device=device, y=y, guidance_scale=guidance_scale,
-                             null_class_id=null_class_id, progress=progress, should_stop=should_stop,
+                             generator=generators, device=device, cond=cond, uncond=uncond,
+                             guidance_scale=guidance_scale, progress=progress, should_stop=should_stop,
                              mu=flow_mu(diffusion_cfg, (len(chunk), *latent_shape)))  # (B, C, T, h, w)
         except SamplingStopped:
             return
@@ -93,8 +126,17 @@ def generate_batches(model: nn.Module, vae: FrozenVAE, diffusion_cfg: DiffusionC
         yield [video_tensor_to_uint8(v) for v in pixels.cpu()]
 
 
+def class_conditions(labels: Optional[torch.Tensor], null_class_id: Optional[int]) -> SampleConditions:
+    """The older class form as seam conditions: y = labels, uncond y = the null class."""
+    if labels is None:
+        return SampleConditions({}, None)
+    uncond = None if null_class_id is None else {"y": torch.full_like(labels, null_class_id)}
+    return SampleConditions({"y": labels}, uncond, [""] * len(labels))
+
+
 SAMPLE_EXTS = (".mp4", ".gif")
 GRID_NAME = "grid.png"
+PROMPTS_NAME = "prompts.txt"  # one line per video: what sample_{i:03d} was asked for
 GRID_FRAMES = 16  # frames per video in grid.png
 GRID_MAX_VIDEOS = 64  # rows of grid.png: the first videos (memory stays bounded)
 MANIFEST_NAME = ".predict_manifest.jsonl"
@@ -222,18 +264,27 @@ class SampleWriter:
 
     def __init__(self, out_dir: str, fps: float, folder: Optional[OutputFolder] = None):
         self.out_dir, self.fps, self.folder = out_dir, fps, folder
-        self.count, self.paths, self.thumbs = 0, [], []
+        self.count, self.paths, self.thumbs, self.names = 0, [], [], []
         self.interrupted = False  # predict stopped by Ctrl-C / SIGTERM before the last video
         os.makedirs(out_dir, exist_ok=True)
 
-    def add(self, frames: np.ndarray) -> None:
-        """`frames`: (T, H, W, 3) uint8, written as the next sample (all its files, or none)."""
+    def add(self, frames: np.ndarray, name: str = "") -> None:
+        """`frames`: (T, H, W, 3) uint8, written as the next sample (all its files, or none);
+        `name`: what it was conditioned on (a prompt, a class), its line in prompts.txt."""
         names = [f"sample_{self.count:03d}{ext}" for ext in SAMPLE_EXTS]
         self._write(names, [encode_video(frames, self.fps, ext) for ext in SAMPLE_EXTS])
         if len(self.thumbs) < GRID_MAX_VIDEOS:  # the frames grid_png_bytes would pick
             keep = np.linspace(0, len(frames) - 1, min(GRID_FRAMES, len(frames))).round().astype(int)
             self.thumbs.append(frames[keep])
+        self.names.append(" ".join(str(name).split()))  # one line, whatever the prompt held
         self.count += 1
+
+    def write_prompts(self) -> Optional[str]:
+        """prompts.txt: line i is what sample_{i:03d} was conditioned on (written when any is)."""
+        if not any(self.names):
+            return None
+        self._write([PROMPTS_NAME], ["".join(f"{n}\n" for n in self.names).encode("utf-8")])
+        return os.path.join(self.out_dir, PROMPTS_NAME)
 
     def write_grid(self) -> Optional[str]:
         if not self.thumbs:
@@ -270,12 +321,15 @@ class SampleWriter:
         self.paths.extend(paths)
 
 
-def save_videos(out_dir: str, videos: Sequence[np.ndarray], fps: float) -> list[str]:
-    """Writes sample_000.mp4 / .gif, ... and grid.png; returns the written paths."""
+def save_videos(out_dir: str, videos: Sequence[np.ndarray], fps: float,
+                names: Optional[Sequence[str]] = None) -> list[str]:
+    """Writes sample_000.mp4 / .gif, ..., grid.png and (with `names`, e.g. prompts) prompts.txt;
+    returns the written paths."""
     writer = SampleWriter(out_dir, fps)
-    for frames in videos:
-        writer.add(frames)
+    for i, frames in enumerate(videos):
+        writer.add(frames, names[i] if names else "")
     writer.write_grid()
+    writer.write_prompts()
     return writer.paths
 
 
@@ -297,17 +351,20 @@ def side_by_side(videos: Sequence[np.ndarray], gap: int = 2) -> np.ndarray:
 
 @dataclass
 class Loaded:
-    """A checkpoint ready to sample from: checked, with its model, VAE, labels and frame rate."""
+    """A checkpoint ready to sample from: checked, with its model, VAE, the conditions of its
+    videos (labels, prompts) and frame rate."""
     ckpt: dict
     model: nn.Module
     vae: FrozenVAE
-    labels: Optional[torch.Tensor]
+    conditions: SampleConditions
     fps: float = 0.0  # frames per second the videos are written at
+    images: Optional[torch.Tensor] = None  # (N, 3, H, W) in [-1, 1]: frame 0 of each video (image-to-video)
 
 
 def load_for_sampling(cfg: PredictConfig, device: torch.device) -> Loaded:
-    """cfg.checkpoint with the VAE it was trained with (fingerprint checked), EMA or raw
-    weights, the configured labels; every check made before a video is sampled."""
+    """cfg.checkpoint with the VAE (and text encoder) it was trained with (fingerprints checked),
+    EMA or raw weights, the configured labels or prompts; every check made before a video is
+    sampled."""
     ckpt = load_checkpoint(cfg.checkpoint)
     check_format(ckpt, cfg.checkpoint, key="checkpoint")
     check_entries(ckpt, cfg.checkpoint, PREDICT_ENTRIES)
@@ -318,19 +375,17 @@ def load_for_sampling(cfg: PredictConfig, device: torch.device) -> Loaded:
     objective = diffusion.objective
     check_sampler(cfg.sampler, objective, "sampler", f"checkpoint {cfg.checkpoint}, trained with")
     fps = _output_fps(cfg, ckpt)
-    dims = model_dims(ckpt["model"])
-    labels = _labels(cfg, dims.get("num_classes", 0), ckpt.get("class_names", []))
+    conditions, cond = _conditions(cfg, ckpt, device)
     vae_settings = load_entry(cfg.checkpoint, "config", _trained_vae_settings, ckpt["config"], "is malformed")
     vae = FrozenVAE.from_config(vae_settings, device, cfg.vae.path or ckpt["vae"]["path"])
     check_vae(ckpt, vae, cfg.checkpoint)
     model = model_from_checkpoint(ckpt, cfg.use_ema, device, cfg.checkpoint)
-    guidance = (f"guidance {cfg.guidance_scale}" if dims.get("num_classes") or cfg.guidance_scale == 1
-                else f"no guidance (guidance_scale = {cfg.guidance_scale} needs a class-conditional model)")
+    images = _first_frames(cfg, ckpt, vae, model)
     print(f"checkpoint {cfg.checkpoint}: step {ckpt['step']}, {'EMA' if cfg.use_ema else 'raw'} weights, "
           f"{objective}; "
-          f"VAE {vae.path} (fingerprint {vae.fingerprint} matches); sampler {cfg.sampler}, "
-          f"{cfg.num_steps} steps, {guidance}; {fps:g} fps")
-    return Loaded(ckpt, model, vae, labels, fps)
+          f"VAE {vae.path} (fingerprint {vae.fingerprint} matches); {cond.summary()}; sampler {cfg.sampler}, "
+          f"{cfg.num_steps} steps, {cond.guidance_note(cfg.guidance_scale)}; {fps:g} fps")
+    return Loaded(ckpt, model, vae, conditions, fps, images)
 
 
 def sample_videos(cfg: PredictConfig, device: torch.device) -> tuple[list, dict]:
@@ -347,7 +402,7 @@ def predict_to_folder(cfg: PredictConfig, device: torch.device) -> SampleWriter:
     and a grid of them stay, and the writer's `interrupted` is True. A second Ctrl-C stops at once (KeyboardInterrupt)."""
     loaded = load_for_sampling(cfg, device)  # refused now, before a file is touched
     folder = OutputFolder(cfg.output_dir)
-    removed = folder.claim(sample_names(cfg.num_videos) + [GRID_NAME])
+    removed = folder.claim(sample_names(cfg.num_videos) + [GRID_NAME, PROMPTS_NAME])
     if removed:
         print(f"removed {len(removed)} files an earlier predict wrote in {cfg.output_dir} "
               f"({removed[0]} ... {removed[-1]})")
@@ -357,7 +412,7 @@ def predict_to_folder(cfg: PredictConfig, device: torch.device) -> SampleWriter:
     try:
         with stop:
             for frames in videos:
-                writer.add(frames)
+                writer.add(frames, loaded.conditions.prompts[writer.count])
                 if stop.requested:  # the video in hand is whole; the rest of its batch is dropped
                     break
             writer.interrupted = writer.count < cfg.num_videos
@@ -367,6 +422,7 @@ def predict_to_folder(cfg: PredictConfig, device: torch.device) -> SampleWriter:
     finally:
         videos.close()
         writer.write_grid()  # also after an error: a grid of the finished videos
+        writer.write_prompts()  # line i: what sample_{i:03d} was conditioned on
         folder.close()
         if writer.interrupted:
             print(f"interrupted: {writer.count} of {cfg.num_videos} videos were finished and are in "
@@ -386,7 +442,8 @@ def _output_fps(cfg: PredictConfig, ckpt: dict) -> float:
 def _batches(cfg: PredictConfig, loaded: Loaded, device: torch.device,
              should_stop: Optional[Callable[[], bool]] = None) -> Iterator[list[np.ndarray]]:
     try:
-        yield from _generate(cfg, loaded.model, loaded.vae, loaded.ckpt, loaded.labels, device, should_stop)
+        yield from _generate(cfg, loaded.model, loaded.vae, loaded.ckpt, loaded.conditions, device,
+                             loaded.images, should_stop)
     except torch.OutOfMemoryError:
         raise UserError(f"out of GPU memory sampling {cfg.batch_size} videos at once; lower "
                         "batch_size (videos sampled together) or guidance (cfg doubles the batch)") from None
@@ -402,22 +459,50 @@ def _trained_vae_settings(config: dict) -> VAERefConfig:
     return config_from_dict(VAERefConfig, {**recorded, "subfolder": None})
 
 
-def _generate(cfg: PredictConfig, model, vae, ckpt: dict, labels, device,
+def _generate(cfg: PredictConfig, model, vae, ckpt: dict, conditions: SampleConditions,
+              device, images: Optional[torch.Tensor] = None,
               should_stop: Optional[Callable[[], bool]] = None) -> Iterator[list[np.ndarray]]:
     return generate_batches(
         model, vae, config_from_dict(DiffusionConfig, ckpt["diffusion"]),
         latent_shape=latent_shape(model_dims(ckpt["model"])),
-        seeds=[cfg.seed + i for i in range(cfg.num_videos)], labels=labels, sampler=cfg.sampler,
-        num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, null_class_id=model.null_class_id,
-        device=device, batch_size=cfg.batch_size, progress=True, should_stop=should_stop)
+        seeds=[cfg.seed + i for i in range(cfg.num_videos)], sampler=cfg.sampler,
+        num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, conditions=conditions,
+        device=device, batch_size=cfg.batch_size, progress=True, images=images,
+        num_frames=cfg.num_frames, condition_frames=FirstFrames.of(ckpt["model"]["config"]).frames,
+        should_stop=should_stop)
 
 
-def _labels(cfg: PredictConfig, num_classes: int, class_names: list):
-    if cfg.class_labels and num_classes == 0:
-        raise UserError("class_labels is set but this checkpoint's model is unconditional; "
-                        "remove class_labels")
-    for label in cfg.class_labels or []:
-        if not 0 <= label < num_classes:
-            names = ", ".join(f"{i}={n}" for i, n in enumerate(class_names)) or f"0..{num_classes - 1}"
-            raise UserError(f"class_labels contains {label}: this model knows classes {names}")
-    return default_labels(cfg.num_videos, num_classes, cfg.class_labels)
+def _first_frames(cfg: PredictConfig, ckpt: dict, vae: FrozenVAE, model) -> Optional[torch.Tensor]:
+    """The `image` / `images` (N, 3, H, W) resized and cropped as training clips, or None; image
+    and a `num_frames` beyond the window refused for a checkpoint trained without first frames."""
+    first = FirstFrames.of(ckpt["model"]["config"])
+    _, frames, h, w = model.input_shape
+    window = vae.geometry.pixel_frames(frames)
+    paths = cfg.image_list()
+    if paths is not None:
+        first.require("image-to-video (image / images)", cfg.checkpoint)
+    if cfg.num_frames is not None and cfg.num_frames > window:
+        first.require(f"num_frames = {cfg.num_frames} (longer than the {window}-frame training window)",
+                      cfg.checkpoint)
+        overlap = vae.geometry.pixel_frames(first.frames)
+        print(f"num_frames = {cfg.num_frames}: {len(window_plan(cfg.num_frames, window, overlap))} windows "
+              f"of {window} frames, each after the first conditioned on the {overlap} frame(s) before it")
+    if paths is None:
+        return None
+    height, width = h * vae.downsample_factor, w * vae.downsample_factor
+    return torch.stack([load_image(p, height, width, "image" if cfg.image else "images") for p in paths])
+
+
+def _conditions(cfg: PredictConfig, ckpt: dict, device: torch.device):
+    """(SampleConditions of the cfg.num_videos videos, the checkpoint's seam): the labels or the
+    prompts (prompt i for video i), refused when they do not fit the checkpoint's condition."""
+    prompts = cfg.prompt_list()
+    if prompts is not None and len(prompts) > cfg.num_videos:
+        raise UserError(f"{len(prompts)} prompts but num_videos = {cfg.num_videos}: video i is prompt i, "
+                        f"so set num_videos = {len(prompts)} (or more: the prompts are cycled)")
+    if cfg.negative_prompt is not None and not prompts:
+        raise UserError("negative_prompt is set without prompts; give prompts (text checkpoints only)")
+    t = cfg.text_encoder
+    cond = conditioning_from_checkpoint(ckpt, cfg.checkpoint, device, t.path, t.subfolder, t.dtype)
+    return cond.samples(cfg.num_videos, labels=cfg.class_labels, prompts=prompts,
+                        negative_prompt=cfg.negative_prompt, guidance_scale=cfg.guidance_scale), cond

@@ -30,6 +30,8 @@ from training.common import (Deadline, LoopHooks, LRPlan, Position, StepControl,
                              make_lr_schedule, maybe_no_sync, now, optimizer_step, out_of_memory,
                              restore_position, restore_rank_rng, run_epochs, seed_rank, total_steps)
 from training.outcome import signal_outcome, stage2_outcome, write_outcome
+from training.conditioning import TEXT_CACHE_DIR, Conditioning, conditioning_for_training
+from training.first_frames import FirstFrames
 from training.validation import NUM_T_BUCKETS, HeldOut, validate
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import TrainRunConfig, check_resolution_multiple, config_to_dict
@@ -82,6 +84,9 @@ class Stage2:
     val_losses: list[float] = field(default_factory=list)  # val/loss (EMA) of each validation, this launch
     fps: Optional[float] = None  # frames per second of the training windows (in checkpoints)
     control: Optional[StepControl] = None  # the loop's agreed stop decisions (set by train())
+    cond: Conditioning = field(default_factory=Conditioning)  # what a condition is (training/conditioning.py)
+    val_captions: list = field(default_factory=list)  # distinct captions of the val split (text runs)
+    first_frames: FirstFrames = field(default_factory=FirstFrames)  # model.first_frame_conditioning
 
 
 # ----------------------------------------------------------------------------- setup
@@ -114,13 +119,20 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
     # latent cache is built or a step runs.
     dataset = build_dataset(cfg.data, "train", cfg.experiment.seed,  # the index: frame counts only
                             index_file=os.path.join(run_dir, RUN_INDEX_FILE))
-    dims = latent_dims(cfg, vae, dataset.num_classes)  # resolution, frame rule, patch_t
+    cond = conditioning_for_training(cfg, dataset, device, log)  # text: the frozen encoder, loaded
+    dims = {**latent_dims(cfg, vae, dataset.num_classes), **cond.dims()}  # resolution, frame rule, patch_t
     steps_per_epoch = check_epoch(len(dataset), tcfg, dist, tcfg.grad_accum_steps)
-    ckpt = _checked_checkpoint(cfg, resume_path, vae, dims) if resume_path else None
+    ckpt = _checked_checkpoint(cfg, resume_path, vae, dims, cond) if resume_path else None
     detector = None
     if cfg.validation.fvd.detector_path is not None:  # fail now, not at the first validation
         detector = load_detector(cfg.validation.fvd.detector_path, device,  # tried on a clip
                                  key="validation.fvd.detector_path", check_frames=cfg.data.num_frames)
+    val_captions: list[str] = []
+
+    def captions() -> list[str]:  # every caption the run looks up: both splits, validation prompts
+        val_captions.extend(build_dataset(cfg.data, "val", cfg.experiment.seed).distinct_captions())
+        return [*dataset.distinct_captions(), *val_captions, *(cfg.validation.prompts or [])]
+    cond.prepare(captions, os.path.join(run_dir, TEXT_CACHE_DIR), dist, log, cfg.text_encoder.batch_size)
     dataset = _maybe_cached(dataset, cfg, vae, run_dir, dist, device, log)
     if dist.is_main:
         _log_latent_rms(vae, dataset, log)
@@ -147,7 +159,8 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
     s = Stage2(cfg, run_dir, dist, device, dtype, log, vae, Diffusion(cfg.diffusion), model, net, ddp, ema, optimizer, make_grad_scaler(device, dtype),
                lr_sched, loader, loader.sampler, noise_gen, dims,
                list(getattr(dataset, "class_names", [])), Position(), total, deadline, plan)
-    s.detector = detector
+    s.detector, s.cond, s.val_captions = detector, cond, sorted(set(val_captions))
+    s.first_frames = FirstFrames.of(cfg.model)
     # the windows' frame rate (data.fps, else the clips' median), or validation.fps for data
     # with no time of its own (built-in clips); predict writes videos at it by default
     s.fps = getattr(dataset, "frame_rate", None) or cfg.validation.fps
@@ -220,7 +233,7 @@ def _log_setup(s: Stage2, dataset, steps_per_epoch: int) -> None:
                f"trainable of {vae_total / 1e6:.2f}M (frozen); optimizer holds DiT parameters only")
     s.log.info(f"latents (C, t, h, w) = {ckpts.latent_shape(s.dims)} from {s.cfg.data.num_frames} frames "
                f"of {s.cfg.data.height}x{s.cfg.data.width} pixels, "
-               f"{math.prod(s.model.grid)} tokens per clip, classes {s.dims['num_classes']}; "
+               f"{math.prod(s.model.grid)} tokens per clip, condition: {s.cond.summary()}, {s.first_frames.summary()}; "
                f"{len(dataset)} training clips, {steps_per_epoch} steps/epoch, {s.total_steps} steps total")
     s.log.info(f"device {s.device}, precision {str(s.dtype).replace('torch.', '')}, world size "
                f"{s.dist.world_size}, global batch {global_batch} = {t.batch_size} per process x "
@@ -249,6 +262,7 @@ def checkpoint_dict(s: Stage2, gather: bool = True) -> dict:
         "vae": ckpts.vae_record(s.vae),
         "diffusion": asdict(s.cfg.diffusion),
         "class_names": list(s.class_names),
+        "conditioning": s.cond.record(),  # kind, classes or the text encoder's describe()
         "fps": s.fps,
         "config": config_to_dict(s.cfg),
     }
@@ -272,12 +286,14 @@ def _save_on_failure(s: Stage2) -> None:
     save(s, collective=False)
 
 
-def _checked_checkpoint(cfg: TrainRunConfig, path: str, vae: FrozenVAE, dims: dict) -> dict:
+def _checked_checkpoint(cfg: TrainRunConfig, path: str, vae: FrozenVAE, dims: dict,
+                        cond: Conditioning) -> dict:
     """The checkpoint to resume from, refused now if it does not fit, naming what differs: the
-    data, the model, the diffusion schedule or the VAE."""
+    condition (a text encoder), the data, the model, the diffusion schedule or the VAE."""
     ckpt = load_checkpoint(path, map_location="cpu")
     ckpts.check_format(ckpt, path)
     ckpts.check_entries(ckpt, path)
+    cond.check_checkpoint(ckpt, path)
     ckpts.check_model(ckpt, ckpts.model_record(cfg.model, dims), path, asdict(cfg.data))
     ckpts.check_vae(ckpt, vae, path)
     ckpts.check_diffusion(ckpt, asdict(cfg.diffusion), path)
@@ -368,18 +384,23 @@ def _train_loop(s: Stage2) -> Position:
         stats.data_wait += time.perf_counter() - stats.wait_start
         # Latents of the frozen VAE (no graph: the VAE never sees a gradient).
         x0 = batch_latents(s, batch)  # (B, C, T, h, w)
-        y = batch["label"].to(s.device) if s.dims["num_classes"] else None
         # Sample t and noise.
         t = s.diffusion.sample_timesteps(x0.shape[0], s.device, s.noise_gen, latent_shape=x0.shape)
         noise = torch.randn(x0.shape, device=s.device, generator=s.noise_gen)
         x_t = s.diffusion.add_noise(x0, noise, t)
+        # The condition (cached text, labels; caption dropout from noise_gen), from the seam.
+        kw = s.cond.train_kwargs(batch, s.device, s.noise_gen)
+        # First frames (model.first_frame_conditioning): some clips keep their first latent
+        # frames clean at t = 0, without loss (training/first_frames.py says why); drawn from noise_gen.
+        given = s.first_frames.draw(x0.shape[0], s.device, s.noise_gen)
+        x_t, t, frame_mask = s.first_frames.noised(x0, x_t, t, given)  # t (B,) or (B, T)
         # Forward and backward.
         sync = s.pos.micro % tcfg.grad_accum_steps == 0
         with maybe_no_sync(s.ddp, sync), autocast_context(s.device, s.dtype):
-            v_pred = s.net(x_t, t, y)  # (B, C, T, h, w)
-        per_sample = s.diffusion.loss(v_pred.float(), x0, noise, t).loss  # (B,)
+            v_pred = s.net(x_t, t, **kw)  # (B, C, T, h, w)
+        per_sample = s.diffusion.loss(v_pred.float(), x0, noise, t, frame_mask).loss  # (B,)
         s.scaler.scale(per_sample.mean() / tcfg.grad_accum_steps).backward()
-        stats.add(per_sample, t)
+        stats.add(per_sample, t if t.ndim == 1 else t.max(dim=1).values)  # the generated frames' t
         # Step (when this micro-batch closes one).
         outcome = _optimizer_step(s, stats, per_sample) if sync else None
         stats.wait_start = time.perf_counter()

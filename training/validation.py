@@ -19,13 +19,15 @@ from torch import nn
 from data import build_dataset
 from data.latent_cache import CachedWindows
 from training import checkpoints as ckpts
+from training.conditioning import SampleConditions
+from training.first_frames import psnr
 from training.evaluation import clip_batches, fvd_real_clips, generated_geometry, video_batches
-from training.sampling import default_labels, generate_videos, save_videos, side_by_side
+from training.sampling import generate_videos, save_videos, side_by_side
 from utils.dist import DistInfo, barrier, gather_dicts
 from utils.fvd import FeatureStats, fvd_from_stats, stats_of
 from utils.metrics import jigsaw_score
 from utils.train_utils import GracefulStop, StopRequested, autocast_context
-from utils.video_io import uint8_to_video_tensor
+from utils.video_io import uint8_to_video_tensor, video_tensor_to_uint8
 
 if TYPE_CHECKING:
     from training.stage2 import Stage2
@@ -64,24 +66,51 @@ def _validate_main(s: Stage2, fvd: Optional[float]) -> None:
     v = s.cfg.validation
     if v.loss_clips:
         _log_held_out_loss(s)
-    labels = default_labels(v.num_videos, s.dims["num_classes"])
+    conditions = validation_conditions(s, v.num_videos)
     videos = generate_videos(
         s.ema.model, s.vae, s.cfg.diffusion, latent_shape=ckpts.latent_shape(s.dims),
-        seeds=[v.seed + i for i in range(v.num_videos)], labels=labels, sampler=v.sampler,
-        num_steps=v.num_steps, guidance_scale=v.guidance_scale,
-        null_class_id=s.model.null_class_id, device=s.device)
+        seeds=[v.seed + i for i in range(v.num_videos)], sampler=v.sampler,
+        num_steps=v.num_steps, guidance_scale=v.guidance_scale, device=s.device,
+        conditions=conditions)
     out = os.path.join(s.run_dir, "samples", f"step_{s.pos.step:07d}")
-    save_videos(out, videos, v.fps)
+    save_videos(out, videos, v.fps, conditions.prompts)  # + prompts.txt for a text model
     s.log.video("val/samples", side_by_side(videos), s.pos.step, v.fps)
+    if any(conditions.prompts):  # TensorBoard's Text tab: each video's prompt, left to right
+        s.log.text("val/samples_prompts", "\n\n".join(
+            f"{i}: {p}" for i, p in enumerate(conditions.prompts)), s.pos.step)
     cell = s.vae.downsample_factor * s.model.cfg.patch_size  # patch side in pixels
     score = jigsaw_score(torch.stack([uint8_to_video_tensor(x) for x in videos]), cell)
     s.log.scalars({"val/jigsaw_score": score, "val/jigsaw_score_real": _real_jigsaw(s, cell)},
                   s.pos.step)
+    if s.first_frames.enabled:
+        _log_image_to_video(s)
     if fvd is not None:
         s.log.scalar("val/fvd", fvd, s.pos.step)
     fvd_text = "" if fvd is None else f"; FVD {fvd:.2f} ({v.fvd.num_videos} generated vs {s.fvd_real.n} real clips)"
     s.log.info(f"validation samples: {out} (jigsaw score {score:.2f}, real clips "
                f"{_real_jigsaw(s, cell):.2f}; well above real means patch seams){fvd_text}")
+
+
+def _log_image_to_video(s: Stage2) -> None:
+    """A run trained with model.first_frame_conditioning: frame 0 of held-out clips as the
+    image, EMA samples from it side by side in TensorBoard (val/image_to_video), and the PSNR
+    of their frame 0 against the image (val/first_frame_psnr; the VAE round trip bounds it)."""
+    v = s.cfg.validation
+    dataset = build_dataset(s.cfg.data, "val", s.cfg.experiment.seed)
+    n = min(v.num_videos, len(dataset))
+    index = np.unique(np.linspace(0, len(dataset) - 1, n).round().astype(int))
+    images = torch.stack([dataset[int(i)]["video"][:, 0] for i in index])  # (n, 3, H, W)
+    videos = generate_videos(
+        s.ema.model, s.vae, s.cfg.diffusion, latent_shape=ckpts.latent_shape(s.dims),
+        seeds=[v.seed + i for i in range(len(index))], sampler=v.sampler, num_steps=v.num_steps,
+        guidance_scale=v.guidance_scale, device=s.device,
+        conditions=validation_conditions(s, len(index)), images=images,
+        condition_frames=s.first_frames.frames)
+    s.log.video("val/image_to_video", side_by_side(videos), s.pos.step, v.fps)
+    given = [video_tensor_to_uint8(im[:, None])[0] for im in images]  # (H, W, 3) each
+    score = float(np.mean([psnr(x[0], g) for x, g in zip(videos, given)]))
+    s.log.scalar("val/first_frame_psnr", score, s.pos.step)
+    s.log.info(f"image-to-video samples of {len(index)} held-out first frames: frame 0 PSNR {score:.2f} dB")
 
 
 # ----------------------------------------------------------------------------- held-out loss
@@ -91,7 +120,7 @@ def _validate_main(s: Stage2, fvd: Optional[float]) -> None:
 class HeldOut:
     """val/loss's fixed windows of the val split, as the frozen VAE's scaled posterior means."""
     latents: torch.Tensor  # (N, C, T, h, w) on the training device
-    labels: Optional[torch.Tensor]  # (N,) or None for an unconditional model
+    cond: dict  # the seam's eval keyword arguments, (N, ...) each ({} for an unconditional model)
 
 
 def _held_out(s: Stage2) -> HeldOut:
@@ -104,9 +133,9 @@ def _held_out(s: Stage2) -> HeldOut:
         pixels = torch.stack([it["video"] for it in items])  # (N, 3, T, H, W)
         latents = torch.cat([s.vae.encode(p.to(s.device), sample=False)  # the posterior mean
                              for p in pixels.split(s.cfg.train.batch_size)])  # (N, C, T, h, w)
-        labels = torch.tensor([it["label"] for it in items], device=s.device) \
-            if s.dims["num_classes"] else None
-        s.held_out = HeldOut(latents, labels)
+        batch = {"label": torch.tensor([it["label"] for it in items]),
+                 "caption": [it.get("caption") for it in items]}
+        s.held_out = HeldOut(latents, s.cond.eval_kwargs(batch, s.device))
     return s.held_out
 
 
@@ -122,7 +151,7 @@ def held_out_loss(s: Stage2, model: nn.Module) -> torch.Tensor:
     noise = torch.randn((NUM_T_BUCKETS, *held.latents.shape), generator=gen)  # (K, N, C, T, h, w)
     t_all = (torch.arange(NUM_T_BUCKETS) * width + width // 2).repeat_interleave(n)  # (K*N,)
     x0_all = held.latents.repeat(NUM_T_BUCKETS, 1, 1, 1, 1)  # (K*N, C, T, h, w), bucket-major
-    y_all = None if held.labels is None else held.labels.repeat(NUM_T_BUCKETS)
+    cond_all = {k: v.repeat(NUM_T_BUCKETS, *[1] * (v.ndim - 1)) for k, v in held.cond.items()}  # bucket-major
     chunk = VAL_BATCH_FACTOR * s.cfg.train.batch_size  # no activations kept: larger batches fit
     was_training = model.training
     model.eval()  # no label dropout (it would also draw from the global RNG)
@@ -131,9 +160,9 @@ def held_out_loss(s: Stage2, model: nn.Module) -> torch.Tensor:
         x0 = x0_all[i:i + chunk]
         eps = noise.flatten(0, 1)[i:i + chunk].to(s.device)
         t = t_all[i:i + chunk].to(s.device)
-        y = None if y_all is None else y_all[i:i + chunk]
+        kw = {k: v[i:i + chunk] for k, v in cond_all.items()}
         with autocast_context(s.device, s.dtype):
-            v = model(s.diffusion.add_noise(x0, eps, t), t, y)  # (B, C, T, h, w)
+            v = model(s.diffusion.add_noise(x0, eps, t), t, **kw)  # (B, C, T, h, w)
         losses.append(s.diffusion.loss(v.float(), x0, eps, t).loss.double().cpu())
     model.train(was_training)
     return torch.cat(losses).reshape(NUM_T_BUCKETS, n).mean(1)
@@ -169,14 +198,24 @@ def _val_fvd(s: Stage2) -> float:
         s.fvd_real = _gather_stats(stats_of(s.detector, clip_batches(real.dataset, real.plan[r::w],
                                                                      f.batch_size), s.device), s.dist)
     mine = list(range(r, f.num_videos, w))
-    labels = default_labels(f.num_videos, s.dims["num_classes"])
     videos = generate_videos(
         s.ema.model, s.vae, s.cfg.diffusion, latent_shape=ckpts.latent_shape(s.dims),
-        seeds=[v.seed + i for i in mine], labels=None if labels is None else labels[mine],
+        seeds=[v.seed + i for i in mine], conditions=validation_conditions(s, f.num_videos).select(mine),
         sampler=v.sampler, num_steps=v.num_steps, guidance_scale=v.guidance_scale,
-        null_class_id=s.model.null_class_id, device=s.device, batch_size=f.batch_size)
+        device=s.device, batch_size=f.batch_size)
     generated = _gather_stats(stats_of(s.detector, video_batches(videos, f.batch_size), s.device), s.dist)
     return fvd_from_stats(s.fvd_real, generated)
+
+
+def validation_conditions(s: Stage2, n: int) -> SampleConditions:
+    """What validation video i is conditioned on, from the seam: validation.prompts (null: the
+    captions of held-out clips, spread over the val split's distinct captions) for a text
+    model; classes 0, 1, 2, ... for a class model; nothing for an unconditional one."""
+    prompts = s.cfg.validation.prompts
+    if prompts is None and s.val_captions:
+        pick = np.linspace(0, len(s.val_captions) - 1, min(n, len(s.val_captions))).round().astype(int)
+        prompts = [s.val_captions[i] for i in pick]
+    return s.cond.samples(n, prompts=prompts)
 
 
 def _gather_stats(part: FeatureStats, dist: DistInfo) -> FeatureStats:

@@ -189,6 +189,17 @@ class VAERefConfig:
         _positive(self, prefix, "encode_batch_frames")
 
 
+def check_prompts(prompts: Optional[list], key: str) -> None:
+    """null, or a non-empty list of non-empty strings."""
+    if prompts is None:
+        return
+    if not isinstance(prompts, list) or not prompts:
+        raise ConfigError(f"{key}: give a list of prompts (strings), e.g. [\"a red square moving left\"], or null")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ConfigError(f"{key}[{i}] = {p!r}: each prompt must be a non-empty string")
+
+
 @dataclass
 class TextEncoderConfig:
     """A frozen transformers text encoder on disk (models/text_encoder.py): T5, UMT5 or CLIP."""
@@ -452,6 +463,8 @@ class ValidationConfig:
     fps: int = 8
     seed: int = 1234  # sample i uses seed + i; also fixes the held-out loss's noise
     loss_clips: int = 16  # held-out (val split) windows for val/loss; 0 = no val/loss
+    # text models: the prompts of the samples (cycled); null = captions of held-out clips
+    prompts: Optional[list[str]] = None
     fvd: ValidationFVDConfig = field(default_factory=ValidationFVDConfig)
 
     def validate(self, prefix: str = "validation") -> None:
@@ -464,6 +477,7 @@ class ValidationConfig:
             raise ConfigError(f"{prefix}.every_epochs = {self.every_epochs}: must be >= 0")
         if self.loss_clips < 0:
             raise ConfigError(f"{prefix}.loss_clips = {self.loss_clips}: must be >= 0 (0 = off)")
+        check_prompts(self.prompts, f"{prefix}.prompts")
         self.fvd.validate(prefix + ".fvd")
 
 
@@ -571,6 +585,10 @@ class TrainRunConfig:
         check_num_steps(self.validation.num_steps, self.diffusion.num_train_timesteps,
                         "validation.num_steps")
         check_sampler(self.validation.sampler, self.diffusion.objective, "validation.sampler")
+        if self.validation.prompts is not None and self.model.conditioning_kind() != "text":
+            raise ConfigError(f"validation.prompts is set but model.conditioning = "
+                              f"{self.model.conditioning_kind()}: prompts need a text model "
+                              "(model.conditioning: text); remove validation.prompts")
         if self.vae.path is None:
             raise ConfigError("vae.path is not set: point it at a diffusers VAE directory (e.g. the vae/ "
                               "folder that train_vae.py writes into its run directory) or a pipeline folder")
@@ -579,6 +597,14 @@ class TrainRunConfig:
 @dataclass
 class PredictVAEConfig:
     path: Optional[str] = None  # null: the VAE path recorded in the checkpoint
+
+
+@dataclass
+class PredictTextEncoderConfig:
+    """Text checkpoints: the frozen encoder to embed prompts with (must be the checkpoint's)."""
+    path: Optional[str] = None  # null: the encoder recorded in the checkpoint; else the same one moved
+    subfolder: Optional[str] = None  # with path: as text_encoder.subfolder in training
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp32 on CPU, bf16 on CUDA
 
 
 # Predict's `fps`: from a frame every 10 s to one per GIF tick (1/100 s; above it two GIF frames
@@ -598,14 +624,54 @@ class PredictConfig:
     num_steps: int = 50
     guidance_scale: float = 1.0  # classifier-free guidance; 1 = off
     class_labels: Optional[list[int]] = None  # one per video, cycled; null = 0, 1, 2, ...
+    # text checkpoints: video i is prompt i (cycled when num_videos is larger); or prompts_file,
+    # a UTF-8 file with one prompt per line
+    prompts: Optional[list[str]] = None
+    prompts_file: Optional[str] = None
+    negative_prompt: Optional[str] = None  # the uncond half of guidance; null = the learned null caption
     seed: int = 0  # sample i uses seed + i: same seed, same video
     fps: Optional[float] = None  # frames per second of the written videos; null = the checkpoint's rate
     use_ema: bool = True  # False: the raw (non-EMA) weights
     vae: PredictVAEConfig = field(default_factory=PredictVAEConfig)
+    text_encoder: PredictTextEncoderConfig = field(default_factory=PredictTextEncoderConfig)
+    # image-to-video (a checkpoint trained with model.first_frame_conditioning): a PNG/JPG that
+    # becomes frame 0 of every video, or `images`, one per video (cycled)
+    image: Optional[str] = None
+    images: Optional[list[str]] = None
+    # pixel frames per video; null = the training window's. Longer: extended window by window
+    num_frames: Optional[int] = None
+
+    def image_list(self) -> Optional[list[str]]:
+        """The image of each video (cycled over num_videos), or None."""
+        paths = [self.image] if self.image is not None else self.images
+        return None if not paths else [paths[i % len(paths)] for i in range(self.num_videos)]
+
+    def prompt_list(self) -> Optional[list[str]]:
+        """`prompts`, or the lines of `prompts_file`, or None."""
+        if self.prompts_file is not None:
+            from data.captions import read_prompts_file
+            return read_prompts_file(self.prompts_file, "prompts_file")
+        return self.prompts
 
     def validate(self) -> None:
         _check_device(self.device)
+        check_prompts(self.prompts, "prompts")
+        if self.prompts is not None and self.prompts_file is not None:
+            raise ConfigError("prompts and prompts_file are both set: give the prompts one way")
+        if self.negative_prompt is not None and not self.negative_prompt.strip():
+            raise ConfigError("negative_prompt is empty: give a caption (e.g. \"blurry, static\") or null "
+                              "(the learned null caption)")
         _positive(self, "", "num_videos", "batch_size", "num_steps")
+        if self.image is not None and self.images is not None:
+            raise ConfigError("image and images are both set: give one image (every video) or a list "
+                              "(one per video)")
+        if self.images is not None and not self.images:
+            raise ConfigError("images is an empty list: give image paths, or null")
+        if self.images is not None and len(self.images) > self.num_videos:
+            raise ConfigError(f"{len(self.images)} images but num_videos = {self.num_videos}: video i "
+                              f"starts with image i, so set num_videos = {len(self.images)}")
+        if self.num_frames is not None:
+            _positive(self, "", "num_frames")
         lo, hi = PREDICT_FPS_RANGE
         if self.fps is not None and not lo <= self.fps <= hi:
             raise ConfigError(f"fps = {self.fps:g}: must be between {lo:g} and {hi:g} frames per second, "
@@ -717,15 +783,22 @@ class EvaluateConfig:
     seed: int = 0  # video i uses seed + i
     use_ema: bool = True
     vae: PredictVAEConfig = field(default_factory=PredictVAEConfig)
+    # text checkpoints: video i is conditioned on real clip i's caption, embedded by this encoder
+    text_encoder: PredictTextEncoderConfig = field(default_factory=PredictTextEncoderConfig)
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     real: RealClipsConfig = field(default_factory=RealClipsConfig)
     fvd: FVDConfig = field(default_factory=FVDConfig)
     fid: FIDConfig = field(default_factory=FIDConfig)
     output: Optional[str] = None  # JSON file for every number and the protocol; null = stdout only
+    # A checkpoint trained with model.first_frame_conditioning: video i starts from the first
+    # frame of real clip i (image_to_video) and/or runs `windows` training windows; FVD then
+    # scores the first window, and each window position gets its own FVD and jigsaw score (drift)
+    image_to_video: bool = False
+    windows: int = 1
 
     def validate(self) -> None:
         _check_device(self.device)
-        _positive(self, "", "num_videos", "batch_size", "num_steps")
+        _positive(self, "", "num_videos", "batch_size", "num_steps", "windows")
         if self.num_videos < 2:
             raise ConfigError(f"num_videos = {self.num_videos}: a covariance needs >= 2 videos")
         if self.guidance_scale < 0:
@@ -747,7 +820,7 @@ class EvaluateConfig:
             num_videos=self.num_videos, batch_size=self.batch_size, sampler=self.sampler,
             num_steps=self.num_steps, guidance_scale=self.guidance_scale,
             class_labels=self.class_labels, seed=self.seed, use_ema=self.use_ema,
-            vae=dataclasses.replace(self.vae))
+            vae=dataclasses.replace(self.vae), text_encoder=dataclasses.replace(self.text_encoder))
 
 
 # --------------------------------------------------------------------------- loading

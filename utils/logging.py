@@ -71,6 +71,11 @@ class RunLogger:
         self.writer._get_file_writer().add_summary(
             Summary(value=[Summary.Value(tag=tag, image=img)]), step)
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        """A text summary (markdown) in TensorBoard's Text tab, e.g. the prompts of the samples."""
+        if self.enabled:
+            self.writer.add_text(tag, text, step)
+
     def flush(self) -> None:
         if self._writer is not None:
             self._writer.flush()
