@@ -45,7 +45,7 @@ class ItemNoise:
         self.noise = torch.randn((num_items, *latent_shape), generator=g)  # (N, C, T, h, w)
         self.served, self.epoch, self.ids = 0, None, None
 
-    def sample_timesteps(self, batch: int, device, generator=None) -> torch.Tensor:
+    def sample_timesteps(self, batch: int, device, generator=None, latent_shape=None) -> torch.Tensor:
         if self.sampler.epoch != self.epoch:
             self.served, self.epoch = 0, self.sampler.epoch
         order = self.sampler.epoch_order()

@@ -100,11 +100,11 @@ def test_exception_mid_run_saves_latest_and_logs_the_error(tmp_path, random_vae,
     and a resume continues from step 3."""
     original, calls = Diffusion.loss, [0]
 
-    def loss_that_breaks(self, v, x0, noise, t):
+    def loss_that_breaks(self, v, x0, noise, t, frame_mask=None):
         calls[0] += 1
         if calls[0] == 4:
             raise RuntimeError("simulated failure inside step 4")
-        return original(self, v, x0, noise, t)
+        return original(self, v, x0, noise, t, frame_mask)
 
     monkeypatch.setattr(Diffusion, "loss", loss_that_breaks)
     with pytest.raises(RuntimeError, match="simulated failure"):
