@@ -50,8 +50,8 @@ def main(argv=None) -> int:
         if rank == 1:
             original = Diffusion.loss
 
-            def nan_loss(self, v, x0, noise, t):
-                result = original(self, v, x0, noise, t)
+            def nan_loss(self, v, x0, noise, t, frame_mask=None):
+                result = original(self, v, x0, noise, t, frame_mask)
                 return result._replace(loss=result.loss * float("nan"))
 
             Diffusion.loss = nan_loss

@@ -301,7 +301,7 @@ def test_too_few_generated_videos_is_refused(detector, clip_folders, tmp_path):
 
 def _val_lines(run):
     return [re.sub(r"^\S+ \S+ ", "", l) for l in open(os.path.join(run, "log.txt"))
-            if " val/loss " in l]
+            if re.search(r" step \d+ val/loss ", l)]
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ from training.validation import NUM_T_BUCKETS, HeldOut, validate
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import TrainRunConfig, check_resolution_multiple, config_to_dict
 from utils.dist import DistInfo, all_reduce_mean, all_reduce_sum, any_rank, barrier, gather_dicts
-from utils.errors import ConfigError
+from utils.errors import ConfigError, UserError
 from utils.fvd import FeatureStats, load_detector
 from utils.logging import RunLogger
 from utils.run_guard import save_before_fail, weights_finite
@@ -293,7 +293,13 @@ def _checked_checkpoint(cfg: TrainRunConfig, path: str, vae: FrozenVAE, dims: di
     ckpt = load_checkpoint(path, map_location="cpu")
     ckpts.check_format(ckpt, path)
     ckpts.check_entries(ckpt, path)
-    cond.check_checkpoint(ckpt, path)
+    try:
+        cond.check_checkpoint(ckpt, path)
+    except UserError:
+        # A condition that changed with data.path (its class folders gone) is a change of data.
+        if ckpt.get("config", {}).get("data", {}).get("path", cfg.data.path) != cfg.data.path:
+            ckpts.check_model(ckpt, ckpts.model_record(cfg.model, dims), path, asdict(cfg.data))
+        raise
     ckpts.check_model(ckpt, ckpts.model_record(cfg.model, dims), path, asdict(cfg.data))
     ckpts.check_vae(ckpt, vae, path)
     ckpts.check_diffusion(ckpt, asdict(cfg.diffusion), path)
