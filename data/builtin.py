@@ -18,21 +18,29 @@ of its net motion over the window (the dominant axis of its displacement from th
 the last frame: a shape that bounces is described by where it ends up going) and the
 background ("on a dark blue and black gradient background" for gradients); several shapes
 are joined with "and". All words are in `CAPTION_WORDS`.
+
+Held-out combinations (`data.builtin.held_out_combinations`, e.g. ["red triangle"]): no
+training clip shows a shape in a held-out colour. The clip is drawn as usual, then each such
+shape gets another colour (one the list allows for its kind, drawn from the clip's own RNG
+after everything else, so the clip keeps its geometry); with `labels: shape_colour` a
+held-out label is never drawn for training. The validation split is unchanged: it still
+shows them, which is how a model's compositional generalisation is measured
+(benchmarks/shape_coherence.py --prompts held_out).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict
-from typing import Iterator
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
 from data.windows import window_span, windows_per_clip
-from utils.config import DataConfig
+from utils.config import BUILTIN_COLOURS, BUILTIN_SHAPES, DataConfig
 from utils.errors import ConfigError
 
-CLASS_NAMES = ["circle", "square", "triangle"]  # shape kinds
+CLASS_NAMES = list(BUILTIN_SHAPES)  # shape kinds: circle, square, triangle
 SPLIT_STREAMS = {"train": 0, "val": 1}  # val clips come from a different seed stream
 
 # Flat, well separated colours in [0, 1]: dark backgrounds, saturated or light shapes.
@@ -41,7 +49,7 @@ BACKGROUNDS = np.array([[0.08, 0.08, 0.10], [0.12, 0.18, 0.38], [0.35, 0.12, 0.1
 SHAPE_COLOURS = np.array([[0.95, 0.25, 0.20], [0.25, 0.85, 0.30], [0.30, 0.55, 1.00],
                           [1.00, 0.85, 0.20], [0.95, 0.95, 0.95], [0.90, 0.40, 0.95]],
                          dtype=np.float32)
-COLOUR_NAMES = ["red", "green", "blue", "yellow", "white", "violet"]
+COLOUR_NAMES = list(BUILTIN_COLOURS)  # of SHAPE_COLOURS, in order
 BACKGROUND_NAMES = ["black", "dark blue", "dark red", "dark green"]  # of BACKGROUNDS, in order
 DIRECTIONS = ("left", "right", "up", "down")
 # Every word a built-in caption can use (a tiny text encoder's vocabulary is built from it).
@@ -70,6 +78,9 @@ class MovingShapes(torch.utils.data.Dataset):
         else:
             self.class_names = [f"{c} {k}" for k in CLASS_NAMES for c in COLOUR_NAMES]
         self.num_classes = len(self.class_names)
+        # (shape kind, colour id) pairs no training clip shows; the val split keeps them all.
+        self.held_out = set() if split != "train" else {
+            (CLASS_NAMES.index(shape), COLOUR_NAMES.index(colour)) for colour, shape in b.held_out_pairs()}
         self.num_clips = b.num_clips if split == "train" else b.num_val_clips
         self.windows = windows_per_clip(b.clip_frames, cfg.num_frames, cfg.frame_stride,
                                         cfg.window_stride)
@@ -114,12 +125,9 @@ class MovingShapes(torch.utils.data.Dataset):
         start, end = frames[0], (frames[-1] if len(frames) > 1 else frames[0] + 1)
         moves = self.render_positions(scene, end) - self.render_positions(scene, start)  # (n, 2)
         kind = CLASS_NAMES[scene["kind"]]
-        shapes = " and ".join(f"a {COLOUR_NAMES[c]} {kind} moving {_direction(dx, dy)}"
-                              for c, (dx, dy) in zip(scene["colour_ids"], moves))
+        shapes = [(COLOUR_NAMES[c], kind, _direction(dx, dy)) for c, (dx, dy) in zip(scene["colour_ids"], moves)]
         first, second = (BACKGROUND_NAMES[b] for b in scene["background_ids"])
-        if self.cfg.builtin.background == "gradient" and first != second:
-            return f"{shapes} on a {first} and {second} gradient background"
-        return f"{shapes} on a {first} background"
+        return scene_caption(shapes, first, second if self.cfg.builtin.background == "gradient" else first)
 
     def distinct_captions(self) -> list[str]:
         """Every caption of this split once, sorted (what the text embedding cache encodes)."""
@@ -159,8 +167,11 @@ class MovingShapes(torch.utils.data.Dataset):
             yield t, torch.from_numpy(self.render(scene, t) * 2 - 1)
 
     def cache_key(self) -> dict:
+        builtin = asdict(self.cfg.builtin)
+        if not self.held_out:  # pixels as before the option (none, or the val split): the same key
+            del builtin["held_out_combinations"]
         return {"path": self.cfg.path, "split": self.split, "seed": self.seed,
-                "resolution": [self.cfg.height, self.cfg.width], "builtin": asdict(self.cfg.builtin)}
+                "resolution": [self.cfg.height, self.cfg.width], "builtin": builtin}
 
     def scene(self, clip: int) -> dict:
         """Random scene parameters of one clip (everything drawn from the clip's own RNG)."""
@@ -177,6 +188,10 @@ class MovingShapes(torch.utils.data.Dataset):
         gradient_dir = rng.normal(size=2)
         colours = rng.choice(len(SHAPE_COLOURS), size=n, replace=n > len(SHAPE_COLOURS))
         colour_ids = colours if colour is None else np.full(n, colour)
+        if any((kind, int(c)) in self.held_out for c in colour_ids):  # drawn last: the rest stays
+            colour_ids = self._recolour(kind, colour_ids, rng)
+            if colour is not None:
+                label = kind * len(COLOUR_NAMES) + int(colour_ids[0])
         return {
             "label": label,
             "kind": kind,
@@ -190,6 +205,19 @@ class MovingShapes(torch.utils.data.Dataset):
             "pos0": rng.uniform(half[:, None], self._extent - half[:, None], (n, 2)),  # (n, 2): x, y
             "vel": speed[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1),  # (n, 2)
         }
+
+    def _recolour(self, kind: int, colour_ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """`colour_ids` with each held-out colour of shape `kind` replaced by an allowed one,
+        preferring colours no other shape of the clip has (shape_colour labels: one colour for all)."""
+        allowed = [c for c in range(len(COLOUR_NAMES)) if (kind, c) not in self.held_out]
+        ids = [int(c) for c in colour_ids]
+        if self.cfg.builtin.labels == "shape_colour":
+            return np.full(len(ids), allowed[rng.integers(len(allowed))])
+        for i, c in enumerate(ids):
+            if (kind, c) in self.held_out:
+                free = [a for a in allowed if a not in ids] or allowed
+                ids[i] = free[rng.integers(len(free))]
+        return np.array(ids)
 
     @staticmethod
     def render_positions(scene: dict, t: float) -> np.ndarray:
@@ -249,6 +277,16 @@ class MovingShapes(torch.utils.data.Dataset):
         R = 2 * half / np.sqrt(3)
         p = np.stack([dx, -(dy - R / 4)], -1)  # (..., H, W, 2), relative to the centroid, y up
         return (p @ TRIANGLE_NORMALS.T).max(-1) - R / 2  # inradius R/2
+
+
+def scene_caption(shapes: Sequence[tuple[str, str, str]], background: str, gradient_to: Optional[str] = None) -> str:
+    """The built-in caption of (colour, shape, direction) shapes on `background` (a gradient
+    from it to `gradient_to` when that differs), e.g. "a red square moving left on a black
+    background": every built-in caption, and any prompt in their words, is written here."""
+    described = " and ".join(f"a {colour} {kind} moving {direction}" for colour, kind, direction in shapes)
+    if gradient_to is not None and gradient_to != background:
+        return f"{described} on a {background} and {gradient_to} gradient background"
+    return f"{described} on a {background} background"
 
 
 def _direction(dx: float, dy: float) -> str:

@@ -1,5 +1,7 @@
 """The built-in moving-shapes dataset: determinism, held-out split, labels, windows, ranges."""
 import dataclasses
+import os
+import re
 
 import numpy as np
 import pytest
@@ -8,6 +10,8 @@ import torch
 from data.builtin import CLASS_NAMES, MovingShapes, _bounce, _coverage, windows_per_clip
 from utils.config import BuiltinDataConfig, DataConfig
 from utils.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_cfg(**builtin) -> DataConfig:
@@ -159,3 +163,74 @@ def test_a_window_renders_bitwise_as_frame_by_frame(builtin, resolution):
                 cover = _coverage(ds._sdf(scene["kind"], ds._x - cx, ds._y - cy, h), 1.0 / ds._side)
                 img = img + cover * (colour[:, None, None] - img)
             assert torch.equal(video[:, i], torch.from_numpy(img.astype(np.float32) * 2 - 1)), (index, t)
+
+
+HELD_OUT = ["red triangle", "Blue  circle", "green square"]  # case and spacing are free
+
+
+@pytest.mark.parametrize("builtin", [dict(labels="shape_colour"), dict(labels="shape", num_shapes=2)])
+def test_held_out_combinations_never_train_but_stay_in_val(builtin):
+    """No training clip shows a held-out (shape, colour) pair, not in its pixels' colours, its
+    label or its caption; the validation split, which is unchanged, still shows each of them."""
+    from data.builtin import COLOUR_NAMES, SHAPE_COLOURS
+    held = {("red", "triangle"), ("blue", "circle"), ("green", "square")}
+    cfg = make_cfg(num_clips=300, num_val_clips=300, captions=True, held_out_combinations=HELD_OUT, **builtin)
+    cfg.validate()
+    train, val = MovingShapes(cfg, "train"), MovingShapes(cfg, "val")
+    plain = MovingShapes(make_cfg(num_clips=300, num_val_clips=300, captions=True, **builtin), "train")
+    recoloured = 0
+    for clip in range(300):
+        scene, before = train.scene(clip), plain.scene(clip)
+        kind = CLASS_NAMES[scene["kind"]]
+        pairs = {(COLOUR_NAMES[c], kind) for c in scene["colour_ids"]}
+        assert not pairs & held, (clip, pairs)
+        np.testing.assert_array_equal(scene["colours"], SHAPE_COLOURS[scene["colour_ids"]])
+        caption = train.source_caption(clip, [0, 7])
+        assert not any(f"{c} {k}" in caption for c, k in held), caption
+        if builtin["labels"] == "shape_colour":
+            assert train.class_names[scene["label"]] in {f"{c} {kind}" for c, _ in pairs}
+        # The clip is the one drawn without the option: same geometry, only a held-out colour changed.
+        for key in ("pos0", "vel", "half", "kind"):
+            np.testing.assert_array_equal(scene[key], before[key])
+        changed = scene["colour_ids"] != before["colour_ids"]
+        recoloured += changed
+        if not changed:
+            assert scene["label"] == before["label"]
+        elif builtin.get("num_shapes") == 2:
+            assert len(set(scene["colour_ids"])) == 2  # another colour than the clip's other shape
+    assert recoloured > 20  # ~1 clip in 6 drew a held-out pair
+    in_val = {(COLOUR_NAMES[c], CLASS_NAMES[val.scene(v)["kind"]]) for v in range(300) for c in val.scene(v)["colour_ids"]}
+    assert held <= in_val
+    unchanged = MovingShapes(make_cfg(num_clips=300, num_val_clips=300, captions=True, **builtin), "val")
+    assert all(torch.equal(val[i]["video"], unchanged[i]["video"]) for i in range(0, len(val), 97))
+    assert val.cache_key() == unchanged.cache_key() and train.cache_key() != plain.cache_key()
+
+
+@pytest.mark.parametrize("value, words", [
+    ("[red hexagon]", r"data\.builtin\.held_out_combinations\[0\] = 'red hexagon': 'hexagon' is not a built-in "
+                      r"shape; use one of circle, square, triangle"),
+    ("[square, orange circle]", r"held_out_combinations\[0\] = 'square': write a colour and a shape"),
+    ("[blue square, orange circle]", r"\[1\] = 'orange circle': 'orange' is not a colour of the built-in shapes; "
+                                     r"use one of red, green, blue, yellow, white, violet"),
+    ("[red circle, green circle, blue circle, yellow circle, white circle, violet circle]",
+     "holds out every colour of the circle"),
+])
+def test_a_bad_held_out_combination_is_refused(value, words, capsys):
+    import train_advanced
+    from utils.cli import run_main
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda argv: train_advanced.main(["--config", os.path.join(ROOT, "config_t2v_demo.yaml"), "device=cpu",
+                                                   f"data.builtin.held_out_combinations={value}"]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(words, err) and "Traceback" not in err, err
+
+
+def test_the_t2v_demo_holds_out_one_colour_per_shape():
+    from utils.config import TrainRunConfig, load_config
+    cfg = load_config(TrainRunConfig, os.path.join(ROOT, "config_t2v_demo.yaml"), [])
+    pairs = cfg.data.builtin.held_out_pairs()
+    assert len(pairs) == 3 and {s for _, s in pairs} == set(CLASS_NAMES) and len({c for c, _ in pairs}) == 3
+    assert cfg.train.time_limit_minutes is None  # the demo stops on steps (as config_advanced.yaml)
+    for prompt in cfg.validation.prompts:  # the validation samples show seen combinations
+        assert not any(f"{c} {s}" in prompt for c, s in pairs), prompt

@@ -29,6 +29,10 @@ CAPTION_FILE_EXTS = (".csv", ".jsonl", ".json")  # data.captions metadata files
 MAX_NAME_BYTES = 255  # a file or folder name's limit on ext4, xfs, btrfs, APFS, NTFS
 MAX_RESOLUTION = 8192  # pixels per side: 8K video; a window of 8192 x 8192 frames is already ~0.8 GB/frame
 MAX_FPS = 1000.0  # frames per second: beyond high-speed cameras' playback; resampling allocates fps * seconds
+# The built-in dataset's shape kinds and colour names, in the order data/builtin.py draws them
+# (it takes them from here, so that data.builtin.held_out_combinations is checked at load).
+BUILTIN_SHAPES = ("circle", "square", "triangle")
+BUILTIN_COLOURS = ("red", "green", "blue", "yellow", "white", "violet")
 
 
 @dataclass
@@ -67,9 +71,17 @@ class BuiltinDataConfig:
     num_backgrounds: int = 4  # background colours drawn from (the first k of 4)
     labels: Literal["shape", "shape_colour"] = "shape"  # class = shape kind, or kind and colour
     captions: bool = False  # each window captioned, e.g. "a red square moving left on a black background"
+    # "<colour> <shape>" pairs, e.g. "red triangle", that no training clip shows (its shape gets
+    # another colour); the validation split keeps them: a test of compositional generalisation
+    held_out_combinations: list[str] = field(default_factory=list)
+
+    def held_out_pairs(self) -> list[tuple[str, str]]:
+        """held_out_combinations as (colour, shape) pairs (lower case; checked by `validate`)."""
+        return [split_combination(text) for text in self.held_out_combinations]
 
     def validate(self, prefix: str) -> None:
         _positive(self, prefix, "num_clips", "num_val_clips", "clip_frames", "num_shapes")
+        self._check_held_out(prefix + ".held_out_combinations")
         if not 1 <= self.num_backgrounds <= 4:
             raise ConfigError(f"{prefix}.num_backgrounds = {self.num_backgrounds}: must be 1 to 4")
         if not 0 < self.min_size <= self.max_size <= 1:
@@ -78,6 +90,33 @@ class BuiltinDataConfig:
         if not 0 <= self.min_speed <= self.max_speed:
             raise ConfigError(f"{prefix}.min_speed / max_speed = {self.min_speed} / {self.max_speed}: "
                               "need 0 <= min_speed <= max_speed")
+
+    def _check_held_out(self, key: str) -> None:
+        """Each entry a known "<colour> <shape>"; every shape keeps at least one training colour."""
+        known = f"colours: {', '.join(BUILTIN_COLOURS)}; shapes: {', '.join(BUILTIN_SHAPES)}"
+        for i, text in enumerate(self.held_out_combinations):
+            words = text.lower().split() if isinstance(text, str) else []
+            if len(words) != 2:
+                raise ConfigError(f"{key}[{i}] = {text!r}: write a colour and a shape, e.g. \"red triangle\" "
+                                  f"({known})")
+            colour, shape = words
+            if colour not in BUILTIN_COLOURS:
+                raise ConfigError(f"{key}[{i}] = {text!r}: {colour!r} is not a colour of the built-in "
+                                  f"shapes; use one of {', '.join(BUILTIN_COLOURS)}")
+            if shape not in BUILTIN_SHAPES:
+                raise ConfigError(f"{key}[{i}] = {text!r}: {shape!r} is not a built-in shape; use one of "
+                                  f"{', '.join(BUILTIN_SHAPES)}")
+        pairs = set(self.held_out_pairs())
+        for shape in BUILTIN_SHAPES:
+            if all((colour, shape) in pairs for colour in BUILTIN_COLOURS):
+                raise ConfigError(f"{key} holds out every colour of the {shape}: no training clip could "
+                                  f"show a {shape}; leave at least one of its colours out of the list")
+
+
+def split_combination(text: str) -> tuple[str, str]:
+    """A data.builtin.held_out_combinations entry as (colour, shape): "Red triangle" -> ("red", "triangle")."""
+    colour, shape = text.lower().split()
+    return colour, shape
 
 
 @dataclass
