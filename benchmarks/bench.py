@@ -15,6 +15,9 @@ Prints a table (and writes JSON) of:
   - DiT training step conditioned on a caption (cross-attention to TEXT's tokens in every
     block) vs on a class label, at equal width, depth and tokens: the cost of text;
   - end-to-end stage-2 steps/s on the demo config with the latent cache vs encoding every step;
+  - the text embedding cache: encoding the t2v demo's N distinct captions once (the cache
+    build, written to disk) vs running the frozen text encoder on every training step's
+    captions, for the demo's tiny T5 and a random T5 of T5-small's size (not with --quick);
   - seconds per sampled video for ddim / dpm++ at 10, 25, 50 steps and ddpm at 1000;
   - peak memory of a training step with and without activation checkpointing;
   - fraction of step time spent waiting for data.
@@ -55,6 +58,11 @@ QUICK = dict(hidden=64, depth=2, heads=2, frames=4, latent=8, batch=2)
 REAL = dict(hidden=768, depth=12, heads=12, frames=16, latent=32, batch=8)
 # A caption as the DiT receives it: T5-small's width (512), max_length 64, 40 real tokens.
 TEXT = dict(dim=512, tokens=64, real=40)
+# Text encoders of the caption-cache row (random T5s with the built-in captions' word-level
+# tokenizer, as scripts/make_tiny_text_encoder.py writes them): the t2v demo's, and one of
+# T5-small's size (512 wide, 6 layers, 8 heads; 1024 gated FF) for a realistic encoder cost.
+TEXT_ENCODERS = {"tiny": dict(d_model=64, num_layers=2, num_heads=4),
+                 "t5_small_size": dict(d_model=512, num_layers=6, num_heads=8)}
 
 
 def timed(fn, reps: int, warmup: int = 2) -> float:
@@ -314,6 +322,61 @@ def bench_training(quick: bool, device: torch.device) -> dict:
     return out
 
 
+def bench_text_encoding(quick: bool, device: torch.device, reps: int) -> dict:
+    """The t2v demo's captions (config_t2v_demo.yaml: both splits' distinct captions, the
+    validation prompts) encoded once into the text embedding cache (data/text_cache.py, on
+    disk) vs the encoder run on every training step's batch of captions; per step, the
+    cache's lookup of the same batch. Over the demo's train.max_steps: the total of each."""
+    from data.builtin import CAPTION_WORDS, MovingShapes
+    from data.text_cache import TextEmbeddingCache, text_cache_key
+    from models.text_encoder import FrozenTextEncoder, make_tiny_text_encoder
+    from utils.config import TrainRunConfig, load_config
+    cfg = load_config(TrainRunConfig, os.path.join(ROOT, "config_t2v_demo.yaml"),
+                      ["data.builtin.num_clips=16"] if quick else [])
+    captions = sorted({*MovingShapes(cfg.data, "train").distinct_captions(),
+                       *MovingShapes(cfg.data, "val").distinct_captions(), *(cfg.validation.prompts or [])})
+    batch = cfg.train.batch_size
+    gen = torch.Generator().manual_seed(0)
+    steps_captions = [[captions[i] for i in torch.randint(len(captions), (batch,), generator=gen)]
+                      for _ in range(reps)]  # the captions of `reps` training batches
+    out = {"captions": len(captions), "batch": batch, "steps": cfg.train.max_steps, "encoders": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, size in TEXT_ENCODERS.items():
+            if quick and name != "tiny":
+                continue
+            folder = make_tiny_text_encoder(os.path.join(tmp, name), CAPTION_WORDS, **size)
+            encoder = FrozenTextEncoder.from_pretrained(folder, device)
+            cache = TextEmbeddingCache(os.path.join(tmp, f"cache_{name}"), text_cache_key(
+                encoder.fingerprint, encoder.max_length, encoder.dtype_name), log=lambda _: None)
+            t0 = time.perf_counter()
+            table = cache.ensure(captions, lambda b: tuple(encoder.encode(b)), cfg.text_encoder.batch_size,
+                                 progress=False)
+            _sync()
+            once = time.perf_counter() - t0
+            it = iter(steps_captions * 3)  # (warm-up 2 + reps) batches for each measure
+            encode = timed(lambda: encoder.encode(next(it)), reps)
+            it = iter(steps_captions * 3)
+            lookup = timed(lambda: [t.to(device) for t in table.lookup(next(it)) if t is not None], reps)
+            total_encode, total_cached = cfg.train.max_steps * encode, once + cfg.train.max_steps * lookup
+            out["encoders"][name] = {
+                "params_M": sum(p.numel() for p in encoder.parameters()) / 1e6, "width": encoder.hidden_size,
+                "max_length": encoder.max_length, "once_s": once, "encode_per_step_s": encode,
+                "lookup_per_step_s": lookup, "per_step_ratio": encode / lookup,
+                "run_encode_s": total_encode, "run_cached_s": total_cached, "run_ratio": total_encode / total_cached,
+                "break_even_steps": once / max(encode - lookup, 1e-12)}
+    return out
+
+
+def print_text_encoding(t: dict) -> None:
+    for name, e in t["encoders"].items():
+        print(f"text encoder {name} ({e['params_M']:.2f}M params, {e['max_length']} tokens of {e['width']}): "
+              f"{t['captions']} captions cached once in {e['once_s']:.2f} s; per step (batch {t['batch']}) "
+              f"encoding {e['encode_per_step_s'] * 1e3:.2f} ms vs cache lookup {e['lookup_per_step_s'] * 1e3:.3f} ms "
+              f"({e['per_step_ratio']:.0f}x); over the demo's {t['steps']} steps {e['run_encode_s']:.1f} s encoding "
+              f"every step vs {e['run_cached_s']:.2f} s cached ({e['run_ratio']:.0f}x; the cache pays off "
+              f"after {e['break_even_steps']:.0f} steps)")
+
+
 def bench_sampling(quick: bool, device: torch.device) -> dict:
     from models.vae import FrozenVAE, build_autoencoder
     from training.sampling import generate_videos
@@ -403,6 +466,7 @@ def main() -> None:
         results["dit_step_demo_size"] = bench_models(results["demo_size"], device,
                                                      results["matmul_peak_gflops"], 10 * reps, args.compile)
     results["conditioning_step"] = bench_conditioning(size, device, reps)
+    results["text_encoding"] = bench_text_encoding(args.quick, device, 5 if args.quick else 50)
     results["memory_MiB"] = bench_memory("quick" if args.quick else "full")
     results["training"] = bench_training(args.quick, device)
     results["sampling_sec_per_video"] = bench_sampling(args.quick, device)
@@ -421,6 +485,7 @@ def print_table(r: dict) -> None:
           f"{c['text']['sec_per_step']:.3f} s/step ({TEXT['tokens']} tokens of width {TEXT['dim']}, "
           f"{TEXT['real']} real; {c['text']['params_M'] - c['class']['params_M']:+.2f}M params): "
           f"text / class {c['text_over_class']:.2f}x time, {c['flop_ratio_text_over_class']:.2f}x FLOPs")
+    print_text_encoding(r["text_encoding"])
     t = r["training"]
     print(f"stage 2 demo config: {t['cache_off']['steps_per_s']:.2f} steps/s encoding every step, "
           f"{t['cache_auto']['steps_per_s']:.2f} with the latent cache ({t['cache_speedup']:.2f}x); "

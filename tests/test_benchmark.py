@@ -1,6 +1,7 @@
 """The benchmark script runs (tiny sizes) and reports every number the README promises."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -28,6 +29,35 @@ def test_benchmark_quick_reports_everything(tmp_path):
     assert c["text"]["params_M"] > c["class"]["params_M"] and "text / class" in proc.stdout
     assert {"ddim_10", "dpm++_10"} <= set(r["sampling_sec_per_video"])
     assert "speed: ours over latte " in proc.stdout and "ours_no_qk_norm over latte" in proc.stdout
+    t = r["text_encoding"]
+    assert set(t["encoders"]) == {"tiny"} and t["captions"] > 0  # --quick: the demo's encoder only
+    assert "text encoder tiny " in proc.stdout and f"{t['captions']} captions cached once in " in proc.stdout
+
+
+def test_text_encoding_row_compares_the_cache_with_encoding_every_step(capsys):
+    """bench.py's caption-cache row at quick size: the demo's captions cached once vs the
+    tiny encoder run on every step's batch; the ratios are those of the measured times."""
+    import torch
+
+    from benchmarks.bench import bench_text_encoding, print_text_encoding
+    from data.builtin import MovingShapes
+    from utils.config import TrainRunConfig, load_config
+    t = bench_text_encoding(True, torch.device("cpu"), 2)
+    cfg = load_config(TrainRunConfig, os.path.join(ROOT, "config_t2v_demo.yaml"), ["data.builtin.num_clips=16"])
+    captions = {*cfg.validation.prompts, *(c for split in ("train", "val")
+                                           for c in MovingShapes(cfg.data, split).distinct_captions())}
+    assert (t["captions"], t["batch"], t["steps"]) == (len(captions), cfg.train.batch_size, cfg.train.max_steps)
+    e = t["encoders"]["tiny"]
+    assert e["width"] == 64 and e["max_length"] == 32 and e["once_s"] > 0 and e["lookup_per_step_s"] > 0
+    assert e["per_step_ratio"] == pytest.approx(e["encode_per_step_s"] / e["lookup_per_step_s"])
+    assert e["run_encode_s"] == pytest.approx(t["steps"] * e["encode_per_step_s"])
+    assert e["run_ratio"] == pytest.approx(e["run_encode_s"] / (e["once_s"] + t["steps"] * e["lookup_per_step_s"]))
+    print_text_encoding(t)
+    line = capsys.readouterr().out.strip()
+    assert re.fullmatch(rf"text encoder tiny \([\d.]+M params, 32 tokens of 64\): {len(captions)} captions cached "
+                        rf"once in [\d.]+ s; per step \(batch 8\) encoding [\d.]+ ms vs cache lookup [\d.]+ ms "
+                        rf"\(\d+x\); over the demo's 12000 steps [\d.]+ s encoding every step vs [\d.]+ s cached "
+                        rf"\(\d+x; the cache pays off after \d+ steps\)", line), line
 
 
 def test_real_size_option_reports_throughput_and_mfu(tmp_path):

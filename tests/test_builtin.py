@@ -199,7 +199,8 @@ def test_held_out_combinations_never_train_but_stay_in_val(builtin):
         elif builtin.get("num_shapes") == 2:
             assert len(set(scene["colour_ids"])) == 2  # another colour than the clip's other shape
     assert recoloured > 20  # ~1 clip in 6 drew a held-out pair
-    in_val = {(COLOUR_NAMES[c], CLASS_NAMES[val.scene(v)["kind"]]) for v in range(300) for c in val.scene(v)["colour_ids"]}
+    in_val = {(COLOUR_NAMES[c], CLASS_NAMES[val.scene(v)["kind"]])
+              for v in range(300) for c in val.scene(v)["colour_ids"]}
     assert held <= in_val
     unchanged = MovingShapes(make_cfg(num_clips=300, num_val_clips=300, captions=True, **builtin), "val")
     assert all(torch.equal(val[i]["video"], unchanged[i]["video"]) for i in range(0, len(val), 97))

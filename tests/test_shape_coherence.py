@@ -168,7 +168,8 @@ def test_prompt_following_end_to_end(held_out_run, tmp_path, capsys, which, pair
     r = json.loads(out.read_text())
     p = r["prompt_following"]
     assert r["prompt_set"] == which and r["coherence"]["videos"] == p["videos"] == 4
-    assert [p["follows"], p["shape_right"], p["colour_right"], p["coherent_and_follows"]] == [int(g) for g in m.groups()]
+    counts = [p["follows"], p["shape_right"], p["colour_right"], p["coherent_and_follows"]]
+    assert counts == [int(g) for g in m.groups()]
     assert p["follows"] == sum(v["follows"] for v in p["per_video"]) <= min(p["shape_right"], p["colour_right"])
     asked = {prompted(v["prompt"]) for v in p["per_video"]}
     assert asked == pairs if pairs else not asked & {("triangle", "red"), ("circle", "green")}
