@@ -40,4 +40,6 @@ Done.
   sample videos:     runs/t2v_demo/predict/sample_000.mp4 ... (prompt i on line i of prompts.txt), grid.png
   validation videos: runs/t2v_demo/samples/ (each with its prompts.txt)
   TensorBoard:       tensorboard --logdir runs   (Text tab: the prompts of the validation samples)
+  prompt following:  $PY benchmarks/shape_coherence.py --config predict_advanced.yaml checkpoint=runs/t2v_demo/latest.pth num_videos=36 --prompts seen
+                     (or --prompts held_out: the shape x colour pairs no training clip showed)
 MSG
