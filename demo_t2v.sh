@@ -6,19 +6,13 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-stamp=".venv/.requirements-$(sha256sum requirements.txt | cut -c1-16)"
-if [ ! -f "$stamp" ]; then
-  echo "== setting up .venv (about 80 s on first run)"
-  python3 -m venv .venv
-  .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
-  touch "$stamp"
-fi
+bash scripts/setup_venv.sh  # .venv + requirements if missing (as ./demo.sh)
 PY=.venv/bin/python
 
 if [ -f runs/vae/vae/config.json ]; then
   echo "== stage 1: using the existing VAE in runs/vae/vae (delete runs/vae to retrain it)"
 else
-  echo "== stage 1: training the VAE (about 4 minutes on 2 CPU cores)"
+  echo "== stage 1: training the VAE (until its held-out PSNR reaches train.target_psnr, at most train.max_steps)"
   "$PY" train_vae.py --config config_vae.yaml
 fi
 
