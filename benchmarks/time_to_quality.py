@@ -143,7 +143,9 @@ def run(args: argparse.Namespace) -> dict:
     for i, end in enumerate(chunk_ends(args.steps, min(args.chunk, args.every), args.every)):
         for t in (trainees if i % 2 == 0 else trainees[::-1]):
             restore_rng(t.rng)
-            t.state.total_steps = end  # the loop stops here; the LR schedule spans all --steps
+            # The loop stops at `end` (the plan's step budget); the LR schedule keeps spanning all
+            # --steps (the plan's end_step, fixed when the run was set up).
+            t.state.total_steps = t.state.plan.total_steps = end
             start = time.perf_counter()
             train(t.state)  # ends with latest.pth written
             t.train_seconds += time.perf_counter() - start
@@ -174,9 +176,10 @@ def _evaluate(t: Trainee, steps: int, predict_config: str, predict_base: list[st
     ckpt = os.path.join(t.state.run_dir, "latest.pth")
     pcfg = load_config(PredictConfig, predict_config, predict_base + [f"checkpoint={ckpt}"] + t.recipe.predict)
     start = time.perf_counter()
-    videos, _ = sample_videos(pcfg, device)
+    videos, ckpt = sample_videos(pcfg, device)
     s = summarize([video_coherence(v) for v in videos])
-    return {"steps": steps, "minutes": t.train_seconds / 60, "coherent": s["coherent"], "videos": s["videos"],
+    return {"steps": steps, "checkpoint_step": ckpt["step"], "minutes": t.train_seconds / 60,
+            "coherent": s["coherent"], "videos": s["videos"],
             "frames_with_one_blob": s["frames_with_one_blob"],
             "sample_seconds": time.perf_counter() - start, "sampler": pcfg.sampler,
             "sample_steps": pcfg.num_steps, "guidance_scale": pcfg.guidance_scale}

@@ -121,6 +121,7 @@ def test_time_to_quality_quick_scores_each_recipe(tmp_path):
     for name, rec in r["recipes"].items():
         evals = rec["evaluations"]
         assert [e["steps"] for e in evals] == [2, 4] and all(e["videos"] == 2 for e in evals)
+        assert [e["checkpoint_step"] for e in evals] == [2, 4]  # each chunk stops where it should
         assert all(0 <= e["coherent"] <= 2 for e in evals) and 0 < evals[0]["minutes"] < evals[1]["minutes"]
         for k in ("1", "2"):
             hit = rec["reached"][k]
