@@ -265,3 +265,13 @@ def test_compiled_training_saves_plain_weights_that_predict_loads(tmp_path, rand
     assert final.abs().max() > 0 and torch.isfinite(final).all()
     assert _predict(os.path.join(run, "latest.pth"), str(tmp_path / "pred")) == 0
     assert len(glob.glob(str(tmp_path / "pred" / "*.mp4"))) == 2
+
+
+def test_too_many_condition_frames_refused_before_the_latent_cache(tmp_path, random_vae):
+    """model.condition_frames >= the latent frames leaves nothing to generate: refused with the
+    other geometry checks, before the latent cache (or the text cache) is built."""
+    from utils.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"model.condition_frames = 4: the clips have only 4 latent frames"):
+        _train(tmp_path, random_vae, "run", ["train.max_steps=1", "model.first_frame_conditioning=0.5",
+                                             "model.condition_frames=4"])
+    assert not os.path.exists(os.path.join(tmp_path, "run", "latent_cache"))
