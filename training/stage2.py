@@ -1,4 +1,6 @@
-"""Stage 2: train the video DiT with v-prediction on the latents of a frozen VAE.
+"""Stage 2: train the video DiT (v-prediction or flow matching, `diffusion.objective`) on the
+latents of a frozen VAE, with the condition of `training/conditioning.py` and, optionally, first
+frames (`training/first_frames.py`).
 
 The VAE is loaded once, frozen (`requires_grad_(False)`, eval, never in the optimizer) and
 its identity goes into every checkpoint. `setup()` builds the parts, `train()` is the one

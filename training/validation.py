@@ -1,5 +1,7 @@
 """Stage-2 validation: EMA samples (mp4/gif under samples/, a GIF in TensorBoard), the
-held-out loss by timestep, the jigsaw score against real clips, and val/fvd.
+held-out loss by timestep, the jigsaw score against real clips, val/fvd and,
+for a model trained with first-frame conditioning, image-to-video samples (val/image_to_video,
+val/first_frame_psnr).
 
 `validate(s)` runs on every rank with the training state `s` (training.stage2.Stage2); a
 SIGINT/SIGTERM ends it at once (see its docstring). Nothing here changes a training RNG or
