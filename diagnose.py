@@ -1,4 +1,5 @@
-"""Check a stage-2 setup end to end: VAE, latent scale, patches, v math, gradients, checkpoint.
+"""Check a stage-2 setup end to end: VAE, latent scale, patches, diffusion identities, gradients,
+checkpoint, condition, denoising, jigsaw.
 
     python diagnose.py --config config_advanced.yaml [--checkpoint PATH] [--min-vae-psnr DB] [key.sub=value ...]
 

@@ -1,4 +1,5 @@
-"""Stage 2: train a video DiT with v-prediction on the latents of a frozen VAE.
+"""Stage 2: train a video DiT (diffusion.objective: v_prediction or flow_matching) on the latents
+of a frozen VAE.
 
     python train_advanced.py --config config_advanced.yaml [key.sub=value ...] [--resume PATH]
     torchrun --nproc_per_node=N train_advanced.py --config config_advanced.yaml

@@ -75,6 +75,15 @@ def check_patchable(num_frames: int, height: int, width: int, patch_t: int, patc
                           "(data.resolution / VAE factor); pick a divisor, or change data.resolution")
 
 
+def check_condition_frames(cfg: ModelConfig, num_frames: int) -> None:
+    """Raise ConfigError when first-frame conditioning would give every latent frame of the
+    `num_frames` as the condition (nothing left to generate)."""
+    if cfg.first_frame_conditioning > 0 and cfg.condition_frames >= num_frames:
+        raise ConfigError(f"model.condition_frames = {cfg.condition_frames}: the clips have only "
+                          f"{num_frames} latent frames (from data.num_frames), so nothing would be "
+                          f"left to generate; give fewer, e.g. model.condition_frames = 1")
+
+
 def patchify(x: torch.Tensor, patch_t: int, patch: int) -> torch.Tensor:
     """(B, C, T, h, w) -> (B, N, patch_t * patch * patch * C), N = (T/pt) * (h/p) * (w/p)."""
     check_patchable(x.shape[2], x.shape[3], x.shape[4], patch_t, patch)
@@ -393,10 +402,7 @@ class VideoDiT(nn.Module):
                               f"num_classes = {num_classes}; class labels need conditioning class")
         if pooled_dim > 0 and text_dim == 0:
             raise ConfigError(f"pooled_dim = {pooled_dim} needs a text model (text_dim > 0)")
-        if cfg.first_frame_conditioning > 0 and cfg.condition_frames >= num_frames:
-            raise ConfigError(f"model.condition_frames = {cfg.condition_frames}: the clips have only "
-                              f"{num_frames} latent frames (from data.num_frames), so nothing would be "
-                              f"left to generate; give fewer, e.g. model.condition_frames = 1")
+        check_condition_frames(cfg, num_frames)
 
     @staticmethod
     def block_kinds(cfg: ModelConfig) -> list[str]:

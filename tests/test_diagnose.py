@@ -283,3 +283,17 @@ def test_v_identity_check_catches_a_wrong_formula(monkeypatch):
     assert diagnostics.check_identities(d, (4, 3, 4, 4)).status == "PASS"
     monkeypatch.setattr(Diffusion, "eps_from_v", lambda self, x_t, v, t: x_t + v)
     assert diagnostics.check_identities(d, (4, 3, 4, 4)).status == "FAIL"
+
+
+def test_class_checkpoint_on_captioned_data_samples_its_classes(random_vae, tmp_path, capsys):
+    """A class model trained on clips that also carry captions (data.builtin.captions): the
+    jigsaw check samples it with its classes, never with the captions as prompts (which a class
+    model refuses, so the check crashed)."""
+    import train_advanced
+    captioned = ["data.builtin.captions=true", "train.max_steps=2"]
+    args = ["--config", os.path.join(ROOT, "config_advanced.yaml"), *TINY, f"vae.path={random_vae}",
+            f"experiment.runs_dir={tmp_path}", "experiment.name=run", *captioned]
+    assert train_advanced.main(args) == 0
+    code, checks, out = _diagnose(args, capsys)
+    assert checks["condition"][0] == "PASS", out
+    assert "crashed" not in checks["jigsaw"][1] and "prompts are set" not in out, out

@@ -369,3 +369,42 @@ def test_text_conditioning_with_first_frames(tmp_path, trained_vae, text_encoder
         "prompts=[a red square moving left on a black background]"])) == 0
     assert count_frames(os.path.join(out, "sample_000.mp4")) == 7
     assert open(os.path.join(out, "prompts.txt")).read().startswith("a red square")
+
+
+def test_validation_image_to_video_of_a_text_model_uses_each_images_caption(monkeypatch):
+    """val/image_to_video of a text model: image i comes with its own clip's caption (not an
+    unrelated held-out caption), so the two conditions describe one scene; both are logged."""
+    from types import SimpleNamespace
+
+    from training import validation
+    from training.conditioning import SampleConditions
+    from utils.config import TrainRunConfig, load_config
+    cfg = load_config(TrainRunConfig, os.path.join(ROOT, "config_advanced.yaml"),
+                      [*TINY, *PER_FRAME, "vae.path=/nowhere", "data.builtin.captions=true",
+                       "validation.num_videos=2"])
+
+    class Seam:
+        reads = ("caption",)
+
+        def samples(self, n, *, prompts=None, **_):
+            return SampleConditions({}, None, [prompts[i % len(prompts)] for i in range(n)])
+
+    seen = {}
+
+    def fake_generate(*args, conditions, images, **kwargs):
+        seen["prompts"] = conditions.prompts
+        return [np.zeros((4, 32, 32, 3), np.uint8) for _ in range(images.shape[0])]
+
+    logged = {}
+    log = SimpleNamespace(video=lambda *a: None, scalar=lambda *a: None, info=lambda *a: None,
+                          text=lambda tag, text, step: logged.setdefault(tag, text))
+    s = SimpleNamespace(cfg=cfg, cond=Seam(), val_captions=["an unrelated caption"], log=log,
+                        ema=SimpleNamespace(model=None), vae=None, device=torch.device("cpu"),
+                        dims=dict(in_channels=4, num_frames=4, latent_height=8, latent_width=8),
+                        first_frames=FirstFrames(1.0, 1), pos=SimpleNamespace(step=1))
+    monkeypatch.setattr(validation, "generate_videos", fake_generate)
+    validation._log_image_to_video(s)
+    val = build_dataset(cfg.data, "val", cfg.experiment.seed)
+    index = np.unique(np.linspace(0, len(val) - 1, min(2, len(val))).round().astype(int))
+    assert seen["prompts"] == [val[int(i)]["caption"] for i in index]
+    assert seen["prompts"][0] in logged["val/image_to_video_prompts"]

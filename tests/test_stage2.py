@@ -130,6 +130,32 @@ def test_resume_refuses_other_model(tmp_path, random_vae):
     assert load_checkpoint(os.path.join(run, "latest.pth"))["step"] == 2  # nothing lost
 
 
+def _as_written_before_conditions(src: str, dst: str) -> None:
+    """A checkpoint as train_advanced.py wrote it before the conditioning seam and first frames:
+    no model.conditioning / caption_dropout / first_frame_conditioning / condition_frames in
+    its model record, no 'conditioning' or 'lr_plan' entry."""
+    ckpt = torch.load(src, weights_only=True)
+    for key in ("conditioning", "caption_dropout", "first_frame_conditioning", "condition_frames"):
+        ckpt["model"]["config"].pop(key)
+    ckpt.pop("conditioning")
+    ckpt.pop("lr_plan")
+    torch.save(ckpt, dst)
+
+
+def test_resume_of_a_checkpoint_older_than_the_new_model_keys(tmp_path, random_vae):
+    """Keys added to the model config take their defaults when a checkpoint predates them (as
+    diffusion keys do): such a checkpoint resumes, and is still refused for a real change."""
+    run = _train(tmp_path, random_vae, "run", ["train.max_steps=2"])
+    old = str(tmp_path / "old.pth")
+    _as_written_before_conditions(os.path.join(run, "latest.pth"), old)
+    resumed = _train(tmp_path, random_vae, "resumed", ["train.max_steps=3", f"train.resume={old}"])
+    assert load_checkpoint(os.path.join(resumed, "latest.pth"))["step"] == 3
+    with pytest.raises(UserError, match=r"another model: config.first_frame_conditioning is 0.0 in the "
+                                        r"checkpoint but 0.5 now"):
+        _train(tmp_path, random_vae, "ffc", ["train.max_steps=3", f"train.resume={old}",
+                                             "model.first_frame_conditioning=0.5"])
+
+
 def test_fresh_start_does_not_overwrite(tmp_path, random_vae):
     _train(tmp_path, random_vae, "run", ["train.max_steps=1"])
     with pytest.raises(UserError, match="already exists and train.resume is null"):
@@ -239,3 +265,13 @@ def test_compiled_training_saves_plain_weights_that_predict_loads(tmp_path, rand
     assert final.abs().max() > 0 and torch.isfinite(final).all()
     assert _predict(os.path.join(run, "latest.pth"), str(tmp_path / "pred")) == 0
     assert len(glob.glob(str(tmp_path / "pred" / "*.mp4"))) == 2
+
+
+def test_too_many_condition_frames_refused_before_the_latent_cache(tmp_path, random_vae):
+    """model.condition_frames >= the latent frames leaves nothing to generate: refused with the
+    other geometry checks, before the latent cache (or the text cache) is built."""
+    from utils.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"model.condition_frames = 4: the clips have only 4 latent frames"):
+        _train(tmp_path, random_vae, "run", ["train.max_steps=1", "model.first_frame_conditioning=0.5",
+                                             "model.condition_frames=4"])
+    assert not os.path.exists(os.path.join(tmp_path, "run", "latent_cache"))

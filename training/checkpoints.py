@@ -91,7 +91,8 @@ def check_entries(ckpt: dict, ckpt_path: str, entries: dict = ENTRIES) -> None:
 def check_model(ckpt: dict, expected: dict, ckpt_path: str, data: Optional[dict] = None) -> None:
     """Refuse a checkpoint whose architecture or input geometry differs from the config's, saying
     whether the data (`data`: this run's data section) or the model differs."""
-    diffs = _diff({**ckpt["model"], "dims": model_dims(ckpt["model"])}, expected)
+    diffs = _diff({**ckpt["model"], "config": _recorded_model_config(ckpt["model"]["config"]),
+                   "dims": model_dims(ckpt["model"])}, expected)
     if not diffs:
         return
     trained = ckpt.get("config", {}).get("data", {})
@@ -109,6 +110,17 @@ def check_model(ckpt: dict, expected: dict, ckpt_path: str, data: Optional[dict]
                         " (the model's input size follows from them). " + RESTART_HELP)
     raise UserError(f"checkpoint {ckpt_path} was made for another model: " + "; ".join(diffs) +
                     ". " + RESTART_HELP)
+
+
+def _recorded_model_config(config: dict) -> dict:
+    """A checkpoint's model config as today's config would write it: keys it predates take
+    their defaults (an older checkpoint has no model.conditioning, caption_dropout,
+    first_frame_conditioning or condition_frames), as check_diffusion does for the schedule. A
+    record that does not parse is compared as it is (check_model then names what differs)."""
+    try:
+        return asdict(config_from_dict(ModelConfig, config).resolved())
+    except (ValueError, TypeError, AttributeError):  # UserError / ConfigError are ValueErrors
+        return config
 
 
 def load_entry(ckpt_path: str, entry: str, load: Callable[[Any], Any], value: Any,

@@ -502,7 +502,10 @@ def run_diagnostics(cfg: TrainRunConfig, checkpoint: Optional[str], device: torc
                                                         device, cfg.experiment.seed, checkpoint))
     yield _guarded("denoise", lambda: check_denoise(ckpt, vae, few_val, seam.eval_kwargs(few_batch, device),
                                                     device, cfg.experiment.seed))
-    prompts = cfg.validation.prompts or (val_batch["caption"][:NUM_SAMPLES] if val_batch["caption"] else None)
+    # A text model's samples: validation.prompts, else held-out captions; any other model is
+    # sampled with its own conditions (its clips may carry captions it was not trained on).
+    prompts = None if "caption" not in seam.reads else \
+        cfg.validation.prompts or (val_batch["caption"][:NUM_SAMPLES] if val_batch["caption"] else None)
     yield _guarded("jigsaw", lambda: check_jigsaw(ckpt, vae, val, seam.eval_kwargs(val_batch, device),
                                                   device, cfg.validation, seam=seam, prompts=prompts))
 

@@ -1,4 +1,6 @@
-"""Stage 2: train the video DiT with v-prediction on the latents of a frozen VAE.
+"""Stage 2: train the video DiT (v-prediction or flow matching, `diffusion.objective`) on the
+latents of a frozen VAE, with the condition of `training/conditioning.py` and, optionally, first
+frames (`training/first_frames.py`).
 
 The VAE is loaded once, frozen (`requires_grad_(False)`, eval, never in the optimizer) and
 its identity goes into every checkpoint. `setup()` builds the parts, `train()` is the one
@@ -22,7 +24,7 @@ from data.latent_cache import CacheCorruptError, LatentCache, cache_disabled_rea
 from data.loader import ResumableSampler, make_loader
 from data.source_index import RUN_INDEX_FILE
 from models.diffusion import Diffusion
-from models.dit import VideoDiT
+from models.dit import VideoDiT, check_condition_frames
 from models.vae import FrozenVAE
 from training import checkpoints as ckpts
 from training.common import (Deadline, LoopHooks, LRPlan, Position, StepControl, StepOutcome,
@@ -104,6 +106,7 @@ def latent_dims(cfg: TrainRunConfig, vae: FrozenVAE, num_classes: int) -> dict:
     if frames % mcfg.patch_t:
         raise ConfigError(f"data.num_frames = {cfg.data.num_frames} gives {frames} latent frames, not "
                           f"divisible by model.patch_t = {mcfg.patch_t}")
+    check_condition_frames(mcfg, frames)  # first frames: some latent frame left to generate
     return dict(in_channels=channels, num_frames=frames, latent_height=height, latent_width=width,
                 num_classes=num_classes if mcfg.class_conditional else 0)
 

@@ -1,5 +1,7 @@
 """Stage-2 validation: EMA samples (mp4/gif under samples/, a GIF in TensorBoard), the
-held-out loss by timestep, the jigsaw score against real clips, and val/fvd.
+held-out loss by timestep, the jigsaw score against real clips, val/fvd and,
+for a model trained with first-frame conditioning, image-to-video samples (val/image_to_video,
+val/first_frame_psnr).
 
 `validate(s)` runs on every rank with the training state `s` (training.stage2.Stage2); a
 SIGINT/SIGTERM ends it at once (see its docstring). Nothing here changes a training RNG or
@@ -94,19 +96,28 @@ def _validate_main(s: Stage2, fvd: Optional[float]) -> None:
 def _log_image_to_video(s: Stage2) -> None:
     """A run trained with model.first_frame_conditioning: frame 0 of held-out clips as the
     image, EMA samples from it side by side in TensorBoard (val/image_to_video), and the PSNR
-    of their frame 0 against the image (val/first_frame_psnr; the VAE round trip bounds it)."""
+    of their frame 0 against the image (val/first_frame_psnr; the VAE round trip bounds it).
+    A text model is told each image's own clip caption (validation.prompts, when set, instead),
+    so image and prompt describe one scene."""
     v = s.cfg.validation
     dataset = build_dataset(s.cfg.data, "val", s.cfg.experiment.seed)
     n = min(v.num_videos, len(dataset))
     index = np.unique(np.linspace(0, len(dataset) - 1, n).round().astype(int))
-    images = torch.stack([dataset[int(i)]["video"][:, 0] for i in index])  # (n, 3, H, W)
+    items = [dataset[int(i)] for i in index]
+    images = torch.stack([it["video"][:, 0] for it in items])  # (n, 3, H, W)
+    if "caption" in s.cond.reads and v.prompts is None:  # the val captions are in the text cache
+        conditions = s.cond.samples(len(index), prompts=[it["caption"] for it in items])
+    else:
+        conditions = validation_conditions(s, len(index))
     videos = generate_videos(
         s.ema.model, s.vae, s.cfg.diffusion, latent_shape=ckpts.latent_shape(s.dims),
         seeds=[v.seed + i for i in range(len(index))], sampler=v.sampler, num_steps=v.num_steps,
         guidance_scale=v.guidance_scale, device=s.device,
-        conditions=validation_conditions(s, len(index)), images=images,
-        condition_frames=s.first_frames.frames)
+        conditions=conditions, images=images, condition_frames=s.first_frames.frames)
     s.log.video("val/image_to_video", side_by_side(videos), s.pos.step, v.fps)
+    if any(conditions.prompts):  # TensorBoard's Text tab, as for val/samples
+        s.log.text("val/image_to_video_prompts", "\n\n".join(
+            f"{i}: {p}" for i, p in enumerate(conditions.prompts)), s.pos.step)
     given = [video_tensor_to_uint8(im[:, None])[0] for im in images]  # (H, W, 3) each
     score = float(np.mean([psnr(x[0], g) for x, g in zip(videos, given)]))
     s.log.scalar("val/first_frame_psnr", score, s.pos.step)
