@@ -63,6 +63,14 @@ def test_config_errors_name_the_key(override, words):
         assert w in str(e.value)
 
 
+def test_tilde_is_expanded_in_every_path_key(tmp_path, monkeypatch):
+    """README: "A leading `~` in any path key is expanded" (data.index_cache was not: a folder
+    named `~` appeared in the working directory)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = _load(["data.path=~/clips", "data.index_cache=~/index.json"])
+    assert (cfg.data.path, cfg.data.index_cache) == (f"{tmp_path}/clips", f"{tmp_path}/index.json")
+
+
 def test_vae_resolution_must_divide():
     with pytest.raises(ConfigError, match=r"data.resolution = 30 .*factor 4"):
         load_config(VAERunConfig, None, ["data.resolution=30"])

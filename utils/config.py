@@ -871,7 +871,7 @@ class EvaluateConfig:
 LEGACY_VAE_LOSS_KEYS = ("vae_loss_weight", "kl_loss_weight")
 # Fields that hold a file or folder path: a leading `~` is expanded to the home directory.
 PATH_FIELDS = frozenset({"path", "runs_dir", "resume", "checkpoint", "output_dir", "output",
-                         "detector_path"})
+                         "detector_path", "index_cache"})
 
 
 def load_config(cls: type, path: Optional[str], overrides: Collection[str] = ()) -> Any:
