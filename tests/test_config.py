@@ -55,6 +55,12 @@ def test_overrides_are_yaml_scalars():
     (["data.path=builtin:cats"], ["data.path", "builtin:cats"]),
     (["train.resume"], ["train.resume", "key.sub=value"]),
     (["diffusion.beta_schedule=sigmoid"], ["diffusion.beta_schedule", "sigmoid"]),
+    # checked in stage 1 and stage 2 alike (stage 2 took a negative clip, which flips updates)
+    (["train.grad_clip=0"], ["train.grad_clip = 0", "> 0", "null"]),
+    (["train.grad_clip=-1"], ["train.grad_clip = -1"]),
+    (["train.min_lr_ratio=2"], ["train.min_lr_ratio = 2", "[0, 1]"]),
+    (["train.weight_decay=-0.1"], ["train.weight_decay = -0.1"]),
+    (["validation.guidance_scale=-1"], ["validation.guidance_scale = -1", ">= 0"]),
 ])
 def test_config_errors_name_the_key(override, words):
     with pytest.raises(ConfigError) as e:
@@ -69,6 +75,12 @@ def test_tilde_is_expanded_in_every_path_key(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = _load(["data.path=~/clips", "data.index_cache=~/index.json"])
     assert (cfg.data.path, cfg.data.index_cache) == (f"{tmp_path}/clips", f"{tmp_path}/index.json")
+
+
+@pytest.mark.parametrize("override", ["train.grad_clip=-1", "train.min_lr_ratio=1.5", "train.weight_decay=-1"])
+def test_stage1_checks_the_optimiser_keys_as_stage2(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        load_config(VAERunConfig, None, [override])
 
 
 def test_vae_resolution_must_divide():
