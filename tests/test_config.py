@@ -61,6 +61,7 @@ def test_overrides_are_yaml_scalars():
     (["train.min_lr_ratio=2"], ["train.min_lr_ratio = 2", "[0, 1]"]),
     (["train.weight_decay=-0.1"], ["train.weight_decay = -0.1"]),
     (["validation.guidance_scale=-1"], ["validation.guidance_scale = -1", ">= 0"]),
+    (["model.mlp_ratio=0"], ["model.mlp_ratio = 0", "> 0"]),
 ])
 def test_config_errors_name_the_key(override, words):
     with pytest.raises(ConfigError) as e:

@@ -321,6 +321,9 @@ class ModelConfig:
                               f"num_heads = {r.num_heads}")
         if (r.hidden_size // r.num_heads) % 2:
             raise ConfigError(f"{prefix}: head dim {r.hidden_size // r.num_heads} must be even")
+        if self.mlp_ratio <= 0:
+            raise ConfigError(f"{prefix}.mlp_ratio = {self.mlp_ratio}: must be > 0 (the MLP's width as a "
+                              "multiple of hidden_size; DiT uses 4.0)")
         if not 0 <= self.class_dropout < 1:
             raise ConfigError(f"{prefix}.class_dropout = {self.class_dropout}: must be in [0, 1)")
         if self.conditioning is not None and self.class_conditional is not None and \
