@@ -20,7 +20,6 @@ rows mean no drift. Only meaningful for `builtin:moving_shapes` checkpoints.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,6 +29,8 @@ from typing import Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+
+from utils.checkpoint import write_json  # noqa: E402
 
 
 def held_out_first_frames(ckpt: dict, n: int, folder: str) -> list[str]:
@@ -150,8 +151,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         result = run(cfg, args.windows, not args.no_image)
     print(report(result))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(result, args.json)  # its folder made, written whole (as the other benchmarks)
         print(f"wrote {args.json}")
     return 0
 

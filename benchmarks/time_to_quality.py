@@ -48,6 +48,7 @@ from training.stage2 import setup, train  # noqa: E402
 from utils.checkpoint import capture_rng, restore_rng, write_json  # noqa: E402
 from utils.config import PredictConfig, TrainRunConfig, load_config  # noqa: E402
 from utils.dist import DistInfo  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 from utils.logging import RunLogger  # noqa: E402
 from utils.train_utils import setup_runtime  # noqa: E402
 
@@ -82,12 +83,12 @@ def parse_recipe(text: str) -> Recipe:
     `key=` follows, so list values (`train.betas=[0.9,0.99]`) keep theirs."""
     name, sep, rest = text.partition(":")
     if not sep or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
-        raise SystemExit(f"--recipe {text!r}: write it as name:key=value,key=value (a name of letters, "
+        raise UserError(f"--recipe {text!r}: write it as name:key=value,key=value (a name of letters, "
                          "digits, _ . + -; e.g. v:diffusion.objective=v_prediction)")
     overrides = [o.strip() for o in re.split(r",(?=\s*[A-Za-z_][\w.]*=)", rest) if o.strip()]
     bad = [o for o in overrides if "=" not in o]
     if bad:
-        raise SystemExit(f"--recipe {text!r}: {bad[0]!r} is not key=value")
+        raise UserError(f"--recipe {text!r}: {bad[0]!r} is not key=value")
     predict = [o[len(PREDICT_PREFIX):] for o in overrides if o.startswith(PREDICT_PREFIX)]
     train = [o for o in overrides if not o.startswith(PREDICT_PREFIX)]
     # Validation is off here, but its sampler must still serve the objective (a config
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> dict:
     recipes = [parse_recipe(r) for r in args.recipe]
     names = [r.name for r in recipes]
     if len(set(names)) != len(names):
-        raise SystemExit(f"--recipe names must differ: {names}")
+        raise UserError(f"--recipe names must differ: {names}")
     tmp = tempfile.TemporaryDirectory() if args.runs_dir is None else None
     runs_dir = tmp.name if tmp else args.runs_dir
     base = [f"train.max_steps={args.steps}", "train.time_limit_minutes=null", "train.resume=null",
@@ -227,15 +228,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     quick = args.quick
-    args.every = args.every or (2 if quick else 1000)
-    args.chunk = args.chunk or (2 if quick else 250)
-    args.videos = args.videos or (2 if quick else 36)
-    args.targets = args.targets or ([1, 2] if quick else [30, 34])
+    defaults = dict(every=(2, 1000), chunk=(2, 250), videos=(2, 36), targets=([1, 2], [30, 34]))
+    for key, (small, full) in defaults.items():  # `is None`: an explicit 0 is refused below, not replaced
+        if getattr(args, key) is None:
+            setattr(args, key, small if quick else full)
     if args.steps is None:
         args.steps = 4 if quick else _config_steps(args.config)
     for key in ("steps", "every", "chunk", "videos"):
         if getattr(args, key) < 1:
-            raise SystemExit(f"--{key} = {getattr(args, key)}: must be >= 1")
+            raise UserError(f"--{key} = {getattr(args, key)}: must be >= 1")
     r = run(args)
     print_table(r)
     if args.json:
@@ -246,7 +247,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _config_steps(config: str) -> int:
     steps = load_config(TrainRunConfig, config, ["vae.path=unused"]).train.max_steps
     if steps is None:
-        raise SystemExit(f"{config}: train.max_steps is null; give --steps")
+        raise UserError(f"{config}: train.max_steps is null; give --steps")
     return steps
 
 

@@ -134,6 +134,22 @@ def test_time_to_quality_quick_scores_each_recipe(tmp_path):
     assert "fast (train.lr=1e-3): " in proc.stdout and "2/2 coherent: " in proc.stdout
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--recipe", "no colon"], "write it as name:key=value"),
+    (["--recipe", "x:foo"], "'foo' is not key=value"),
+    (["--recipe", "a:train.lr=1e-3", "--recipe", "a:train.lr=3e-4"], "names must differ"),
+    (["--recipe", "a:train.lr=1e-3", "--every", "0"], "--every = 0: must be >= 1"),
+])
+def test_time_to_quality_bad_arguments_exit_2(args, words, capsys):
+    """A mistyped recipe or count: the message and exit status 2 (a user error), before any work."""
+    from benchmarks.time_to_quality import main
+    from utils.cli import run_main
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda argv: main(["--quick", *args]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and words in err and "Traceback" not in err, err
+
+
 def test_time_to_quality_interleaved_recipe_trains_as_it_would_alone(tmp_path):
     """Chunks of one step, alternating with another recipe, give bitwise the checkpoint of one
     uninterrupted train_advanced.py run (data position, own noise and global RNG streams)."""

@@ -321,6 +321,9 @@ class ModelConfig:
                               f"num_heads = {r.num_heads}")
         if (r.hidden_size // r.num_heads) % 2:
             raise ConfigError(f"{prefix}: head dim {r.hidden_size // r.num_heads} must be even")
+        if self.mlp_ratio <= 0:
+            raise ConfigError(f"{prefix}.mlp_ratio = {self.mlp_ratio}: must be > 0 (the MLP's width as a "
+                              "multiple of hidden_size; DiT uses 4.0)")
         if not 0 <= self.class_dropout < 1:
             raise ConfigError(f"{prefix}.class_dropout = {self.class_dropout}: must be in [0, 1)")
         if self.conditioning is not None and self.class_conditional is not None and \
@@ -472,6 +475,7 @@ class TrainConfig:
             raise ConfigError(f"{prefix}.lr = {self.lr}: must be > 0")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"{prefix}.ema_decay = {self.ema_decay}: must be in [0, 1)")
+        _check_optimiser(self, prefix)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"{prefix}.betas = {self.betas}: give two numbers in [0, 1)")
         for k in ("warmup_steps", "ema_warmup_steps", "epoch_checkpoint_every", "keep_last"):
@@ -516,6 +520,8 @@ class ValidationConfig:
             raise ConfigError(f"{prefix}.every_epochs = {self.every_epochs}: must be >= 0")
         if self.loss_clips < 0:
             raise ConfigError(f"{prefix}.loss_clips = {self.loss_clips}: must be >= 0 (0 = off)")
+        if self.guidance_scale < 0:  # as predict's and evaluate's guidance_scale
+            raise ConfigError(f"{prefix}.guidance_scale = {self.guidance_scale}: must be >= 0 (1 = off)")
         check_prompts(self.prompts, f"{prefix}.prompts")
         self.fvd.validate(prefix + ".fvd")
 
@@ -566,8 +572,7 @@ class VAETrainConfig:
             raise ConfigError(f"{prefix}.lr = {self.lr}: must be > 0")
         if self.warmup_steps < 0:
             raise ConfigError(f"{prefix}.warmup_steps = {self.warmup_steps}: must be >= 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"{prefix}.min_lr_ratio = {self.min_lr_ratio}: must be in [0, 1]")
+        _check_optimiser(self, prefix)
         if self.time_limit_minutes is not None and self.time_limit_minutes <= 0:
             raise ConfigError(f"{prefix}.time_limit_minutes = {self.time_limit_minutes}: "
                               "must be > 0 or null")
@@ -871,7 +876,7 @@ class EvaluateConfig:
 LEGACY_VAE_LOSS_KEYS = ("vae_loss_weight", "kl_loss_weight")
 # Fields that hold a file or folder path: a leading `~` is expanded to the home directory.
 PATH_FIELDS = frozenset({"path", "runs_dir", "resume", "checkpoint", "output_dir", "output",
-                         "detector_path"})
+                         "detector_path", "index_cache"})
 
 
 def load_config(cls: type, path: Optional[str], overrides: Collection[str] = ()) -> Any:
@@ -942,6 +947,17 @@ def check_resolution_multiple(data: DataConfig, multiple: int, what: str) -> Non
                 else f"data.resolution = {data.resolution}: {side} {v}"
             raise ConfigError(f"{where} is not divisible by {what}; pick a multiple of {multiple} "
                               f"({near})")
+
+
+def _check_optimiser(tcfg: Any, prefix: str) -> None:
+    """The keys both stages' optimisers share (one copy, so the stages cannot drift apart)."""
+    if not 0 <= tcfg.min_lr_ratio <= 1:
+        raise ConfigError(f"{prefix}.min_lr_ratio = {tcfg.min_lr_ratio}: must be in [0, 1]")
+    if tcfg.grad_clip is not None and tcfg.grad_clip <= 0:  # 0 zeroes every update, < 0 flips it
+        raise ConfigError(f"{prefix}.grad_clip = {tcfg.grad_clip}: must be > 0 (the largest gradient "
+                          "norm) or null (no clipping)")
+    if tcfg.weight_decay < 0:
+        raise ConfigError(f"{prefix}.weight_decay = {tcfg.weight_decay}: must be >= 0")
 
 
 def _positive(obj: Any, prefix: str, *names: str) -> None:
