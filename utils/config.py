@@ -531,7 +531,7 @@ class VAETrainConfig:
     """Stage 1 optimisation."""
     epochs: int = 1000
     max_steps: Optional[int] = 1600
-    time_limit_minutes: Optional[float] = 4.0  # wall time from launch; the LR anneals by then too
+    time_limit_minutes: Optional[float] = None  # wall time from launch (the LR anneals by then); null = stop on steps or the PSNR target
     target_psnr: Optional[float] = None  # dB: stop once the held-out PSNR reaches it; null = off
     eval_every: int = 200  # steps between held-out PSNR checks (with target_psnr)
     batch_size: int = 16  # clips per batch
