@@ -33,8 +33,9 @@ import numpy as np  # noqa: E402
 from utils.checkpoint import write_json  # noqa: E402
 
 
-def held_out_first_frames(ckpt: dict, n: int, folder: str) -> list[str]:
-    """PNGs of frame 0 of n held-out clips (spread over the val split) of the checkpoint's data."""
+def held_out_first_frames(ckpt: dict, n: int, folder: str) -> tuple[list[str], list[int], list[str]]:
+    """PNGs of frame 0 of n held-out clips (spread over the val split) of the checkpoint's data,
+    with each clip's label and caption ("" without captions): a video is told what its image shows."""
     from PIL import Image
 
     from data import build_dataset
@@ -43,12 +44,15 @@ def held_out_first_frames(ckpt: dict, n: int, folder: str) -> list[str]:
     data = config_from_dict(DataConfig, ckpt["config"]["data"])
     dataset = build_dataset(data, "val", ckpt["config"]["experiment"]["seed"])
     index = np.linspace(0, len(dataset) - 1, n).round().astype(int)
-    paths = []
+    paths, labels, captions = [], [], []
     for k, i in enumerate(index):
-        frame = video_tensor_to_uint8(dataset[int(i)]["video"][:, :1])[0]
+        item = dataset[int(i)]
+        frame = video_tensor_to_uint8(item["video"][:, :1])[0]
         paths.append(os.path.join(folder, f"first_{k:04d}.png"))
         Image.fromarray(frame).save(paths[-1])
-    return paths
+        labels.append(int(item["label"]))
+        captions.append(item.get("caption", ""))
+    return paths, labels, captions
 
 
 def drift_rows(videos: list[np.ndarray], spans: list[tuple[int, int]]) -> list[dict]:
@@ -70,6 +74,7 @@ def run(cfg, windows: int, image: bool) -> dict:
     """Sample cfg.num_videos videos of `windows` windows (predict's path) and measure each window."""
     import torch
 
+    from training.conditioning import checkpoint_kind
     from training.first_frames import FirstFrames, windows_of
     from training.sampling import sample_videos
     from utils.checkpoint import load_checkpoint
@@ -82,16 +87,26 @@ def run(cfg, windows: int, image: bool) -> dict:
     overlap = 1 + (first.frames - 1) * temporal
     cfg.num_frames = window + (windows - 1) * (window - overlap)
     device = setup_runtime(cfg.device, cfg.seed)[0]
+    image_labels = None
     with tempfile.TemporaryDirectory() as folder:
         if image:
-            cfg.images, cfg.image = held_out_first_frames(ckpt, cfg.num_videos, folder), None
+            cfg.images, image_labels, captions = held_out_first_frames(ckpt, cfg.num_videos, folder)
+            cfg.image = None
+            # Video i is conditioned on what its image shows: the clip's class, or its caption (a
+            # "red square" told to continue a blue circle's frame is no measure of drift).
+            kind = checkpoint_kind(ckpt)
+            if kind == "class" and not cfg.class_labels:
+                cfg.class_labels = image_labels
+            elif kind == "text" and not (cfg.prompts or cfg.prompts_file) and all(captions):
+                cfg.prompts = captions
         with torch.no_grad():
             videos, _ = sample_videos(cfg, device)
     spans = windows_of(cfg.num_frames, window, overlap)
     return {"checkpoint": cfg.checkpoint, "step": int(ckpt["step"]), "sampler": cfg.sampler,
             "num_steps": cfg.num_steps, "guidance_scale": cfg.guidance_scale, "image_to_video": image,
             "condition_frames": first.frames, "window_frames": window, "overlap_frames": overlap,
-            "num_frames": cfg.num_frames, "rows": drift_rows(videos, spans)}
+            "num_frames": cfg.num_frames, "class_labels": cfg.class_labels, "image_labels": image_labels,
+            "prompts": cfg.prompts, "rows": drift_rows(videos, spans)}
 
 
 def report(result: dict) -> str:

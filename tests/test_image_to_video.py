@@ -308,10 +308,18 @@ def test_resume_bit_exact_with_the_condition_on(tmp_path, trained_vae, monkeypat
 # --------------------------------------------------------------------------- evaluate: fidelity and drift
 
 
-def test_evaluate_first_frame_psnr_and_drift_by_window(per_frame_run, tmp_path, capsys):
+def test_evaluate_first_frame_psnr_and_drift_by_window(per_frame_run, tmp_path, capsys, monkeypatch):
     import json
 
     import evaluate
+    from training.evaluation import select_real_clips
+    asked = []  # what each sampling call was told: video i continues real clip i, so its class
+
+    def spy(chunk, device):
+        asked.append((list(chunk.class_labels), list(chunk.images)))
+        return sample_videos(chunk, device)
+
+    monkeypatch.setattr(evaluate, "sample_videos", spy)
     from tests.test_evaluate import StandInI3D
     torch.manual_seed(0)
     detector = str(tmp_path / "i3d_torchscript.pt")
@@ -329,6 +337,12 @@ def test_evaluate_first_frame_psnr_and_drift_by_window(per_frame_run, tmp_path, 
     assert d["fvd_by_window"][0] == pytest.approx(r["fvd"])  # FVD itself scores the first window
     assert d["first_frame_psnr"] >= d["first_frame_psnr_vae_round_trip"] - 0.5 > 20
     assert "FVD by window" in capsys.readouterr().out
+    plan = r["protocol"]["real"]
+    real = select_real_clips(config_from_dict(DataConfig, load_checkpoint(per_frame_run)["config"]["data"]),
+                             plan["split"], plan["dataset_seed"], 3, 0)  # (labels: per video, not start)
+    expected = [real.dataset.source_label(src) for src, _ in real.plan]
+    assert [labels for labels, _ in asked] == [[expected[i % len(expected)] for i in range(3)]]
+    assert r["protocol"]["generated"]["class_labels"] == "the class of real clip i"
     # refused for a checkpoint trained without the condition, naming the key
     plain = _train(tmp_path, _vae_of(per_frame_run), "plain", [*PER_FRAME])
     with pytest.raises(Exception, match="model.first_frame_conditioning"):
@@ -351,6 +365,8 @@ def test_drift_benchmark_quick(tmp_path, capsys):
     assert r["image_to_video"] and r["num_frames"] == 7  # windows of 4 frames joined on 1: 4 + 3
     assert [row["frames"] for row in r["rows"]] == [[0, 4], [3, 7]]
     assert all(row["videos"] == 2 and 0 <= row["coherent_so_far"] <= row["videos"] for row in r["rows"])
+    # a class checkpoint: video i is told the class of the clip its first frame comes from
+    assert r["class_labels"] == r["image_labels"] and len(r["image_labels"]) == 2
     assert "| window | frames | coherent (this window)" in capsys.readouterr().out
 
 

@@ -471,6 +471,9 @@ def _checkpoint_features(cfg: EvaluateConfig, ckpt: dict, geometry: ClipGeometry
     features = drift.features[0] if drift is not None else features()
     dims = model_dims(ckpt["model"])
     labels = default_labels(cfg.num_videos, dims["num_classes"], cfg.class_labels)
+    labels_of_real = labels is not None and cfg.image_to_video and cfg.class_labels is None
+    if labels_of_real:
+        labels = real_labels(real_clips, cfg.num_videos)  # video i continues real clip i: its class
     prompts = real_prompts(real_clips, cfg.num_videos) if "caption" in seam_of(ckpt).reads else None
     frames = geometry.num_frames if drift is None else drift.num_frames
     expected = (frames, geometry.height, geometry.width, 3)
@@ -495,7 +498,8 @@ def _checkpoint_features(cfg: EvaluateConfig, ckpt: dict, geometry: ClipGeometry
               "step": int(ckpt["step"]), "vae_fingerprint": ckpt["vae"]["fingerprint"],
               "vae_class": ckpt["vae"].get("class_name"), "weights": "EMA" if cfg.use_ema else "raw",
               "sampler": cfg.sampler, "num_steps": cfg.num_steps, "guidance_scale": cfg.guidance_scale,
-              "class_labels": cfg.class_labels, **_prompt_record(ckpt, prompts), "seeds": f"{cfg.seed} + i, i = 0 ... {cfg.num_videos - 1}",
+              "class_labels": "the class of real clip i" if labels_of_real else cfg.class_labels,
+              **_prompt_record(ckpt, prompts), "seeds": f"{cfg.seed} + i, i = 0 ... {cfg.num_videos - 1}",
               "num_frames": geometry.num_frames, "latent_frames": dims["num_frames"],
               "resolution": [geometry.height, geometry.width],
               "uint8": "predict's: round((x + 1) * 127.5) of the decoded [-1, 1] pixels"}
@@ -504,6 +508,13 @@ def _checkpoint_features(cfg: EvaluateConfig, ckpt: dict, geometry: ClipGeometry
                       images="the first frame of real clip i" if cfg.image_to_video else None,
                       fvd_scores="the first window")
     return features, record, drift
+
+
+def real_labels(real: RealClips, num_videos: int) -> torch.Tensor:
+    """Class checkpoints with image_to_video: generated video i starts from the first frame of
+    real clip i (cycled), so it is given that clip's class, not predict's cycle of classes."""
+    labels = [real.dataset.source_label(src) for src, _ in real.plan]
+    return torch.tensor([labels[i % len(labels)] for i in range(num_videos)], dtype=torch.long)
 
 
 def real_prompts(real: RealClips, num_videos: int) -> list[str]:
