@@ -424,3 +424,42 @@ def test_validation_image_to_video_of_a_text_model_uses_each_images_caption(monk
     index = np.unique(np.linspace(0, len(val) - 1, min(2, len(val))).round().astype(int))
     assert seen["prompts"] == [val[int(i)]["caption"] for i in index]
     assert seen["prompts"][0] in logged["val/image_to_video_prompts"]
+
+
+def test_validation_image_to_video_of_a_class_model_uses_each_images_class(monkeypatch):
+    """val/image_to_video of a class model: image i is sampled with its own clip's class, not
+    the 0, 1, 2, ... of the other validation samples (a "red square" told to continue a blue
+    circle's frame measures nothing)."""
+    from types import SimpleNamespace
+
+    from training import validation
+    from training.conditioning import SampleConditions
+    from utils.config import TrainRunConfig, load_config
+    cfg = load_config(TrainRunConfig, os.path.join(ROOT, "config_advanced.yaml"),
+                      [*TINY, *PER_FRAME, "vae.path=/nowhere", "validation.num_videos=3"])
+
+    class Seam:
+        reads = ("label",)
+
+        def samples(self, n, *, labels=None, **_):
+            labels = labels or list(range(n))
+            return SampleConditions({"y": torch.tensor(labels)}, None, [""] * n)
+
+    seen = {}
+
+    def fake_generate(*args, conditions, images, **kwargs):
+        seen["labels"] = conditions.cond["y"].tolist()
+        return [np.zeros((4, 32, 32, 3), np.uint8) for _ in range(images.shape[0])]
+
+    log = SimpleNamespace(video=lambda *a: None, scalar=lambda *a: None, info=lambda *a: None,
+                          text=lambda *a: None)
+    s = SimpleNamespace(cfg=cfg, cond=Seam(), val_captions=[], log=log,
+                        ema=SimpleNamespace(model=None), vae=None, device=torch.device("cpu"),
+                        dims=dict(in_channels=4, num_frames=4, latent_height=8, latent_width=8),
+                        first_frames=FirstFrames(1.0, 1), pos=SimpleNamespace(step=1))
+    monkeypatch.setattr(validation, "generate_videos", fake_generate)
+    validation._log_image_to_video(s)
+    val = build_dataset(cfg.data, "val", cfg.experiment.seed)
+    index = np.unique(np.linspace(0, len(val) - 1, min(3, len(val))).round().astype(int))
+    expected = [int(val[int(i)]["label"]) for i in index]
+    assert seen["labels"] == expected and expected != list(range(len(expected)))

@@ -98,7 +98,7 @@ def _log_image_to_video(s: Stage2) -> None:
     image, EMA samples from it side by side in TensorBoard (val/image_to_video), and the PSNR
     of their frame 0 against the image (val/first_frame_psnr; the VAE round trip bounds it).
     A text model is told each image's own clip caption (validation.prompts, when set, instead),
-    so image and prompt describe one scene."""
+    a class model the clip's class, so image and condition describe one scene."""
     v = s.cfg.validation
     dataset = build_dataset(s.cfg.data, "val", s.cfg.experiment.seed)
     n = min(v.num_videos, len(dataset))
@@ -107,6 +107,8 @@ def _log_image_to_video(s: Stage2) -> None:
     images = torch.stack([it["video"][:, 0] for it in items])  # (n, 3, H, W)
     if "caption" in s.cond.reads and v.prompts is None:  # the val captions are in the text cache
         conditions = s.cond.samples(len(index), prompts=[it["caption"] for it in items])
+    elif "label" in s.cond.reads:  # a class model: each image's own class, not 0, 1, 2, ...
+        conditions = s.cond.samples(len(index), labels=[int(it["label"]) for it in items])
     else:
         conditions = validation_conditions(s, len(index))
     videos = generate_videos(
