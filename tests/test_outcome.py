@@ -196,3 +196,26 @@ def test_a_target_request_is_a_stop_reason_of_the_step_vote():
     assert c.reason() is StopReason.SIGNAL
     with pytest.raises(ValueError, match="TARGET"):
         control()[0].request(StopReason.TIME_LIMIT)
+
+
+def test_a_signal_during_the_step_vote_is_not_lost():
+    """SIGTERM landing inside StepControl.agree, after it read the stop flag: the vote must not
+    write its stale False over the flag the handler set (the run then trained on, ignoring the
+    signal, until something killed it)."""
+    from training.common import Deadline, LRPlan, Position, StepControl
+    from utils.dist import DistInfo
+    from utils.logging import RunLogger
+    from utils.train_utils import GracefulStop
+
+    stop = GracefulStop()
+
+    class SignalMidVote(Deadline):
+        def expired(self) -> bool:  # read by agree() after the stop flag: the handler runs here
+            stop.requested = True
+            return False
+
+    deadline = SignalMidVote(0.0, None)
+    c = StepControl(DistInfo(), torch.device("cpu"), deadline, LRPlan(None, 10, deadline),
+                    Position(step=3), stop, RunLogger(None))
+    assert c.agree(torch.tensor(True))
+    assert stop.requested and c.reason() is StopReason.SIGNAL

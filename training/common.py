@@ -306,7 +306,8 @@ class StepControl:
         else:
             nonfinite, target = not bool(finite), self.target_requested
         self.verdict = Verdict(nonfinite, stop, expired, proposal, target)
-        self.stop.requested = stop  # another rank's signal stops this one too
+        if stop:  # another rank's signal stops this one too; never cleared here: a signal
+            self.stop.requested = True  # that arrived during this vote must not be lost
         if proposal is not None and self.plan.undecided:
             self.plan.decide(self.pos.step, proposal, self.log)
         return not nonfinite
