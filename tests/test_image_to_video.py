@@ -387,10 +387,19 @@ def test_text_conditioning_with_first_frames(tmp_path, trained_vae, text_encoder
     assert open(os.path.join(out, "prompts.txt")).read().startswith("a red square")
 
 
+def _validation_state(cfg, seam, val_captions, log_text):
+    """The parts of a stage-2 state `validation._log_image_to_video` reads (generation stubbed)."""
+    from types import SimpleNamespace
+    log = SimpleNamespace(video=lambda *a: None, scalar=lambda *a: None, info=lambda *a: None, text=log_text)
+    return SimpleNamespace(cfg=cfg, cond=seam, val_captions=val_captions, log=log,
+                           ema=SimpleNamespace(model=None), vae=None, device=torch.device("cpu"),
+                           dims=dict(in_channels=4, num_frames=4, latent_height=8, latent_width=8),
+                           first_frames=FirstFrames(1.0, 1), pos=SimpleNamespace(step=1))
+
+
 def test_validation_image_to_video_of_a_text_model_uses_each_images_caption(monkeypatch):
     """val/image_to_video of a text model: image i comes with its own clip's caption (not an
     unrelated held-out caption), so the two conditions describe one scene; both are logged."""
-    from types import SimpleNamespace
 
     from training import validation
     from training.conditioning import SampleConditions
@@ -412,12 +421,7 @@ def test_validation_image_to_video_of_a_text_model_uses_each_images_caption(monk
         return [np.zeros((4, 32, 32, 3), np.uint8) for _ in range(images.shape[0])]
 
     logged = {}
-    log = SimpleNamespace(video=lambda *a: None, scalar=lambda *a: None, info=lambda *a: None,
-                          text=lambda tag, text, step: logged.setdefault(tag, text))
-    s = SimpleNamespace(cfg=cfg, cond=Seam(), val_captions=["an unrelated caption"], log=log,
-                        ema=SimpleNamespace(model=None), vae=None, device=torch.device("cpu"),
-                        dims=dict(in_channels=4, num_frames=4, latent_height=8, latent_width=8),
-                        first_frames=FirstFrames(1.0, 1), pos=SimpleNamespace(step=1))
+    s = _validation_state(cfg, Seam(), ["an unrelated caption"], lambda tag, text, step: logged.setdefault(tag, text))
     monkeypatch.setattr(validation, "generate_videos", fake_generate)
     validation._log_image_to_video(s)
     val = build_dataset(cfg.data, "val", cfg.experiment.seed)
@@ -430,7 +434,6 @@ def test_validation_image_to_video_of_a_class_model_uses_each_images_class(monke
     """val/image_to_video of a class model: image i is sampled with its own clip's class, not
     the 0, 1, 2, ... of the other validation samples (a "red square" told to continue a blue
     circle's frame measures nothing)."""
-    from types import SimpleNamespace
 
     from training import validation
     from training.conditioning import SampleConditions
@@ -451,12 +454,7 @@ def test_validation_image_to_video_of_a_class_model_uses_each_images_class(monke
         seen["labels"] = conditions.cond["y"].tolist()
         return [np.zeros((4, 32, 32, 3), np.uint8) for _ in range(images.shape[0])]
 
-    log = SimpleNamespace(video=lambda *a: None, scalar=lambda *a: None, info=lambda *a: None,
-                          text=lambda *a: None)
-    s = SimpleNamespace(cfg=cfg, cond=Seam(), val_captions=[], log=log,
-                        ema=SimpleNamespace(model=None), vae=None, device=torch.device("cpu"),
-                        dims=dict(in_channels=4, num_frames=4, latent_height=8, latent_width=8),
-                        first_frames=FirstFrames(1.0, 1), pos=SimpleNamespace(step=1))
+    s = _validation_state(cfg, Seam(), [], lambda *a: None)
     monkeypatch.setattr(validation, "generate_videos", fake_generate)
     validation._log_image_to_video(s)
     val = build_dataset(cfg.data, "val", cfg.experiment.seed)
