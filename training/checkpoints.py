@@ -11,12 +11,15 @@ import glob
 import os
 import re
 from dataclasses import asdict
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from models.vae import FrozenVAE
 from utils.config import DiffusionConfig, ModelConfig, config_from_dict, config_to_dict
 from utils.checkpoint import require_entries
 from utils.errors import UserError
+
+if TYPE_CHECKING:  # the DiT module is imported where a model is built, not at import time
+    from models.dit import VideoDiT
 
 FORMAT = "video-ldm-stage2/1"
 STAGE1_FORMAT = "video-ldm-stage1/1"  # train_vae.py's latest.pth
