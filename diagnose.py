@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import utils.openmp  # noqa: F401  (first: sets GOMP_SPINCOUNT before torch loads)
 from training.diagnostics import DEFAULT_MIN_VAE_PSNR, FAIL, default_checkpoint, run_diagnostics, summary
 from utils.cli import parse_args, run_main
 from utils.config import TrainRunConfig, load_config

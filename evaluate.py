@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import utils.openmp  # noqa: F401  (first: sets GOMP_SPINCOUNT before torch loads)
 from training.sampling import sample_videos  # generation is predict's own path
 from training.evaluation import evaluate
 from utils.cli import parse_args, run_main

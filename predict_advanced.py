@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import utils.openmp  # noqa: F401  (first: sets GOMP_SPINCOUNT before torch loads)
 from training.checkpoints import ensure_writable_dir
 from training.sampling import predict_to_folder
 from utils.cli import parse_args, run_main

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import utils.openmp  # noqa: F401  (first: sets GOMP_SPINCOUNT before torch loads)
 from training.common import run_stage
 from training.stage2 import setup, train
 from utils.cli import run_main
