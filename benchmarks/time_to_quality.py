@@ -4,7 +4,7 @@ are coherent, side by side in one run.
     python benchmarks/time_to_quality.py \\
         --recipe v:diffusion.objective=v_prediction \\
         --recipe flow:diffusion.objective=flow_matching,predict.sampler=euler \\
-        [--steps 12000] [--every 1000] [--chunk 250] [--videos 36] [--targets 30 34] \\
+        [--steps 6000] [--every 1000] [--chunk 250] [--videos 36] [--targets 30 34] \\
         [--config config_advanced.yaml] [--predict-config predict_advanced.yaml] \\
         [--runs-dir DIR (kept; default a temporary folder)] [--json out.json] [--quick]
 
