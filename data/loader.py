@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -90,10 +91,12 @@ def fewer_than_one_batch(num_items: int, batch_size: int, world_size: int = 1) -
 
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int,
                 num_workers: int = 0, rank: int = 0, world_size: int = 1,
-                drop_last: bool = True, device_type: str = "cpu") -> DataLoader:
+                drop_last: bool = True, device_type: str = "cpu",
+                collate_fn: Optional[Callable[[list], dict]] = None) -> DataLoader:
     """A DataLoader over `dataset` with a `ResumableSampler` (at `loader.sampler`).
 
-    Batches: {"video": (B, 3, T, H, W), "label": (B,)} for this repo's datasets. drop_last
+    Batches: {"video": (B, 3, T, H, W), "label": (B,)} for this repo's datasets (`collate_fn`,
+    e.g. the conditioning seam's, may add to them; it runs in the data workers). drop_last
     applies to both the rank split and the last incomplete batch.
     """
     sampler = ResumableSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank,
@@ -102,7 +105,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int,
         raise fewer_than_one_batch(len(dataset), batch_size, world_size)
     workers = dict(persistent_workers=True, prefetch_factor=PREFETCH_BATCHES) if num_workers else {}
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      drop_last=drop_last, pin_memory=device_type == "cuda",
+                      drop_last=drop_last, pin_memory=device_type == "cuda", collate_fn=collate_fn,
                       worker_init_fn=_seed_worker,
                       # seeds the workers (base_seed + worker_id), differently on each rank
                       generator=torch.Generator().manual_seed(worker_seed(seed, rank)), **workers)

@@ -44,14 +44,19 @@ def caption_key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def text_cache_key(encoder_fingerprint: str, max_length: int, dtype: str) -> dict:
-    """What the cached embeddings depend on besides the caption text."""
-    return {"encoder_fingerprint": encoder_fingerprint, "max_length": int(max_length), "dtype": str(dtype)}
+def text_cache_key(encoder_fingerprint: str, max_length: int, dtype: str, convention: str = "masked") -> dict:
+    """What the cached embeddings depend on besides the caption text: the encoder, its length
+    and dtype, and the text convention (how captions are encoded: masked, or the padding
+    attended, as a pretrained DiT family was trained; models/backbones.py)."""
+    key = {"encoder_fingerprint": encoder_fingerprint, "max_length": int(max_length), "dtype": str(dtype)}
+    if convention != "masked":  # caches written before conventions keep their key
+        key["convention"] = convention
+    return key
 
 
 def describe_change(old: dict, new: dict) -> str:
     names = {"encoder_fingerprint": "the text encoder changed", "max_length": "text_encoder.max_length changed",
-             "dtype": "text_encoder.dtype changed"}
+             "dtype": "text_encoder.dtype changed", "convention": "the text convention changed"}
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     return ", ".join(f"{names.get(k, k)} ({old.get(k)} -> {new.get(k)})" for k in changed)
 
@@ -69,9 +74,12 @@ class TextTable:
     def __contains__(self, text: str) -> bool:
         return caption_key(text) in self.entries
 
-    def lookup(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    def lookup(self, texts: Sequence[str], trim: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Captions -> tokens (B, L, D) zero at padding, mask (B, L) bool, pooled (B, D') or None:
-        exactly what the encoder gave for each."""
+        exactly what the encoder gave for each. L = max_length, or with `trim` the longest of
+        these captions (for a DiT that reads the mask: the padding it would mask out is then
+        not computed at all)."""
         rows = []
         for text in texts:
             entry = self.entries.get(caption_key(text))
@@ -79,7 +87,7 @@ class TextTable:
                 raise KeyError(f"caption {text!r} is not in the text embedding cache: build the cache "
                                "with every caption the run uses (TextEmbeddingCache.ensure)")
             rows.append(entry)
-        L = self.max_length
+        L = max([t.shape[0] for t, _ in rows] or [1]) if trim else self.max_length
         tokens = torch.stack([F.pad(t, (0, 0, 0, L - t.shape[0])) for t, _ in rows])  # (B, L, D)
         lengths = torch.tensor([t.shape[0] for t, _ in rows])  # (B,)
         mask = torch.arange(L)[None] < lengths[:, None]  # (B, L)
@@ -97,6 +105,39 @@ class TextEmbeddingCache:
         self.dir, self.key, self.log = cache_dir, key, log
         self.manifest_path = os.path.join(cache_dir, "manifest.json")
         self.encoded = self.reused = 0
+
+    def missing(self, captions: Iterable[str]) -> list[str]:
+        """The captions not cached yet (sorted). Checks what the manifest lists (a shard that
+        cannot be read is dropped, its captions reported missing) and removes files of another key
+        or a killed build: one process at a time (rank 0), before any rank builds."""
+        wanted = {caption_key(c): c for c in captions}
+        entries = self._read(self._shards_for_key(), set(wanted))
+        return sorted(wanted[sha] for sha in wanted if sha not in entries)
+
+    def build_part(self, texts: Sequence[str], encode: EncodeFn, rank: int = 0, world_size: int = 1,
+                   batch_size: int = 64, progress: bool = True) -> dict[str, list[str]]:
+        """Encode `texts` (one rank's share of `missing`) into shard files of their own names
+        (rank r writes shards r, r + W, ... after the manifest's), without touching the manifest:
+        returns {shard: [sha, ...]} for `add_shards` (rank 0, after every rank wrote its part)."""
+        shards = self._manifest_shards_quiet()
+        start = 1 + max([int(n[5:10]) for n in shards] or [-1])
+        written: dict[str, list[str]] = {}
+        index = iter(range(start + rank, start + rank + world_size * 10 ** 5, world_size))
+        self._build(written, list(texts), encode, batch_size, progress,
+                    name=lambda: f"text_{next(index):05d}.safetensors", manifest=False)
+        return written
+
+    def add_shards(self, parts: dict[str, list[str]]) -> None:
+        """Add the shards ranks wrote (`build_part`) to the manifest (rank 0)."""
+        if parts:
+            self._write_manifest({**self._manifest_shards_quiet(), **parts})
+
+    def _manifest_shards_quiet(self) -> dict[str, list[str]]:
+        log, self.log = self.log, lambda message: None
+        try:
+            return self._manifest_shards()
+        finally:
+            self.log = log
 
     def ensure(self, captions: Iterable[str], encode: EncodeFn, batch_size: int = 64,
                progress: bool = True) -> TextTable:
@@ -189,8 +230,10 @@ class TextEmbeddingCache:
         return entries
 
     def _build(self, shards: dict[str, list[str]], texts: list[str], encode: EncodeFn,
-               batch_size: int, progress: bool) -> dict:
-        """Encode `texts` in batches; shards (then the manifest) written every SHARD_BYTES."""
+               batch_size: int, progress: bool, name: Optional[Callable[[], str]] = None,
+               manifest: bool = True) -> dict:
+        """Encode `texts` in batches; shards (then, with `manifest`, the manifest) written every
+        SHARD_BYTES, named by `name()` (default: the next free index)."""
         os.makedirs(self.dir, exist_ok=True)
         texts = sorted(texts, key=len)  # batches of similar lengths: little padding to encode
         new, pending, size = {}, {}, 0
@@ -207,15 +250,17 @@ class TextEmbeddingCache:
                 size += sum(t.numel() * t.element_size() for t in entry if t is not None)
             bar.update(len(chunk))
             if size >= SHARD_BYTES or start + batch_size >= len(texts):
-                self._write_shard(shards, pending)
+                self._write_shard(shards, pending, name() if name else None, manifest)
                 new.update(pending)
                 pending, size = {}, 0
         bar.close()
         return new
 
-    def _write_shard(self, shards: dict[str, list[str]], entries: dict) -> None:
-        k = 1 + max([int(n[5:10]) for n in shards] or [-1])
-        name = f"text_{k:05d}.safetensors"
+    def _write_shard(self, shards: dict[str, list[str]], entries: dict, name: Optional[str] = None,
+                     manifest: bool = True) -> None:
+        if name is None:
+            k = 1 + max([int(n[5:10]) for n in shards] or [-1])
+            name = f"text_{k:05d}.safetensors"
         tensors = {f"{sha}.tokens": t for sha, (t, _) in entries.items()}
         tensors.update({f"{sha}.pooled": p for sha, (_, p) in entries.items() if p is not None})
         path = os.path.join(self.dir, name)
@@ -229,4 +274,5 @@ class TextEmbeddingCache:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
         shards[name] = sorted(entries)
-        self._write_manifest(shards)
+        if manifest:
+            self._write_manifest(shards)

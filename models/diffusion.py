@@ -1,11 +1,14 @@
-"""All diffusion math: the two training objectives, their noise schedules, targets and
-losses, and the samplers.
+"""All diffusion math: the training objectives (one small class each), their noise schedules,
+targets and losses, and the samplers.
 
-Objective `v_prediction` (DDPM, Ho et al. 2020; v-prediction, Salimans & Ho 2022; zero
-terminal SNR, Lin et al. 2023; min-SNR-gamma, Hang et al. 2023). Code name -> paper symbol:
+`VPrediction` (DDPM, Ho et al. 2020; v-prediction, Salimans & Ho 2022; zero terminal SNR, Lin
+et al. 2023; min-SNR-gamma, Hang et al. 2023; CogVideoX's SNR shift, Yang et al. 2024). Code
+name -> paper symbol:
 
     betas[t]           beta_t
-    alphas_cumprod[t]  alpha_bar_t = prod_{s <= t} (1 - beta_s)
+    alphas_cumprod[t]  alpha_bar_t = prod_{s <= t} (1 - beta_s), then (CogVideoX) shifted
+                       alpha_bar / (k + (1 - k) alpha_bar) with k = snr_shift_scale, i.e.
+                       SNR / k, before the zero-SNR rescale
     alpha              alpha_t = sqrt(alpha_bar_t)        (signal scale)
     sigma              sigma_t = sqrt(1 - alpha_bar_t)    (noise scale); alpha^2 + sigma^2 = 1
     x_t                x_t = alpha * x0 + sigma * eps     (`add_noise`)
@@ -14,11 +17,12 @@ terminal SNR, Lin et al. 2023; min-SNR-gamma, Hang et al. 2023). Code name -> pa
     eps                eps = sigma * x_t + alpha * v      (`eps_from_v`)
     snr                SNR(t) = alpha^2 / sigma^2         (`snr`; exactly 0 at t = T-1 with zero-SNR)
 
-Timesteps are integers t in [0, num_train_timesteps); t = 0 is the cleanest.
+Its model time is an integer schedule index t in [0, num_train_timesteps); t = 0 is the
+cleanest.
 
-Objective `flow_matching` (rectified flow, Liu et al. 2022; flow matching, Lipman et al. 2022;
-timestep densities and shift, Esser et al. 2024 "SD3"), in the sign convention of diffusers'
-FlowMatchEulerDiscreteScheduler:
+`FlowMatching` (rectified flow, Liu et al. 2022; flow matching, Lipman et al. 2022; timestep
+densities and shift, Esser et al. 2024 "SD3"), in the sign convention of diffusers'
+FlowMatchEulerDiscreteScheduler (and of Wan):
 
     s                  sigma in [0, 1], the noise level (`flow_sigma`); s = t / T
     x_t                x_t = (1 - s) * x0 + s * eps       (`add_noise`)
@@ -29,14 +33,20 @@ FlowMatchEulerDiscreteScheduler:
     mu                 s' = e^mu / (e^mu + 1 / s - 1), mu linear in the
                        latent sequence length                             (`flow_mu`, dynamic)
 
-The model's time input is t = s * T (a float), as diffusers feeds flow transformers.
+Its model time is t = s * T, a float: the shifted noise level times num_train_timesteps, the
+time diffusers' flow schedulers hand a transformer (Wan's 1000 * sigma). Integer times are
+accepted too (UniPC and DPM-Solver++ with flow sigmas give integer timesteps).
 
-Both objectives expose one interface (`Diffusion`): sample_timesteps -> model time t,
-add_noise, target, loss, x0_from_output, eps_from_output, so the training loop, validation and
-diagnose never ask which objective they run. Every tensor helper broadcasts with
-`append_dims`, so the same code serves images and (B, C, T, h, w) video latents. Sampling
-runs diffusers' schedulers, built by `make_scheduler` from the very config these formulas use
-(`scheduler_config`); tests check both sides agree.
+Both are `Objective`s with one interface: sample_timesteps -> model time t, add_noise,
+target, loss, x0_from_output, eps_from_output, identity_error, make_scheduler. The training
+loop, validation, sampling and diagnose hold an `Objective` and never ask which one it is;
+`make_objective(cfg)` is the only place that reads `diffusion.objective`. Every tensor helper
+broadcasts with `append_dims`, so the same code serves images and (B, C, T, h, w) video
+latents. Sampling runs diffusers' schedulers, built by `Objective.make_scheduler` from the
+very config these formulas use (`scheduler_config`); tests check both sides agree. A
+pretrained model's own scheduler (its folder's `scheduler/`, e.g. Wan's UniPC or
+CogVideoX's DDIM) is its `native` sampler, built from that folder's config exactly as its
+diffusers pipeline builds it.
 """
 from __future__ import annotations
 
@@ -67,11 +77,13 @@ def append_dims(a: torch.Tensor, ndim: int) -> torch.Tensor:
     return a[(...,) + (None,) * (ndim - a.ndim)]
 
 
-# --------------------------------------------------------------------------- schedule
+# --------------------------------------------------------------------------- VP schedule
 
 
 def make_betas(cfg: DiffusionConfig) -> torch.Tensor:
-    """beta_t for t = 0 .. T-1 in float64, with the names and formulas diffusers uses."""
+    """beta_t for t = 0 .. T-1 in float64, with the names and formulas diffusers uses (before
+    any SNR shift: `vp_alphas_cumprod` applies that)."""
+    cfg = cfg.resolved()
     n = cfg.num_train_timesteps
     if cfg.beta_schedule == "linear":
         betas = torch.linspace(cfg.beta_start, cfg.beta_end, n, dtype=torch.float64)
@@ -82,7 +94,22 @@ def make_betas(cfg: DiffusionConfig) -> torch.Tensor:
     else:
         raise ConfigError(f"diffusion.beta_schedule = {cfg.beta_schedule!r}: use linear, "
                           "scaled_linear or squaredcos_cap_v2")
+    if cfg.snr_shift_scale != 1.0:  # the shift acts on alpha_bar: vp_alphas_cumprod rescales after it
+        return betas
     return rescale_zero_terminal_snr(betas) if cfg.rescale_betas_zero_snr else betas
+
+
+def vp_alphas_cumprod(cfg: DiffusionConfig) -> torch.Tensor:
+    """alpha_bar_t (T,) float64: cumprod(1 - beta), then CogVideoX's SNR shift and the zero-SNR
+    rescale, in the order of diffusers' CogVideoXDDIMScheduler. Without a shift, the plain
+    cumprod of `make_betas` (which already carries the rescale), as every VP scheduler has it."""
+    cfg = cfg.resolved()
+    ab = torch.cumprod(1 - make_betas(cfg), dim=0)
+    if cfg.snr_shift_scale == 1.0:
+        return ab
+    k = cfg.snr_shift_scale
+    ab = ab / (k + (1 - k) * ab)  # SNR / k
+    return _rescale_alphas_cumprod(ab) if cfg.rescale_betas_zero_snr else ab
 
 
 def _cosine_betas(n: int, max_beta: float = 0.999) -> torch.Tensor:
@@ -92,13 +119,17 @@ def _cosine_betas(n: int, max_beta: float = 0.999) -> torch.Tensor:
                          for i in range(n)], dtype=torch.float64)
 
 
-def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
-    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(alpha_bar) so that it is exactly 0
-    at t = T-1 (pure noise, SNR = 0) while keeping its value at t = 0."""
-    sqrt_ab = torch.cumprod(1 - betas, dim=0).sqrt()
+def _rescale_alphas_cumprod(alphas_bar: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023, Algorithm 1 on alpha_bar: shift and scale sqrt(alpha_bar) so that it is
+    exactly 0 at t = T-1 (pure noise, SNR = 0) while keeping its value at t = 0."""
+    sqrt_ab = alphas_bar.sqrt()
     first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
-    sqrt_ab = (sqrt_ab - last) * first / (first - last)
-    alphas_bar = sqrt_ab ** 2
+    return ((sqrt_ab - last) * first / (first - last)) ** 2
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """`_rescale_alphas_cumprod` written on betas, as diffusers' DDPM/DDIM schedulers apply it."""
+    alphas_bar = _rescale_alphas_cumprod(torch.cumprod(1 - betas, dim=0))
     alphas = torch.cat([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
     return 1 - alphas
 
@@ -109,6 +140,9 @@ class LossOutput(NamedTuple):
     weight: torch.Tensor  # (B,) the loss weight (min-SNR for v, loss_weighting for flow; ones without)
 
 
+# --------------------------------------------------------------------------- flow shift
+
+
 def latent_seq_len(latent_shape: Sequence[int]) -> int:
     """Sequence length for the dynamic flow shift: latent positions T * h * w of a (B, C, T, h, w)
     (or (B, C, h, w)) shape, before patching, so the DiT's patch size does not enter."""
@@ -117,8 +151,12 @@ def latent_seq_len(latent_shape: Sequence[int]) -> int:
 
 def flow_mu(cfg: DiffusionConfig, latent_shape: Sequence[int]) -> Optional[float]:
     """mu of the dynamic flow shift for latents of `latent_shape`; None when the shift is fixed
-    (or the objective is v). Linear in the sequence length through (base_seq_len, base_shift)
-    and (max_seq_len, max_shift), extrapolated beyond them, as diffusers' flow pipelines do."""
+    (or the objective is v). mu is linear in the number of latent positions T * h * w through
+    (flow_base_seq_len, flow_base_shift) and (flow_max_seq_len, flow_max_shift), and
+    extrapolated beyond them; the scheduler then shifts by e^mu. diffusers' image pipelines
+    (Flux, SD3) compute mu the same way but from their patched token count, so with patches
+    the same config gives another mu there."""
+    cfg = cfg.resolved()
     if cfg.objective != FLOW or not cfg.flow_shift_dynamic:
         return None
     slope = (cfg.flow_max_shift - cfg.flow_base_shift) / (cfg.flow_max_seq_len - cfg.flow_base_seq_len)
@@ -136,31 +174,146 @@ def time_shift_sigma(s: torch.Tensor, mu: float) -> torch.Tensor:
     return math.exp(mu) / (math.exp(mu) + (1 / s - 1))
 
 
-class Diffusion:
-    """The training-side math of `cfg.objective`. Holds no parameters.
+# --------------------------------------------------------------------------- objectives
 
-    Uniform interface (what training, validation and diagnose call): `sample_timesteps`,
-    `add_noise`, `target`, `loss`, `loss_weight`, `x0_from_output`, `eps_from_output`. The model
-    time `t` is an integer schedule index for v_prediction, and s * T (float; integers are
-    accepted too) for flow_matching. The v-specific helpers (`alpha_sigma`, `snr`, `v_target`,
-    `x0_from_v`, `eps_from_v`) serve the VP schedule only.
+
+class Objective:
+    """The training-side math of one objective, and the samplers that serve it. Holds no
+    parameters.
+
+    Interface (what training, validation, sampling and diagnose call): `sample_timesteps`,
+    `add_noise`, `target`, `loss`, `loss_weight`, `x0_from_output`, `eps_from_output`,
+    `identity_error`, `scheduler_config`, `make_scheduler`, `mu`. `native`: a pretrained
+    model's own scheduler, {"sampler": name, "class_name": ..., "config": {...}} (its folder's
+    scheduler config), built when that sampler is asked for.
     """
+    objective: str = ""
 
-    def __init__(self, cfg: DiffusionConfig):
-        self.cfg = cfg
-        self.objective = cfg.objective
-        self.is_flow = cfg.objective == FLOW
-        self.num_train_timesteps = cfg.num_train_timesteps
-        self.betas = make_betas(cfg)  # (T,) float64 on CPU: the master copy (v_prediction)
-        self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)  # (T,) float64
+    def __new__(cls, cfg: DiffusionConfig, native: Optional[dict] = None):
+        """`Objective(cfg)` (alias `Diffusion(cfg)`) builds the class of `cfg.objective`."""
+        if cls is Objective:
+            cls = OBJECTIVES[cfg.resolved().objective]
+        return super().__new__(cls)
+
+    def __init__(self, cfg: DiffusionConfig, native: Optional[dict] = None):
+        self.cfg = cfg.resolved()
+        self.num_train_timesteps = self.cfg.num_train_timesteps
+        self.native = native
+
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        return SAMPLERS_BY_OBJECTIVE[self.objective]
+
+    # ---- the objective's formulas (each subclass)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t of clean `x0` at model time `t` with `noise` eps."""
+        raise NotImplementedError
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network is trained to output at (x_t, t)."""
+        raise NotImplementedError
+
+    def x0_from_output(self, x_t: torch.Tensor, out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The clean sample implied by the network's output `out` at (x_t, t)."""
+        raise NotImplementedError
+
+    def eps_from_output(self, x_t: torch.Tensor, out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The noise implied by the network's output `out` at (x_t, t)."""
+        raise NotImplementedError
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) (or per-frame (B, T)) weight on the per-sample MSE to `target`."""
+        raise NotImplementedError
+
+    def sample_timesteps(self, batch: int, device: torch.device | str,
+                         generator: Optional[torch.Generator] = None, *,
+                         latent_shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """(batch,) model times on `device`, drawn from `diffusion.timestep_sampling`."""
+        raise NotImplementedError
+
+    def identity_error(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[float, str]:
+        """The largest error of the schedule's own identity at times `t`, and its name (diagnose)."""
+        raise NotImplementedError
+
+    def scheduler_config(self) -> dict:
+        return scheduler_config(self.cfg)
+
+    def mu(self, latent_shape: Sequence[int]) -> Optional[float]:
+        """The dynamic flow shift of a batch of `latent_shape` (None: a fixed schedule)."""
+        return flow_mu(self.cfg, latent_shape)
+
+    # ---- shared
+
+    def make_scheduler(self, name: str):
+        """A fresh diffusers scheduler for sampler `name`: the native one (a pretrained model's
+        own scheduler class and config) when `name` is its sampler, else built from this
+        objective's schedule. A sampler that cannot serve the objective is refused naming those
+        that can."""
+        if self.native is not None and name == self.native["sampler"]:
+            return _native_scheduler(self.native)
+        return make_scheduler(name, self.cfg)
+
+    def loss(self, model_out: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
+             t: torch.Tensor, frame_mask: Optional[torch.Tensor] = None) -> LossOutput:
+        """Per-sample MSE to the objective's target (mean over all but the batch dim), weighted.
+
+        Per-frame form (first-frame conditioning): `t` (B, T) one model time per latent frame of
+        (B, C, T, h, w) latents, `frame_mask` (B, T) bool, True = the frame carries loss (False:
+        a clean condition frame). Each frame's MSE is weighted by its own t's weight and the
+        sample's loss, mse and weight are means over its loss-carrying frames only (LTX-Video's
+        loss mask, Open-Sora 1.2's `mean_flat(mask)`), so a condition frame contributes nothing
+        and a sample's loss keeps the scale of an unconditioned one. `frame_mask` is trusted to
+        leave each sample a frame (FirstFrames never masks them all): checking it would cost a
+        host sync every step.
+        """
+        target = self.target(x0.float(), noise.float(), t)
+        if t.ndim == 1 and frame_mask is None:
+            mse = (model_out.float() - target).square().flatten(1).mean(dim=1)  # (B,)
+            weight = self.loss_weight(t)
+            return LossOutput(loss=mse * weight, mse=mse, weight=weight)
+        batch, frames = x0.shape[0], x0.shape[2]
+        t_frames = t if t.ndim == 2 else t[:, None].expand(batch, frames)  # (B, T)
+        keep = (torch.ones(batch, frames, dtype=torch.bool, device=x0.device) if frame_mask is None
+                else frame_mask.to(x0.device, torch.bool))  # (B, T)
+        per_frame = (model_out.float() - target).square().mean(dim=(1, 3, 4))  # (B, T)
+        w_frame = self.loss_weight(t_frames)  # (B, T)
+        kept = keep.float()
+        count = kept.sum(dim=1).clamp(min=1)  # (B,)
+        mse = (per_frame * kept).sum(dim=1) / count
+        loss = (per_frame * w_frame * kept).sum(dim=1) / count
+        weight = (w_frame * kept).sum(dim=1) / count
+        return LossOutput(loss=loss, mse=mse, weight=weight)
+
+    def _density(self, batch: int, device: torch.device | str,
+                 generator: Optional[torch.Generator]) -> torch.Tensor:
+        """(batch,) float32 u in [0, 1] drawn from `timestep_sampling`, as diffusers'
+        compute_density_for_timestep_sampling."""
+        kind = self.cfg.timestep_sampling
+        if kind == "logit_normal":
+            n = torch.randn(batch, generator=generator, device=device)
+            return torch.sigmoid(self.cfg.logit_mean + self.cfg.logit_std * n)
+        u = torch.rand(batch, generator=generator, device=device)
+        if kind == "mode":
+            u = 1 - u - self.cfg.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+        return u
+
+
+class VPrediction(Objective):
+    """v-prediction on a VP schedule (the repo's default; CogVideoX's with snr_shift_scale).
+    Model time: the integer schedule index t."""
+    objective = "v_prediction"
+
+    def __init__(self, cfg: DiffusionConfig, native: Optional[dict] = None):
+        super().__init__(cfg, native)
+        self.alphas_cumprod = vp_alphas_cumprod(self.cfg)  # (T,) float64 on CPU: the master copy
+        self.betas = torch.cat([1 - self.alphas_cumprod[:1],
+                                1 - self.alphas_cumprod[1:] / self.alphas_cumprod[:-1]])  # (T,) float64
         self._tables: dict[torch.device, torch.Tensor] = {}
-
-    # ---- per-timestep coefficients (v_prediction)
 
     def _coefs(self, t: torch.Tensor) -> torch.Tensor:
         """(B,) (or per-frame (B, T)) integer t -> (3, B) (or (3, B, T)) float32 rows alpha,
         sigma, snr on t's device."""
-        assert not self.is_flow, "alpha/sigma/snr belong to the VP schedule of v_prediction"
         assert not t.is_floating_point(), "timesteps index the schedule: pass an integer tensor"
         table = self._tables.get(t.device)
         if table is None:  # built once per device, so CUDA gets it by construction
@@ -178,8 +331,6 @@ class Diffusion:
         """(B,) (or per-frame (B, T)) float32 alpha^2 / sigma^2."""
         return self._coefs(t)[2]
 
-    # ---- the v parameterisation
-
     def v_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         alpha, sigma = self.alpha_sigma(t, x0)
         return alpha * noise - sigma * x0
@@ -192,114 +343,39 @@ class Diffusion:
         alpha, sigma = self.alpha_sigma(t, x_t)
         return sigma * x_t + alpha * v
 
-    # ---- flow matching
-
-    def flow_sigma(self, t: torch.Tensor, like: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Model time t (float or integer) -> noise level s = t / T: (B,) float32, or shaped
-        (B, 1, ..., 1) in `like`'s dtype when `like` is given."""
-        s = t.float() / self.num_train_timesteps
-        return s if like is None else append_dims(s.to(like.dtype), like.ndim)
-
-    # ---- the objective's interface
-
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x_t of clean `x0` at model time `t` with `noise` eps."""
-        if self.is_flow:
-            s = self.flow_sigma(t, x0)
-            return (1 - s) * x0 + s * noise
         alpha, sigma = self.alpha_sigma(t, x0)
         return alpha * x0 + sigma * noise
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """What the network is trained to output: v, or the flow velocity eps - x0."""
-        if self.is_flow:
-            return noise - x0
         return self.v_target(x0, noise, t)
 
     def x0_from_output(self, x_t: torch.Tensor, out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The clean sample implied by the network's output `out` at (x_t, t)."""
-        if self.is_flow:
-            return x_t - self.flow_sigma(t, x_t) * out
         return self.x0_from_v(x_t, out, t)
 
     def eps_from_output(self, x_t: torch.Tensor, out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The noise implied by the network's output `out` at (x_t, t)."""
-        if self.is_flow:
-            return x_t + (1 - self.flow_sigma(t, x_t)) * out
         return self.eps_from_v(x_t, out, t)
 
-    # ---- training
-
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
-        """(B,) weight on the per-sample MSE to `target`.
-
-        v_prediction: min-SNR-gamma on the v-MSE, min(snr, gamma) / (snr + 1). This is
-        min(snr, gamma) on the x0-MSE rewritten for v, since x0 - x0_hat = -sigma * (v - v_hat)
-        and sigma^2 = 1 / (snr + 1). Finite everywhere: 0 at the zero-SNR step.
-        flow_matching: diffusers' compute_loss_weighting_for_sd3 schemes on s. sigma_sqrt is
-        1 / s^2 with s floored at 1 / T (the least noise diffusers' discrete schedule trains),
-        so the weight stays finite at s = 0.
-        """
-        if self.is_flow:
-            s = self.flow_sigma(t)
-            if self.cfg.loss_weighting == "sigma_sqrt":
-                return s.clamp(min=1 / self.num_train_timesteps) ** -2
-            if self.cfg.loss_weighting == "cosmap":
-                return 2 / (math.pi * (1 - 2 * s + 2 * s ** 2))
-            return torch.ones_like(s)
+        """min-SNR-gamma on the v-MSE, min(snr, gamma) / (snr + 1). This is min(snr, gamma) on
+        the x0-MSE rewritten for v, since x0 - x0_hat = -sigma * (v - v_hat) and sigma^2 =
+        1 / (snr + 1). Finite everywhere: 0 at the zero-SNR step. Without gamma: plain v-MSE
+        (which is also CogVideoX's 1 / (1 - alpha_bar)-weighted x0-MSE, exactly)."""
         snr = self.snr(t)
         if self.cfg.min_snr_gamma is None:
             return torch.ones_like(snr)
         return snr.clamp(max=self.cfg.min_snr_gamma) / (snr + 1)
 
-    def loss(self, model_out: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
-             t: torch.Tensor, frame_mask: Optional[torch.Tensor] = None) -> LossOutput:
-        """Per-sample MSE to the objective's target (mean over all but the batch dim), weighted.
-
-        Per-frame form (first-frame conditioning): `t` (B, T) one model time per latent frame of
-        (B, C, T, h, w) latents, `frame_mask` (B, T) bool, True = the frame carries loss (False:
-        a clean condition frame). Each frame's MSE is weighted by its own t's weight and the
-        sample's loss, mse and weight are means over its loss-carrying frames only (LTX-Video's
-        loss mask, Open-Sora 1.2's `mean_flat(mask)`), so a condition frame contributes nothing
-        and a sample's loss keeps the scale of an unconditioned one.
-        """
-        target = self.target(x0.float(), noise.float(), t)
-        if t.ndim == 1 and frame_mask is None:
-            mse = (model_out.float() - target).square().flatten(1).mean(dim=1)  # (B,)
-            weight = self.loss_weight(t)
-            return LossOutput(loss=mse * weight, mse=mse, weight=weight)
-        batch, frames = x0.shape[0], x0.shape[2]
-        t_frames = t if t.ndim == 2 else t[:, None].expand(batch, frames)  # (B, T)
-        keep = (torch.ones(batch, frames, dtype=torch.bool, device=x0.device) if frame_mask is None
-                else frame_mask.to(x0.device, torch.bool))  # (B, T)
-        if not bool(keep.any(dim=1).all()):
-            raise ValueError("frame_mask leaves a sample with no frame to carry loss")
-        per_frame = (model_out.float() - target).square().mean(dim=(1, 3, 4))  # (B, T)
-        w_frame = self.loss_weight(t_frames)  # (B, T)
-        kept = keep.float()
-        count = kept.sum(dim=1)  # (B,)
-        mse = (per_frame * kept).sum(dim=1) / count
-        loss = (per_frame * w_frame * kept).sum(dim=1) / count
-        weight = (w_frame * kept).sum(dim=1) / count
-        return LossOutput(loss=loss, mse=mse, weight=weight)
-
     def sample_timesteps(self, batch: int, device: torch.device | str,
                          generator: Optional[torch.Generator] = None, *,
                          latent_shape: Optional[Sequence[int]] = None) -> torch.Tensor:
-        """(batch,) model times on `device`: int64 in [0, T) for v, float32 s * T for flow.
-
-        `uniform`: every t equally often. `logit_normal` (as in SD3): t / T = sigmoid(n) with
-        n ~ N(logit_mean, logit_std), which spends fewer updates on the nearly clean end of the
-        schedule, where the v-MSE is small and easy, and with logit_mean > 0 more on the noisy
-        end, where every sampler starts and the layout of a video is decided. `mode`: SD3's
-        density with curvature mode_scale. Flow then shifts s (`flow_shift`, or the dynamic shift
-        from `latent_shape`, the (B, C, T, h, w) shape of the batch, which it then needs).
-        """
+        """(batch,) int64 t in [0, T). `uniform`: every t equally often. `logit_normal` (as in
+        SD3): t / T = sigmoid(n) with n ~ N(logit_mean, logit_std), which spends fewer updates on
+        the nearly clean end of the schedule, where the v-MSE is small and easy, and with
+        logit_mean > 0 more on the noisy end, where every sampler starts and the layout of a
+        video is decided. `mode`: SD3's density with curvature mode_scale."""
         gen_device = generator.device if generator is not None else device
         T = self.num_train_timesteps
-        if self.is_flow:
-            u = self._density(batch, gen_device, generator)  # (B,) in [0, 1]
-            return (self._shift(u, latent_shape) * T).to(device)
         if self.cfg.timestep_sampling == "uniform":
             t = torch.randint(0, T, (batch,), generator=generator, device=gen_device)
         else:
@@ -307,18 +383,54 @@ class Diffusion:
             t = (u * T).long().clamp_(0, T - 1)
         return t.to(device)
 
-    def _density(self, batch: int, device: torch.device | str,
-                 generator: Optional[torch.Generator]) -> torch.Tensor:
-        """(batch,) float32 u in [0, 1] drawn from `timestep_sampling`, as diffusers'
-        compute_density_for_timestep_sampling."""
-        kind = self.cfg.timestep_sampling
-        if kind == "logit_normal":
-            n = torch.randn(batch, generator=generator, device=device)
-            return torch.sigmoid(self.cfg.logit_mean + self.cfg.logit_std * n)
-        u = torch.rand(batch, generator=generator, device=device)
-        if kind == "mode":
-            u = 1 - u - self.cfg.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
-        return u
+    def identity_error(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[float, str]:
+        alpha, sigma = self.alpha_sigma(t, x0)
+        return (alpha ** 2 + sigma ** 2 - 1).abs().max().item(), "alpha^2 + sigma^2 - 1"
+
+
+class FlowMatching(Objective):
+    """Rectified-flow velocity (Wan's objective). Model time: s * T, a float."""
+    objective = FLOW
+
+    def flow_sigma(self, t: torch.Tensor, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Model time t (float or integer) -> noise level s = t / T: (B,) float32, or shaped
+        (B, 1, ..., 1) in `like`'s dtype when `like` is given."""
+        s = t.float() / self.num_train_timesteps
+        return s if like is None else append_dims(s.to(like.dtype), like.ndim)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s = self.flow_sigma(t, x0)
+        return (1 - s) * x0 + s * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return noise - x0
+
+    def x0_from_output(self, x_t: torch.Tensor, out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x_t - self.flow_sigma(t, x_t) * out
+
+    def eps_from_output(self, x_t: torch.Tensor, out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x_t + (1 - self.flow_sigma(t, x_t)) * out
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """diffusers' compute_loss_weighting_for_sd3 schemes on s. sigma_sqrt is 1 / s^2 with s
+        floored at 1 / T (the least noise diffusers' discrete schedule trains), so the weight
+        stays finite at s = 0."""
+        s = self.flow_sigma(t)
+        if self.cfg.loss_weighting == "sigma_sqrt":
+            return s.clamp(min=1 / self.num_train_timesteps) ** -2
+        if self.cfg.loss_weighting == "cosmap":
+            return 2 / (math.pi * (1 - 2 * s + 2 * s ** 2))
+        return torch.ones_like(s)
+
+    def sample_timesteps(self, batch: int, device: torch.device | str,
+                         generator: Optional[torch.Generator] = None, *,
+                         latent_shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """(batch,) float32 s * T: s drawn from `timestep_sampling` (uniform, logit_normal,
+        mode), then shifted (`flow_shift`, or the dynamic shift from `latent_shape`, the
+        (B, C, T, h, w) shape of the batch, which it then needs)."""
+        gen_device = generator.device if generator is not None else device
+        u = self._density(batch, gen_device, generator)  # (B,) in [0, 1]
+        return (self._shift(u, latent_shape) * self.num_train_timesteps).to(device)
 
     def _shift(self, s: torch.Tensor, latent_shape: Optional[Sequence[int]]) -> torch.Tensor:
         """s -> the shifted s the flow objective trains and samples at."""
@@ -329,10 +441,20 @@ class Diffusion:
             return time_shift_sigma(s, flow_mu(self.cfg, latent_shape))
         return shift_sigma(s, self.cfg.flow_shift)
 
-    # ---- the diffusers side
+    def identity_error(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[float, str]:
+        zero = torch.zeros_like(t[:1])
+        return (self.add_noise(x0[:1], eps[:1], zero) - x0[:1]).abs().max().item(), "x_t - x0 at t = 0"
 
-    def scheduler_config(self) -> dict:
-        return scheduler_config(self.cfg)
+
+OBJECTIVES: dict[str, type[Objective]] = {"v_prediction": VPrediction, FLOW: FlowMatching}
+
+
+def make_objective(cfg: DiffusionConfig, native: Optional[dict] = None) -> Objective:
+    """The Objective of `cfg.objective` (null: the default, v_prediction)."""
+    return Objective(cfg, native)
+
+
+Diffusion = Objective  # the name callers knew before objectives became classes
 
 
 # --------------------------------------------------------------------------- samplers
@@ -341,20 +463,27 @@ class Diffusion:
 def scheduler_config(cfg: DiffusionConfig) -> dict:
     """The schedule as diffusers scheduler kwargs shared by every sampler of `cfg.objective`.
 
-    v_prediction: `timestep_spacing="trailing"` makes sampling start at t = T-1, the step the
-    zero-SNR schedule trains as pure noise (Lin et al. 2023, Table 2); "leading"/"linspace"
-    would start below it from an x_T that is not the noise level the model expects.
+    v_prediction: `timestep_spacing` (default "trailing") makes sampling start at t = T-1, the
+    step the zero-SNR schedule trains as pure noise (Lin et al. 2023, Table 2); "leading" /
+    "linspace" would start below it from an x_T that is not the noise level the model expects.
+    With an SNR shift (CogVideoX) the generic schedulers take the shifted betas
+    (`trained_betas`): they have no shift of their own.
     flow_matching: the flow-sigma keys of UniPC / DPM-Solver (FlowMatchEuler names the same
     shift differently; `make_scheduler` translates).
     """
+    cfg = cfg.resolved()
     if cfg.objective == FLOW:
         return dict(num_train_timesteps=cfg.num_train_timesteps, prediction_type="flow_prediction",
                     use_flow_sigmas=True, flow_shift=cfg.flow_shift,
                     use_dynamic_shifting=cfg.flow_shift_dynamic, time_shift_type="exponential")
-    return dict(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+    base = dict(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
                 beta_start=cfg.beta_start, beta_end=cfg.beta_end,
                 rescale_betas_zero_snr=cfg.rescale_betas_zero_snr,
-                prediction_type="v_prediction", timestep_spacing="trailing")
+                prediction_type="v_prediction", timestep_spacing=cfg.timestep_spacing)
+    if cfg.snr_shift_scale != 1.0:  # the rescale is then a no-op on betas that already have it
+        ab = vp_alphas_cumprod(cfg)
+        base["trained_betas"] = torch.cat([1 - ab[:1], 1 - ab[1:] / ab[:-1]]).tolist()
+    return base
 
 
 def make_scheduler(name: str, cfg: DiffusionConfig):
@@ -364,6 +493,7 @@ def make_scheduler(name: str, cfg: DiffusionConfig):
     v_prediction, FLOW_SAMPLERS for flow_matching). A scheduler with a dynamic flow shift needs
     `mu` in `set_timesteps`: `sample(..., mu=flow_mu(cfg, shape))`.
     """
+    cfg = cfg.resolved()
     if name not in SAMPLERS + FLOW_SAMPLERS:
         raise ConfigError(f"sampler = {name!r}: use one of {', '.join(SAMPLERS_BY_OBJECTIVE[cfg.objective])}")
     check_sampler(name, cfg.objective)
@@ -403,6 +533,13 @@ def _make_flow_scheduler(name: str, cfg: DiffusionConfig):
     assert name == "dpm++"  # 2nd-order multistep; final sigma 0 returns the denoised sample
     return DPMSolverMultistepScheduler(**base, algorithm_type="dpmsolver++", solver_order=2,
                                        final_sigmas_type="zero", lower_order_final=True)
+
+
+def _native_scheduler(native: dict):
+    """A pretrained folder's own scheduler (diffusers class by name, its saved config)."""
+    import diffusers
+    cls = getattr(diffusers, native["class_name"])
+    return cls.from_config(native["config"])
 
 
 def initial_noise(shape: tuple[int, ...], generator: Generators, device: torch.device | str) -> torch.Tensor:
@@ -447,6 +584,30 @@ def guided_v(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, cond,
     return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
+class CleanPrefix:
+    """A model call whose first k latent frames are given: the model always sees the clean
+    latents `frames` (B, C, k, h, w) there, with per-frame t = 0 for them (t becomes (B, T)),
+    exactly as in training (training/first_frames.py); the other frames are the sampler's.
+    Under guidance the batch is [cond | uncond], so `frames` are tiled to the call's batch: both
+    halves see the same condition. What the sampler writes into the prefix is never read, and
+    `apply` puts the clean frames back into the result."""
+
+    def __init__(self, model_fn: ModelFn, frames: torch.Tensor):
+        self.model_fn, self.frames, self.k = model_fn, frames, frames.shape[2]
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, *args, **cond) -> torch.Tensor:
+        reps = x.shape[0] // self.frames.shape[0]  # 2 under guidance
+        x = x.clone()
+        x[:, :, :self.k] = self.frames.repeat(reps, 1, 1, 1, 1).to(x.dtype)
+        t = t[:, None].repeat(1, x.shape[2])  # (B, T)
+        t[:, :self.k] = 0
+        return self.model_fn(x, t, *args, **cond)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        x[:, :, :self.k] = self.frames.to(x.dtype)
+        return x
+
+
 class SamplingStopped(Exception):
     """`sample` ended early because its `should_stop()` said so (raised between steps, never
     from a signal handler)."""
@@ -464,17 +625,15 @@ def sample(model_fn: ModelFn, shape: tuple[int, ...], *, scheduler, num_steps: i
     `model_fn(x_t, t, **cond) -> output` (v, or the flow velocity) with t a (B,) tensor of the
     scheduler's timesteps (integers, or floats s * T for FlowMatchEuler). The one sampler of
     this repo: validation and predict both call it. `scheduler` is stateful: pass a fresh one
-    from `make_scheduler` (or one you own) per call. `mu`: the dynamic flow shift
-    (`flow_mu(cfg, shape)`), needed exactly when the scheduler was built with one.
+    from `Objective.make_scheduler` (or one you own) per call. `mu`: the dynamic flow shift
+    (`Objective.mu(shape)`), needed exactly when the scheduler was built with one.
     `should_stop() -> bool` is asked before every sampler step (a stop-request flag, e.g.
     predict's): True raises SamplingStopped there; it changes no number otherwise.
     The condition: `cond` / `uncond` keyword dicts (training/conditioning.py's
     `SampleConditions.rows`), or the older class form `y` with `null_class_id`.
     `cond_frames` (B, C, k, h, w): clean latents of the first k latent frames (image-to-video,
-    extension; a model trained with model.first_frame_conditioning). At every step the model
-    sees them clean with per-frame t = 0 for them (t is then (B, T)), exactly as in training,
-    and after every step they are reset, so the returned x0 holds them unchanged (the same
-    condition for both halves of guidance).
+    extension; a model trained with model.first_frame_conditioning): the model call is wrapped
+    in a `CleanPrefix`, and the returned x0 holds them unchanged.
     """
     if cond is not None and y is not None:
         raise ValueError("give the condition as cond (a dict) or y (class labels), not both")
@@ -482,6 +641,14 @@ def sample(model_fn: ModelFn, shape: tuple[int, ...], *, scheduler, num_steps: i
     if dynamic != (mu is not None):
         raise ValueError("a scheduler with a dynamic flow shift needs mu = flow_mu(cfg, shape), "
                          "and only such a scheduler takes one")
+    prefix = None
+    if cond_frames is not None:
+        k = cond_frames.shape[2]
+        if len(shape) != 5 or tuple(cond_frames.shape) != (shape[0], shape[1], k, *shape[3:]) \
+                or k >= shape[2]:
+            raise ValueError(f"cond_frames of shape {tuple(cond_frames.shape)} do not fit latents "
+                             f"{tuple(shape)}: need (B, C, k, h, w) with k < T")
+        model_fn = prefix = CleanPrefix(model_fn, cond_frames.to(device))
     scheduler.set_timesteps(num_steps, device=device, **({"mu": mu} if dynamic else {}))
     # Flow schedulers start at sigma = 1 and need no input scaling; FlowMatchEuler has neither.
     x = initial_noise(shape, generator, device) * getattr(scheduler, "init_noise_sigma", 1.0)
@@ -489,26 +656,11 @@ def sample(model_fn: ModelFn, shape: tuple[int, ...], *, scheduler, num_steps: i
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     if cond is None:
         cond = None if y is None else y.to(device)
-    k = 0 if cond_frames is None else cond_frames.shape[2]
-    if k:
-        if len(shape) != 5 or tuple(cond_frames.shape) != (shape[0], shape[1], k, *shape[3:]) \
-                or k >= shape[2]:
-            raise ValueError(f"cond_frames of shape {tuple(cond_frames.shape)} do not fit latents "
-                             f"{tuple(shape)}: need (B, C, k, h, w) with k < T")
-        cond_frames = cond_frames.to(device, x.dtype)
-        x[:, :, :k] = cond_frames
     for t in tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False):
         if should_stop is not None and should_stop():
             raise SamplingStopped
         x_in = scale_input(x, t)  # identity except for Euler (sigma -> VP scale)
         t_batch = t.to(device).expand(shape[0])  # (B,)
-        if k:  # the clean condition frames: model input exactly the clean latents, t = 0
-            x_in = x_in.clone()
-            x_in[:, :, :k] = cond_frames
-            t_batch = t_batch[:, None].repeat(1, shape[2])  # (B, T)
-            t_batch[:, :k] = 0
         out = guided_v(model_fn, x_in, t_batch, cond, guidance_scale, null_class_id, uncond)
         x = scheduler.step(out.to(x.dtype), t, x, **step_kwargs).prev_sample
-        if k:
-            x[:, :, :k] = cond_frames
-    return x
+    return x if prefix is None else prefix.apply(x)

@@ -49,6 +49,7 @@ from utils.errors import ConfigError, MissingFileError, UserError
 DEFAULT_MAX_LENGTH = 120  # tokens, when the tokenizer states no model_max_length (PixArt's, Latte's)
 UNSET_MAX_LENGTH = 10 ** 6  # transformers marks "no model_max_length" with a huge number
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # describe()'s dtype -> config name
 # Files that make up a tokenizer (fingerprinted); model weights and config are not among them.
 TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt",
                    "merges.txt", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja")
@@ -222,10 +223,13 @@ class FrozenTextEncoder(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer, path: str = "", tokenizer_dir: str = "",
                  max_length: Optional[int] = None, dtype: Optional[torch.dtype] = None, found: str = "",
-                 source: tuple[str, Optional[str]] = ("", None)):
+                 source: tuple[str, Optional[str]] = ("", None), attend_padding: bool = False):
         """`path`: the encoder's own folder; `source`: (text_encoder.path, text_encoder.subfolder)
-        as given, which is what reloads it (a pipeline's text_encoder/ alone lacks its tokenizer)."""
+        as given, which is what reloads it (a pipeline's text_encoder/ alone lacks its tokenizer).
+        `attend_padding`: every caption padded to max_length and encoded with the padding
+        attended and kept (CogVideoX's convention), instead of masked and zeroed."""
         super().__init__()
+        self.attend_padding = attend_padding
         self.source, self.subfolder = source
         self.class_name = type(model).__name__
         if self.class_name not in ENCODERS:
@@ -247,7 +251,8 @@ class FrozenTextEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, device: torch.device | str = "cpu", dtype: str = "auto",
-                        max_length: Optional[int] = None, subfolder: Optional[str] = None) -> "FrozenTextEncoder":
+                        max_length: Optional[int] = None, subfolder: Optional[str] = None,
+                        attend_padding: bool = False) -> "FrozenTextEncoder":
         folder, tok_dir, found = resolve_text_encoder_dir(path, subfolder)
         name = _class_of(folder)
         with _quiet_transformers():
@@ -262,28 +267,41 @@ class FrozenTextEncoder(nn.Module):
                                 "Its files are corrupt or incomplete, or need a package not installed "
                                 "here: save it with tokenizer.json (a fast tokenizer)") from None
         return cls(model.to(device), tokenizer, folder, tok_dir, max_length, resolve_text_dtype(dtype, device),
-                   found, (os.path.abspath(path), subfolder))
+                   found, (os.path.abspath(path), subfolder), attend_padding)
 
     @classmethod
     def from_record(cls, record: dict, where: str, device: torch.device | str = "cpu", dtype: str = "auto",
                     path: Optional[str] = None, subfolder: Optional[str] = None) -> "FrozenTextEncoder":
         """The encoder a `describe()` record (e.g. the checkpoint `where`'s) names, or the one at
-        `path` (a user's override, e.g. the same encoder moved), checked against the record."""
+        `path` (a user's override, e.g. the same encoder moved), checked against the record.
+        dtype `auto` is the recorded one: a model trained on bf16 embeddings gets bf16 embeddings
+        (another dtype, asked for, is said: the embeddings then differ slightly from training's)."""
         if path is None:
             path, subfolder = record.get("source") or record.get("path"), record.get("subfolder")
-        encoder = cls.from_pretrained(path, device, dtype, record.get("max_length"), subfolder)
+        recorded = record.get("dtype")
+        if dtype == "auto" and recorded in DTYPE_NAMES:
+            dtype = DTYPE_NAMES[recorded]
+        elif recorded in DTYPE_NAMES and DTYPES.get(dtype) is not None and DTYPE_NAMES[recorded] != dtype:
+            warnings.warn(f"text_encoder.dtype = {dtype}, but {where} was trained on {DTYPE_NAMES[recorded]} embeddings: "
+                          "the prompts' embeddings differ slightly from the training captions'; set "
+                          f"text_encoder.dtype to auto (or {DTYPE_NAMES[recorded]}) to match", TextWarning,
+                          stacklevel=2)
+        encoder = cls.from_pretrained(path, device, dtype, record.get("max_length"), subfolder,
+                                      bool(record.get("attend_padding", False)))
         check_text_encoder(record, encoder, where)
         return encoder
 
     @classmethod
     def from_config(cls, cfg: TextEncoderConfig, device: torch.device | str = "cpu",
-                    path: Optional[str] = None, max_length: Optional[int] = None) -> "FrozenTextEncoder":
-        """The encoder `cfg` describes; `path` / `max_length` override cfg's (e.g. a checkpoint's record)."""
+                    path: Optional[str] = None, max_length: Optional[int] = None,
+                    attend_padding: bool = False) -> "FrozenTextEncoder":
+        """The encoder `cfg` describes; `path` / `max_length` override cfg's (e.g. a checkpoint's
+        record, or a pretrained DiT's text length)."""
         if (path or cfg.path) is None:
             raise ConfigError("text_encoder.path is not set: point it at a text-encoder folder with its "
                               "tokenizer, or a pipeline folder with text_encoder/ and tokenizer/")
         return cls.from_pretrained(path or cfg.path, device, cfg.dtype, max_length or cfg.max_length,
-                                   cfg.subfolder)
+                                   cfg.subfolder, attend_padding)
 
     def train(self, mode: bool = True) -> "FrozenTextEncoder":
         return super().train(False)  # frozen: stays in eval whatever the caller asks
@@ -320,6 +338,14 @@ class FrozenTextEncoder(nn.Module):
             return TextEmbeddings(torch.zeros(0, L, getattr(self, "hidden_size", 0), device=self.device),
                                   torch.zeros(0, L, dtype=torch.bool, device=self.device), None)
         self._warn_truncated(texts)
+        if self.attend_padding:  # CogVideoX: L tokens, padding attended and kept, no mask
+            ids = self.tokenizer(texts, padding="max_length", max_length=L, truncation=True,
+                                 return_tensors="pt")["input_ids"].to(self.device)  # (N, L)
+            tokens = self.model(input_ids=ids).last_hidden_state  # (N, L, D)
+            mask = torch.ones(ids.shape, dtype=torch.bool, device=self.device)
+            pooled = None
+            self._check_finite(texts, tokens, pooled)
+            return TextEmbeddings(tokens, mask, pooled)
         batch = self.tokenizer(texts, padding="longest", max_length=L, truncation=True, return_tensors="pt")
         ids = batch["input_ids"].to(self.device)  # (N, n), n <= L
         mask = batch["attention_mask"].to(self.device).bool()  # (N, n)
@@ -381,7 +407,7 @@ class FrozenTextEncoder(nn.Module):
         return {"class_name": self.class_name, "path": os.path.abspath(self._path) if self._path else "",
                 "source": self.source, "subfolder": self.subfolder, "fingerprint": self.fingerprint, "parts": dict(self.parts), "max_length": self.max_length,
                 "hidden_size": self.hidden_size, "pooled_size": self.pooled_size, "dtype": self.dtype_name,
-                "tokenizer_class": type(self.tokenizer).__name__}
+                "tokenizer_class": type(self.tokenizer).__name__, "attend_padding": self.attend_padding}
 
     def summary(self) -> str:
         pooled = f", pooled {self.pooled_size}" if self.pooled_size else ""
@@ -392,7 +418,8 @@ class FrozenTextEncoder(nn.Module):
 def check_text_encoder(recorded: dict, encoder: FrozenTextEncoder, where: str) -> None:
     """Refuse `encoder` unless it is the one `recorded` (a `describe()` record, e.g. from the
     checkpoint `where`) describes: same fingerprint and max_length. Names what differs."""
-    if recorded.get("fingerprint") == encoder.fingerprint and recorded.get("max_length") == encoder.max_length:
+    if recorded.get("fingerprint") == encoder.fingerprint and recorded.get("max_length") == encoder.max_length \
+            and bool(recorded.get("attend_padding", False)) == encoder.attend_padding:
         return
     theirs, ours = recorded.get("parts") or {}, encoder.parts
     differs = [k for k in ("weights", "config", "tokenizer") if theirs.get(k) != ours.get(k)]
@@ -405,6 +432,11 @@ def check_text_encoder(recorded: dict, encoder: FrozenTextEncoder, where: str) -
             f"{encoder.path} holds a {encoder.class_name} with fingerprint {encoder.fingerprint}: {what}. "
             "The DiT only understands the embeddings it was trained on: use that encoder (or leave "
             "text_encoder.path null to take the one the checkpoint records)")
+    if recorded.get("max_length") == encoder.max_length:  # the encoding differs, not the encoder
+        raise UserError(f"text encoding mismatch: {where} was trained on captions encoded "
+                        f"{'with' if recorded.get('attend_padding') else 'without'} their padding attended, "
+                        "this run encodes them otherwise: the pretrained DiT fixes how; use the "
+                        "model.pretrained it was trained with")
     raise UserError(f"text encoder mismatch: {where} was trained with text_encoder.max_length = "
                     f"{recorded.get('max_length')}, but it is {encoder.max_length} here; set "
                     f"text_encoder.max_length = {recorded.get('max_length')} (or null to take the checkpoint's)")

@@ -79,3 +79,11 @@ def text_encoders(tmp_path_factory) -> dict:
     T5, a pipeline folder, an unsupported BertModel); written once per session (tests/text_fixtures.py)."""
     from tests.text_fixtures import write_encoders
     return write_encoders(str(tmp_path_factory.mktemp("text_encoders")))
+
+
+@pytest.fixture(scope="session")
+def pretrained_pipelines(tmp_path_factory) -> dict:
+    """Tiny random Wan and CogVideoX pipeline folders (tests/pretrained_fixtures.py), written once
+    per session: {"wan": path, "cogvideox": path}."""
+    from tests.pretrained_fixtures import write_pipelines
+    return write_pipelines(str(tmp_path_factory.mktemp("pretrained")))

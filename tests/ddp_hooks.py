@@ -10,6 +10,10 @@ HOOKS, comma-separated:
   1 step over 3 steps, so a short time limit binds within a few steps.
 - `nan1`: rank 1 alone gets a NaN loss at every step, with an fp16-style GradScaler on (the
   other rank then sees only a scaler skip: the setup that left it waiting in a collective).
+- `short_timeout`: the process group's default timeout is SHORT_TIMEOUT seconds (NCCL's 10
+  minutes, scaled down), so a rank left waiting that long in a collective is torn down.
+- `slow_text`: every text-encoder call sleeps SLOW_TEXT seconds (an encoder of real size).
+The record also counts the text encoders each rank loaded (`encoder_loads`).
 
 After training, each rank writes OUT_PREFIX.rank<R>.pt: its weights, the learning rate of each
 update it attempted, and its LR plan.
@@ -28,9 +32,11 @@ if ROOT not in sys.path:  # run as a script
 import train_advanced  # noqa: E402
 import training.common as common  # noqa: E402
 import training.stage2 as stage2  # noqa: E402
-from models.diffusion import Diffusion  # noqa: E402
+from models.diffusion import Diffusion  # noqa: E402  (the objectives' base: patching its loss patches every objective)
 
 CLOCK_RATE = {0: 1.0, 1: 1.3}  # seconds per clock read, by rank
+SHORT_TIMEOUT = 15  # seconds
+SLOW_TEXT = 1.0  # seconds per text-encoder call
 
 
 def main(argv=None) -> int:
@@ -55,7 +61,29 @@ def main(argv=None) -> int:
                 return result._replace(loss=result.loss * float("nan"))
 
             Diffusion.loss = nan_loss
-    record = {"lr": [], "state": None, "plan": None}
+    if "short_timeout" in hooks:
+        import datetime
+
+        import torch.distributed as torch_dist
+        init = torch_dist.init_process_group
+        torch_dist.init_process_group = lambda *a, **k: init(
+            *a, **{**k, "timeout": datetime.timedelta(seconds=SHORT_TIMEOUT)})
+    from models.text_encoder import FrozenTextEncoder
+    if "slow_text" in hooks:
+        import time
+        encode = FrozenTextEncoder.encode
+
+        def slow_encode(self, texts):
+            time.sleep(SLOW_TEXT)
+            return encode(self, texts)
+        FrozenTextEncoder.encode = slow_encode
+    record = {"lr": [], "state": None, "plan": None, "encoder_loads": 0}
+    load = FrozenTextEncoder.from_pretrained.__func__
+
+    def counted_load(cls, *a, **k):
+        record["encoder_loads"] += 1
+        return load(cls, *a, **k)
+    FrozenTextEncoder.from_pretrained = classmethod(counted_load)
     original_step = stage2._optimizer_step
 
     def spy_step(s, stats, per_sample):

@@ -30,7 +30,7 @@ from utils.train_utils import seed_everything  # noqa: E402
 
 # Shared by every layout compared: fixed t and noise, the posterior mean (no sampling), no
 # label dropout, a constant LR (no warmup), so one step depends only on the batch's content.
-EXACT = ["vae.sample_posterior=false", "model.class_dropout=0", "train.warmup_steps=0",
+EXACT = ["vae.sample_posterior=false", "model.class_dropout=0", "model.caption_dropout=0", "train.warmup_steps=0",
          "train.lr_schedule=constant", "validation.every_epochs=0", "train.checkpoint_every=1000",
          "train.precision=fp32", "device=cpu", "data.cache=off"]
 
@@ -60,9 +60,11 @@ class ItemNoise:
         return self.diffusion.loss(v, x0, self.noise[self.ids].to(x0.device), t, frame_mask)
 
 
-def train_fixed(overrides: list[str], run_dir: str, dist: DistInfo = DistInfo()) -> dict:
-    """Train with `ItemNoise`; returns {"model": state_dict, "exp_avg": [first moments]} on CPU."""
-    cfg = load_config(TrainRunConfig, os.path.join(ROOT, "config_advanced.yaml"), EXACT + overrides)
+def train_fixed(overrides: list[str], run_dir: str, dist: DistInfo = DistInfo(),
+                config: str = "config_advanced.yaml") -> dict:
+    """Train with `ItemNoise`; returns {"model": state_dict, "exp_avg": [first moments of the
+    trainable parameters]} on CPU."""
+    cfg = load_config(TrainRunConfig, os.path.join(ROOT, config), EXACT + overrides)
     seed_everything(cfg.experiment.seed)
     s = setup(cfg, run_dir, dist, torch.device("cpu"), torch.float32, RunLogger(run_dir, dist.is_main), None)
     latent = latent_shape(s.dims)
@@ -70,7 +72,7 @@ def train_fixed(overrides: list[str], run_dir: str, dist: DistInfo = DistInfo())
     train(s)
     s.log.close()
     return {"step": s.pos.step, "model": {k: v.detach().clone() for k, v in s.model.state_dict().items()},
-            "exp_avg": [s.optimizer.state[p]["exp_avg"].clone() for p in s.model.parameters()]}
+            "exp_avg": [s.optimizer.state[p]["exp_avg"].clone() for p in s.model.parameters() if p.requires_grad]}
 
 
 def assert_same_update(a: dict, b: dict, rtol: float = 1e-4, atol: float = 1e-6) -> None:
@@ -88,9 +90,11 @@ def assert_same_update(a: dict, b: dict, rtol: float = 1e-4, atol: float = 1e-6)
 
 if __name__ == "__main__":
     out_path, run_dir, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+    config = next((a.split("=", 1)[1] for a in overrides if a.startswith("--config=")), "config_advanced.yaml")
+    overrides = [a for a in overrides if not a.startswith("--config=")]
     info = init_distributed("cpu")
     try:
-        result = train_fixed(overrides, run_dir, info)
+        result = train_fixed(overrides, run_dir, info, config)
         if info.is_main:
             torch.save(result, out_path)
     finally:

@@ -277,11 +277,11 @@ def test_gradient_check_catches_a_trainable_vae(random_vae, monkeypatch):
 
 
 def test_v_identity_check_catches_a_wrong_formula(monkeypatch):
-    from models.diffusion import Diffusion
+    from models.diffusion import Diffusion, VPrediction
     from utils.config import DiffusionConfig
     d = Diffusion(DiffusionConfig())
     assert diagnostics.check_identities(d, (4, 3, 4, 4)).status == "PASS"
-    monkeypatch.setattr(Diffusion, "eps_from_v", lambda self, x_t, v, t: x_t + v)
+    monkeypatch.setattr(VPrediction, "eps_from_v", lambda self, x_t, v, t: x_t + v)
     assert diagnostics.check_identities(d, (4, 3, 4, 4)).status == "FAIL"
 
 

@@ -17,6 +17,7 @@ from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteSchedu
 
 import diagnose
 import predict_advanced
+from training.checkpoints import recorded_diffusion
 from models.diffusion import (FLOW_SAMPLERS, SAMPLERS, Diffusion, flow_mu, latent_seq_len,
                               make_scheduler, sample, shift_sigma, time_shift_sigma)
 from tests.test_stage2 import ROOT, TINY, _predict, _train, random_vae  # noqa: F401  (fixture)
@@ -376,7 +377,7 @@ def _strip_flow_keys(src: str, dst: str) -> None:
 def test_old_checkpoint_without_objective_loads_as_v_prediction(v_run, tmp_path, random_vae, capsys):
     old = str(tmp_path / "old.pth")
     _strip_flow_keys(os.path.join(v_run, "latest.pth"), old)
-    assert config_from_dict(DiffusionConfig, load_checkpoint(old)["diffusion"]).objective == "v_prediction"
+    assert recorded_diffusion(load_checkpoint(old)).objective == "v_prediction"
     # Same videos as the checkpoint it came from: sampled as v.
     assert _predict(old, str(tmp_path / "old"), ["sampler=euler"]) == 0
     assert _predict(os.path.join(v_run, "latest.pth"), str(tmp_path / "new"), ["sampler=euler"]) == 0
@@ -423,7 +424,7 @@ def test_identity_check_serves_both_objectives(monkeypatch):
     check = diagnostics.check_identities(flow, (4, 3, 4, 4))
     assert check.status == "PASS" and "flow_matching" in check.measured
     assert diagnostics.check_identities(Diffusion(DiffusionConfig()), (4, 3, 4, 4)).status == "PASS"
-    monkeypatch.setattr(Diffusion, "x0_from_output", lambda self, x_t, out, t: x_t - out)
+    monkeypatch.setattr(type(flow), "x0_from_output", lambda self, x_t, out, t: x_t - out)
     check = diagnostics.check_identities(flow, (4, 3, 4, 4))
     assert check.status == "FAIL" and "flow_matching formulas" in check.advice
 

@@ -391,7 +391,7 @@ def _validation_state(cfg, seam, val_captions, log_text):
     """The parts of a stage-2 state `validation._log_image_to_video` reads (generation stubbed)."""
     from types import SimpleNamespace
     log = SimpleNamespace(video=lambda *a: None, scalar=lambda *a: None, info=lambda *a: None, text=log_text)
-    return SimpleNamespace(cfg=cfg, cond=seam, val_captions=val_captions, log=log,
+    return SimpleNamespace(cfg=cfg, cond=seam, val_captions=val_captions, log=log, diffusion=None,
                            ema=SimpleNamespace(model=None), vae=None, device=torch.device("cpu"),
                            dims=dict(in_channels=4, num_frames=4, latent_height=8, latent_width=8),
                            first_frames=FirstFrames(1.0, 1), pos=SimpleNamespace(step=1))

@@ -131,7 +131,7 @@ class _Table:
     def __contains__(self, text):
         return True
 
-    def lookup(self, texts):
+    def lookup(self, texts, trim=False):
         g = torch.Generator().manual_seed(0)
         tokens = torch.randn(len(texts), self.length, self.dim, generator=g)
         return tokens, torch.ones(len(texts), self.length, dtype=torch.bool), None
@@ -194,7 +194,9 @@ def test_guidance_with_prompts_and_a_negative_prompt(text_encoders):
     # The null uncond is every caption dropped; the negative uncond is the negative prompt's tokens.
     assert calls[1]["drop_text"].tolist() == [False, False, True, True]
     neg = enc.encode(["a green triangle"]).tokens[0]
-    torch.testing.assert_close(calls[2]["text"][2], neg)
+    L = calls[2]["text"].shape[1]  # the prompts' longest caption: the masked padding is not computed
+    assert L < enc.max_length and not neg[L:].any()
+    torch.testing.assert_close(calls[2]["text"][2], neg[:L])
     assert not calls[2]["drop_text"].any()
 
 

@@ -18,8 +18,11 @@ from utils.config import DiffusionConfig, ModelConfig, config_from_dict, config_
 from utils.checkpoint import require_entries
 from utils.errors import UserError
 
-if TYPE_CHECKING:  # the DiT module is imported where a model is built, not at import time
-    from models.dit import VideoDiT
+if TYPE_CHECKING:  # the network modules are imported where a model is built, not at import time
+    from torch import nn
+
+    from models.backbones import Family
+    from models.diffusion import Objective
 
 FORMAT = "video-ldm-stage2/1"
 STAGE1_FORMAT = "video-ldm-stage1/1"  # train_vae.py's latest.pth
@@ -38,9 +41,19 @@ def vae_record(vae: FrozenVAE) -> dict:
             "downsample_factor": int(vae.downsample_factor), **vae.describe()}
 
 
-def model_record(model_cfg: ModelConfig, dims: dict) -> dict:
-    """The resolved architecture and its input geometry (C, T, latent height and width, classes)."""
-    return {"config": asdict(model_cfg.resolved()), "dims": dict(dims)}
+def model_record(model_cfg: ModelConfig, dims: dict, family: Optional["Family"] = None) -> dict:
+    """The resolved architecture, its input geometry (C, T, latent height and width, classes)
+    and, for a pretrained DiT, its family record (class, folder, fingerprint, fine-tuning)."""
+    record = {"config": asdict(model_cfg.resolved()), "dims": dict(dims)}
+    if family is not None and family.pretrained:
+        record["family"] = family.record()
+    return record
+
+
+def recorded_diffusion(ckpt: dict) -> DiffusionConfig:
+    """The objective and schedule a checkpoint trained with; keys it predates take their
+    defaults (no `objective` recorded: v_prediction)."""
+    return config_from_dict(DiffusionConfig, ckpt["diffusion"]).resolved()
 
 
 def model_dims(record: dict) -> dict:
@@ -146,7 +159,7 @@ def load_entry(ckpt_path: str, entry: str, load: Callable[[Any], Any], value: An
 def check_diffusion(ckpt: dict, expected: dict, ckpt_path: str) -> None:
     """The objective and noise schedule the model learnt are the ones it must keep. Keys a
     checkpoint predates take their defaults (no `objective` recorded: v_prediction)."""
-    recorded = config_to_dict(config_from_dict(DiffusionConfig, ckpt["diffusion"]))
+    recorded = config_to_dict(recorded_diffusion(ckpt))
     diffs = _diff(recorded, expected)
     if diffs:
         raise UserError(f"checkpoint {ckpt_path} was trained with another diffusion schedule: "
@@ -216,16 +229,64 @@ def checkpoint_summary(ckpt: dict[str, Any]) -> str:
     return (f"step {ckpt['step']}, epoch {ckpt['epoch']}, VAE {ckpt['vae']['fingerprint']}")
 
 
-def model_from_checkpoint(ckpt: dict, use_ema: bool, device, ckpt_path: str = "checkpoint") -> "VideoDiT":
-    """Rebuild the DiT from the architecture recorded in the checkpoint (not from any YAML); a
-    malformed record or weights that do not fit it are named (UserError), not a traceback."""
-    from models.dit import VideoDiT
-    from utils.config import config_from_dict
-    model = load_entry(ckpt_path, "model", lambda record: VideoDiT(
-        config_from_dict(ModelConfig, record["config"]), **model_dims(record)), ckpt["model"], "is malformed")
+def family_of_checkpoint(ckpt: dict, ckpt_path: str, pretrained: Optional[str] = None) -> "Family":
+    """The DiT family a checkpoint was trained with; a LoRA's base is loaded from `pretrained`
+    (an override) or the recorded folder and must have the recorded fingerprint."""
+    from models.backbones import family_from_record
+    model_cfg = load_entry(ckpt_path, "model", lambda r: config_from_dict(ModelConfig, r["config"]),
+                           ckpt["model"], "is malformed")
+    return family_from_record(ckpt["model"], model_cfg, ckpt_path, pretrained)
+
+
+def patch_of(ckpt: dict) -> tuple[int, int]:
+    """(patch_t latent frames, patch latent pixels) of one token of the checkpoint's DiT."""
+    from models.backbones import family_from_record
+    model_cfg = config_from_dict(ModelConfig, ckpt["model"]["config"])
+    return family_from_record(ckpt["model"], model_cfg, "checkpoint", load=False).patch
+
+
+def objective_of(ckpt: dict) -> "Objective":
+    """The objective a checkpoint trained with (its recorded schedule), whose native sampler is
+    its pretrained model's own scheduler, if any."""
+    from models.backbones import native_scheduler_of
+    from models.diffusion import make_objective
+    return make_objective(recorded_diffusion(ckpt), native_scheduler_of(ckpt["model"].get("family")))
+
+
+def model_from_checkpoint(ckpt: dict, use_ema: bool, device, ckpt_path: str = "checkpoint",
+                          pretrained: Optional[str] = None) -> "nn.Module":
+    """Rebuild the DiT from what the checkpoint records (not from any YAML): the repo's DiT from
+    its architecture, a pretrained one from its base (LoRA: `pretrained`, else the recorded
+    folder, fingerprint checked) or its recorded architecture (full fine-tune), then the EMA or
+    raw weights; eval mode, frozen. A malformed record or weights that do not fit it are named
+    (UserError), not a traceback."""
+    from utils.train_utils import load_trainable_state_dict
+    family = family_of_checkpoint(ckpt, ckpt_path, pretrained)
+    module = load_entry(ckpt_path, "model", lambda record: family.build(model_dims(record), "cpu"),
+                        ckpt["model"], "is malformed")
     weights = "ema_state" if use_ema else "model_state"
-    load_entry(ckpt_path, weights, model.load_state_dict, ckpt[weights])
-    return model.to(device).eval().requires_grad_(False)
+    load_entry(ckpt_path, weights, lambda state: load_trainable_state_dict(module, state), ckpt[weights])
+    return module.to(device).eval().requires_grad_(False)
+
+
+def export_checkpoint(path: str, out_dir: Optional[str] = None, use_ema: bool = True,
+                      pretrained: Optional[str] = None) -> str:
+    """Export a fine-tuned pretrained DiT from any checkpoint (`export.py`), as the run does when
+    training stops: LoRA -> `<out_dir>/pytorch_lora_weights.safetensors`, full ->
+    `<out_dir>/transformer/`. Returns what was written."""
+    from utils.checkpoint import load_checkpoint
+    ckpt = load_checkpoint(path)
+    check_format(ckpt, path, key="checkpoint")
+    check_entries(ckpt, path, PREDICT_ENTRIES)
+    family = family_of_checkpoint(ckpt, path, pretrained)
+    if not family.pretrained:
+        raise UserError(f"{path} is a model trained from random weights (model.pretrained: null), not a "
+                        "fine-tuned diffusers transformer: there is nothing to export to diffusers; sample "
+                        "it with predict_advanced.py")
+    module = model_from_checkpoint(ckpt, use_ema, "cpu", path, pretrained)
+    out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(path)), "export")
+    ensure_writable_dir(out_dir, "output_dir")
+    return family.export(module, out_dir)
 
 
 def ensure_writable_dir(path: str, key: str) -> None:

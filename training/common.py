@@ -50,7 +50,7 @@ def run_stage(argv: Optional[list[str]], doc: str, config_cls: type, setup: Call
     if flags["resume"]:
         overrides.append(f"train.resume={flags['resume']}")
     cfg = load_config(config_cls, config_path, overrides)
-    dist = init_distributed(cfg.device)
+    dist = init_distributed(cfg.device, getattr(cfg.train, "setup_timeout_minutes", None))
     try:
         if not dist.is_main:  # every rank reads the same files: rank 0 reports what it skipped
             warnings.filterwarnings("ignore", category=DataWarning)

@@ -40,13 +40,13 @@ from einops import rearrange
 
 import models.dit as dit  # module attribute lookups: a patched unpatchify is what gets checked
 from data import build_dataset
-from models.diffusion import Diffusion
+from models.diffusion import Objective, make_objective
 from models.vae import FrozenVAE
 from training import checkpoints as ckpts
 from training.conditioning import Conditioning, conditioning_for_training, conditioning_from_checkpoint
 from training.sampling import generate_videos
 from utils.checkpoint import load_checkpoint
-from utils.config import DiffusionConfig, TrainRunConfig, ValidationConfig, config_from_dict
+from utils.config import TrainRunConfig, ValidationConfig
 from utils.dist import DistInfo
 from utils.errors import UserError
 from utils.logging import RunLogger
@@ -159,7 +159,7 @@ def check_patchify(latent_shape: tuple[int, int, int, int], patch_t: int, patch:
                  "checks it)")
 
 
-def check_identities(diffusion: Diffusion, latent_shape: tuple[int, int, int, int],
+def check_identities(diffusion: Objective, latent_shape: tuple[int, int, int, int],
                      seed: int = 0) -> Check:
     """x0 and eps recovered from (x_t, target) by the objective's inverses, plus the schedule's
     own identity: v: x_t = alpha x0 + sigma eps, v = alpha eps - sigma x0, alpha^2 + sigma^2 = 1;
@@ -173,13 +173,7 @@ def check_identities(diffusion: Diffusion, latent_shape: tuple[int, int, int, in
     out = diffusion.target(x0, eps, t)
     err_x0 = (diffusion.x0_from_output(x_t, out, t) - x0).abs().max().item()
     err_eps = (diffusion.eps_from_output(x_t, out, t) - eps).abs().max().item()
-    if diffusion.is_flow:
-        err_unit = (x_t[0] - x0[0]).abs().max().item()
-        unit = "x_t - x0 at t = 0"
-    else:
-        alpha, sigma = diffusion.alpha_sigma(t, x0)
-        err_unit = (alpha ** 2 + sigma ** 2 - 1).abs().max().item()
-        unit = "alpha^2 + sigma^2 - 1"
+    err_unit, unit = diffusion.identity_error(x0, eps, t)  # the schedule's own identity
     measured = (f"{diffusion.objective}: max error x0 {err_x0:.2e}, eps {err_eps:.2e}, {unit} "
                 f"{err_unit:.2e} (tolerance {V_IDENTITY_TOL:g})")
     if max(err_x0, err_eps, err_unit) <= V_IDENTITY_TOL:
@@ -209,14 +203,15 @@ def check_gradients(cfg: TrainRunConfig, device: torch.device) -> Check:
     batch = next(iter(s.loader))
     x0 = stage2.batch_latents(s, batch)  # (B, C, T, h, w), as the training loop gets them
     kw = s.cond.train_kwargs(batch, device, None)  # the condition as the loop builds it (no dropout)
-    T = cfg.diffusion.num_train_timesteps
+    T = s.cfg.diffusion.num_train_timesteps
     # Away from t = T-1, where the zero-SNR min-SNR weight is exactly 0.
     t = torch.linspace(T // 10, 9 * T // 10, x0.shape[0]).long().to(device)
     noise = torch.randn(x0.shape, device=device, generator=s.noise_gen)
     v_pred = s.net(s.diffusion.add_noise(x0, noise, t), t, **kw)  # (B, C, T, h, w)
     s.diffusion.loss(v_pred.float(), x0, noise, t).loss.mean().backward()
 
-    dit_params = list(s.model.named_parameters())
+    dit_params = [(n, p) for n, p in s.model.named_parameters() if p.requires_grad]  # a LoRA: the adapters
+    frozen_grads = [n for n, p in s.model.named_parameters() if not p.requires_grad and p.grad is not None]
     dead = [n for n, p in dit_params if p.grad is None or not p.grad.any()]
     nonfinite = [n for n, p in dit_params if p.grad is not None and not torch.isfinite(p.grad).all()]
     vae_params = list(s.vae.named_parameters())
@@ -232,6 +227,8 @@ def check_gradients(cfg: TrainRunConfig, device: torch.device) -> Check:
         problems.append(f"no gradient reaches DiT {', '.join(dead[:5])}{' ...' if len(dead) > 5 else ''}")
     if nonfinite:
         problems.append(f"non-finite gradient in DiT {', '.join(nonfinite[:5])}")
+    if frozen_grads:
+        problems.append(f"the frozen pretrained base gets gradients: {', '.join(frozen_grads[:5])}")
     if vae_grads or vae_in_opt or x0.requires_grad:
         problems.append("the VAE is not frozen (a VAE that trains under the DiT moves its latent "
                         f"space: 'jigsaw' samples): {', '.join((vae_grads + vae_in_opt)[:5])}")
@@ -265,7 +262,7 @@ def check_vae_fingerprint(ckpt: dict, vae: FrozenVAE, path: str) -> Check:
 
 @torch.no_grad()
 def check_denoise(ckpt: dict, vae: FrozenVAE, clips: torch.Tensor, cond: dict,
-                  device: torch.device, seed: int) -> Check:
+                  device: torch.device, seed: int, pretrained: Optional[str] = None) -> Check:
     """EMA model's x0 error on noised held-out latents, relative to an output of 0.
 
     Output 0 gives x0_hat = alpha * x_t for v, x_t for flow (the zero-initialised model's
@@ -273,8 +270,8 @@ def check_denoise(ckpt: dict, vae: FrozenVAE, clips: torch.Tensor, cond: dict,
     above 1 when the model's output lands in the wrong places (patches), the wrong latent
     space (VAE) or means something else than the objective's target (the checkpoint's).
     """
-    model = ckpts.model_from_checkpoint(ckpt, use_ema=True, device=device)
-    diffusion = Diffusion(config_from_dict(DiffusionConfig, ckpt["diffusion"]))
+    model = ckpts.model_from_checkpoint(ckpt, use_ema=True, device=device, pretrained=pretrained)
+    diffusion = ckpts.objective_of(ckpt)
     x0 = vae.encode(clips.to(device), sample=False)  # (B, C, T, h, w)
     g = torch.Generator().manual_seed(seed)
     err = base = 0.0
@@ -305,7 +302,8 @@ def check_denoise(ckpt: dict, vae: FrozenVAE, clips: torch.Tensor, cond: dict,
 @torch.no_grad()
 def check_jigsaw(ckpt: dict, vae: FrozenVAE, real_clips: torch.Tensor, cond: dict,
                  device: torch.device, sampling: ValidationConfig, num_videos: int = NUM_SAMPLES,
-                 seam: Optional[Conditioning] = None, prompts: Optional[list] = None) -> Check:
+                 seam: Optional[Conditioning] = None, prompts: Optional[list] = None,
+                 pretrained: Optional[str] = None) -> Check:
     """Are the DiT's pieces in their places? Two measurements, either can fail:
 
     - placement: the EMA model's output (v or flow velocity, the checkpoint's objective) for
@@ -322,9 +320,9 @@ def check_jigsaw(ckpt: dict, vae: FrozenVAE, real_clips: torch.Tensor, cond: dic
       seam score 2.31 with ddim 20 unguided, 1.15 with the demo's ddpm 100 at guidance 2.5,
       real clips 0.93).
     """
-    model = ckpts.model_from_checkpoint(ckpt, use_ema=True, device=device)
-    diffusion = Diffusion(config_from_dict(DiffusionConfig, ckpt["diffusion"]))
-    mcfg, dims = model.cfg, ckpts.model_dims(ckpt["model"])
+    model = ckpts.model_from_checkpoint(ckpt, use_ema=True, device=device, pretrained=pretrained)
+    diffusion = ckpts.objective_of(ckpt)
+    (patch_t, patch), dims = ckpts.patch_of(ckpt), ckpts.model_dims(ckpt["model"])
     x0 = vae.encode(real_clips.to(device), sample=False)  # (B, C, T, h, w)
     g = torch.Generator().manual_seed(sampling.seed)
     v_pred, v_true = [], []
@@ -333,17 +331,16 @@ def check_jigsaw(ckpt: dict, vae: FrozenVAE, real_clips: torch.Tensor, cond: dic
         noise = torch.randn(x0.shape, generator=g).to(device)
         v_pred.append(model(diffusion.add_noise(x0, noise, t), t, **cond))
         v_true.append(diffusion.target(x0, noise, t))
-    share = misplaced_pieces(torch.cat(v_pred), torch.cat(v_true), mcfg.patch_t,
-                             mcfg.patch_size).float().mean().item()
+    share = misplaced_pieces(torch.cat(v_pred), torch.cat(v_true), patch_t, patch).float().mean().item()
 
     seam = seam if seam is not None else conditioning_from_checkpoint(ckpt, "checkpoint", device)
     videos = generate_videos(
-        model, vae, diffusion.cfg,
+        model, vae, diffusion,
         latent_shape=ckpts.latent_shape(dims),
         seeds=[sampling.seed + i for i in range(num_videos)],
         conditions=seam.samples(num_videos, prompts=prompts), sampler=sampling.sampler,
         num_steps=sampling.num_steps, guidance_scale=sampling.guidance_scale, device=device)
-    cell = vae.downsample_factor * mcfg.patch_size  # patch side in pixels
+    cell = vae.downsample_factor * patch  # patch side in pixels
     samples = torch.stack([uint8_to_video_tensor(v) for v in videos])  # (B, 3, T, H, W)
     score, real = jigsaw_score(samples, cell), jigsaw_score(real_clips, cell)
     limit = JIGSAW_RATIO * real + JIGSAW_MARGIN
@@ -368,7 +365,8 @@ def check_jigsaw(ckpt: dict, vae: FrozenVAE, real_clips: torch.Tensor, cond: dic
 
 @torch.no_grad()
 def check_condition(ckpt: dict, configured: Conditioning, seam: Conditioning, vae: FrozenVAE,
-                    clips: torch.Tensor, batch: dict, device: torch.device, seed: int, path: str) -> Check:
+                    clips: torch.Tensor, batch: dict, device: torch.device, seed: int, path: str,
+                    pretrained: Optional[str] = None) -> Check:
     """The checkpoint's condition is the configured one (`configured.check_checkpoint`: the
     kind, and a text model's encoder fingerprint); a text model reads its captions: the EMA
     model's loss on noised held-out clips with each clip's own caption is below the loss with
@@ -381,8 +379,8 @@ def check_condition(ckpt: dict, configured: Conditioning, seam: Conditioning, va
     captions = batch.get("caption")
     if "caption" not in seam.reads or not captions or len(set(captions)) < 2:
         return Check("condition", PASS, matches)
-    model = ckpts.model_from_checkpoint(ckpt, use_ema=True, device=device)
-    diffusion = Diffusion(config_from_dict(DiffusionConfig, ckpt["diffusion"]))
+    model = ckpts.model_from_checkpoint(ckpt, use_ema=True, device=device, pretrained=pretrained)
+    diffusion = ckpts.objective_of(ckpt)
     x0 = vae.encode(clips.to(device), sample=False)  # (B, C, T, h, w)
     own = seam.eval_kwargs(batch, device)
     shuffled = seam.eval_kwargs({**batch, "caption": captions[1:] + captions[:1]}, device)
@@ -453,21 +451,24 @@ def run_diagnostics(cfg: TrainRunConfig, checkpoint: Optional[str], device: torc
     `checkpoint` None: the checkpoint checks are SKIPped. A check that raises is a FAIL
     naming the exception: a diagnosis must not stop at the first surprise.
     """
-    from training.stage2 import latent_dims
+    from training.stage2 import _family, latent_dims
+    family = _family(cfg, RunLogger(None))  # the DiT family; the schedule, vae and text paths it implies
     vae = FrozenVAE.from_config(cfg.vae, device)
     val, val_batch = real_clips(cfg, "val", NUM_JIGSAW_REAL_CLIPS)
     train, _ = real_clips(cfg, "train", NUM_SCALE_CLIPS)
     train_set = build_dataset(cfg.data, "train", cfg.experiment.seed)
-    configured = conditioning_for_training(cfg, train_set, device, RunLogger(None))  # text: the encoder
-    dims = {**latent_dims(cfg, vae, train_set.num_classes), **configured.dims()}
-    mcfg = cfg.model.resolved()
+    text_length = family.text_length(cfg.text_encoder.max_length)
+    configured = conditioning_for_training(cfg, train_set, device, RunLogger(None), None,
+                                           family.text_convention(text_length), text_length)  # text: the encoder
+    dims = {**latent_dims(cfg, vae, train_set.num_classes, family), **configured.dims()}
     latent_shape = ckpts.latent_shape(dims)
+    pretrained = cfg.model.pretrained  # a LoRA checkpoint's base: the configured one (fingerprint checked)
 
     few_val = _spread(val, NUM_VAE_CLIPS)
     yield _guarded("vae_roundtrip", lambda: check_vae_roundtrip(vae, few_val, min_vae_psnr))
     yield _guarded("latent_scale", lambda: check_latent_scale(vae, train))
-    yield _guarded("patchify", lambda: check_patchify(latent_shape, mcfg.patch_t, mcfg.patch_size))
-    yield _guarded("identities", lambda: check_identities(Diffusion(cfg.diffusion), latent_shape))
+    yield _guarded("patchify", lambda: check_patchify(latent_shape, *family.patch))
+    yield _guarded("identities", lambda: check_identities(make_objective(cfg.diffusion), latent_shape))
     yield _guarded("gradients", lambda: check_gradients(cfg, device))
 
     if checkpoint is None:
@@ -481,7 +482,7 @@ def run_diagnostics(cfg: TrainRunConfig, checkpoint: Optional[str], device: torc
         yield from _skipped(CHECKPOINT_CHECKS[1:], "the checkpoint could not be read")
         return
     first = _guarded("checkpoint", lambda: check_checkpoint(
-        ckpt, ckpts.model_record(cfg.model, dims), checkpoint))
+        ckpt, ckpts.model_record(cfg.model, dims, family), checkpoint))
     yield first
     if ckpt.get("format") != ckpts.FORMAT:
         yield from _skipped(CHECKPOINT_CHECKS[1:], "not a stage-2 checkpoint of this repo")
@@ -499,15 +500,16 @@ def run_diagnostics(cfg: TrainRunConfig, checkpoint: Optional[str], device: torc
         return
     few_batch = _spread_batch(val_batch, NUM_VAE_CLIPS)
     yield _guarded("condition", lambda: check_condition(ckpt, configured, seam, vae, few_val, few_batch,
-                                                        device, cfg.experiment.seed, checkpoint))
+                                                        device, cfg.experiment.seed, checkpoint, pretrained))
     yield _guarded("denoise", lambda: check_denoise(ckpt, vae, few_val, seam.eval_kwargs(few_batch, device),
-                                                    device, cfg.experiment.seed))
+                                                    device, cfg.experiment.seed, pretrained))
     # A text model's samples: validation.prompts, else held-out captions; any other model is
     # sampled with its own conditions (its clips may carry captions it was not trained on).
     prompts = None if "caption" not in seam.reads else \
         cfg.validation.prompts or (val_batch["caption"][:NUM_SAMPLES] if val_batch["caption"] else None)
     yield _guarded("jigsaw", lambda: check_jigsaw(ckpt, vae, val, seam.eval_kwargs(val_batch, device),
-                                                  device, cfg.validation, seam=seam, prompts=prompts))
+                                                  device, cfg.validation, seam=seam, prompts=prompts,
+                                                  pretrained=pretrained))
 
 
 CHECKPOINT_CHECKS = ("checkpoint", "vae_fingerprint", "condition", "denoise", "jigsaw")

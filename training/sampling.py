@@ -20,19 +20,19 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from models.diffusion import SamplingStopped, flow_mu, make_scheduler, sample
+from models.diffusion import Objective, SamplingStopped, make_objective, sample
 from models.vae import FrozenVAE
 from training.conditioning import SampleConditions, conditioning_from_checkpoint
 from training.first_frames import FirstFrames, generate_long, load_image, window_plan
 from training.checkpoints import (PREDICT_ENTRIES, check_entries, check_format, check_vae,
-                                  latent_shape, load_entry, model_dims, model_from_checkpoint)
+                                  latent_shape, load_entry, model_dims, model_from_checkpoint,
+                                  objective_of, recorded_diffusion)
 from utils.checkpoint import load_checkpoint
 from utils.config import (DiffusionConfig, PredictConfig, VAERefConfig, check_num_steps,
                           check_sampler, config_from_dict)
@@ -52,7 +52,7 @@ def default_labels(num_videos: int, num_classes: int,
 
 
 @torch.no_grad()
-def generate_videos(model: nn.Module, vae: FrozenVAE, diffusion_cfg: DiffusionConfig, *,
+def generate_videos(model: nn.Module, vae: FrozenVAE, diffusion: Objective | DiffusionConfig, *,
                     latent_shape: Sequence[int], seeds: Sequence[int], labels: Optional[torch.Tensor] = None,
                     sampler: str, num_steps: int, guidance_scale: float, null_class_id: Optional[int] = None,
                     device: torch.device, batch_size: int = 8, progress: bool = False,
@@ -62,10 +62,11 @@ def generate_videos(model: nn.Module, vae: FrozenVAE, diffusion_cfg: DiffusionCo
     decode of `latent_shape`'s (h, w): data.resolution of the training run, square or not.
 
     Each video has its own generator seeded with its seed, so video i is the same whatever
-    the batch size or the other videos.
+    the batch size or the other videos. `diffusion`: the objective (or a DiffusionConfig: its
+    objective) whose samplers run.
     """
     return [v for batch in generate_batches(
-        model, vae, diffusion_cfg, latent_shape=latent_shape, seeds=seeds, labels=labels,
+        model, vae, diffusion, latent_shape=latent_shape, seeds=seeds, labels=labels,
         sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
         null_class_id=null_class_id, device=device, batch_size=batch_size, progress=progress,
         conditions=conditions, images=images, num_frames=num_frames, condition_frames=condition_frames)
@@ -73,7 +74,7 @@ def generate_videos(model: nn.Module, vae: FrozenVAE, diffusion_cfg: DiffusionCo
 
 
 @torch.no_grad()
-def generate_batches(model: nn.Module, vae: FrozenVAE, diffusion_cfg: DiffusionConfig, *,
+def generate_batches(model: nn.Module, vae: FrozenVAE, diffusion: Objective | DiffusionConfig, *,
                      latent_shape: Sequence[int], seeds: Sequence[int], labels: Optional[torch.Tensor] = None,
                      sampler: str, num_steps: int, guidance_scale: float, null_class_id: Optional[int] = None,
                      device: torch.device, batch_size: int = 8, progress: bool = False,
@@ -93,6 +94,7 @@ def generate_batches(model: nn.Module, vae: FrozenVAE, diffusion_cfg: DiffusionC
     (the batch being sampled is dropped; the batches already yielded are whole)."""
     if conditions is None:
         conditions = class_conditions(labels, null_class_id)
+    objective = diffusion if isinstance(diffusion, Objective) else make_objective(diffusion)
     model.eval()
     for start in range(0, len(seeds), batch_size):
         chunk = list(seeds[start:start + batch_size])
@@ -100,10 +102,10 @@ def generate_batches(model: nn.Module, vae: FrozenVAE, diffusion_cfg: DiffusionC
         cond, uncond = conditions.rows(start, start + len(chunk), device)
         if images is not None or num_frames is not None:
             def window(shape, cond_frames, generators=generators, cond=cond, uncond=uncond):
-                return sample(model, shape, scheduler=make_scheduler(sampler, diffusion_cfg),
+                return sample(model, shape, scheduler=objective.make_scheduler(sampler),
                               num_steps=num_steps, generator=generators, device=device, cond=cond,
                               uncond=uncond, guidance_scale=guidance_scale, progress=progress,
-                              mu=flow_mu(diffusion_cfg, shape), cond_frames=cond_frames,
+                              mu=objective.mu(shape), cond_frames=cond_frames,
                               should_stop=should_stop)
             try:
                 pixels = generate_long(
@@ -114,12 +116,12 @@ def generate_batches(model: nn.Module, vae: FrozenVAE, diffusion_cfg: DiffusionC
                 return
             yield [video_tensor_to_uint8(v) for v in pixels.cpu()]
             continue
-        scheduler = make_scheduler(sampler, diffusion_cfg)
+        scheduler = objective.make_scheduler(sampler)
         try:
             latents = sample(model, (len(chunk), *latent_shape), scheduler=scheduler, num_steps=num_steps,
                              generator=generators, device=device, cond=cond, uncond=uncond,
                              guidance_scale=guidance_scale, progress=progress, should_stop=should_stop,
-                             mu=flow_mu(diffusion_cfg, (len(chunk), *latent_shape)))  # (B, C, T, h, w)
+                             mu=objective.mu((len(chunk), *latent_shape)))  # (B, C, T, h, w)
         except SamplingStopped:
             return
         pixels = vae.decode(latents.float())  # (B, 3, T, H, W) in [-1, 1]
@@ -368,7 +370,7 @@ def load_for_sampling(cfg: PredictConfig, device: torch.device) -> Loaded:
     ckpt = load_checkpoint(cfg.checkpoint)
     check_format(ckpt, cfg.checkpoint, key="checkpoint")
     check_entries(ckpt, cfg.checkpoint, PREDICT_ENTRIES)
-    diffusion = load_entry(cfg.checkpoint, "diffusion", partial(config_from_dict, DiffusionConfig),
+    diffusion = load_entry(cfg.checkpoint, "diffusion", lambda _: recorded_diffusion(ckpt),
                            ckpt["diffusion"], "is malformed")
     check_num_steps(cfg.num_steps, diffusion.num_train_timesteps, "num_steps")
     # The objective the checkpoint was trained with (recorded since flow matching; older ones are v).
@@ -379,7 +381,7 @@ def load_for_sampling(cfg: PredictConfig, device: torch.device) -> Loaded:
     vae_settings = load_entry(cfg.checkpoint, "config", _trained_vae_settings, ckpt["config"], "is malformed")
     vae = FrozenVAE.from_config(vae_settings, device, cfg.vae.path or ckpt["vae"]["path"])
     check_vae(ckpt, vae, cfg.checkpoint)
-    model = model_from_checkpoint(ckpt, cfg.use_ema, device, cfg.checkpoint)
+    model = model_from_checkpoint(ckpt, cfg.use_ema, device, cfg.checkpoint, cfg.pretrained)
     images = _first_frames(cfg, ckpt, vae, model)
     print(f"checkpoint {cfg.checkpoint}: step {ckpt['step']}, {'EMA' if cfg.use_ema else 'raw'} weights, "
           f"{objective}; "
@@ -463,7 +465,7 @@ def _generate(cfg: PredictConfig, model, vae, ckpt: dict, conditions: SampleCond
               device, images: Optional[torch.Tensor] = None,
               should_stop: Optional[Callable[[], bool]] = None) -> Iterator[list[np.ndarray]]:
     return generate_batches(
-        model, vae, config_from_dict(DiffusionConfig, ckpt["diffusion"]),
+        model, vae, objective_of(ckpt),
         latent_shape=latent_shape(model_dims(ckpt["model"])),
         seeds=[cfg.seed + i for i in range(cfg.num_videos)], sampler=cfg.sampler,
         num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, conditions=conditions,
@@ -476,7 +478,7 @@ def _first_frames(cfg: PredictConfig, ckpt: dict, vae: FrozenVAE, model) -> Opti
     """The `image` / `images` (N, 3, H, W) resized and cropped as training clips, or None; image
     and a `num_frames` beyond the window refused for a checkpoint trained without first frames."""
     first = FirstFrames.of(ckpt["model"]["config"])
-    _, frames, h, w = model.input_shape
+    _, frames, h, w = latent_shape(model_dims(ckpt["model"]))
     window = vae.geometry.pixel_frames(frames)
     paths = cfg.image_list()
     if paths is not None:

@@ -23,8 +23,9 @@ from data import build_dataset
 from data.latent_cache import CacheCorruptError, LatentCache, cache_disabled_reason, cache_key
 from data.loader import ResumableSampler, make_loader
 from data.source_index import RUN_INDEX_FILE
-from models.diffusion import Diffusion
-from models.dit import VideoDiT, check_condition_frames
+from models.backbones import Family, check_base, family_for, ignored_architecture_keys
+from models.diffusion import Objective, make_objective
+from models.dit import check_condition_frames
 from models.vae import FrozenVAE
 from training import checkpoints as ckpts
 from training.common import (Deadline, LoopHooks, LRPlan, Position, StepControl, StepOutcome,
@@ -42,8 +43,9 @@ from utils.errors import ConfigError, UserError
 from utils.fvd import FeatureStats, load_detector
 from utils.logging import RunLogger
 from utils.run_guard import save_before_fail, weights_finite
-from utils.train_utils import (EMA, GracefulStop, autocast_context, count_parameters, make_adamw,
-                               make_grad_scaler, use_fast_adamw)
+from utils.train_utils import (EMA, GracefulStop, autocast_context, count_parameters,
+                               load_trainable_state_dict, make_adamw, make_grad_scaler,
+                               trainable_state_dict, use_fast_adamw)
 
 RMS_CLIPS = 8  # training clips whose normalised latent RMS is printed at start
 RMS_RANGE = (0.5, 2.0)  # outside: warn that the VAE's normalisation does not fit
@@ -60,8 +62,8 @@ class Stage2:
     dtype: torch.dtype
     log: RunLogger
     vae: FrozenVAE
-    diffusion: Diffusion
-    model: VideoDiT  # the bare module: EMA, checkpoints and sampling use this
+    diffusion: Objective  # the objective (models/diffusion.py): the model's, for a pretrained one
+    model: nn.Module  # the bare module (VideoDiT, or a PretrainedDiT): EMA, checkpoints and sampling use this
     net: nn.Module  # what the loop calls: maybe compiled and/or DDP-wrapped
     ddp: Optional[DistributedDataParallel]  # the DDP module (no_sync lives here), None = 1 process
     ema: EMA
@@ -89,23 +91,28 @@ class Stage2:
     cond: Conditioning = field(default_factory=Conditioning)  # what a condition is (training/conditioning.py)
     val_captions: list = field(default_factory=list)  # distinct captions of the val split (text runs)
     first_frames: FirstFrames = field(default_factory=FirstFrames)  # model.first_frame_conditioning
+    family: Family = None  # the DiT family (models/backbones.py): set by setup
 
 
 # ----------------------------------------------------------------------------- setup
 
 
-def latent_dims(cfg: TrainRunConfig, vae: FrozenVAE, num_classes: int) -> dict:
+def latent_dims(cfg: TrainRunConfig, vae: FrozenVAE, num_classes: int, family: Optional[Family] = None) -> dict:
     """The DiT's input geometry, derived from data + the VAE's measured geometry (never a second
-    copy in `model`). `num_frames` is the number of LATENT frames: 1 + (T - 1) / f_t for a
-    causal video VAE, T for a per-frame VAE; sampling decodes back to data.num_frames."""
+    copy in `model`), checked against what the network (`family`: the repo's DiT by default)
+    can take. `num_frames` is the number of LATENT frames: 1 + (T - 1) / f_t for a causal video
+    VAE, T for a per-frame VAE; sampling decodes back to data.num_frames."""
     mcfg, factor = cfg.model.resolved(), vae.downsample_factor
-    check_resolution_multiple(cfg.data, factor * mcfg.patch_size, f"VAE factor {factor} x "
-                              f"model.patch_size {mcfg.patch_size} = {factor * mcfg.patch_size}")
+    family = family or Family(mcfg)
+    patch_t, patch = family.patch
+    what = f"model.patch_size {patch}" if not family.pretrained else f"the {family.class_name}'s patch {patch}"
+    check_resolution_multiple(cfg.data, factor * patch, f"VAE factor {factor} x {what} = {factor * patch}")
     channels, frames, height, width = vae.latent_shape(  # frame rule checked
         cfg.data.num_frames, cfg.data.height, cfg.data.width)
-    if frames % mcfg.patch_t:
+    if frames % patch_t and not family.pretrained:
         raise ConfigError(f"data.num_frames = {cfg.data.num_frames} gives {frames} latent frames, not "
                           f"divisible by model.patch_t = {mcfg.patch_t}")
+    family.check_latents((channels, frames, height, width), vae.latent_channels, mcfg.first_frame_conditioning > 0)
     check_condition_frames(mcfg, frames)  # first frames: some latent frame left to generate
     return dict(in_channels=channels, num_frames=frames, latent_height=height, latent_width=width,
                 num_classes=num_classes if mcfg.class_conditional else 0)
@@ -116,16 +123,21 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
           started: Optional[float] = None) -> Stage2:
     """`started`: time.monotonic() at launch, from which train.time_limit_minutes counts."""
     tcfg = cfg.train
+    family = _family(cfg, log)  # model.pretrained: its folder's config and schedule, not its weights yet
     vae = FrozenVAE.from_config(cfg.vae, device)
     log.info(f"VAE {vae.summary()}")
     # Every check the config, the data index, the VAE and the checkpoint allow, before the
     # latent cache is built or a step runs.
     dataset = build_dataset(cfg.data, "train", cfg.experiment.seed,  # the index: frame counts only
                             index_file=os.path.join(run_dir, RUN_INDEX_FILE))
-    cond = conditioning_for_training(cfg, dataset, device, log)  # text: the frozen encoder, loaded
-    dims = {**latent_dims(cfg, vae, dataset.num_classes), **cond.dims()}  # resolution, frame rule, patch_t
+    text_length = family.text_length(cfg.text_encoder.max_length)
+    cond = conditioning_for_training(cfg, dataset, device, log, dist, family.text_convention(text_length),
+                                     text_length)  # text: the frozen encoder, loaded on rank 0
+    if cond.kind == "text":
+        family.check_text(int(cond.dims()["text_dim"]))
+    dims = {**latent_dims(cfg, vae, dataset.num_classes, family), **cond.dims()}  # resolution, frame rule, patch
     steps_per_epoch = check_epoch(len(dataset), tcfg, dist, tcfg.grad_accum_steps)
-    ckpt = _checked_checkpoint(cfg, resume_path, vae, dims, cond) if resume_path else None
+    ckpt = _checked_checkpoint(cfg, resume_path, vae, dims, cond, family) if resume_path else None
     detector = None
     if cfg.validation.fvd.detector_path is not None:  # fail now, not at the first validation
         detector = load_detector(cfg.validation.fvd.detector_path, device,  # tried on a clip
@@ -141,11 +153,13 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
         _log_latent_rms(vae, dataset, log)
     loader = make_loader(dataset, tcfg.batch_size, shuffle=True, seed=cfg.experiment.seed,
                          num_workers=cfg.data.num_workers, rank=dist.rank,
-                         world_size=dist.world_size, drop_last=True, device_type=device.type)
-    model = VideoDiT(cfg.model.resolved(), **dims).to(device)
+                         world_size=dist.world_size, drop_last=True, device_type=device.type,
+                         collate_fn=cond.collate)  # text: captions looked up in the data workers
+    model = family.build(dims, device, base_dtype=dtype if family.pretrained else torch.float32)
     model.activation_checkpointing = tcfg.activation_checkpointing
-    ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup_steps)
-    optimizer = make_adamw(model.parameters(), tcfg.lr, tcfg.betas, tcfg.weight_decay)
+    ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup_steps)  # the trainable weights (a LoRA: adapters only)
+    optimizer = make_adamw([p for p in model.parameters() if p.requires_grad], tcfg.lr, tcfg.betas,
+                           tcfg.weight_decay)
     total = total_steps(tcfg, steps_per_epoch)
     deadline = Deadline(now() if started is None else started, tcfg.time_limit_minutes)
     plan = LRPlan(tcfg, total, deadline)
@@ -159,10 +173,11 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
     net = ddp if ddp is not None else model
     net = torch.compile(net) if tcfg.compile else net
     noise_gen = seed_rank(cfg.experiment.seed, dist, device)
-    s = Stage2(cfg, run_dir, dist, device, dtype, log, vae, Diffusion(cfg.diffusion), model, net, ddp, ema, optimizer, make_grad_scaler(device, dtype),
+    s = Stage2(cfg, run_dir, dist, device, dtype, log, vae, make_objective(cfg.diffusion, family.native_scheduler()),
+               model, net, ddp, ema, optimizer, make_grad_scaler(device, dtype),
                lr_sched, loader, loader.sampler, noise_gen, dims,
                list(getattr(dataset, "class_names", [])), Position(), total, deadline, plan)
-    s.detector, s.cond, s.val_captions = detector, cond, sorted(set(val_captions))
+    s.detector, s.cond, s.val_captions, s.family = detector, cond, sorted(set(val_captions)), family
     s.first_frames = FirstFrames.of(cfg.model)
     # the windows' frame rate (data.fps, else the clips' median), or validation.fps for data
     # with no time of its own (built-in clips); predict writes videos at it by default
@@ -171,6 +186,37 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
     if ckpt is not None:
         _resume(s, ckpt, resume_path)
     return s
+
+
+def _family(cfg: TrainRunConfig, log: RunLogger) -> Family:
+    """The DiT family of `model.*`, and what follows from it settled in `cfg` before anything is
+    loaded: the objective and schedule (diffusion.* nulls filled with the model's, a
+    contradiction refused), vae.path and text_encoder.path defaulting to a pretrained pipeline
+    folder's vae/ and text_encoder/, and the keys that depend on the schedule."""
+    family = family_for(cfg.model)
+    family.check_first_frames(cfg.model.first_frame_conditioning > 0)
+    if family.pretrained:
+        log.info(f"model: {family.summary()}")
+        ignored = ignored_architecture_keys(cfg.model)
+        if ignored:
+            log.info(f"warning: {', '.join('model.' + k for k in ignored)} describe the repo's own DiT and are "
+                     f"ignored: the pretrained {family.class_name} brings its own architecture")
+        if cfg.model.conditioning_kind() != "text":
+            raise ConfigError(f"model.pretrained is a {family.class_name}, a text-to-video model, but "
+                              f"model.conditioning = {cfg.model.conditioning_kind()}: set model.conditioning: "
+                              "text (and data.captions, text_encoder.path)")
+        pipeline = family.pipeline_folder
+        if cfg.vae.path is None:
+            if pipeline is None or not os.path.isdir(os.path.join(pipeline, "vae")):
+                raise ConfigError(f"vae.path is not set and model.pretrained = {cfg.model.pretrained} is no "
+                                  "pipeline folder with a vae/: set vae.path to the VAE the model was trained with")
+            cfg.vae.path = pipeline
+        if cfg.text_encoder.path is None and pipeline is not None and \
+                os.path.isdir(os.path.join(pipeline, "text_encoder")):
+            cfg.text_encoder.path = pipeline
+    cfg.diffusion = family.resolve_diffusion(cfg.diffusion)
+    cfg.check_schedule()
+    return family
 
 
 def _maybe_cached(dataset, cfg: TrainRunConfig, vae: FrozenVAE, run_dir: str, dist: DistInfo,
@@ -201,10 +247,10 @@ def _maybe_cached(dataset, cfg: TrainRunConfig, vae: FrozenVAE, run_dir: str, di
              f"{dataset.num_sources} sources over {dist.world_size} process(es); an interrupted "
              "build resumes where it stopped")
     part = cache.build_part(vae.encode_moments, dist.rank, dist.world_size, progress=dist.is_main)
-    shards = gather_dicts(part, dist)
+    shards = gather_dicts(part, dist, setup=True)  # a long wait for a slow rank: the setup group's timeout
     if dist.is_main:
         cache.write_manifest(shards)
-    barrier(dist)
+    barrier(dist, setup=True)
     return cache.load()
 
 
@@ -227,16 +273,28 @@ def _log_latent_rms(vae: FrozenVAE, dataset, log: RunLogger) -> None:
                  "shift_factor / latents_mean / latents_std in that config.json")
 
 
+def _schedule_note(d) -> str:
+    if d.objective == "flow_matching":
+        shift = "dynamic shift" if d.flow_shift_dynamic else f"shift {d.flow_shift:g}"
+        return f"{d.num_train_timesteps} timesteps, {shift}"
+    return (f"{d.num_train_timesteps} timesteps, {d.beta_schedule} betas {d.beta_start:g}-{d.beta_end:g}"
+            f"{', zero terminal SNR' if d.rescale_betas_zero_snr else ''}"
+            f"{f', SNR shift {d.snr_shift_scale:g}' if d.snr_shift_scale != 1 else ''}")
+
+
 def _log_setup(s: Stage2, dataset, steps_per_epoch: int) -> None:
     trainable, total = count_parameters(s.model)
     vae_trainable, vae_total = count_parameters(s.vae)
     t = s.cfg.train
     global_batch = t.batch_size * s.dist.world_size * t.grad_accum_steps
-    s.log.info(f"DiT {trainable / 1e6:.2f}M trainable of {total / 1e6:.2f}M; VAE {vae_trainable} "
-               f"trainable of {vae_total / 1e6:.2f}M (frozen); optimizer holds DiT parameters only")
+    frozen = "" if trainable == total else " (the rest, the pretrained base, frozen)"
+    s.log.info(f"DiT {trainable / 1e6:.2f}M trainable of {total / 1e6:.2f}M{frozen}; VAE {vae_trainable} "
+               f"trainable of {vae_total / 1e6:.2f}M (frozen); optimizer holds the DiT's trainable parameters only")
+    s.log.scalars({"model/trainable_params": trainable, "model/total_params": total}, 0)
+    s.log.info(f"objective {s.diffusion.objective} ({_schedule_note(s.cfg.diffusion)})")
     s.log.info(f"latents (C, t, h, w) = {ckpts.latent_shape(s.dims)} from {s.cfg.data.num_frames} frames "
                f"of {s.cfg.data.height}x{s.cfg.data.width} pixels, "
-               f"{math.prod(s.model.grid)} tokens per clip, condition: {s.cond.summary()}, {s.first_frames.summary()}; "
+               f"{s.family.tokens(ckpts.latent_shape(s.dims))} tokens per clip, condition: {s.cond.summary()}, {s.first_frames.summary()}; "
                f"{len(dataset)} training clips, {steps_per_epoch} steps/epoch, {s.total_steps} steps total")
     s.log.info(f"device {s.device}, precision {str(s.dtype).replace('torch.', '')}, world size "
                f"{s.dist.world_size}, global batch {global_batch} = {t.batch_size} per process x "
@@ -254,8 +312,8 @@ def checkpoint_dict(s: Stage2, gather: bool = True) -> dict:
         "step": s.pos.step, "epoch": s.pos.epoch, "micro": s.pos.micro,
         "world_size": s.dist.world_size, "batch_size": s.cfg.train.batch_size,
         "num_items": len(s.loader.dataset),  # training windows: a resume on other data starts a new epoch
-        "model": ckpts.model_record(s.cfg.model, s.dims),
-        "model_state": s.model.state_dict(),
+        "model": ckpts.model_record(s.cfg.model, s.dims, s.family),
+        "model_state": trainable_state_dict(s.model),  # a LoRA: the adapters alone
         "ema_state": s.ema.state_dict(),
         "optimizer": s.optimizer.state_dict(),
         "scaler": s.scaler.state_dict(),
@@ -290,27 +348,30 @@ def _save_on_failure(s: Stage2) -> None:
 
 
 def _checked_checkpoint(cfg: TrainRunConfig, path: str, vae: FrozenVAE, dims: dict,
-                        cond: Conditioning) -> dict:
+                        cond: Conditioning, family: Family) -> dict:
     """The checkpoint to resume from, refused now if it does not fit, naming what differs: the
-    condition (a text encoder), the data, the model, the diffusion schedule or the VAE."""
+    pretrained base, the condition (a text encoder), the data, the model, the diffusion
+    schedule or the VAE."""
     ckpt = load_checkpoint(path, map_location="cpu")
     ckpts.check_format(ckpt, path)
     ckpts.check_entries(ckpt, path)
+    check_base((ckpt["model"].get("family") or {"name": "video_dit"}), family, path)
     try:
         cond.check_checkpoint(ckpt, path)
     except UserError:
         # A condition that changed with data.path (its class folders gone) is a change of data.
         if ckpt.get("config", {}).get("data", {}).get("path", cfg.data.path) != cfg.data.path:
-            ckpts.check_model(ckpt, ckpts.model_record(cfg.model, dims), path, asdict(cfg.data))
+            ckpts.check_model(ckpt, ckpts.model_record(cfg.model, dims, family), path, asdict(cfg.data))
         raise
-    ckpts.check_model(ckpt, ckpts.model_record(cfg.model, dims), path, asdict(cfg.data))
+    ckpts.check_model(ckpt, ckpts.model_record(cfg.model, dims, family), path, asdict(cfg.data))
     ckpts.check_vae(ckpt, vae, path)
     ckpts.check_diffusion(ckpt, asdict(cfg.diffusion), path)
     return ckpt
 
 
 def _resume(s: Stage2, ckpt: dict, path: str) -> None:
-    for entry, load in (("model_state", s.model.load_state_dict), ("ema_state", s.ema.load_state_dict),
+    for entry, load in (("model_state", lambda state: load_trainable_state_dict(s.model, state)),
+                        ("ema_state", s.ema.load_state_dict),
                         ("optimizer", s.optimizer.load_state_dict), ("scaler", s.scaler.load_state_dict),
                         ("lr_sched", s.lr_sched.load_state_dict)):
         ckpts.load_entry(path, entry, load, ckpt[entry])
@@ -485,6 +546,7 @@ def _finish(s: Stage2, interrupted: bool, timed_out: bool = False) -> None:
                    f"holds step {s.pos.step} (continue with train.resume=auto)")
         return
     s.log.info(f"done: {s.pos.step} steps; checkpoint {s.run_dir}/latest.pth")
+    _export(s)
     if s.dist.is_main:  # what stopped it and what the model is worth: also <run>/outcome.txt
         outcome = stage2_outcome(StopReason.TIME_LIMIT if timed_out else StopReason.STEPS, s.pos.step,
                                  s.total_steps, s.val_losses, s.cfg.train.time_limit_minutes)
@@ -492,9 +554,22 @@ def _finish(s: Stage2, interrupted: bool, timed_out: bool = False) -> None:
         s.log.info(outcome)
 
 
+def _export(s: Stage2) -> None:
+    """A pretrained run's weights back in diffusers' format, in <run>/export/ (rank 0): the
+    EMA weights where EMA is on (`export.py` does the same from any checkpoint)."""
+    if not s.family.pretrained or not s.dist.is_main:
+        return
+    module = s.ema.model if s.cfg.train.ema_decay > 0 else s.model
+    written = s.family.export(module, os.path.join(s.run_dir, "export"))
+    s.log.info(f"exported the {'EMA' if s.cfg.train.ema_decay > 0 else 'trained'} weights for diffusers: {written}")
+
+
 def _log_step(s: Stage2, stats: LossStats, bar: tqdm) -> None:
     values = stats.summary(s.dist)
     values["train/lr"] = s.lr_sched.get_last_lr()[0]
+    if s.device.type == "cuda":  # peak memory of this logging interval
+        values["perf/peak_memory_gb"] = torch.cuda.max_memory_allocated(s.device) / 2 ** 30
+        torch.cuda.reset_peak_memory_stats(s.device)
     s.last_data_wait_fraction = values["perf/data_wait_fraction"]
     s.log.scalars(values, s.pos.step)
     bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}",

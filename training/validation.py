@@ -70,7 +70,7 @@ def _validate_main(s: Stage2, fvd: Optional[float]) -> None:
         _log_held_out_loss(s)
     conditions = validation_conditions(s, v.num_videos)
     videos = generate_videos(
-        s.ema.model, s.vae, s.cfg.diffusion, latent_shape=ckpts.latent_shape(s.dims),
+        s.ema.model, s.vae, s.diffusion, latent_shape=ckpts.latent_shape(s.dims),
         seeds=[v.seed + i for i in range(v.num_videos)], sampler=v.sampler,
         num_steps=v.num_steps, guidance_scale=v.guidance_scale, device=s.device,
         conditions=conditions)
@@ -80,7 +80,7 @@ def _validate_main(s: Stage2, fvd: Optional[float]) -> None:
     if any(conditions.prompts):  # TensorBoard's Text tab: each video's prompt, left to right
         s.log.text("val/samples_prompts", "\n\n".join(
             f"{i}: {p}" for i, p in enumerate(conditions.prompts)), s.pos.step)
-    cell = s.vae.downsample_factor * s.model.cfg.patch_size  # patch side in pixels
+    cell = s.vae.downsample_factor * s.family.patch[1]  # patch side in pixels
     score = jigsaw_score(torch.stack([uint8_to_video_tensor(x) for x in videos]), cell)
     s.log.scalars({"val/jigsaw_score": score, "val/jigsaw_score_real": _real_jigsaw(s, cell)},
                   s.pos.step)
@@ -112,7 +112,7 @@ def _log_image_to_video(s: Stage2) -> None:
     else:
         conditions = validation_conditions(s, len(index))
     videos = generate_videos(
-        s.ema.model, s.vae, s.cfg.diffusion, latent_shape=ckpts.latent_shape(s.dims),
+        s.ema.model, s.vae, s.diffusion, latent_shape=ckpts.latent_shape(s.dims),
         seeds=[v.seed + i for i in range(len(index))], sampler=v.sampler, num_steps=v.num_steps,
         guidance_scale=v.guidance_scale, device=s.device,
         conditions=conditions, images=images, condition_frames=s.first_frames.frames)
@@ -212,7 +212,7 @@ def _val_fvd(s: Stage2) -> float:
                                                                      f.batch_size), s.device), s.dist)
     mine = list(range(r, f.num_videos, w))
     videos = generate_videos(
-        s.ema.model, s.vae, s.cfg.diffusion, latent_shape=ckpts.latent_shape(s.dims),
+        s.ema.model, s.vae, s.diffusion, latent_shape=ckpts.latent_shape(s.dims),
         seeds=[v.seed + i for i in mine], conditions=validation_conditions(s, f.num_videos).select(mine),
         sampler=v.sampler, num_steps=v.num_steps, guidance_scale=v.guidance_scale,
         device=s.device, batch_size=f.batch_size)

@@ -8,16 +8,17 @@ from typing import Callable, Optional
 from utils.errors import UserError
 
 
-def parse_args(argv: Optional[list[str]], description: str,
-               flags: tuple[str, ...] = ()) -> tuple[str, list[str], dict[str, Optional[str]]]:
-    """Returns (config path, dotted overrides, {flag: value}). `flags` are optional `--name VALUE`.
+def parse_args(argv: Optional[list[str]], description: str, flags: tuple[str, ...] = (),
+               config_required: bool = True) -> tuple[Optional[str], list[str], dict[str, Optional[str]]]:
+    """Returns (config path, dotted overrides, {flag: value}). `flags` are optional `--name VALUE`;
+    `--config` is required unless `config_required` is False (then None without it).
 
     Overrides may stand anywhere: before, between or after the flags
     (`--config c.yaml --checkpoint p.pth vae.path=x` and `vae.path=x --config c.yaml` alike);
     plain `parse_args` would stop collecting positionals at the first flag after them.
     """
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--config", required=config_required, default=None, help="YAML config file")
     for name in flags:
         parser.add_argument(f"--{name}", default=None)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")

@@ -266,6 +266,28 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
 
 
 @dataclass
+class LoRAConfig:
+    """`model.finetune: lora` (peft, through diffusers' add_adapter): low-rank adapters on the
+    pretrained transformer's linear layers; only they train."""
+    rank: int = 16  # r: the adapters' inner width
+    alpha: float = 16.0  # scale alpha / rank on the adapters' output
+    dropout: float = 0.0  # dropout on the adapters' input
+    # module name suffixes to adapt (peft target_modules); null = the family's default (attention
+    # q/k/v/out and the feed-forward linears; models/backbones.py)
+    targets: Optional[list[str]] = None
+
+    def validate(self, prefix: str = "model.lora") -> None:
+        _positive(self, prefix, "rank")
+        if self.alpha <= 0:
+            raise ConfigError(f"{prefix}.alpha = {self.alpha}: must be > 0 (the adapters' scale is alpha / rank)")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{prefix}.dropout = {self.dropout}: must be in [0, 1)")
+        if self.targets is not None and (not self.targets or not all(isinstance(t, str) and t for t in self.targets)):
+            raise ConfigError(f"{prefix}.targets = {self.targets!r}: give module names, e.g. [to_q, to_k, to_v, "
+                              "to_out.0], or null (the family's default)")
+
+
+@dataclass
 class ModelConfig:
     """The video DiT. Its input size derives from data + VAE, never from here."""
     preset: Optional[str] = None  # e.g. "DiT-S/2": overrides hidden_size/depth/num_heads/patch_size
@@ -287,6 +309,13 @@ class ModelConfig:
     # the condition (timestep 0, no loss): image-to-video and extension. 0 = off.
     first_frame_conditioning: float = 0.0
     condition_frames: int = 1  # latent frames given when it does (1: image-to-video; more: continuation)
+    # A pretrained video DiT to start from: a diffusers pipeline folder (its transformer/ and
+    # scheduler/) or a transformer folder (WanTransformer3DModel, CogVideoXTransformer3DModel).
+    # Its architecture, objective, schedule and text convention are its own (models/backbones.py):
+    # the architecture keys above are then ignored (said in the log). null = the repo's DiT.
+    pretrained: Optional[str] = None
+    finetune: Literal["full", "lora"] = "lora"  # with pretrained: every weight, or LoRA adapters only
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def conditioning_kind(self) -> str:
         """`none`, `class` or `text`: `conditioning` if set, else from the older `class_conditional`
@@ -339,6 +368,12 @@ class ModelConfig:
             raise ConfigError(f"{prefix}.first_frame_conditioning = {self.first_frame_conditioning}: "
                               "a probability, must be in [0, 1] (0 = off)")
         _positive(self, prefix, "condition_frames")
+        self.lora.validate(prefix + ".lora")
+        if self.pretrained is not None and not str(self.pretrained).strip():
+            raise ConfigError(f"{prefix}.pretrained is empty: give a diffusers pipeline or transformer folder, "
+                              "or null (the repo's DiT from random weights)")
+        if self.pretrained is not None:
+            return  # patch_t is the pretrained model's (models/backbones.py checks condition_frames)
         if self.condition_frames % r.patch_t:
             raise ConfigError(f"{prefix}.condition_frames = {self.condition_frames} is not a multiple of "
                               f"{prefix}.patch_t = {r.patch_t}: a temporal patch has one timestep, so "
@@ -354,21 +389,39 @@ SAMPLERS_BY_OBJECTIVE = {"v_prediction": ("ddim", "dpm++", "euler", "ddpm"),
                          "flow_matching": ("euler", "dpm++", "unipc")}
 
 
+# The schedule keys a pretrained DiT fixes (models/backbones.py reads them from its folder's
+# scheduler config): null in a config means "the pretrained model's, else the default here".
+SCHEDULE_DEFAULTS: dict[str, Any] = dict(
+    objective="v_prediction", num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+    beta_start=0.0001, beta_end=0.02, rescale_betas_zero_snr=True, snr_shift_scale=1.0,
+    timestep_spacing="trailing", flow_shift=1.0, flow_shift_dynamic=False)
+
+
 @dataclass
 class DiffusionConfig:
     """Training objective and schedule; predict and validation rebuild diffusers schedulers from it.
 
     `objective: v_prediction` uses the VP schedule keys (num_train_timesteps, beta_*,
-    rescale_betas_zero_snr, min_snr_gamma). `flow_matching` ignores beta_* and
-    rescale_betas_zero_snr (its schedule is x_t = (1 - s) x0 + s eps, s in [0, 1]; the model
-    sees t = s * num_train_timesteps) and uses the flow_* keys and loss_weighting instead.
+    rescale_betas_zero_snr, snr_shift_scale, min_snr_gamma). `flow_matching` ignores those
+    (its schedule is x_t = (1 - s) x0 + s eps, s in [0, 1]; the model sees t = s *
+    num_train_timesteps) and uses the flow_* keys and loss_weighting instead.
+
+    The schedule keys (SCHEDULE_DEFAULTS) default to null: with `model.pretrained` they are the
+    pretrained model's own (its folder's scheduler config; a value that contradicts it is
+    refused), otherwise the defaults of SCHEDULE_DEFAULTS. `resolved()` fills them in; a
+    checkpoint records the resolved values.
     """
-    objective: Literal["v_prediction", "flow_matching"] = "v_prediction"
-    num_train_timesteps: int = 1000
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    rescale_betas_zero_snr: bool = True
+    objective: Optional[Literal["v_prediction", "flow_matching"]] = None  # null: v_prediction, or the pretrained model's
+    num_train_timesteps: Optional[int] = None  # null: 1000, or the pretrained model's
+    beta_schedule: Optional[Literal["linear", "scaled_linear", "squaredcos_cap_v2"]] = None  # null: squaredcos_cap_v2
+    beta_start: Optional[float] = None  # null: 0.0001
+    beta_end: Optional[float] = None  # null: 0.02
+    rescale_betas_zero_snr: Optional[bool] = None  # null: true (zero terminal SNR, Lin et al. 2023)
+    # CogVideoX's SNR shift: alpha_bar / (k + (1 - k) alpha_bar), i.e. SNR / k, before the
+    # zero-SNR rescale (k = 3 for CogVideoX-2b); null: 1 (none)
+    snr_shift_scale: Optional[float] = None
+    # which timesteps the v samplers visit: trailing starts at T-1 (zero SNR); null: trailing
+    timestep_spacing: Optional[Literal["trailing", "leading", "linspace"]] = None
     # min-SNR-gamma weighting (v only); null = plain v MSE. With zero-terminal SNR it gives ~0
     # weight to the high-noise steps every sampler starts from, so it is off by default.
     min_snr_gamma: Optional[float] = None
@@ -380,12 +433,13 @@ class DiffusionConfig:
     mode_scale: float = 1.29  # timestep_sampling: mode; in [-1, 2 / (pi - 2)]
     # Flow matching only. Shift of the noise level, s' = shift s / (1 + (shift - 1) s), in
     # training and sampling alike; > 1 spends more steps at high noise (SD3: 3.0, Wan: 3-5).
-    flow_shift: float = 1.0
+    # null: 1 (no shift), or the pretrained model's
+    flow_shift: Optional[float] = None
     # Flow matching only: a shift that grows with the latent size instead of flow_shift:
     # mu interpolated linearly in the sequence length (latent frames x height x width) from
     # flow_base_shift at flow_base_seq_len to flow_max_shift at flow_max_seq_len, then
-    # s' = e^mu / (e^mu + 1/s - 1) (SD3 / Flux / LTX; diffusers' use_dynamic_shifting).
-    flow_shift_dynamic: bool = False
+    # s' = e^mu / (e^mu + 1/s - 1) (SD3 / Flux / LTX; diffusers' use_dynamic_shifting). null: false
+    flow_shift_dynamic: Optional[bool] = None
     flow_base_shift: float = 0.5
     flow_max_shift: float = 1.15
     flow_base_seq_len: int = 256  # latent positions T * h * w
@@ -394,10 +448,35 @@ class DiffusionConfig:
     # compute_loss_weighting_for_sd3: none, sigma_sqrt (1 / s^2), cosmap (2 / (pi (1 - 2s + 2s^2))).
     loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
 
-    def validate(self, prefix: str = "diffusion") -> None:
-        _positive(self, prefix, "num_train_timesteps")
-        if not 0 < self.beta_start < self.beta_end < 1:
-            raise ConfigError(f"{prefix}.beta_start / beta_end = {self.beta_start} / {self.beta_end}: "
+    def unset(self) -> list[str]:
+        """The schedule keys left null (to be taken from a pretrained model or the defaults)."""
+        return [k for k in SCHEDULE_DEFAULTS if getattr(self, k) is None]
+
+    def resolved(self, values: Optional[dict] = None) -> "DiffusionConfig":
+        """Copy with every null schedule key taken from `values` (a pretrained model's schedule),
+        else from SCHEDULE_DEFAULTS; `self` itself when none is null."""
+        missing = self.unset()
+        if not missing:
+            return self
+        source = {**SCHEDULE_DEFAULTS, **(values or {})}
+        return dataclasses.replace(self, **{k: source[k] for k in missing})
+
+    def validate(self, prefix: str = "diffusion", rules: bool = True) -> None:
+        """Ranges of what is given; with `rules`, the rules between keys on the resolved schedule
+        (the defaults for null keys; a pretrained run checks them once its model's schedule is
+        in, TrainRunConfig.check_schedule)."""
+        given = {k: getattr(self, k) for k in SCHEDULE_DEFAULTS if getattr(self, k) is not None}
+        if given.get("num_train_timesteps", 1) < 1:
+            raise ConfigError(f"{prefix}.num_train_timesteps = {self.num_train_timesteps}: must be >= 1")
+        if "snr_shift_scale" in given and not self.snr_shift_scale > 0:
+            raise ConfigError(f"{prefix}.snr_shift_scale = {self.snr_shift_scale}: must be > 0 (1 = no shift)")
+        if "flow_shift" in given and self.flow_shift <= 0:
+            raise ConfigError(f"{prefix}.flow_shift = {self.flow_shift}: must be > 0 (1 = no shift)")
+        if not rules:
+            return
+        r = self.resolved()
+        if not 0 < r.beta_start < r.beta_end < 1:
+            raise ConfigError(f"{prefix}.beta_start / beta_end = {r.beta_start} / {r.beta_end}: "
                               "need 0 < beta_start < beta_end < 1")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
             raise ConfigError(f"{prefix}.min_snr_gamma = {self.min_snr_gamma}: must be > 0 or null")
@@ -406,24 +485,25 @@ class DiffusionConfig:
         if not -1 <= self.mode_scale <= 2 / (math.pi - 2):
             raise ConfigError(f"{prefix}.mode_scale = {self.mode_scale}: must be in [-1, 1.75] "
                               "(outside it the mode density is not a density on [0, 1])")
-        if self.flow_shift <= 0:
-            raise ConfigError(f"{prefix}.flow_shift = {self.flow_shift}: must be > 0 (1 = no shift)")
         if not 0 < self.flow_base_seq_len < self.flow_max_seq_len:
             raise ConfigError(f"{prefix}.flow_base_seq_len / flow_max_seq_len = {self.flow_base_seq_len} / "
                               f"{self.flow_max_seq_len}: need 0 < flow_base_seq_len < flow_max_seq_len")
-        if self.objective == "flow_matching":
+        if r.objective == "flow_matching":
             if self.min_snr_gamma is not None:
                 raise ConfigError(f"{prefix}.min_snr_gamma = {self.min_snr_gamma} is a v_prediction weighting; "
                                   f"with {prefix}.objective = flow_matching use {prefix}.loss_weighting "
                                   "(none, sigma_sqrt, cosmap) and set min_snr_gamma to null")
-            if self.flow_shift_dynamic and self.flow_shift != 1.0:
-                raise ConfigError(f"{prefix}.flow_shift = {self.flow_shift} with {prefix}.flow_shift_dynamic "
+            if r.flow_shift_dynamic and r.flow_shift != 1.0:
+                raise ConfigError(f"{prefix}.flow_shift = {r.flow_shift} with {prefix}.flow_shift_dynamic "
                                   "= true: the dynamic shift replaces the fixed one; set one of them")
+            if r.snr_shift_scale != 1.0:
+                raise ConfigError(f"{prefix}.snr_shift_scale = {r.snr_shift_scale} applies to v_prediction "
+                                  f"only, but {prefix}.objective = flow_matching: remove it")
             return
         flow_only = {"flow_shift": 1.0, "flow_shift_dynamic": False, "loss_weighting": "none"}
         for key, neutral in flow_only.items():
-            if getattr(self, key) != neutral:
-                raise ConfigError(f"{prefix}.{key} = {getattr(self, key)!r} applies to flow matching only, "
+            if getattr(r, key) != neutral:
+                raise ConfigError(f"{prefix}.{key} = {getattr(r, key)!r} applies to flow matching only, "
                                   f"but {prefix}.objective = v_prediction: set {prefix}.objective="
                                   f"flow_matching, or remove {prefix}.{key}")
 
@@ -463,10 +543,16 @@ class TrainConfig:
     keep_last: int = 3  # epoch_XXXX.pth files kept; 0 = keep all
     resume: Optional[str] = None  # null, auto, or a checkpoint path
     max_nonfinite_steps: int = 5  # stop after this many NaN/Inf losses in a row
+    # under torchrun: how long a process may wait for the others while the latent and text caches
+    # are built (each rank encodes its share); training's collectives keep torch's default timeout
+    setup_timeout_minutes: float = 120.0
 
     def validate(self, prefix: str = "train") -> None:
         _positive(self, prefix, "epochs", "batch_size", "grad_accum_steps", "log_every",
                   "checkpoint_every", "max_nonfinite_steps")
+        if self.setup_timeout_minutes <= 0:
+            raise ConfigError(f"{prefix}.setup_timeout_minutes = {self.setup_timeout_minutes}: must be > 0 "
+                              "(minutes a process waits for the others while the caches are built)")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"{prefix}.max_steps = {self.max_steps}: must be >= 1 or null")
         if self.time_limit_minutes is not None and self.time_limit_minutes <= 0:
@@ -623,19 +709,26 @@ class TrainRunConfig:
 
     def validate(self) -> None:
         _check_device(self.device)
-        for part in ("experiment", "data", "vae", "model", "diffusion", "train", "validation",
-                     "text_encoder"):
+        for part in ("experiment", "data", "vae", "model", "train", "validation", "text_encoder"):
             getattr(self, part).validate(part)
-        check_num_steps(self.validation.num_steps, self.diffusion.num_train_timesteps,
-                        "validation.num_steps")
-        check_sampler(self.validation.sampler, self.diffusion.objective, "validation.sampler")
+        self.diffusion.validate("diffusion", rules=False)
+        if self.model.pretrained is None:  # else once the pretrained model's schedule is known (setup)
+            self.check_schedule()
         if self.validation.prompts is not None and self.model.conditioning_kind() != "text":
             raise ConfigError(f"validation.prompts is set but model.conditioning = "
                               f"{self.model.conditioning_kind()}: prompts need a text model "
                               "(model.conditioning: text); remove validation.prompts")
-        if self.vae.path is None:
+        if self.vae.path is None and self.model.pretrained is None:  # else: the pretrained pipeline's vae/
             raise ConfigError("vae.path is not set: point it at a diffusers VAE directory (e.g. the vae/ "
                               "folder that train_vae.py writes into its run directory) or a pipeline folder")
+
+    def check_schedule(self) -> None:
+        """The keys that depend on the resolved schedule (objective, timesteps): the validation
+        sampler and its step count."""
+        diffusion = self.diffusion.resolved()
+        diffusion.validate("diffusion", rules=True)
+        check_num_steps(self.validation.num_steps, diffusion.num_train_timesteps, "validation.num_steps")
+        check_sampler(self.validation.sampler, diffusion.objective, "validation.sampler")
 
 
 @dataclass
@@ -678,6 +771,10 @@ class PredictConfig:
     use_ema: bool = True  # False: the raw (non-EMA) weights
     vae: PredictVAEConfig = field(default_factory=PredictVAEConfig)
     text_encoder: PredictTextEncoderConfig = field(default_factory=PredictTextEncoderConfig)
+    # a checkpoint fine-tuned from a pretrained DiT (model.pretrained): its base folder; null = the
+    # folder the checkpoint records (a LoRA needs it, with the recorded fingerprint; a full
+    # fine-tune holds every weight itself)
+    pretrained: Optional[str] = None
     # image-to-video (a checkpoint trained with model.first_frame_conditioning): a PNG/JPG that
     # becomes frame 0 of every video, or `images`, one per video (cycled)
     image: Optional[str] = None
@@ -723,6 +820,20 @@ class PredictConfig:
                               "video counts time in whole 1/100 s")
         if self.guidance_scale < 0:
             raise ConfigError(f"guidance_scale = {self.guidance_scale}: must be >= 0")
+
+
+@dataclass
+class ExportConfig:
+    """`export.py checkpoint=PATH`: a fine-tuned pretrained DiT's weights back in diffusers' format."""
+    checkpoint: str = ""  # a stage-2 checkpoint of a model.pretrained run (latest.pth, epoch_XXXX.pth)
+    output_dir: Optional[str] = None  # null = <the checkpoint's folder>/export
+    use_ema: bool = True  # the EMA weights (as the run's own export); false: the trained ones
+    pretrained: Optional[str] = None  # a LoRA's base folder; null = the one the checkpoint records
+
+    def validate(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError("checkpoint is not set: give checkpoint=PATH, the latest.pth of a "
+                              "model.pretrained run (e.g. runs/finetune/latest.pth)")
 
 
 @dataclass
@@ -829,6 +940,7 @@ class EvaluateConfig:
     vae: PredictVAEConfig = field(default_factory=PredictVAEConfig)
     # text checkpoints: video i is conditioned on real clip i's caption, embedded by this encoder
     text_encoder: PredictTextEncoderConfig = field(default_factory=PredictTextEncoderConfig)
+    pretrained: Optional[str] = None  # as predict's: a LoRA checkpoint's base; null = the recorded folder
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     real: RealClipsConfig = field(default_factory=RealClipsConfig)
     fvd: FVDConfig = field(default_factory=FVDConfig)
@@ -864,7 +976,8 @@ class EvaluateConfig:
             num_videos=self.num_videos, batch_size=self.batch_size, sampler=self.sampler,
             num_steps=self.num_steps, guidance_scale=self.guidance_scale,
             class_labels=self.class_labels, seed=self.seed, use_ema=self.use_ema,
-            vae=dataclasses.replace(self.vae), text_encoder=dataclasses.replace(self.text_encoder))
+            vae=dataclasses.replace(self.vae), text_encoder=dataclasses.replace(self.text_encoder),
+            pretrained=self.pretrained)
 
 
 # --------------------------------------------------------------------------- loading
@@ -876,7 +989,7 @@ class EvaluateConfig:
 LEGACY_VAE_LOSS_KEYS = ("vae_loss_weight", "kl_loss_weight")
 # Fields that hold a file or folder path: a leading `~` is expanded to the home directory.
 PATH_FIELDS = frozenset({"path", "runs_dir", "resume", "checkpoint", "output_dir", "output",
-                         "detector_path", "index_cache"})
+                         "detector_path", "index_cache", "pretrained"})
 
 
 def load_config(cls: type, path: Optional[str], overrides: Collection[str] = ()) -> Any:

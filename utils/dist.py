@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as torch_dist
@@ -23,8 +25,17 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device_name: str) -> DistInfo:
-    """Reads torchrun's environment; a plain `python script.py` run is rank 0 of 1."""
+_SETUP_GROUP = None  # the process group of setup's waits (caches): gloo, with its own timeout
+
+
+def init_distributed(device_name: str, setup_timeout_minutes: Optional[float] = None) -> DistInfo:
+    """Reads torchrun's environment; a plain `python script.py` run is rank 0 of 1.
+
+    Training's collectives keep the process group's default timeout (a hang is found in
+    minutes); setup's waits (one rank encoding its share of the latent or text cache while
+    another has finished its own) use a second, gloo group with `setup_timeout_minutes`
+    (`setup=True` in `barrier`, `gather_dicts`, `gather_objects`)."""
+    global _SETUP_GROUP
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return DistInfo()
@@ -33,7 +44,13 @@ def init_distributed(device_name: str) -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if setup_timeout_minutes is not None:
+        _SETUP_GROUP = torch_dist.new_group(backend="gloo", timeout=timedelta(minutes=setup_timeout_minutes))
     return DistInfo(rank, world_size, local_rank)
+
+
+def _group(setup: bool):
+    return _SETUP_GROUP if setup else None
 
 
 def device_for(info: DistInfo, device: torch.device) -> torch.device:
@@ -68,21 +85,21 @@ def all_reduce_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
-def gather_dicts(part: dict, info: DistInfo) -> dict:
+def gather_dicts(part: dict, info: DistInfo, setup: bool = False) -> dict:
     """Union of every rank's dict (small, picklable values), available on all ranks."""
     if not info.enabled:
         return dict(part)
     parts: list = [None] * info.world_size
-    torch_dist.all_gather_object(parts, part)
+    torch_dist.all_gather_object(parts, part, group=_group(setup))
     merged: dict = {}
     for p in parts:
         merged.update(p)
     return merged
 
 
-def barrier(info: DistInfo) -> None:
+def barrier(info: DistInfo, setup: bool = False) -> None:
     if info.enabled:
-        torch_dist.barrier()
+        torch_dist.barrier(group=_group(setup))
 
 
 def any_rank(flags: list[bool], info: DistInfo, device: torch.device) -> list[bool]:
@@ -94,15 +111,17 @@ def any_rank(flags: list[bool], info: DistInfo, device: torch.device) -> list[bo
 
 
 def cleanup(info: DistInfo) -> None:
+    global _SETUP_GROUP
     if info.enabled and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+    _SETUP_GROUP = None
 
 
-def gather_objects(obj, info: DistInfo) -> list:
+def gather_objects(obj, info: DistInfo, setup: bool = False) -> list:
     """Every rank's `obj` (small, picklable), as a list indexed by rank, on all ranks."""
     if not info.enabled:
         return [obj]
     parts: list = [None] * info.world_size
-    torch_dist.all_gather_object(parts, obj)
+    torch_dist.all_gather_object(parts, obj, group=_group(setup))
     return parts
 

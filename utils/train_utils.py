@@ -144,12 +144,20 @@ def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: s
 
 
 class EMA:
-    """Exponential moving average of a model's weights; decay ramps up over `warmup_steps`."""
+    """Exponential moving average of a model's TRAINABLE weights; decay ramps up over
+    `warmup_steps`.
+
+    `model` is the averaged copy, for sampling: its frozen weights (a LoRA's base) are the very
+    tensors of the trained model, not copies, so an EMA over adapters costs the adapters' memory
+    only; its buffers follow the trained model's. `state_dict` holds the averaged weights and the
+    buffers (for a model without frozen weights: its whole state_dict, as ever)."""
 
     def __init__(self, model: nn.Module, decay: float, warmup_steps: int = 0):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        shared = {id(p): p for p in model.parameters() if not p.requires_grad}
+        self.model = copy.deepcopy(model, memo=dict(shared)).eval().requires_grad_(False)
         self.decay = decay
         self.warmup_steps = warmup_steps
+        self._keys = set(trainable_state_dict(model))
         self._source, self._pairs = None, None  # update's tensor lists, built once per model
 
     def decay_at(self, step: int) -> float:
@@ -161,7 +169,9 @@ class EMA:
     def update(self, model: nn.Module, step: int) -> None:
         if self._source is not model:
             self._source = model
-            self._pairs = (list(self.model.parameters()), [p.detach() for p in model.parameters()],
+            pairs = [(e, p.detach()) for (_, e), (_, p) in zip(self.model.named_parameters(),
+                                                               model.named_parameters()) if p.requires_grad]
+            self._pairs = ([e for e, _ in pairs], [p for _, p in pairs],
                            list(zip(self.model.buffers(), model.buffers())))
         ema_params, params, buffers = self._pairs
         torch._foreach_lerp_(ema_params, params, 1.0 - self.decay_at(step))  # ema += (1 - d) * (p - ema)
@@ -169,10 +179,32 @@ class EMA:
             b_ema.copy_(b)
 
     def state_dict(self) -> dict:
-        return self.model.state_dict()
+        return {k: v for k, v in self.model.state_dict().items() if k in self._keys}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state)
+        load_trainable_state_dict(self.model, state, self._keys)
+
+
+def trainable_state_dict(model: nn.Module) -> dict:
+    """The weights a checkpoint keeps: the trainable parameters and the persistent buffers (a
+    model without frozen weights: its whole state_dict; a LoRA: the adapters alone)."""
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+
+def load_trainable_state_dict(model: nn.Module, state: dict, keys: Optional[set] = None) -> None:
+    """Load `state` (a `trainable_state_dict`) into `model`: exactly the keys it should hold
+    (`keys`, default: the model's trainable ones), else a RuntimeError naming the difference."""
+    expected = set(trainable_state_dict(model)) if keys is None else set(keys)
+    if not isinstance(state, dict):
+        raise TypeError(f"a state dict is a mapping, got {type(state).__name__}")
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise RuntimeError("Error(s) in loading state_dict: "
+                           + (f"missing keys {missing[:3]}{' ...' if len(missing) > 3 else ''}; " if missing else "")
+                           + (f"unexpected keys {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}"
+                              if unexpected else ""))
+    model.load_state_dict(state, strict=False)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
