@@ -272,8 +272,9 @@ class Diffusion:
         t_frames = t if t.ndim == 2 else t[:, None].expand(batch, frames)  # (B, T)
         keep = (torch.ones(batch, frames, dtype=torch.bool, device=x0.device) if frame_mask is None
                 else frame_mask.to(x0.device, torch.bool))  # (B, T)
-        if not bool(keep.any(dim=1).all()):
-            raise ValueError("frame_mask leaves a sample with no frame to carry loss")
+        # Checked on the device (no host sync in the training step; on CPU it raises here):
+        # FirstFrames never masks every frame, so a failure is a bug in the caller.
+        torch._assert_async(keep.any(dim=1).all(), "frame_mask leaves a sample with no frame to carry loss")
         per_frame = (model_out.float() - target).square().mean(dim=(1, 3, 4))  # (B, T)
         w_frame = self.loss_weight(t_frames)  # (B, T)
         kept = keep.float()

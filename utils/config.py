@@ -339,7 +339,7 @@ class ModelConfig:
             raise ConfigError(f"{prefix}.first_frame_conditioning = {self.first_frame_conditioning}: "
                               "a probability, must be in [0, 1] (0 = off)")
         _positive(self, prefix, "condition_frames")
-        if self.condition_frames % r.patch_t:
+        if self.first_frame_conditioning > 0 and self.condition_frames % r.patch_t:
             raise ConfigError(f"{prefix}.condition_frames = {self.condition_frames} is not a multiple of "
                               f"{prefix}.patch_t = {r.patch_t}: a temporal patch has one timestep, so "
                               "condition whole patches")
