@@ -207,7 +207,7 @@ def check_gradients(cfg: TrainRunConfig, device: torch.device) -> Check:
                 p.normal_(std=0.02, generator=torch.Generator(p.device).manual_seed(0))
     s.model.train()
     batch = next(iter(s.loader))
-    x0 = stage2.batch_latents(s, batch)  # (B, C, T, h, w), as the training loop gets them
+    x0, _ = stage2.batch_latents(s, batch)  # (B, C, T, h, w), as the training loop gets them
     kw = s.cond.train_kwargs(batch, device, None)  # the condition as the loop builds it (no dropout)
     T = cfg.diffusion.num_train_timesteps
     # Away from t = T-1, where the zero-SNR min-SNR weight is exactly 0.
