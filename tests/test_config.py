@@ -32,6 +32,36 @@ def test_shipped_configs_load(name):
     assert cfg.device == "auto"
 
 
+TRAINING_YAMLS = ("config_advanced.yaml", "config_t2v_demo.yaml")
+
+
+def test_shipped_configs_spell_the_condition_with_model_conditioning():
+    """The older key model.class_conditional is an alias for old configs and checkpoints only: a
+    shipped YAML that set it made `model.conditioning=text` on the command line contradict it."""
+    for name in TRAINING_YAMLS:
+        model = yaml.safe_load(open(os.path.join(ROOT, name)))["model"]
+        assert "class_conditional" not in model and model["conditioning"] in ("class", "text"), name
+
+
+def test_an_override_of_either_spelling_replaces_the_files_other_spelling(tmp_path):
+    """An old config (model.class_conditional: true) takes `model.conditioning=text`, and the
+    shipped one takes the old `model.class_conditional=false`: the command line wins over the
+    file, as for every key. Both spellings on the command line and disagreeing is still refused."""
+    old = tmp_path / "old.yaml"
+    old.write_text(open(os.path.join(ROOT, "config_advanced.yaml")).read().replace(
+        "  conditioning: class", "  class_conditional: true"))
+    assert _load_file(old, "model.conditioning=text").model.conditioning_kind() == "text"
+    assert _load_file(old).model.conditioning_kind() == "class"
+    shipped = os.path.join(ROOT, "config_advanced.yaml")
+    assert _load_file(shipped, "model.class_conditional=false").model.conditioning_kind() == "none"
+    with pytest.raises(ConfigError, match="contradicts"):
+        _load_file(shipped, "model.class_conditional=true", "model.conditioning=text")
+
+
+def _load_file(path, *overrides):
+    return load_config(TrainRunConfig, str(path), ["vae.path=x", *overrides])
+
+
 def test_overrides_are_yaml_scalars():
     cfg = _load(["train.lr=3e-4", "train.max_steps=null", "data.hflip=true", "train.betas=[0.8, 0.9]",
                  "data.path=/clips", "model.preset=DiT-S/2"])

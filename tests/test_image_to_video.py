@@ -371,7 +371,7 @@ def test_drift_benchmark_quick(tmp_path, capsys):
 
 
 def test_text_conditioning_with_first_frames(tmp_path, trained_vae, text_encoders, held_out_image):
-    text = ["model.conditioning=text", "model.class_conditional=null", "data.builtin.captions=true",
+    text = ["model.conditioning=text", "data.builtin.captions=true",
             f"text_encoder.path={text_encoders['t5']}", "validation.every_epochs=1"]
     ckpt = _train(tmp_path, trained_vae, "t2v_ffc", [*PER_FRAME, *FFC, *text])
     record = load_checkpoint(ckpt)

@@ -21,7 +21,7 @@ from utils.checkpoint import load_checkpoint
 from utils.config import ModelConfig
 from utils.errors import UserError
 
-TEXT = ["model.conditioning=text", "model.class_conditional=null", "data.builtin.captions=true"]
+TEXT = ["model.conditioning=text", "data.builtin.captions=true"]  # on config_advanced.yaml: nothing else
 PROMPTS = "prompts=[a red square moving left on a black background,a blue circle moving up on a black background]"
 
 

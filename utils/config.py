@@ -879,10 +879,26 @@ PATH_FIELDS = frozenset({"path", "runs_dir", "resume", "checkpoint", "output_dir
                          "detector_path", "index_cache"})
 
 
+# Two spellings of one setting: (older alias, key). Shipped YAMLs use the key; old configs and
+# checkpoints may hold the alias.
+ALIASES = (("model.class_conditional", "model.conditioning"),)
+
+
 def load_config(cls: type, path: Optional[str], overrides: Collection[str] = ()) -> Any:
-    """YAML file + dotted `key.sub=value` overrides -> validated `cls` instance."""
-    return config_loader.load_config(cls, path, overrides, path_fields=PATH_FIELDS,
-                                     raw_check=_refuse_vae_training)
+    """YAML file + dotted `key.sub=value` overrides -> validated `cls` instance. An override of
+    one spelling of an aliased setting (`ALIASES`) replaces the file's other spelling: the
+    command line wins, as for any key (both on the command line and disagreeing: refused)."""
+    overridden = {item.partition("=")[0].strip() for item in overrides}
+
+    def raw_check(raw: dict, prefix: str) -> None:
+        _refuse_vae_training(raw, prefix)
+        for alias, key in ALIASES:
+            for given, other in ((alias, key), (key, alias)):
+                if given in overridden and other not in overridden:
+                    section, _, name = other.rpartition(".")
+                    if isinstance(raw.get(section), dict):
+                        raw[section].pop(name, None)
+    return config_loader.load_config(cls, path, overrides, path_fields=PATH_FIELDS, raw_check=raw_check)
 
 
 def config_from_dict(cls: type, raw: dict) -> Any:
