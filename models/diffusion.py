@@ -47,7 +47,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from utils.config import SAMPLERS_BY_OBJECTIVE, DiffusionConfig, check_sampler
+from utils.config import AUTO_SAMPLER, SAMPLERS_BY_OBJECTIVE, DiffusionConfig, resolve_sampler
 from utils.errors import ConfigError
 
 SAMPLERS = SAMPLERS_BY_OBJECTIVE["v_prediction"]
@@ -361,13 +361,15 @@ def scheduler_config(cfg: DiffusionConfig) -> dict:
 def make_scheduler(name: str, cfg: DiffusionConfig):
     """A fresh diffusers scheduler for sampler `name` from `cfg`'s objective and schedule.
 
-    A sampler that cannot serve the objective is refused naming those that can (SAMPLERS for
-    v_prediction, FLOW_SAMPLERS for flow_matching). A scheduler with a dynamic flow shift needs
-    `mu` in `set_timesteps`: `sample(..., mu=flow_mu(cfg, shape))`.
+    `auto` is `default_sampler(cfg.objective)` (utils/config.py). A sampler that cannot serve
+    the objective is refused naming those that can (SAMPLERS for v_prediction, FLOW_SAMPLERS
+    for flow_matching). A scheduler with a dynamic flow shift needs `mu` in `set_timesteps`:
+    `sample(..., mu=flow_mu(cfg, shape))`.
     """
-    if name not in SAMPLERS + FLOW_SAMPLERS:
-        raise ConfigError(f"sampler = {name!r}: use one of {', '.join(SAMPLERS_BY_OBJECTIVE[cfg.objective])}")
-    check_sampler(name, cfg.objective)
+    if name != AUTO_SAMPLER and name not in SAMPLERS + FLOW_SAMPLERS:
+        raise ConfigError(f"sampler = {name!r}: use one of {', '.join(SAMPLERS_BY_OBJECTIVE[cfg.objective])} "
+                          f"or {AUTO_SAMPLER}")
+    name = resolve_sampler(name, cfg.objective)
     return _make_flow_scheduler(name, cfg) if cfg.objective == FLOW else _make_v_scheduler(name, cfg)
 
 

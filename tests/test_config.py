@@ -62,6 +62,21 @@ def _load_file(path, *overrides):
     return load_config(TrainRunConfig, str(path), ["vae.path=x", *overrides])
 
 
+@pytest.mark.parametrize("name", TRAINING_YAMLS)
+@pytest.mark.parametrize("objective", ["v_prediction", "flow_matching"])
+@pytest.mark.parametrize("kind", ["none", "class", "text"])
+def test_every_shipped_training_config_takes_each_objective_and_condition(name, objective, kind):
+    """One override switches the objective or the condition of a shipped config (plus what that
+    condition needs: an encoder and captions for text; no validation.prompts without text). The
+    validation sampler follows the objective (`auto`), the alias class_conditional is not in the way."""
+    needs = {"text": ["text_encoder.path=x", "data.builtin.captions=true"],
+             "class": ["validation.prompts=null"], "none": ["validation.prompts=null"]}[kind]
+    cfg = load_config(TrainRunConfig, os.path.join(ROOT, name),
+                      ["vae.path=x", f"diffusion.objective={objective}", f"model.conditioning={kind}", *needs])
+    assert cfg.model.conditioning_kind() == kind and cfg.diffusion.objective == objective
+    assert cfg.validation.sampler == "auto"
+
+
 def test_overrides_are_yaml_scalars():
     cfg = _load(["train.lr=3e-4", "train.max_steps=null", "data.hflip=true", "train.betas=[0.8, 0.9]",
                  "data.path=/clips", "model.preset=DiT-S/2"])

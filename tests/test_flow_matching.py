@@ -23,7 +23,8 @@ from tests.test_stage2 import ROOT, TINY, _predict, _train, random_vae  # noqa: 
 from training import diagnostics
 from utils.checkpoint import load_checkpoint
 from utils.cli import run_main
-from utils.config import DiffusionConfig, TrainRunConfig, config_from_dict, load_config
+from utils.config import (DiffusionConfig, EvaluateConfig, PredictConfig, TrainRunConfig, config_from_dict,
+                          default_sampler, load_config, resolve_sampler)
 from utils.errors import ConfigError, UserError
 
 SHAPE = (3, 4, 5, 4, 4)  # (B, C, T, h, w) with an odd frame count
@@ -279,7 +280,8 @@ def test_sample_wants_mu_exactly_for_a_dynamic_shift():
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (["diffusion.objective=flow_matching"], ["validation.sampler = 'ddpm'", "euler, dpm++, unipc"]),
+    (["diffusion.objective=flow_matching", "validation.sampler=ddpm"],
+     ["validation.sampler = 'ddpm'", "euler, dpm++, unipc", "auto: euler"]),
     (["diffusion.flow_shift=3"], ["diffusion.flow_shift = 3.0", "flow matching only",
                                   "diffusion.objective=flow_matching"]),
     (["diffusion.loss_weighting=cosmap"], ["diffusion.loss_weighting", "flow matching only"]),
@@ -304,6 +306,18 @@ def test_config_accepts_a_flow_run():
                       ["vae.path=/nowhere", "diffusion.objective=flow_matching", "validation.sampler=unipc",
                        "diffusion.flow_shift=3", "diffusion.timestep_sampling=logit_normal"])
     assert cfg.diffusion.objective == "flow_matching" and cfg.validation.sampler == "unipc"
+
+
+def test_auto_sampler_follows_the_objective():
+    """`auto` (every default) is default_sampler(objective), the one mapping: ddpm for v (what
+    every shipped config named before, so their numbers stay), euler for flow; an explicit
+    sampler is kept when it serves the objective."""
+    assert (default_sampler("v_prediction"), default_sampler("flow_matching")) == ("ddpm", "euler")
+    assert resolve_sampler("auto", "flow_matching") == "euler" and resolve_sampler("unipc", "flow_matching") == "unipc"
+    for cls in (PredictConfig, EvaluateConfig, TrainRunConfig):
+        assert getattr(cls(), "validation", cls()).sampler == "auto"
+    assert isinstance(make_scheduler("auto", flow_cfg()), FlowMatchEulerDiscreteScheduler)
+    assert type(make_scheduler("auto", DiffusionConfig())).__name__ == "DDPMScheduler"
 
 
 # --------------------------------------------------------------------------- end to end
@@ -473,3 +487,25 @@ def test_flow_overfit_one_clip_then_predict_and_diagnose_it(tmp_path):
     ratio = float(re.search(r"error of predicting 0: ([\d.]+)", report.getvalue()).group(1))
     assert lines["denoise"] in ("PASS", "WARN") and ratio < 0.95, report.getvalue()
     assert "flow_matching" in report.getvalue() and "crashed" not in report.getvalue()
+
+
+def test_the_shipped_config_trains_flow_matching_with_one_override(tmp_path, random_vae, capsys):
+    """`diffusion.objective=flow_matching` on config_advanced.yaml (validation.sampler: auto)
+    trains and validates with euler, and predict (sampler: auto) samples the checkpoint with it."""
+    run = _train(tmp_path, random_vae, "flow_auto", ["diffusion.objective=flow_matching", "train.max_steps=2",
+                                                     "validation.every_epochs=1"])
+    assert glob.glob(os.path.join(run, "samples", "*", "sample_000.mp4"))
+    capsys.readouterr()
+    assert _predict(os.path.join(run, "latest.pth"), str(tmp_path / "p"), ["sampler=auto"]) == 0
+    assert "sampler euler (auto for flow_matching)" in capsys.readouterr().out
+
+
+def test_auto_keeps_the_v_prediction_videos_of_ddpm(v_run, tmp_path):
+    """For a v checkpoint `auto` is ddpm: the same videos, byte for byte, as the shipped configs'
+    former explicit `sampler: ddpm`."""
+    ckpt = os.path.join(v_run, "latest.pth")
+    for sampler in ("auto", "ddpm"):
+        assert _predict(ckpt, str(tmp_path / sampler), [f"sampler={sampler}"]) == 0
+    for name in ("sample_000.mp4", "sample_001.mp4"):
+        assert open(tmp_path / "auto" / name, "rb").read() == open(tmp_path / "ddpm" / name, "rb").read()
+

@@ -315,9 +315,9 @@ def test_evaluate_first_frame_psnr_and_drift_by_window(per_frame_run, tmp_path, 
     from training.evaluation import select_real_clips
     asked = []  # what each sampling call was told: video i continues real clip i, so its class
 
-    def spy(chunk, device):
+    def spy(chunk, device, loaded=None):
         asked.append((list(chunk.class_labels), list(chunk.images)))
-        return sample_videos(chunk, device)
+        return sample_videos(chunk, device, loaded)
 
     monkeypatch.setattr(evaluate, "sample_videos", spy)
     from tests.test_evaluate import StandInI3D
@@ -552,3 +552,28 @@ def test_the_condition_frame_check_agrees_with_what_the_vae_encodes(vae_families
         except ConfigError:
             encodes = False
         assert refused != encodes, (family, k)
+
+
+def test_images_give_one_video_each_and_the_advice_on_too_few_videos_works(per_frame_run, held_out_image,
+                                                                           tmp_path):
+    """num_videos null: one video per image of `images` (`image` alone: one video). More images
+    than an explicit num_videos is refused at load, and both ways it advises work."""
+    from utils.config import load_config
+    from utils.errors import ConfigError
+    path, _ = held_out_image
+    base = [a for a in _predict_args(per_frame_run, "", []) if not a.startswith(("num_videos", "output_dir"))]
+    out = tmp_path / "three"
+    assert predict_advanced.main([*base, f"output_dir={out}", f"images=[{path},{path},{path}]"]) == 0
+    assert len(glob.glob(str(out / "sample_*.mp4"))) == 3
+    out = tmp_path / "one"
+    assert predict_advanced.main([*base, f"output_dir={out}", f"image={path}"]) == 0
+    assert len(glob.glob(str(out / "sample_*.mp4"))) == 1
+    images = f"images=[{path},{path}]"
+    with pytest.raises(ConfigError) as e:
+        load_config(PredictConfig, os.path.join(ROOT, "predict_advanced.yaml"), [images, "num_videos=1"])
+    assert "set num_videos = 2 or leave it null" in str(e.value)
+    for advice in ("num_videos=2", "num_videos=null"):
+        out = tmp_path / advice.replace("=", "_")
+        assert predict_advanced.main([*base, f"output_dir={out}", images, advice]) == 0
+        assert len(glob.glob(str(out / "sample_*.mp4"))) == 2
+

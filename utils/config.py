@@ -348,10 +348,33 @@ class ModelConfig:
 # Which diffusers samplers can serve each objective (`sampler:` of validation, predict and
 # evaluate). `euler` is EulerDiscrete for v and FlowMatchEulerDiscrete for flow; `dpm++` is
 # DPM-Solver++ with the VP sigmas or with flow sigmas; `unipc` (flow sigmas) is offered for
-# flow only; ddim / ddpm step a VP schedule that flow matching does not have.
-SamplerName = Literal["ddim", "dpm++", "euler", "ddpm", "unipc"]
+# flow only; ddim / ddpm step a VP schedule that flow matching does not have. `auto` (the
+# default) is `default_sampler(objective)`, resolved where the objective is known: the training
+# config's diffusion.objective, or the one a checkpoint records (predict, evaluate).
+SamplerName = Literal["auto", "ddim", "dpm++", "euler", "ddpm", "unipc"]
+AUTO_SAMPLER = "auto"
 SAMPLERS_BY_OBJECTIVE = {"v_prediction": ("ddim", "dpm++", "euler", "ddpm"),
                          "flow_matching": ("euler", "dpm++", "unipc")}
+
+
+def default_sampler(objective: str) -> str:
+    """What `sampler: auto` samples a model of `objective` with.
+
+    v_prediction -> ddpm: the sampler every shipped config named before `auto` existed (the
+    stochastic sampler gave the demo fewer stray blobs than ddim: README "Time to quality"), so
+    `auto` leaves the demo's validation, predict and evaluate numbers as they were.
+    flow_matching -> euler (FlowMatchEulerDiscrete, as diffusers' SD3 / LTX pipelines): it hands
+    the DiT the float time s * T it trained on (unipc and dpm++ round it down to an integer)."""
+    return {"v_prediction": "ddpm", "flow_matching": "euler"}[objective]
+
+
+def resolve_sampler(sampler: str, objective: str, key: str = "sampler", whose: str = "") -> str:
+    """The concrete sampler for `objective`: `auto` -> `default_sampler(objective)`; any other
+    name is returned when it can serve the objective, else refused naming those that can."""
+    if sampler == AUTO_SAMPLER:
+        return default_sampler(objective)
+    check_sampler(sampler, objective, key, whose)
+    return sampler
 
 
 @dataclass
@@ -429,11 +452,13 @@ class DiffusionConfig:
 
 
 def check_sampler(sampler: str, objective: str, key: str = "sampler", whose: str = "") -> None:
-    """Refuse a sampler that cannot serve `objective`, naming the ones that can."""
+    """Refuse a sampler that cannot serve `objective`, naming the ones that can (`auto` serves
+    every objective: it becomes `default_sampler(objective)`)."""
     usable = SAMPLERS_BY_OBJECTIVE[objective]
-    if sampler not in usable:
+    if sampler != AUTO_SAMPLER and sampler not in usable:
         raise ConfigError(f"{key} = {sampler!r} cannot sample {whose or 'a model trained with'} "
-                          f"diffusion.objective = {objective}; use one of {', '.join(usable)}")
+                          f"diffusion.objective = {objective}; use one of {', '.join(usable)} "
+                          f"(or {AUTO_SAMPLER}: {default_sampler(objective)})")
 
 
 @dataclass
@@ -500,7 +525,7 @@ class ValidationFVDConfig:
 class ValidationConfig:
     every_epochs: int = 10  # sample validation videos every k epochs (and at the end); 0 = never
     num_videos: int = 4
-    sampler: SamplerName = "ddim"
+    sampler: SamplerName = "auto"  # auto: default_sampler(objective): ddpm for v, euler for flow
     num_steps: int = 50
     guidance_scale: float = 1.0  # classifier-free guidance; 1 = off
     fps: int = 8
@@ -651,6 +676,8 @@ class PredictTextEncoderConfig:
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp32 on CPU, bf16 on CUDA
 
 
+DEFAULT_NUM_VIDEOS = 8  # predict's count when num_videos is null and nothing else sets it
+
 # Predict's `fps`: from a frame every 10 s to one per GIF tick (1/100 s; above it two GIF frames
 # would share a timestamp); values outside are typing slips (0.0001, 1e7), not frame rates.
 PREDICT_FPS_RANGE = (0.1, 100.0)
@@ -662,9 +689,11 @@ class PredictConfig:
     device: str = "auto"
     checkpoint: str = "runs/demo/latest.pth"
     output_dir: str = "runs/demo/predict"
-    num_videos: int = 4
+    # videos to make; null = one per prompt, image or class label given (`video_count`), else
+    # DEFAULT_NUM_VIDEOS. A number: the prompts / images / labels are cycled over that many
+    num_videos: Optional[int] = None
     batch_size: int = 4  # videos sampled at once
-    sampler: SamplerName = "ddim"
+    sampler: SamplerName = "auto"  # auto: default_sampler(objective): ddpm for v, euler for flow
     num_steps: int = 50
     guidance_scale: float = 1.0  # classifier-free guidance; 1 = off
     class_labels: Optional[list[int]] = None  # one per video, cycled; null = 0, 1, 2, ...
@@ -688,7 +717,39 @@ class PredictConfig:
     def image_list(self) -> Optional[list[str]]:
         """The image of each video (cycled over num_videos), or None."""
         paths = [self.image] if self.image is not None else self.images
-        return None if not paths else [paths[i % len(paths)] for i in range(self.num_videos)]
+        count = self.video_count()[0] if self.num_videos is None else self.num_videos
+        return None if not paths else [paths[i % len(paths)] for i in range(count)]
+
+    def video_count(self) -> tuple[int, str]:
+        """(videos to make, a line saying how, "" when nothing needs saying).
+
+        `num_videos` null: one video per prompt, per image of `images`, or per class label given,
+        as diffusers' pipelines make one video per prompt (`image` alone is one video; with
+        several lists, the longest decides and the shorter ones are cycled); with none of them,
+        DEFAULT_NUM_VIDEOS (the count predict made before null existed). A number: that many,
+        the lists cycled over it (video i is prompt i mod len(prompts)), said when it cycles."""
+        prompts = self.prompt_list()
+        lists = {"prompts": prompts, "images": self.images, "class_labels": self.class_labels}
+        given = {name: len(v) for name, v in lists.items() if v}
+        if self.num_videos is not None:
+            cycled = [f"{k} {name}" for name, k in given.items() if k < self.num_videos]
+            note = "" if not cycled else (
+                f"num_videos = {self.num_videos} with {' and '.join(cycled)}: cycled over the videos "
+                f"(video i takes entry i mod their count); leave num_videos null for one video per entry")
+            return self.num_videos, note
+        if not given:
+            n = 1 if self.image is not None else DEFAULT_NUM_VIDEOS
+            what = "image (one video)" if self.image is not None else \
+                f"no prompts, images or class_labels: {n} videos (set num_videos for another count)"
+            return n, f"num_videos = null and {what}"
+        n = max(given.values())
+        cycled = [name for name, k in given.items() if k < n]
+        return n, (f"num_videos = null: {n} videos, one per entry of {' / '.join(given)}"
+                   + (f" ({' and '.join(cycled)} cycled)" if cycled else ""))
+
+    def resolved(self) -> "PredictConfig":
+        """Copy with num_videos decided (`video_count`)."""
+        return dataclasses.replace(self, num_videos=self.video_count()[0])
 
     def prompt_list(self) -> Optional[list[str]]:
         """`prompts`, or the lines of `prompts_file`, or None."""
@@ -705,15 +766,18 @@ class PredictConfig:
         if self.negative_prompt is not None and not self.negative_prompt.strip():
             raise ConfigError("negative_prompt is empty: give a caption (e.g. \"blurry, static\") or null "
                               "(the learned null caption)")
-        _positive(self, "", "num_videos", "batch_size", "num_steps")
+        _positive(self, "", "batch_size", "num_steps")
+        if self.num_videos is not None:
+            _positive(self, "", "num_videos")
         if self.image is not None and self.images is not None:
             raise ConfigError("image and images are both set: give one image (every video) or a list "
                               "(one per video)")
         if self.images is not None and not self.images:
             raise ConfigError("images is an empty list: give image paths, or null")
-        if self.images is not None and len(self.images) > self.num_videos:
+        if self.images is not None and self.num_videos is not None and len(self.images) > self.num_videos:
             raise ConfigError(f"{len(self.images)} images but num_videos = {self.num_videos}: video i "
-                              f"starts with image i, so set num_videos = {len(self.images)}")
+                              f"starts with image i, so set num_videos = {len(self.images)} or leave it "
+                              "null (one video per image)")
         if self.num_frames is not None:
             _positive(self, "", "num_frames")
         lo, hi = PREDICT_FPS_RANGE
@@ -820,7 +884,7 @@ class EvaluateConfig:
     generated: GeneratedConfig = field(default_factory=GeneratedConfig)
     num_videos: int = 2048  # generated videos (StyleGAN-V's fvd2048_16f: 2048)
     batch_size: int = 16  # videos sampled at once
-    sampler: SamplerName = "ddim"
+    sampler: SamplerName = "auto"  # auto: default_sampler(objective): ddpm for v, euler for flow
     num_steps: int = 50
     guidance_scale: float = 1.0
     class_labels: Optional[list[int]] = None  # cycled over the videos; null = 0, 1, 2, ...
