@@ -27,9 +27,14 @@ FlowMatchEulerDiscreteScheduler:
     eps                eps = x_t + (1 - s) * u            (`eps_from_output`)
     shift              s' = shift * s / (1 + (shift - 1) * s)           (`shift_sigma`, fixed)
     mu                 s' = e^mu / (e^mu + 1 / s - 1), mu linear in the
-                       latent sequence length                             (`flow_mu`, dynamic)
+                       latent positions T * h * w                         (`flow_mu`, dynamic)
 
-The model's time input is t = s * T (a float), as diffusers feeds flow transformers.
+The model's time input is t = s * T. In training it is a float. In sampling it is the
+scheduler's timestep: the same float s * T with `euler` (FlowMatchEulerDiscrete, as diffusers'
+SD3 and LTX-Video pipelines feed it), but s * T rounded down to an integer with `unipc` and
+`dpm++`, whose diffusers classes keep their timesteps as int64 (as diffusers' Wan pipeline
+feeds them): the model is told a time up to one of the T steps early, while the scheduler
+steps with the exact s.
 
 Both objectives expose one interface (`Diffusion`): sample_timesteps -> model time t,
 add_noise, target, loss, x0_from_output, eps_from_output, so the training loop, validation and
@@ -117,8 +122,14 @@ def latent_seq_len(latent_shape: Sequence[int]) -> int:
 
 def flow_mu(cfg: DiffusionConfig, latent_shape: Sequence[int]) -> Optional[float]:
     """mu of the dynamic flow shift for latents of `latent_shape`; None when the shift is fixed
-    (or the objective is v). Linear in the sequence length through (base_seq_len, base_shift)
-    and (max_seq_len, max_shift), extrapolated beyond them, as diffusers' flow pipelines do."""
+    (or the objective is v). The formula of diffusers' `calculate_shift`: linear in the
+    sequence length through (base_seq_len, base_shift) and (max_seq_len, max_shift),
+    extrapolated beyond them (no clamp). What counts as the sequence length is this repo's
+    choice, not every pipeline's: the latent positions T * h * w before the DiT's patching
+    (`latent_seq_len`), as diffusers' LTX-Video pipeline counts them. Its Flux and SD3
+    pipelines count the transformer's tokens after 2x2 patching, 4x fewer for the same
+    latents, so with their base / max values (the defaults here are Flux's 256 / 4096) the same
+    latents get a larger mu here than in those pipelines."""
     if cfg.objective != FLOW or not cfg.flow_shift_dynamic:
         return None
     slope = (cfg.flow_max_shift - cfg.flow_base_shift) / (cfg.flow_max_seq_len - cfg.flow_base_seq_len)

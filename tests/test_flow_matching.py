@@ -129,6 +129,45 @@ def test_shift_formulas():
     assert flow_mu(flow_cfg(), (1, 4, 4, 8, 8)) is None and flow_mu(DiffusionConfig(), (1, 4, 4, 8, 8)) is None
 
 
+def test_flow_mu_is_calculate_shift_of_the_latent_positions_before_patching():
+    """flow_mu's docstring: diffusers' calculate_shift, extrapolated (no clamp), of T * h * w
+    latent positions whatever the DiT's patch size (Flux's pipeline would pass its 2x2-patched
+    token count, 4x fewer: a smaller mu for the same latents)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    cfg = flow_cfg(flow_shift_dynamic=True)
+    keys = dict(base_seq_len=cfg.flow_base_seq_len, max_seq_len=cfg.flow_max_seq_len,
+                base_shift=cfg.flow_base_shift, max_shift=cfg.flow_max_shift)
+    for shape in [(1, 4, 1, 8, 8), (2, 4, 4, 16, 16), (1, 16, 33, 64, 64)]:  # the last beyond max_seq_len
+        positions = shape[2] * shape[3] * shape[4]
+        assert flow_mu(cfg, shape) == pytest.approx(calculate_shift(positions, **keys))
+        assert flow_mu(cfg, shape) > calculate_shift(positions // 4, **keys)  # Flux's count of 2x2 tokens
+    assert flow_mu(cfg, (1, 16, 33, 64, 64)) > cfg.flow_max_shift  # extrapolated
+    doc = " ".join(flow_mu.__doc__.split())  # says what it does, not "as diffusers' pipelines do"
+    assert "extrapolated" in doc and "before the DiT's patching" in doc and "after 2x2 patching" in doc
+
+
+@pytest.mark.parametrize("name", FLOW_SAMPLERS)
+def test_the_time_input_each_flow_sampler_gives_the_model(name):
+    """The module docstring: training feeds the float s * T; euler feeds the same float, unipc
+    and dpm++ feed s * T rounded down to an integer (less than one step early)."""
+    sched = make_scheduler(name, flow_cfg(flow_shift=3.0))
+    seen = []
+
+    def model_fn(x, t, y):
+        seen.append((t[0].clone(), sched.sigmas[sched.step_index or 0].item()))
+        return torch.zeros_like(x)
+    sample(model_fn, SHAPE, scheduler=sched, num_steps=6, generator=torch.Generator().manual_seed(0), device="cpu")
+    assert len(seen) == 6
+    for t, s in seen:
+        if name == "euler":
+            assert t.is_floating_point() and t.item() == pytest.approx(s * T, rel=1e-6)
+        else:
+            assert not t.is_floating_point() and 0 <= s * T - t.item() < 1
+    import models.diffusion
+    doc = " ".join(models.diffusion.__doc__.split())  # the docstring says so (it claimed a float always)
+    assert "the same float s * T with `euler`" in doc and "rounded down to an integer with `unipc` and `dpm++`" in doc
+
+
 def test_training_shift_matches_diffusers_sampling_shift():
     """The shift training applies to s is the one diffusers' flow schedulers apply to their
     sigmas, fixed and dynamic (set_timesteps(sigmas=..., mu=...))."""

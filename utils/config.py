@@ -405,9 +405,10 @@ class DiffusionConfig:
     # training and sampling alike; > 1 spends more steps at high noise (SD3: 3.0, Wan: 3-5).
     flow_shift: float = 1.0
     # Flow matching only: a shift that grows with the latent size instead of flow_shift:
-    # mu interpolated linearly in the sequence length (latent frames x height x width) from
-    # flow_base_shift at flow_base_seq_len to flow_max_shift at flow_max_seq_len, then
-    # s' = e^mu / (e^mu + 1/s - 1) (SD3 / Flux / LTX; diffusers' use_dynamic_shifting).
+    # mu linear in the sequence length, counted as latent positions (latent frames x height x
+    # width, before patching, as LTX-Video; Flux / SD3 count 2x2-patched tokens, 4x fewer), from
+    # flow_base_shift at flow_base_seq_len to flow_max_shift at flow_max_seq_len (extrapolated
+    # outside), then s' = e^mu / (e^mu + 1/s - 1) (diffusers' use_dynamic_shifting).
     flow_shift_dynamic: bool = False
     flow_base_shift: float = 0.5
     flow_max_shift: float = 1.15
