@@ -360,9 +360,10 @@ SAMPLERS_BY_OBJECTIVE = {"v_prediction": ("ddim", "dpm++", "euler", "ddpm"),
 def default_sampler(objective: str) -> str:
     """What `sampler: auto` samples a model of `objective` with.
 
-    v_prediction -> ddpm: the sampler every shipped config named before `auto` existed (the
-    stochastic sampler gave the demo fewer stray blobs than ddim: README "Time to quality"), so
-    `auto` leaves the demo's validation, predict and evaluate numbers as they were.
+    v_prediction -> ddpm: the sampler every shipped config named before `auto` existed (chosen
+    for the demo: the stochastic sampler left fewer stray blobs), so `auto` leaves the demo's
+    validation, predict and evaluate numbers as they were, and the benchmarks' (README "Time to
+    quality" samples v with ddpm, flow with euler).
     flow_matching -> euler (FlowMatchEulerDiscrete, as diffusers' SD3 / LTX pipelines): it hands
     the DiT the float time s * T it trained on (unipc and dpm++ round it down to an integer)."""
     return {"v_prediction": "ddpm", "flow_matching": "euler"}[objective]
