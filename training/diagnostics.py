@@ -46,7 +46,8 @@ from training import checkpoints as ckpts
 from training.conditioning import Conditioning, conditioning_for_training, conditioning_from_checkpoint
 from training.sampling import generate_videos
 from utils.checkpoint import load_checkpoint
-from utils.config import DiffusionConfig, TrainRunConfig, ValidationConfig, config_from_dict
+from utils.config import (DiffusionConfig, TrainRunConfig, ValidationConfig, config_from_dict,
+                          resolve_sampler)
 from utils.dist import DistInfo
 from utils.errors import UserError
 from utils.logging import RunLogger
@@ -350,7 +351,8 @@ def check_jigsaw(ckpt: dict, vae: FrozenVAE, real_clips: torch.Tensor, cond: dic
     measured = (f"misplaced pieces {100 * share:.1f}% of positions (fail above {100 * MAX_MISPLACED:g}%; "
                 f"the model's output on {x0.shape[0]} noised held-out clips at t = "
                 f"{', '.join(f'{f:g}' for f in PLACEMENT_NOISE_LEVELS)} x T); seams: samples {score:.3f} "
-                f"vs real clips {real:.3f} (fail above {limit:.3f}; {num_videos} {sampling.sampler} samples, "
+                f"vs real clips {real:.3f} (fail above {limit:.3f}; {num_videos} "
+                f"{resolve_sampler(sampling.sampler, diffusion.objective)} samples, "
                 f"{sampling.num_steps} steps, guidance {sampling.guidance_scale:g}, EMA, cell {cell} px)")
     if share > MAX_MISPLACED:
         return Check("jigsaw", FAIL, measured,
