@@ -347,6 +347,20 @@ def test_config_accepts_a_flow_run():
     assert cfg.diffusion.objective == "flow_matching" and cfg.validation.sampler == "unipc"
 
 
+def test_a_refused_samplers_advice_works():
+    """The refusal names the samplers that serve the objective and `auto`: each of them loads."""
+    args = ["vae.path=/nowhere", "diffusion.objective=flow_matching"]
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainRunConfig, os.path.join(ROOT, "config_advanced.yaml"), [*args, "validation.sampler=ddim"])
+    advised = re.search(r"use one of ([\w+, ]+) \(or (\w+): euler\)", str(e.value))
+    assert advised, str(e.value)
+    for name in [*advised.group(1).split(", "), advised.group(2)]:
+        cfg = load_config(TrainRunConfig, os.path.join(ROOT, "config_advanced.yaml"), [*args, f"validation.sampler={name}"])
+        make_scheduler(cfg.validation.sampler, cfg.diffusion)
+    with pytest.raises(ConfigError, match=r"use one of euler, dpm\+\+, unipc or auto"):
+        make_scheduler("heun", flow_cfg())
+
+
 def test_auto_sampler_follows_the_objective():
     """`auto` (every default) is default_sampler(objective), the one mapping: ddpm for v (what
     every shipped config named before, so their numbers stay), euler for flow; an explicit

@@ -425,5 +425,8 @@ def test_num_videos_null_makes_one_video_per_label_or_the_default_count(checkpoi
     assert predict_advanced.main(_args(checkpoint, out, "batch_size=8")) == 0
     assert len([n for n in _names(out) if n.endswith(".mp4")]) == DEFAULT_NUM_VIDEOS == 8
     said = capsys.readouterr().out
-    assert f"no prompts, images or class_labels: {DEFAULT_NUM_VIDEOS} videos" in said
+    assert f"no prompts, images or class_labels: {DEFAULT_NUM_VIDEOS} videos (set num_videos" in said
+    out = tmp_path / "three"  # the advice: set num_videos for another count
+    assert predict_advanced.main(_args(checkpoint, out, "num_videos=3")) == 0
+    assert len([n for n in _names(out) if n.endswith(".mp4")]) == 3
 

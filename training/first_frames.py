@@ -93,10 +93,10 @@ class FirstFrames:
             return
         ok = [k for k in range(1, latent_frames)
               if k % patch_t == 0 and geometry.frames_ok(geometry.pixel_frames(k))]
+        # k = 1 always fits (one pixel frame); with patch_t > 1 no multiple of it may fit
         shown = ", ".join(map(str, ok[:4])) + (", ..." if len(ok) > 4 else "")
         advice = (f"use model.condition_frames = {ok[0]}" + (f" (or {shown})" if len(ok) > 1 else "")
-                  if ok else "no count below the clip's latent frames fits: use more frames "
-                             "(data.num_frames) or model.patch_t = 1")
+                  if ok else f"no count below the clip's {latent_frames} latent frames fits it")
         raise ConfigError(
             f"model.condition_frames = {self.frames}: image-to-video and extension encode the "
             f"{geometry.pixel_frames(self.frames)} pixel frames behind {self.frames} latent frames "
