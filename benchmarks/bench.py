@@ -103,7 +103,7 @@ def demo_size() -> dict:
 def ours(size: dict, device: torch.device, qk_norm: bool = True) -> torch.nn.Module:
     cfg = ModelConfig(hidden_size=size["hidden"], depth=size["depth"], num_heads=size["heads"],
                       patch_size=2, patch_t=1, attention=size.get("attention", "factorized"),
-                      qk_norm=qk_norm, class_conditional=False)
+                      qk_norm=qk_norm, conditioning="none")
     return VideoDiT(cfg, in_channels=4, num_frames=size["frames"], latent_height=size["latent"]).to(device)
 
 

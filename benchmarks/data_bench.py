@@ -167,7 +167,7 @@ def stage2_steps_per_s(clip_folders: dict, steps: int, rounds: int = 2) -> dict:
             cfg = load_config(TrainRunConfig, os.path.join(ROOT, "config_advanced.yaml"), [
                 f"vae.path={tmp}/vae", f"data.path={folder}", "data.cache=off", "data.val_fraction=0.0",
                 f"data.num_frames={WINDOW}", "data.resolution=32", "data.window_stride=1",
-                "model.class_conditional=false", f"train.max_steps={steps}", "train.time_limit_minutes=null",
+                "model.conditioning=none", f"train.max_steps={steps}", "train.time_limit_minutes=null",
                 "validation.every_epochs=0", "validation.loss_clips=0", "device=cpu", "train.resume=null"])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -76,10 +76,11 @@ def run(cfg, windows: int, image: bool) -> dict:
 
     from training.conditioning import checkpoint_kind
     from training.first_frames import FirstFrames, windows_of
-    from training.sampling import sample_videos
+    from training.sampling import checkpoint_sampler, sample_videos
     from utils.checkpoint import load_checkpoint
     from utils.train_utils import setup_runtime
     ckpt = load_checkpoint(cfg.checkpoint)
+    cfg.num_videos = cfg.resolved().num_videos  # null: one per prompt / label given, else the default
     first = FirstFrames.of(ckpt["model"]["config"])
     first.require("benchmarks/drift.py", cfg.checkpoint)
     temporal = int(ckpt["vae"].get("temporal_factor", 1))
@@ -102,7 +103,8 @@ def run(cfg, windows: int, image: bool) -> dict:
         with torch.no_grad():
             videos, _ = sample_videos(cfg, device)
     spans = windows_of(cfg.num_frames, window, overlap)
-    return {"checkpoint": cfg.checkpoint, "step": int(ckpt["step"]), "sampler": cfg.sampler,
+    return {"checkpoint": cfg.checkpoint, "step": int(ckpt["step"]),
+            "sampler": checkpoint_sampler(cfg.sampler, ckpt),
             "num_steps": cfg.num_steps, "guidance_scale": cfg.guidance_scale, "image_to_video": image,
             "condition_frames": first.frames, "window_frames": window, "overlap_frames": overlap,
             "num_frames": cfg.num_frames, "class_labels": cfg.class_labels, "image_labels": image_labels,

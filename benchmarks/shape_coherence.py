@@ -223,25 +223,26 @@ def summarize(measures: list[dict]) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from training.sampling import sample_videos
+    from training.sampling import checkpoint_sampler, sample_videos
     from utils.checkpoint import write_json
     from utils.cli import parse_args
     from utils.config import PredictConfig, load_config
     from utils.train_utils import setup_runtime
 
     config_path, overrides, flags = parse_args(argv, __doc__, ("prompts", "json"))
-    cfg = load_config(PredictConfig, config_path, overrides)
+    cfg = load_config(PredictConfig, config_path, overrides).resolved()  # num_videos decided
     if flags["prompts"] is not None:
         cfg = dataclasses.replace(cfg, prompts=checkpoint_prompts(cfg, flags["prompts"]), prompts_file=None)
     videos, ckpt = sample_videos(cfg, setup_runtime(cfg.device, cfg.seed)[0])
     measures = [video_coherence(v) for v in videos]
     s = summarize(measures)
-    print(f"{cfg.checkpoint} (step {ckpt['step']}), {cfg.sampler} {cfg.num_steps} steps, guidance "
+    sampler = checkpoint_sampler(cfg.sampler, ckpt)
+    print(f"{cfg.checkpoint} (step {ckpt['step']}), {sampler} {cfg.num_steps} steps, guidance "
           f"{cfg.guidance_scale}: {s['coherent']} of {s['videos']} videos coherent; frames with one "
           f"shape {s['frames_with_one_blob']:.1%}, median colour drift {s['median_colour_drift']:.3f} "
           f"(max {MAX_COLOUR_DRIFT}), median area ratio {s['median_area_ratio']:.2f} (max {MAX_AREA_RATIO})")
     prompts = _cycled(cfg.prompt_list() or [], len(videos))
-    result = {"checkpoint": cfg.checkpoint, "step": ckpt["step"], "sampler": cfg.sampler, "num_steps": cfg.num_steps,
+    result = {"checkpoint": cfg.checkpoint, "step": ckpt["step"], "sampler": sampler, "num_steps": cfg.num_steps,
               "guidance_scale": cfg.guidance_scale, "seed": cfg.seed, "prompt_set": flags["prompts"],
               "coherence": s, "prompt_following": None}
     if prompts and all(prompted(p) for p in prompts):

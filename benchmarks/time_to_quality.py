@@ -43,7 +43,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from benchmarks.shape_coherence import summarize, video_coherence  # noqa: E402
-from training.sampling import sample_videos  # noqa: E402
+from training.sampling import checkpoint_sampler, sample_videos  # noqa: E402
 from training.stage2 import setup, train  # noqa: E402
 from utils.checkpoint import capture_rng, restore_rng, write_json  # noqa: E402
 from utils.config import PredictConfig, TrainRunConfig, load_config  # noqa: E402
@@ -182,7 +182,7 @@ def _evaluate(t: Trainee, steps: int, predict_config: str, predict_base: list[st
     return {"steps": steps, "checkpoint_step": ckpt["step"], "minutes": t.train_seconds / 60,
             "coherent": s["coherent"], "videos": s["videos"],
             "frames_with_one_blob": s["frames_with_one_blob"],
-            "sample_seconds": time.perf_counter() - start, "sampler": pcfg.sampler,
+            "sample_seconds": time.perf_counter() - start, "sampler": checkpoint_sampler(pcfg.sampler, ckpt),
             "sample_steps": pcfg.num_steps, "guidance_scale": pcfg.guidance_scale}
 
 

@@ -31,11 +31,14 @@ FlowMatchEulerDiscreteScheduler (and of Wan):
     eps                eps = x_t + (1 - s) * u            (`eps_from_output`)
     shift              s' = shift * s / (1 + (shift - 1) * s)           (`shift_sigma`, fixed)
     mu                 s' = e^mu / (e^mu + 1 / s - 1), mu linear in the
-                       latent sequence length                             (`flow_mu`, dynamic)
+                       latent positions T * h * w                         (`flow_mu`, dynamic)
 
-Its model time is t = s * T, a float: the shifted noise level times num_train_timesteps, the
-time diffusers' flow schedulers hand a transformer (Wan's 1000 * sigma). Integer times are
-accepted too (UniPC and DPM-Solver++ with flow sigmas give integer timesteps).
+The model's time input is t = s * T. In training it is a float. In sampling it is the
+scheduler's timestep: the same float s * T with `euler` (FlowMatchEulerDiscrete, as diffusers'
+SD3 and LTX-Video pipelines feed it), but s * T rounded down to an integer with `unipc` and
+`dpm++`, whose diffusers classes keep their timesteps as int64 (as diffusers' Wan pipeline
+feeds them): the model is told a time up to one of the T steps early, while the scheduler
+steps with the exact s.
 
 Both are `Objective`s with one interface: sample_timesteps -> model time t, add_noise,
 target, loss, x0_from_output, eps_from_output, identity_error, make_scheduler. The training
@@ -57,7 +60,8 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from utils.config import SAMPLERS_BY_OBJECTIVE, DiffusionConfig, check_sampler
+from utils.config import (AUTO_SAMPLER, SAMPLERS_BY_OBJECTIVE, DiffusionConfig, default_sampler,
+                          resolve_sampler)
 from utils.errors import ConfigError
 
 SAMPLERS = SAMPLERS_BY_OBJECTIVE["v_prediction"]
@@ -151,11 +155,14 @@ def latent_seq_len(latent_shape: Sequence[int]) -> int:
 
 def flow_mu(cfg: DiffusionConfig, latent_shape: Sequence[int]) -> Optional[float]:
     """mu of the dynamic flow shift for latents of `latent_shape`; None when the shift is fixed
-    (or the objective is v). mu is linear in the number of latent positions T * h * w through
-    (flow_base_seq_len, flow_base_shift) and (flow_max_seq_len, flow_max_shift), and
-    extrapolated beyond them; the scheduler then shifts by e^mu. diffusers' image pipelines
-    (Flux, SD3) compute mu the same way but from their patched token count, so with patches
-    the same config gives another mu there."""
+    (or the objective is v). The formula of diffusers' `calculate_shift`: linear in the
+    sequence length through (base_seq_len, base_shift) and (max_seq_len, max_shift),
+    extrapolated beyond them (no clamp). What counts as the sequence length is this repo's
+    choice, not every pipeline's: the latent positions T * h * w before the DiT's patching
+    (`latent_seq_len`), as diffusers' LTX-Video pipeline counts them. Its Flux and SD3
+    pipelines count the transformer's tokens after 2x2 patching, 4x fewer for the same
+    latents, so with their base / max values (the defaults here are Flux's 256 / 4096) the same
+    latents get a larger mu here than in those pipelines."""
     cfg = cfg.resolved()
     if cfg.objective != FLOW or not cfg.flow_shift_dynamic:
         return None
@@ -245,11 +252,25 @@ class Objective:
 
     # ---- shared
 
+    @property
+    def default_sampler(self) -> str:
+        """What `sampler: auto` is for this objective: a pretrained model's own sampler (Wan
+        unipc, CogVideoX ddim), else `default_sampler(objective)` (utils/config.py)."""
+        return self.native["sampler"] if self.native is not None else default_sampler(self.objective)
+
+    def resolve_sampler(self, name: str, key: str = "sampler", whose: str = "") -> str:
+        """`auto` -> `default_sampler`; any other name returned when it can serve the objective,
+        else refused naming those that can."""
+        if name == AUTO_SAMPLER:
+            return self.default_sampler
+        return resolve_sampler(name, self.objective, key, whose)
+
     def make_scheduler(self, name: str):
-        """A fresh diffusers scheduler for sampler `name`: the native one (a pretrained model's
-        own scheduler class and config) when `name` is its sampler, else built from this
-        objective's schedule. A sampler that cannot serve the objective is refused naming those
-        that can."""
+        """A fresh diffusers scheduler for sampler `name` (`auto` resolved): the native one (a
+        pretrained model's own scheduler class and config) when `name` is its sampler, else built
+        from this objective's schedule. A sampler that cannot serve the objective is refused
+        naming those that can."""
+        name = self.resolve_sampler(name)
         if self.native is not None and name == self.native["sampler"]:
             return _native_scheduler(self.native)
         return make_scheduler(name, self.cfg)
@@ -263,9 +284,7 @@ class Objective:
         a clean condition frame). Each frame's MSE is weighted by its own t's weight and the
         sample's loss, mse and weight are means over its loss-carrying frames only (LTX-Video's
         loss mask, Open-Sora 1.2's `mean_flat(mask)`), so a condition frame contributes nothing
-        and a sample's loss keeps the scale of an unconditioned one. `frame_mask` is trusted to
-        leave each sample a frame (FirstFrames never masks them all): checking it would cost a
-        host sync every step.
+        and a sample's loss keeps the scale of an unconditioned one.
         """
         target = self.target(x0.float(), noise.float(), t)
         if t.ndim == 1 and frame_mask is None:
@@ -276,10 +295,13 @@ class Objective:
         t_frames = t if t.ndim == 2 else t[:, None].expand(batch, frames)  # (B, T)
         keep = (torch.ones(batch, frames, dtype=torch.bool, device=x0.device) if frame_mask is None
                 else frame_mask.to(x0.device, torch.bool))  # (B, T)
+        # Checked on the device (no host sync in the training step; on CPU it raises here):
+        # FirstFrames never masks every frame, so a failure is a bug in the caller.
+        torch._assert_async(keep.any(dim=1).all(), "frame_mask leaves a sample with no frame to carry loss")
         per_frame = (model_out.float() - target).square().mean(dim=(1, 3, 4))  # (B, T)
         w_frame = self.loss_weight(t_frames)  # (B, T)
         kept = keep.float()
-        count = kept.sum(dim=1).clamp(min=1)  # (B,)
+        count = kept.sum(dim=1)  # (B,)
         mse = (per_frame * kept).sum(dim=1) / count
         loss = (per_frame * w_frame * kept).sum(dim=1) / count
         weight = (w_frame * kept).sum(dim=1) / count
@@ -489,14 +511,16 @@ def scheduler_config(cfg: DiffusionConfig) -> dict:
 def make_scheduler(name: str, cfg: DiffusionConfig):
     """A fresh diffusers scheduler for sampler `name` from `cfg`'s objective and schedule.
 
-    A sampler that cannot serve the objective is refused naming those that can (SAMPLERS for
-    v_prediction, FLOW_SAMPLERS for flow_matching). A scheduler with a dynamic flow shift needs
-    `mu` in `set_timesteps`: `sample(..., mu=flow_mu(cfg, shape))`.
+    `auto` is `default_sampler(cfg.objective)` (utils/config.py). A sampler that cannot serve
+    the objective is refused naming those that can (SAMPLERS for v_prediction, FLOW_SAMPLERS
+    for flow_matching). A scheduler with a dynamic flow shift needs `mu` in `set_timesteps`:
+    `sample(..., mu=flow_mu(cfg, shape))`.
     """
     cfg = cfg.resolved()
-    if name not in SAMPLERS + FLOW_SAMPLERS:
-        raise ConfigError(f"sampler = {name!r}: use one of {', '.join(SAMPLERS_BY_OBJECTIVE[cfg.objective])}")
-    check_sampler(name, cfg.objective)
+    if name != AUTO_SAMPLER and name not in SAMPLERS + FLOW_SAMPLERS:
+        raise ConfigError(f"sampler = {name!r}: use one of {', '.join(SAMPLERS_BY_OBJECTIVE[cfg.objective])} "
+                          f"or {AUTO_SAMPLER}")
+    name = resolve_sampler(name, cfg.objective)
     return _make_flow_scheduler(name, cfg) if cfg.objective == FLOW else _make_v_scheduler(name, cfg)
 
 

@@ -473,9 +473,12 @@ class VideoDiT(nn.Module):
         if pt == 1:
             return t
         first = t[:, ::pt]  # (B, T')
-        if not torch.equal(first.repeat_interleave(pt, dim=1), t):
-            raise ValueError(f"per-frame timesteps differ inside a temporal patch of model.patch_t = {pt} "
-                             "latent frames; give the frames of one patch one timestep")
+        # Checked on the device, not read on the host (a sync in every training step): the
+        # callers (FirstFrames, the sampler) condition whole patches by construction, so a
+        # failure is a bug in the caller. On CPU it raises here; on CUDA at a later kernel.
+        torch._assert_async((first.repeat_interleave(pt, dim=1) == t).all(),
+                            f"per-frame timesteps differ inside a temporal patch of model.patch_t = {pt} "
+                            "latent frames; give the frames of one patch one timestep")
         return first
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA code paths on one GPU, each step with a numeric pass condition, one PASS/FAIL line
-# per step, in about 10 minutes:
+# per step, in about 15 minutes (an estimate: it has not yet run on a GPU):
 #   bash scripts/gpu_check.sh            (from the repo root; exit 1 if any step fails)
 # Steps and what each must show (scripts/gpu_check_conditions.py computes the numbers):
 #   stage1       the VAE trains: every logged loss finite, the last third's mean below the first's
@@ -22,6 +22,17 @@
 #   evaluate     evaluate.py (FVD) of the bf16 checkpoint: a finite FVD >= 0. The I3D detector
 #                is GPU_CHECK_I3D (a path) if set, else a stand-in with I3D's call and random
 #                weights (the code path, not a meaningful number)
+#   flow         stage 2 with diffusion.objective=flow_matching (logit-normal t, validation with
+#                the `auto` sampler: FlowMatchEuler): losses finite and falling, samples written
+#   text         stage 2 conditioned on the built-in captions through a tiny T5 text encoder
+#                (scripts/make_tiny_text_encoder.py): losses finite and falling; the checkpoint
+#                records a text model and its encoder's fingerprint; the last validation folder
+#                has one prompts.txt line per sample video
+#   first_frames stage 2 with model.first_frame_conditioning=0.5 and validation (val/image_to_video):
+#                losses finite and falling, the image-to-video validation ran
+#   image_to_video  evaluate.py image_to_video=true windows=2 of that checkpoint: frame 0 within
+#                0.5 dB PSNR of the image's own VAE round trip (the condition kept exactly through
+#                sampling), a finite FVD >= 0 for both window positions (extension ran)
 #   benchmark    bench.py --real-size --compile: a DiT-B/2 step on 16 x 32 x 32 latents, samples/s > 0, MFU
 # All runs go into a temporary runs dir (kept, with one log per step, when a step fails or
 # GPU_CHECK_KEEP=1). Without CUDA it stops at once with exit status 1.
@@ -68,6 +79,7 @@ if [ -z "$DRY" ]; then
   WORKER_STEPS=30
   WORKERS=(train.max_steps=$WORKER_STEPS data.num_workers=4)
   EVAL=(num_videos=16 num_steps=20 batch_size=16)
+  I2V=(num_videos=16 num_steps=20 batch_size=16)
   BENCH=(--real-size --compile)
 else
   NGPU=2  # two CPU processes over gloo stand in for the GPUs
@@ -92,6 +104,7 @@ else
   WORKERS=(data.resolution=16 data.num_frames=4 train.max_steps=$WORKER_STEPS train.log_every=1 train.batch_size=2
            data.num_workers=2 validation.num_videos=2 validation.num_steps=2 "${SMALL_DIT[@]}")
   EVAL=(num_videos=4 num_steps=2 batch_size=4)
+  I2V=(num_videos=2 num_steps=2 batch_size=2)
   BENCH=(--real-size --quick --device cpu)
 fi
 
@@ -119,9 +132,9 @@ step() {
   local rc=$?
   local said=""
   if { [ $rc -eq 0 ] || [ "$rc" = "${ALLOW_EXIT:-0}" ]; } && said=$(eval "$check" 2>&1); then
-    printf 'PASS %-12s %4ds  %s\n' "$name" $((SECONDS - start)) "$(tail -n 1 <<<"$said")"
+    printf 'PASS %-14s %4ds  %s\n' "$name" $((SECONDS - start)) "$(tail -n 1 <<<"$said")"
   else
-    printf 'FAIL %-12s %4ds  exit %d; log %s:\n' "$name" $((SECONDS - start)) $rc "$RUNS/$name.log"
+    printf 'FAIL %-14s %4ds  exit %d; log %s:\n' "$name" $((SECONDS - start)) $rc "$RUNS/$name.log"
     { echo "-- pass condition:"; echo "$said"; } >>"$RUNS/$name.log"
     tail -n 15 "$RUNS/$name.log" | sed 's/^/    /'
     FAILED=1
@@ -129,12 +142,15 @@ step() {
 }
 
 # Inputs of the later steps, made before any step runs: a tiny random causal video VAE, real
-# mp4 clips for the DataLoader workers, and (without GPU_CHECK_I3D) a stand-in I3D detector.
+# mp4 clips for the DataLoader workers, (without GPU_CHECK_I3D) a stand-in I3D detector, and a
+# tiny random T5 text encoder over the built-in captions' words.
 I3D="${GPU_CHECK_I3D:-$RUNS/i3d_standin.pt}"
-if [ "$DRY" != 1 ] && { wanted video_vae || wanted workers || wanted evaluate; }; then
+TEXT_ENCODER="$RUNS/text_encoder"
+if [ "$DRY" != 1 ] && { wanted video_vae || wanted workers || wanted evaluate || wanted image_to_video || wanted text; }; then
   if ! { "${COND[@]}" make_video_vae "$RUNS/video_vae" && "${COND[@]}" make_clips "$RUNS/clips" 12 &&
-         { [ -f "$I3D" ] || "${COND[@]}" make_detector "$I3D"; }; } >"$RUNS/prepare.log" 2>&1; then
-    echo "FAIL prepare: the inputs of the video_vae, workers and evaluate steps; log $RUNS/prepare.log"
+         { [ -f "$I3D" ] || "${COND[@]}" make_detector "$I3D"; } &&
+         "$PY" scripts/make_tiny_text_encoder.py --out "$TEXT_ENCODER"; } >"$RUNS/prepare.log" 2>&1; then
+    echo "FAIL prepare: the inputs of the video_vae, workers, evaluate, image_to_video and text steps; log $RUNS/prepare.log"
     tail -n 15 "$RUNS/prepare.log" | sed 's/^/    /'
     FAILED=1
   fi
@@ -184,6 +200,24 @@ step workers '"${COND[@]}" steps "$RUNS/workers" "$WORKER_STEPS"' \
 step evaluate '"${COND[@]}" fvd "$RUNS/fvd.json"' \
   "$PY" evaluate.py --config evaluate.yaml device=$DEVICE "checkpoint=$RUNS/bf16/latest.pth" \
   "fvd.detector_path=$I3D" "output=$RUNS/fvd.json" "${EVAL[@]}"
+
+step flow 'ls "$RUNS"/flow/samples/*/sample_000.mp4 >/dev/null && "${COND[@]}" loss "$RUNS/flow/log.txt" --falling' \
+  "$PY" train_advanced.py --config config_advanced.yaml "${COMMON[@]}" "$VAE_PATH" experiment.name=flow \
+  diffusion.objective=flow_matching diffusion.timestep_sampling=logit_normal validation.every_epochs=1 \
+  "${DIT[@]}" "${EXTRA[@]}"
+
+step text '"${COND[@]}" loss "$RUNS/text/log.txt" --falling && "${COND[@]}" text "$RUNS/text"' \
+  "$PY" train_advanced.py --config config_advanced.yaml "${COMMON[@]}" "$VAE_PATH" experiment.name=text \
+  model.conditioning=text data.builtin.captions=true "text_encoder.path=$TEXT_ENCODER" \
+  validation.every_epochs=1 "${DIT[@]}" "${EXTRA[@]}"
+
+step first_frames 'grep -q "image-to-video samples of" "$RUNS/ffc/log.txt" && "${COND[@]}" loss "$RUNS/ffc/log.txt" --falling' \
+  "$PY" train_advanced.py --config config_advanced.yaml "${COMMON[@]}" "$VAE_PATH" experiment.name=ffc \
+  model.first_frame_conditioning=0.5 validation.every_epochs=1 "${DIT[@]}" "${EXTRA[@]}"
+
+step image_to_video '"${COND[@]}" first_frames "$RUNS/i2v.json" 2' \
+  "$PY" evaluate.py --config evaluate.yaml device=$DEVICE "checkpoint=$RUNS/ffc/latest.pth" \
+  "fvd.detector_path=$I3D" "output=$RUNS/i2v.json" image_to_video=true windows=2 "${I2V[@]}"
 
 step benchmark 'grep -q MFU "$RUNS/benchmark.log" && "${COND[@]}" bench "$RUNS/bench.json"' \
   "$PY" benchmarks/bench.py "${BENCH[@]}" --json "$RUNS/bench.json"

@@ -15,12 +15,19 @@ root: `python scripts/gpu_check_conditions.py loss runs/x/log.txt --falling`.
   vae_bf16 VAE DEVICE           a video VAE's bf16 encode/decode agrees with fp32 (relative L2)
   cache RUN                     the run's latent cache is per window (a causal video VAE's layout)
   fvd JSON                      evaluate's FVD is a finite number >= 0 over the counts it was asked for
+  text RUN                      a text run: the checkpoint records a text model (kind text, text_dim
+                                > 0, the encoder's fingerprint) and the last validation folder has
+                                one non-empty prompts.txt line per sample video
+  first_frames JSON N           evaluate's image_to_video record: frame 0 within FIRST_FRAME_TOL dB
+                                PSNR of the image's own VAE round trip, a finite FVD >= 0 for each of
+                                the N window positions
   make_video_vae DIR            writes a tiny random AutoencoderKLWan (a causal video VAE) to DIR
   make_clips DIR N              writes N smooth 9-frame mp4 clips to DIR (real files for DataLoader workers)
   make_detector PATH            writes a stand-in I3D TorchScript (I3D's call, random weights) to PATH
 """
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -31,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 COMPILE_TOL = 1e-3  # torch.compile vs eager, fp32 with TF32 off: only reduction order differs
 BF16_TOL = 5e-2  # bf16 keeps 8 bits of mantissa (~4e-3 per op); a few layers stay well under this
+FIRST_FRAME_TOL = 0.5  # dB: frame 0 is the image through one VAE round trip (the condition is kept exactly)
 LOSS_LINE = re.compile(r" step (\d+)/\d+ .*?\bloss (\S+)")  # stage 1 and stage 2 training lines
 
 
@@ -156,6 +164,35 @@ def fvd(path: str) -> int:
     return _result(ok, f"fvd {value} in {path}")
 
 
+def text(run: str) -> int:
+    from utils.checkpoint import load_checkpoint
+    ckpt = load_checkpoint(os.path.join(run, "latest.pth"))
+    cond = ckpt.get("conditioning") or {}
+    text_dim = int(ckpt["model"]["dims"].get("text_dim", 0) or 0)
+    fingerprint = (cond.get("text_encoder") or {}).get("fingerprint")
+    folders = sorted(glob.glob(os.path.join(run, "samples", "step_*")))
+    last = folders[-1] if folders else os.path.join(run, "samples", "(none)")
+    videos = len(glob.glob(os.path.join(last, "sample_*.mp4")))
+    prompts = os.path.join(last, "prompts.txt")
+    lines = open(prompts, encoding="utf-8").read().splitlines() if os.path.isfile(prompts) else []
+    ok = cond.get("kind") == "text" and text_dim > 0 and bool(fingerprint) and videos > 0 \
+        and len(lines) == videos and all(line.strip() for line in lines)
+    return _result(ok, f"conditioning {cond.get('kind')!r}, text_dim {text_dim}, encoder {fingerprint}; "
+                       f"{videos} validation videos, {len(lines)} prompts in {prompts}")
+
+
+def first_frames(path: str, windows: int) -> int:
+    r = json.load(open(path)).get("image_to_video") or {}
+    psnr, bound = r.get("first_frame_psnr"), r.get("first_frame_psnr_vae_round_trip")
+    fvds = r.get("fvd_by_window") or []
+    numbers = all(isinstance(v, (int, float)) and math.isfinite(v) for v in [psnr, bound, *fvds])
+    ok = numbers and psnr >= bound - FIRST_FRAME_TOL and len(fvds) == windows and min(fvds) >= 0
+    show = lambda v: f"{v:.2f}" if isinstance(v, (int, float)) else repr(v)  # noqa: E731
+    return _result(bool(ok), f"frame 0 PSNR {show(psnr)} dB vs the image's VAE round trip {show(bound)} dB "
+                             f"(at most {FIRST_FRAME_TOL:g} dB below it); FVD by window "
+                             f"[{', '.join(map(show, fvds))}] ({windows} wanted)")
+
+
 def make_video_vae(folder: str) -> int:
     from tests.vae_families import build
     build("wan").save_pretrained(folder)
@@ -179,7 +216,8 @@ def make_detector(path: str) -> int:
 
 
 COMMANDS = {"loss": loss, "steps": lambda run, n: steps(run, int(n)), "bench": bench, "agree": agree,
-            "diagnose": diagnose, "vae_bf16": vae_bf16, "cache": cache, "fvd": fvd,
+            "diagnose": diagnose, "vae_bf16": vae_bf16, "cache": cache, "fvd": fvd, "text": text,
+            "first_frames": lambda path, n: first_frames(path, int(n)),
             "make_video_vae": make_video_vae, "make_clips": make_clips, "make_detector": make_detector}
 
 

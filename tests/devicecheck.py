@@ -67,7 +67,7 @@ def _as_device(value: Any) -> torch.device:
 class LogicalDeviceMode(TorchFunctionMode):
     """The checker (see the module docstring). `calls` counts the torch calls it checked,
     `host_reads` the reads of a GPU tensor's value on the host (`.item()`, `bool()`,
-    `.tolist()`, `.cpu()`): the host syncs a CUDA run would make."""
+    `.tolist()`, `.cpu()`, `torch.equal`, ...: `_HOST_READS`): the host syncs a CUDA run would make."""
 
     def __init__(self):
         super().__init__()
@@ -242,7 +242,9 @@ _SPECIAL = {
 # Reads of a GPU tensor's value on the host: each one waits for the GPU (a host sync).
 # And `.cpu()` (_cpu). Not `.to("cpu")`: torch's own internals call `.to(device)` with the real
 # (CPU) device of tensors this checker marks as on the GPU (clip_grad_norm_), which on a GPU is no copy.
-_HOST_READS = {_T.item, _T.__bool__, _T.tolist, _T.__float__, _T.__int__}
+# torch.equal / allclose / is_nonzero return a Python value: they read the result on the host too.
+_HOST_READS = {_T.item, _T.__bool__, _T.tolist, _T.__float__, _T.__int__, torch.equal, _T.equal,
+               torch.allclose, _T.allclose, torch.is_nonzero, _T.is_nonzero}
 
 
 # Calls that look at tensors on several devices without computing across them.

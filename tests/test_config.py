@@ -32,6 +32,51 @@ def test_shipped_configs_load(name):
     assert cfg.device == "auto"
 
 
+TRAINING_YAMLS = ("config_advanced.yaml", "config_t2v_demo.yaml")
+
+
+def test_shipped_configs_spell_the_condition_with_model_conditioning():
+    """The older key model.class_conditional is an alias for old configs and checkpoints only: a
+    shipped YAML that set it made `model.conditioning=text` on the command line contradict it."""
+    for name in TRAINING_YAMLS:
+        model = yaml.safe_load(open(os.path.join(ROOT, name)))["model"]
+        assert "class_conditional" not in model and model["conditioning"] in ("class", "text"), name
+
+
+def test_an_override_of_either_spelling_replaces_the_files_other_spelling(tmp_path):
+    """An old config (model.class_conditional: true) takes `model.conditioning=text`, and the
+    shipped one takes the old `model.class_conditional=false`: the command line wins over the
+    file, as for every key. Both spellings on the command line and disagreeing is still refused."""
+    old = tmp_path / "old.yaml"
+    old.write_text(open(os.path.join(ROOT, "config_advanced.yaml")).read().replace(
+        "  conditioning: class", "  class_conditional: true"))
+    assert _load_file(old, "model.conditioning=text").model.conditioning_kind() == "text"
+    assert _load_file(old).model.conditioning_kind() == "class"
+    shipped = os.path.join(ROOT, "config_advanced.yaml")
+    assert _load_file(shipped, "model.class_conditional=false").model.conditioning_kind() == "none"
+    with pytest.raises(ConfigError, match="contradicts"):
+        _load_file(shipped, "model.class_conditional=true", "model.conditioning=text")
+
+
+def _load_file(path, *overrides):
+    return load_config(TrainRunConfig, str(path), ["vae.path=x", *overrides])
+
+
+@pytest.mark.parametrize("name", TRAINING_YAMLS)
+@pytest.mark.parametrize("objective", ["v_prediction", "flow_matching"])
+@pytest.mark.parametrize("kind", ["none", "class", "text"])
+def test_every_shipped_training_config_takes_each_objective_and_condition(name, objective, kind):
+    """One override switches the objective or the condition of a shipped config (plus what that
+    condition needs: an encoder and captions for text; no validation.prompts without text). The
+    validation sampler follows the objective (`auto`), the alias class_conditional is not in the way."""
+    needs = {"text": ["text_encoder.path=x", "data.builtin.captions=true"],
+             "class": ["validation.prompts=null"], "none": ["validation.prompts=null"]}[kind]
+    cfg = load_config(TrainRunConfig, os.path.join(ROOT, name),
+                      ["vae.path=x", f"diffusion.objective={objective}", f"model.conditioning={kind}", *needs])
+    assert cfg.model.conditioning_kind() == kind and cfg.diffusion.objective == objective
+    assert cfg.validation.sampler == "auto"
+
+
 def test_overrides_are_yaml_scalars():
     cfg = _load(["train.lr=3e-4", "train.max_steps=null", "data.hflip=true", "train.betas=[0.8, 0.9]",
                  "data.path=/clips", "model.preset=DiT-S/2"])

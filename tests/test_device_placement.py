@@ -107,17 +107,26 @@ def test_stage2_predict_diagnose_on_a_logical_gpu(tmp_path, random_vae, capsys):
     assert "device cuda" in out and "[PASS] gradients" in out and "[PASS] jigsaw" in out
 
 
-def test_an_ordinary_training_step_makes_one_host_sync(tmp_path, random_vae):  # noqa: F811
+@pytest.mark.parametrize("extra", [
+    [],  # the default config
+    ["model.first_frame_conditioning=0.5"],  # per-frame t and a loss mask
+    ["model.patch_t=2"],  # temporal patches
+    ["model.patch_t=2", "model.condition_frames=2", "model.first_frame_conditioning=0.5"],  # one t per patch
+], ids=["default", "first_frames", "patch_t", "patch_t_first_frames"])
+def test_an_ordinary_training_step_makes_one_host_sync(tmp_path, random_vae, extra):  # noqa: F811
     """Between log steps a stage-2 step reads one GPU value on the host: the finite flag the
-    update decision needs (`StepControl.agree`; under DDP the all-reduced flags, read once).
-    Counted as the reads of GPU tensors (`.item()`, `bool()`, `.tolist()`, `.cpu()`) of runs
-    of 4 and 8 steps that log and save only at their end: the difference is the steps'."""
+    update decision needs (`StepControl.agree`; under DDP the all-reduced flags, read once),
+    whatever the config: first-frame conditioning's loss mask and the per-patch timesteps of
+    patch_t > 1 are checked on the device, not read. Counted as the reads of GPU tensors
+    (`.item()`, `bool()`, `.tolist()`, `.cpu()`, `torch.equal`, ...) of runs of 4 and 8 steps
+    that log and save only at their end: the difference is the steps'."""
     reads = {}
     for steps in (4, 8):
         with logical_cuda() as mode:
             assert train_advanced.main([
                 "--config", os.path.join(ROOT, "config_advanced.yaml"), *TINY, "device=cuda",
                 f"vae.path={random_vae}", f"experiment.runs_dir={tmp_path}", f"experiment.name=s{steps}",
-                f"train.max_steps={steps}", "train.log_every=1000", "train.checkpoint_every=1000"]) == 0
+                f"train.max_steps={steps}", "train.log_every=1000", "train.checkpoint_every=1000",
+                *extra]) == 0
         reads[steps] = mode.host_reads
     assert (reads[8] - reads[4]) / 4 == 1, reads

@@ -349,6 +349,18 @@ def _scalars(run, tag):
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
+def test_the_docs_claim_val_fvd_is_evaluates_number_only_for_the_models_it_holds_for():
+    """val/fvd equals evaluate.py's number for unconditional and class models (tested below),
+    but a text model's val/fvd prompts are the validation prompts and evaluate's the real clips'
+    captions: the README and _val_fvd's docstring must say so, not claim it for every model."""
+    import training.validation as validation
+    readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
+    claim = readme[readme.index("`real.split=train` gives the same number") - 200:][:700]
+    assert "For a text model it does not" in claim and "caption of real clip i" in claim
+    doc = " ".join(validation._val_fvd.__doc__.split())
+    assert "Text models: not that number" in doc
+
+
 @pytest.mark.slow
 def test_two_process_val_fvd_equals_evaluate_py(tmp_path, random_vae, detector):
     """val/fvd with 2 processes (3 videos: uneven shares, gathered) is evaluate.py's number

@@ -24,7 +24,8 @@ from tests.test_stage2 import ROOT, TINY, _predict, _train, random_vae  # noqa: 
 from training import diagnostics
 from utils.checkpoint import load_checkpoint
 from utils.cli import run_main
-from utils.config import DiffusionConfig, TrainRunConfig, config_from_dict, load_config
+from utils.config import (DiffusionConfig, EvaluateConfig, PredictConfig, TrainRunConfig, config_from_dict,
+                          default_sampler, load_config, resolve_sampler)
 from utils.errors import ConfigError, UserError
 
 SHAPE = (3, 4, 5, 4, 4)  # (B, C, T, h, w) with an odd frame count
@@ -127,6 +128,45 @@ def test_shift_formulas():
     assert flow_mu(cfg, (1, 4, 16, 16, 16)) == pytest.approx(1.15)
     assert flow_mu(cfg, (1, 4, 8, 16, 16)) == pytest.approx(0.5 + 0.65 * (2048 - 256) / 3840)
     assert flow_mu(flow_cfg(), (1, 4, 4, 8, 8)) is None and flow_mu(DiffusionConfig(), (1, 4, 4, 8, 8)) is None
+
+
+def test_flow_mu_is_calculate_shift_of_the_latent_positions_before_patching():
+    """flow_mu's docstring: diffusers' calculate_shift, extrapolated (no clamp), of T * h * w
+    latent positions whatever the DiT's patch size (Flux's pipeline would pass its 2x2-patched
+    token count, 4x fewer: a smaller mu for the same latents)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    cfg = flow_cfg(flow_shift_dynamic=True)
+    keys = dict(base_seq_len=cfg.flow_base_seq_len, max_seq_len=cfg.flow_max_seq_len,
+                base_shift=cfg.flow_base_shift, max_shift=cfg.flow_max_shift)
+    for shape in [(1, 4, 1, 8, 8), (2, 4, 4, 16, 16), (1, 16, 33, 64, 64)]:  # the last beyond max_seq_len
+        positions = shape[2] * shape[3] * shape[4]
+        assert flow_mu(cfg, shape) == pytest.approx(calculate_shift(positions, **keys))
+        assert flow_mu(cfg, shape) > calculate_shift(positions // 4, **keys)  # Flux's count of 2x2 tokens
+    assert flow_mu(cfg, (1, 16, 33, 64, 64)) > cfg.flow_max_shift  # extrapolated
+    doc = " ".join(flow_mu.__doc__.split())  # says what it does, not "as diffusers' pipelines do"
+    assert "extrapolated" in doc and "before the DiT's patching" in doc and "after 2x2 patching" in doc
+
+
+@pytest.mark.parametrize("name", FLOW_SAMPLERS)
+def test_the_time_input_each_flow_sampler_gives_the_model(name):
+    """The module docstring: training feeds the float s * T; euler feeds the same float, unipc
+    and dpm++ feed s * T rounded down to an integer (less than one step early)."""
+    sched = make_scheduler(name, flow_cfg(flow_shift=3.0))
+    seen = []
+
+    def model_fn(x, t, y):
+        seen.append((t[0].clone(), sched.sigmas[sched.step_index or 0].item()))
+        return torch.zeros_like(x)
+    sample(model_fn, SHAPE, scheduler=sched, num_steps=6, generator=torch.Generator().manual_seed(0), device="cpu")
+    assert len(seen) == 6
+    for t, s in seen:
+        if name == "euler":
+            assert t.is_floating_point() and t.item() == pytest.approx(s * T, rel=1e-6)
+        else:
+            assert not t.is_floating_point() and 0 <= s * T - t.item() < 1
+    import models.diffusion
+    doc = " ".join(models.diffusion.__doc__.split())  # the docstring says so (it claimed a float always)
+    assert "the same float s * T with `euler`" in doc and "rounded down to an integer with `unipc` and `dpm++`" in doc
 
 
 def test_training_shift_matches_diffusers_sampling_shift():
@@ -280,7 +320,8 @@ def test_sample_wants_mu_exactly_for_a_dynamic_shift():
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (["diffusion.objective=flow_matching"], ["validation.sampler = 'ddpm'", "euler, dpm++, unipc"]),
+    (["diffusion.objective=flow_matching", "validation.sampler=ddpm"],
+     ["validation.sampler = 'ddpm'", "euler, dpm++, unipc", "auto: euler"]),
     (["diffusion.flow_shift=3"], ["diffusion.flow_shift = 3.0", "flow matching only",
                                   "diffusion.objective=flow_matching"]),
     (["diffusion.loss_weighting=cosmap"], ["diffusion.loss_weighting", "flow matching only"]),
@@ -305,6 +346,32 @@ def test_config_accepts_a_flow_run():
                       ["vae.path=/nowhere", "diffusion.objective=flow_matching", "validation.sampler=unipc",
                        "diffusion.flow_shift=3", "diffusion.timestep_sampling=logit_normal"])
     assert cfg.diffusion.objective == "flow_matching" and cfg.validation.sampler == "unipc"
+
+
+def test_a_refused_samplers_advice_works():
+    """The refusal names the samplers that serve the objective and `auto`: each of them loads."""
+    args = ["vae.path=/nowhere", "diffusion.objective=flow_matching"]
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainRunConfig, os.path.join(ROOT, "config_advanced.yaml"), [*args, "validation.sampler=ddim"])
+    advised = re.search(r"use one of ([\w+, ]+) \(or (\w+): euler\)", str(e.value))
+    assert advised, str(e.value)
+    for name in [*advised.group(1).split(", "), advised.group(2)]:
+        cfg = load_config(TrainRunConfig, os.path.join(ROOT, "config_advanced.yaml"), [*args, f"validation.sampler={name}"])
+        make_scheduler(cfg.validation.sampler, cfg.diffusion)
+    with pytest.raises(ConfigError, match=r"use one of euler, dpm\+\+, unipc or auto"):
+        make_scheduler("heun", flow_cfg())
+
+
+def test_auto_sampler_follows_the_objective():
+    """`auto` (every default) is default_sampler(objective), the one mapping: ddpm for v (what
+    every shipped config named before, so their numbers stay), euler for flow; an explicit
+    sampler is kept when it serves the objective."""
+    assert (default_sampler("v_prediction"), default_sampler("flow_matching")) == ("ddpm", "euler")
+    assert resolve_sampler("auto", "flow_matching") == "euler" and resolve_sampler("unipc", "flow_matching") == "unipc"
+    for cls in (PredictConfig, EvaluateConfig, TrainRunConfig):
+        assert getattr(cls(), "validation", cls()).sampler == "auto"
+    assert isinstance(make_scheduler("auto", flow_cfg()), FlowMatchEulerDiscreteScheduler)
+    assert type(make_scheduler("auto", DiffusionConfig())).__name__ == "DDPMScheduler"
 
 
 # --------------------------------------------------------------------------- end to end
@@ -474,3 +541,25 @@ def test_flow_overfit_one_clip_then_predict_and_diagnose_it(tmp_path):
     ratio = float(re.search(r"error of predicting 0: ([\d.]+)", report.getvalue()).group(1))
     assert lines["denoise"] in ("PASS", "WARN") and ratio < 0.95, report.getvalue()
     assert "flow_matching" in report.getvalue() and "crashed" not in report.getvalue()
+
+
+def test_the_shipped_config_trains_flow_matching_with_one_override(tmp_path, random_vae, capsys):
+    """`diffusion.objective=flow_matching` on config_advanced.yaml (validation.sampler: auto)
+    trains and validates with euler, and predict (sampler: auto) samples the checkpoint with it."""
+    run = _train(tmp_path, random_vae, "flow_auto", ["diffusion.objective=flow_matching", "train.max_steps=2",
+                                                     "validation.every_epochs=1"])
+    assert glob.glob(os.path.join(run, "samples", "*", "sample_000.mp4"))
+    capsys.readouterr()
+    assert _predict(os.path.join(run, "latest.pth"), str(tmp_path / "p"), ["sampler=auto"]) == 0
+    assert "sampler euler (auto for flow_matching)" in capsys.readouterr().out
+
+
+def test_auto_keeps_the_v_prediction_videos_of_ddpm(v_run, tmp_path):
+    """For a v checkpoint `auto` is ddpm: the same videos, byte for byte, as the shipped configs'
+    former explicit `sampler: ddpm`."""
+    ckpt = os.path.join(v_run, "latest.pth")
+    for sampler in ("auto", "ddpm"):
+        assert _predict(ckpt, str(tmp_path / sampler), [f"sampler={sampler}"]) == 0
+    for name in ("sample_000.mp4", "sample_001.mp4"):
+        assert open(tmp_path / "auto" / name, "rb").read() == open(tmp_path / "ddpm" / name, "rb").read()
+

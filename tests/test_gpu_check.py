@@ -45,7 +45,8 @@ def test_every_step_command_is_accepted_by_its_script():
             name, command = line[4:].split(":", 1)
             steps[name] = shlex.split(command)
     assert list(steps) == ["stage1", "stage2_bf16", "agreement", "stage2_fp16", "predict", "diagnose",
-                           "torchrun", "video_vae", "workers", "evaluate", "benchmark"]
+                           "torchrun", "video_vae", "workers", "evaluate", "flow", "text", "first_frames",
+                           "image_to_video", "benchmark"]
     for name, argv in steps.items():
         script = next((a for a in argv if a.endswith(".py")), None)
         if script in CONFIGS:
@@ -61,6 +62,16 @@ def test_every_step_command_is_accepted_by_its_script():
     assert "fp16" in " ".join(steps["stage2_fp16"]) and "--real-size" in steps["benchmark"]
     assert "data.cache=auto" in steps["video_vae"] and any(a.startswith("data.num_workers=") for a in steps["workers"])
     assert steps["agreement"][1:3] == ["scripts/gpu_check_conditions.py", "agree"]
+    # the flow-matching, text and first-frame paths (issue 27): each step's run is what it names
+    train_cfg = lambda name: load_config(TrainRunConfig, os.path.join(ROOT, "config_advanced.yaml"),  # noqa: E731
+                                         [a for a in steps[name] if "=" in a and not a.startswith("-")])
+    assert train_cfg("flow").diffusion.objective == "flow_matching" and train_cfg("flow").validation.every_epochs
+    text = train_cfg("text")
+    assert text.model.conditioning_kind() == "text" and text.data.builtin.captions and text.text_encoder.path
+    assert train_cfg("first_frames").model.first_frame_conditioning > 0
+    i2v = load_config(EvaluateConfig, os.path.join(ROOT, "evaluate.yaml"),
+                      [a for a in steps["image_to_video"] if "=" in a and not a.startswith("-")])
+    assert i2v.image_to_video and i2v.windows == 2 and i2v.checkpoint.endswith("ffc/latest.pth")
 
 
 def test_the_header_says_ddp_is_not_exercised_on_one_gpu():
@@ -125,6 +136,38 @@ def test_the_required_diagnose_checks_are_names_diagnose_prints():
         emitted = set(re.findall(r'(?:_guarded|Check)\("(\w+)"', f.read()))
     assert set(diagnostics.CODE_PATH_CHECKS) <= emitted
     assert set(diagnostics.CODE_PATH_CHECKS).isdisjoint({"vae_roundtrip", "latent_scale", "denoise", "jigsaw"})
+
+
+def _text_run(folder, kind="text", text_dim=32, videos=2, lines=2):
+    import torch
+    os.makedirs(folder / "samples" / "step_0000004")
+    torch.save({"conditioning": {"kind": kind, "text_encoder": {"fingerprint": "abc"}},
+                "model": {"dims": {"text_dim": text_dim}}}, folder / "latest.pth")
+    last = folder / "samples" / "step_0000004"
+    for i in range(videos):
+        (last / f"sample_{i:03d}.mp4").write_bytes(b"")
+    (last / "prompts.txt").write_text("".join(f"a red square {i}\n" for i in range(lines)))
+    return folder
+
+
+@pytest.mark.parametrize("kwargs, ok", [({}, True), ({"kind": "class"}, False), ({"text_dim": 0}, False),
+                                        ({"lines": 1}, False), ({"videos": 0, "lines": 0}, False)])
+def test_text_condition(tmp_path, kwargs, ok):
+    proc = _condition("text", _text_run(tmp_path / "run", **kwargs))
+    assert (proc.returncode == 0) == ok, proc.stdout
+
+
+@pytest.mark.parametrize("record, ok", [
+    ({"first_frame_psnr": 24.9, "first_frame_psnr_vae_round_trip": 25.0, "fvd_by_window": [3.0, 4.0]}, True),
+    ({"first_frame_psnr": 18.0, "first_frame_psnr_vae_round_trip": 25.0, "fvd_by_window": [3.0, 4.0]}, False),
+    ({"first_frame_psnr": 25.0, "first_frame_psnr_vae_round_trip": 25.0, "fvd_by_window": [3.0]}, False),
+    ({"first_frame_psnr": 25.0, "first_frame_psnr_vae_round_trip": 25.0, "fvd_by_window": [3.0, float("nan")]}, False),
+    ({}, False),
+])
+def test_first_frames_condition(tmp_path, record, ok):
+    (tmp_path / "i2v.json").write_text(json.dumps({"fvd": 3.0, "image_to_video": record}))
+    proc = _condition("first_frames", tmp_path / "i2v.json", 2)
+    assert (proc.returncode == 0) == ok, proc.stdout
 
 
 def test_fvd_and_bench_conditions(tmp_path):

@@ -315,9 +315,9 @@ def test_evaluate_first_frame_psnr_and_drift_by_window(per_frame_run, tmp_path, 
     from training.evaluation import select_real_clips
     asked = []  # what each sampling call was told: video i continues real clip i, so its class
 
-    def spy(chunk, device):
+    def spy(chunk, device, loaded=None):
         asked.append((list(chunk.class_labels), list(chunk.images)))
-        return sample_videos(chunk, device)
+        return sample_videos(chunk, device, loaded)
 
     monkeypatch.setattr(evaluate, "sample_videos", spy)
     from tests.test_evaluate import StandInI3D
@@ -371,7 +371,7 @@ def test_drift_benchmark_quick(tmp_path, capsys):
 
 
 def test_text_conditioning_with_first_frames(tmp_path, trained_vae, text_encoders, held_out_image):
-    text = ["model.conditioning=text", "model.class_conditional=null", "data.builtin.captions=true",
+    text = ["model.conditioning=text", "data.builtin.captions=true",
             f"text_encoder.path={text_encoders['t5']}", "validation.every_epochs=1"]
     ckpt = _train(tmp_path, trained_vae, "t2v_ffc", [*PER_FRAME, *FFC, *text])
     record = load_checkpoint(ckpt)
@@ -461,3 +461,119 @@ def test_validation_image_to_video_of_a_class_model_uses_each_images_class(monke
     index = np.unique(np.linspace(0, len(val) - 1, min(3, len(val))).round().astype(int))
     expected = [int(val[int(i)]["label"]) for i in index]
     assert seen["labels"] == expected and expected != list(range(len(expected)))
+
+
+# --------------------------------------------------------------------------- issue 27: train and predict alike
+
+
+@pytest.mark.parametrize("cache", ["off", "auto"])
+def test_training_conditions_on_the_posterior_means_as_predict_does(tmp_path, trained_vae, monkeypatch, cache):
+    """With vae.sample_posterior: true (the default) x0 is a posterior sample, but the clean
+    condition frames the DiT sees must be the posterior MEANS: predict encodes the image with
+    `vae.encode(..., sample=False)`. Checked on the model input of a real training step, against
+    each clip's first frame encoded the way predict encodes an image (cache off), or the cached
+    moments' mean (cache auto)."""
+    import training.stage2 as stage2
+    from models.dit import VideoDiT
+    from models.vae import FrozenVAE
+    seen = {}
+    latents, forward = stage2.batch_latents, VideoDiT.forward
+
+    def spy_latents(s, batch):
+        seen.setdefault("batch", batch)
+        return latents(s, batch)
+
+    def spy_forward(self, x, t, *args, **kwargs):
+        if t.ndim == 2 and torch.is_grad_enabled() and "x" not in seen:  # the first training step
+            seen["x"], seen["t"] = x.detach().clone(), t.clone()
+        return forward(self, x, t, *args, **kwargs)
+    monkeypatch.setattr(stage2, "batch_latents", spy_latents)
+    monkeypatch.setattr(VideoDiT, "forward", spy_forward)
+    _train(tmp_path, trained_vae, "run", [*PER_FRAME, *FFC, f"data.cache={cache}", "vae.sample_posterior=true",
+                                          "train.max_steps=1"])
+    vae, batch = FrozenVAE.from_pretrained(trained_vae), seen["batch"]
+    if "video" in batch:  # predict's encoding of an image: frame 0 alone, sample=False
+        expected = vae.encode(batch["video"][:, :, :1], sample=False)  # (B, C, 1, h, w)
+    else:
+        expected = vae.latents_from_moments(batch["mean"][:, :, :1], batch["std"][:, :, :1], sample=False)
+    assert (seen["t"][:, 0] == 0).all() and (seen["t"][:, 1:] > 0).all()  # p = 1: every clip conditioned
+    torch.testing.assert_close(seen["x"][:, :, :1], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_loss_mask_without_a_generated_frame_is_refused_on_the_device():
+    diffusion = Diffusion(DiffusionConfig())
+    x0 = torch.zeros(2, 3, 2, 2, 2)
+    t = torch.tensor([[0, 5], [0, 0]])
+    with pytest.raises(RuntimeError, match="no frame to carry loss"):  # checked by the device: no host read
+        diffusion.loss(x0, x0, x0, t, torch.tensor([[False, True], [False, False]]))
+
+
+def test_condition_frames_the_vae_cannot_encode_alone_are_refused_naming_those_that_can(
+        tmp_path, vae_families, capsys):
+    """CogVideoX encodes 1 + 8j frames: 2 latent condition frames are 5 pixel frames, which
+    image-to-video, extension and val/image_to_video would fail to encode after training. Refused
+    before training, naming the count that works; taking that advice trains and extends."""
+    from utils.errors import ConfigError
+    cog = ["data.num_frames=9", "data.builtin.clip_frames=13", f"data.resolution={RESOLUTION['cogvideox']}",
+           "model.first_frame_conditioning=0.5"]
+    with pytest.raises(ConfigError) as e:
+        _train(tmp_path, vae_families["cogvideox"], "even", [*cog, "model.condition_frames=2"])
+    said = str(e.value)
+    assert "model.condition_frames = 2" in said and "1 + 8k frames" in said and "5 pixel frames" in said
+    advice = re.search(r"use model.condition_frames = (\d+)", said)
+    assert advice and advice.group(1) == "1"
+    ckpt = _train(tmp_path, vae_families["cogvideox"], "odd", [*cog, f"model.condition_frames={advice.group(1)}"])
+    img = str(tmp_path / "img.png")
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(img)
+    out = str(tmp_path / "p")
+    assert predict_advanced.main(_predict_args(ckpt, out, [f"image={img}", "num_frames=17"])) == 0
+    assert count_frames(os.path.join(out, "sample_000.mp4")) == 17
+
+
+@pytest.mark.parametrize("family", ["cogvideox", "wan", "sd3"])
+def test_the_condition_frame_check_agrees_with_what_the_vae_encodes(vae_families, family):
+    """For every count k of condition frames below the clip's latent frames: the check passes
+    exactly when the VAE encodes the k latent frames' pixel frames on their own (what
+    image-to-video and extension do), so nothing it lets through fails after training."""
+    from models.vae import FrozenVAE
+    from utils.errors import ConfigError
+    vae = FrozenVAE.from_pretrained(vae_families[family])
+    g, side = vae.geometry, RESOLUTION[family]
+    latent_frames = g.latent_frames(1 + 4 * g.frame_step) if g.temporal > 1 else 5
+    for k in range(1, latent_frames):
+        try:
+            FirstFrames(0.5, k).check_vae(g, latent_frames)
+            refused = False
+        except ConfigError:
+            refused = True
+        try:
+            vae.encode(torch.zeros(1, 3, g.pixel_frames(k), side, side), sample=False)
+            encodes = True
+        except ConfigError:
+            encodes = False
+        assert refused != encodes, (family, k)
+
+
+def test_images_give_one_video_each_and_the_advice_on_too_few_videos_works(per_frame_run, held_out_image,
+                                                                           tmp_path):
+    """num_videos null: one video per image of `images` (`image` alone: one video). More images
+    than an explicit num_videos is refused at load, and both ways it advises work."""
+    from utils.config import load_config
+    from utils.errors import ConfigError
+    path, _ = held_out_image
+    base = [a for a in _predict_args(per_frame_run, "", []) if not a.startswith(("num_videos", "output_dir"))]
+    out = tmp_path / "three"
+    assert predict_advanced.main([*base, f"output_dir={out}", f"images=[{path},{path},{path}]"]) == 0
+    assert len(glob.glob(str(out / "sample_*.mp4"))) == 3
+    out = tmp_path / "one"
+    assert predict_advanced.main([*base, f"output_dir={out}", f"image={path}"]) == 0
+    assert len(glob.glob(str(out / "sample_*.mp4"))) == 1
+    images = f"images=[{path},{path}]"
+    with pytest.raises(ConfigError) as e:
+        load_config(PredictConfig, os.path.join(ROOT, "predict_advanced.yaml"), [images, "num_videos=1"])
+    assert "set num_videos = 2 or leave it null" in str(e.value)
+    for advice in ("num_videos=2", "num_videos=null"):
+        out = tmp_path / advice.replace("=", "_")
+        assert predict_advanced.main([*base, f"output_dir={out}", images, advice]) == 0
+        assert len(glob.glob(str(out / "sample_*.mp4"))) == 2
+

@@ -408,3 +408,25 @@ def test_a_manifest_cannot_point_outside_output_dir(tmp_path):
     assert folder.claim(["sample_000.mp4"]) == []
     folder.close()
     assert victim.read_bytes() == b"keep me"
+
+
+# --------------------------------------------------------------------------- issue 27: how many videos
+
+
+def test_num_videos_null_makes_one_video_per_label_or_the_default_count(checkpoint, tmp_path, capsys):
+    """predict_advanced.yaml's num_videos: null = one video per class label given; with nothing
+    given, the count predict always made (DEFAULT_NUM_VIDEOS), said in the log."""
+    from utils.config import DEFAULT_NUM_VIDEOS
+    out = tmp_path / "labels"
+    assert predict_advanced.main(_args(checkpoint, out, "class_labels=[2,0]")) == 0
+    assert sorted(n for n in _names(out) if n.endswith(".mp4")) == ["sample_000.mp4", "sample_001.mp4"]
+    assert "num_videos = null: 2 videos, one per entry of class_labels" in capsys.readouterr().out
+    out = tmp_path / "nothing"
+    assert predict_advanced.main(_args(checkpoint, out, "batch_size=8")) == 0
+    assert len([n for n in _names(out) if n.endswith(".mp4")]) == DEFAULT_NUM_VIDEOS == 8
+    said = capsys.readouterr().out
+    assert f"no prompts, images or class_labels: {DEFAULT_NUM_VIDEOS} videos (set num_videos" in said
+    out = tmp_path / "three"  # the advice: set num_videos for another count
+    assert predict_advanced.main(_args(checkpoint, out, "num_videos=3")) == 0
+    assert len([n for n in _names(out) if n.endswith(".mp4")]) == 3
+

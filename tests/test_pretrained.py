@@ -108,7 +108,8 @@ def test_sampler_matches_the_diffusers_pipeline(pretrained_pipelines, name):
     _, _, text = _inputs(name)
     negative = torch.randn(text.shape, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
-        ours = sample(module, shape, scheduler=objective.make_scheduler(FAMILY[name]["sampler"]), num_steps=4,
+        assert objective.resolve_sampler("auto") == FAMILY[name]["sampler"]  # auto: the model's own sampler
+        ours = sample(module, shape, scheduler=objective.make_scheduler("auto"), num_steps=4,
                       generator=[torch.Generator().manual_seed(s) for s in seeds], device="cpu",
                       cond={"text": text}, uncond={"text": negative}, guidance_scale=3.0)
         pipe = getattr(diffusers, family.pipeline_class).from_pretrained(folder)

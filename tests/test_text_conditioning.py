@@ -21,7 +21,7 @@ from utils.checkpoint import load_checkpoint
 from utils.config import ModelConfig
 from utils.errors import UserError
 
-TEXT = ["model.conditioning=text", "model.class_conditional=null", "data.builtin.captions=true"]
+TEXT = ["model.conditioning=text", "data.builtin.captions=true"]  # on config_advanced.yaml: nothing else
 PROMPTS = "prompts=[a red square moving left on a black background,a blue circle moving up on a black background]"
 
 
@@ -114,6 +114,36 @@ def test_predict_writes_prompts_and_refuses_what_does_not_fit(text_run, tmp_path
         _predict(ckpt, str(tmp_path / "few"), ["num_videos=1", PROMPTS])
     with pytest.raises(UserError, match="give prompts"):
         _predict(ckpt, str(tmp_path / "cls"), ["class_labels=[0]"])
+
+
+def test_three_prompts_give_three_videos(text_run, tmp_path, capsys):
+    """num_videos null (predict_advanced.yaml's default): one video per prompt, as diffusers'
+    pipelines; an explicit num_videos keeps cycling them, and says so; more prompts than an
+    explicit num_videos is refused, and either advice it gives works."""
+    import glob
+
+    import predict_advanced
+    three = ["a red square moving left on a black background", "a blue circle moving up on a black background",
+             "a green triangle moving down on a black background"]
+    args = lambda out, *extra: ["--config", os.path.join(ROOT, "predict_advanced.yaml"), "device=cpu",
+                                f"checkpoint={os.path.join(text_run, 'latest.pth')}", f"output_dir={out}",
+                                "num_steps=2", f"prompts=[{','.join(three)}]", *extra]
+    out = tmp_path / "null"
+    assert predict_advanced.main(args(out)) == 0
+    assert len(glob.glob(str(out / "sample_*.mp4"))) == 3
+    assert open(out / "prompts.txt").read().splitlines() == three
+    assert "num_videos = null: 3 videos, one per entry of prompts" in capsys.readouterr().out
+    out = tmp_path / "five"
+    assert predict_advanced.main(args(out, "num_videos=5")) == 0
+    assert open(out / "prompts.txt").read().splitlines() == three + three[:2]  # cycled, as before
+    assert "num_videos = 5 with 3 prompts: cycled" in capsys.readouterr().out
+    with pytest.raises(UserError) as e:
+        predict_advanced.main(args(tmp_path / "two", "num_videos=2"))
+    assert "set num_videos = 3" in str(e.value) and "leave num_videos null" in str(e.value)
+    for advice in ("num_videos=3", "num_videos=null"):
+        out = tmp_path / advice.replace("=", "_")
+        assert predict_advanced.main(args(out, advice)) == 0
+        assert len(glob.glob(str(out / "sample_*.mp4"))) == 3
 
 
 def test_prompts_refused_by_a_class_checkpoint(tmp_path, random_vae):
@@ -261,9 +291,9 @@ def test_evaluate_conditions_on_the_real_clips_captions(text_run, detector):
     from utils.config import EvaluateConfig, load_config
     seen = []
 
-    def spy(cfg, device):  # predict's sample_videos, recording the prompts it is given
+    def spy(cfg, device, loaded=None):  # predict's sample_videos, recording the prompts it is given
         seen.extend(cfg.prompts)
-        return sample_videos(cfg, device)
+        return sample_videos(cfg, device, loaded)
     path = os.path.join(text_run, "latest.pth")
     cfg = load_config(EvaluateConfig, os.path.join(ROOT, "evaluate.yaml"),
                       ["device=cpu", f"checkpoint={path}", "num_videos=4", "num_steps=2", "sampler=ddim",
@@ -276,6 +306,37 @@ def test_evaluate_conditions_on_the_real_clips_captions(text_run, detector):
     g = result["protocol"]["generated"]
     assert g["first_prompt"] == seen[0] and "captions of the real clips" in g["prompts"]
     assert g["text_encoder"]["fingerprint"] == ckpt["conditioning"]["text_encoder"]["fingerprint"]
+
+
+def test_evaluate_loads_the_checkpoint_vae_and_encoder_once(text_run, detector, monkeypatch):
+    """Evaluate samples its videos in chunks of GENERATION_CHUNK: the checkpoint, the VAE and
+    the text encoder are loaded (and fingerprinted: the encoder's weights hashed) once for all
+    of them, not once per chunk (before: 1 + 3 checkpoint loads, 3 VAEs, 4 encoders here)."""
+    import models.text_encoder as text_encoder
+    import models.vae as vae_module
+    import training.evaluation as ev
+    import training.sampling as sampling
+    from training.sampling import sample_videos
+    from utils.config import EvaluateConfig, load_config
+    counts = {"checkpoint": 0, "vae": 0, "text_encoder": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+    for module in (ev, sampling):
+        monkeypatch.setattr(module, "load_checkpoint", counted("checkpoint", module.load_checkpoint))
+    monkeypatch.setattr(vae_module, "vae_fingerprint", counted("vae", vae_module.vae_fingerprint))
+    monkeypatch.setattr(text_encoder, "weights_fingerprint", counted("text_encoder", text_encoder.weights_fingerprint))
+    monkeypatch.setattr(ev, "GENERATION_CHUNK", 2)
+    cfg = load_config(EvaluateConfig, os.path.join(ROOT, "evaluate.yaml"),
+                      ["device=cpu", f"checkpoint={os.path.join(text_run, 'latest.pth')}", "num_videos=6",
+                       "num_steps=2", "batch_size=2", f"fvd.detector_path={detector}"])
+    calls = []
+    result = ev.evaluate(cfg, torch.device("cpu"), lambda *a: calls.append(a) or sample_videos(*a))
+    assert len(calls) == 3 and result["num_generated"] == 6  # three chunks of two videos
+    assert counts == {"checkpoint": 1, "vae": 1, "text_encoder": 1}, counts
 
 
 def test_a_clip_encoder_with_a_pooled_vector_trains_and_predicts(tmp_path, random_vae, text_encoders):

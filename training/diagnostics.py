@@ -201,7 +201,7 @@ def check_gradients(cfg: TrainRunConfig, device: torch.device) -> Check:
                 p.normal_(std=0.02, generator=torch.Generator(p.device).manual_seed(0))
     s.model.train()
     batch = next(iter(s.loader))
-    x0 = stage2.batch_latents(s, batch)  # (B, C, T, h, w), as the training loop gets them
+    x0, _ = stage2.batch_latents(s, batch)  # (B, C, T, h, w), as the training loop gets them
     kw = s.cond.train_kwargs(batch, device, None)  # the condition as the loop builds it (no dropout)
     T = s.cfg.diffusion.num_train_timesteps
     # Away from t = T-1, where the zero-SNR min-SNR weight is exactly 0.
@@ -347,7 +347,8 @@ def check_jigsaw(ckpt: dict, vae: FrozenVAE, real_clips: torch.Tensor, cond: dic
     measured = (f"misplaced pieces {100 * share:.1f}% of positions (fail above {100 * MAX_MISPLACED:g}%; "
                 f"the model's output on {x0.shape[0]} noised held-out clips at t = "
                 f"{', '.join(f'{f:g}' for f in PLACEMENT_NOISE_LEVELS)} x T); seams: samples {score:.3f} "
-                f"vs real clips {real:.3f} (fail above {limit:.3f}; {num_videos} {sampling.sampler} samples, "
+                f"vs real clips {real:.3f} (fail above {limit:.3f}; {num_videos} "
+                f"{diffusion.resolve_sampler(sampling.sampler)} samples, "
                 f"{sampling.num_steps} steps, guidance {sampling.guidance_scale:g}, EMA, cell {cell} px)")
     if share > MAX_MISPLACED:
         return Check("jigsaw", FAIL, measured,

@@ -42,8 +42,8 @@ from data.videos import find_sources
 from data.windows import window_span
 from models.vae import Geometry
 from training.checkpoints import PREDICT_ENTRIES, check_entries, check_format, model_dims
-from training.conditioning import conditioning_from_checkpoint, seam_of
-from training.sampling import default_labels
+from training.conditioning import seam_of
+from training.sampling import Loaded, default_labels, load_sampler
 from utils.checkpoint import load_checkpoint, write_json
 from utils.config import DataConfig, EvaluateConfig, PredictConfig
 from utils.errors import UserError
@@ -60,7 +60,8 @@ PROTOCOL_VIDEOS, PROTOCOL_FRAMES, PROTOCOL_STRIDE = 2048, 16, 1
 # folder or a video before a palette-quantised GIF ("" = a frame folder).
 GENERATED_PREFERENCE = ("", ".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif")
 
-SampleFn = Callable[[PredictConfig, torch.device], tuple[list, dict]]  # predict's sample_videos
+# predict's sample_videos: (the chunk's config, device, the checkpoint loaded once) -> (videos, checkpoint)
+SampleFn = Callable[[PredictConfig, torch.device, Optional[Loaded]], tuple[list, dict]]
 
 
 class ClipFeatures:
@@ -305,16 +306,16 @@ def evaluate(cfg: EvaluateConfig, device: torch.device, sample_fn: SampleFn) -> 
     real_clips = fvd_real_clips(data, generated, generator, cfg.real.split, dataset_seed,
                                 cfg.real.num_clips or cfg.num_videos, cfg.real.seed)
     check_detector(i3d, "i3d", data.num_frames, device, "fvd.detector_path", cfg.fvd.detector_path)
-    if ckpt is not None:  # a text checkpoint's encoder (cfg.text_encoder.path: the same one) refused now
-        t = cfg.text_encoder
-        conditioning_from_checkpoint(ckpt, cfg.checkpoint, device, t.path, t.subfolder, t.dtype)
+    # The checkpoint's weights, VAE and text encoder (cfg.text_encoder.path: the same one, else
+    # refused now), loaded and fingerprinted once for every chunk of videos.
+    loaded = load_sampler(cfg.sampling(), device, ckpt) if ckpt is not None else None
     # Real side, then generated.
     real = features().add_all(_progress(clip_batches(real_clips.dataset, real_clips.plan,
                                                      cfg.fvd.batch_size),
                                         len(real_clips.plan), "features, real clips"))
     drift = None
     if ckpt is not None:
-        gen, gen_record, drift = _checkpoint_features(cfg, ckpt, generated, features, sample_fn, real_clips,
+        gen, gen_record, drift = _checkpoint_features(cfg, loaded, generated, features, sample_fn, real_clips,
                                                       device)
     else:
         gen = features().add_all(_progress(folder.batches(data.num_frames, data.frame_stride,
@@ -382,7 +383,8 @@ class WindowDrift:
     PSNR of frame 0 against the given image (with the image's own VAE round trip, its bound)."""
 
     def __init__(self, cfg: EvaluateConfig, ckpt: dict, geometry: ClipGeometry, features: Callable,
-                 real_clips: RealClips, device: torch.device):
+                 real_clips: RealClips, device: torch.device, vae=None):
+        """`vae`: the checkpoint's FrozenVAE, which the images' round trip goes through."""
         from training.first_frames import FirstFrames, window_plan, windows_of
         first = FirstFrames.of(ckpt["model"]["config"])
         if cfg.image_to_video:
@@ -399,12 +401,7 @@ class WindowDrift:
         self.jigsaw = [0.0 for _ in self.spans]
         self.cell = int(ckpt["vae"].get("spatial_factor", 1)) * int(ckpt["model"]["config"].get("patch_size", 1))
         self.psnr, self.round_trip, self.count = [], [], 0
-        self.vae = None
-        if cfg.image_to_video:
-            from models.vae import FrozenVAE
-            from training.sampling import _trained_vae_settings
-            self.vae = FrozenVAE.from_config(_trained_vae_settings(ckpt["config"]), device,
-                                             cfg.vae.path or ckpt["vae"]["path"])
+        self.vae = vae if cfg.image_to_video else None
 
     def images(self, start: int, n: int, folder: str) -> Optional[list[str]]:
         """PNGs of the first frames of real clips start .. start + n - 1 (cycled), in `folder`."""
@@ -459,14 +456,16 @@ class WindowDrift:
                 f"per join); FVD by window {fvd}; jigsaw by window {jig}{first}")
 
 
-def _checkpoint_features(cfg: EvaluateConfig, ckpt: dict, geometry: ClipGeometry,
+def _checkpoint_features(cfg: EvaluateConfig, loaded: Loaded, geometry: ClipGeometry,
                          features: Callable[[], ClipFeatures], sample_fn: SampleFn,
                          real_clips: RealClips, device: torch.device
                          ) -> tuple[ClipFeatures, dict, Optional[WindowDrift]]:
-    """Samples num_videos with predict's path, in chunks (video i always has seed + i and the
-    label predict gives video i; a text model: real clip i's caption), and accumulates their
-    features. With `image_to_video` / `windows`: the first window's features, and the drift."""
-    drift = WindowDrift(cfg, ckpt, geometry, features, real_clips, device) \
+    """Samples num_videos with predict's path from the checkpoint `loaded` once, in chunks
+    (video i always has seed + i and the label predict gives video i; a text model: real clip
+    i's caption), and accumulates their features. With `image_to_video` / `windows`: the first
+    window's features, and the drift."""
+    ckpt = loaded.ckpt
+    drift = WindowDrift(cfg, ckpt, geometry, features, real_clips, device, loaded.vae) \
         if cfg.image_to_video or cfg.windows > 1 else None
     features = drift.features[0] if drift is not None else features()
     dims = model_dims(ckpt["model"])
@@ -487,7 +486,7 @@ def _checkpoint_features(cfg: EvaluateConfig, ckpt: dict, geometry: ClipGeometry
             if drift is not None:
                 chunk = replace(chunk, images=drift.images(start, n, images_dir),
                                 num_frames=None if cfg.windows == 1 else drift.num_frames)
-            videos, _ = sample_fn(chunk, features.device)
+            videos, _ = sample_fn(chunk, features.device, loaded)
             assert all(v.shape == expected for v in videos), (videos[0].shape, expected)
             if drift is not None:
                 drift.add(videos)  # window 0 into `features`
@@ -497,7 +496,7 @@ def _checkpoint_features(cfg: EvaluateConfig, ckpt: dict, geometry: ClipGeometry
     record = {"source": "checkpoint", "checkpoint": os.path.abspath(cfg.checkpoint),
               "step": int(ckpt["step"]), "vae_fingerprint": ckpt["vae"]["fingerprint"],
               "vae_class": ckpt["vae"].get("class_name"), "weights": "EMA" if cfg.use_ema else "raw",
-              "sampler": cfg.sampler, "num_steps": cfg.num_steps, "guidance_scale": cfg.guidance_scale,
+              "sampler": loaded.sampler, "num_steps": cfg.num_steps, "guidance_scale": cfg.guidance_scale,
               "class_labels": "the class of real clip i" if labels_of_real else cfg.class_labels,
               **_prompt_record(ckpt, prompts), "seeds": f"{cfg.seed} + i, i = 0 ... {cfg.num_videos - 1}",
               "num_frames": geometry.num_frames, "latent_frames": dims["num_frames"],

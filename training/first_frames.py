@@ -24,13 +24,19 @@ loss on all frames, conditioning.md 4 (b), (c)):
 - with flow matching t = 0 is s = 0, exactly the clean sample; with v_prediction t = 0 is the
   schedule's least noisy step (alpha_bar_0 = 1 - beta_0), and the frames are the clean latents
   anyway (no noise is added), so the model learns "t = 0 = given".
-No noise on the condition (default, as the LTX trainer and Open-Sora 1.2, which train on the
-clean prefix; LTX's condition pipeline adds 0.15 t^2 noise only at inference and CogVideoX
-noises the image of a channel-concat design): the condition the model sees at predict is the
-clean VAE latent of the image, or of the decoded previous window, so training on the same
-clean latents keeps train and predict alike. Noise augmentation against drift is the obvious
-follow-up (conditioning.md 5, item 2); drift is measured (evaluate's per-window numbers,
-benchmarks/drift.py) rather than guessed.
+Which latents are the condition: the posterior MEANS, in training and at predict alike.
+Predict encodes the image (or the decoded previous window) with `vae.encode(..., sample=False)`;
+training takes the condition frames of x_t from the posterior means of the clip too
+(`training/stage2.py` `batch_latents`, also from cached moments), while x0 of the generated
+frames, the loss target, stays a posterior sample with `vae.sample_posterior: true`. A posterior
+sample differs from the mean by the VAE's std (5.5% of the latent RMS on the demo VAE), so
+training on samples would condition on latents predict never gives.
+No noise on the condition (as the LTX trainer and Open-Sora 1.2, which train on the clean
+prefix; LTX's condition pipeline adds 0.15 t^2 noise only at inference and CogVideoX noises
+the image of a channel-concat design). Noise augmentation against drift is the obvious
+follow-up (conditioning.md 5, item 2); it is not an option here because no measurement shows
+it helps yet: drift is measured (evaluate's per-window numbers, benchmarks/drift.py) before an
+option is added, not guessed.
 
 VAEs: with a per-frame VAE each latent frame is one pixel frame; with a causal video VAE
 latent frame 0 encodes pixel frame 0 alone, so the image condition is exact, and k latent
@@ -50,7 +56,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from utils.errors import UserError
+from utils.errors import ConfigError, UserError
 
 KEY = "model.first_frame_conditioning"
 
@@ -76,6 +82,26 @@ class FirstFrames:
             return "no first-frame conditioning"
         return f"first {self.frames} latent frame(s) given with p = {self.probability:g}"
 
+    def check_vae(self, geometry, latent_frames: int, patch_t: int = 1, vae_name: str = "the VAE") -> None:
+        """Refuse (ConfigError), before training, condition frames the VAE cannot encode alone:
+        image-to-video, extension and val/image_to_video encode the `geometry.pixel_frames(k)`
+        pixel frames behind k latent frames, so that count must follow the VAE's frame rule
+        (CogVideoX decodes and encodes 1 + 8j frames: an odd k). Names the counts that work:
+        below `latent_frames` (the clip's), multiples of model.patch_t, fitting the rule.
+        `geometry`: models/vae.py Geometry (measured)."""
+        if not self.enabled or geometry.frames_ok(geometry.pixel_frames(self.frames)):
+            return
+        ok = [k for k in range(1, latent_frames)
+              if k % patch_t == 0 and geometry.frames_ok(geometry.pixel_frames(k))]
+        # k = 1 always fits (one pixel frame); with patch_t > 1 no multiple of it may fit
+        shown = ", ".join(map(str, ok[:4])) + (", ..." if len(ok) > 4 else "")
+        advice = (f"use model.condition_frames = {ok[0]}" + (f" (or {shown})" if len(ok) > 1 else "")
+                  if ok else f"no count below the clip's {latent_frames} latent frames fits it")
+        raise ConfigError(
+            f"model.condition_frames = {self.frames}: image-to-video and extension encode the "
+            f"{geometry.pixel_frames(self.frames)} pixel frames behind {self.frames} latent frames "
+            f"on their own, but {vae_name} takes clips of {geometry.frame_rule()}; {advice}")
+
     def require(self, what: str, where: str) -> None:
         """Refuse `what` (image-to-video, extension) for a model trained without the condition."""
         if not self.enabled:
@@ -93,18 +119,21 @@ class FirstFrames:
         gen_device = gen.device if gen is not None else device
         return (torch.rand(batch, generator=gen, device=gen_device) < self.probability).to(device)
 
-    def noised(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, given: Optional[torch.Tensor]
+    def noised(self, clean: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, given: Optional[torch.Tensor]
                ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """(x_t, t, frame_mask) for the training step. x0, x_t (B, C, T, h, w); t (B,).
+        """(x_t, t, frame_mask) for the training step. clean, x_t (B, C, T, h, w); t (B,).
+        `clean`: the latents the condition is given as, the clip's posterior means (see the
+        module docstring: what predict gives).
 
-        With `given` (B,) bool: x_t's first k frames of the given clips are x0 exactly, t becomes
-        (B, T) with 0 there, and frame_mask (B, T) is False there (no loss). Without: unchanged."""
+        With `given` (B,) bool: x_t's first k frames of the given clips are `clean` exactly, t
+        becomes (B, T) with 0 there, and frame_mask (B, T) is False there (no loss). Without:
+        unchanged."""
         if given is None:
             return x_t, t, None
-        batch, frames = x0.shape[0], x0.shape[2]
-        cond = torch.zeros(batch, frames, dtype=torch.bool, device=x0.device)  # (B, T)
+        batch, frames = clean.shape[0], clean.shape[2]
+        cond = torch.zeros(batch, frames, dtype=torch.bool, device=clean.device)  # (B, T)
         cond[:, :self.frames] = given[:, None]
-        x_t = torch.where(cond[:, None, :, None, None], x0.to(x_t.dtype), x_t)
+        x_t = torch.where(cond[:, None, :, None, None], clean.to(x_t.dtype), x_t)
         t_frames = torch.where(cond, torch.zeros((), dtype=t.dtype, device=t.device),
                                t[:, None].expand(batch, frames))  # (B, T)
         return x_t, t_frames, ~cond

@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -28,14 +28,14 @@ from torch import nn
 
 from models.diffusion import Objective, SamplingStopped, make_objective, sample
 from models.vae import FrozenVAE
-from training.conditioning import SampleConditions, conditioning_from_checkpoint
+from training.conditioning import Conditioning, SampleConditions, conditioning_from_checkpoint
 from training.first_frames import FirstFrames, generate_long, load_image, window_plan
 from training.checkpoints import (PREDICT_ENTRIES, check_entries, check_format, check_vae,
                                   latent_shape, load_entry, model_dims, model_from_checkpoint,
                                   objective_of, recorded_diffusion)
 from utils.checkpoint import load_checkpoint
-from utils.config import (DiffusionConfig, PredictConfig, VAERefConfig, check_num_steps,
-                          check_sampler, config_from_dict)
+from utils.config import (AUTO_SAMPLER, DiffusionConfig, PredictConfig, VAERefConfig, check_num_steps,
+                          config_from_dict)
 from utils.errors import UserError
 from utils.train_utils import GracefulStop
 from utils.video_io import (check_write_fps, encode_video, grid_png_bytes, video_tensor_to_uint8,
@@ -353,21 +353,34 @@ def side_by_side(videos: Sequence[np.ndarray], gap: int = 2) -> np.ndarray:
 
 @dataclass
 class Loaded:
-    """A checkpoint ready to sample from: checked, with its model, VAE, the conditions of its
-    videos (labels, prompts) and frame rate."""
+    """A checkpoint ready to sample from: checked, with its model, VAE, condition seam (a text
+    model's encoder loaded), frame rate and sampler; and the conditions (labels, prompts) and
+    first frames of the videos asked for, which `for_videos` makes for another request."""
     ckpt: dict
     model: nn.Module
     vae: FrozenVAE
-    conditions: SampleConditions
+    conditions: Optional[SampleConditions] = None  # of the videos asked for; None: none asked yet
     fps: float = 0.0  # frames per second the videos are written at
     images: Optional[torch.Tensor] = None  # (N, 3, H, W) in [-1, 1]: frame 0 of each video (image-to-video)
+    seam: Conditioning = field(default_factory=Conditioning)  # the checkpoint's condition
+    sampler: str = ""  # the configured sampler for the checkpoint's objective (`auto` resolved)
+
+    def for_videos(self, cfg: PredictConfig) -> "Loaded":
+        """The same checkpoint, weights, VAE and text encoder with the videos of `cfg` (which
+        names this checkpoint; num_videos decided): their conditions, refused when they do not fit
+        the checkpoint, and their first frames. Nothing is loaded or hashed again: evaluate
+        samples its thousands of videos in chunks this way."""
+        conditions = _video_conditions(cfg, self.seam)
+        return replace(self, conditions=conditions, images=_first_frames(cfg, self.ckpt, self.vae, self.model))
 
 
-def load_for_sampling(cfg: PredictConfig, device: torch.device) -> Loaded:
-    """cfg.checkpoint with the VAE (and text encoder) it was trained with (fingerprints checked),
-    EMA or raw weights, the configured labels or prompts; every check made before a video is
-    sampled."""
-    ckpt = load_checkpoint(cfg.checkpoint)
+def load_sampler(cfg: PredictConfig, device: torch.device, ckpt: Optional[dict] = None) -> Loaded:
+    """cfg.checkpoint (or `ckpt`, that file already loaded) with the VAE and text encoder it was
+    trained with (fingerprints checked), EMA or raw weights and the sampler for its objective;
+    no videos yet (`Loaded.for_videos`). Every check of the checkpoint is made here, before a
+    video is sampled."""
+    if ckpt is None:
+        ckpt = load_checkpoint(cfg.checkpoint)
     check_format(ckpt, cfg.checkpoint, key="checkpoint")
     check_entries(ckpt, cfg.checkpoint, PREDICT_ENTRIES)
     diffusion = load_entry(cfg.checkpoint, "diffusion", lambda _: recorded_diffusion(ckpt),
@@ -375,24 +388,56 @@ def load_for_sampling(cfg: PredictConfig, device: torch.device) -> Loaded:
     check_num_steps(cfg.num_steps, diffusion.num_train_timesteps, "num_steps")
     # The objective the checkpoint was trained with (recorded since flow matching; older ones are v).
     objective = diffusion.objective
-    check_sampler(cfg.sampler, objective, "sampler", f"checkpoint {cfg.checkpoint}, trained with")
+    sampler = objective_of(ckpt).resolve_sampler(cfg.sampler, "sampler", f"checkpoint {cfg.checkpoint}, trained with")
     fps = _output_fps(cfg, ckpt)
-    conditions, cond = _conditions(cfg, ckpt, device)
+    t = cfg.text_encoder
+    seam = conditioning_from_checkpoint(ckpt, cfg.checkpoint, device, t.path, t.subfolder, t.dtype)
     vae_settings = load_entry(cfg.checkpoint, "config", _trained_vae_settings, ckpt["config"], "is malformed")
     vae = FrozenVAE.from_config(vae_settings, device, cfg.vae.path or ckpt["vae"]["path"])
     check_vae(ckpt, vae, cfg.checkpoint)
     model = model_from_checkpoint(ckpt, cfg.use_ema, device, cfg.checkpoint, cfg.pretrained)
-    images = _first_frames(cfg, ckpt, vae, model)
+    auto = f" ({AUTO_SAMPLER} for {objective})" if cfg.sampler == AUTO_SAMPLER else ""
     print(f"checkpoint {cfg.checkpoint}: step {ckpt['step']}, {'EMA' if cfg.use_ema else 'raw'} weights, "
           f"{objective}; "
-          f"VAE {vae.path} (fingerprint {vae.fingerprint} matches); {cond.summary()}; sampler {cfg.sampler}, "
-          f"{cfg.num_steps} steps, {cond.guidance_note(cfg.guidance_scale)}; {fps:g} fps")
-    return Loaded(ckpt, model, vae, conditions, fps, images)
+          f"VAE {vae.path} (fingerprint {vae.fingerprint} matches); {seam.summary()}; sampler {sampler}{auto}, "
+          f"{cfg.num_steps} steps, {seam.guidance_note(cfg.guidance_scale)}; {fps:g} fps")
+    return Loaded(ckpt, model, vae, None, fps, None, seam, sampler)
 
 
-def sample_videos(cfg: PredictConfig, device: torch.device) -> tuple[list, dict]:
-    """(uint8 videos (T, H, W, 3), checkpoint): every video of `cfg`, held in memory."""
-    loaded = load_for_sampling(cfg, device)
+def load_for_sampling(cfg: PredictConfig, device: torch.device) -> Loaded:
+    """`load_sampler` with the videos of `cfg` (its num_videos decided: `PredictConfig.resolved`),
+    the configured labels or prompts; every check made before a video is sampled."""
+    cfg = cfg.resolved()
+    _check_request(cfg)  # what needs nothing loaded, first
+    return load_sampler(cfg, device).for_videos(cfg)
+
+
+def checkpoint_sampler(sampler: str, ckpt: dict) -> str:
+    """The sampler `sampler` names for the checkpoint `ckpt`'s objective (`auto` resolved; older
+    checkpoints record no objective: v_prediction), for records beside the numbers."""
+    return objective_of(ckpt).resolve_sampler(sampler)
+
+
+def requested(cfg: PredictConfig) -> PredictConfig:
+    """`cfg` with num_videos decided (`PredictConfig.video_count`: null = one video per prompt,
+    image or class label), saying so when it defaults or cycles the prompts, images or labels."""
+    count, note = cfg.video_count()
+    if note:
+        print(note)
+    return replace(cfg, num_videos=count)
+
+
+def sample_videos(cfg: PredictConfig, device: torch.device,
+                  loaded: Optional[Loaded] = None) -> tuple[list, dict]:
+    """(uint8 videos (T, H, W, 3), checkpoint): every video of `cfg`, held in memory. `loaded`:
+    cfg.checkpoint already loaded (`load_sampler`), for a caller that samples it many times
+    (evaluate's chunks); only the conditions and first frames of cfg's videos are then made."""
+    cfg = requested(cfg)
+    if loaded is None:
+        loaded = load_for_sampling(cfg, device)
+    else:
+        _check_request(cfg)
+        loaded = loaded.for_videos(cfg)
     return [v for batch in _batches(cfg, loaded, device) for v in batch], loaded.ckpt
 
 
@@ -402,6 +447,7 @@ def predict_to_folder(cfg: PredictConfig, device: torch.device) -> SampleWriter:
     way is refused (`OutputFolder`). Ctrl-C or SIGTERM sets a flag checked after every video
     and before every sampler step (the batch being sampled is dropped): the finished videos
     and a grid of them stay, and the writer's `interrupted` is True. A second Ctrl-C stops at once (KeyboardInterrupt)."""
+    cfg = requested(cfg)
     loaded = load_for_sampling(cfg, device)  # refused now, before a file is touched
     folder = OutputFolder(cfg.output_dir)
     removed = folder.claim(sample_names(cfg.num_videos) + [GRID_NAME, PROMPTS_NAME])
@@ -495,16 +541,20 @@ def _first_frames(cfg: PredictConfig, ckpt: dict, vae: FrozenVAE, model) -> Opti
     return torch.stack([load_image(p, height, width, "image" if cfg.image else "images") for p in paths])
 
 
-def _conditions(cfg: PredictConfig, ckpt: dict, device: torch.device):
-    """(SampleConditions of the cfg.num_videos videos, the checkpoint's seam): the labels or the
-    prompts (prompt i for video i), refused when they do not fit the checkpoint's condition."""
+def _check_request(cfg: PredictConfig) -> None:
+    """The prompts against num_videos (decided) and the negative prompt, refused before
+    anything is loaded."""
     prompts = cfg.prompt_list()
     if prompts is not None and len(prompts) > cfg.num_videos:
         raise UserError(f"{len(prompts)} prompts but num_videos = {cfg.num_videos}: video i is prompt i, "
-                        f"so set num_videos = {len(prompts)} (or more: the prompts are cycled)")
+                        f"so set num_videos = {len(prompts)} (or more: the prompts are cycled), or leave "
+                        "num_videos null (one video per prompt)")
     if cfg.negative_prompt is not None and not prompts:
         raise UserError("negative_prompt is set without prompts; give prompts (text checkpoints only)")
-    t = cfg.text_encoder
-    cond = conditioning_from_checkpoint(ckpt, cfg.checkpoint, device, t.path, t.subfolder, t.dtype)
-    return cond.samples(cfg.num_videos, labels=cfg.class_labels, prompts=prompts,
-                        negative_prompt=cfg.negative_prompt, guidance_scale=cfg.guidance_scale), cond
+
+
+def _video_conditions(cfg: PredictConfig, seam: Conditioning) -> SampleConditions:
+    """The SampleConditions of the cfg.num_videos videos from the checkpoint's seam: the labels or
+    the prompts (prompt i for video i), refused when they do not fit the checkpoint's condition."""
+    return seam.samples(cfg.num_videos, labels=cfg.class_labels, prompts=cfg.prompt_list(),
+                        negative_prompt=cfg.negative_prompt, guidance_scale=cfg.guidance_scale)

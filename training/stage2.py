@@ -114,8 +114,10 @@ def latent_dims(cfg: TrainRunConfig, vae: FrozenVAE, num_classes: int, family: O
                           f"divisible by model.patch_t = {mcfg.patch_t}")
     family.check_latents((channels, frames, height, width), vae.latent_channels, mcfg.first_frame_conditioning > 0)
     check_condition_frames(mcfg, frames)  # first frames: some latent frame left to generate
+    FirstFrames.of(mcfg).check_vae(vae.geometry, frames, mcfg.patch_t,  # ... and the VAE can encode them alone
+                                   f"the VAE {vae.path} ({vae.class_name})")
     return dict(in_channels=channels, num_frames=frames, latent_height=height, latent_width=width,
-                num_classes=num_classes if mcfg.class_conditional else 0)
+                num_classes=num_classes if mcfg.conditioning == "class" else 0)
 
 
 def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.device,
@@ -452,8 +454,9 @@ def _train_loop(s: Stage2) -> Position:
 
     def train_step(batch: dict) -> Optional[StepOutcome]:
         stats.data_wait += time.perf_counter() - stats.wait_start
-        # Latents of the frozen VAE (no graph: the VAE never sees a gradient).
-        x0 = batch_latents(s, batch)  # (B, C, T, h, w)
+        # Latents of the frozen VAE (no graph: the VAE never sees a gradient): x0 to train on,
+        # and the posterior means that first frames are given as (predict encodes them so).
+        x0, x_given = batch_latents(s, batch)  # each (B, C, T, h, w)
         # Sample t and noise.
         t = s.diffusion.sample_timesteps(x0.shape[0], s.device, s.noise_gen, latent_shape=x0.shape)
         noise = torch.randn(x0.shape, device=s.device, generator=s.noise_gen)
@@ -463,7 +466,7 @@ def _train_loop(s: Stage2) -> Position:
         # First frames (model.first_frame_conditioning): some clips keep their first latent
         # frames clean at t = 0, without loss (training/first_frames.py says why); drawn from noise_gen.
         given = s.first_frames.draw(x0.shape[0], s.device, s.noise_gen)
-        x_t, t, frame_mask = s.first_frames.noised(x0, x_t, t, given)  # t (B,) or (B, T)
+        x_t, t, frame_mask = s.first_frames.noised(x_given, x_t, t, given)  # t (B,) or (B, T)
         # Forward and backward.
         sync = s.pos.micro % tcfg.grad_accum_steps == 0
         with maybe_no_sync(s.ddp, sync), autocast_context(s.device, s.dtype):
@@ -498,13 +501,22 @@ def _train_loop(s: Stage2) -> Position:
     return s.pos
 
 
-def batch_latents(s: Stage2, batch: dict) -> torch.Tensor:
-    """Scaled latents (B, C, T, h, w): from cached posterior moments, or by encoding pixels."""
+def batch_latents(s: Stage2, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, given): scaled latents (B, C, T, h, w) from cached posterior moments, or by encoding
+    pixels. x0 is what the loss trains on: posterior samples (`vae.sample_posterior`, drawn from
+    the run's noise generator) or means. `given` is what first-frame conditioning puts in the
+    condition frames: the posterior MEANS, as predict encodes an image or the previous window
+    (`sample=False`), so train and predict condition alike (training/first_frames.py). The same
+    tensor as x0 when they are equal or when first frames are off (no extra work then)."""
     if "mean" in batch:
         mean, std = (batch[k].to(s.device, non_blocking=True) for k in ("mean", "std"))
-        return s.vae.latents_from_moments(mean, std, s.cfg.vae.sample_posterior, s.noise_gen)
-    return s.vae.encode(batch["video"].to(s.device, non_blocking=True),
-                        sample=s.cfg.vae.sample_posterior, generator=s.noise_gen)
+    else:
+        mean, std = s.vae.encode_moments(batch["video"].to(s.device, non_blocking=True))
+    sample = s.cfg.vae.sample_posterior
+    x0 = s.vae.latents_from_moments(mean, std, sample, s.noise_gen)
+    if not (sample and s.first_frames.enabled):
+        return x0, x0
+    return x0, s.vae.latents_from_moments(mean, std, sample=False)
 
 
 def _optimizer_step(s: Stage2, stats: LossStats, per_sample: torch.Tensor) -> StepOutcome:

@@ -203,7 +203,10 @@ def _val_fvd(s: Stage2) -> float:
     """FVD of validation.fvd.num_videos EMA samples (seeds validation.seed + i, the validation
     sampler) against as many training clips (evaluate.py's windows, seed validation.seed).
     Every rank takes videos rank, rank + W, ...; the feature sums are gathered, so no rank
-    waits on another's share."""
+    waits on another's share. Unconditional and class models: evaluate.py's number with
+    real.split=train and these settings. Text models: not that number, since video i is told
+    validation_conditions' prompt i (validation.prompts, or held-out captions), where evaluate
+    tells it real clip i's caption."""
     f, v, r, w = s.cfg.validation.fvd, s.cfg.validation, s.dist.rank, s.dist.world_size
     if s.fvd_real is None:
         real = fvd_real_clips(s.cfg.data, generated_geometry(s.dims, s.vae.describe()), "the model",

@@ -374,7 +374,7 @@ class ModelConfig:
                               "or null (the repo's DiT from random weights)")
         if self.pretrained is not None:
             return  # patch_t is the pretrained model's (models/backbones.py checks condition_frames)
-        if self.condition_frames % r.patch_t:
+        if self.first_frame_conditioning > 0 and self.condition_frames % r.patch_t:
             raise ConfigError(f"{prefix}.condition_frames = {self.condition_frames} is not a multiple of "
                               f"{prefix}.patch_t = {r.patch_t}: a temporal patch has one timestep, so "
                               "condition whole patches")
@@ -383,10 +383,34 @@ class ModelConfig:
 # Which diffusers samplers can serve each objective (`sampler:` of validation, predict and
 # evaluate). `euler` is EulerDiscrete for v and FlowMatchEulerDiscrete for flow; `dpm++` is
 # DPM-Solver++ with the VP sigmas or with flow sigmas; `unipc` (flow sigmas) is offered for
-# flow only; ddim / ddpm step a VP schedule that flow matching does not have.
-SamplerName = Literal["ddim", "dpm++", "euler", "ddpm", "unipc"]
+# flow only; ddim / ddpm step a VP schedule that flow matching does not have. `auto` (the
+# default) is `default_sampler(objective)`, resolved where the objective is known: the training
+# config's diffusion.objective, or the one a checkpoint records (predict, evaluate).
+SamplerName = Literal["auto", "ddim", "dpm++", "euler", "ddpm", "unipc"]
+AUTO_SAMPLER = "auto"
 SAMPLERS_BY_OBJECTIVE = {"v_prediction": ("ddim", "dpm++", "euler", "ddpm"),
                          "flow_matching": ("euler", "dpm++", "unipc")}
+
+
+def default_sampler(objective: str) -> str:
+    """What `sampler: auto` samples a model of `objective` with.
+
+    v_prediction -> ddpm: the sampler every shipped config named before `auto` existed (chosen
+    for the demo: the stochastic sampler left fewer stray blobs), so `auto` leaves the demo's
+    validation, predict and evaluate numbers as they were, and the benchmarks' (README "Time to
+    quality" samples v with ddpm, flow with euler).
+    flow_matching -> euler (FlowMatchEulerDiscrete, as diffusers' SD3 / LTX pipelines): it hands
+    the DiT the float time s * T it trained on (unipc and dpm++ round it down to an integer)."""
+    return {"v_prediction": "ddpm", "flow_matching": "euler"}[objective]
+
+
+def resolve_sampler(sampler: str, objective: str, key: str = "sampler", whose: str = "") -> str:
+    """The concrete sampler for `objective`: `auto` -> `default_sampler(objective)`; any other
+    name is returned when it can serve the objective, else refused naming those that can."""
+    if sampler == AUTO_SAMPLER:
+        return default_sampler(objective)
+    check_sampler(sampler, objective, key, whose)
+    return sampler
 
 
 # The schedule keys a pretrained DiT fixes (models/backbones.py reads them from its folder's
@@ -436,9 +460,10 @@ class DiffusionConfig:
     # null: 1 (no shift), or the pretrained model's
     flow_shift: Optional[float] = None
     # Flow matching only: a shift that grows with the latent size instead of flow_shift:
-    # mu interpolated linearly in the sequence length (latent frames x height x width) from
-    # flow_base_shift at flow_base_seq_len to flow_max_shift at flow_max_seq_len, then
-    # s' = e^mu / (e^mu + 1/s - 1) (SD3 / Flux / LTX; diffusers' use_dynamic_shifting). null: false
+    # mu linear in the sequence length, counted as latent positions (latent frames x height x
+    # width, before patching, as LTX-Video; Flux / SD3 count 2x2-patched tokens, 4x fewer), from
+    # flow_base_shift at flow_base_seq_len to flow_max_shift at flow_max_seq_len (extrapolated
+    # outside), then s' = e^mu / (e^mu + 1/s - 1) (diffusers' use_dynamic_shifting). null: false
     flow_shift_dynamic: Optional[bool] = None
     flow_base_shift: float = 0.5
     flow_max_shift: float = 1.15
@@ -509,11 +534,13 @@ class DiffusionConfig:
 
 
 def check_sampler(sampler: str, objective: str, key: str = "sampler", whose: str = "") -> None:
-    """Refuse a sampler that cannot serve `objective`, naming the ones that can."""
+    """Refuse a sampler that cannot serve `objective`, naming the ones that can (`auto` serves
+    every objective: it becomes `default_sampler(objective)`)."""
     usable = SAMPLERS_BY_OBJECTIVE[objective]
-    if sampler not in usable:
+    if sampler != AUTO_SAMPLER and sampler not in usable:
         raise ConfigError(f"{key} = {sampler!r} cannot sample {whose or 'a model trained with'} "
-                          f"diffusion.objective = {objective}; use one of {', '.join(usable)}")
+                          f"diffusion.objective = {objective}; use one of {', '.join(usable)} "
+                          f"(or {AUTO_SAMPLER}: {default_sampler(objective)})")
 
 
 @dataclass
@@ -586,7 +613,7 @@ class ValidationFVDConfig:
 class ValidationConfig:
     every_epochs: int = 10  # sample validation videos every k epochs (and at the end); 0 = never
     num_videos: int = 4
-    sampler: SamplerName = "ddim"
+    sampler: SamplerName = "auto"  # auto: default_sampler(objective): ddpm for v, euler for flow
     num_steps: int = 50
     guidance_scale: float = 1.0  # classifier-free guidance; 1 = off
     fps: int = 8
@@ -744,6 +771,8 @@ class PredictTextEncoderConfig:
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp32 on CPU, bf16 on CUDA
 
 
+DEFAULT_NUM_VIDEOS = 8  # predict's count when num_videos is null and nothing else sets it
+
 # Predict's `fps`: from a frame every 10 s to one per GIF tick (1/100 s; above it two GIF frames
 # would share a timestamp); values outside are typing slips (0.0001, 1e7), not frame rates.
 PREDICT_FPS_RANGE = (0.1, 100.0)
@@ -755,9 +784,11 @@ class PredictConfig:
     device: str = "auto"
     checkpoint: str = "runs/demo/latest.pth"
     output_dir: str = "runs/demo/predict"
-    num_videos: int = 4
+    # videos to make; null = one per prompt, image or class label given (`video_count`), else
+    # DEFAULT_NUM_VIDEOS. A number: the prompts / images / labels are cycled over that many
+    num_videos: Optional[int] = None
     batch_size: int = 4  # videos sampled at once
-    sampler: SamplerName = "ddim"
+    sampler: SamplerName = "auto"  # auto: default_sampler(objective): ddpm for v, euler for flow
     num_steps: int = 50
     guidance_scale: float = 1.0  # classifier-free guidance; 1 = off
     class_labels: Optional[list[int]] = None  # one per video, cycled; null = 0, 1, 2, ...
@@ -785,7 +816,39 @@ class PredictConfig:
     def image_list(self) -> Optional[list[str]]:
         """The image of each video (cycled over num_videos), or None."""
         paths = [self.image] if self.image is not None else self.images
-        return None if not paths else [paths[i % len(paths)] for i in range(self.num_videos)]
+        count = self.video_count()[0] if self.num_videos is None else self.num_videos
+        return None if not paths else [paths[i % len(paths)] for i in range(count)]
+
+    def video_count(self) -> tuple[int, str]:
+        """(videos to make, a line saying how, "" when nothing needs saying).
+
+        `num_videos` null: one video per prompt, per image of `images`, or per class label given,
+        as diffusers' pipelines make one video per prompt (`image` alone is one video; with
+        several lists, the longest decides and the shorter ones are cycled); with none of them,
+        DEFAULT_NUM_VIDEOS (the count predict made before null existed). A number: that many,
+        the lists cycled over it (video i is prompt i mod len(prompts)), said when it cycles."""
+        prompts = self.prompt_list()
+        lists = {"prompts": prompts, "images": self.images, "class_labels": self.class_labels}
+        given = {name: len(v) for name, v in lists.items() if v}
+        if self.num_videos is not None:
+            cycled = [f"{k} {name}" for name, k in given.items() if k < self.num_videos]
+            note = "" if not cycled else (
+                f"num_videos = {self.num_videos} with {' and '.join(cycled)}: cycled over the videos "
+                f"(video i takes entry i mod their count); leave num_videos null for one video per entry")
+            return self.num_videos, note
+        if not given:
+            n = 1 if self.image is not None else DEFAULT_NUM_VIDEOS
+            what = "image (one video)" if self.image is not None else \
+                f"no prompts, images or class_labels: {n} videos (set num_videos for another count)"
+            return n, f"num_videos = null and {what}"
+        n = max(given.values())
+        cycled = [name for name, k in given.items() if k < n]
+        return n, (f"num_videos = null: {n} videos, one per entry of {' / '.join(given)}"
+                   + (f" ({' and '.join(cycled)} cycled)" if cycled else ""))
+
+    def resolved(self) -> "PredictConfig":
+        """Copy with num_videos decided (`video_count`)."""
+        return dataclasses.replace(self, num_videos=self.video_count()[0])
 
     def prompt_list(self) -> Optional[list[str]]:
         """`prompts`, or the lines of `prompts_file`, or None."""
@@ -802,15 +865,18 @@ class PredictConfig:
         if self.negative_prompt is not None and not self.negative_prompt.strip():
             raise ConfigError("negative_prompt is empty: give a caption (e.g. \"blurry, static\") or null "
                               "(the learned null caption)")
-        _positive(self, "", "num_videos", "batch_size", "num_steps")
+        _positive(self, "", "batch_size", "num_steps")
+        if self.num_videos is not None:
+            _positive(self, "", "num_videos")
         if self.image is not None and self.images is not None:
             raise ConfigError("image and images are both set: give one image (every video) or a list "
                               "(one per video)")
         if self.images is not None and not self.images:
             raise ConfigError("images is an empty list: give image paths, or null")
-        if self.images is not None and len(self.images) > self.num_videos:
+        if self.images is not None and self.num_videos is not None and len(self.images) > self.num_videos:
             raise ConfigError(f"{len(self.images)} images but num_videos = {self.num_videos}: video i "
-                              f"starts with image i, so set num_videos = {len(self.images)}")
+                              f"starts with image i, so set num_videos = {len(self.images)} or leave it "
+                              "null (one video per image)")
         if self.num_frames is not None:
             _positive(self, "", "num_frames")
         lo, hi = PREDICT_FPS_RANGE
@@ -931,7 +997,7 @@ class EvaluateConfig:
     generated: GeneratedConfig = field(default_factory=GeneratedConfig)
     num_videos: int = 2048  # generated videos (StyleGAN-V's fvd2048_16f: 2048)
     batch_size: int = 16  # videos sampled at once
-    sampler: SamplerName = "ddim"
+    sampler: SamplerName = "auto"  # auto: default_sampler(objective): ddpm for v, euler for flow
     num_steps: int = 50
     guidance_scale: float = 1.0
     class_labels: Optional[list[int]] = None  # cycled over the videos; null = 0, 1, 2, ...
@@ -992,10 +1058,26 @@ PATH_FIELDS = frozenset({"path", "runs_dir", "resume", "checkpoint", "output_dir
                          "detector_path", "index_cache", "pretrained"})
 
 
+# Two spellings of one setting: (older alias, key). Shipped YAMLs use the key; old configs and
+# checkpoints may hold the alias.
+ALIASES = (("model.class_conditional", "model.conditioning"),)
+
+
 def load_config(cls: type, path: Optional[str], overrides: Collection[str] = ()) -> Any:
-    """YAML file + dotted `key.sub=value` overrides -> validated `cls` instance."""
-    return config_loader.load_config(cls, path, overrides, path_fields=PATH_FIELDS,
-                                     raw_check=_refuse_vae_training)
+    """YAML file + dotted `key.sub=value` overrides -> validated `cls` instance. An override of
+    one spelling of an aliased setting (`ALIASES`) replaces the file's other spelling: the
+    command line wins, as for any key (both on the command line and disagreeing: refused)."""
+    overridden = {item.partition("=")[0].strip() for item in overrides}
+
+    def raw_check(raw: dict, prefix: str) -> None:
+        _refuse_vae_training(raw, prefix)
+        for alias, key in ALIASES:
+            for given, other in ((alias, key), (key, alias)):
+                if given in overridden and other not in overridden:
+                    section, _, name = other.rpartition(".")
+                    if isinstance(raw.get(section), dict):
+                        raw[section].pop(name, None)
+    return config_loader.load_config(cls, path, overrides, path_fields=PATH_FIELDS, raw_check=raw_check)
 
 
 def config_from_dict(cls: type, raw: dict) -> Any:
