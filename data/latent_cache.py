@@ -49,11 +49,11 @@ Datasets provide: `num_sources`, `source_length(i)`, `source_label(i)`,
 """
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import json
 import os
+import re
 import warnings
 from typing import Callable, Iterator, Optional
 
@@ -64,10 +64,12 @@ from tqdm import tqdm
 from data.source_index import DataWarning
 from utils.checkpoint import atomic_save, write_json
 from utils.errors import UserError
+from utils.paths import remove_file
 
 EncodeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (B,3,T,H,W) -> mean, std (B,C,t,h,w)
 SOURCES_PER_SHARD = 256
 SHARD_BYTES = 256 * 2**20  # a shard is also closed at this size: a killed build loses less
+SHARD_NAME = re.compile(r"shard_r\d+_\d{5,}\.pt")  # what `build_part` names a shard
 PIXELS_PER_ENCODE = 1 << 22  # frame pixels (after resize) per encode call: ~50 MB of float pixels
 
 
@@ -135,8 +137,7 @@ class LatentCache:
         same key; returns {source: shard file}."""
         os.makedirs(self.dir, exist_ok=True)
         if rank == 0:  # the manifest is written again once every rank is done
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.manifest_path)
+            remove_file(self.manifest_path)
         written = self._progress(rank, world_size)
         if not written:
             self._remove_rank_files(rank)
@@ -169,7 +170,7 @@ class LatentCache:
                     "shards": {str(s): name for s, name in sorted(shards.items())}}
         write_json(manifest, self.manifest_path)
         for path in glob.glob(os.path.join(glob.escape(self.dir), "progress_r*.json")):
-            os.remove(path)
+            remove_file(path)
 
     def load(self) -> "CachedWindows":
         """The cached windows; `CacheCorruptError` names what is wrong when the cache on disk is
@@ -192,6 +193,7 @@ class LatentCache:
         windows = self._windows_by_source() if self.per_window else {}
         for src in range(self.dataset.num_sources):
             self._check_entry(src, latents.get(src), windows.get(src, []))
+        latents = {src: latents[src] for src in range(self.dataset.num_sources)}  # nothing else a shard holds
         skipped = {s: e["skipped"] for s, e in latents.items() if "skipped" in e}
         if len(skipped) == self.dataset.num_sources:
             raise UserError(f"none of the {len(skipped)} sources could be read for the latent "
@@ -209,6 +211,10 @@ class LatentCache:
         if not (isinstance(manifest, dict) and isinstance(manifest.get("key"), dict)
                 and isinstance(manifest.get("shards"), dict)):
             raise CacheCorruptError(f"{self.manifest_path} lacks its 'key' or 'shards'")
+        try:
+            _check_shards(manifest["shards"])
+        except ValueError as e:
+            raise CacheCorruptError(f"{self.manifest_path}: {e}") from None
         return manifest
 
     def _check_entry(self, src: int, entry, windows: list[list[int]]) -> None:
@@ -237,6 +243,7 @@ class LatentCache:
                 record = json.load(f)
             if record["key"] != self.key or record["world_size"] != world_size:
                 return {}
+            _check_shards(record["shards"])
             done = {int(s): name for s, name in record["shards"].items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return {}
@@ -251,9 +258,8 @@ class LatentCache:
     def _remove_rank_files(self, rank: int) -> None:
         """Shards and progress of an earlier build by this rank: a fresh build starts clean."""
         for path in glob.glob(os.path.join(glob.escape(self.dir), f"shard_r{rank}_*.pt*")):
-            os.remove(path)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(self._progress_path(rank))
+            remove_file(path)  # never a symlink, nor what it points at
+        remove_file(self._progress_path(rank))
 
     def _windows_by_source(self) -> dict[int, list[list[int]]]:
         """{source: frame indices of each of its windows}, from the dataset's `window(index)`."""
@@ -301,6 +307,18 @@ class LatentCache:
             stds.append(std[0].cpu())
         return {"mean": torch.cat(means, dim=1).contiguous(),  # (C, L, h, w)
                 "std": torch.cat(stds, dim=1).contiguous()}
+
+
+def _check_shards(shards: dict) -> None:
+    """{source: shard file} as a manifest or progress record holds it: every source a
+    non-negative integer, every shard a file of this cache inside its folder (never a path);
+    ValueError naming the first entry that is not."""
+    for src, name in shards.items():
+        if not (isinstance(src, str) and src.isascii() and src.isdigit()):
+            raise ValueError(f"source {src!r} is not a source number")
+        if not (isinstance(name, str) and SHARD_NAME.fullmatch(name)):
+            raise ValueError(f"shard {name!r} of source {src} is not a shard file of this cache "
+                             "(shard_rR_NNNNN.pt)")
 
 
 def _chunks(frames: Iterator[tuple[int, torch.Tensor]], max_pixels: int) -> Iterator[list[torch.Tensor]]:

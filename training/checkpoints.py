@@ -17,6 +17,7 @@ from models.vae import FrozenVAE
 from utils.config import DiffusionConfig, ModelConfig, config_from_dict, config_to_dict
 from utils.checkpoint import require_entries
 from utils.errors import UserError
+from utils.paths import remove_file
 
 if TYPE_CHECKING:  # the DiT module is imported where a model is built, not at import time
     from models.dit import VideoDiT
@@ -198,7 +199,7 @@ def prune_epoch_checkpoints(run_dir: str, keep_last: int) -> None:
     found = sorted(glob.glob(os.path.join(run_dir, "epoch_*.pth")),
                    key=lambda p: int(re.findall(r"\d+", os.path.basename(p))[0]))
     for path in found[:-keep_last]:
-        os.remove(path)
+        remove_file(path)  # never a symlink, nor what it points at
 
 
 def _diff(recorded: dict, expected: dict, prefix: str = "") -> list[str]:

@@ -47,6 +47,7 @@ from training.sampling import default_labels
 from utils.checkpoint import load_checkpoint, write_json
 from utils.config import DataConfig, EvaluateConfig, PredictConfig
 from utils.errors import UserError
+from utils.paths import check_output_file, require_dir, require_file
 from utils.fvd import (DETECTOR_KWARGS, FEATURE_DIMS, INCEPTION_KWARGS, FeatureStats,
                        check_detector, detector_features, detector_precision, file_digest,
                        fvd_from_stats, image_features, kernel_inception_distance, load_detector)
@@ -294,7 +295,7 @@ def evaluate(cfg: EvaluateConfig, device: torch.device, sample_fn: SampleFn) -> 
     the first feature is computed.
     """
     if cfg.output:
-        check_output_writable(cfg.output)
+        check_output_file(cfg.output, "output")
     i3d = load_detector(cfg.fvd.detector_path, device, check_frames=None)  # checked below
     inception = None if cfg.fid.detector_path is None else \
         load_detector(cfg.fid.detector_path, device, "fid.detector_path", "inception", check_frames=1)
@@ -659,26 +660,6 @@ def metric_line(name: str, result: dict) -> str:
 def _pixels(resolution) -> str:
     """data.resolution as text: "256 px" (a square side) or "256x448 px" ([height, width])."""
     return f"{resolution[0]}x{resolution[1]} px" if isinstance(resolution, list) else f"{resolution} px"
-
-
-def check_output_writable(path: str, key: str = "output") -> None:
-    """Refuse now, before hours of work, an `output` that cannot be written: a folder, a path
-    through a file, or a folder without write permission. Creates nothing."""
-    if os.path.isdir(path):
-        raise UserError(f"{key} = {path}: is a folder; give a file name, e.g. "
-                        f"{os.path.join(path, 'fvd.json')}")
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):  # write_json creates the missing folders inside it
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise UserError(f"{key} = {path}: {folder} is a file, not a folder; choose another {key}")
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write_test_")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"{key} = {path}: cannot write in {folder} ({e.strerror}); choose another "
-                        f"{key}") from None
 
 
 def _write_json(path: str, result: dict) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from utils.errors import MissingFileError, UserError
+from utils.paths import remove_file
 
 MIN_FREE_BYTES_FACTOR = 2  # need this many times the last checkpoint's size free on disk
 
@@ -119,7 +120,7 @@ def restore_rng(state: dict) -> None:
 def _remove_stale_temps(path: str) -> None:
     """Temp files of a writer killed mid-save (one writer per path: rank 0)."""
     for stale in glob.glob(glob.escape(path) + ".tmp.*"):
-        os.remove(stale)
+        remove_file(stale)  # never a symlink, nor what it points at
 
 
 def require_entries(ckpt: dict, path: str, spec: dict[str, type | tuple[type, ...]]) -> None:
