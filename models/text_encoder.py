@@ -43,6 +43,7 @@ from transformers import (AutoTokenizer, CLIPTextModel, CLIPTextModelWithProject
                           T5EncoderModel, UMT5EncoderModel)
 from transformers.utils import logging as hf_logging
 
+from utils.checkpoint import pickle_weights_error
 from utils.config import TextEncoderConfig
 from utils.errors import ConfigError, MissingFileError, UserError
 
@@ -160,6 +161,11 @@ def _class_of(folder: str) -> str:
 
 
 def _corrupt(folder: str, e: Exception) -> UserError:
+    """The folder did not load: pickle weights named as refused (never passing on torch's
+    advice to turn weights_only off), else the folder called corrupt or incomplete."""
+    unsafe = pickle_weights_error(folder, e, "the text encoder", "text_encoder.path")
+    if unsafe is not None:
+        return unsafe
     return UserError(f"could not load the text encoder in {folder} ({type(e).__name__}: {e}). The folder "
                      "is corrupt or incomplete: copy it again or fix text_encoder.path")
 

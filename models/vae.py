@@ -33,6 +33,7 @@ from diffusers import (AutoencoderKL, AutoencoderKLCogVideoX, AutoencoderKLHunyu
 from einops import rearrange
 from torch import nn
 
+from utils.checkpoint import pickle_weights_error
 from utils.config import VAEArchConfig, VAERefConfig
 from utils.errors import ConfigError, MissingFileError, UserError
 
@@ -260,7 +261,11 @@ def resolve_vae_dir(path: str, subfolder: Optional[str] = None) -> tuple[str, st
 
 def _corrupt(path: str, e: Exception, cls: Optional[type] = None) -> UserError:
     """The VAE folder did not load: name the config.json key at fault when one can be found
-    (an edited config.json), else call the folder corrupt or incomplete."""
+    (an edited config.json), else call the folder corrupt or incomplete. Pickle weights are
+    named as refused (never passing on torch's advice to turn weights_only off)."""
+    unsafe = pickle_weights_error(path, e, "the VAE", "vae.path")
+    if unsafe is not None:
+        return unsafe
     first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
     found = _config_key_at_fault(path, cls) if cls is not None else None
     if found:

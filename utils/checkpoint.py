@@ -13,7 +13,7 @@ import os
 import pickle
 import random
 import shutil
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -88,6 +88,45 @@ def _refused_globals(path: str) -> list[str]:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception:  # not a torch zip file, or damaged: nothing to name
         return []
+
+
+PICKLE_WEIGHT_EXTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights as pickle (not safetensors)
+
+
+def pickle_weights_error(folder: str, error: BaseException, what: str, key: str) -> Optional[UserError]:
+    """Why a model folder (`what`, e.g. "the text encoder", found through setting `key`) did not
+    load, when the reason is pickle weights: a pickle file in it that names classes or functions
+    the weights-only loader refuses (e.g. `posix.system`), or a pickle that loader refused while
+    loading the folder (`error`'s chain holds an UnpicklingError). Named as refused because
+    loading it could run code, with the way out (safetensors); None when pickles are not the
+    reason. Never suggests turning the weights-only protection off."""
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(PICKLE_WEIGHT_EXTS)
+                       and os.path.isfile(os.path.join(folder, n)))
+    except OSError:
+        return None
+    flagged = [(n, g) for n in names if (g := _refused_globals(os.path.join(folder, n)))]
+    refused = any(isinstance(e, pickle.UnpicklingError) for e in _causes(error))
+    if not flagged and not (refused and names):
+        return None
+    name, calls = flagged[0] if flagged else (names[0], [])
+    path = os.path.join(folder, name)
+    why = (f"is a pickle file that would call {', '.join(calls[:3])} when loaded" if calls else
+           "is a pickle file that the weights-only loader refused (damaged, or it holds more than tensors)")
+    return UserError(f"could not load {what} in {folder}: {path} {why}. It is refused because loading a "
+                     "pickle can run code; nothing in it was run. Use weights in safetensors format: "
+                     "convert them where you trust the file's source (load the model there and "
+                     "save_pretrained(folder, safe_serialization=True), which writes .safetensors "
+                     f"weights), or a copy of the model that ships .safetensors weights; then fix {key}")
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """`error` and the exceptions it was raised from or while handling (libraries wrap them)."""
+    seen: list[BaseException] = []
+    while error is not None and error not in seen:
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return seen
 
 
 def capture_rng() -> dict:
