@@ -227,9 +227,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     from utils.checkpoint import write_json
     from utils.cli import parse_args
     from utils.config import PredictConfig, load_config
+    from utils.paths import check_output_file
     from utils.train_utils import setup_runtime
 
     config_path, overrides, flags = parse_args(argv, __doc__, ("prompts", "json"))
+    if flags["json"]:
+        check_output_file(flags["json"], "--json")  # before the sampling, not after it
     cfg = load_config(PredictConfig, config_path, overrides)
     if flags["prompts"] is not None:
         cfg = dataclasses.replace(cfg, prompts=checkpoint_prompts(cfg, flags["prompts"]), prompts_file=None)

@@ -304,15 +304,32 @@ class FrozenTextEncoder(nn.Module):
         return tokenizer
 
     def _resolve_max_length(self, asked: Optional[int]) -> int:
-        limit = getattr(self.model.config, self.kind.positions) if self.kind.positions else None
+        """`asked` (text_encoder.max_length), bounded by the model's own limit (checked before
+        any caption is padded to it), or null: the tokenizer's length."""
+        limit, why = self._token_limit()
         if asked is not None:
             if limit is not None and asked > limit:
                 raise ConfigError(f"text_encoder.max_length = {asked}: the {self.class_name} in {self._path} "
-                                  f"has {limit} positions; use at most {limit} (or null)")
+                                  f"takes at most {limit} tokens ({why}); use at most {limit} (or null)")
             return asked
         own = getattr(self.tokenizer, "model_max_length", None)
         length = own if isinstance(own, int) and 0 < own < UNSET_MAX_LENGTH else DEFAULT_MAX_LENGTH
         return min(length, limit) if limit is not None else length
+
+    def _token_limit(self) -> tuple[Optional[int], str]:
+        """(the most tokens the model takes, why), or (None, "") when it states no limit. A class
+        with learned positions (CLIP) has as many as its config says; one with relative
+        positions (T5, UMT5) was trained to its tokenizer's model_max_length."""
+        own = getattr(self.tokenizer, "model_max_length", None)
+        stated = own if isinstance(own, int) and 0 < own < UNSET_MAX_LENGTH else None
+        if self.kind.positions:
+            positions = getattr(self.model.config, self.kind.positions)
+            if stated is not None and stated < positions:
+                return stated, f"its tokenizer's model_max_length; it has {positions} positions"
+            return positions, f"it has {positions} positions"
+        if stated is not None:
+            return stated, "its tokenizer's model_max_length"
+        return None, ""
 
     # ------------------------------------------------------------------------- encode
 
@@ -457,12 +474,22 @@ def make_tiny_text_encoder(folder: str, words: Sequence[str], seed: int = 0, d_m
     with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
         torch.manual_seed(seed)
         model = T5EncoderModel(config)
-    tmp = f"{folder.rstrip(os.sep)}.tmp.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with _quiet_transformers():
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    if os.path.isdir(folder):
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    folder = folder.rstrip(os.sep) or os.sep
+    if os.path.lexists(folder) and (os.path.islink(folder) or not os.path.isdir(folder)):
+        raise UserError(f"{folder} is a file (or a link), not a folder: give a folder path to write "
+                        "the text encoder into (it is created)")
+    tmp = f"{folder}.tmp.{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
+        with _quiet_transformers():
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except OSError as e:
+        raise UserError(f"cannot write the text encoder to {folder} ({e.strerror or e}); choose a "
+                        "writable folder") from None
+    finally:  # written beside the folder: never left behind
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder

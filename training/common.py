@@ -27,8 +27,8 @@ from utils.dist import DistInfo, all_reduce_max, cleanup, gather_objects, init_d
 from utils.errors import UserError
 from utils.logging import RunLogger
 from utils.run_guard import RunLock
-from utils.train_utils import (GracefulStop, global_seed, lr_multiplier, noise_seed, seed_everything,
-                               setup_runtime)
+from utils.train_utils import (GracefulStop, check_batch_memory, global_seed, lr_multiplier, noise_seed,
+                               seed_everything, setup_runtime)
 
 
 @dataclass
@@ -50,6 +50,7 @@ def run_stage(argv: Optional[list[str]], doc: str, config_cls: type, setup: Call
     if flags["resume"]:
         overrides.append(f"train.resume={flags['resume']}")
     cfg = load_config(config_cls, config_path, overrides)
+    check_batch_memory(cfg.data, cfg.train.batch_size)  # before anything is allocated
     dist = init_distributed(cfg.device)
     try:
         if not dist.is_main:  # every rank reads the same files: rank 0 reports what it skipped

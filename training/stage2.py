@@ -42,8 +42,8 @@ from utils.errors import ConfigError, UserError
 from utils.fvd import FeatureStats, load_detector
 from utils.logging import RunLogger
 from utils.run_guard import save_before_fail, weights_finite
-from utils.train_utils import (EMA, GracefulStop, autocast_context, count_parameters, make_adamw,
-                               make_grad_scaler, use_fast_adamw)
+from utils.train_utils import (EMA, GracefulStop, autocast_context, count_parameters, device_memory,
+                               make_adamw, make_grad_scaler, use_fast_adamw)
 
 RMS_CLIPS = 8  # training clips whose normalised latent RMS is printed at start
 RMS_RANGE = (0.5, 2.0)  # outside: warn that the VAE's normalisation does not fit
@@ -118,6 +118,7 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
     tcfg = cfg.train
     vae = FrozenVAE.from_config(cfg.vae, device)
     log.info(f"VAE {vae.summary()}")
+    _check_encode_memory(vae, cfg, device)
     # Every check the config, the data index, the VAE and the checkpoint allow, before the
     # latent cache is built or a step runs.
     dataset = build_dataset(cfg.data, "train", cfg.experiment.seed,  # the index: frame counts only
@@ -171,6 +172,16 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
     if ckpt is not None:
         _resume(s, ckpt, resume_path)
     return s
+
+
+def _check_encode_memory(vae: FrozenVAE, cfg: TrainRunConfig, device: torch.device) -> None:
+    """Refuse, before any clip is encoded, a resolution at which even one VAE call cannot fit
+    in the device's free memory (a lower bound: `FrozenVAE.encode_bytes`)."""
+    need, free = vae.encode_bytes(cfg.data.height, cfg.data.width, cfg.data.num_frames), device_memory(device)
+    if free is not None and need > free:
+        raise UserError(f"data.resolution = {cfg.data.resolution}: one VAE encode call at this size needs at "
+                        f"least {need / 2**30:.1f} GiB on {device}, more than the {free / 2**30:.1f} GiB "
+                        "free; lower data.resolution, or set vae.tiling: true (the VAE then encodes tiles)")
 
 
 def _maybe_cached(dataset, cfg: TrainRunConfig, vae: FrozenVAE, run_dir: str, dist: DistInfo,
