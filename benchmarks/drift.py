@@ -80,9 +80,9 @@ def run(cfg, windows: int, image: bool) -> dict:
     from training.sampling import sample_videos
     from utils.checkpoint import load_checkpoint
     from utils.train_utils import setup_runtime
-    ckpt = load_checkpoint(cfg.checkpoint)
+    ckpt = load_checkpoint(cfg.checkpoint, key="checkpoint")
     check_format(ckpt, cfg.checkpoint, key="checkpoint")  # a stage-1 checkpoint is named as such
-    check_entries(ckpt, cfg.checkpoint, PREDICT_ENTRIES)
+    check_entries(ckpt, cfg.checkpoint, PREDICT_ENTRIES, key="checkpoint")
     first = FirstFrames.of(ckpt["model"]["config"])
     first.require("benchmarks/drift.py", cfg.checkpoint)
     temporal = int(ckpt["vae"].get("temporal_factor", 1))

@@ -412,9 +412,11 @@ class FrozenTextEncoder(nn.Module):
                 f"of {self.hidden_size}{pooled}, {self.dtype_name} (frozen)")
 
 
-def check_text_encoder(recorded: dict, encoder: FrozenTextEncoder, where: str) -> None:
+def check_text_encoder(recorded: dict, encoder: FrozenTextEncoder, where: str, resume: bool = False) -> None:
     """Refuse `encoder` unless it is the one `recorded` (a `describe()` record, e.g. from the
-    checkpoint `where`) describes: same fingerprint and max_length. Names what differs."""
+    checkpoint `where`) describes: same fingerprint and max_length. Names what differs, with
+    the advice of the command: sampling (predict, evaluate) takes the recorded encoder when
+    text_encoder.path / max_length are null; a resumed training run (`resume`) needs them set."""
     if recorded.get("fingerprint") == encoder.fingerprint and recorded.get("max_length") == encoder.max_length:
         return
     theirs, ours = recorded.get("parts") or {}, encoder.parts
@@ -426,11 +428,14 @@ def check_text_encoder(recorded: dict, encoder: FrozenTextEncoder, where: str) -
             f"text encoder mismatch: {where} was trained with the {recorded.get('class_name')} at "
             f"{recorded.get('path')} (fingerprint {recorded.get('fingerprint')}), but text_encoder.path = "
             f"{encoder.path} holds a {encoder.class_name} with fingerprint {encoder.fingerprint}: {what}. "
-            "The DiT only understands the embeddings it was trained on: use that encoder (or leave "
-            "text_encoder.path null to take the one the checkpoint records)")
+            "The DiT only understands the embeddings it was trained on: "
+            + (f"point text_encoder.path at that encoder ({recorded.get('source') or recorded.get('path')}), "
+               "or start a new run (another experiment.name)" if resume else
+               "use that encoder (or leave text_encoder.path null to take the one the checkpoint records)"))
+    null = "" if resume else " (or null to take the checkpoint's)"  # in training, null is the tokenizer's
     raise UserError(f"text encoder mismatch: {where} was trained with text_encoder.max_length = "
                     f"{recorded.get('max_length')}, but it is {encoder.max_length} here; set "
-                    f"text_encoder.max_length = {recorded.get('max_length')} (or null to take the checkpoint's)")
+                    f"text_encoder.max_length = {recorded.get('max_length')}{null}")
 
 
 # ----------------------------------------------------------------------------- a tiny encoder

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from models.vae import FrozenVAE
 from utils.config import DiffusionConfig, ModelConfig, config_from_dict, config_to_dict
-from utils.checkpoint import require_entries
+from utils.checkpoint import RESUME_KEY, checkpoint_advice, require_entries
 from utils.errors import UserError
 from utils.paths import remove_file
 
@@ -83,13 +83,14 @@ RESTART_HELP = ("Resume with the config it was trained with (it is stored in the
                 "or start a new run (another experiment.name, or train.resume=null in a fresh directory).")
 
 
-def check_entries(ckpt: dict, ckpt_path: str, entries: dict = ENTRIES) -> None:
-    """Every entry the caller reads is there, with its type, and nested records are complete."""
-    require_entries(ckpt, ckpt_path, entries)
+def check_entries(ckpt: dict, ckpt_path: str, entries: dict = ENTRIES, key: str = RESUME_KEY) -> None:
+    """Every entry the caller reads is there, with its type, and nested records are complete.
+    `key`: the setting that named the file (its advice is given)."""
+    require_entries(ckpt, ckpt_path, entries, key)
     if "model" in entries:
-        require_entries(ckpt["model"], f"{ckpt_path} (entry 'model')", {"config": dict, "dims": dict})
+        require_entries(ckpt["model"], f"{ckpt_path} (entry 'model')", {"config": dict, "dims": dict}, key)
     if "vae" in entries:
-        require_entries(ckpt["vae"], f"{ckpt_path} (entry 'vae')", {"fingerprint": str, "path": str})
+        require_entries(ckpt["vae"], f"{ckpt_path} (entry 'vae')", {"fingerprint": str, "path": str}, key)
 
 
 def check_model(ckpt: dict, expected: dict, ckpt_path: str, data: Optional[dict] = None) -> None:
@@ -128,9 +129,10 @@ def _recorded_model_config(config: dict) -> dict:
 
 
 def load_entry(ckpt_path: str, entry: str, load: Callable[[Any], Any], value: Any,
-               problem: str = "does not fit this run") -> Any:
+               problem: str = "does not fit this run", key: str = RESUME_KEY) -> Any:
     """`load(value)` (a load_state_dict, a record parsed into a config), a malformed entry named
-    rather than a traceback. Returns what `load` returns."""
+    rather than a traceback, with the advice of `key` (the setting that named the file).
+    Returns what `load` returns."""
     try:
         return load(value)
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
@@ -140,8 +142,7 @@ def load_entry(ckpt_path: str, entry: str, load: Callable[[Any], Any], value: An
             (lines[0] if lines else type(e).__name__)  # "Error(s) in loading ...:" says little alone
         raise UserError(f"checkpoint {ckpt_path}: entry {entry!r} {problem} "
                         f"({type(e).__name__}: {first[:300]}); the file was edited or written by "
-                        "other code. Use another checkpoint, or start fresh with another "
-                        "experiment.name.") from None
+                        f"other code. {checkpoint_advice(key)}") from None
 
 
 def check_diffusion(ckpt: dict, expected: dict, ckpt_path: str) -> None:
@@ -217,15 +218,17 @@ def checkpoint_summary(ckpt: dict[str, Any]) -> str:
     return (f"step {ckpt['step']}, epoch {ckpt['epoch']}, VAE {ckpt['vae']['fingerprint']}")
 
 
-def model_from_checkpoint(ckpt: dict, use_ema: bool, device, ckpt_path: str = "checkpoint") -> "VideoDiT":
+def model_from_checkpoint(ckpt: dict, use_ema: bool, device, ckpt_path: str = "checkpoint",
+                          key: str = "checkpoint") -> "VideoDiT":
     """Rebuild the DiT from the architecture recorded in the checkpoint (not from any YAML); a
     malformed record or weights that do not fit it are named (UserError), not a traceback."""
     from models.dit import VideoDiT
     from utils.config import config_from_dict
     model = load_entry(ckpt_path, "model", lambda record: VideoDiT(
-        config_from_dict(ModelConfig, record["config"]), **model_dims(record)), ckpt["model"], "is malformed")
+        config_from_dict(ModelConfig, record["config"]), **model_dims(record)), ckpt["model"], "is malformed",
+        key)
     weights = "ema_state" if use_ema else "model_state"
-    load_entry(ckpt_path, weights, model.load_state_dict, ckpt[weights])
+    load_entry(ckpt_path, weights, model.load_state_dict, ckpt[weights], key=key)
     return model.to(device).eval().requires_grad_(False)
 
 

@@ -31,6 +31,10 @@ from utils.train_utils import (GracefulStop, check_batch_memory, global_seed, lr
                                seed_everything, setup_runtime)
 
 
+RESUME_HELP = ("checkpoint to continue from: a .pth path, or auto (this run's latest.pth if any); "
+               "the same as train.resume=VALUE")
+
+
 @dataclass
 class Position:
     """Where training is: optimizer steps done, epoch, micro-batches consumed in that epoch."""
@@ -46,7 +50,7 @@ def run_stage(argv: Optional[list[str]], doc: str, config_cls: type, setup: Call
     (every check before heavy work); only then write config.yaml, so a refused run leaves the
     old one; then `run(state, started)`."""
     started = now()  # train.time_limit_minutes counts from here, startup included
-    config_path, overrides, flags = parse_args(argv, doc, flags=("resume",))
+    config_path, overrides, flags = parse_args(argv, doc, flags={"resume": RESUME_HELP})
     if flags["resume"]:
         overrides.append(f"train.resume={flags['resume']}")
     cfg = load_config(config_cls, config_path, overrides)

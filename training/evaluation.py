@@ -47,7 +47,7 @@ from training.sampling import default_labels
 from utils.checkpoint import load_checkpoint, write_json
 from utils.config import DataConfig, EvaluateConfig, PredictConfig
 from utils.errors import UserError
-from utils.paths import check_output_file, require_dir, require_file
+from utils.paths import check_output_file, refuse_file, refuse_folder
 from utils.fvd import (DETECTOR_KWARGS, FEATURE_DIMS, INCEPTION_KWARGS, FeatureStats,
                        check_detector, detector_features, detector_precision, file_digest,
                        fvd_from_stats, image_features, kernel_inception_distance, load_detector)
@@ -223,14 +223,17 @@ class GeneratedFolder:
 
     @classmethod
     def scan(cls, path: str, num_videos: int) -> "GeneratedFolder":
+        refuse_file(path, "generated.path", "the folder of generated videos (or use checkpoint=PATH to "
+                    "sample them)")
         if not os.path.isdir(path):
             raise UserError(f"generated.path = {path}: no such folder; point it at the folder of "
                             "generated videos (or use checkpoint=PATH to sample them)")
         chosen, left_out = one_video_per_name(path, find_sources(path))
         if len(chosen) < num_videos:
+            # num_videos below 2 is refused (a covariance needs 2): never advise it
+            fewer = f" or set num_videos={len(chosen)}" if len(chosen) >= 2 else " (FVD needs at least 2)"
             raise UserError(f"generated.path = {path} has {len(chosen)} usable videos (one per name), "
-                            f"fewer than num_videos = {num_videos}; generate more or set "
-                            f"num_videos={len(chosen)}")
+                            f"fewer than num_videos = {num_videos}; generate more{fewer}")
         return cls(path, chosen[:num_videos], len(chosen), left_out)
 
     def check(self, num_frames: int, frame_stride: int) -> None:
@@ -358,12 +361,13 @@ def _generated_side(cfg: EvaluateConfig):
 
 
 def _load_stage2(path: str) -> dict:
+    refuse_folder(path, "checkpoint", f"the checkpoint file in it (e.g. {os.path.join(path, 'latest.pth')})")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint = {path}: no such file; point it at a stage-2 "
                         "latest.pth (or use generated.path=FOLDER)")
-    ckpt = load_checkpoint(path)
-    check_format(ckpt, path)
-    check_entries(ckpt, path, PREDICT_ENTRIES)
+    ckpt = load_checkpoint(path, key="checkpoint")
+    check_format(ckpt, path, key="checkpoint")
+    check_entries(ckpt, path, PREDICT_ENTRIES, key="checkpoint")
     return ckpt
 
 

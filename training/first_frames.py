@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from utils.errors import UserError
+from utils.paths import refuse_folder
 
 KEY = "model.first_frame_conditioning"
 
@@ -121,6 +122,7 @@ def load_image(path: str, height: int, width: int, key: str = "image") -> torch.
     from data.videos import cover_crop_box, crop_resize
     from utils.video_io import VideoReadError, _read_image
     path = os.path.expanduser(path)
+    refuse_folder(path, key, "a PNG or JPG image")
     if not os.path.isfile(path):
         raise UserError(f"{key} = {path}: no such file; give a PNG or JPG image")
     try:

@@ -376,18 +376,19 @@ def load_for_sampling(cfg: PredictConfig, device: torch.device) -> Loaded:
     """cfg.checkpoint with the VAE (and text encoder) it was trained with (fingerprints checked),
     EMA or raw weights, the configured labels or prompts; every check made before a video is
     sampled."""
-    ckpt = load_checkpoint(cfg.checkpoint)
+    ckpt = load_checkpoint(cfg.checkpoint, key="checkpoint")
     check_format(ckpt, cfg.checkpoint, key="checkpoint")
-    check_entries(ckpt, cfg.checkpoint, PREDICT_ENTRIES)
+    check_entries(ckpt, cfg.checkpoint, PREDICT_ENTRIES, key="checkpoint")
     diffusion = load_entry(cfg.checkpoint, "diffusion", partial(config_from_dict, DiffusionConfig),
-                           ckpt["diffusion"], "is malformed")
+                           ckpt["diffusion"], "is malformed", key="checkpoint")
     check_num_steps(cfg.num_steps, diffusion.num_train_timesteps, "num_steps")
     # The objective the checkpoint was trained with (recorded since flow matching; older ones are v).
     objective = diffusion.objective
     check_sampler(cfg.sampler, objective, "sampler", f"checkpoint {cfg.checkpoint}, trained with")
     fps = _output_fps(cfg, ckpt)
     conditions, cond = _conditions(cfg, ckpt, device)
-    vae_settings = load_entry(cfg.checkpoint, "config", _trained_vae_settings, ckpt["config"], "is malformed")
+    vae_settings = load_entry(cfg.checkpoint, "config", _trained_vae_settings, ckpt["config"], "is malformed",
+                              key="checkpoint")
     vae = FrozenVAE.from_config(vae_settings, device, cfg.vae.path or ckpt["vae"]["path"])
     check_vae(ckpt, vae, cfg.checkpoint)
     model = model_from_checkpoint(ckpt, cfg.use_ema, device, cfg.checkpoint)
@@ -444,7 +445,8 @@ def predict_to_folder(cfg: PredictConfig, device: torch.device) -> SampleWriter:
 
 def _output_fps(cfg: PredictConfig, ckpt: dict) -> float:
     """`output_fps`, checked: a number both the mp4 and the GIF can be written at."""
-    fps = load_entry(cfg.checkpoint, "fps", lambda c: float(output_fps(cfg.fps, c)), ckpt, "is malformed")
+    fps = load_entry(cfg.checkpoint, "fps", lambda c: float(output_fps(cfg.fps, c)), ckpt, "is malformed",
+                     key="checkpoint")
     if cfg.fps is None:
         check_write_fps(fps, f"the frame rate recorded in {cfg.checkpoint} (set fps to override it)")
     return fps
@@ -511,8 +513,6 @@ def _conditions(cfg: PredictConfig, ckpt: dict, device: torch.device):
     if prompts is not None and len(prompts) > cfg.num_videos:
         raise UserError(f"{len(prompts)} prompts but num_videos = {cfg.num_videos}: video i is prompt i, "
                         f"so set num_videos = {len(prompts)} (or more: the prompts are cycled)")
-    if cfg.negative_prompt is not None and not prompts:
-        raise UserError("negative_prompt is set without prompts; give prompts (text checkpoints only)")
     t = cfg.text_encoder
     cond = conditioning_from_checkpoint(ckpt, cfg.checkpoint, device, t.path, t.subfolder, t.dtype)
     return cond.samples(cfg.num_videos, labels=cfg.class_labels, prompts=prompts,

@@ -49,7 +49,21 @@ def atomic_save(obj: dict, path: str) -> None:
     _fsync_dir(directory)
 
 
-def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
+RESUME_KEY = "train.resume"
+
+
+def checkpoint_advice(key: str = RESUME_KEY) -> str:
+    """What to do about a checkpoint that cannot be used, for the setting `key` that named it:
+    a training run may start fresh; predict, evaluate and the tools have no run to start."""
+    if key == RESUME_KEY:
+        return ("Use another checkpoint (e.g. an epoch_XXXX.pth of the run), or start fresh in a new "
+                "run directory (another experiment.name).")
+    return f"Point {key} at another checkpoint (e.g. an epoch_XXXX.pth of the same run)."
+
+
+def load_checkpoint(path: str, map_location: Any = "cpu", key: str = RESUME_KEY) -> dict:
+    """The plain dict at `path` (weights_only); `key`: the setting that named it, whose own
+    advice a bad file's message gives."""
     if os.path.isdir(path):
         raise UserError(f"checkpoint {path} is a directory, not a file; give the .pth file in it "
                         f"(e.g. {os.path.join(path, 'latest.pth')})")
@@ -65,8 +79,7 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
         refused = _refused_globals(path)
         if not refused:
             raise UserError(f"checkpoint {path} could not be read (UnpicklingError); it is corrupt "
-                            "or truncated, or not a torch file. Use another checkpoint, or start "
-                            "fresh in a new run directory (another experiment.name).") from None
+                            f"or truncated, or not a torch file. {checkpoint_advice(key)}") from None
         raise UserError(f"checkpoint {path} holds objects that are not allowed: it is loaded with "
                         "torch.load(weights_only=True), which accepts only tensors, numbers, "
                         f"strings and containers of them (it refused {', '.join(refused[:3])}). "
@@ -74,8 +87,7 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
                         "this one as a plain dict of tensors.") from None
     except Exception as e:  # truncated, corrupt or not a torch file: all user-facing
         raise UserError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); it is "
-                        "corrupt or truncated. Use another checkpoint, or start fresh in a new run "
-                        "directory (another experiment.name).") from None
+                        f"corrupt or truncated. {checkpoint_advice(key)}") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"checkpoint {path} is not a checkpoint of this repo (not a dict)")
     return ckpt
@@ -162,9 +174,10 @@ def _remove_stale_temps(path: str) -> None:
         remove_file(stale)  # never a symlink, nor what it points at
 
 
-def require_entries(ckpt: dict, path: str, spec: dict[str, type | tuple[type, ...]]) -> None:
+def require_entries(ckpt: dict, path: str, spec: dict[str, type | tuple[type, ...]],
+                    key: str = RESUME_KEY) -> None:
     """Refuse a checkpoint whose format is right but an entry is missing or of the wrong type,
-    naming the entry (rather than a KeyError deep inside the resume)."""
+    naming the entry (rather than a KeyError deep inside the resume); `key` named the file."""
     for name, types in spec.items():
         if name not in ckpt:
             problem = "is missing"
@@ -174,8 +187,7 @@ def require_entries(ckpt: dict, path: str, spec: dict[str, type | tuple[type, ..
         else:
             continue
         raise UserError(f"checkpoint {path}: entry {name!r} {problem}; the file was edited or not "
-                        "written by this repo's training. Use another checkpoint (e.g. an "
-                        "epoch_XXXX.pth of the run), or start fresh with another experiment.name.")
+                        f"written by this repo's training. {checkpoint_advice(key)}")
 
 
 def _free_bytes(directory: str) -> int:

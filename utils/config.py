@@ -28,6 +28,7 @@ DEVICE_HELP = "use auto, cpu, cuda or cuda:N"
 CAPTION_FILE_EXTS = (".csv", ".jsonl", ".json")  # data.captions metadata files
 MAX_NAME_BYTES = 255  # a file or folder name's limit on ext4, xfs, btrfs, APFS, NTFS
 MAX_RESOLUTION = 8192  # pixels per side: 8K video; a window of 8192 x 8192 frames is already ~0.8 GB/frame
+FLOW_SHIFT_RANGE = (0.01, 100.0)  # diffusion.flow_shift: models use 1-17 (SD3 3, Wan 3-5, HunyuanVideo 7-17)
 MAX_TEXT_TOKENS = 4096  # text_encoder.max_length: an encoder that states no limit is still bounded
 MAX_SEED = 2 ** 63 - 1  # seeds are 64-bit (torch's generators; python ints are unbounded)
 # experiment.seed: each rank's streams are seeded with seed x ~1000 + rank (utils/train_utils.py)
@@ -414,8 +415,17 @@ class DiffusionConfig:
         if not -1 <= self.mode_scale <= 2 / (math.pi - 2):
             raise ConfigError(f"{prefix}.mode_scale = {self.mode_scale}: must be in [-1, 1.75] "
                               "(outside it the mode density is not a density on [0, 1])")
-        if self.flow_shift <= 0:
-            raise ConfigError(f"{prefix}.flow_shift = {self.flow_shift}: must be > 0 (1 = no shift)")
+        lo, hi = FLOW_SHIFT_RANGE
+        if not lo <= self.flow_shift <= hi:
+            raise ConfigError(f"{prefix}.flow_shift = {self.flow_shift:g}: must be between {lo:g} and {hi:g} "
+                              "(1 = no shift; SD3 uses 3, Wan 3 to 5): beyond them nearly every training "
+                              f"step and sampler step sits at one end of the noise range (at {hi:g} the median "
+                              f"training noise level is already {hi / (hi + 1):.2f})")
+        for key in ("flow_base_shift", "flow_max_shift"):  # mu = log of the shift
+            if abs(getattr(self, key)) > math.log(hi):
+                raise ConfigError(f"{prefix}.{key} = {getattr(self, key):g}: must be between {-math.log(hi):.2f} "
+                                  f"and {math.log(hi):.2f} (it is the log of the shift, e^mu; Flux uses 0.5 and "
+                                  f"1.15): beyond them the shift leaves {prefix}.flow_shift's range [{lo:g}, {hi:g}]")
         if not 0 < self.flow_base_seq_len < self.flow_max_seq_len:
             raise ConfigError(f"{prefix}.flow_base_seq_len / flow_max_seq_len = {self.flow_base_seq_len} / "
                               f"{self.flow_max_seq_len}: need 0 < flow_base_seq_len < flow_max_seq_len")
@@ -635,9 +645,15 @@ class TrainRunConfig:
         for part in ("experiment", "data", "vae", "model", "diffusion", "train", "validation",
                      "text_encoder"):
             getattr(self, part).validate(part)
-        check_num_steps(self.validation.num_steps, self.diffusion.num_train_timesteps,
-                        "validation.num_steps")
-        check_sampler(self.validation.sampler, self.diffusion.objective, "validation.sampler")
+        if self.validation.every_epochs:  # validation off: its sampler and steps are never used
+            check_num_steps(self.validation.num_steps, self.diffusion.num_train_timesteps,
+                            "validation.num_steps")
+            check_sampler(self.validation.sampler, self.diffusion.objective, "validation.sampler")
+        if self.data.captions is not None and self.model.conditioning_kind() != "text":
+            raise ConfigError(f"data.captions = {self.data.captions!r} is set but model.conditioning = "
+                              f"{self.model.conditioning_kind()}: only text models read captions (and a "
+                              "caption file is checked row by row); remove data.captions, or set "
+                              "model.conditioning: text")
         if self.validation.prompts is not None and self.model.conditioning_kind() != "text":
             raise ConfigError(f"validation.prompts is set but model.conditioning = "
                               f"{self.model.conditioning_kind()}: prompts need a text model "

@@ -64,8 +64,8 @@ def read_yaml_mapping(path: str) -> dict:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if raw is None:
         raise ConfigError(f"--config {path} is empty (no keys at all); give a YAML mapping of "
-                          "keys such as config_advanced.yaml, or leave --config out to use the "
-                          "defaults")
+                          "keys: the shipped config of the command (config_advanced.yaml, "
+                          "config_vae.yaml, predict_advanced.yaml or evaluate.yaml), or a copy of it")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
     return raw

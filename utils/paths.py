@@ -9,9 +9,9 @@ never a symlink (a user's link where a manifest says a file of ours is) and neve
 behind one (`remove_file` looks at the path itself with lstat; callers that walk a folder a
 manifest names check that the folder is no symlink first).
 
-`require_file` / `require_dir` tell "not found" from "a folder where a file is expected"
-(and the reverse); `check_output_file` refuses, before any work, an output file that cannot
-be written.
+`refuse_folder` / `refuse_file` name a folder given where a file is expected (and the
+reverse), which "not found" would misname; `check_output_file` refuses, before any work, an
+output file that cannot be written.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import os
 import stat
 import tempfile
 
-from utils.errors import MissingFileError, UserError
+from utils.errors import UserError
 
 
 def plain_name(name: object) -> bool:
@@ -56,21 +56,18 @@ def remove_file(path: str) -> bool:
     return True
 
 
-def require_file(path: str, key: str, what: str) -> None:
-    """MissingFileError when nothing is at `path`; UserError when it is a folder. `key` names
-    the setting, `what` the file it should be (e.g. "a PNG or JPG image")."""
+def refuse_folder(path: str, key: str, what: str) -> None:
+    """UserError when `path` (setting `key`) is a folder where a file is expected: `what` says
+    which file (e.g. "a PNG or JPG image"). A missing path is the caller's to name."""
     if os.path.isdir(path):
         raise UserError(f"{key} = {path}: is a folder, not a file; give {what}")
-    if not os.path.exists(path):
-        raise MissingFileError(f"{key} = {path}: no such file; give {what}")
 
 
-def require_dir(path: str, key: str, what: str) -> None:
-    """MissingFileError when nothing is at `path`; UserError when it is a file."""
+def refuse_file(path: str, key: str, what: str) -> None:
+    """UserError when `path` (setting `key`) exists but is not a folder, where a folder is
+    expected. A missing path is the caller's to name."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{key} = {path}: is a file, not a folder; give {what}")
-    if not os.path.isdir(path):
-        raise MissingFileError(f"{key} = {path}: no such folder; give {what}")
 
 
 def check_output_file(path: str, key: str) -> None:
