@@ -19,11 +19,9 @@ a step, the test takes the step and it works.
 """
 import contextlib
 import io
-import json
 import os
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
@@ -33,7 +31,7 @@ import predict_advanced
 import train_advanced
 import train_vae
 from data.captions import read_metadata, read_prompts_file
-from tests.conftest import smooth_frames, write_frame_folder
+from tests.conftest import smooth_frames
 from tests.test_bad_input import _assert_user_error_exit, _cli
 from tests.test_predict_output import _args, checkpoint  # noqa: F401  (checkpoint is a fixture)
 from tests.test_stage2 import ROOT, random_vae  # noqa: F401  (a fixture of `checkpoint`)

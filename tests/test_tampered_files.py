@@ -155,7 +155,7 @@ def test_malformed_text_cache_entries_rebuild_without_a_traceback(tmp_path, shar
 # --------------------------------------------------------------------------- latent cache
 
 
-def _shapes(tmp_path):
+def _shapes():
     return MovingShapes(DataConfig(num_frames=4, resolution=16, builtin=BuiltinDataConfig(num_clips=2, clip_frames=8)))
 
 
@@ -172,7 +172,7 @@ def _encode(pixels):  # (B, 3, T, H, W) -> mean, std (B, 1, T, 2, 2)
 def test_malformed_latent_cache_entries_are_named_and_rebuilt(tmp_path, monkeypatch, edit, words):
     victim = tmp_path / "victim.pt"
     torch.save({0: {"mean": torch.zeros(1)}}, victim)
-    ds = _shapes(tmp_path)
+    ds = _shapes()
     cache = LatentCache(ds, str(tmp_path / "run" / "latent_cache"), {"k": 1})
     cache.write_manifest(cache.build_part(_encode, progress=False))
     manifest = json.loads(open(cache.manifest_path).read())
@@ -196,7 +196,7 @@ def test_cache_cleanup_removes_no_symlink(tmp_path):
     what they point at."""
     target = tmp_path / "mine.pt"
     target.write_bytes(b"mine")
-    ds = _shapes(tmp_path)
+    ds = _shapes()
     folder = tmp_path / "latent_cache"
     folder.mkdir()
     os.symlink(target, folder / "shard_r0_00099.pt")
