@@ -417,7 +417,6 @@ class CachedWindows(Dataset):
             item["caption"] = self.dataset.caption(index) if src == wanted else self.dataset.captions[src]
         return item
 
-
     def _serves(self, src: int, frames: list[int]) -> bool:
         """Whether source `src` has the latents of window `frames` (not skipped, and not past
         the end of a source that ended early)."""
