@@ -43,6 +43,7 @@ from transformers import (AutoTokenizer, CLIPTextModel, CLIPTextModelWithProject
                           T5EncoderModel, UMT5EncoderModel)
 from transformers.utils import logging as hf_logging
 
+from utils.checkpoint import pickle_weights_error
 from utils.config import TextEncoderConfig
 from utils.errors import ConfigError, MissingFileError, UserError
 
@@ -161,6 +162,11 @@ def _class_of(folder: str) -> str:
 
 
 def _corrupt(folder: str, e: Exception) -> UserError:
+    """The folder did not load: pickle weights named as refused (never passing on torch's
+    advice to turn weights_only off), else the folder called corrupt or incomplete."""
+    unsafe = pickle_weights_error(folder, e, "the text encoder", "text_encoder.path")
+    if unsafe is not None:
+        return unsafe
     return UserError(f"could not load the text encoder in {folder} ({type(e).__name__}: {e}). The folder "
                      "is corrupt or incomplete: copy it again or fix text_encoder.path")
 
@@ -316,15 +322,32 @@ class FrozenTextEncoder(nn.Module):
         return tokenizer
 
     def _resolve_max_length(self, asked: Optional[int]) -> int:
-        limit = getattr(self.model.config, self.kind.positions) if self.kind.positions else None
+        """`asked` (text_encoder.max_length), bounded by the model's own limit (checked before
+        any caption is padded to it), or null: the tokenizer's length."""
+        limit, why = self._token_limit()
         if asked is not None:
             if limit is not None and asked > limit:
                 raise ConfigError(f"text_encoder.max_length = {asked}: the {self.class_name} in {self._path} "
-                                  f"has {limit} positions; use at most {limit} (or null)")
+                                  f"takes at most {limit} tokens ({why}); use at most {limit} (or null)")
             return asked
         own = getattr(self.tokenizer, "model_max_length", None)
         length = own if isinstance(own, int) and 0 < own < UNSET_MAX_LENGTH else DEFAULT_MAX_LENGTH
         return min(length, limit) if limit is not None else length
+
+    def _token_limit(self) -> tuple[Optional[int], str]:
+        """(the most tokens the model takes, why), or (None, "") when it states no limit. A class
+        with learned positions (CLIP) has as many as its config says; one with relative
+        positions (T5, UMT5) was trained to its tokenizer's model_max_length."""
+        own = getattr(self.tokenizer, "model_max_length", None)
+        stated = own if isinstance(own, int) and 0 < own < UNSET_MAX_LENGTH else None
+        if self.kind.positions:
+            positions = getattr(self.model.config, self.kind.positions)
+            if stated is not None and stated < positions:
+                return stated, f"its tokenizer's model_max_length; it has {positions} positions"
+            return positions, f"it has {positions} positions"
+        if stated is not None:
+            return stated, "its tokenizer's model_max_length"
+        return None, ""
 
     # ------------------------------------------------------------------------- encode
 
@@ -415,9 +438,12 @@ class FrozenTextEncoder(nn.Module):
                 f"of {self.hidden_size}{pooled}, {self.dtype_name} (frozen)")
 
 
-def check_text_encoder(recorded: dict, encoder: FrozenTextEncoder, where: str) -> None:
+def check_text_encoder(recorded: dict, encoder: FrozenTextEncoder, where: str, resume: bool = False) -> None:
     """Refuse `encoder` unless it is the one `recorded` (a `describe()` record, e.g. from the
-    checkpoint `where`) describes: same fingerprint and max_length. Names what differs."""
+    checkpoint `where`) describes: same fingerprint, max_length and encoding. Names what
+    differs, with the advice of the command: sampling (predict, evaluate) takes the recorded
+    encoder when text_encoder.path / max_length are null; a resumed training run (`resume`)
+    needs them set."""
     if recorded.get("fingerprint") == encoder.fingerprint and recorded.get("max_length") == encoder.max_length \
             and bool(recorded.get("attend_padding", False)) == encoder.attend_padding:
         return
@@ -430,16 +456,19 @@ def check_text_encoder(recorded: dict, encoder: FrozenTextEncoder, where: str) -
             f"text encoder mismatch: {where} was trained with the {recorded.get('class_name')} at "
             f"{recorded.get('path')} (fingerprint {recorded.get('fingerprint')}), but text_encoder.path = "
             f"{encoder.path} holds a {encoder.class_name} with fingerprint {encoder.fingerprint}: {what}. "
-            "The DiT only understands the embeddings it was trained on: use that encoder (or leave "
-            "text_encoder.path null to take the one the checkpoint records)")
+            "The DiT only understands the embeddings it was trained on: "
+            + (f"point text_encoder.path at that encoder ({recorded.get('source') or recorded.get('path')}), "
+               "or start a new run (another experiment.name)" if resume else
+               "use that encoder (or leave text_encoder.path null to take the one the checkpoint records)"))
     if recorded.get("max_length") == encoder.max_length:  # the encoding differs, not the encoder
         raise UserError(f"text encoding mismatch: {where} was trained on captions encoded "
                         f"{'with' if recorded.get('attend_padding') else 'without'} their padding attended, "
                         "this run encodes them otherwise: the pretrained DiT fixes how; use the "
                         "model.pretrained it was trained with")
+    null = "" if resume else " (or null to take the checkpoint's)"  # in training, null is the tokenizer's
     raise UserError(f"text encoder mismatch: {where} was trained with text_encoder.max_length = "
                     f"{recorded.get('max_length')}, but it is {encoder.max_length} here; set "
-                    f"text_encoder.max_length = {recorded.get('max_length')} (or null to take the checkpoint's)")
+                    f"text_encoder.max_length = {recorded.get('max_length')}{null}")
 
 
 # ----------------------------------------------------------------------------- a tiny encoder
@@ -483,12 +512,22 @@ def make_tiny_text_encoder(folder: str, words: Sequence[str], seed: int = 0, d_m
     with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
         torch.manual_seed(seed)
         model = T5EncoderModel(config)
-    tmp = f"{folder.rstrip(os.sep)}.tmp.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with _quiet_transformers():
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    if os.path.isdir(folder):
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    folder = folder.rstrip(os.sep) or os.sep
+    if os.path.lexists(folder) and (os.path.islink(folder) or not os.path.isdir(folder)):
+        raise UserError(f"{folder} is a file (or a link), not a folder: give a folder path to write "
+                        "the text encoder into (it is created)")
+    tmp = f"{folder}.tmp.{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
+        with _quiet_transformers():
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except OSError as e:
+        raise UserError(f"cannot write the text encoder to {folder} ({e.strerror or e}); choose a "
+                        "writable folder") from None
+    finally:  # written beside the folder: never left behind
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -330,7 +330,7 @@ def test_sample_wants_mu_exactly_for_a_dynamic_shift():
     (["diffusion.objective=flow_matching", "validation.sampler=euler", "diffusion.flow_shift=3",
       "diffusion.flow_shift_dynamic=true"], ["diffusion.flow_shift = 3.0", "flow_shift_dynamic"]),
     (["diffusion.objective=rectified_flow"], ["diffusion.objective", "rectified_flow"]),
-    (["diffusion.flow_shift=0"], ["diffusion.flow_shift = 0", "> 0"]),
+    (["diffusion.flow_shift=0"], ["diffusion.flow_shift = 0", "between 0.01 and 100"]),
     (["diffusion.mode_scale=3"], ["diffusion.mode_scale = 3.0"]),
 ])
 def test_config_refuses_flow_keys_that_do_not_fit(overrides, words):

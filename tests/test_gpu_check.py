@@ -15,9 +15,9 @@ from utils.config import EvaluateConfig, PredictConfig, TrainRunConfig, VAERunCo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
-CONFIGS = {"train_vae.py": (VAERunConfig, ()), "train_advanced.py": (TrainRunConfig, ("resume",)),
-           "predict_advanced.py": (PredictConfig, ()),
-           "diagnose.py": (TrainRunConfig, ("checkpoint", "min-vae-psnr")), "evaluate.py": (EvaluateConfig, ())}
+CONFIGS = {"train_vae.py": (VAERunConfig, {}), "train_advanced.py": (TrainRunConfig, {"resume": ""}),
+           "predict_advanced.py": (PredictConfig, {}),
+           "diagnose.py": (TrainRunConfig, {"checkpoint": "", "min-vae-psnr": ""}), "evaluate.py": (EvaluateConfig, {})}
 CONDITIONS = os.path.join(ROOT, "scripts", "gpu_check_conditions.py")
 
 

@@ -79,6 +79,19 @@ class SampleConditions:
         return SampleConditions(pick(self.cond), pick(self.uncond), [self.prompts[i] for i in index] if self.prompts else [])
 
 
+def _refuse_text(kind: str, prompts: Optional[Sequence[str]], negative_prompt: Optional[str]) -> None:
+    """Prompts and negative_prompt are for text checkpoints: a `kind` model is told to remove
+    them (never to give prompts, which it would refuse too)."""
+    what = "class-conditional" if kind == "class" else f"not text-conditioned (model.conditioning = {kind})"
+    if prompts:
+        instead = "use class_labels instead of prompts / prompts_file" if kind == "class" else \
+            "remove prompts / prompts_file"
+        raise UserError(f"prompts are set but this checkpoint's model is {what}; {instead}")
+    if negative_prompt is not None:
+        raise UserError(f"negative_prompt is set but this checkpoint's model is {what}; remove negative_prompt "
+                        "(it is the unconditional half of guidance for text models)")
+
+
 def _cycled(values: Sequence, n: int) -> list:
     return [values[i % len(values)] for i in range(n)]
 
@@ -121,9 +134,7 @@ class Conditioning:
         if labels:
             raise UserError("class_labels is set but this checkpoint's model is unconditional; "
                             "remove class_labels")
-        if prompts:
-            raise UserError("prompts are set but this checkpoint's model is not text-conditioned "
-                            f"(model.conditioning = {self.kind}); remove prompts / prompts_file")
+        _refuse_text(self.kind, prompts, negative_prompt)
         return SampleConditions({}, None, [""] * n)
 
     def guidance_note(self, guidance_scale: float) -> str:
@@ -158,9 +169,7 @@ class ClassConditioning(Conditioning):
 
     def samples(self, n: int, *, labels: Optional[Sequence[int]] = None, prompts: Optional[Sequence[str]] = None,
                 negative_prompt: Optional[str] = None, guidance_scale: float = 1.0) -> SampleConditions:
-        if prompts:
-            raise UserError("prompts are set but this checkpoint's model is class-conditional; use "
-                            "class_labels instead of prompts / prompts_file")
+        _refuse_text(self.kind, prompts, negative_prompt)
         for label in labels or []:
             if not 0 <= label < self.num_classes:
                 names = ", ".join(f"{i}={c}" for i, c in enumerate(self.class_names)) or \
@@ -215,7 +224,7 @@ class TextConditioning(Conditioning):
         super().check_checkpoint(ckpt, where)
         recorded = ckpt.get("conditioning", {}).get("text_encoder") or {}
         from models.text_encoder import check_text_encoder
-        check_text_encoder(recorded, _RecordView(self.encoder_record), where)
+        check_text_encoder(recorded, _RecordView(self.encoder_record), where, resume=True)
 
     def prepare(self, captions: Callable[[], Sequence[str]], cache_dir: str, dist, log,
                 batch_size: int = 64) -> None:

@@ -43,7 +43,7 @@ from utils.errors import ConfigError, UserError
 from utils.fvd import FeatureStats, load_detector
 from utils.logging import RunLogger
 from utils.run_guard import save_before_fail, weights_finite
-from utils.train_utils import (EMA, GracefulStop, autocast_context, count_parameters,
+from utils.train_utils import (EMA, GracefulStop, autocast_context, count_parameters, device_memory,
                                load_trainable_state_dict, make_adamw, make_grad_scaler,
                                trainable_state_dict, use_fast_adamw)
 
@@ -128,6 +128,7 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
     family = _family(cfg, log)  # model.pretrained: its folder's config and schedule, not its weights yet
     vae = FrozenVAE.from_config(cfg.vae, device)
     log.info(f"VAE {vae.summary()}")
+    _check_encode_memory(vae, cfg, device)
     # Every check the config, the data index, the VAE and the checkpoint allow, before the
     # latent cache is built or a step runs.
     dataset = build_dataset(cfg.data, "train", cfg.experiment.seed,  # the index: frame counts only
@@ -219,6 +220,14 @@ def _family(cfg: TrainRunConfig, log: RunLogger) -> Family:
     cfg.diffusion = family.resolve_diffusion(cfg.diffusion)
     cfg.check_schedule()
     return family
+def _check_encode_memory(vae: FrozenVAE, cfg: TrainRunConfig, device: torch.device) -> None:
+    """Refuse, before any clip is encoded, a resolution at which even one VAE call cannot fit
+    in the device's free memory (a lower bound: `FrozenVAE.encode_bytes`)."""
+    need, free = vae.encode_bytes(cfg.data.height, cfg.data.width, cfg.data.num_frames), device_memory(device)
+    if free is not None and need > free:
+        raise UserError(f"data.resolution = {cfg.data.resolution}: one VAE encode call at this size needs at "
+                        f"least {need / 2**30:.1f} GiB on {device}, more than the {free / 2**30:.1f} GiB "
+                        "free; lower data.resolution, or set vae.tiling: true (the VAE then encodes tiles)")
 
 
 def _maybe_cached(dataset, cfg: TrainRunConfig, vae: FrozenVAE, run_dir: str, dist: DistInfo,

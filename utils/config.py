@@ -28,6 +28,13 @@ DEVICE_HELP = "use auto, cpu, cuda or cuda:N"
 CAPTION_FILE_EXTS = (".csv", ".jsonl", ".json")  # data.captions metadata files
 MAX_NAME_BYTES = 255  # a file or folder name's limit on ext4, xfs, btrfs, APFS, NTFS
 MAX_RESOLUTION = 8192  # pixels per side: 8K video; a window of 8192 x 8192 frames is already ~0.8 GB/frame
+FLOW_SHIFT_RANGE = (0.01, 100.0)  # diffusion.flow_shift: models use 1-17 (SD3 3, Wan 3-5, HunyuanVideo 7-17)
+MAX_TEXT_TOKENS = 4096  # text_encoder.max_length: an encoder that states no limit is still bounded
+MAX_SEED = 2 ** 63 - 1  # seeds are 64-bit (torch's generators; python ints are unbounded)
+# experiment.seed: each rank's streams are seeded with seed x ~1000 + rank (utils/train_utils.py)
+MAX_EXPERIMENT_SEED = 2 ** 53 - 1
+MAX_VIDEO_FRAMES = 10_000  # predict num_frames: ~7 min at 24 fps, sampled window after window and held in memory
+MAX_WINDOWS = 64  # evaluate windows: window positions, each sampled for every video and given its own FVD
 MAX_FPS = 1000.0  # frames per second: beyond high-speed cameras' playback; resampling allocates fps * seconds
 # The built-in dataset's shape kinds and colour names, in the order data/builtin.py draws them
 # (it takes them from here, so that data.builtin.held_out_combinations is checked at load).
@@ -43,6 +50,7 @@ class ExperimentConfig:
 
     def validate(self, prefix: str = "experiment") -> None:
         """`name` is one plain directory name inside runs_dir: never a path that leaves it."""
+        check_seed(self.seed, f"{prefix}.seed", top=MAX_EXPERIMENT_SEED)
         name = self.name
         if name.strip() in ("", ".", "..") or os.path.isabs(name) or "/" in name or "\\" in name \
                 or name != name.strip() or "\0" in name:
@@ -250,9 +258,10 @@ class TextEncoderConfig:
 
     def validate(self, prefix: str = "text_encoder") -> None:
         _positive(self, prefix, "batch_size")
-        if self.max_length is not None and self.max_length < 1:
-            raise ConfigError(f"{prefix}.max_length = {self.max_length}: must be >= 1 (tokens) or null "
-                              "(the tokenizer's model_max_length)")
+        if self.max_length is not None and not 1 <= self.max_length <= MAX_TEXT_TOKENS:
+            raise ConfigError(f"{prefix}.max_length = {self.max_length}: must be 1 to {MAX_TEXT_TOKENS} tokens "
+                              "(every caption is padded to it in each batch; video models' text encoders "
+                              "take 77 to 512) or null (the tokenizer's model_max_length)")
 
 
 MODEL_PRESETS: dict[str, dict[str, int]] = {
@@ -495,8 +504,17 @@ class DiffusionConfig:
             raise ConfigError(f"{prefix}.num_train_timesteps = {self.num_train_timesteps}: must be >= 1")
         if "snr_shift_scale" in given and not self.snr_shift_scale > 0:
             raise ConfigError(f"{prefix}.snr_shift_scale = {self.snr_shift_scale}: must be > 0 (1 = no shift)")
-        if "flow_shift" in given and self.flow_shift <= 0:
-            raise ConfigError(f"{prefix}.flow_shift = {self.flow_shift}: must be > 0 (1 = no shift)")
+        lo, hi = FLOW_SHIFT_RANGE
+        if "flow_shift" in given and not lo <= self.flow_shift <= hi:
+            raise ConfigError(f"{prefix}.flow_shift = {self.flow_shift:g}: must be between {lo:g} and {hi:g} "
+                              "(1 = no shift; SD3 uses 3, Wan 3 to 5): beyond them nearly every training "
+                              f"step and sampler step sits at one end of the noise range (at {hi:g} the median "
+                              f"training noise level is already {hi / (hi + 1):.2f})")
+        for key in ("flow_base_shift", "flow_max_shift"):  # mu = log of the shift
+            if abs(getattr(self, key)) > math.log(hi):
+                raise ConfigError(f"{prefix}.{key} = {getattr(self, key):g}: must be between {-math.log(hi):.2f} "
+                                  f"and {math.log(hi):.2f} (it is the log of the shift, e^mu; Flux uses 0.5 and "
+                                  f"1.15): beyond them the shift leaves {prefix}.flow_shift's range [{lo:g}, {hi:g}]")
         if not rules:
             return
         r = self.resolved()
@@ -625,6 +643,7 @@ class ValidationConfig:
 
     def validate(self, prefix: str = "validation") -> None:
         _positive(self, prefix, "num_videos", "num_steps", "fps")
+        check_seed(self.seed, f"{prefix}.seed", max(self.num_videos, self.fvd.num_videos))
         hi = PREDICT_FPS_RANGE[1]  # the validation samples are written as .gif too
         if self.fps > hi:
             raise ConfigError(f"{prefix}.fps = {self.fps}: must be at most {hi:g} frames per second; "
@@ -741,6 +760,11 @@ class TrainRunConfig:
         self.diffusion.validate("diffusion", rules=False)
         if self.model.pretrained is None:  # else once the pretrained model's schedule is known (setup)
             self.check_schedule()
+        if self.data.captions is not None and self.model.conditioning_kind() != "text":
+            raise ConfigError(f"data.captions = {self.data.captions!r} is set but model.conditioning = "
+                              f"{self.model.conditioning_kind()}: only text models read captions (and a "
+                              "caption file is checked row by row); remove data.captions, or set "
+                              "model.conditioning: text")
         if self.validation.prompts is not None and self.model.conditioning_kind() != "text":
             raise ConfigError(f"validation.prompts is set but model.conditioning = "
                               f"{self.model.conditioning_kind()}: prompts need a text model "
@@ -754,8 +778,9 @@ class TrainRunConfig:
         sampler and its step count."""
         diffusion = self.diffusion.resolved()
         diffusion.validate("diffusion", rules=True)
-        check_num_steps(self.validation.num_steps, diffusion.num_train_timesteps, "validation.num_steps")
-        check_sampler(self.validation.sampler, diffusion.objective, "validation.sampler")
+        if self.validation.every_epochs:  # validation off: its sampler and steps are never used
+            check_num_steps(self.validation.num_steps, diffusion.num_train_timesteps, "validation.num_steps")
+            check_sampler(self.validation.sampler, diffusion.objective, "validation.sampler")
 
 
 @dataclass
@@ -868,6 +893,7 @@ class PredictConfig:
         _positive(self, "", "batch_size", "num_steps")
         if self.num_videos is not None:
             _positive(self, "", "num_videos")
+        check_seed(self.seed, "seed", self.num_videos or 1)
         if self.image is not None and self.images is not None:
             raise ConfigError("image and images are both set: give one image (every video) or a list "
                               "(one per video)")
@@ -879,6 +905,11 @@ class PredictConfig:
                               "null (one video per image)")
         if self.num_frames is not None:
             _positive(self, "", "num_frames")
+            if self.num_frames > MAX_VIDEO_FRAMES:
+                raise ConfigError(f"num_frames = {self.num_frames}: at most {MAX_VIDEO_FRAMES} frames per "
+                                  f"video (about {MAX_VIDEO_FRAMES / 24 / 60:.0f} minutes at 24 fps): a video "
+                                  "is sampled window after window and its frames are held in memory until "
+                                  f"it is written. Use at most {MAX_VIDEO_FRAMES}, or null (one training window)")
         lo, hi = PREDICT_FPS_RANGE
         if self.fps is not None and not lo <= self.fps <= hi:
             raise ConfigError(f"fps = {self.fps:g}: must be between {lo:g} and {hi:g} frames per second, "
@@ -953,6 +984,9 @@ class RealClipsConfig:
     dataset_seed: Optional[int] = None  # built-in data's experiment.seed; null = the checkpoint's, else 0
 
     def validate(self, prefix: str = "real") -> None:
+        check_seed(self.seed, f"{prefix}.seed")
+        if self.dataset_seed is not None:
+            check_seed(self.dataset_seed, f"{prefix}.dataset_seed")
         if self.num_clips is not None and self.num_clips < 2:
             raise ConfigError(f"{prefix}.num_clips = {self.num_clips}: need >= 2 (or null = num_videos)")
 
@@ -1021,6 +1055,11 @@ class EvaluateConfig:
     def validate(self) -> None:
         _check_device(self.device)
         _positive(self, "", "num_videos", "batch_size", "num_steps", "windows")
+        check_seed(self.seed, "seed", self.num_videos)
+        if self.windows > MAX_WINDOWS:
+            raise ConfigError(f"windows = {self.windows}: at most {MAX_WINDOWS} window positions (each one "
+                              "is sampled for every video and gets its own FVD statistics); use at most "
+                              f"{MAX_WINDOWS}")
         if self.num_videos < 2:
             raise ConfigError(f"num_videos = {self.num_videos}: a covariance needs >= 2 videos")
         if self.guidance_scale < 0:
@@ -1153,6 +1192,15 @@ def _check_optimiser(tcfg: Any, prefix: str) -> None:
                           "norm) or null (no clipping)")
     if tcfg.weight_decay < 0:
         raise ConfigError(f"{prefix}.weight_decay = {tcfg.weight_decay}: must be >= 0")
+
+
+def check_seed(seed: int, key: str, videos: int = 1, top: int = MAX_SEED) -> None:
+    """A seed torch, numpy and python all take: 0 <= seed, and seed + i of each of `videos`
+    videos (video i uses seed + i) at most `top` (64 bits)."""
+    top -= videos - 1
+    if not 0 <= seed <= top:
+        each = f" (video i uses {key} + i, for {videos} videos)" if videos > 1 else ""
+        raise ConfigError(f"{key} = {seed}: must be between 0 and {top}{each}; seeds are 64-bit")
 
 
 def _positive(obj: Any, prefix: str, *names: str) -> None:
