@@ -320,11 +320,20 @@ class PretrainedFamily(Family):
     # ---- objective
 
     def native_scheduler(self) -> Optional[dict]:
-        if self.scheduler is None:
-            return None
-        return {"sampler": self.native_sampler, **self.scheduler}
+        return self.native_of(self.scheduler)
 
-    native_sampler = ""
+    # {scheduler class in the folder: (the repo's sampler name, the class the sampler builds)}
+    NATIVE: dict[str, tuple[str, str]] = {}
+
+    @classmethod
+    def native_of(cls, scheduler: Optional[dict]) -> Optional[dict]:
+        """{"sampler", "class_name", "config"} of a folder's scheduler record: the sampler name
+        it serves and the class built from its config; None when the repo cannot run that class
+        as is (the family's schedule is then sampled by the repo's own samplers)."""
+        if scheduler is None or scheduler.get("class_name") not in cls.NATIVE:
+            return None
+        sampler, class_name = cls.NATIVE[scheduler["class_name"]]
+        return {"sampler": sampler, "class_name": class_name, "config": dict(scheduler["config"])}
 
     # ---- export
 
@@ -356,7 +365,11 @@ class WanFamily(PretrainedFamily):
     name = "wan"
     class_name = "WanTransformer3DModel"
     pipeline_class = "WanPipeline"
-    native_sampler = "unipc"
+    # Wan's folders ship UniPC with flow sigmas; a FlowMatchEuler or DPM-Solver++ folder is
+    # sampled by its own class too
+    NATIVE = {"UniPCMultistepScheduler": ("unipc", "UniPCMultistepScheduler"),
+              "FlowMatchEulerDiscreteScheduler": ("euler", "FlowMatchEulerDiscreteScheduler"),
+              "DPMSolverMultistepScheduler": ("dpm++", "DPMSolverMultistepScheduler")}
     per_frame_timesteps = True  # per-token timesteps (Wan 2.2 TI2V's (B, seq_len) form)
     # attention q/k/v/out of self- (attn1) and cross-attention (attn2), and the feed-forward
     # linears (ffn.net.0.proj, ffn.net.2): finetrainers' and DiffSynth's default set
@@ -427,7 +440,10 @@ class CogVideoXFamily(PretrainedFamily):
     name = "cogvideox"
     class_name = "CogVideoXTransformer3DModel"
     pipeline_class = "CogVideoXPipeline"
-    native_sampler = "ddim"
+    # CogVideoXPipeline's DDIM; a 5B folder's CogVideoXDPMScheduler steps with another signature
+    # (the previous x0 and timestep), so its config is sampled by CogVideoXDDIMScheduler
+    NATIVE = {"CogVideoXDDIMScheduler": ("ddim", "CogVideoXDDIMScheduler"),
+              "CogVideoXDPMScheduler": ("ddim", "CogVideoXDDIMScheduler")}
     text_dim_key = "text_embed_dim"
     # attention q/k/v/out (diffusers' CogVideoX LoRA example) and the feed-forward linears
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
@@ -673,9 +689,9 @@ def check_base(recorded: dict, family: Family, where: str) -> None:
 def native_scheduler_of(record: Optional[dict]) -> Optional[dict]:
     """The native sampler of a checkpoint's family record (None: the repo's DiT, or a folder
     without a scheduler)."""
-    if not record or record.get("scheduler") is None or record.get("class_name") not in FAMILIES:
+    if not record or record.get("class_name") not in FAMILIES:
         return None
-    return {"sampler": FAMILIES[record["class_name"]].native_sampler, **record["scheduler"]}
+    return FAMILIES[record["class_name"]].native_of(record.get("scheduler"))
 
 
 def trainable_names(module: nn.Module) -> list[str]:
