@@ -36,6 +36,7 @@ from typing import Optional
 from utils.config import DataConfig
 from utils.errors import ConfigError, MissingFileError, UserError
 from utils.paths import refuse_folder
+from utils.prompts import read_prompts_file  # noqa: F401  (re-exported: predict's and validation's prompt files)
 
 PATH_COLUMNS = ("path", "file_path", "video")
 CAPTION_COLUMNS = ("text", "caption", "prompt")
@@ -304,29 +305,3 @@ def _apply_policy(cfg: DataConfig, rels: list[str], found: dict[str, Optional[st
 def _listing(lines: list[str]) -> str:
     more = f"; ... and {len(lines) - MAX_LISTED} more" if len(lines) > MAX_LISTED else ""
     return "; ".join(lines[:MAX_LISTED]) + more
-
-
-# --------------------------------------------------------------------------- prompts
-
-
-def read_prompts_file(path: str, key: str = "prompts_file") -> list[str]:
-    """The prompts of a text file, one per line (UTF-8; surrounding whitespace stripped, blank
-    lines skipped), for predict's and validation's prompts; UserError naming `key` and the file."""
-    path = os.path.expanduser(path)
-    refuse_folder(path, key, "a text file with one prompt per line")
-    if not os.path.isfile(path):
-        raise MissingFileError(f"{key} = {path}: file not found; give a text file with one prompt per line")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise UserError(f"{key} = {path}: cannot be read ({e.strerror})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise UserError(f"{key} = {path}, line {line}: not UTF-8 text ({e.reason}); save it as UTF-8") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise UserError(f"{key} = {path}: has no prompts; write one prompt per line")
-    return prompts

@@ -171,8 +171,11 @@ class Family:
         return MASKED
 
     def text_length(self, asked: Optional[int]) -> Optional[int]:
-        """text_encoder.max_length for this family (None: the tokenizer's own)."""
+        """text_encoder.max_length for this family (None: `default_text_length`, else the
+        tokenizer's own)."""
         return asked
+
+    default_text_length: Optional[int] = None  # tokens per caption when text_encoder.max_length is null
 
     def check_text(self, hidden_size: int) -> None:
         """Refuse a text encoder whose hidden size the model cannot read."""
@@ -416,12 +419,11 @@ class WanFamily(PretrainedFamily):
     def _train_timesteps(self) -> int:
         return int((self.scheduler or {}).get("config", {}).get("num_train_timesteps", 1000))
 
-    def text_length(self, asked: Optional[int]) -> int:
-        return asked or self.DEFAULT_TEXT_LENGTH
+    default_text_length = DEFAULT_TEXT_LENGTH  # within the encoder's limit (a smaller tokenizer's own)
 
     def text_convention(self, max_length: Optional[int]) -> TextConvention:
         return TextConvention("zero_padded", encoder_mask=True, model_mask=False, null="empty",
-                              length=self.text_length(max_length))
+                              length=max_length)
 
     def call(self, transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         # x (B, C, T, h, w) as Wan's hidden_states; t (B,) = 1000 * sigma, or (B, T) per latent

@@ -229,11 +229,14 @@ class FrozenTextEncoder(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer, path: str = "", tokenizer_dir: str = "",
                  max_length: Optional[int] = None, dtype: Optional[torch.dtype] = None, found: str = "",
-                 source: tuple[str, Optional[str]] = ("", None), attend_padding: bool = False):
+                 source: tuple[str, Optional[str]] = ("", None), attend_padding: bool = False,
+                 default_length: Optional[int] = None):
         """`path`: the encoder's own folder; `source`: (text_encoder.path, text_encoder.subfolder)
         as given, which is what reloads it (a pipeline's text_encoder/ alone lacks its tokenizer).
         `attend_padding`: every caption padded to max_length and encoded with the padding
-        attended and kept (CogVideoX's convention), instead of masked and zeroed."""
+        attended and kept (CogVideoX's convention), instead of masked and zeroed.
+        `default_length`: the tokens per caption when `max_length` is null, instead of the
+        tokenizer's own (a DiT family's, e.g. Wan's 512), within the encoder's limit."""
         super().__init__()
         self.attend_padding = attend_padding
         self.source, self.subfolder = source
@@ -250,7 +253,7 @@ class FrozenTextEncoder(nn.Module):
         self.model = model.eval().requires_grad_(False)
         self.eval()
         self.tokenizer = self._prepare_tokenizer(tokenizer)
-        self.max_length = self._resolve_max_length(max_length)
+        self.max_length = self._resolve_max_length(max_length, default_length)
         probe = self.encode([""])  # measures the sizes, and that the encoder runs at all
         self.hidden_size = probe.tokens.shape[-1]
         self.pooled_size = None if probe.pooled is None else probe.pooled.shape[-1]
@@ -258,7 +261,7 @@ class FrozenTextEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, device: torch.device | str = "cpu", dtype: str = "auto",
                         max_length: Optional[int] = None, subfolder: Optional[str] = None,
-                        attend_padding: bool = False) -> "FrozenTextEncoder":
+                        attend_padding: bool = False, default_length: Optional[int] = None) -> "FrozenTextEncoder":
         folder, tok_dir, found = resolve_text_encoder_dir(path, subfolder)
         name = _class_of(folder)
         with _quiet_transformers():
@@ -273,7 +276,7 @@ class FrozenTextEncoder(nn.Module):
                                 "Its files are corrupt or incomplete, or need a package not installed "
                                 "here: save it with tokenizer.json (a fast tokenizer)") from None
         return cls(model.to(device), tokenizer, folder, tok_dir, max_length, resolve_text_dtype(dtype, device),
-                   found, (os.path.abspath(path), subfolder), attend_padding)
+                   found, (os.path.abspath(path), subfolder), attend_padding, default_length)
 
     @classmethod
     def from_record(cls, record: dict, where: str, device: torch.device | str = "cpu", dtype: str = "auto",
@@ -300,14 +303,14 @@ class FrozenTextEncoder(nn.Module):
     @classmethod
     def from_config(cls, cfg: TextEncoderConfig, device: torch.device | str = "cpu",
                     path: Optional[str] = None, max_length: Optional[int] = None,
-                    attend_padding: bool = False) -> "FrozenTextEncoder":
+                    attend_padding: bool = False, default_length: Optional[int] = None) -> "FrozenTextEncoder":
         """The encoder `cfg` describes; `path` / `max_length` override cfg's (e.g. a checkpoint's
         record, or a pretrained DiT's text length)."""
         if (path or cfg.path) is None:
             raise ConfigError("text_encoder.path is not set: point it at a text-encoder folder with its "
                               "tokenizer, or a pipeline folder with text_encoder/ and tokenizer/")
         return cls.from_pretrained(path or cfg.path, device, cfg.dtype, max_length or cfg.max_length,
-                                   cfg.subfolder, attend_padding)
+                                   cfg.subfolder, attend_padding, default_length)
 
     def train(self, mode: bool = True) -> "FrozenTextEncoder":
         return super().train(False)  # frozen: stays in eval whatever the caller asks
@@ -321,9 +324,10 @@ class FrozenTextEncoder(nn.Module):
             tokenizer.pad_token = tokenizer.eos_token  # padding is masked and zeroed anyway
         return tokenizer
 
-    def _resolve_max_length(self, asked: Optional[int]) -> int:
+    def _resolve_max_length(self, asked: Optional[int], default: Optional[int] = None) -> int:
         """`asked` (text_encoder.max_length), bounded by the model's own limit (checked before
-        any caption is padded to it), or null: the tokenizer's length."""
+        any caption is padded to it), or null: `default` (a DiT family's), else the tokenizer's
+        length, within the limit."""
         limit, why = self._token_limit()
         if asked is not None:
             if limit is not None and asked > limit:
@@ -332,6 +336,7 @@ class FrozenTextEncoder(nn.Module):
             return asked
         own = getattr(self.tokenizer, "model_max_length", None)
         length = own if isinstance(own, int) and 0 < own < UNSET_MAX_LENGTH else DEFAULT_MAX_LENGTH
+        length = default if default is not None else length
         return min(length, limit) if limit is not None else length
 
     def _token_limit(self) -> tuple[Optional[int], str]:

@@ -43,6 +43,7 @@ condition_frames), which changes x_t, t and the loss mask rather than the model'
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -205,6 +206,8 @@ class TextConditioning(Conditioning):
         self.encoder_record, self.caption_dropout = encoder_record, caption_dropout
         self.table, self.encoder, self.load_encoder = table, encoder, load_encoder
         self.convention = convention or convention_of(encoder_record.get("convention"))
+        if not self.convention.model_mask and self.convention.length is None:  # the encoder's length
+            self.convention = dataclasses.replace(self.convention, length=int(encoder_record["max_length"]))
         self.cache = None  # the TextEmbeddingCache `prepare` built (its encoded / reused counts)
         self.encoded = 0  # captions encoded by this object (not from the table)
         self.encoded_here = 0  # captions this process encoded for the cache (`prepare`)
@@ -394,13 +397,14 @@ def checkpoint_kind(ckpt: dict) -> str:
 
 
 def conditioning_for_training(cfg, dataset, device: torch.device, log, dist=None,
-                              convention: TextConvention = MASKED,
-                              text_length: Optional[int] = None) -> Conditioning:
+                              convention: TextConvention = MASKED, text_length: Optional[int] = None,
+                              default_length: Optional[int] = None) -> Conditioning:
     """The seam of a training run (`cfg`: TrainRunConfig; `dataset`: its training split), cheap:
     text loads the frozen encoder from text_encoder.path on rank 0 only (for its sizes and
     fingerprint, which a resumed checkpoint is checked against; the other ranks get its record
-    and load it in `prepare` only if they have captions to encode). `convention` and
-    `text_length` (text_encoder.max_length) are the DiT family's (models/backbones.py)."""
+    and load it in `prepare` only if they have captions to encode). `convention`,
+    `text_length` (text_encoder.max_length) and `default_length` (its fallback) are the DiT
+    family's (models/backbones.py)."""
     from utils.dist import DistInfo, gather_objects
     dist = dist or DistInfo()
     kind = cfg.model.resolved().conditioning
@@ -416,7 +420,8 @@ def conditioning_for_training(cfg, dataset, device: torch.device, log, dist=None
 
     def load():
         return FrozenTextEncoder.from_config(cfg.text_encoder, device, max_length=text_length,
-                                             attend_padding=not convention.encoder_mask)
+                                             attend_padding=not convention.encoder_mask,
+                                             default_length=default_length)
     encoder = load() if dist.is_main else None
     if encoder is not None:
         log.info(f"text encoder {encoder.summary()}")

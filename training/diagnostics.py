@@ -460,7 +460,8 @@ def run_diagnostics(cfg: TrainRunConfig, checkpoint: Optional[str], device: torc
     train_set = build_dataset(cfg.data, "train", cfg.experiment.seed)
     text_length = family.text_length(cfg.text_encoder.max_length)
     configured = conditioning_for_training(cfg, train_set, device, RunLogger(None), None,
-                                           family.text_convention(text_length), text_length)  # text: the encoder
+                                           family.text_convention(text_length), text_length,
+                                           family.default_text_length)  # text: the encoder
     dims = {**latent_dims(cfg, vae, train_set.num_classes, family), **configured.dims()}
     latent_shape = ckpts.latent_shape(dims)
     pretrained = cfg.model.pretrained  # a LoRA checkpoint's base: the configured one (fingerprint checked)

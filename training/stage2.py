@@ -135,7 +135,7 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
                             index_file=os.path.join(run_dir, RUN_INDEX_FILE))
     text_length = family.text_length(cfg.text_encoder.max_length)
     cond = conditioning_for_training(cfg, dataset, device, log, dist, family.text_convention(text_length),
-                                     text_length)  # text: the frozen encoder, loaded on rank 0
+                                     text_length, family.default_text_length)  # text: the frozen encoder, loaded on rank 0
     if cond.kind == "text":
         family.check_text(int(cond.dims()["text_dim"]))
     dims = {**latent_dims(cfg, vae, dataset.num_classes, family), **cond.dims()}  # resolution, frame rule, patch

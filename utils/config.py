@@ -879,7 +879,7 @@ class PredictConfig:
     def prompt_list(self) -> Optional[list[str]]:
         """`prompts`, or the lines of `prompts_file`, or None."""
         if self.prompts_file is not None:
-            from data.captions import read_prompts_file
+            from utils.prompts import read_prompts_file
             return read_prompts_file(self.prompts_file, "prompts_file")
         return self.prompts
 
