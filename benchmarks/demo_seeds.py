@@ -74,7 +74,7 @@ def main() -> int:
         if not os.path.isfile(os.path.join(vae, "vae", "config.json")):
             t0 = time.time()
             run([sys.executable, "train_vae.py", "--config", "config_vae.yaml", *common,
-                 f"experiment.name=vae_s{seed}", "train.resume=null", *args.stage1], vae + ".log")
+                 f"experiment.name=vae_s{seed}", "train.resume=auto", *args.stage1], vae + ".log")
             print(f"seed {seed}: stage 1 {time.time() - t0:.0f} s", flush=True)
         name = f"{args.name}_s{seed}"
         t0 = time.time()
