@@ -51,7 +51,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from einops import rearrange
@@ -696,17 +696,7 @@ def native_scheduler_of(record: Optional[dict]) -> Optional[dict]:
     return FAMILIES[record["class_name"]].native_of(record.get("scheduler"))
 
 
-def trainable_names(module: nn.Module) -> list[str]:
-    return [n for n, p in module.named_parameters() if p.requires_grad]
-
-
 def ignored_architecture_keys(model_cfg: ModelConfig) -> list[str]:
     """The own-DiT architecture keys set to other than their defaults (ignored by a pretrained run)."""
     default = ModelConfig()
     return [k for k in OWN_ARCHITECTURE_KEYS if getattr(model_cfg, k) != getattr(default, k)]
-
-
-def describe_params(module: nn.Module) -> dict[str, Any]:
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in module.parameters())
-    return {"trainable": trainable, "total": total}

@@ -17,14 +17,14 @@ from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteSchedu
 
 import diagnose
 import predict_advanced
-from training.checkpoints import recorded_diffusion
 from models.diffusion import (FLOW_SAMPLERS, SAMPLERS, Diffusion, flow_mu, latent_seq_len,
                               make_scheduler, sample, shift_sigma, time_shift_sigma)
 from tests.test_stage2 import ROOT, TINY, _predict, _train, random_vae  # noqa: F401  (fixture)
 from training import diagnostics
+from training.checkpoints import recorded_diffusion
 from utils.checkpoint import load_checkpoint
 from utils.cli import run_main
-from utils.config import (DiffusionConfig, EvaluateConfig, PredictConfig, TrainRunConfig, config_from_dict,
+from utils.config import (DiffusionConfig, EvaluateConfig, PredictConfig, TrainRunConfig,
                           default_sampler, load_config, resolve_sampler)
 from utils.errors import ConfigError, UserError
 

@@ -431,7 +431,7 @@ def test_diagnose_and_evaluate_read_a_fine_tuned_checkpoint(wan_lora_run, pretra
     import evaluate
     from tests.test_evaluate import StandInI3D
     from training.diagnostics import PASS, run_diagnostics
-    from utils.config import EvaluateConfig, TrainRunConfig, load_config
+    from utils.config import TrainRunConfig, load_config
     cfg = load_config(TrainRunConfig, os.path.join(ROOT, "config_finetune.yaml"),
                       [*_tiny("wan"), f"model.pretrained={pretrained_pipelines['wan']}",
                        "model.first_frame_conditioning=0.5", f"experiment.runs_dir={tmp_path}"])

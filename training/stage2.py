@@ -8,7 +8,6 @@ training loop, in headed phases.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -204,7 +203,7 @@ def _family(cfg: TrainRunConfig, log: RunLogger) -> Family:
         if ignored:
             log.info(f"warning: {', '.join('model.' + k for k in ignored)} describe the repo's own DiT and are "
                      f"ignored: the pretrained {family.class_name} brings its own architecture")
-        if cfg.model.conditioning_kind() != "text":
+        if family.text_required and cfg.model.conditioning_kind() != "text":
             raise ConfigError(f"model.pretrained is a {family.class_name}, a text-to-video model, but "
                               f"model.conditioning = {cfg.model.conditioning_kind()}: set model.conditioning: "
                               "text (and data.captions, text_encoder.path)")
