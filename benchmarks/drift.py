@@ -51,7 +51,7 @@ def held_out_first_frames(ckpt: dict, n: int, folder: str) -> tuple[list[str], l
         paths.append(os.path.join(folder, f"first_{k:04d}.png"))
         Image.fromarray(frame).save(paths[-1])
         labels.append(int(item["label"]))
-        captions.append(item.get("caption", ""))
+        captions.append(item.get("caption"))
     return paths, labels, captions
 
 
@@ -75,7 +75,7 @@ def run(cfg, windows: int, image: bool) -> dict:
     import torch
 
     from training.checkpoints import PREDICT_ENTRIES, check_entries, check_format
-    from training.conditioning import checkpoint_kind
+    from training.conditioning import seam_of
     from training.first_frames import FirstFrames, windows_of
     from training.sampling import checkpoint_sampler, sample_videos
     from utils.checkpoint import load_checkpoint
@@ -96,13 +96,12 @@ def run(cfg, windows: int, image: bool) -> dict:
         if image:
             cfg.images, image_labels, captions = held_out_first_frames(ckpt, cfg.num_videos, folder)
             cfg.image = None
-            # Video i is conditioned on what its image shows: the clip's class, or its caption (a
-            # "red square" told to continue a blue circle's frame is no measure of drift).
-            kind = checkpoint_kind(ckpt)
-            if kind == "class" and not cfg.class_labels:
-                cfg.class_labels = image_labels
-            elif kind == "text" and not (cfg.prompts or cfg.prompts_file) and all(captions):
-                cfg.prompts = captions
+            # Video i is conditioned on what its image shows: the clip's own condition, its class
+            # or caption (a "red square" told to continue a blue circle's frame is no measure of
+            # drift), unless the command gives labels or prompts.
+            if not (cfg.class_labels or cfg.prompts or cfg.prompts_file):
+                own = seam_of(ckpt).clip_conditions(image_labels, captions)
+                cfg.class_labels, cfg.prompts = own.get("labels"), own.get("prompts")
         with torch.no_grad():
             videos, _ = sample_videos(cfg, device)
     spans = windows_of(cfg.num_frames, window, overlap)

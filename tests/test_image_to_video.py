@@ -408,8 +408,11 @@ def test_validation_image_to_video_of_a_text_model_uses_each_images_caption(monk
                       [*TINY, *PER_FRAME, "vae.path=/nowhere", "data.builtin.captions=true",
                        "validation.num_videos=2"])
 
+    from training.conditioning import TextConditioning
+
     class Seam:
         reads = ("caption",)
+        clip_conditions = TextConditioning.clip_conditions  # the seam's: each clip's own caption
 
         def samples(self, n, *, prompts=None, **_):
             return SampleConditions({}, None, [prompts[i % len(prompts)] for i in range(n)])
@@ -441,8 +444,11 @@ def test_validation_image_to_video_of_a_class_model_uses_each_images_class(monke
     cfg = load_config(TrainRunConfig, os.path.join(ROOT, "config_advanced.yaml"),
                       [*TINY, *PER_FRAME, "vae.path=/nowhere", "validation.num_videos=3"])
 
+    from training.conditioning import ClassConditioning
+
     class Seam:
         reads = ("label",)
+        clip_conditions = ClassConditioning.clip_conditions  # the seam's: each clip's own class
 
         def samples(self, n, *, labels=None, **_):
             labels = labels or list(range(n))

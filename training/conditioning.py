@@ -16,6 +16,12 @@ diagnose) asks a `Conditioning` object and never branches on the kind:
     seam.samples(n, labels=, prompts=, negative_prompt=) -> SampleConditions: cond / uncond rows
                                        of n videos and each video's prompt (prompts.txt, TensorBoard)
     seam.summary(), seam.guidance_note(scale) -> log / predict lines
+    seam.check_family(family)       -> refuse a condition the DiT family cannot read (models/backbones.py)
+    Seam.clip_conditions(labels, captions) -> the `samples` keywords (labels / prompts) that condition
+                                       video i on real clip i's own condition (image-to-video,
+                                       extension, FVD against those clips), for any kind
+    seam.rolled(batch)              -> the batch with each clip given another clip's condition (does
+                                       the model read its condition? diagnose), or None
 
 `SampleConditions.rows(a, b, device)` gives the (cond, uncond) keyword dicts of videos a..b,
 which `models.diffusion.sample` batches for classifier-free guidance: uncond has the same keys
@@ -138,6 +144,26 @@ class Conditioning:
         _refuse_text(self.kind, prompts, negative_prompt)
         return SampleConditions({}, None, [""] * n)
 
+    def check_family(self, family) -> None:
+        """Refuse a condition the DiT `family` cannot read: a pretrained text-to-video model needs
+        text (ConfigError naming what to set)."""
+        if family.text_required:
+            from utils.errors import ConfigError
+            raise ConfigError(f"model.pretrained is a {family.class_name}, a text-to-video model, but "
+                              f"model.conditioning = {self.kind}: set model.conditioning: text (and "
+                              "data.captions, text_encoder.path)")
+
+    @classmethod
+    def clip_conditions(cls, labels: Sequence[int], captions: Sequence[Optional[str]]) -> dict:
+        """`samples` keywords (labels / prompts) that give video i the condition of real clip i,
+        from the clips' `labels` and `captions`: nothing here (an unconditional model)."""
+        return {}
+
+    def rolled(self, batch: dict) -> Optional[dict]:
+        """`batch` with each clip given the next clip's condition (diagnose: does the model read
+        its condition?), or None when there is nothing to compare."""
+        return None
+
     def guidance_note(self, guidance_scale: float) -> str:
         if guidance_scale == 1.0:
             return "guidance 1"
@@ -179,6 +205,10 @@ class ClassConditioning(Conditioning):
         y = torch.tensor(_cycled(list(labels) if labels else list(range(self.num_classes)), n), dtype=torch.long)
         return SampleConditions({"y": y}, {"y": torch.full_like(y, self.num_classes)}, [""] * n)
 
+    @classmethod
+    def clip_conditions(cls, labels: Sequence[int], captions: Sequence[Optional[str]]) -> dict:
+        return {"labels": [int(label) for label in labels]}
+
     def guidance_note(self, guidance_scale: float) -> str:
         return f"guidance {guidance_scale}"
 
@@ -215,6 +245,24 @@ class TextConditioning(Conditioning):
     @property
     def null_is_empty(self) -> bool:
         return self.convention.null == "empty"
+
+    def check_family(self, family) -> None:
+        family.check_text(int(self.encoder_record["hidden_size"]))
+
+    @classmethod
+    def clip_conditions(cls, labels: Sequence[int], captions: Sequence[Optional[str]]) -> dict:
+        if not all(captions):
+            raise UserError("the checkpoint is text-conditioned, so each video is conditioned on the "
+                            "caption of the real clip it continues or is compared with, but the real "
+                            "clips have no captions: set data.captions (or leave data.path null: the "
+                            "checkpoint's data)")
+        return {"prompts": list(captions)}
+
+    def rolled(self, batch: dict) -> Optional[dict]:
+        captions = batch.get("caption")
+        if not captions or len(set(captions)) < 2:
+            return None
+        return {**batch, "caption": list(captions[1:]) + list(captions[:1])}
 
     def dims(self) -> dict:
         return {"num_classes": 0, "text_dim": int(self.encoder_record["hidden_size"]),

@@ -302,7 +302,7 @@ def check_denoise(ckpt: dict, vae: FrozenVAE, clips: torch.Tensor, cond: dict,
 @torch.no_grad()
 def check_jigsaw(ckpt: dict, vae: FrozenVAE, real_clips: torch.Tensor, cond: dict,
                  device: torch.device, sampling: ValidationConfig, num_videos: int = NUM_SAMPLES,
-                 seam: Optional[Conditioning] = None, prompts: Optional[list] = None,
+                 seam: Optional[Conditioning] = None, request: Optional[dict] = None,
                  pretrained: Optional[str] = None) -> Check:
     """Are the DiT's pieces in their places? Two measurements, either can fail:
 
@@ -338,7 +338,7 @@ def check_jigsaw(ckpt: dict, vae: FrozenVAE, real_clips: torch.Tensor, cond: dic
         model, vae, diffusion,
         latent_shape=ckpts.latent_shape(dims),
         seeds=[sampling.seed + i for i in range(num_videos)],
-        conditions=seam.samples(num_videos, prompts=prompts), sampler=sampling.sampler,
+        conditions=seam.samples(num_videos, **(request or {})), sampler=sampling.sampler,
         num_steps=sampling.num_steps, guidance_scale=sampling.guidance_scale, device=device)
     cell = vae.downsample_factor * patch  # patch side in pixels
     samples = torch.stack([uint8_to_video_tensor(v) for v in videos])  # (B, 3, T, H, W)
@@ -377,14 +377,14 @@ def check_condition(ckpt: dict, configured: Conditioning, seam: Conditioning, va
     except UserError as e:
         return Check("condition", FAIL, f"checkpoint {seam.summary()}", str(e))
     matches = f"{seam.summary()} as configured"
-    captions = batch.get("caption")
-    if "caption" not in seam.reads or not captions or len(set(captions)) < 2:
+    shuffled_batch = seam.rolled(batch)  # each clip given the next clip's condition
+    if shuffled_batch is None:  # nothing to compare (an unconditional or class model, one caption)
         return Check("condition", PASS, matches)
     model = ckpts.model_from_checkpoint(ckpt, use_ema=True, device=device, pretrained=pretrained, key="--checkpoint")
     diffusion = ckpts.objective_of(ckpt)
     x0 = vae.encode(clips.to(device), sample=False)  # (B, C, T, h, w)
     own = seam.eval_kwargs(batch, device)
-    shuffled = seam.eval_kwargs({**batch, "caption": captions[1:] + captions[:1]}, device)
+    shuffled = seam.eval_kwargs(shuffled_batch, device)
     g = torch.Generator().manual_seed(seed)
     loss_own = loss_shuffled = 0.0
     for frac in DENOISE_NOISE_LEVELS:
@@ -462,7 +462,8 @@ def run_diagnostics(cfg: TrainRunConfig, checkpoint: Optional[str], device: torc
     configured = conditioning_for_training(cfg, train_set, device, RunLogger(None), None,
                                            family.text_convention(text_length), text_length,
                                            family.default_text_length)  # text: the encoder
-    dims = {**latent_dims(cfg, vae, train_set.num_classes, family), **configured.dims()}
+    configured.check_family(family)
+    dims = {**latent_dims(cfg, vae, family), **configured.dims()}
     latent_shape = ckpts.latent_shape(dims)
     pretrained = cfg.model.pretrained  # a LoRA checkpoint's base: the configured one (fingerprint checked)
 
@@ -505,12 +506,11 @@ def run_diagnostics(cfg: TrainRunConfig, checkpoint: Optional[str], device: torc
                                                         device, cfg.experiment.seed, checkpoint, pretrained))
     yield _guarded("denoise", lambda: check_denoise(ckpt, vae, few_val, seam.eval_kwargs(few_batch, device),
                                                     device, cfg.experiment.seed, pretrained))
-    # A text model's samples: validation.prompts, else held-out captions; any other model is
-    # sampled with its own conditions (its clips may carry captions it was not trained on).
-    prompts = None if "caption" not in seam.reads else \
-        cfg.validation.prompts or (val_batch["caption"][:NUM_SAMPLES] if val_batch["caption"] else None)
+    # The samples: validation.prompts (text models), else the held-out clips' own conditions.
+    request = {"prompts": cfg.validation.prompts} if cfg.validation.prompts else seam.clip_conditions(
+        val_batch["label"][:NUM_SAMPLES].tolist(), (val_batch["caption"] or [None] * NUM_SAMPLES)[:NUM_SAMPLES])
     yield _guarded("jigsaw", lambda: check_jigsaw(ckpt, vae, val, seam.eval_kwargs(val_batch, device),
-                                                  device, cfg.validation, seam=seam, prompts=prompts,
+                                                  device, cfg.validation, seam=seam, request=request,
                                                   pretrained=pretrained))
 
 

@@ -42,8 +42,7 @@ from data.videos import find_sources
 from data.windows import window_span
 from models.vae import Geometry
 from training.checkpoints import PREDICT_ENTRIES, check_entries, check_format, model_dims
-from training.conditioning import seam_of
-from training.sampling import Loaded, default_labels, load_sampler
+from training.sampling import Loaded, load_sampler
 from utils.checkpoint import load_checkpoint, write_json
 from utils.config import DataConfig, EvaluateConfig, PredictConfig
 from utils.errors import UserError
@@ -474,11 +473,15 @@ def _checkpoint_features(cfg: EvaluateConfig, loaded: Loaded, geometry: ClipGeom
         if cfg.image_to_video or cfg.windows > 1 else None
     features = drift.features[0] if drift is not None else features()
     dims = model_dims(ckpt["model"])
-    labels = default_labels(cfg.num_videos, dims["num_classes"], cfg.class_labels)
-    labels_of_real = labels is not None and cfg.image_to_video and cfg.class_labels is None
-    if labels_of_real:
-        labels = real_labels(real_clips, cfg.num_videos)  # video i continues real clip i: its class
-    prompts = real_prompts(real_clips, cfg.num_videos) if "caption" in seam_of(ckpt).reads else None
+    # Video i has real clip i's own condition (its class, its caption: the two sides of FVD
+    # describe the same content, and image i's video continues its own clip), unless
+    # class_labels are given.
+    own = loaded.seam.clip_conditions(*real_conditions(real_clips, cfg.num_videos)) \
+        if cfg.class_labels is None else {"labels": list(cfg.class_labels)}
+    labels_of_real = cfg.class_labels is None and "labels" in own
+    labels = None if "labels" not in own else torch.tensor(
+        [own["labels"][i % len(own["labels"])] for i in range(cfg.num_videos)], dtype=torch.long)
+    prompts = own.get("prompts")
     frames = geometry.num_frames if drift is None else drift.num_frames
     expected = (frames, geometry.height, geometry.width, 3)
     with tqdm(total=cfg.num_videos, desc="features, generated", unit="video", leave=False) as bar, \
@@ -514,22 +517,20 @@ def _checkpoint_features(cfg: EvaluateConfig, loaded: Loaded, geometry: ClipGeom
     return features, record, drift
 
 
-def real_labels(real: RealClips, num_videos: int) -> torch.Tensor:
-    """Class checkpoints with image_to_video: generated video i starts from the first frame of
-    real clip i (cycled), so it is given that clip's class, not predict's cycle of classes."""
-    labels = [real.dataset.source_label(src) for src, _ in real.plan]
-    return torch.tensor([labels[i % len(labels)] for i in range(num_videos)], dtype=torch.long)
+def real_conditions(real: RealClips, num_videos: int) -> tuple[list[int], list[Optional[str]]]:
+    """The labels and captions (None without captions) of real clips 0 .. num_videos - 1
+    (cycled): what the conditioning seam makes each generated video's condition of."""
+    plan = [real.plan[i % len(real.plan)] for i in range(num_videos)]
+    captions = [real.dataset.source_caption(src, frames) if getattr(real.dataset, "has_captions", False)
+                else None for src, frames in plan]
+    return [real.dataset.source_label(src) for src, _ in plan], captions
 
 
 def real_prompts(real: RealClips, num_videos: int) -> list[str]:
-    """Text checkpoints: generated video i is conditioned on the caption of real clip i (cycled),
-    so the two sides of FVD describe the same content."""
-    if not getattr(real.dataset, "has_captions", False):
-        raise UserError("the checkpoint is text-conditioned, so each generated video is conditioned on "
-                        "the caption of the real clip it is compared with, but the real clips have no "
-                        "captions: set data.captions (or leave data.path null: the checkpoint's data)")
-    captions = [real.dataset.source_caption(src, frames) for src, frames in real.plan]
-    return [captions[i % len(captions)] for i in range(num_videos)]
+    """The captions of real clips 0 .. num_videos - 1 (cycled): a text checkpoint's video i is
+    conditioned on real clip i's."""
+    from training.conditioning import TextConditioning
+    return TextConditioning.clip_conditions(*real_conditions(real, num_videos))["prompts"]
 
 
 def _prompt_record(ckpt: dict, prompts: Optional[list[str]]) -> dict:

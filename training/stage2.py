@@ -96,11 +96,12 @@ class Stage2:
 # ----------------------------------------------------------------------------- setup
 
 
-def latent_dims(cfg: TrainRunConfig, vae: FrozenVAE, num_classes: int, family: Optional[Family] = None) -> dict:
+def latent_dims(cfg: TrainRunConfig, vae: FrozenVAE, family: Optional[Family] = None) -> dict:
     """The DiT's input geometry, derived from data + the VAE's measured geometry (never a second
     copy in `model`), checked against what the network (`family`: the repo's DiT by default)
     can take. `num_frames` is the number of LATENT frames: 1 + (T - 1) / f_t for a causal video
-    VAE, T for a per-frame VAE; sampling decodes back to data.num_frames."""
+    VAE, T for a per-frame VAE; sampling decodes back to data.num_frames. The condition's
+    dimensions (classes, text width) are the conditioning seam's (`Conditioning.dims`)."""
     mcfg, factor = cfg.model.resolved(), vae.downsample_factor
     family = family or Family(mcfg)
     patch_t, patch = family.patch
@@ -113,10 +114,9 @@ def latent_dims(cfg: TrainRunConfig, vae: FrozenVAE, num_classes: int, family: O
                           f"divisible by model.patch_t = {mcfg.patch_t}")
     family.check_latents((channels, frames, height, width), vae.latent_channels, mcfg.first_frame_conditioning > 0)
     check_condition_frames(mcfg, frames)  # first frames: some latent frame left to generate
-    FirstFrames.of(mcfg).check_vae(vae.geometry, frames, mcfg.patch_t,  # ... and the VAE can encode them alone
+    FirstFrames.of(mcfg).check_vae(vae.geometry, frames, patch_t,  # ... and the VAE can encode them alone
                                    f"the VAE {vae.path} ({vae.class_name})")
-    return dict(in_channels=channels, num_frames=frames, latent_height=height, latent_width=width,
-                num_classes=num_classes if mcfg.conditioning == "class" else 0)
+    return dict(in_channels=channels, num_frames=frames, latent_height=height, latent_width=width)
 
 
 def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.device,
@@ -135,9 +135,8 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
     text_length = family.text_length(cfg.text_encoder.max_length)
     cond = conditioning_for_training(cfg, dataset, device, log, dist, family.text_convention(text_length),
                                      text_length, family.default_text_length)  # text: the frozen encoder, loaded on rank 0
-    if cond.kind == "text":
-        family.check_text(int(cond.dims()["text_dim"]))
-    dims = {**latent_dims(cfg, vae, dataset.num_classes, family), **cond.dims()}  # resolution, frame rule, patch
+    cond.check_family(family)  # a pretrained DiT reads text of its width
+    dims = {**latent_dims(cfg, vae, family), **cond.dims()}  # resolution, frame rule, patch; classes / text
     steps_per_epoch = check_epoch(len(dataset), tcfg, dist, tcfg.grad_accum_steps)
     ckpt = _checked_checkpoint(cfg, resume_path, vae, dims, cond, family) if resume_path else None
     detector = None
@@ -203,10 +202,6 @@ def _family(cfg: TrainRunConfig, log: RunLogger) -> Family:
         if ignored:
             log.info(f"warning: {', '.join('model.' + k for k in ignored)} describe the repo's own DiT and are "
                      f"ignored: the pretrained {family.class_name} brings its own architecture")
-        if family.text_required and cfg.model.conditioning_kind() != "text":
-            raise ConfigError(f"model.pretrained is a {family.class_name}, a text-to-video model, but "
-                              f"model.conditioning = {cfg.model.conditioning_kind()}: set model.conditioning: "
-                              "text (and data.captions, text_encoder.path)")
         pipeline = family.pipeline_folder
         if cfg.vae.path is None:
             if pipeline is None or not os.path.isdir(os.path.join(pipeline, "vae")):

@@ -105,12 +105,11 @@ def _log_image_to_video(s: Stage2) -> None:
     index = np.unique(np.linspace(0, len(dataset) - 1, n).round().astype(int))
     items = [dataset[int(i)] for i in index]
     images = torch.stack([it["video"][:, 0] for it in items])  # (n, 3, H, W)
-    if "caption" in s.cond.reads and v.prompts is None:  # the val captions are in the text cache
-        conditions = s.cond.samples(len(index), prompts=[it["caption"] for it in items])
-    elif "label" in s.cond.reads:  # a class model: each image's own class, not 0, 1, 2, ...
-        conditions = s.cond.samples(len(index), labels=[int(it["label"]) for it in items])
-    else:
-        conditions = validation_conditions(s, len(index))
+    # each image's own clip's condition (its class, its caption: in the text cache), or the
+    # validation prompts of a text model
+    request = {"prompts": v.prompts} if v.prompts else s.cond.clip_conditions(
+        [int(it["label"]) for it in items], [it.get("caption") for it in items])
+    conditions = s.cond.samples(len(index), **request)
     videos = generate_videos(
         s.ema.model, s.vae, s.diffusion, latent_shape=ckpts.latent_shape(s.dims),
         seeds=[v.seed + i for i in range(len(index))], sampler=v.sampler, num_steps=v.num_steps,

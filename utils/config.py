@@ -1035,7 +1035,7 @@ class EvaluateConfig:
     sampler: SamplerName = "auto"  # auto: default_sampler(objective): ddpm for v, euler for flow
     num_steps: int = 50  # sampler steps
     guidance_scale: float = 1.0  # classifier-free guidance; 1 = off
-    class_labels: Optional[list[int]] = None  # cycled over the videos; null = 0, 1, 2, ...
+    class_labels: Optional[list[int]] = None  # cycled over the videos; null = video i gets real clip i's class
     seed: int = 0  # video i uses seed + i
     use_ema: bool = True  # the EMA weights (false: the raw ones)
     vae: PredictVAEConfig = field(default_factory=PredictVAEConfig)
