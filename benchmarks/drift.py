@@ -4,12 +4,13 @@
         num_videos=32 [--windows 4] [--no-image] [--json runs/i2v/drift.json]
     python benchmarks/drift.py --quick     # smoke test: a tiny first-frame checkpoint, 2 windows
 
-Needs a checkpoint trained with model.first_frame_conditioning (README, "Image-to-video and
-long videos"). Video i starts from frame 0 of held-out clip i of the checkpoint's own data
-(`--no-image`: its first window is generated from noise) and is extended to `--windows`
-training windows, each conditioned on the last model.condition_frames latent frames of the one
-before, exactly as predict does (`num_frames`, `images`). One sampling serves every count of
-windows: the first w windows of a 4-window video are the w-window video of the same seed.
+Needs a checkpoint trained with model.first_frame_conditioning (docs/conditioning.md, "First
+frames: image-to-video and long videos"). Video i starts from frame 0 of held-out clip i of the
+checkpoint's own data (`--no-image`: its first window is generated from noise) and is extended
+to `--windows` training windows, each conditioned on the last model.condition_frames latent
+frames of the one before, exactly as predict does (`num_frames`, `images`). One sampling serves
+every count of windows: the first w windows of a 4-window video are the w-window video of the
+same seed.
 
 Per window position w it prints the share of videos whose window w is coherent by
 benchmarks/shape_coherence.py (one shape, constant colour and size, still background: a

@@ -352,10 +352,10 @@ def _scalars(run, tag):
 def test_the_docs_claim_val_fvd_is_evaluates_number_only_for_the_models_it_holds_for():
     """val/fvd equals evaluate.py's number for unconditional and class models (tested below),
     but a text model's val/fvd prompts are the validation prompts and evaluate's the real clips'
-    captions: the README and _val_fvd's docstring must say so, not claim it for every model."""
+    captions: docs/evaluation.md and _val_fvd's docstring must say so, not claim it for every model."""
     import training.validation as validation
-    readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
-    claim = readme[readme.index("`real.split=train` gives the same number") - 200:][:700]
+    docs = " ".join(open(os.path.join(ROOT, "docs", "evaluation.md")).read().split())
+    claim = docs[docs.index("`real.split=train` gives the same number") - 200:][:700]
     assert "For a text model it does not" in claim and "caption of real clip i" in claim
     doc = " ".join(validation._val_fvd.__doc__.split())
     assert "Text models: not that number" in doc

@@ -162,7 +162,7 @@ class LRPlan:
     (`StepControl`), and if it falls short of `total_steps` it becomes `end_step`: the cosine
     anneals to it and training stops there (the time limit stays a hard stop). The decision is
     saved in the checkpoint; a resume with the same `time_limit_minutes` and step budget keeps
-    it, any other budget is planned afresh in the new launch (README, "Time limits").
+    it, any other budget is planned afresh in the new launch (docs/training.md, "Time limits").
     """
 
     def __init__(self, tcfg, total_steps: int, deadline: Deadline):

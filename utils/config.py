@@ -407,8 +407,8 @@ def default_sampler(objective: str) -> str:
 
     v_prediction -> ddpm: the sampler every shipped config named before `auto` existed (chosen
     for the demo: the stochastic sampler left fewer stray blobs), so `auto` leaves the demo's
-    validation, predict and evaluate numbers as they were, and the benchmarks' (README "Time to
-    quality" samples v with ddpm, flow with euler).
+    validation, predict and evaluate numbers as they were, and the benchmarks' (the time-to-quality
+    runs of docs/benchmarks.md sample v with ddpm, flow with euler).
     flow_matching -> euler (FlowMatchEulerDiscrete, as diffusers' SD3 / LTX pipelines): it hands
     the DiT the float time s * T it trained on (unipc and dpm++ round it down to an integer)."""
     return {"v_prediction": "ddpm", "flow_matching": "euler"}[objective]
@@ -682,7 +682,7 @@ class VAETrainConfig:
     tf32: bool = True  # TF32 matmuls (CUDA only)
     # NHWC weights and frames: the step ran 1.36x faster on a 2-core CPU at load ~1.5 but
     # 0.85x at load ~10 (one interleaved run each): off until the quiet-machine A/B of
-    # README "Stage 1 speed" decides
+    # docs/benchmarks.md "Stage 1" decides
     channels_last: bool = False
     log_every: int = 25  # optimizer steps between scalar logs
     image_every: int = 200  # steps between reconstruction grids in TensorBoard
@@ -976,7 +976,7 @@ class EvalDataConfig(DataConfig):
 
 @dataclass
 class RealClipsConfig:
-    """Which real clips FVD compares with (see README, "Evaluating")."""
+    """Which real clips FVD compares with (see docs/evaluation.md)."""
     # all: every video of data.path (StyleGAN-V: the dataset folder, no split); train | val:
     # that split of data.val_fraction only (a deviation, written into the protocol record)
     split: Literal["all", "train", "val"] = "all"
