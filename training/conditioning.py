@@ -34,7 +34,7 @@ Kinds:
   uncond half. Numbers are exactly those of the older class path.
 - text: the dataset's `caption` strings looked up in a `TextEmbeddingCache` built ONCE before
   training by the frozen `FrozenTextEncoder` over every distinct caption (train and val splits,
-  validation.prompts): rank 0 encodes what is missing, the other ranks read it after a barrier.
+  validation.prompts): each rank encodes its share of what is missing (`prepare`).
   The training step never runs the encoder (a caption missing from the table is an error).
   The null condition is the DiT's LEARNED null token (models/dit.py explains why): dropping a
   caption is `drop_text = True` (its tokens masked, the null token left), drawn at

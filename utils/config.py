@@ -632,7 +632,7 @@ class ValidationFVDConfig:
 class ValidationConfig:
     every_epochs: int = 10  # sample validation videos every k epochs (and at the end); 0 = never
     num_videos: int = 4  # videos sampled at each validation
-    sampler: SamplerName = "auto"  # auto: default_sampler(objective): ddpm for v, euler for flow
+    sampler: SamplerName = "auto"  # auto: a pretrained model's own (Wan unipc, CogVideoX ddim), else ddpm for v, euler for flow
     num_steps: int = 50  # sampler steps
     guidance_scale: float = 1.0  # classifier-free guidance; 1 = off
     fps: int = 8  # frames per second of the validation videos
@@ -814,7 +814,7 @@ class PredictConfig:
     # DEFAULT_NUM_VIDEOS. A number: the prompts / images / labels are cycled over that many
     num_videos: Optional[int] = None
     batch_size: int = 4  # videos sampled at once
-    sampler: SamplerName = "auto"  # auto: default_sampler(objective): ddpm for v, euler for flow
+    sampler: SamplerName = "auto"  # auto: a pretrained model's own (Wan unipc, CogVideoX ddim), else ddpm for v, euler for flow
     num_steps: int = 50  # sampler steps
     guidance_scale: float = 1.0  # classifier-free guidance; 1 = off
     class_labels: Optional[list[int]] = None  # one per video, cycled; null = 0, 1, 2, ...
@@ -1032,7 +1032,7 @@ class EvaluateConfig:
     generated: GeneratedConfig = field(default_factory=GeneratedConfig)
     num_videos: int = 2048  # generated videos (StyleGAN-V's fvd2048_16f: 2048)
     batch_size: int = 16  # videos sampled at once
-    sampler: SamplerName = "auto"  # auto: default_sampler(objective): ddpm for v, euler for flow
+    sampler: SamplerName = "auto"  # auto: a pretrained model's own (Wan unipc, CogVideoX ddim), else ddpm for v, euler for flow
     num_steps: int = 50  # sampler steps
     guidance_scale: float = 1.0  # classifier-free guidance; 1 = off
     class_labels: Optional[list[int]] = None  # cycled over the videos; null = video i gets real clip i's class
