@@ -45,10 +45,14 @@ def atomic_save(obj: dict, path: str) -> None:
     finally:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
-def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
+def load_checkpoint(path: str, map_location: Any = "cpu", shards: bool = True) -> dict:
+    """The checkpoint dict at `path`. One whose tensors live in a sharded directory (its `sharded`
+    entry: written under train.parallel=fsdp, utils/sharded_checkpoint.py) comes back with them
+    read in, whole, like any other checkpoint; `shards=False` leaves them there (for the processes
+    of a sharded resume, which read only their own shards)."""
     if os.path.isdir(path):
         raise UserError(f"checkpoint {path} is a directory, not a file; give the .pth file in it "
                         f"(e.g. {os.path.join(path, 'latest.pth')})")
@@ -77,7 +81,20 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
                         "directory (another experiment.name).") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"checkpoint {path} is not a checkpoint of this repo (not a dict)")
-    return ckpt
+    return with_shards(ckpt, path) if shards and ckpt.get("sharded") else ckpt
+
+
+def with_shards(ckpt: dict, path: str) -> dict:
+    """`ckpt` with the tensors of the sharded directory it names merged in (whole, on the CPU),
+    and without its `sharded` entry: the plain checkpoint a replicated run writes."""
+    from utils import sharded_checkpoint
+    entry = ckpt["sharded"]
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+        raise UserError(f"checkpoint {path}: entry 'sharded' is malformed; the file was edited or not "
+                        "written by this repo. Use another checkpoint.")
+    directory = os.path.join(os.path.dirname(os.path.abspath(path)), entry["path"])
+    merged = {k: v for k, v in ckpt.items() if k != "sharded"}
+    return sharded_checkpoint.unflatten_into(merged, sharded_checkpoint.read_shards(directory, path))
 
 
 def _refused_globals(path: str) -> list[str]:
@@ -154,7 +171,7 @@ def _check_free_space(path: str, directory: str) -> None:
                         "checkpoint is intact.")
 
 
-def _fsync_dir(directory: str) -> None:
+def fsync_dir(directory: str) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
