@@ -19,7 +19,7 @@ import torch
 import predict_advanced
 from tests.test_ddp import _free_port
 from tests.test_stage2 import ROOT, TINY, random_vae  # noqa: F401  (fixture)
-from training.parallel import Replicated, Sharded
+from training.parallel import Replicated, Sharded, logged_memory
 from utils import sharded_checkpoint
 from utils.checkpoint import load_checkpoint
 from utils.dist import DistInfo, cleanup
@@ -53,16 +53,6 @@ def _scalars(run, tag):
     acc = EventAccumulator(os.path.join(run, "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     return [(e.step, e.value) for e in acc.Scalars(tag)]
-
-
-def _memory(run):
-    """log.txt's memory line: [{params, grads, optimizer, ema} in MiB] by rank."""
-    line = next(line for line in open(os.path.join(run, "log.txt")) if "memory held per process" in line)
-    per_rank = []
-    for part in line.split(": ", 1)[1].split("; "):
-        fields = dict(f.strip().rsplit(" ", 1) for f in part.split(": ", 1)[1].split(","))
-        per_rank.append({k.lower(): float(v) for k, v in fields.items()})
-    return per_rank
 
 
 def _assert_close(a: dict, b: dict, what: str):
@@ -109,7 +99,7 @@ def test_fsdp_trains_as_ddp_does(pair):
 def test_each_process_holds_one_half_under_fsdp(pair):
     """Parameters, gradients, AdamW state and EMA held locally: each FSDP process about 1/2 of
     what each DDP process holds, the two halves adding up to it."""
-    ddp, fsdp = _memory(pair["ddp"]), _memory(pair["fsdp"])
+    ddp, fsdp = (logged_memory(os.path.join(pair[k], "log.txt")) for k in ("ddp", "fsdp"))
     assert len(ddp) == len(fsdp) == 2 and ddp[0] == ddp[1]
     for key in ("params", "grads", "optimizer", "ema"):
         whole = ddp[0][key]
@@ -317,6 +307,45 @@ def test_every_block_and_the_root_are_sharded(name, finetune, group, pretrained_
             assert (p.grad is None) == (q.grad is None), n
             if p.grad is not None:
                 torch.testing.assert_close(q.grad.full_tensor(), p.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.slow  # dynamo traces each block: ~15 s of CPU
+def test_compiled_blocks_under_fsdp_match_eager(group, monkeypatch):
+    """train.compile under fsdp: each block compiled in place before it is sharded, activation
+    checkpointing around each call (the documented order); two steps' outputs and gradients
+    equal the eager sharded model's. (aot_eager: dynamo and AOT autograd without a C++ compiler.)"""
+    from models.backbones import Family
+    from utils.config import ModelConfig
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model=None, **kw: real(model, **{**kw, "backend": "aot_eager"}))
+    family = Family(ModelConfig(hidden_size=32, depth=2, num_heads=2, class_dropout=0.0))
+    dims = dict(in_channels=4, num_frames=4, latent_height=4, latent_width=4, num_classes=3)
+    x, t, y = torch.randn(2, 4, 4, 4, 4), torch.tensor([100, 700]), torch.tensor([0, 2])
+    results = []
+    for compiled in (False, True):
+        model = _built(family, dims)
+        model.activation_checkpointing = True
+        group.prepare(model, family.blocks(model), compile_blocks=compiled)
+        assert all(getattr(b, "_compiled_call_impl", None) is not None for b in family.blocks(model)) == compiled
+        for _ in range(2):
+            out = model(x, t, y)
+            out.square().mean().backward()
+        results.append((out.detach(), [p.grad.full_tensor() for p in model.parameters()]))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert set(_built(family, dims).state_dict()) == set(model.state_dict())  # names unchanged: checkpoints fit
+
+
+def test_the_memory_line_reads_back(tmp_path):
+    from training.parallel import memory_line
+    per_rank = [{"params": 3 * 2 ** 20, "grads": 2 ** 20, "optimizer": 2 ** 21, "ema": 0, "peak_gib": 1.5},
+                {"params": 3 * 2 ** 20, "grads": 2 ** 20, "optimizer": 2 ** 21, "ema": 0}]
+    (tmp_path / "log.txt").write_text("2026-12-07 10:00:00 " + memory_line(per_rank, "fsdp") + "\n")
+    assert logged_memory(str(tmp_path / "log.txt")) == [
+        {"params": 3.0, "grads": 1.0, "optimizer": 2.0, "ema": 0.0, "peak_gib": 1.5},
+        {"params": 3.0, "grads": 1.0, "optimizer": 2.0, "ema": 0.0}]
 
 
 def test_fsdp_refuses_fp16():

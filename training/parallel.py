@@ -41,14 +41,23 @@ the trained shards go back: no process holds a second copy of the model, gathere
 from __future__ import annotations
 
 import contextlib
+import os
+import warnings
 from typing import Optional
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel
 
+from training.checkpoints import load_entry, model_from_checkpoint
+from utils import sharded_checkpoint
+from utils.checkpoint import load_checkpoint
 from utils.dist import DistInfo, barrier, copy_shard_, local_tensor, single_process_group
 from utils.errors import UserError
-from utils.train_utils import EMA, check_state_keys, trainable_state_dict
+from utils.train_utils import EMA, check_state_keys, load_trainable_state_dict, trainable_state_dict
 
 MIB = 2 ** 20
 
@@ -70,7 +79,6 @@ class Replicated:
         buckets so their all-reduces overlap the rest of the backward. The loop keeps the DDP
         module itself for no_sync() (DDP's forward still runs it).
         benchmarks/ddp_compile_bench.py: the same weights as the other order, no_sync included."""
-        from torch.nn.parallel import DistributedDataParallel
         ddp = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
             if self.dist.enabled else None
         net = ddp if ddp is not None else model
@@ -95,8 +103,6 @@ class Replicated:
     def load_weights(self, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,
                      ckpt: dict, path: str) -> None:
         """From a plain checkpoint (utils.checkpoint.load_checkpoint reads a sharded one whole)."""
-        from training.checkpoints import load_entry
-        from utils.train_utils import load_trainable_state_dict
         for entry, load in (("model_state", lambda state: load_trainable_state_dict(model, state)),
                             ("ema_state", ema.load_state_dict), ("optimizer", optimizer.load_state_dict)):
             load_entry(path, entry, load, ckpt[entry])
@@ -122,7 +128,6 @@ class Sharded(Replicated):
             raise UserError("train.parallel = fsdp cannot train in fp16 (train.precision = fp16, or auto on "
                             "a GPU without bf16): FSDP2 has no sharded loss scaler. Use train.precision=bf16 "
                             "or fp32, or train.parallel=ddp")
-        from torch.distributed.device_mesh import init_device_mesh
         single_process_group(device)  # not under torchrun: a group of one (FSDP and DCP need one)
         self.mesh = init_device_mesh(device.type, (dist.world_size,))
         self.blocks = 0
@@ -130,7 +135,6 @@ class Sharded(Replicated):
     def mixed_precision(self):
         """bf16 parameters and fp32 gradient reduction on CUDA in bf16; fp32 otherwise. Forward
         inputs are not cast: autocast (the loop's) casts per op, so the timesteps stay fp32."""
-        from torch.distributed.fsdp import MixedPrecisionPolicy
         if self.device.type != "cuda" or self.dtype != torch.bfloat16:
             return MixedPrecisionPolicy()
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
@@ -138,9 +142,6 @@ class Sharded(Replicated):
 
     def prepare(self, model: nn.Module, blocks: list[nn.Module], compile_blocks: bool) -> None:
         """Compile each block in place, shard it, then the root (the module docstring's order)."""
-        import warnings
-
-        from torch.distributed.fsdp import fully_shard
         # The repo's DiT block and the roots (VideoDiT's unpatchify, PretrainedDiT's layout)
         # return views, which FSDP warns about at every forward: an in-place op on one would skip
         # the hook that gathers the module for the backward. Nothing writes to them in place: the
@@ -175,7 +176,6 @@ class Sharded(Replicated):
         """While training: every process writes its shards into `<run>/sharded/step_N/` and the
         entries name it (`sharded`), their tensors left out. `final` (training stops, epoch
         checkpoints): the whole state gathered, plain tensors on rank 0 ({} elsewhere)."""
-        from utils import sharded_checkpoint
         if not collective:
             raise UserError("under train.parallel = fsdp every process holds only its shard of the weights, and "
                             "a failing run cannot gather them; latest.pth keeps the last checkpoint "
@@ -195,7 +195,6 @@ class Sharded(Replicated):
     def _gathered(self, state: dict) -> dict:
         """Whole tensors, on the CPU, on rank 0 ({} elsewhere): one all-gather per DTensor, so a
         process holds one whole tensor at a time beyond its shards."""
-        from torch.distributed.tensor import DTensor
         out = {}
         for name, value in state.items():
             if isinstance(value, torch.Tensor):
@@ -211,23 +210,20 @@ class Sharded(Replicated):
                      ckpt: dict, path: str) -> None:
         """Each process its own shards, from a sharded directory (DCP reshards: any world size
         wrote it) or from a plain checkpoint's whole tensors (sliced here)."""
-        from training.checkpoints import load_entry
         if ckpt.get("sharded"):
-            load_entry(path, "sharded", lambda entry: self._load_shards(model, ema, optimizer, ckpt, path),
-                       ckpt["sharded"])
+            directory = os.path.join(os.path.dirname(os.path.abspath(path)), ckpt["sharded"]["path"])
+            stored = sharded_checkpoint.shard_keys(directory, path)  # a missing directory: its own message
+            load_entry(path, "sharded", lambda entry: self._load_shards(model, ema, optimizer, ckpt, directory,
+                                                                        stored, path), ckpt["sharded"])
             return
         load_entry(path, "model_state", lambda state: _copy_state(model, state), ckpt["model_state"])
         load_entry(path, "ema_state", ema.load_state_dict, ckpt["ema_state"])
         load_entry(path, "optimizer", lambda state: optimizer.load_state_dict(_sharded_optimizer_state(
             optimizer, state)), ckpt["optimizer"])
 
-    def _load_shards(self, model: nn.Module, ema: "ShardedEMA", optimizer: torch.optim.Optimizer,
-                     ckpt: dict, path: str) -> None:
-        import os
-
-        from utils import sharded_checkpoint
-        directory = os.path.join(os.path.dirname(os.path.abspath(path)), ckpt["sharded"]["path"])
-        stored = sharded_checkpoint.shard_keys(directory, path)
+    def _load_shards(self, model: nn.Module, ema: "ShardedEMA", optimizer: torch.optim.Optimizer, ckpt: dict,
+                     directory: str, stored: dict, path: str) -> None:
+        """`stored`: the directory's {flat key: (size, dtype)} (`sharded_checkpoint.shard_keys`)."""
         model_state, ema_state = trainable_state_dict(model), ema.state_dict()
         for entry, state in (("model_state", model_state), ("ema_state", ema_state)):
             check_state_keys({k.split("/", 1)[1]: None for k in stored if k.startswith(entry + "/")}, set(state))
@@ -247,8 +243,6 @@ class Sharded(Replicated):
     def module_for_export(self, model: nn.Module, ema: "ShardedEMA", use_ema: bool, latest: str) -> nn.Module:
         """The module rebuilt on rank 0's CPU from the consolidated latest.pth just written (the
         trained module here holds shards only)."""
-        from training.checkpoints import model_from_checkpoint
-        from utils.checkpoint import load_checkpoint
         return model_from_checkpoint(load_checkpoint(latest), use_ema, "cpu", latest)
 
 
@@ -273,7 +267,6 @@ def _copy_state(model: nn.Module, state: dict) -> None:
 def _sharded_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> dict:
     """A plain optimizer state_dict with each tensor shaped as its parameter made a DTensor placed
     as the parameter (each process slices its own part), for `optimizer.load_state_dict`."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
     params = _optimizer_params(optimizer)
     if set(state.get("state", {})) - set(range(len(params))):
         raise KeyError(f"optimizer state for {len(state['state'])} parameters, this optimizer has {len(params)}")
@@ -333,7 +326,6 @@ class ShardedEMA(EMA):
         gathers block by block). The swap goes shard by shard through one temporary, and every
         FSDP module is resharded before and after, so no gathered copy of either weights is
         left over for the next forward."""
-        from torch.distributed.fsdp import FSDPModule
         fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
         _reshard(fsdp_modules)  # a gathered root left by an eval forward holds the other weights
         pairs = [(local_tensor(p.detach()), local_tensor(self.shadow[n]))
@@ -383,6 +375,9 @@ def grad_bytes(model: nn.Module) -> int:
                if p.grad is not None)
 
 
+MEMORY_LINE = "memory held per process"
+
+
 def memory_line(per_rank: list[dict], kind: str) -> str:
     """log.txt's account of `local_state_bytes` (+ CUDA `peak_gib`) of every process."""
     parts = []
@@ -390,4 +385,19 @@ def memory_line(per_rank: list[dict], kind: str) -> str:
         part = (f"rank {rank}: params {m['params'] / MIB:.4g}, grads {m['grads'] / MIB:.4g}, optimizer "
                 f"{m['optimizer'] / MIB:.4g}, EMA {m['ema'] / MIB:.4g}")
         parts.append(part + (f", CUDA peak allocated {m['peak_gib']:.3f} GiB" if "peak_gib" in m else ""))
-    return f"memory held per process (MiB, train.parallel {kind}): " + "; ".join(parts)
+    return f"{MEMORY_LINE} (MiB, train.parallel {kind}): " + "; ".join(parts)
+
+
+def logged_memory(log_path: str) -> list[dict[str, float]]:
+    """`memory_line` read back from a run's log.txt: per rank {params, grads, optimizer, ema}
+    in MiB, and peak_gib on CUDA (benchmarks/fsdp_bench.py, the tests and gpu_check read it)."""
+    with open(log_path) as f:
+        line = next((line for line in f if MEMORY_LINE in line), None)
+    if line is None:
+        raise ValueError(f"{log_path} has no '{MEMORY_LINE}' line (no step was logged)")
+    per_rank = []
+    for part in line.split("): ", 1)[1].split("; "):
+        fields = [f.strip().rsplit(" ", 1) for f in part.split(": ", 1)[1].split(",")]
+        per_rank.append({("peak_gib" if k.startswith("CUDA") else k.lower()):
+                         float(k.split()[-1] if k.startswith("CUDA") else v) for k, v in fields})
+    return per_rank

@@ -83,6 +83,7 @@ def write_shards(state: dict[str, torch.Tensor], run_dir: str, step: int, is_mai
     once) as `<run_dir>/sharded/step_<step>`, atomically (see the module docstring). Returns that
     directory relative to `run_dir`, for latest.pth's `sharded` entry."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException  # a write failed on some process
     root = os.path.join(run_dir, SHARDED_DIR)
     final, tmp = os.path.join(root, dir_name(step)), os.path.join(root, f".{dir_name(step)}.tmp")
     if is_main:
@@ -92,9 +93,10 @@ def write_shards(state: dict[str, torch.Tensor], run_dir: str, step: int, is_mai
     barrier()  # no process writes into a directory that rank 0 is still clearing
     try:
         dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp))
-    except OSError as e:
+    except (OSError, CheckpointException) as e:
         free = shutil.disk_usage(root).free if os.path.isdir(root) else 0
-        raise UserError(f"could not write the sharded checkpoint {tmp} ({e.strerror or e}); "
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:300]
+        raise UserError(f"could not write the sharded checkpoint {tmp} ({why}); "
                         f"{free / 2**20:.0f} MiB are free on that disk: free some space or fix the "
                         "directory. latest.pth and the checkpoint it names are intact.") from None
     if is_main:
