@@ -130,12 +130,18 @@ def test_a_ddp_checkpoint_resumes_under_fsdp(pair, tmp_path, random_vae):  # noq
     AdamW tensor; gathered back when the run stops, they are the checkpoint's exactly."""
     run = _train2(tmp_path, "switched", random_vae, "fsdp",
                   [f"train.resume={pair['ddp']}/latest.pth", "validation.every_epochs=0"])
-    ddp, fsdp = (load_checkpoint(os.path.join(r, "latest.pth")) for r in (pair["ddp"], run))
-    assert fsdp["step"] == STEPS
+    _assert_same_state(os.path.join(pair["ddp"], "latest.pth"), os.path.join(run, "latest.pth"))
+
+
+def _assert_same_state(path_a: str, path_b: str) -> tuple[dict, dict]:
+    """Two checkpoints at step STEPS with bit-identical weights, EMA and AdamW state; returns both."""
+    a, b = load_checkpoint(path_a), load_checkpoint(path_b)
+    assert a["step"] == b["step"] == STEPS
     for key in ("model_state", "ema_state"):
-        assert all(torch.equal(fsdp[key][k], ddp[key][k]) for k in ddp[key]), key
-    for i, state in ddp["optimizer"]["state"].items():
-        assert all(torch.equal(fsdp["optimizer"]["state"][i][k], v) for k, v in state.items())
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    for i, state in a["optimizer"]["state"].items():
+        assert all(torch.equal(b["optimizer"]["state"][i][k], v) for k, v in state.items()), i
+    return a, b
 
 
 @pytest.fixture(scope="module")
@@ -166,12 +172,7 @@ def test_a_save_killed_midway_resumes_from_the_last_complete_one_bit_exactly(kil
     warned = [line for line in log.split("resumed from", 1)[1].lower().splitlines()
               if "warning" in line and "latent rms" not in line]
     assert not warned  # no reseed, no data-position warning: the resume was exact
-    a, b = (load_checkpoint(os.path.join(r, "latest.pth")) for r in (pair["fsdp"], run))
-    assert b["step"] == STEPS
-    for key in ("model_state", "ema_state"):
-        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
-    for i, state in a["optimizer"]["state"].items():
-        assert all(torch.equal(b["optimizer"]["state"][i][k], v) for k, v in state.items())
+    a, b = _assert_same_state(os.path.join(pair["fsdp"], "latest.pth"), os.path.join(run, "latest.pth"))
     for rank in (0, 1):
         assert torch.equal(a["rng"][rank]["noise_gen"], b["rng"][rank]["noise_gen"])
     assert not os.path.exists(os.path.join(run, "sharded"))
@@ -225,23 +226,8 @@ def test_fsdp_lora_on_the_tiny_wan_matches_one_process(pretrained_pipelines, tmp
     """2 FSDP processes x batch 2 == 1 process x batch 4 for a LoRA on the tiny Wan (base frozen
     and sharded, adapters trained): adapters and their AdamW moments after 3 steps, t and noise
     fixed per window (tests/fixed_noise.py); the run exports its adapters for diffusers."""
-    from tests.fixed_noise import assert_same_update, train_fixed
-    from tests.test_pretrained import _tiny
-    data = [*_tiny("wan"), f"model.pretrained={pretrained_pipelines['wan']}", "data.builtin.num_clips=4",
-            "train.max_steps=3", "model.lora.rank=4", "validation.every_epochs=0"]
-    one = train_fixed(data + ["train.batch_size=4"], str(tmp_path / "one"), config="config_finetune.yaml")
-    out = tmp_path / "two.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           "--master_addr=127.0.0.1", os.path.join(ROOT, "tests", "fixed_noise.py"), str(out), str(tmp_path / "two"),
-           "--config=config_finetune.yaml", *data, "train.batch_size=2", "train.parallel=fsdp"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    two = torch.load(out, weights_only=True)
-    lora = {k for k in one["model"] if "lora_" in k}
-    assert lora and len(one["exp_avg"]) == len(two["exp_avg"]) == len(lora)  # the adapters alone train
-    assert_same_update({**one, "model": {k: one["model"][k] for k in lora}},
-                       {**two, "model": {k: two["model"][k] for k in lora}})
+    from tests.test_pretrained import two_process_lora_matches_one_process
+    two_process_lora_matches_one_process(pretrained_pipelines, tmp_path, ["train.parallel=fsdp"])
     assert os.path.isfile(tmp_path / "two" / "export" / "pytorch_lora_weights.safetensors")
     assert "parallel: fsdp: 2 transformer blocks" in open(tmp_path / "two" / "log.txt").read()
 
