@@ -8,8 +8,8 @@ core per process) on the built-in clips at 32 x 32 pixels, 8 frames, through an 
 3-block VAE (latents 4 x 8 x 8 x 8, 2 x 2 patches: 128 tokens per clip), batch 4 per process,
 fp32, validation off, the latent cache on. The two sizes of the repo's DiT:
 
-  small   hidden 128, depth 4, 4 heads   (about 1 M parameters)
-  large   hidden 384, depth 8, 6 heads   (about 15 M parameters)
+  small   hidden 128, depth 4, 4 heads   (1.3 M parameters)
+  large   hidden 384, depth 8, 6 heads   (21.8 M parameters)
 
 Within a round each size runs ddp then fsdp, or fsdp then ddp (alternating by round), so a
 change of the machine's load hits both; the fsdp / ddp ratio is taken per round and its median

@@ -211,7 +211,12 @@ def read_shards(directory: str, where: str) -> dict[str, torch.Tensor]:
     """One process, no process group: every tensor of the directory, whole, on the CPU."""
     import torch.distributed.checkpoint as dcp
     state = {key: torch.empty(size, dtype=dtype) for key, (size, dtype) in shard_keys(directory, where).items()}
-    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": yes
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, storage_reader=_reader(directory), no_dist=True)
+    try:
+        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": yes
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, storage_reader=_reader(directory), no_dist=True)
+    except OSError as e:  # a run still training removed it after a newer save
+        raise UserError(f"could not read the sharded checkpoint {directory} (named by {where}): "
+                        f"{e.strerror or e}. A run still training replaces it at every checkpoint: read "
+                        f"{where} again.") from None
     return state
