@@ -22,10 +22,15 @@ from utils.train_utils import setup_runtime
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    config_path, overrides, flags = parse_args(argv, __doc__, flags=("checkpoint", "min-vae-psnr"))
+    config_path, overrides, flags = parse_args(argv, __doc__, flags={
+        "checkpoint": "stage-2 checkpoint to check (default: <runs_dir>/<name>/latest.pth)",
+        "min-vae-psnr": f"dB the VAE's round trip must reach (default {DEFAULT_MIN_VAE_PSNR})"})
     cfg = load_config(TrainRunConfig, config_path, overrides)
     min_psnr = _min_psnr(flags["min-vae-psnr"])
     checkpoint = flags["checkpoint"]
+    if checkpoint is not None and os.path.isdir(checkpoint):
+        raise UserError(f"--checkpoint {checkpoint}: is a folder, not a file; give the checkpoint in it "
+                        f"(e.g. {os.path.join(checkpoint, 'latest.pth')})")
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise MissingFileError(f"--checkpoint {checkpoint}: no such file")
     if checkpoint is None and os.path.isfile(default_checkpoint(cfg)):

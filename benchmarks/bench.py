@@ -48,6 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from models.dit import VideoDiT  # noqa: E402
 from utils.checkpoint import write_json  # noqa: E402
 from utils.config import ModelConfig  # noqa: E402
+from utils.paths import check_output_file  # noqa: E402
 from utils.train_utils import autocast_context, make_adamw  # noqa: E402
 
 # Benchmark size: DiT-S width (384, 6 heads) with 12 blocks (6 spatial + 6 temporal) on
@@ -444,6 +445,8 @@ def main() -> None:
     p.add_argument("--compiled-probe", default=None, help=argparse.SUPPRESS)
     p.add_argument("--reps", type=int, default=7, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.json:
+        check_output_file(args.json, "--json")  # before the measurements, not after them
     if args.memory_probe:
         return memory_probe(args.memory_probe, args.checkpointing == "1")
     if args.compiled_probe:  # a process of its own for the compiled models (see bench_models)
@@ -513,4 +516,5 @@ def print_models(d: dict, size: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from utils.cli import run_main
+    run_main(lambda argv: main())

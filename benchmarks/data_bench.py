@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from utils.checkpoint import write_json  # noqa: E402
+from utils.paths import check_output_file  # noqa: E402
 
 LONG, SHORT = 3000, 300  # frames of the long and the short clip
 SIZE = (72, 128)  # clip height, width (16:9, small)
@@ -258,6 +259,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, not the machine")
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    if args.json:
+        check_output_file(args.json, "--json")  # before the measurements, not after them
     r = run(args.files, args.quick)
     print_rows(r)
     if args.json:
@@ -265,4 +268,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from utils.cli import run_main
+    run_main(lambda argv: main())

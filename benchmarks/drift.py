@@ -74,12 +74,15 @@ def run(cfg, windows: int, image: bool) -> dict:
     """Sample cfg.num_videos videos of `windows` windows (predict's path) and measure each window."""
     import torch
 
+    from training.checkpoints import PREDICT_ENTRIES, check_entries, check_format
     from training.conditioning import checkpoint_kind
     from training.first_frames import FirstFrames, windows_of
     from training.sampling import checkpoint_sampler, sample_videos
     from utils.checkpoint import load_checkpoint
     from utils.train_utils import setup_runtime
-    ckpt = load_checkpoint(cfg.checkpoint)
+    ckpt = load_checkpoint(cfg.checkpoint, key="checkpoint")
+    check_format(ckpt, cfg.checkpoint, key="checkpoint")  # a stage-1 checkpoint is named as such
+    check_entries(ckpt, cfg.checkpoint, PREDICT_ENTRIES, key="checkpoint")
     cfg.num_videos = cfg.resolved().num_videos  # null: one per prompt / label given, else the default
     first = FirstFrames.of(ckpt["model"]["config"])
     first.require("benchmarks/drift.py", cfg.checkpoint)
@@ -147,7 +150,8 @@ def quick_checkpoint(root: str) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from utils.config import PredictConfig, load_config
+    from utils.config import MAX_WINDOWS, PredictConfig, load_config
+    from utils.paths import check_output_file
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=None, help="predict_advanced.yaml (sampling keys)")
     parser.add_argument("--windows", type=int, default=4, help="training windows per video (1-4 rows)")
@@ -155,8 +159,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--json", default=None, help="write the rows here")
     parser.add_argument("--quick", action="store_true", help="smoke test on a tiny checkpoint it trains")
     args, overrides = parser.parse_known_args(argv)
-    if args.windows < 1:
-        parser.error("--windows must be >= 1")
+    if not 1 <= args.windows <= MAX_WINDOWS:
+        parser.error(f"--windows {args.windows}: give 1 to {MAX_WINDOWS} windows per video")
+    if args.json:
+        check_output_file(args.json, "--json")  # before the sampling, not after it
     with tempfile.TemporaryDirectory() as root:
         if args.quick:
             overrides = [f"checkpoint={quick_checkpoint(root)}", "device=cpu", "num_videos=2",

@@ -227,9 +227,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     from utils.checkpoint import write_json
     from utils.cli import parse_args
     from utils.config import PredictConfig, load_config
+    from utils.paths import check_output_file
     from utils.train_utils import setup_runtime
 
-    config_path, overrides, flags = parse_args(argv, __doc__, ("prompts", "json"))
+    config_path, overrides, flags = parse_args(argv, __doc__, {
+        "prompts": "seen or held_out: prompts from the checkpoint's built-in data (text checkpoints)",
+        "json": "write the result here"})
+    if flags["json"]:
+        check_output_file(flags["json"], "--json")  # before the sampling, not after it
     cfg = load_config(PredictConfig, config_path, overrides).resolved()  # num_videos decided
     if flags["prompts"] is not None:
         cfg = dataclasses.replace(cfg, prompts=checkpoint_prompts(cfg, flags["prompts"]), prompts_file=None)
@@ -268,12 +273,12 @@ def checkpoint_prompts(cfg, which: str) -> list[str]:
                         "or held_out (the checkpoint's data.builtin.held_out_combinations)")
     if cfg.prompts is not None or cfg.prompts_file is not None:
         raise UserError(f"--prompts {which} builds the prompts; remove prompts / prompts_file (or --prompts)")
-    ckpt = load_checkpoint(cfg.checkpoint)
+    ckpt = load_checkpoint(cfg.checkpoint, key="checkpoint")
     if checkpoint_kind(ckpt) != "text":
         raise UserError(f"--prompts {which}: {cfg.checkpoint} is {checkpoint_kind(ckpt)}-conditioned; prompt "
                         "following needs a text checkpoint (model.conditioning: text)")
     data = load_entry(cfg.checkpoint, "config", lambda c: config_from_dict(DataConfig, c["data"]),
-                      ckpt.get("config"), "is malformed")
+                      ckpt.get("config"), "is malformed", key="checkpoint")
     if data.path != "builtin:moving_shapes" or data.builtin.num_shapes != 1:
         raise UserError(f"--prompts {which}: {cfg.checkpoint} was trained on data.path = {data.path} with "
                         f"data.builtin.num_shapes = {data.builtin.num_shapes}; the check reads one built-in "

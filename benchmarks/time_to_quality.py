@@ -44,12 +44,14 @@ import torch  # noqa: E402
 
 from benchmarks.shape_coherence import summarize, video_coherence  # noqa: E402
 from training.sampling import checkpoint_sampler, sample_videos  # noqa: E402
+from training.checkpoints import ensure_writable_dir  # noqa: E402
 from training.stage2 import setup, train  # noqa: E402
 from utils.checkpoint import capture_rng, restore_rng, write_json  # noqa: E402
 from utils.config import PredictConfig, TrainRunConfig, load_config  # noqa: E402
 from utils.dist import DistInfo  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.logging import RunLogger  # noqa: E402
+from utils.paths import check_output_file  # noqa: E402
 from utils.train_utils import setup_runtime  # noqa: E402
 
 PREDICT_PREFIX = "predict."
@@ -237,6 +239,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     for key in ("steps", "every", "chunk", "videos"):
         if getattr(args, key) < 1:
             raise UserError(f"--{key} = {getattr(args, key)}: must be >= 1")
+    if args.runs_dir is not None:
+        ensure_writable_dir(args.runs_dir, "--runs-dir")  # before any training, naming the flag
+    if args.json:
+        check_output_file(args.json, "--json")
     r = run(args)
     print_table(r)
     if args.json:

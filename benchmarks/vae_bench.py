@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from diffusers import AutoencoderKL, AutoencoderKLHunyuanVideo  # noqa: E402
 
 from utils.checkpoint import write_json  # noqa: E402
+from utils.paths import check_output_file  # noqa: E402
 
 WIDTHS = (32, 64, 64, 64)  # 4 blocks: 8x spatial for both
 LATENT_CHANNELS = 8
@@ -94,6 +95,8 @@ def main() -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
+    if args.json:
+        check_output_file(args.json, "--json")  # before the measurements, not after them
     r = run(args.quick, torch.device(args.device))
     print_row(r)
     if args.json:
@@ -101,4 +104,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from utils.cli import run_main
+    run_main(lambda argv: main())

@@ -11,7 +11,9 @@ Where captions come from (`data.captions`):
   Open-Sora, VideoX-Fun, finetrainers and DiffSynth names). Other columns are ignored. A
   relative file name is looked up from the working directory, then inside `data.path`.
 
-Captions are UTF-8 text of any length and language; surrounding whitespace is stripped.
+Captions are UTF-8 text of any length and language; surrounding whitespace is stripped. A
+column (or JSON key) given twice in one header (object) is refused: which value counts would
+be a guess.
 
 What is refused (a `UserError` naming the file, row and column, before any clip is probed):
 a metadata file that cannot be read or parsed; no path or no caption column, or two of either
@@ -26,12 +28,15 @@ import csv
 import json
 import os
 import posixpath
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 from utils.config import DataConfig
 from utils.errors import ConfigError, MissingFileError, UserError
+from utils.paths import refuse_folder
+from utils.prompts import read_prompts_file  # noqa: F401  (re-exported: predict's and validation's prompt files)
 
 PATH_COLUMNS = ("path", "file_path", "video")
 CAPTION_COLUMNS = ("text", "caption", "prompt")
@@ -106,6 +111,8 @@ def _sidecar_captions(root: str, rels: list[str]) -> dict[str, Optional[str]]:
 
 def read_metadata(path: str) -> list[Row]:
     """The rows of a .csv / .jsonl / .json caption file; UserError naming what is wrong."""
+    refuse_folder(path, "data.captions", "a .csv, .jsonl or .json caption file (or sidecar: <stem>.txt "
+                  "beside each clip)")
     if not os.path.isfile(path):
         raise MissingFileError(f"data.captions = {path}: file not found (a relative name is looked "
                                "up from the working directory, then inside data.path)")
@@ -134,15 +141,26 @@ def read_metadata(path: str) -> list[Row]:
 
 
 def _csv_records(path: str, f) -> list[tuple[str, dict]]:
+    """The rows of a .csv with a header. Captions may be of any length (csv's field limit is
+    lifted while reading); a row is named by the line it starts on (a quoted caption may span
+    lines); a column named twice in the header is refused."""
     reader = csv.DictReader(f)
-    records = []
+    records, start = [], 1
+    limit = csv.field_size_limit(sys.maxsize)  # "any length": the module's default is 131072 characters
     try:
         if reader.fieldnames is None:
             raise UserError(f"data.captions = {path}: the file is empty; a .csv needs a header row "
                             f"naming its columns, e.g. path,text")
         reader.fieldnames = [name.strip() for name in reader.fieldnames]  # "path, text" as typed
+        twice = sorted({n for n in reader.fieldnames if reader.fieldnames.count(n) > 1})
+        if twice:
+            raise UserError(f"data.captions = {path}, line 1: the header names column {twice[0]!r} "
+                            f"{reader.fieldnames.count(twice[0])} times ({', '.join(reader.fieldnames)}); "
+                            "which one holds the value is ambiguous: rename or remove the others")
+        start = reader.line_num + 1
         for record in reader:
-            where = f"line {reader.line_num}"
+            where = f"line {start}"
+            start = reader.line_num + 1
             if None in record:
                 raise UserError(f"data.captions = {path}, {where}: more fields than the header "
                                 f"({len(reader.fieldnames)} columns); quote captions that hold commas")
@@ -151,8 +169,19 @@ def _csv_records(path: str, f) -> list[tuple[str, dict]]:
                                 f"({len(reader.fieldnames)} columns: {', '.join(reader.fieldnames)})")
             records.append((where, record))
     except csv.Error as e:
-        raise UserError(f"data.captions = {path}, line {reader.line_num}: not valid CSV ({e})") from None
+        raise UserError(f"data.captions = {path}, line {start}: not valid CSV ({e})") from None
+    finally:
+        csv.field_size_limit(limit)
     return records
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's keys, refusing one given twice (json keeps the last one silently)."""
+    keys = [k for k, _ in pairs]
+    twice = next((k for k in keys if keys.count(k) > 1), None)
+    if twice is not None:
+        raise ValueError(f"key {twice!r} is given {keys.count(twice)} times; keep one of them")
+    return dict(pairs)
 
 
 def _jsonl_records(path: str, f) -> list[tuple[str, dict]]:
@@ -161,7 +190,7 @@ def _jsonl_records(path: str, f) -> list[tuple[str, dict]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line, object_pairs_hook=_unique_keys)
         except ValueError as e:
             raise UserError(f"data.captions = {path}, line {number}: not valid JSON ({e}); a .jsonl "
                             "file holds one JSON object per line") from None
@@ -174,7 +203,7 @@ def _jsonl_records(path: str, f) -> list[tuple[str, dict]]:
 
 def _json_records(path: str, f) -> list[tuple[str, dict]]:
     try:
-        data = json.load(f)
+        data = json.load(f, object_pairs_hook=_unique_keys)
     except ValueError as e:
         raise UserError(f"data.captions = {path}: not valid JSON ({e})") from None
     if not isinstance(data, list):
@@ -276,28 +305,3 @@ def _apply_policy(cfg: DataConfig, rels: list[str], found: dict[str, Optional[st
 def _listing(lines: list[str]) -> str:
     more = f"; ... and {len(lines) - MAX_LISTED} more" if len(lines) > MAX_LISTED else ""
     return "; ".join(lines[:MAX_LISTED]) + more
-
-
-# --------------------------------------------------------------------------- prompts
-
-
-def read_prompts_file(path: str, key: str = "prompts_file") -> list[str]:
-    """The prompts of a text file, one per line (UTF-8; surrounding whitespace stripped, blank
-    lines skipped), for predict's and validation's prompts; UserError naming `key` and the file."""
-    path = os.path.expanduser(path)
-    if not os.path.isfile(path):
-        raise MissingFileError(f"{key} = {path}: file not found; give a text file with one prompt per line")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise UserError(f"{key} = {path}: cannot be read ({e.strerror})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise UserError(f"{key} = {path}, line {line}: not UTF-8 text ({e.reason}); save it as UTF-8") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise UserError(f"{key} = {path}: has no prompts; write one prompt per line")
-    return prompts

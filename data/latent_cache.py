@@ -32,6 +32,13 @@ images differ in size, a file cut short after indexing) is recorded as skipped w
 reason (one DataWarning), as reading it with the cache off does; its windows are served by
 the first window of the next usable source.
 
+Stale index entries. A source whose file ends before its data index entry said (the file
+changed but kept its size and mtime, or a shared index was edited) is corrected by the
+dataset when the build reads past its end (`iter_source_frames` stops there, the index is
+rewritten): its entry then holds the frames (windows) it has, flagged `short`, and its
+windows past the end are served by the next usable source, as for a skipped source. Nothing
+is blamed on the file and the good frames are kept.
+
 Healing. A manifest or shard that cannot be read, or that does not cover every source with
 well-formed latents, is reported (`CacheCorruptError`) and the cache is rebuilt. A build is
 written shard by shard (every `SOURCES_PER_SHARD` sources or `SHARD_BYTES`), each shard
@@ -49,11 +56,11 @@ Datasets provide: `num_sources`, `source_length(i)`, `source_label(i)`,
 """
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import json
 import os
+import re
 import warnings
 from typing import Callable, Iterator, Optional
 
@@ -64,10 +71,13 @@ from tqdm import tqdm
 from data.source_index import DataWarning
 from utils.checkpoint import atomic_save, write_json
 from utils.errors import UserError
+from utils.paths import remove_file
 
 EncodeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (B,3,T,H,W) -> mean, std (B,C,t,h,w)
 SOURCES_PER_SHARD = 256
 SHARD_BYTES = 256 * 2**20  # a shard is also closed at this size: a killed build loses less
+SHARD_NAME = re.compile(r"shard_r\d+_\d{5,}\.pt")  # what `build_part` names a shard
+SHORT = "short"  # entry flag: the source ended before the data index said (its first frames only)
 PIXELS_PER_ENCODE = 1 << 22  # frame pixels (after resize) per encode call: ~50 MB of float pixels
 
 
@@ -135,8 +145,7 @@ class LatentCache:
         same key; returns {source: shard file}."""
         os.makedirs(self.dir, exist_ok=True)
         if rank == 0:  # the manifest is written again once every rank is done
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.manifest_path)
+            remove_file(self.manifest_path)
         written = self._progress(rank, world_size)
         if not written:
             self._remove_rank_files(rank)
@@ -169,7 +178,7 @@ class LatentCache:
                     "shards": {str(s): name for s, name in sorted(shards.items())}}
         write_json(manifest, self.manifest_path)
         for path in glob.glob(os.path.join(glob.escape(self.dir), "progress_r*.json")):
-            os.remove(path)
+            remove_file(path)
 
     def load(self) -> "CachedWindows":
         """The cached windows; `CacheCorruptError` names what is wrong when the cache on disk is
@@ -190,8 +199,14 @@ class LatentCache:
                 raise CacheCorruptError(f"shard {path} is not a dict of latents")
             latents.update(part)
         windows = self._windows_by_source() if self.per_window else {}
-        for src in range(self.dataset.num_sources):
-            self._check_entry(src, latents.get(src), windows.get(src, []))
+        short = [src for src in range(self.dataset.num_sources)
+                 if self._check_entry(src, latents.get(src), windows.get(src, []))]
+        latents = {src: latents[src] for src in range(self.dataset.num_sources)}  # nothing else a shard holds
+        if short:
+            warnings.warn(f"{len(short)} source(s) of the latent cache {self.dir} ended before their "
+                          f"data index entry said (a stale entry, corrected when the cache was built): "
+                          f"their windows past the end are served by other clips (sources {short[:20]})",
+                          DataWarning, stacklevel=2)
         skipped = {s: e["skipped"] for s, e in latents.items() if "skipped" in e}
         if len(skipped) == self.dataset.num_sources:
             raise UserError(f"none of the {len(skipped)} sources could be read for the latent "
@@ -209,23 +224,37 @@ class LatentCache:
         if not (isinstance(manifest, dict) and isinstance(manifest.get("key"), dict)
                 and isinstance(manifest.get("shards"), dict)):
             raise CacheCorruptError(f"{self.manifest_path} lacks its 'key' or 'shards'")
+        try:
+            _check_shards(manifest["shards"])
+        except ValueError as e:
+            raise CacheCorruptError(f"{self.manifest_path}: {e}") from None
         return manifest
 
-    def _check_entry(self, src: int, entry, windows: list[list[int]]) -> None:
+    def _check_entry(self, src: int, entry, windows: list[list[int]]) -> bool:
         """A source's latents are complete: mean and std of every frame (or of every one of
-        the dataset's windows, exactly those), or the reason it was skipped."""
+        the dataset's windows, exactly those), or the reason it was skipped. A source whose
+        file ended before its index said (`SHORT`: a stale index entry, corrected while
+        building) holds its first frames (windows) only. Returns whether it is short of what
+        the dataset asks, which other processes, still holding the stale entry, may see."""
         if isinstance(entry, dict) and isinstance(entry.get("skipped"), str):
-            return
+            return False
         ok = isinstance(entry, dict) and all(torch.is_tensor(entry.get(k)) for k in ("mean", "std"))
+        short = ok and entry.get(SHORT) is True
         if ok and self.per_window:
             ok = torch.is_tensor(entry.get("frames")) and entry["mean"].shape[0] == entry["frames"].shape[0]
-            if ok and entry["frames"].tolist() != windows:
+            cached = entry["frames"].tolist() if ok else []
+            if ok and cached != (windows[:len(cached)] if short else windows):
                 raise CacheCorruptError(f"the cached windows of source {src} are not the dataset's "
                                         "(data.num_frames, frame_stride or window_stride changed)")
+            short = short and len(cached) < len(windows)
         elif ok:
-            ok = entry["mean"].ndim == 4 and entry["mean"].shape[1] == self.dataset.source_length(src)
+            length = entry["mean"].shape[1] if entry["mean"].ndim == 4 else -1  # (C, L, h, w)
+            wanted = self.dataset.source_length(src)
+            ok = length == wanted or short and 0 < length < wanted
+            short = short and length < wanted
         if not ok or entry["mean"].shape != entry["std"].shape:
             raise CacheCorruptError(f"the latents of source {src} are missing or incomplete")
+        return short
 
     def _progress_path(self, rank: int) -> str:
         return os.path.join(self.dir, f"progress_r{rank}.json")
@@ -237,6 +266,7 @@ class LatentCache:
                 record = json.load(f)
             if record["key"] != self.key or record["world_size"] != world_size:
                 return {}
+            _check_shards(record["shards"])
             done = {int(s): name for s, name in record["shards"].items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return {}
@@ -251,16 +281,18 @@ class LatentCache:
     def _remove_rank_files(self, rank: int) -> None:
         """Shards and progress of an earlier build by this rank: a fresh build starts clean."""
         for path in glob.glob(os.path.join(glob.escape(self.dir), f"shard_r{rank}_*.pt*")):
-            os.remove(path)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(self._progress_path(rank))
+            remove_file(path)  # never a symlink, nor what it points at
+        remove_file(self._progress_path(rank))
 
     def _windows_by_source(self) -> dict[int, list[list[int]]]:
-        """{source: frame indices of each of its windows}, from the dataset's `window(index)`."""
+        """{source: frame indices of each of its windows}, from the dataset's `window(index)`:
+        the windows that fit in the source (all of them, unless a stale index entry was
+        corrected in this process)."""
         out: dict[int, list[list[int]]] = {}
         for index in range(len(self.dataset)):
             src, frames = self.dataset.window(index)
-            out.setdefault(src, []).append(list(frames))
+            if frames[-1] < self.dataset.source_length(src):
+                out.setdefault(src, []).append(list(frames))
         return out
 
     def _encode_windows(self, src: int, windows: list[list[int]], encode: EncodeFn) -> dict:
@@ -273,34 +305,61 @@ class LatentCache:
         needed = sorted({i for w in windows for i in w})
         frames = self.dataset.iter_source_frames(src, needed)
         held: dict[int, torch.Tensor] = {}  # decoded frames still needed: index -> (3, H, W)
-        means, stds, group = [], [], []
+        means, stds, group, done = [], [], [], []
         for k, window in enumerate(windows):
-            while window[-1] not in held:
-                i, frame = next(frames)
-                held[i] = frame
+            while window[-1] not in held and (got := next(frames, None)) is not None:
+                held[got[0]] = got[1]
+            if window[-1] not in held:  # the source ended early (a stale index entry, corrected)
+                break
             group.append(torch.stack([held[i] for i in window], dim=1))  # (3, T, H, W)
+            done.append(window)
             if k + 1 < len(windows):
                 held = {i: f for i, f in held.items() if i >= windows[k + 1][0]}
-            if len(group) * group[0][0].numel() >= PIXELS_PER_ENCODE or k + 1 == len(windows):
-                mean, std = encode(torch.stack(group))  # (n, C, t, h, w) each
-                means.append(mean.cpu())
-                stds.append(std.cpu())
+            if len(group) * group[0][0].numel() >= PIXELS_PER_ENCODE:
+                means, stds = self._encoded(group, encode, means, stds)
                 group = []
-        return {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(),
-                "frames": torch.tensor(windows, dtype=torch.long)}
+        if group:  # the last windows
+            means, stds = self._encoded(group, encode, means, stds)
+        if not done:
+            return {"skipped": "it ends before its first window's last frame (the data index said more frames)"}
+        entry = {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(),
+                 "frames": torch.tensor(done, dtype=torch.long)}
+        return {**entry, SHORT: True} if len(done) < len(windows) else entry
+
+    @staticmethod
+    def _encoded(group: list[torch.Tensor], encode: EncodeFn, means: list, stds: list) -> tuple[list, list]:
+        """`means` and `stds` with the group of windows (3, T, H, W) encoded, (n, C, t, h, w) each."""
+        mean, std = encode(torch.stack(group))
+        return means + [mean.cpu()], stds + [std.cpu()]
 
     def _encode_source(self, src: int, encode: EncodeFn) -> dict:
         """Every frame of `src`, decoded once front to back and encoded in chunks of about
         PIXELS_PER_ENCODE pixels: {"mean", "std": (C, L, h, w)}."""
-        frames = self.dataset.iter_source_frames(src, range(self.dataset.source_length(src)))
+        length = self.dataset.source_length(src)
+        frames = self.dataset.iter_source_frames(src, range(length))
         means, stds = [], []
         for chunk in _chunks(frames, PIXELS_PER_ENCODE):
             pixels = torch.stack(chunk, dim=1)  # (3, n, H, W) in [-1, 1]
             mean, std = encode(pixels[None])  # (1, C, n, h, w) each
             means.append(mean[0].cpu())
             stds.append(std[0].cpu())
-        return {"mean": torch.cat(means, dim=1).contiguous(),  # (C, L, h, w)
-                "std": torch.cat(stds, dim=1).contiguous()}
+        if not means:
+            return {"skipped": "it has no frame the data index said it had"}
+        entry = {"mean": torch.cat(means, dim=1).contiguous(),  # (C, L, h, w)
+                 "std": torch.cat(stds, dim=1).contiguous()}
+        return {**entry, SHORT: True} if entry["mean"].shape[1] < length else entry
+
+
+def _check_shards(shards: dict) -> None:
+    """{source: shard file} as a manifest or progress record holds it: every source a
+    non-negative integer, every shard a file of this cache inside its folder (never a path);
+    ValueError naming the first entry that is not."""
+    for src, name in shards.items():
+        if not (isinstance(src, str) and src.isascii() and src.isdigit()):
+            raise ValueError(f"source {src!r} is not a source number")
+        if not (isinstance(name, str) and SHARD_NAME.fullmatch(name)):
+            raise ValueError(f"shard {name!r} of source {src} is not a shard file of this cache "
+                             "(shard_rR_NNNNN.pt)")
 
 
 def _chunks(frames: Iterator[tuple[int, torch.Tensor]], max_pixels: int) -> Iterator[list[torch.Tensor]]:
@@ -341,7 +400,8 @@ class CachedWindows(Dataset):
     def __getitem__(self, index: int) -> dict:
         wanted, frames = self.dataset.window(index)
         n = len(self.latents)
-        src = next(s for s in ((wanted + k) % n for k in range(n)) if "skipped" not in self.latents[s])
+        src = next(s for s in ((wanted + k) % n for k in range(n))
+                   if self._serves(s, frames if s == wanted else [f - frames[0] for f in frames]))
         if src != wanted:
             frames = [f - frames[0] for f in frames]  # the substitute's first window
         entry = self.latents[src]
@@ -356,6 +416,16 @@ class CachedWindows(Dataset):
         if getattr(self.dataset, "has_captions", False):  # a substitute's latents get its own caption
             item["caption"] = self.dataset.caption(index) if src == wanted else self.dataset.captions[src]
         return item
+
+    def _serves(self, src: int, frames: list[int]) -> bool:
+        """Whether source `src` has the latents of window `frames` (not skipped, and not past
+        the end of a source that ended early)."""
+        entry = self.latents[src]
+        if "skipped" in entry:
+            return False
+        if "frames" in entry:
+            return (src, tuple(frames)) in self.rows
+        return frames[-1] < entry["mean"].shape[1]
 
 
 def cache_disabled_reason(dataset, mode: str) -> Optional[str]:

@@ -13,8 +13,11 @@ keyed by content): `manifest.json` ({"key", "format", "shards": {file: [sha, ...
 real tokens (padding is zero and masked, so it need not be stored) and `<sha>.pooled` (D')
 for encoders with a pooled vector. Shards are written whole to a temp file and renamed, the
 manifest after them: a build killed part-way keeps the shards it finished; files no manifest
-names are removed. A manifest that cannot be read rebuilds the cache, and a shard that cannot
-be read (or lacks an entry) is dropped and its captions re-encoded, each said through `log`.
+names are removed (regular files only: never a symlink, nor what it points at). A manifest
+that cannot be read, or whose entries are not this cache's (a shard named by a path, `..` or
+another name than `text_NNNNN.safetensors`, an entry that is not a caption key), rebuilds the
+cache: nothing outside `cache_dir` is read or removed. A shard that cannot be read (or lacks an
+entry) is dropped and its captions re-encoded, each said through `log`.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -32,11 +36,14 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from utils.checkpoint import write_json
+from utils.paths import remove_file
 
 # captions -> tokens (N, L, D) zero at padding, mask (N, L) bool (a prefix per row), pooled (N, D') or None
 EncodeFn = Callable[[list[str]], tuple]
 FORMAT = 1
 SHARD_BYTES = 256 * 2**20  # a shard is closed at this size: a killed build loses less
+SHARD_NAME = re.compile(r"text_(\d{5,})\.safetensors")  # what `_write_shard` names a shard
+CAPTION_KEY = re.compile(r"[0-9a-f]{64}")  # `caption_key`: a sha256 in hex
 
 
 def caption_key(text: str) -> str:
@@ -59,6 +66,26 @@ def describe_change(old: dict, new: dict) -> str:
              "dtype": "text_encoder.dtype changed", "convention": "the text convention changed"}
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     return ", ".join(f"{names.get(k, k)} ({old.get(k)} -> {new.get(k)})" for k in changed)
+
+
+def _shard_number(name: str) -> int:
+    """k of a shard file `text_{k:05d}.safetensors`; ValueError for any other name."""
+    found = SHARD_NAME.fullmatch(name) if isinstance(name, str) else None
+    if found is None:
+        raise ValueError(f"shard {name!r} is not a shard file of this cache (text_NNNNN.safetensors)")
+    return int(found.group(1))
+
+
+def _check_entries(shards: dict) -> None:
+    """A manifest's {shard: [sha, ...]}: every shard a file of this cache inside its folder
+    (never a path), every entry a caption key; ValueError naming the first that is not."""
+    for name, shas in shards.items():
+        _shard_number(name)
+        if not isinstance(shas, list):
+            raise ValueError(f"shard {name!r} lists {type(shas).__name__}, not caption keys")
+        bad = next((sha for sha in shas if not (isinstance(sha, str) and CAPTION_KEY.fullmatch(sha))), None)
+        if bad is not None:
+            raise ValueError(f"shard {name!r} lists {bad!r}, not a caption key (64 hex digits)")
 
 
 class TextTable:
@@ -120,7 +147,7 @@ class TextEmbeddingCache:
         (rank r writes shards r, r + W, ... after the manifest's), without touching the manifest:
         returns {shard: [sha, ...]} for `add_shards` (rank 0, after every rank wrote its part)."""
         shards = self._manifest_shards_quiet()
-        start = 1 + max([int(n[5:10]) for n in shards] or [-1])
+        start = 1 + max([_shard_number(n) for n in shards] or [-1])
         written: dict[str, list[str]] = {}
         index = iter(range(start + rank, start + rank + world_size * 10 ** 5, world_size))
         self._build(written, list(texts), encode, batch_size, progress,
@@ -172,9 +199,9 @@ class TextEmbeddingCache:
             with open(self.manifest_path) as f:
                 manifest = json.load(f)
             key, shards = manifest["key"], manifest["shards"]
-            if manifest.get("format") != FORMAT or not isinstance(shards, dict) or \
-                    not all(isinstance(v, list) for v in shards.values()):
+            if manifest.get("format") != FORMAT or not isinstance(shards, dict):
                 raise ValueError("not a manifest of this format")
+            _check_entries(shards)
         except (OSError, ValueError, KeyError, TypeError) as e:
             self.log(f"text embedding cache {self.dir}: {self.manifest_path} cannot be read "
                      f"({type(e).__name__}: {e}); rebuilding it")
@@ -190,10 +217,9 @@ class TextEmbeddingCache:
         shards = self._manifest_shards()
         for path in glob.glob(os.path.join(glob.escape(self.dir), "text_*.safetensors*")):
             if os.path.basename(path) not in shards:
-                os.remove(path)
+                remove_file(path)  # never a symlink, nor what it points at
         if not shards:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.manifest_path)
+            remove_file(self.manifest_path)
         return shards
 
     def _write_manifest(self, shards: dict[str, list[str]]) -> None:
@@ -224,8 +250,7 @@ class TextEmbeddingCache:
                          f"{e}); its {len(shards[name])} caption(s) will be encoded again")
                 for sha in shards.pop(name):
                     entries.pop(sha, None)
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
+                remove_file(path)
                 self._write_manifest(shards)
         return entries
 
@@ -259,7 +284,7 @@ class TextEmbeddingCache:
     def _write_shard(self, shards: dict[str, list[str]], entries: dict, name: Optional[str] = None,
                      manifest: bool = True) -> None:
         if name is None:
-            k = 1 + max([int(n[5:10]) for n in shards] or [-1])
+            k = 1 + max([_shard_number(n) for n in shards] or [-1])
             name = f"text_{k:05d}.safetensors"
         tensors = {f"{sha}.tokens": t for sha, (t, _) in entries.items()}
         tensors.update({f"{sha}.pooled": p for sha, (_, p) in entries.items() if p is not None})

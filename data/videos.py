@@ -440,7 +440,9 @@ class VideoFolder(Dataset):
         return len(self.sources)
 
     def source_length(self, src: int) -> int:
-        return self.sources[src][1]
+        """Frames of source `src`: the index's count, or the true one where a failed read found
+        the index entry stale (`_correct_stale_entry`)."""
+        return self._caps.get(src, self.sources[src][1])
 
     def source_label(self, src: int) -> int:
         return self.labels[src]
@@ -476,15 +478,24 @@ class VideoFolder(Dataset):
 
     def iter_source_frames(self, src: int, indices: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
         """(index, (3, H, W) center-cropped frame) for the increasing `indices` of source `src`,
-        decoding it once, front to back, one frame in memory at a time (the latent cache)."""
+        decoding it once, front to back, one frame in memory at a time (the latent cache).
+
+        A read that fails is checked against the index as `__getitem__`'s are: when the index
+        entry was stale (the file has fewer frames than it said), the entry is corrected, the
+        frames the file has were yielded, and the iteration ends there (`source_length` then
+        gives the true count); otherwise the file is at fault and the error is raised."""
         mapped = self.source_indices(src, indices)
         decoded = iter_frames(self.sources[src][0], sorted(set(mapped)))
         at, frame = -1, None
-        for i, m in zip(indices, mapped):
-            while at != m:  # a resampled clip may show one source frame twice
-                at, pixels = next(decoded)  # (h, w, 3) uint8
-                frame = self.transform(pixels[None])[:, 0]  # (3, H, W)
-            yield i, frame
+        try:
+            for i, m in zip(indices, mapped):
+                while at != m:  # a resampled clip may show one source frame twice
+                    at, pixels = next(decoded)  # (h, w, 3) uint8
+                    frame = self.transform(pixels[None])[:, 0]  # (3, H, W)
+                yield i, frame
+        except (VideoReadError, OSError):
+            if not self._correct_stale_entry(src):
+                raise
 
     def cache_key(self) -> dict:
         """What the cached latents depend on besides the VAE: files (size, mtime) and pixels.

@@ -52,7 +52,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from einops import rearrange
@@ -172,8 +172,11 @@ class Family:
         return MASKED
 
     def text_length(self, asked: Optional[int]) -> Optional[int]:
-        """text_encoder.max_length for this family (None: the tokenizer's own)."""
+        """text_encoder.max_length for this family (None: `default_text_length`, else the
+        tokenizer's own)."""
         return asked
+
+    default_text_length: Optional[int] = None  # tokens per caption when text_encoder.max_length is null
 
     def check_text(self, hidden_size: int) -> None:
         """Refuse a text encoder whose hidden size the model cannot read."""
@@ -331,11 +334,20 @@ class PretrainedFamily(Family):
     # ---- objective
 
     def native_scheduler(self) -> Optional[dict]:
-        if self.scheduler is None:
-            return None
-        return {"sampler": self.native_sampler, **self.scheduler}
+        return self.native_of(self.scheduler)
 
-    native_sampler = ""
+    # {scheduler class in the folder: (the repo's sampler name, the class the sampler builds)}
+    NATIVE: dict[str, tuple[str, str]] = {}
+
+    @classmethod
+    def native_of(cls, scheduler: Optional[dict]) -> Optional[dict]:
+        """{"sampler", "class_name", "config"} of a folder's scheduler record: the sampler name
+        it serves and the class built from its config; None when the repo cannot run that class
+        as is (the family's schedule is then sampled by the repo's own samplers)."""
+        if scheduler is None or scheduler.get("class_name") not in cls.NATIVE:
+            return None
+        sampler, class_name = cls.NATIVE[scheduler["class_name"]]
+        return {"sampler": sampler, "class_name": class_name, "config": dict(scheduler["config"])}
 
     # ---- export
 
@@ -368,7 +380,11 @@ class WanFamily(PretrainedFamily):
     class_name = "WanTransformer3DModel"
     pipeline_class = "WanPipeline"
     blocks_attr = "blocks"
-    native_sampler = "unipc"
+    # Wan's folders ship UniPC with flow sigmas; a FlowMatchEuler or DPM-Solver++ folder is
+    # sampled by its own class too
+    NATIVE = {"UniPCMultistepScheduler": ("unipc", "UniPCMultistepScheduler"),
+              "FlowMatchEulerDiscreteScheduler": ("euler", "FlowMatchEulerDiscreteScheduler"),
+              "DPMSolverMultistepScheduler": ("dpm++", "DPMSolverMultistepScheduler")}
     per_frame_timesteps = True  # per-token timesteps (Wan 2.2 TI2V's (B, seq_len) form)
     # attention q/k/v/out of self- (attn1) and cross-attention (attn2), and the feed-forward
     # linears (ffn.net.0.proj, ffn.net.2): finetrainers' and DiffSynth's default set
@@ -415,12 +431,11 @@ class WanFamily(PretrainedFamily):
     def _train_timesteps(self) -> int:
         return int((self.scheduler or {}).get("config", {}).get("num_train_timesteps", 1000))
 
-    def text_length(self, asked: Optional[int]) -> int:
-        return asked or self.DEFAULT_TEXT_LENGTH
+    default_text_length = DEFAULT_TEXT_LENGTH  # within the encoder's limit (a smaller tokenizer's own)
 
     def text_convention(self, max_length: Optional[int]) -> TextConvention:
         return TextConvention("zero_padded", encoder_mask=True, model_mask=False, null="empty",
-                              length=self.text_length(max_length))
+                              length=max_length)
 
     def call(self, transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         # x (B, C, T, h, w) as Wan's hidden_states; t (B,) = 1000 * sigma, or (B, T) per latent
@@ -440,7 +455,10 @@ class CogVideoXFamily(PretrainedFamily):
     class_name = "CogVideoXTransformer3DModel"
     pipeline_class = "CogVideoXPipeline"
     blocks_attr = "transformer_blocks"
-    native_sampler = "ddim"
+    # CogVideoXPipeline's DDIM; a 5B folder's CogVideoXDPMScheduler steps with another signature
+    # (the previous x0 and timestep), so its config is sampled by CogVideoXDDIMScheduler
+    NATIVE = {"CogVideoXDDIMScheduler": ("ddim", "CogVideoXDDIMScheduler"),
+              "CogVideoXDPMScheduler": ("ddim", "CogVideoXDDIMScheduler")}
     text_dim_key = "text_embed_dim"
     # attention q/k/v/out (diffusers' CogVideoX LoRA example) and the feed-forward linears
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
@@ -686,22 +704,12 @@ def check_base(recorded: dict, family: Family, where: str) -> None:
 def native_scheduler_of(record: Optional[dict]) -> Optional[dict]:
     """The native sampler of a checkpoint's family record (None: the repo's DiT, or a folder
     without a scheduler)."""
-    if not record or record.get("scheduler") is None or record.get("class_name") not in FAMILIES:
+    if not record or record.get("class_name") not in FAMILIES:
         return None
-    return {"sampler": FAMILIES[record["class_name"]].native_sampler, **record["scheduler"]}
-
-
-def trainable_names(module: nn.Module) -> list[str]:
-    return [n for n, p in module.named_parameters() if p.requires_grad]
+    return FAMILIES[record["class_name"]].native_of(record.get("scheduler"))
 
 
 def ignored_architecture_keys(model_cfg: ModelConfig) -> list[str]:
     """The own-DiT architecture keys set to other than their defaults (ignored by a pretrained run)."""
     default = ModelConfig()
     return [k for k in OWN_ARCHITECTURE_KEYS if getattr(model_cfg, k) != getattr(default, k)]
-
-
-def describe_params(module: nn.Module) -> dict[str, Any]:
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in module.parameters())
-    return {"trainable": trainable, "total": total}

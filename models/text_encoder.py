@@ -43,6 +43,7 @@ from transformers import (AutoTokenizer, CLIPTextModel, CLIPTextModelWithProject
                           T5EncoderModel, UMT5EncoderModel)
 from transformers.utils import logging as hf_logging
 
+from utils.checkpoint import pickle_weights_error
 from utils.config import TextEncoderConfig
 from utils.errors import ConfigError, MissingFileError, UserError
 
@@ -161,6 +162,11 @@ def _class_of(folder: str) -> str:
 
 
 def _corrupt(folder: str, e: Exception) -> UserError:
+    """The folder did not load: pickle weights named as refused (never passing on torch's
+    advice to turn weights_only off), else the folder called corrupt or incomplete."""
+    unsafe = pickle_weights_error(folder, e, "the text encoder", "text_encoder.path")
+    if unsafe is not None:
+        return unsafe
     return UserError(f"could not load the text encoder in {folder} ({type(e).__name__}: {e}). The folder "
                      "is corrupt or incomplete: copy it again or fix text_encoder.path")
 
@@ -223,11 +229,14 @@ class FrozenTextEncoder(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer, path: str = "", tokenizer_dir: str = "",
                  max_length: Optional[int] = None, dtype: Optional[torch.dtype] = None, found: str = "",
-                 source: tuple[str, Optional[str]] = ("", None), attend_padding: bool = False):
+                 source: tuple[str, Optional[str]] = ("", None), attend_padding: bool = False,
+                 default_length: Optional[int] = None):
         """`path`: the encoder's own folder; `source`: (text_encoder.path, text_encoder.subfolder)
         as given, which is what reloads it (a pipeline's text_encoder/ alone lacks its tokenizer).
         `attend_padding`: every caption padded to max_length and encoded with the padding
-        attended and kept (CogVideoX's convention), instead of masked and zeroed."""
+        attended and kept (CogVideoX's convention), instead of masked and zeroed.
+        `default_length`: the tokens per caption when `max_length` is null, instead of the
+        tokenizer's own (a DiT family's, e.g. Wan's 512), within the encoder's limit."""
         super().__init__()
         self.attend_padding = attend_padding
         self.source, self.subfolder = source
@@ -244,7 +253,7 @@ class FrozenTextEncoder(nn.Module):
         self.model = model.eval().requires_grad_(False)
         self.eval()
         self.tokenizer = self._prepare_tokenizer(tokenizer)
-        self.max_length = self._resolve_max_length(max_length)
+        self.max_length = self._resolve_max_length(max_length, default_length)
         probe = self.encode([""])  # measures the sizes, and that the encoder runs at all
         self.hidden_size = probe.tokens.shape[-1]
         self.pooled_size = None if probe.pooled is None else probe.pooled.shape[-1]
@@ -252,7 +261,7 @@ class FrozenTextEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, device: torch.device | str = "cpu", dtype: str = "auto",
                         max_length: Optional[int] = None, subfolder: Optional[str] = None,
-                        attend_padding: bool = False) -> "FrozenTextEncoder":
+                        attend_padding: bool = False, default_length: Optional[int] = None) -> "FrozenTextEncoder":
         folder, tok_dir, found = resolve_text_encoder_dir(path, subfolder)
         name = _class_of(folder)
         with _quiet_transformers():
@@ -267,7 +276,7 @@ class FrozenTextEncoder(nn.Module):
                                 "Its files are corrupt or incomplete, or need a package not installed "
                                 "here: save it with tokenizer.json (a fast tokenizer)") from None
         return cls(model.to(device), tokenizer, folder, tok_dir, max_length, resolve_text_dtype(dtype, device),
-                   found, (os.path.abspath(path), subfolder), attend_padding)
+                   found, (os.path.abspath(path), subfolder), attend_padding, default_length)
 
     @classmethod
     def from_record(cls, record: dict, where: str, device: torch.device | str = "cpu", dtype: str = "auto",
@@ -294,14 +303,14 @@ class FrozenTextEncoder(nn.Module):
     @classmethod
     def from_config(cls, cfg: TextEncoderConfig, device: torch.device | str = "cpu",
                     path: Optional[str] = None, max_length: Optional[int] = None,
-                    attend_padding: bool = False) -> "FrozenTextEncoder":
+                    attend_padding: bool = False, default_length: Optional[int] = None) -> "FrozenTextEncoder":
         """The encoder `cfg` describes; `path` / `max_length` override cfg's (e.g. a checkpoint's
         record, or a pretrained DiT's text length)."""
         if (path or cfg.path) is None:
             raise ConfigError("text_encoder.path is not set: point it at a text-encoder folder with its "
                               "tokenizer, or a pipeline folder with text_encoder/ and tokenizer/")
         return cls.from_pretrained(path or cfg.path, device, cfg.dtype, max_length or cfg.max_length,
-                                   cfg.subfolder, attend_padding)
+                                   cfg.subfolder, attend_padding, default_length)
 
     def train(self, mode: bool = True) -> "FrozenTextEncoder":
         return super().train(False)  # frozen: stays in eval whatever the caller asks
@@ -315,16 +324,35 @@ class FrozenTextEncoder(nn.Module):
             tokenizer.pad_token = tokenizer.eos_token  # padding is masked and zeroed anyway
         return tokenizer
 
-    def _resolve_max_length(self, asked: Optional[int]) -> int:
-        limit = getattr(self.model.config, self.kind.positions) if self.kind.positions else None
+    def _resolve_max_length(self, asked: Optional[int], default: Optional[int] = None) -> int:
+        """`asked` (text_encoder.max_length), bounded by the model's own limit (checked before
+        any caption is padded to it), or null: `default` (a DiT family's), else the tokenizer's
+        length, within the limit."""
+        limit, why = self._token_limit()
         if asked is not None:
             if limit is not None and asked > limit:
                 raise ConfigError(f"text_encoder.max_length = {asked}: the {self.class_name} in {self._path} "
-                                  f"has {limit} positions; use at most {limit} (or null)")
+                                  f"takes at most {limit} tokens ({why}); use at most {limit} (or null)")
             return asked
         own = getattr(self.tokenizer, "model_max_length", None)
         length = own if isinstance(own, int) and 0 < own < UNSET_MAX_LENGTH else DEFAULT_MAX_LENGTH
+        length = default if default is not None else length
         return min(length, limit) if limit is not None else length
+
+    def _token_limit(self) -> tuple[Optional[int], str]:
+        """(the most tokens the model takes, why), or (None, "") when it states no limit. A class
+        with learned positions (CLIP) has as many as its config says; one with relative
+        positions (T5, UMT5) was trained to its tokenizer's model_max_length."""
+        own = getattr(self.tokenizer, "model_max_length", None)
+        stated = own if isinstance(own, int) and 0 < own < UNSET_MAX_LENGTH else None
+        if self.kind.positions:
+            positions = getattr(self.model.config, self.kind.positions)
+            if stated is not None and stated < positions:
+                return stated, f"its tokenizer's model_max_length; it has {positions} positions"
+            return positions, f"it has {positions} positions"
+        if stated is not None:
+            return stated, "its tokenizer's model_max_length"
+        return None, ""
 
     # ------------------------------------------------------------------------- encode
 
@@ -415,9 +443,12 @@ class FrozenTextEncoder(nn.Module):
                 f"of {self.hidden_size}{pooled}, {self.dtype_name} (frozen)")
 
 
-def check_text_encoder(recorded: dict, encoder: FrozenTextEncoder, where: str) -> None:
+def check_text_encoder(recorded: dict, encoder: FrozenTextEncoder, where: str, resume: bool = False) -> None:
     """Refuse `encoder` unless it is the one `recorded` (a `describe()` record, e.g. from the
-    checkpoint `where`) describes: same fingerprint and max_length. Names what differs."""
+    checkpoint `where`) describes: same fingerprint, max_length and encoding. Names what
+    differs, with the advice of the command: sampling (predict, evaluate) takes the recorded
+    encoder when text_encoder.path / max_length are null; a resumed training run (`resume`)
+    needs them set."""
     if recorded.get("fingerprint") == encoder.fingerprint and recorded.get("max_length") == encoder.max_length \
             and bool(recorded.get("attend_padding", False)) == encoder.attend_padding:
         return
@@ -430,16 +461,19 @@ def check_text_encoder(recorded: dict, encoder: FrozenTextEncoder, where: str) -
             f"text encoder mismatch: {where} was trained with the {recorded.get('class_name')} at "
             f"{recorded.get('path')} (fingerprint {recorded.get('fingerprint')}), but text_encoder.path = "
             f"{encoder.path} holds a {encoder.class_name} with fingerprint {encoder.fingerprint}: {what}. "
-            "The DiT only understands the embeddings it was trained on: use that encoder (or leave "
-            "text_encoder.path null to take the one the checkpoint records)")
+            "The DiT only understands the embeddings it was trained on: "
+            + (f"point text_encoder.path at that encoder ({recorded.get('source') or recorded.get('path')}), "
+               "or start a new run (another experiment.name)" if resume else
+               "use that encoder (or leave text_encoder.path null to take the one the checkpoint records)"))
     if recorded.get("max_length") == encoder.max_length:  # the encoding differs, not the encoder
         raise UserError(f"text encoding mismatch: {where} was trained on captions encoded "
                         f"{'with' if recorded.get('attend_padding') else 'without'} their padding attended, "
                         "this run encodes them otherwise: the pretrained DiT fixes how; use the "
                         "model.pretrained it was trained with")
+    null = "" if resume else " (or null to take the checkpoint's)"  # in training, null is the tokenizer's
     raise UserError(f"text encoder mismatch: {where} was trained with text_encoder.max_length = "
                     f"{recorded.get('max_length')}, but it is {encoder.max_length} here; set "
-                    f"text_encoder.max_length = {recorded.get('max_length')} (or null to take the checkpoint's)")
+                    f"text_encoder.max_length = {recorded.get('max_length')}{null}")
 
 
 # ----------------------------------------------------------------------------- a tiny encoder
@@ -483,12 +517,22 @@ def make_tiny_text_encoder(folder: str, words: Sequence[str], seed: int = 0, d_m
     with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
         torch.manual_seed(seed)
         model = T5EncoderModel(config)
-    tmp = f"{folder.rstrip(os.sep)}.tmp.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with _quiet_transformers():
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    if os.path.isdir(folder):
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    folder = folder.rstrip(os.sep) or os.sep
+    if os.path.lexists(folder) and (os.path.islink(folder) or not os.path.isdir(folder)):
+        raise UserError(f"{folder} is a file (or a link), not a folder: give a folder path to write "
+                        "the text encoder into (it is created)")
+    tmp = f"{folder}.tmp.{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
+        with _quiet_transformers():
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except OSError as e:
+        raise UserError(f"cannot write the text encoder to {folder} ({e.strerror or e}); choose a "
+                        "writable folder") from None
+    finally:  # written beside the folder: never left behind
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -41,6 +41,13 @@
 #   image_to_video  evaluate.py image_to_video=true windows=2 of that checkpoint: frame 0 within
 #                0.5 dB PSNR of the image's own VAE round trip (the condition kept exactly through
 #                sampling), a finite FVD >= 0 for both window positions (extension ran)
+#   wan_lora, wan_full, cogvideox_lora, cogvideox_full
+#                fine-tuning a tiny random pretrained Wan / CogVideoX pipeline (config_finetune.yaml)
+#                in bf16 with gradient checkpointing, LoRA (the base in bf16, adapters fp32) and
+#                full: losses finite, the held-out loss (fixed noise and t) falls between the
+#                first and last validation; the checkpoint holds the trainable weights
+#                only (a LoRA: fp32 adapters) and the base's fingerprint; export/ written; the
+#                rebuilt model in bf16 autocast agrees with fp32 within 5e-2 (relative L2)
 #   benchmark    bench.py --real-size --compile: a DiT-B/2 step on 16 x 32 x 32 latents, samples/s > 0, MFU
 # All runs go into a temporary runs dir (kept, with one log per step, when a step fails or
 # GPU_CHECK_KEEP=1). Without CUDA it stops at once with exit status 1.
@@ -90,6 +97,7 @@ if [ -z "$DRY" ]; then
   WORKERS=(train.max_steps=$WORKER_STEPS data.num_workers=4)
   EVAL=(num_videos=16 num_steps=20 batch_size=16)
   I2V=(num_videos=16 num_steps=20 batch_size=16)
+  FT=(train.max_steps=60 train.lr=1e-3 train.log_every=5)
   BENCH=(--real-size --compile)
 else
   NGPU=2  # two CPU processes over gloo stand in for the GPUs
@@ -117,6 +125,7 @@ else
            data.num_workers=2 validation.num_videos=2 validation.num_steps=2 "${SMALL_DIT[@]}")
   EVAL=(num_videos=4 num_steps=2 batch_size=4)
   I2V=(num_videos=2 num_steps=2 batch_size=2)
+  FT=(train.max_steps=8 train.lr=1e-3 train.log_every=1)
   BENCH=(--real-size --quick --device cpu)
 fi
 
@@ -245,6 +254,27 @@ step first_frames 'grep -q "image-to-video samples of" "$RUNS/ffc/log.txt" && "$
 step image_to_video '"${COND[@]}" first_frames "$RUNS/i2v.json" 2' \
   "$PY" evaluate.py --config evaluate.yaml device=$DEVICE "checkpoint=$RUNS/ffc/latest.pth" \
   "fvd.detector_path=$I3D" "output=$RUNS/i2v.json" image_to_video=true windows=2 "${I2V[@]}"
+
+# Fine-tuning a pretrained DiT: tiny random Wan and CogVideoX pipeline folders (the family seam,
+# LoRA through peft, gradient checkpointing, the native schedule and sampler, export).
+PRETRAINED="$RUNS/pretrained"
+if [ "$DRY" != 1 ] && { wanted wan_lora || wanted wan_full || wanted cogvideox_lora || wanted cogvideox_full; }; then
+  "${COND[@]}" make_pretrained "$PRETRAINED" >"$RUNS/prepare_pretrained.log" 2>&1 || {
+    echo "FAIL prepare: the tiny pretrained pipelines; log $RUNS/prepare_pretrained.log"; FAILED=1; }
+fi
+FT_DATA=(data.path=builtin:moving_shapes data.captions=null data.builtin.captions=true data.resolution=16
+         data.builtin.num_clips=4 data.builtin.clip_frames=12 data.window_stride=4 vae.tiling=false
+         train.batch_size=2 train.precision=bf16 train.activation_checkpointing=true text_encoder.max_length=16
+         validation.every_epochs=1 validation.num_videos=2 validation.num_steps=4 train.warmup_steps=2)
+for family in wan cogvideox; do
+  frames=5; [ $family = cogvideox ] && frames=9
+  for finetune in lora full; do
+    step "${family}_$finetune" 'grep -q "precision bfloat16" "$RUNS/ft_${family}_$finetune/log.txt" && "${COND[@]}" loss "$RUNS/ft_${family}_$finetune/log.txt" && "${COND[@]}" val_loss "$RUNS/ft_${family}_$finetune/log.txt" && "${COND[@]}" pretrained "$RUNS/ft_${family}_$finetune" $finetune $DEVICE' \
+      "$PY" train_advanced.py --config config_finetune.yaml "${COMMON[@]}" "model.pretrained=$PRETRAINED/$family" \
+      "experiment.name=ft_${family}_$finetune" "model.finetune=$finetune" data.num_frames=$frames \
+      "${FT_DATA[@]}" "${FT[@]}" "${EXTRA[@]}"
+  done
+done
 
 step benchmark 'grep -q MFU "$RUNS/benchmark.log" && "${COND[@]}" bench "$RUNS/bench.json"' \
   "$PY" benchmarks/bench.py "${BENCH[@]}" --json "$RUNS/bench.json"

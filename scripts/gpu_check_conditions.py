@@ -5,6 +5,8 @@ root: `python scripts/gpu_check_conditions.py loss runs/x/log.txt --falling`.
 
   loss LOG [--falling]          every logged training loss finite; with --falling the mean of
                                 the last third of the logged steps is below the first third's
+  val_loss LOG                  the held-out loss (fixed clips, noise and t: no sampling noise) of the
+                                last validation is below the first's
   steps RUN N                   the run made N real updates (fp16: a run whose every step the
                                 GradScaler skipped never reaches its step count), losses finite
   bench JSON                    bench.py's samples/s, tokens/s and MFU are finite numbers > 0
@@ -27,7 +29,13 @@ root: `python scripts/gpu_check_conditions.py loss runs/x/log.txt --falling`.
   first_frames JSON N           evaluate's image_to_video record: frame 0 within FIRST_FRAME_TOL dB
                                 PSNR of the image's own VAE round trip, a finite FVD >= 0 for each of
                                 the N window positions
+  pretrained RUN FINETUNE DEVICE  a fine-tune of a tiny pretrained DiT (FINETUNE lora | full): the
+                                checkpoint records the base's fingerprint and holds the trainable
+                                weights only (a LoRA: fp32 adapters, none of the base), all finite;
+                                export/ written; the model rebuilt from it in bf16 autocast agrees
+                                with fp32 (relative L2 below BF16_TOL)
   make_video_vae DIR            writes a tiny random AutoencoderKLWan (a causal video VAE) to DIR
+  make_pretrained DIR           writes tiny random Wan and CogVideoX pipeline folders to DIR/wan, DIR/cogvideox
   make_clips DIR N              writes N smooth 9-frame mp4 clips to DIR (real files for DataLoader workers)
   make_detector PATH            writes a stand-in I3D TorchScript (I3D's call, random weights) to PATH
 """
@@ -68,6 +76,19 @@ def loss(log: str, falling: bool = False) -> int:
     first, last = sum(values[:third]) / third, sum(values[-third:]) / third
     text = f"loss {first:.4f} -> {last:.4f} (means of the first and last {third} of {len(values)} logged steps)"
     return _result(last < first if falling else True, text + (", falling" if falling and last < first else ""))
+
+
+VAL_LINE = re.compile(r"step (\d+) val/loss (\S+) ")
+
+
+def val_loss(log: str) -> int:
+    with open(log) as f:
+        values = [(int(m.group(1)), float(m.group(2))) for m in map(VAL_LINE.search, f) if m]
+    if len(values) < 2:
+        return _result(False, f"{len(values)} validations logged in {log}: need two to compare")
+    (s0, first), (s1, last) = values[0], values[-1]
+    ok = math.isfinite(last) and last < first
+    return _result(ok, f"val/loss {first:.4f} at step {s0} -> {last:.4f} at step {s1}")
 
 
 def steps(run: str, expected: int) -> int:
@@ -254,6 +275,47 @@ def first_frames(path: str, windows: int) -> int:
                              f"[{', '.join(map(show, fvds))}] ({windows} wanted)")
 
 
+def pretrained(run: str, finetune: str, device_name: str) -> int:
+    import torch
+
+    from training.checkpoints import model_from_checkpoint, model_dims
+    from utils.checkpoint import load_checkpoint
+    ckpt = load_checkpoint(os.path.join(run, "latest.pth"))
+    family = ckpt["model"].get("family") or {}
+    state = ckpt["model_state"]
+    lora = [k for k in state if "lora_" in k]
+    finite = all(torch.isfinite(v).all() for v in state.values())
+    export = os.path.join(run, "export", "pytorch_lora_weights.safetensors" if finetune == "lora" else "transformer")
+    if finetune == "lora":
+        shape_ok = lora and len(lora) == len(state) and all(state[k].dtype == torch.float32 for k in lora)
+    else:
+        shape_ok = not lora and len(state) > 0
+    device = torch.device(device_name)
+    module = model_from_checkpoint(ckpt, True, device, run).float()
+    dims = model_dims(ckpt["model"])
+    g = torch.Generator().manual_seed(0)
+    shape = (2, dims["in_channels"], dims["num_frames"], dims["latent_height"], dims["latent_width"])
+    x = torch.randn(shape, generator=g).to(device)
+    text = torch.randn(2, ckpt["conditioning"]["text_encoder"]["max_length"], dims["text_dim"], generator=g).to(device)
+    t = torch.tensor([300, 700], device=device)
+    with torch.no_grad():
+        ref = module(x, t, text=text).float()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            low = module(x, t, text=text).float()
+    err = _rel(low, ref)
+    ok = bool(family.get("fingerprint")) and family.get("finetune") == finetune and shape_ok and finite \
+        and os.path.exists(export) and err < BF16_TOL
+    return _result(ok, f"{family.get('class_name')} {finetune}: {len(state)} trainable tensors in the checkpoint "
+                       f"({len(lora)} LoRA), finite {finite}, base {family.get('fingerprint')}, export "
+                       f"{'written' if os.path.exists(export) else 'MISSING'}; bf16 vs fp32 {err:.2e} (< {BF16_TOL:g})")
+
+
+def make_pretrained(folder: str) -> int:
+    from tests.pretrained_fixtures import write_pipelines
+    written = write_pipelines(folder)
+    return _result(True, f"tiny Wan and CogVideoX pipelines in {', '.join(written.values())}")
+
+
 def make_video_vae(folder: str) -> int:
     from tests.vae_families import build
     build("wan").save_pretrained(folder)
@@ -276,10 +338,11 @@ def make_detector(path: str) -> int:
     return _result(True, f"stand-in I3D TorchScript (random weights: a code-path check, not a real FVD) at {path}")
 
 
-COMMANDS = {"loss": loss, "steps": lambda run, n: steps(run, int(n)), "bench": bench, "agree": agree,
+COMMANDS = {"loss": loss, "val_loss": val_loss, "steps": lambda run, n: steps(run, int(n)), "bench": bench, "agree": agree,
             "fsdp": fsdp, "same_weights": same_weights,
             "diagnose": diagnose, "vae_bf16": vae_bf16, "cache": cache, "fvd": fvd, "text": text,
             "first_frames": lambda path, n: first_frames(path, int(n)),
+            "pretrained": pretrained, "make_pretrained": make_pretrained,
             "make_video_vae": make_video_vae, "make_clips": make_clips, "make_detector": make_detector}
 
 

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.builtin import CAPTION_WORDS  # noqa: E402
 from models.text_encoder import FrozenTextEncoder, make_tiny_text_encoder  # noqa: E402
 from utils.cli import run_main  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -28,6 +29,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seeds the random weights")
     parser.add_argument("--force", action="store_true", help="rewrite an existing folder")
     args = parser.parse_args(argv)
+    if os.path.lexists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out}: is a file, not a folder; give a folder path (it is created)")
     if os.path.isfile(os.path.join(args.out, "config.json")) and not args.force:
         print(f"{args.out} exists; kept (--force rewrites it)")
     else:

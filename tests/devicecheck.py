@@ -261,7 +261,7 @@ def logical_cuda() -> Iterator[LogicalDeviceMode]:
         "get_rng_state_all": lambda: [rng_state.clone()], "set_rng_state_all": lambda states: None,
         "manual_seed_all": lambda seed: None, "manual_seed": lambda seed: None,
         "max_memory_allocated": lambda *a: 0, "reset_peak_memory_stats": lambda *a: None,
-        "empty_cache": lambda: None,
+        "empty_cache": lambda: None, "mem_get_info": lambda *a: (80 * 2 ** 30, 80 * 2 ** 30),  # (free, total)
     }
     # torch's own internals (the optimizer's CUDA-graph check, DataLoader pinning) ask the
     # accelerator API: it answers "none", so they take their CPU paths.

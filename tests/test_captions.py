@@ -216,7 +216,9 @@ def test_bad_caption_file_exits_2_before_probing(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("data.videos.index_sources", lambda *a, **k: probed.append(a) or [])
     args = ["--config", os.path.join(ROOT, "config_advanced.yaml"), *TINY,
             f"vae.path={os.path.join(ROOT, 'tests', 'fixtures', 'vae')}", f"data.path={root}",
-            f"data.captions={path}", f"experiment.runs_dir={tmp_path / 'runs'}", "experiment.name=run"]
+            f"data.captions={path}", f"experiment.runs_dir={tmp_path / 'runs'}", "experiment.name=run",
+            "model.conditioning=text", "model.class_conditional=null",  # captions are read by text models
+            f"text_encoder.path={tmp_path / 'encoder'}"]  # the captions are refused before it is loaded
     with pytest.raises(SystemExit) as e:
         run_main(lambda argv: train_advanced.main(args))
     err = capsys.readouterr().err

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ["--checkpoint", "p.pth", "vae.path=x", "--config", "c.yaml", "seed=3"],
 ])
 def test_overrides_before_between_and_after_flags(argv):
-    config, overrides, flags = parse_args(argv, "test", flags=("checkpoint", "min-vae-psnr"))
+    config, overrides, flags = parse_args(argv, "test", flags={"checkpoint": "c", "min-vae-psnr": "m"})
     assert (config, overrides, flags) == ("c.yaml", ["vae.path=x", "seed=3"],
                                           {"checkpoint": "p.pth", "min-vae-psnr": None})
 

@@ -16,9 +16,9 @@ from utils.config import EvaluateConfig, PredictConfig, TrainRunConfig, VAERunCo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
-CONFIGS = {"train_vae.py": (VAERunConfig, ()), "train_advanced.py": (TrainRunConfig, ("resume",)),
-           "predict_advanced.py": (PredictConfig, ()),
-           "diagnose.py": (TrainRunConfig, ("checkpoint", "min-vae-psnr")), "evaluate.py": (EvaluateConfig, ())}
+CONFIGS = {"train_vae.py": (VAERunConfig, {}), "train_advanced.py": (TrainRunConfig, {"resume": ""}),
+           "predict_advanced.py": (PredictConfig, {}),
+           "diagnose.py": (TrainRunConfig, {"checkpoint": "", "min-vae-psnr": ""}), "evaluate.py": (EvaluateConfig, {})}
 CONDITIONS = os.path.join(ROOT, "scripts", "gpu_check_conditions.py")
 
 
@@ -46,8 +46,9 @@ def test_every_step_command_is_accepted_by_its_script():
             name, command = line[4:].split(":", 1)
             steps[name] = shlex.split(command)
     assert list(steps) == ["stage1", "stage2_bf16", "agreement", "stage2_fp16", "predict", "diagnose",
-                           "torchrun", "fsdp", "ddp_fp32", "fsdp_vs_ddp", "video_vae", "workers", "evaluate", "flow", "text", "first_frames",
-                           "image_to_video", "benchmark"]
+                           "torchrun", "fsdp", "ddp_fp32", "fsdp_vs_ddp", "video_vae", "workers", "evaluate", "flow",
+                           "text", "first_frames", "image_to_video", "wan_lora", "wan_full", "cogvideox_lora",
+                           "cogvideox_full", "benchmark"]
     for name, argv in steps.items():
         script = next((a for a in argv if a.endswith(".py")), None)
         if script in CONFIGS:
@@ -79,6 +80,13 @@ def test_every_step_command_is_accepted_by_its_script():
     i2v = load_config(EvaluateConfig, os.path.join(ROOT, "evaluate.yaml"),
                       [a for a in steps["image_to_video"] if "=" in a and not a.startswith("-")])
     assert i2v.image_to_video and i2v.windows == 2 and i2v.checkpoint.endswith("ffc/latest.pth")
+    # fine-tuning the tiny pretrained pipelines, LoRA and full, in bf16 (issue 26)
+    for family in ("wan", "cogvideox"):
+        for finetune in ("lora", "full"):
+            ft = load_config(TrainRunConfig, os.path.join(ROOT, "config_finetune.yaml"),
+                             [a for a in steps[f"{family}_{finetune}"] if "=" in a and not a.startswith("-")])
+            assert ft.model.pretrained.endswith(f"pretrained/{family}") and ft.model.finetune == finetune
+            assert ft.train.precision == "bf16" and ft.train.activation_checkpointing
 
 
 def test_the_header_says_ddp_is_not_exercised_on_one_gpu():

@@ -437,7 +437,7 @@ def test_diagnose_and_evaluate_read_a_fine_tuned_checkpoint(wan_lora_run, pretra
     import evaluate
     from tests.test_evaluate import StandInI3D
     from training.diagnostics import PASS, run_diagnostics
-    from utils.config import EvaluateConfig, TrainRunConfig, load_config
+    from utils.config import TrainRunConfig, load_config
     cfg = load_config(TrainRunConfig, os.path.join(ROOT, "config_finetune.yaml"),
                       [*_tiny("wan"), f"model.pretrained={pretrained_pipelines['wan']}",
                        "model.first_frame_conditioning=0.5", f"experiment.runs_dir={tmp_path}"])
@@ -459,3 +459,29 @@ def test_diagnose_and_evaluate_read_a_fine_tuned_checkpoint(wan_lora_run, pretra
                           f"fvd.detector_path={detector}", f"output={out}"]) == 0
     import json
     assert json.load(open(out))["fvd"] >= 0
+
+
+def test_the_folders_scheduler_class_is_the_native_sampler(pretrained_pipelines, tmp_path):
+    """Wan with a FlowMatchEuler scheduler/ samples with `euler` (its shift the schedule's);
+    CogVideoX-5B's CogVideoXDPMScheduler config is sampled by CogVideoXDDIMScheduler (the DPM
+    class steps with another signature)."""
+    from diffusers import CogVideoXDPMScheduler, FlowMatchEulerDiscreteScheduler
+    wan = tmp_path / "wan"
+    shutil.copytree(pretrained_pipelines["wan"], wan)
+    shutil.rmtree(wan / "scheduler")
+    FlowMatchEulerDiscreteScheduler(shift=2.0).save_pretrained(str(wan / "scheduler"))
+    family = _family(str(wan))
+    objective = make_objective(family.resolve_diffusion(DiffusionConfig()), family.native_scheduler())
+    assert objective.cfg.flow_shift == 2.0 and objective.resolve_sampler("auto") == "euler"
+    scheduler = objective.make_scheduler("auto")
+    assert type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and scheduler.config.shift == 2.0
+    assert type(objective.make_scheduler("unipc")).__name__ == "UniPCMultistepScheduler"  # the repo's, same shift
+    cog = tmp_path / "cog"
+    shutil.copytree(pretrained_pipelines["cogvideox"], cog)
+    shutil.rmtree(cog / "scheduler")
+    CogVideoXDPMScheduler(snr_shift_scale=1.0, rescale_betas_zero_snr=True, prediction_type="v_prediction",
+                          timestep_spacing="trailing").save_pretrained(str(cog / "scheduler"))
+    family = _family(str(cog))
+    objective = make_objective(family.resolve_diffusion(DiffusionConfig()), family.native_scheduler())
+    assert objective.cfg.snr_shift_scale == 1.0
+    assert type(objective.make_scheduler("auto")).__name__ == "CogVideoXDDIMScheduler"

@@ -1,5 +1,6 @@
 """Frame rates from timestamps (issue 18, defect 5) and probing that is deterministic,
-versioned and never aborts indexing (defect 6, and defect 20's stale index entry)."""
+versioned and never aborts indexing (defect 6, and defect 20's stale index entry, with the latent
+cache on too: issue 27, item 9)."""
 import json
 import os
 import warnings
@@ -203,3 +204,63 @@ def test_a_stale_index_entry_is_probed_again_before_the_file_is_blamed(tmp_path,
     first = ds[0]  # a.gif still serves the windows it has
     assert grey_of(((first["video"][:, 0] + 1) * 127.5).numpy()) == 0
     assert json.loads(index.read_text())["sources"][stale][2] == 16
+
+
+@pytest.mark.parametrize("layout", ["frame", "window"])
+def test_a_stale_index_entry_with_the_latent_cache_on_keeps_the_clip(tmp_path, monkeypatch, layout):
+    """issue 27, item 9: the same stale entry (40 frames for a file of 16) with the latent
+    cache on. Building the cache read past the end, skipped the good clip, blamed the file
+    and left the index as it was. Now the entry is corrected as with the cache off, the clip's
+    frames (windows) are cached and serve its windows, and the windows past its end are served
+    by the other clip; the next run (the corrected index) uses the cache as it is."""
+    import torch
+
+    from data.latent_cache import LatentCache
+    from tests.test_cache_keys import causal_encode, frame_encode
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    pillow_gif(str(clips / "a.gif"), 17, 125)
+    pillow_gif(str(clips / "b.gif"), 17, 125)
+    index = tmp_path / "index.json"
+    cfg = folder_cfg(clips, index_cache=str(index), num_frames=9, window_stride=8)
+    quiet(cfg)
+    saved = json.loads(index.read_text())
+    stale = str(clips / "a.gif")
+    saved["sources"][stale][2] = 41
+    index.write_text(json.dumps(saved))
+    monkeypatch.setattr(source_index, "_MEMO", {})
+    ds = quiet(cfg)
+    assert [n for _, n in ds.sources] == [41, 17] and len(ds) == 5 + 2
+    encode = causal_encode if layout == "window" else frame_encode
+    cache = LatentCache(ds, str(tmp_path / "cache"), {"k": 1}, per_window=layout == "window")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cache.write_manifest(cache.build_part(encode, progress=False))
+        cached = cache.load()
+    text = "\n".join(str(w.message) for w in caught)
+    assert "stale entry" in text and "41 frames; the file has 17" in text
+    assert "could not be read" not in text and "skipped" not in text  # the file is not blamed
+    corrected = index.read_text()
+    assert json.loads(corrected)["sources"][stale][2] == 17
+    for i in range(len(ds)):
+        src, frames = ds.window(i)
+        item = cached[i]  # every window is served
+        if src == 0 and frames[-1] < 17:  # a.gif's own windows: its own latents
+            direct, _ = encode(ds.source_frames(0, frames)[None])
+            torch.testing.assert_close(item["mean"], direct[0])
+        elif src == 0:  # past its end: the other clip's first window
+            torch.testing.assert_close(item["mean"], cached[5]["mean"])
+    index.write_text(json.dumps(saved))  # another process (a DDP rank) still holding the stale entry
+    monkeypatch.setattr(source_index, "_MEMO", {})
+    other = quiet(cfg)
+    with pytest.warns(DataWarning, match="ended before their data index entry said"):
+        served = LatentCache(other, str(tmp_path / "cache"), {"k": 1}, per_window=layout == "window").load()
+    assert [served[i]["mean"].shape for i in range(len(other))] == [cached[i]["mean"].shape for i in range(len(ds))]
+    torch.testing.assert_close(served[4]["mean"], cached[5]["mean"])  # a.gif past its end: b.gif's first
+    index.write_text(corrected)
+    monkeypatch.setattr(source_index, "_MEMO", {})
+    again = quiet(cfg)  # the next run reads the corrected index
+    assert [n for _, n in again.sources] == [17, 17]
+    if layout == "frame":  # the frames cached are the file's: the cache serves as it is
+        reloaded = LatentCache(again, str(tmp_path / "cache"), {"k": 1}).load()
+        torch.testing.assert_close(reloaded[1]["mean"], cached[1]["mean"])

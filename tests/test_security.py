@@ -4,6 +4,10 @@ the safe loader, and no eval/exec anywhere in the repo's code (tests and .venv e
 The scan parses every file (ast), so line breaks inside a call do not hide one; a token
 count (code only: strings and comments may mention it) double-checks that the parser saw
 every `torch.load` written.
+
+Model folders (text encoder, VAE) whose weights are a pickle that would run code are named as
+unsafe pickles, never as "corrupt", and the message never suggests weights_only=False (issue
+27, item 8): test_a_pickle_text_encoder_is_refused_as_unsafe, test_a_pickle_vae_exits_2_named_as_unsafe.
 """
 import ast
 import glob
@@ -105,3 +109,76 @@ def test_no_unsafe_loading_or_eval_in_repo_code():
 ])
 def test_the_scan_can_fail(snippet, flagged):
     assert bool(problems(snippet, "snippet.py")[0]) == flagged
+
+
+# --------------------------------------------------------------------------- pickle weights in model folders
+
+
+class RunsCode:
+    """Unpickling this calls os.system (the classic malicious pickle)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _with_pickle_weights(src, dst, weights_name, marker, legacy=False):
+    """A copy of model folder `src` whose safetensors weights are replaced by a real pickle
+    `weights_name` that would run `touch marker`."""
+    import shutil
+
+    import torch
+    shutil.copytree(src, dst)
+    for name in os.listdir(dst):
+        if name.endswith(".safetensors"):
+            os.remove(os.path.join(dst, name))
+    torch.save({"weight": RunsCode(marker)}, os.path.join(dst, weights_name),
+               _use_new_zipfile_serialization=not legacy)
+    return str(dst)
+
+
+def _assert_named_unsafe(message, path, calls):
+    assert f"{path} is a pickle file" in message and "loading a pickle can run code" in message
+    assert "nothing in it was run" in message and "safetensors" in message
+    assert "weights_only" not in message and "corrupt" not in message
+    if calls:
+        assert "would call posix.system" in message
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_pickle_text_encoder_is_refused_as_unsafe(text_encoders, tmp_path, legacy):
+    """issue 27, item 8: a real os.system pickle as pytorch_model.bin is named as an unsafe
+    pickle (it was called "corrupt or incomplete", passing on torch's advice to retry with
+    weights_only=False), and never run. The advice works: the safetensors weights load."""
+    from models.text_encoder import FrozenTextEncoder
+    from utils.errors import UserError
+    marker = tmp_path / "was_run"
+    folder = _with_pickle_weights(text_encoders["t5"], tmp_path / "t5", "pytorch_model.bin", marker, legacy)
+    with pytest.raises(UserError) as e:
+        FrozenTextEncoder.from_pretrained(folder)
+    _assert_named_unsafe(str(e.value), os.path.join(folder, "pytorch_model.bin"), calls=not legacy)
+    assert "text_encoder.path" in str(e.value) and not marker.exists()
+    trusted = FrozenTextEncoder.from_pretrained(text_encoders["t5"])  # the advice: safetensors weights
+    os.remove(os.path.join(folder, "pytorch_model.bin"))
+    trusted.model.save_pretrained(folder, safe_serialization=True)
+    assert FrozenTextEncoder.from_pretrained(folder).fingerprint == trusted.fingerprint
+
+
+def test_a_pickle_vae_exits_2_named_as_unsafe(trained_vae, tmp_path, capsys):
+    import train_advanced
+    from models.vae import FrozenVAE
+    from tests.test_bad_input import _assert_user_error_exit, _cli
+    from tests.test_stage2 import TINY
+    marker = tmp_path / "was_run"
+    folder = _with_pickle_weights(trained_vae, tmp_path / "vae", "diffusion_pytorch_model.bin", marker)
+    args = ["--config", os.path.join(ROOT, "config_advanced.yaml"), *TINY, f"vae.path={folder}",
+            f"experiment.runs_dir={tmp_path / 'runs'}", "experiment.name=run"]
+    code, _, err = _cli(train_advanced, args, capsys)
+    _assert_user_error_exit(code, err, "vae.path")
+    _assert_named_unsafe(err, os.path.join(folder, "diffusion_pytorch_model.bin"), calls=True)
+    assert not marker.exists()
+    os.remove(os.path.join(folder, "diffusion_pytorch_model.bin"))  # the advice: safetensors weights
+    FrozenVAE.from_pretrained(trained_vae).ae.save_pretrained(folder, safe_serialization=True)
+    assert FrozenVAE.from_pretrained(folder).fingerprint == FrozenVAE.from_pretrained(trained_vae).fingerprint

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from models.vae import FrozenVAE
 from utils.config import DiffusionConfig, ModelConfig, config_from_dict, config_to_dict
-from utils.checkpoint import require_entries
+from utils.checkpoint import RESUME_KEY, checkpoint_advice, require_entries
 from utils.errors import UserError
+from utils.paths import remove_file
 
 if TYPE_CHECKING:  # the network modules are imported where a model is built, not at import time
     from torch import nn
@@ -95,13 +96,14 @@ RESTART_HELP = ("Resume with the config it was trained with (it is stored in the
                 "or start a new run (another experiment.name, or train.resume=null in a fresh directory).")
 
 
-def check_entries(ckpt: dict, ckpt_path: str, entries: dict = ENTRIES) -> None:
-    """Every entry the caller reads is there, with its type, and nested records are complete."""
-    require_entries(ckpt, ckpt_path, entries)
+def check_entries(ckpt: dict, ckpt_path: str, entries: dict = ENTRIES, key: str = RESUME_KEY) -> None:
+    """Every entry the caller reads is there, with its type, and nested records are complete.
+    `key`: the setting that named the file (its advice is given)."""
+    require_entries(ckpt, ckpt_path, entries, key)
     if "model" in entries:
-        require_entries(ckpt["model"], f"{ckpt_path} (entry 'model')", {"config": dict, "dims": dict})
+        require_entries(ckpt["model"], f"{ckpt_path} (entry 'model')", {"config": dict, "dims": dict}, key)
     if "vae" in entries:
-        require_entries(ckpt["vae"], f"{ckpt_path} (entry 'vae')", {"fingerprint": str, "path": str})
+        require_entries(ckpt["vae"], f"{ckpt_path} (entry 'vae')", {"fingerprint": str, "path": str}, key)
 
 
 def check_model(ckpt: dict, expected: dict, ckpt_path: str, data: Optional[dict] = None) -> None:
@@ -140,9 +142,10 @@ def _recorded_model_config(config: dict) -> dict:
 
 
 def load_entry(ckpt_path: str, entry: str, load: Callable[[Any], Any], value: Any,
-               problem: str = "does not fit this run") -> Any:
+               problem: str = "does not fit this run", key: str = RESUME_KEY) -> Any:
     """`load(value)` (a load_state_dict, a record parsed into a config), a malformed entry named
-    rather than a traceback. Returns what `load` returns."""
+    rather than a traceback, with the advice of `key` (the setting that named the file).
+    Returns what `load` returns."""
     try:
         return load(value)
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
@@ -152,8 +155,7 @@ def load_entry(ckpt_path: str, entry: str, load: Callable[[Any], Any], value: An
             (lines[0] if lines else type(e).__name__)  # "Error(s) in loading ...:" says little alone
         raise UserError(f"checkpoint {ckpt_path}: entry {entry!r} {problem} "
                         f"({type(e).__name__}: {first[:300]}); the file was edited or written by "
-                        "other code. Use another checkpoint, or start fresh with another "
-                        "experiment.name.") from None
+                        f"other code. {checkpoint_advice(key)}") from None
 
 
 def check_diffusion(ckpt: dict, expected: dict, ckpt_path: str) -> None:
@@ -211,7 +213,7 @@ def prune_epoch_checkpoints(run_dir: str, keep_last: int) -> None:
     found = sorted(glob.glob(os.path.join(run_dir, "epoch_*.pth")),
                    key=lambda p: int(re.findall(r"\d+", os.path.basename(p))[0]))
     for path in found[:-keep_last]:
-        os.remove(path)
+        remove_file(path)  # never a symlink, nor what it points at
 
 
 def _diff(recorded: dict, expected: dict, prefix: str = "") -> list[str]:
@@ -232,12 +234,13 @@ def checkpoint_summary(ckpt: dict[str, Any]) -> str:
     return f"step {ckpt['step']}, epoch {ckpt['epoch']}, VAE {ckpt['vae']['fingerprint']}{where}"
 
 
-def family_of_checkpoint(ckpt: dict, ckpt_path: str, pretrained: Optional[str] = None) -> "Family":
+def family_of_checkpoint(ckpt: dict, ckpt_path: str, pretrained: Optional[str] = None,
+                         key: str = "checkpoint") -> "Family":
     """The DiT family a checkpoint was trained with; a LoRA's base is loaded from `pretrained`
     (an override) or the recorded folder and must have the recorded fingerprint."""
     from models.backbones import family_from_record
     model_cfg = load_entry(ckpt_path, "model", lambda r: config_from_dict(ModelConfig, r["config"]),
-                           ckpt["model"], "is malformed")
+                           ckpt["model"], "is malformed", key)
     return family_from_record(ckpt["model"], model_cfg, ckpt_path, pretrained)
 
 
@@ -257,18 +260,19 @@ def objective_of(ckpt: dict) -> "Objective":
 
 
 def model_from_checkpoint(ckpt: dict, use_ema: bool, device, ckpt_path: str = "checkpoint",
-                          pretrained: Optional[str] = None) -> "nn.Module":
+                          pretrained: Optional[str] = None, key: str = "checkpoint") -> "nn.Module":
     """Rebuild the DiT from what the checkpoint records (not from any YAML): the repo's DiT from
     its architecture, a pretrained one from its base (LoRA: `pretrained`, else the recorded
     folder, fingerprint checked) or its recorded architecture (full fine-tune), then the EMA or
     raw weights; eval mode, frozen. A malformed record or weights that do not fit it are named
-    (UserError), not a traceback."""
+    (UserError) with the advice of `key` (the setting that named the file), not a traceback."""
     from utils.train_utils import load_trainable_state_dict
-    family = family_of_checkpoint(ckpt, ckpt_path, pretrained)
+    family = family_of_checkpoint(ckpt, ckpt_path, pretrained, key)
     module = load_entry(ckpt_path, "model", lambda record: family.build(model_dims(record), "cpu"),
-                        ckpt["model"], "is malformed")
+                        ckpt["model"], "is malformed", key)
     weights = "ema_state" if use_ema else "model_state"
-    load_entry(ckpt_path, weights, lambda state: load_trainable_state_dict(module, state), ckpt[weights])
+    load_entry(ckpt_path, weights, lambda state: load_trainable_state_dict(module, state), ckpt[weights],
+               key=key)
     return module.to(device).eval().requires_grad_(False)
 
 
@@ -278,9 +282,9 @@ def export_checkpoint(path: str, out_dir: Optional[str] = None, use_ema: bool = 
     training stops: LoRA -> `<out_dir>/pytorch_lora_weights.safetensors`, full ->
     `<out_dir>/transformer/`. Returns what was written."""
     from utils.checkpoint import load_checkpoint
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, key="checkpoint")
     check_format(ckpt, path, key="checkpoint")
-    check_entries(ckpt, path, PREDICT_ENTRIES)
+    check_entries(ckpt, path, PREDICT_ENTRIES, key="checkpoint")
     family = family_of_checkpoint(ckpt, path, pretrained)
     if not family.pretrained:
         raise UserError(f"{path} is a model trained from random weights (model.pretrained: null), not a "

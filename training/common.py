@@ -27,8 +27,12 @@ from utils.dist import DistInfo, all_reduce_max, cleanup, gather_objects, init_d
 from utils.errors import UserError
 from utils.logging import RunLogger
 from utils.run_guard import RunLock
-from utils.train_utils import (GracefulStop, global_seed, lr_multiplier, noise_seed, seed_everything,
-                               setup_runtime)
+from utils.train_utils import (GracefulStop, check_batch_memory, global_seed, lr_multiplier, noise_seed,
+                               seed_everything, setup_runtime)
+
+
+RESUME_HELP = ("checkpoint to continue from: a .pth path, or auto (this run's latest.pth if any); "
+               "the same as train.resume=VALUE")
 
 
 @dataclass
@@ -46,10 +50,11 @@ def run_stage(argv: Optional[list[str]], doc: str, config_cls: type, setup: Call
     (every check before heavy work); only then write config.yaml, so a refused run leaves the
     old one; then `run(state, started)`."""
     started = now()  # train.time_limit_minutes counts from here, startup included
-    config_path, overrides, flags = parse_args(argv, doc, flags=("resume",))
+    config_path, overrides, flags = parse_args(argv, doc, flags={"resume": RESUME_HELP})
     if flags["resume"]:
         overrides.append(f"train.resume={flags['resume']}")
     cfg = load_config(config_cls, config_path, overrides)
+    check_batch_memory(cfg.data, cfg.train.batch_size)  # before anything is allocated
     dist = init_distributed(cfg.device, getattr(cfg.train, "setup_timeout_minutes", None))
     try:
         if not dist.is_main:  # every rank reads the same files: rank 0 reports what it skipped

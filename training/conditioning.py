@@ -43,6 +43,7 @@ condition_frames), which changes x_t, t and the loss mask rather than the model'
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -77,6 +78,19 @@ class SampleConditions:
         def pick(kw: Optional[Kwargs]) -> Optional[Kwargs]:
             return None if kw is None else {k: v[idx] for k, v in kw.items()}
         return SampleConditions(pick(self.cond), pick(self.uncond), [self.prompts[i] for i in index] if self.prompts else [])
+
+
+def _refuse_text(kind: str, prompts: Optional[Sequence[str]], negative_prompt: Optional[str]) -> None:
+    """Prompts and negative_prompt are for text checkpoints: a `kind` model is told to remove
+    them (never to give prompts, which it would refuse too)."""
+    what = "class-conditional" if kind == "class" else f"not text-conditioned (model.conditioning = {kind})"
+    if prompts:
+        instead = "use class_labels instead of prompts / prompts_file" if kind == "class" else \
+            "remove prompts / prompts_file"
+        raise UserError(f"prompts are set but this checkpoint's model is {what}; {instead}")
+    if negative_prompt is not None:
+        raise UserError(f"negative_prompt is set but this checkpoint's model is {what}; remove negative_prompt "
+                        "(it is the unconditional half of guidance for text models)")
 
 
 def _cycled(values: Sequence, n: int) -> list:
@@ -121,9 +135,7 @@ class Conditioning:
         if labels:
             raise UserError("class_labels is set but this checkpoint's model is unconditional; "
                             "remove class_labels")
-        if prompts:
-            raise UserError("prompts are set but this checkpoint's model is not text-conditioned "
-                            f"(model.conditioning = {self.kind}); remove prompts / prompts_file")
+        _refuse_text(self.kind, prompts, negative_prompt)
         return SampleConditions({}, None, [""] * n)
 
     def guidance_note(self, guidance_scale: float) -> str:
@@ -158,9 +170,7 @@ class ClassConditioning(Conditioning):
 
     def samples(self, n: int, *, labels: Optional[Sequence[int]] = None, prompts: Optional[Sequence[str]] = None,
                 negative_prompt: Optional[str] = None, guidance_scale: float = 1.0) -> SampleConditions:
-        if prompts:
-            raise UserError("prompts are set but this checkpoint's model is class-conditional; use "
-                            "class_labels instead of prompts / prompts_file")
+        _refuse_text(self.kind, prompts, negative_prompt)
         for label in labels or []:
             if not 0 <= label < self.num_classes:
                 names = ", ".join(f"{i}={c}" for i, c in enumerate(self.class_names)) or \
@@ -196,6 +206,8 @@ class TextConditioning(Conditioning):
         self.encoder_record, self.caption_dropout = encoder_record, caption_dropout
         self.table, self.encoder, self.load_encoder = table, encoder, load_encoder
         self.convention = convention or convention_of(encoder_record.get("convention"))
+        if not self.convention.model_mask and self.convention.length is None:  # the encoder's length
+            self.convention = dataclasses.replace(self.convention, length=int(encoder_record["max_length"]))
         self.cache = None  # the TextEmbeddingCache `prepare` built (its encoded / reused counts)
         self.encoded = 0  # captions encoded by this object (not from the table)
         self.encoded_here = 0  # captions this process encoded for the cache (`prepare`)
@@ -215,7 +227,7 @@ class TextConditioning(Conditioning):
         super().check_checkpoint(ckpt, where)
         recorded = ckpt.get("conditioning", {}).get("text_encoder") or {}
         from models.text_encoder import check_text_encoder
-        check_text_encoder(recorded, _RecordView(self.encoder_record), where)
+        check_text_encoder(recorded, _RecordView(self.encoder_record), where, resume=True)
 
     def prepare(self, captions: Callable[[], Sequence[str]], cache_dir: str, dist, log,
                 batch_size: int = 64) -> None:
@@ -385,13 +397,14 @@ def checkpoint_kind(ckpt: dict) -> str:
 
 
 def conditioning_for_training(cfg, dataset, device: torch.device, log, dist=None,
-                              convention: TextConvention = MASKED,
-                              text_length: Optional[int] = None) -> Conditioning:
+                              convention: TextConvention = MASKED, text_length: Optional[int] = None,
+                              default_length: Optional[int] = None) -> Conditioning:
     """The seam of a training run (`cfg`: TrainRunConfig; `dataset`: its training split), cheap:
     text loads the frozen encoder from text_encoder.path on rank 0 only (for its sizes and
     fingerprint, which a resumed checkpoint is checked against; the other ranks get its record
-    and load it in `prepare` only if they have captions to encode). `convention` and
-    `text_length` (text_encoder.max_length) are the DiT family's (models/backbones.py)."""
+    and load it in `prepare` only if they have captions to encode). `convention`,
+    `text_length` (text_encoder.max_length) and `default_length` (its fallback) are the DiT
+    family's (models/backbones.py)."""
     from utils.dist import DistInfo, gather_objects
     dist = dist or DistInfo()
     kind = cfg.model.resolved().conditioning
@@ -407,7 +420,8 @@ def conditioning_for_training(cfg, dataset, device: torch.device, log, dist=None
 
     def load():
         return FrozenTextEncoder.from_config(cfg.text_encoder, device, max_length=text_length,
-                                             attend_padding=not convention.encoder_mask)
+                                             attend_padding=not convention.encoder_mask,
+                                             default_length=default_length)
     encoder = load() if dist.is_main else None
     if encoder is not None:
         log.info(f"text encoder {encoder.summary()}")

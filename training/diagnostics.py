@@ -271,7 +271,7 @@ def check_denoise(ckpt: dict, vae: FrozenVAE, clips: torch.Tensor, cond: dict,
     above 1 when the model's output lands in the wrong places (patches), the wrong latent
     space (VAE) or means something else than the objective's target (the checkpoint's).
     """
-    model = ckpts.model_from_checkpoint(ckpt, use_ema=True, device=device, pretrained=pretrained)
+    model = ckpts.model_from_checkpoint(ckpt, use_ema=True, device=device, pretrained=pretrained, key="--checkpoint")
     diffusion = ckpts.objective_of(ckpt)
     x0 = vae.encode(clips.to(device), sample=False)  # (B, C, T, h, w)
     g = torch.Generator().manual_seed(seed)
@@ -321,7 +321,7 @@ def check_jigsaw(ckpt: dict, vae: FrozenVAE, real_clips: torch.Tensor, cond: dic
       seam score 2.31 with ddim 20 unguided, 1.15 with the demo's ddpm 100 at guidance 2.5,
       real clips 0.93).
     """
-    model = ckpts.model_from_checkpoint(ckpt, use_ema=True, device=device, pretrained=pretrained)
+    model = ckpts.model_from_checkpoint(ckpt, use_ema=True, device=device, pretrained=pretrained, key="--checkpoint")
     diffusion = ckpts.objective_of(ckpt)
     (patch_t, patch), dims = ckpts.patch_of(ckpt), ckpts.model_dims(ckpt["model"])
     x0 = vae.encode(real_clips.to(device), sample=False)  # (B, C, T, h, w)
@@ -381,7 +381,7 @@ def check_condition(ckpt: dict, configured: Conditioning, seam: Conditioning, va
     captions = batch.get("caption")
     if "caption" not in seam.reads or not captions or len(set(captions)) < 2:
         return Check("condition", PASS, matches)
-    model = ckpts.model_from_checkpoint(ckpt, use_ema=True, device=device, pretrained=pretrained)
+    model = ckpts.model_from_checkpoint(ckpt, use_ema=True, device=device, pretrained=pretrained, key="--checkpoint")
     diffusion = ckpts.objective_of(ckpt)
     x0 = vae.encode(clips.to(device), sample=False)  # (B, C, T, h, w)
     own = seam.eval_kwargs(batch, device)
@@ -461,7 +461,8 @@ def run_diagnostics(cfg: TrainRunConfig, checkpoint: Optional[str], device: torc
     train_set = build_dataset(cfg.data, "train", cfg.experiment.seed)
     text_length = family.text_length(cfg.text_encoder.max_length)
     configured = conditioning_for_training(cfg, train_set, device, RunLogger(None), None,
-                                           family.text_convention(text_length), text_length)  # text: the encoder
+                                           family.text_convention(text_length), text_length,
+                                           family.default_text_length)  # text: the encoder
     dims = {**latent_dims(cfg, vae, train_set.num_classes, family), **configured.dims()}
     latent_shape = ckpts.latent_shape(dims)
     pretrained = cfg.model.pretrained  # a LoRA checkpoint's base: the configured one (fingerprint checked)
@@ -478,7 +479,7 @@ def run_diagnostics(cfg: TrainRunConfig, checkpoint: Optional[str], device: torc
         yield from _skipped(CHECKPOINT_CHECKS, why)
         return
     try:
-        ckpt = load_checkpoint(checkpoint)
+        ckpt = load_checkpoint(checkpoint, key="--checkpoint")
     except UserError as e:
         yield Check("checkpoint", FAIL, checkpoint, str(e))
         yield from _skipped(CHECKPOINT_CHECKS[1:], "the checkpoint could not be read")

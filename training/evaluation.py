@@ -47,6 +47,7 @@ from training.sampling import Loaded, default_labels, load_sampler
 from utils.checkpoint import load_checkpoint, write_json
 from utils.config import DataConfig, EvaluateConfig, PredictConfig
 from utils.errors import UserError
+from utils.paths import check_output_file, refuse_file, refuse_folder
 from utils.fvd import (DETECTOR_KWARGS, FEATURE_DIMS, INCEPTION_KWARGS, FeatureStats,
                        check_detector, detector_features, detector_precision, file_digest,
                        fvd_from_stats, image_features, kernel_inception_distance, load_detector)
@@ -223,14 +224,17 @@ class GeneratedFolder:
 
     @classmethod
     def scan(cls, path: str, num_videos: int) -> "GeneratedFolder":
+        refuse_file(path, "generated.path", "the folder of generated videos (or use checkpoint=PATH to "
+                    "sample them)")
         if not os.path.isdir(path):
             raise UserError(f"generated.path = {path}: no such folder; point it at the folder of "
                             "generated videos (or use checkpoint=PATH to sample them)")
         chosen, left_out = one_video_per_name(path, find_sources(path))
         if len(chosen) < num_videos:
+            # num_videos below 2 is refused (a covariance needs 2): never advise it
+            fewer = f" or set num_videos={len(chosen)}" if len(chosen) >= 2 else " (FVD needs at least 2)"
             raise UserError(f"generated.path = {path} has {len(chosen)} usable videos (one per name), "
-                            f"fewer than num_videos = {num_videos}; generate more or set "
-                            f"num_videos={len(chosen)}")
+                            f"fewer than num_videos = {num_videos}; generate more{fewer}")
         return cls(path, chosen[:num_videos], len(chosen), left_out)
 
     def check(self, num_frames: int, frame_stride: int) -> None:
@@ -295,7 +299,7 @@ def evaluate(cfg: EvaluateConfig, device: torch.device, sample_fn: SampleFn) -> 
     the first feature is computed.
     """
     if cfg.output:
-        check_output_writable(cfg.output)
+        check_output_file(cfg.output, "output")
     i3d = load_detector(cfg.fvd.detector_path, device, check_frames=None)  # checked below
     inception = None if cfg.fid.detector_path is None else \
         load_detector(cfg.fid.detector_path, device, "fid.detector_path", "inception", check_frames=1)
@@ -358,12 +362,13 @@ def _generated_side(cfg: EvaluateConfig):
 
 
 def _load_stage2(path: str) -> dict:
+    refuse_folder(path, "checkpoint", f"the checkpoint file in it (e.g. {os.path.join(path, 'latest.pth')})")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint = {path}: no such file; point it at a stage-2 "
                         "latest.pth (or use generated.path=FOLDER)")
-    ckpt = load_checkpoint(path)
-    check_format(ckpt, path)
-    check_entries(ckpt, path, PREDICT_ENTRIES)
+    ckpt = load_checkpoint(path, key="checkpoint")
+    check_format(ckpt, path, key="checkpoint")
+    check_entries(ckpt, path, PREDICT_ENTRIES, key="checkpoint")
     return ckpt
 
 
@@ -658,26 +663,6 @@ def metric_line(name: str, result: dict) -> str:
 def _pixels(resolution) -> str:
     """data.resolution as text: "256 px" (a square side) or "256x448 px" ([height, width])."""
     return f"{resolution[0]}x{resolution[1]} px" if isinstance(resolution, list) else f"{resolution} px"
-
-
-def check_output_writable(path: str, key: str = "output") -> None:
-    """Refuse now, before hours of work, an `output` that cannot be written: a folder, a path
-    through a file, or a folder without write permission. Creates nothing."""
-    if os.path.isdir(path):
-        raise UserError(f"{key} = {path}: is a folder; give a file name, e.g. "
-                        f"{os.path.join(path, 'fvd.json')}")
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):  # write_json creates the missing folders inside it
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise UserError(f"{key} = {path}: {folder} is a file, not a folder; choose another {key}")
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write_test_")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"{key} = {path}: cannot write in {folder} ({e.strerror}); choose another "
-                        f"{key}") from None
 
 
 def _write_json(path: str, result: dict) -> None:

@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from utils.errors import ConfigError, UserError
+from utils.paths import refuse_folder
 
 KEY = "model.first_frame_conditioning"
 
@@ -150,6 +151,7 @@ def load_image(path: str, height: int, width: int, key: str = "image") -> torch.
     from data.videos import cover_crop_box, crop_resize
     from utils.video_io import VideoReadError, _read_image
     path = os.path.expanduser(path)
+    refuse_folder(path, key, "a PNG or JPG image")
     if not os.path.isfile(path):
         raise UserError(f"{key} = {path}: no such file; give a PNG or JPG image")
     try:
@@ -164,14 +166,14 @@ def load_image(path: str, height: int, width: int, key: str = "image") -> torch.
 def window_plan(num_frames: int, window: int, overlap: int) -> list[int]:
     """New pixel frames each window adds: the first window all `window` frames, every later one
     window - overlap (its first `overlap` frames are the previous window's last, the condition);
-    the last cut so that the total is exactly `num_frames`."""
+    the last cut so that the total is exactly `num_frames`. Linear in the number of windows."""
     if num_frames <= window:
         return [num_frames]
     step = window - overlap
-    plan = [window]
-    while sum(plan) < num_frames:
-        plan.append(min(step, num_frames - sum(plan)))
-    return plan
+    if step < 1:
+        raise ValueError(f"a window of {window} frames sharing {overlap} adds no frame")
+    full, rest = divmod(num_frames - window, step)
+    return [window] + [step] * full + ([rest] if rest else [])
 
 
 @torch.no_grad()

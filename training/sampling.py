@@ -37,6 +37,7 @@ from utils.checkpoint import load_checkpoint
 from utils.config import (AUTO_SAMPLER, DiffusionConfig, PredictConfig, VAERefConfig, check_num_steps,
                           config_from_dict)
 from utils.errors import UserError
+from utils.paths import is_regular_file, plain_name, remove_file
 from utils.train_utils import GracefulStop
 from utils.video_io import (check_write_fps, encode_video, grid_png_bytes, video_tensor_to_uint8,
                             write_bytes_atomic)
@@ -157,8 +158,10 @@ class OutputFolder:
 
     `.predict_manifest.jsonl` holds one JSON line per file predict wrote (name, size, sha256),
     appended *before* the file is renamed into place, and one line per temp folder it made. A
-    file is predict's only while its bytes still hash to the recorded value: a user's video,
-    or one of ours the user replaced or edited, is never removed or overwritten.
+    file is predict's only while it is a regular file (a symlink never is) whose bytes still
+    hash to the recorded value: a user's video, or one of ours the user replaced, edited or
+    linked, is never removed or overwritten. Entries name plain files inside output_dir; a temp
+    folder that is a symlink is left alone (nothing is removed through it).
     """
 
     def __init__(self, out_dir: str):
@@ -185,17 +188,17 @@ class OutputFolder:
         for line in lines[1:]:
             with contextlib.suppress(ValueError):  # a line cut by a kill: nothing to prove
                 record = json.loads(line)
-                if isinstance(record, dict) and isinstance(record.get("tmp"), str):
+                if isinstance(record, dict) and plain_name(record.get("tmp")):  # never a path out of output_dir
                     tmp_dirs.append(record["tmp"])
-                elif isinstance(record, dict) and {"file", "size", "sha256"} <= set(record) \
-                        and _plain_name(record["file"]):  # never a path out of output_dir
+                elif _file_record(record):
                     files[record["file"]] = record
         return files, tmp_dirs
 
     def owns(self, name: str) -> bool:
         """`name` exists and is byte for byte the file this folder's manifest says predict wrote."""
         record, path = self.files.get(name), os.path.join(self.out_dir, name)
-        if record is None or not os.path.isfile(path) or os.path.getsize(path) != record["size"]:
+        # lstat: a symlink is never predict's, even to a file with the recorded bytes
+        if record is None or not is_regular_file(path) or os.path.getsize(path) != record["size"]:
             return False
         with open(path, "rb") as f:
             return hashlib.sha256(f.read()).hexdigest() == record["sha256"]
@@ -214,8 +217,8 @@ class OutputFolder:
                             f"{'that file' if len(foreign) == 1 else 'those files'} first.")
         removed = [n for n in sorted(self.files) if self.owns(n)]
         for name in removed:
-            os.remove(os.path.join(self.out_dir, name))
-        for tmp in filter(_plain_name, self.tmp_dirs):
+            remove_file(os.path.join(self.out_dir, name))
+        for tmp in self.tmp_dirs:
             self._remove_tmp(os.path.join(self.out_dir, tmp))
         os.makedirs(self.out_dir, exist_ok=True)
         write_bytes_atomic(self.manifest, (json.dumps({"format": MANIFEST_FORMAT}) + "\n").encode())
@@ -245,18 +248,26 @@ class OutputFolder:
 
     @staticmethod
     def _remove_tmp(folder: str) -> None:
-        """A temp folder predict made: its part files, then the folder if nothing else is in it."""
-        if not os.path.isdir(folder) or not os.path.basename(folder).startswith(TMP_PREFIX):
+        """A temp folder predict made: its part files, then the folder if nothing else is in it.
+        A symlink of that name is not predict's folder: nothing is removed through it."""
+        if os.path.islink(folder) or not os.path.isdir(folder) \
+                or not os.path.basename(folder).startswith(TMP_PREFIX):
             return
         for name in os.listdir(folder):
             if name.endswith(PART_SUFFIX):
-                os.remove(os.path.join(folder, name))
+                remove_file(os.path.join(folder, name))
         with contextlib.suppress(OSError):
             os.rmdir(folder)
 
 
-def _plain_name(name) -> bool:
-    return isinstance(name, str) and name not in ("", ".", "..") and os.path.basename(name) == name
+def _file_record(record) -> bool:
+    """A manifest line naming a file predict wrote: a plain name in output_dir (never a path out
+    of it), its size in bytes and its sha256 (64 hex digits)."""
+    if not isinstance(record, dict) or not plain_name(record.get("file")):
+        return False
+    size, digest = record.get("size"), record.get("sha256")
+    return (isinstance(size, int) and not isinstance(size, bool) and size >= 0 and isinstance(digest, str)
+            and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest))
 
 
 class SampleWriter:
@@ -380,11 +391,11 @@ def load_sampler(cfg: PredictConfig, device: torch.device, ckpt: Optional[dict] 
     no videos yet (`Loaded.for_videos`). Every check of the checkpoint is made here, before a
     video is sampled."""
     if ckpt is None:
-        ckpt = load_checkpoint(cfg.checkpoint)
+        ckpt = load_checkpoint(cfg.checkpoint, key="checkpoint")
     check_format(ckpt, cfg.checkpoint, key="checkpoint")
-    check_entries(ckpt, cfg.checkpoint, PREDICT_ENTRIES)
+    check_entries(ckpt, cfg.checkpoint, PREDICT_ENTRIES, key="checkpoint")
     diffusion = load_entry(cfg.checkpoint, "diffusion", lambda _: recorded_diffusion(ckpt),
-                           ckpt["diffusion"], "is malformed")
+                           ckpt["diffusion"], "is malformed", key="checkpoint")
     check_num_steps(cfg.num_steps, diffusion.num_train_timesteps, "num_steps")
     # The objective the checkpoint was trained with (recorded since flow matching; older ones are v).
     objective = diffusion.objective
@@ -392,7 +403,8 @@ def load_sampler(cfg: PredictConfig, device: torch.device, ckpt: Optional[dict] 
     fps = _output_fps(cfg, ckpt)
     t = cfg.text_encoder
     seam = conditioning_from_checkpoint(ckpt, cfg.checkpoint, device, t.path, t.subfolder, t.dtype)
-    vae_settings = load_entry(cfg.checkpoint, "config", _trained_vae_settings, ckpt["config"], "is malformed")
+    vae_settings = load_entry(cfg.checkpoint, "config", _trained_vae_settings, ckpt["config"], "is malformed",
+                              key="checkpoint")
     vae = FrozenVAE.from_config(vae_settings, device, cfg.vae.path or ckpt["vae"]["path"])
     check_vae(ckpt, vae, cfg.checkpoint)
     model = model_from_checkpoint(ckpt, cfg.use_ema, device, cfg.checkpoint, cfg.pretrained)
@@ -481,7 +493,8 @@ def predict_to_folder(cfg: PredictConfig, device: torch.device) -> SampleWriter:
 
 def _output_fps(cfg: PredictConfig, ckpt: dict) -> float:
     """`output_fps`, checked: a number both the mp4 and the GIF can be written at."""
-    fps = load_entry(cfg.checkpoint, "fps", lambda c: float(output_fps(cfg.fps, c)), ckpt, "is malformed")
+    fps = load_entry(cfg.checkpoint, "fps", lambda c: float(output_fps(cfg.fps, c)), ckpt, "is malformed",
+                     key="checkpoint")
     if cfg.fps is None:
         check_write_fps(fps, f"the frame rate recorded in {cfg.checkpoint} (set fps to override it)")
     return fps
@@ -549,8 +562,6 @@ def _check_request(cfg: PredictConfig) -> None:
         raise UserError(f"{len(prompts)} prompts but num_videos = {cfg.num_videos}: video i is prompt i, "
                         f"so set num_videos = {len(prompts)} (or more: the prompts are cycled), or leave "
                         "num_videos null (one video per prompt)")
-    if cfg.negative_prompt is not None and not prompts:
-        raise UserError("negative_prompt is set without prompts; give prompts (text checkpoints only)")
 
 
 def _video_conditions(cfg: PredictConfig, seam: Conditioning) -> SampleConditions:

@@ -8,7 +8,6 @@ training loop, in headed phases.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,7 +45,7 @@ from utils.errors import ConfigError, UserError
 from utils.fvd import FeatureStats, load_detector
 from utils.logging import RunLogger
 from utils.run_guard import save_before_fail, weights_finite
-from utils.train_utils import (EMA, GracefulStop, autocast_context, count_parameters, make_adamw,
+from utils.train_utils import (EMA, GracefulStop, autocast_context, count_parameters, device_memory, make_adamw,
                                make_grad_scaler, use_fast_adamw)
 
 RMS_CLIPS = 8  # training clips whose normalised latent RMS is printed at start
@@ -135,13 +134,14 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
     family = _family(cfg, log)  # model.pretrained: its folder's config and schedule, not its weights yet
     vae = FrozenVAE.from_config(cfg.vae, device)
     log.info(f"VAE {vae.summary()}")
+    _check_encode_memory(vae, cfg, device)
     # Every check the config, the data index, the VAE and the checkpoint allow, before the
     # latent cache is built or a step runs.
     dataset = build_dataset(cfg.data, "train", cfg.experiment.seed,  # the index: frame counts only
                             index_file=os.path.join(run_dir, RUN_INDEX_FILE))
     text_length = family.text_length(cfg.text_encoder.max_length)
     cond = conditioning_for_training(cfg, dataset, device, log, dist, family.text_convention(text_length),
-                                     text_length)  # text: the frozen encoder, loaded on rank 0
+                                     text_length, family.default_text_length)  # text: the frozen encoder, loaded on rank 0
     if cond.kind == "text":
         family.check_text(int(cond.dims()["text_dim"]))
     dims = {**latent_dims(cfg, vae, dataset.num_classes, family), **cond.dims()}  # resolution, frame rule, patch
@@ -206,7 +206,7 @@ def _family(cfg: TrainRunConfig, log: RunLogger) -> Family:
         if ignored:
             log.info(f"warning: {', '.join('model.' + k for k in ignored)} describe the repo's own DiT and are "
                      f"ignored: the pretrained {family.class_name} brings its own architecture")
-        if cfg.model.conditioning_kind() != "text":
+        if family.text_required and cfg.model.conditioning_kind() != "text":
             raise ConfigError(f"model.pretrained is a {family.class_name}, a text-to-video model, but "
                               f"model.conditioning = {cfg.model.conditioning_kind()}: set model.conditioning: "
                               "text (and data.captions, text_encoder.path)")
@@ -222,6 +222,14 @@ def _family(cfg: TrainRunConfig, log: RunLogger) -> Family:
     cfg.diffusion = family.resolve_diffusion(cfg.diffusion)
     cfg.check_schedule()
     return family
+def _check_encode_memory(vae: FrozenVAE, cfg: TrainRunConfig, device: torch.device) -> None:
+    """Refuse, before any clip is encoded, a resolution at which even one VAE call cannot fit
+    in the device's free memory (a lower bound: `FrozenVAE.encode_bytes`)."""
+    need, free = vae.encode_bytes(cfg.data.height, cfg.data.width, cfg.data.num_frames), device_memory(device)
+    if free is not None and need > free:
+        raise UserError(f"data.resolution = {cfg.data.resolution}: one VAE encode call at this size needs at "
+                        f"least {need / 2**30:.1f} GiB on {device}, more than the {free / 2**30:.1f} GiB "
+                        "free; lower data.resolution, or set vae.tiling: true (the VAE then encodes tiles)")
 
 
 def _maybe_cached(dataset, cfg: TrainRunConfig, vae: FrozenVAE, run_dir: str, dist: DistInfo,

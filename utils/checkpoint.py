@@ -13,12 +13,13 @@ import os
 import pickle
 import random
 import shutil
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from utils.errors import MissingFileError, UserError
+from utils.paths import remove_file
 
 MIN_FREE_BYTES_FACTOR = 2  # need this many times the last checkpoint's size free on disk
 
@@ -48,11 +49,24 @@ def atomic_save(obj: dict, path: str) -> None:
     fsync_dir(directory)
 
 
-def load_checkpoint(path: str, map_location: Any = "cpu", shards: bool = True) -> dict:
-    """The checkpoint dict at `path`. One whose tensors live in a sharded directory (its `sharded`
-    entry: written under train.parallel=fsdp, utils/sharded_checkpoint.py) comes back with them
-    read in, whole, like any other checkpoint; `shards=False` leaves them there (for the processes
-    of a sharded resume, which read only their own shards)."""
+RESUME_KEY = "train.resume"
+
+
+def checkpoint_advice(key: str = RESUME_KEY) -> str:
+    """What to do about a checkpoint that cannot be used, for the setting `key` that named it:
+    a training run may start fresh; predict, evaluate and the tools have no run to start."""
+    if key == RESUME_KEY:
+        return ("Use another checkpoint (e.g. an epoch_XXXX.pth of the run), or start fresh in a new "
+                "run directory (another experiment.name).")
+    return f"Point {key} at another checkpoint (e.g. an epoch_XXXX.pth of the same run)."
+
+
+def load_checkpoint(path: str, map_location: Any = "cpu", key: str = RESUME_KEY, shards: bool = True) -> dict:
+    """The plain dict at `path` (weights_only); `key`: the setting that named it, whose own
+    advice a bad file's message gives. One whose tensors live in a sharded directory (its
+    `sharded` entry: written under train.parallel=fsdp, utils/sharded_checkpoint.py) comes back
+    with them read in, whole, like any other checkpoint; `shards=False` leaves them there (for
+    the processes of a sharded resume, which read only their own shards)."""
     if os.path.isdir(path):
         raise UserError(f"checkpoint {path} is a directory, not a file; give the .pth file in it "
                         f"(e.g. {os.path.join(path, 'latest.pth')})")
@@ -68,8 +82,7 @@ def load_checkpoint(path: str, map_location: Any = "cpu", shards: bool = True) -
         refused = _refused_globals(path)
         if not refused:
             raise UserError(f"checkpoint {path} could not be read (UnpicklingError); it is corrupt "
-                            "or truncated, or not a torch file. Use another checkpoint, or start "
-                            "fresh in a new run directory (another experiment.name).") from None
+                            f"or truncated, or not a torch file. {checkpoint_advice(key)}") from None
         raise UserError(f"checkpoint {path} holds objects that are not allowed: it is loaded with "
                         "torch.load(weights_only=True), which accepts only tensors, numbers, "
                         f"strings and containers of them (it refused {', '.join(refused[:3])}). "
@@ -77,21 +90,20 @@ def load_checkpoint(path: str, map_location: Any = "cpu", shards: bool = True) -
                         "this one as a plain dict of tensors.") from None
     except Exception as e:  # truncated, corrupt or not a torch file: all user-facing
         raise UserError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); it is "
-                        "corrupt or truncated. Use another checkpoint, or start fresh in a new run "
-                        "directory (another experiment.name).") from None
+                        f"corrupt or truncated. {checkpoint_advice(key)}") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"checkpoint {path} is not a checkpoint of this repo (not a dict)")
-    return with_shards(ckpt, path) if shards and ckpt.get("sharded") else ckpt
+    return with_shards(ckpt, path, key) if shards and ckpt.get("sharded") else ckpt
 
 
-def with_shards(ckpt: dict, path: str) -> dict:
+def with_shards(ckpt: dict, path: str, key: str = RESUME_KEY) -> dict:
     """`ckpt` with the tensors of the sharded directory it names merged in (whole, on the CPU),
     and without its `sharded` entry: the plain checkpoint a replicated run writes."""
     from utils import sharded_checkpoint
     entry = ckpt["sharded"]
     if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
         raise UserError(f"checkpoint {path}: entry 'sharded' is malformed; the file was edited or not "
-                        "written by this repo. Use another checkpoint.")
+                        f"written by this repo. {checkpoint_advice(key)}")
     directory = os.path.join(os.path.dirname(os.path.abspath(path)), entry["path"])
     merged = {k: v for k, v in ckpt.items() if k != "sharded"}
     return sharded_checkpoint.unflatten_into(merged, sharded_checkpoint.read_shards(directory, path))
@@ -104,6 +116,45 @@ def _refused_globals(path: str) -> list[str]:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception:  # not a torch zip file, or damaged: nothing to name
         return []
+
+
+PICKLE_WEIGHT_EXTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights as pickle (not safetensors)
+
+
+def pickle_weights_error(folder: str, error: BaseException, what: str, key: str) -> Optional[UserError]:
+    """Why a model folder (`what`, e.g. "the text encoder", found through setting `key`) did not
+    load, when the reason is pickle weights: a pickle file in it that names classes or functions
+    the weights-only loader refuses (e.g. `posix.system`), or a pickle that loader refused while
+    loading the folder (`error`'s chain holds an UnpicklingError). Named as refused because
+    loading it could run code, with the way out (safetensors); None when pickles are not the
+    reason. Never suggests turning the weights-only protection off."""
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(PICKLE_WEIGHT_EXTS)
+                       and os.path.isfile(os.path.join(folder, n)))
+    except OSError:
+        return None
+    flagged = [(n, g) for n in names if (g := _refused_globals(os.path.join(folder, n)))]
+    refused = any(isinstance(e, pickle.UnpicklingError) for e in _causes(error))
+    if not flagged and not (refused and names):
+        return None
+    name, calls = flagged[0] if flagged else (names[0], [])
+    path = os.path.join(folder, name)
+    why = (f"is a pickle file that would call {', '.join(calls[:3])} when loaded" if calls else
+           "is a pickle file that the weights-only loader refused (damaged, or it holds more than tensors)")
+    return UserError(f"could not load {what} in {folder}: {path} {why}. It is refused because loading a "
+                     "pickle can run code; nothing in it was run. Use weights in safetensors format: "
+                     "convert them where you trust the file's source (load the model there and "
+                     "save_pretrained(folder, safe_serialization=True), which writes .safetensors "
+                     f"weights), or a copy of the model that ships .safetensors weights; then fix {key}")
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """`error` and the exceptions it was raised from or while handling (libraries wrap them)."""
+    seen: list[BaseException] = []
+    while error is not None and error not in seen:
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return seen
 
 
 def capture_rng() -> dict:
@@ -136,12 +187,13 @@ def restore_rng(state: dict) -> None:
 def _remove_stale_temps(path: str) -> None:
     """Temp files of a writer killed mid-save (one writer per path: rank 0)."""
     for stale in glob.glob(glob.escape(path) + ".tmp.*"):
-        os.remove(stale)
+        remove_file(stale)  # never a symlink, nor what it points at
 
 
-def require_entries(ckpt: dict, path: str, spec: dict[str, type | tuple[type, ...]]) -> None:
+def require_entries(ckpt: dict, path: str, spec: dict[str, type | tuple[type, ...]],
+                    key: str = RESUME_KEY) -> None:
     """Refuse a checkpoint whose format is right but an entry is missing or of the wrong type,
-    naming the entry (rather than a KeyError deep inside the resume)."""
+    naming the entry (rather than a KeyError deep inside the resume); `key` named the file."""
     for name, types in spec.items():
         if name not in ckpt:
             problem = "is missing"
@@ -151,8 +203,7 @@ def require_entries(ckpt: dict, path: str, spec: dict[str, type | tuple[type, ..
         else:
             continue
         raise UserError(f"checkpoint {path}: entry {name!r} {problem}; the file was edited or not "
-                        "written by this repo's training. Use another checkpoint (e.g. an "
-                        "epoch_XXXX.pth of the run), or start fresh with another experiment.name.")
+                        f"written by this repo's training. {checkpoint_advice(key)}")
 
 
 def _free_bytes(directory: str) -> int:

@@ -3,24 +3,31 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 from utils.errors import UserError
 
 
-def parse_args(argv: Optional[list[str]], description: str, flags: tuple[str, ...] = (),
+def parse_args(argv: Optional[list[str]], description: str,
+               flags: Optional[Mapping[str, str]] = None,
                config_required: bool = True) -> tuple[Optional[str], list[str], dict[str, Optional[str]]]:
-    """Returns (config path, dotted overrides, {flag: value}). `flags` are optional `--name VALUE`;
-    `--config` is required unless `config_required` is False (then None without it).
+    """Returns (config path, dotted overrides, {flag: value}). `flags`: {name: help} of the
+    optional `--name VALUE` flags (each shown in --help with its help); `--config` is required
+    unless `config_required` is False (then None without it).
+
 
     Overrides may stand anywhere: before, between or after the flags
     (`--config c.yaml --checkpoint p.pth vae.path=x` and `vae.path=x --config c.yaml` alike);
     plain `parse_args` would stop collecting positionals at the first flag after them.
+    `description` (the script's docstring, with its example commands) is shown as written:
+    argparse would rewrap it, running the examples together.
     """
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=config_required, default=None, help="YAML config file")
-    for name in flags:
-        parser.add_argument(f"--{name}", default=None)
+    flags = flags or {}
+    for name, text in flags.items():
+        parser.add_argument(f"--{name}", default=None, help=text)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
     args = parser.parse_intermixed_args(argv)
     for item in args.overrides:

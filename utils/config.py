@@ -28,6 +28,13 @@ DEVICE_HELP = "use auto, cpu, cuda or cuda:N"
 CAPTION_FILE_EXTS = (".csv", ".jsonl", ".json")  # data.captions metadata files
 MAX_NAME_BYTES = 255  # a file or folder name's limit on ext4, xfs, btrfs, APFS, NTFS
 MAX_RESOLUTION = 8192  # pixels per side: 8K video; a window of 8192 x 8192 frames is already ~0.8 GB/frame
+FLOW_SHIFT_RANGE = (0.01, 100.0)  # diffusion.flow_shift: models use 1-17 (SD3 3, Wan 3-5, HunyuanVideo 7-17)
+MAX_TEXT_TOKENS = 4096  # text_encoder.max_length: an encoder that states no limit is still bounded
+MAX_SEED = 2 ** 63 - 1  # seeds are 64-bit (torch's generators; python ints are unbounded)
+# experiment.seed: each rank's streams are seeded with seed x ~1000 + rank (utils/train_utils.py)
+MAX_EXPERIMENT_SEED = 2 ** 53 - 1
+MAX_VIDEO_FRAMES = 10_000  # predict num_frames: ~7 min at 24 fps, sampled window after window and held in memory
+MAX_WINDOWS = 64  # evaluate windows: window positions, each sampled for every video and given its own FVD
 MAX_FPS = 1000.0  # frames per second: beyond high-speed cameras' playback; resampling allocates fps * seconds
 # The built-in dataset's shape kinds and colour names, in the order data/builtin.py draws them
 # (it takes them from here, so that data.builtin.held_out_combinations is checked at load).
@@ -37,12 +44,13 @@ BUILTIN_COLOURS = ("red", "green", "blue", "yellow", "white", "violet")
 
 @dataclass
 class ExperimentConfig:
-    name: str = "demo"
+    name: str = "demo"  # the run's folder name (one plain name, at most 255 bytes)
     runs_dir: str = "runs"  # run directory is <runs_dir>/<name>
     seed: int = 0  # seeds python, numpy, torch and the data order
 
     def validate(self, prefix: str = "experiment") -> None:
         """`name` is one plain directory name inside runs_dir: never a path that leaves it."""
+        check_seed(self.seed, f"{prefix}.seed", top=MAX_EXPERIMENT_SEED)
         name = self.name
         if name.strip() in ("", ".", "..") or os.path.isabs(name) or "/" in name or "\\" in name \
                 or name != name.strip() or "\0" in name:
@@ -60,14 +68,14 @@ class ExperimentConfig:
 class BuiltinDataConfig:
     """`data.path: builtin:moving_shapes`: procedural clips, deterministic from the seed."""
     num_clips: int = 256  # training clips; held-out clips use a different seed
-    num_val_clips: int = 16
+    num_val_clips: int = 16  # held-out clips (the val split; a seed of their own)
     clip_frames: int = 24  # source frames per clip, before frame_stride / windows
     num_shapes: int = 1  # shapes per clip
-    background: Literal["plain", "gradient"] = "plain"
+    background: Literal["plain", "gradient"] = "plain"  # plain (one colour per clip) or gradient backgrounds
     min_size: float = 0.25  # shape size as a fraction of the frame's shorter side
-    max_size: float = 0.4
+    max_size: float = 0.4  # largest shape size, as min_size
     min_speed: float = 0.03  # fraction of the shorter side per source frame
-    max_speed: float = 0.06
+    max_speed: float = 0.06  # fastest shape speed, as min_speed
     num_backgrounds: int = 4  # background colours drawn from (the first k of 4)
     labels: Literal["shape", "shape_colour"] = "shape"  # class = shape kind, or kind and colour
     captions: bool = False  # each window captioned, e.g. "a red square moving left on a black background"
@@ -131,14 +139,14 @@ class DataConfig:
     val_fraction: float = 0.1  # folders: share of videos held out for validation
     labels: Literal["none", "subfolder"] = "none"  # folders: class = top-level subfolder
     num_workers: int = 0  # DataLoader worker processes
-    cache: Literal["off", "auto"] = "off"  # latent cache (stage 2)
-    # Real footage (issue 11): frame rate and the saved index of a folder's sources.
+    cache: Literal["off", "auto"] = "off"  # stage 2: auto = encode each window once with the frozen VAE (latent cache)
     fps: Optional[float] = None  # resample every source to this frame rate by time; null = every frame
     frame_folder_fps: Optional[float] = None  # frame rate of frame folders (needed with fps)
     index_cache: Optional[str] = None  # JSON file of probed sources shared between runs; null = <run>/data_index.json
     index_workers: Optional[int] = None  # processes probing new sources; null = one per CPU core
-    # Captions (issue 20): null = none; sidecar = <stem>.txt beside each clip (<folder>.txt beside a
-    # frame folder); or a .csv / .jsonl / .json metadata file (see data/captions.py).
+    # null = no captions; sidecar = <stem>.txt beside each clip (<folder>.txt beside a frame
+    # folder); or a .csv / .jsonl / .json metadata file (columns path / file_path / video and
+    # text / caption / prompt; docs/data.md)
     captions: Optional[str] = None
     missing_caption: Literal["error", "skip", "empty"] = "error"  # a clip with no (or an empty) caption
     builtin: BuiltinDataConfig = field(default_factory=BuiltinDataConfig)
@@ -191,10 +199,11 @@ class DataConfig:
 @dataclass
 class VAEArchConfig:
     """Stage 1: the diffusers AutoencoderKL to train (applied per frame)."""
+    # channels of each block: 3 blocks = 4x down, 4 = 8x
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
-    layers_per_block: int = 1
-    latent_channels: int = 4
-    norm_num_groups: int = 16
+    layers_per_block: int = 1  # resnet layers per encoder / decoder block
+    latent_channels: int = 4  # channels of the latents
+    norm_num_groups: int = 16  # GroupNorm groups (divides every block's channels)
     mid_block_attention: bool = False  # self-attention in the mid block (at the latent resolution)
     init_logvar: Optional[float] = -6.0  # initial posterior log-variance; null = diffusers' init
 
@@ -250,9 +259,10 @@ class TextEncoderConfig:
 
     def validate(self, prefix: str = "text_encoder") -> None:
         _positive(self, prefix, "batch_size")
-        if self.max_length is not None and self.max_length < 1:
-            raise ConfigError(f"{prefix}.max_length = {self.max_length}: must be >= 1 (tokens) or null "
-                              "(the tokenizer's model_max_length)")
+        if self.max_length is not None and not 1 <= self.max_length <= MAX_TEXT_TOKENS:
+            raise ConfigError(f"{prefix}.max_length = {self.max_length}: must be 1 to {MAX_TEXT_TOKENS} tokens "
+                              "(every caption is padded to it in each batch; video models' text encoders "
+                              "take 77 to 512) or null (the tokenizer's model_max_length)")
 
 
 MODEL_PRESETS: dict[str, dict[str, int]] = {
@@ -291,14 +301,14 @@ class LoRAConfig:
 class ModelConfig:
     """The video DiT. Its input size derives from data + VAE, never from here."""
     preset: Optional[str] = None  # e.g. "DiT-S/2": overrides hidden_size/depth/num_heads/patch_size
-    hidden_size: int = 256
-    depth: int = 6
-    num_heads: int = 4
-    mlp_ratio: float = 4.0
+    hidden_size: int = 256  # token width (the DiT's channels)
+    depth: int = 6  # transformer blocks
+    num_heads: int = 4  # attention heads per block
+    mlp_ratio: float = 4.0  # MLP width as a multiple of hidden_size (DiT: 4)
     patch_size: int = 2  # spatial patch side in latent pixels
     patch_t: int = 1  # temporal patch length in latent frames
     attention: Literal["factorized", "full"] = "factorized"  # spatial/temporal alternating, or space-time
-    qk_norm: bool = True
+    qk_norm: bool = True  # LayerNorm on each head's queries and keys
     # What the DiT is told besides (x_t, t): `none`, `class` (the dataset's labels, if it has
     # any) or `text` (captions through a frozen text encoder). null: from class_conditional.
     conditioning: Optional[Literal["none", "class", "text"]] = None
@@ -453,7 +463,7 @@ class DiffusionConfig:
     # mode (SD3's heavy-middle density, curvature mode_scale), as diffusers' training utilities.
     timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "uniform"
     logit_mean: float = 0.0  # > 0 trains the noisy end more often
-    logit_std: float = 1.0
+    logit_std: float = 1.0  # timestep_sampling logit_normal: the normal's std
     mode_scale: float = 1.29  # timestep_sampling: mode; in [-1, 2 / (pi - 2)]
     # Flow matching only. Shift of the noise level, s' = shift s / (1 + (shift - 1) s), in
     # training and sampling alike; > 1 spends more steps at high noise (SD3: 3.0, Wan: 3-5).
@@ -465,8 +475,8 @@ class DiffusionConfig:
     # flow_base_shift at flow_base_seq_len to flow_max_shift at flow_max_seq_len (extrapolated
     # outside), then s' = e^mu / (e^mu + 1/s - 1) (diffusers' use_dynamic_shifting). null: false
     flow_shift_dynamic: Optional[bool] = None
-    flow_base_shift: float = 0.5
-    flow_max_shift: float = 1.15
+    flow_base_shift: float = 0.5  # dynamic shift: mu at flow_base_seq_len
+    flow_max_shift: float = 1.15  # dynamic shift: mu at flow_max_seq_len
     flow_base_seq_len: int = 256  # latent positions T * h * w
     flow_max_seq_len: int = 4096  # latent positions T * h * w
     # Flow matching only: weight on the velocity MSE, named as diffusers'
@@ -495,8 +505,17 @@ class DiffusionConfig:
             raise ConfigError(f"{prefix}.num_train_timesteps = {self.num_train_timesteps}: must be >= 1")
         if "snr_shift_scale" in given and not self.snr_shift_scale > 0:
             raise ConfigError(f"{prefix}.snr_shift_scale = {self.snr_shift_scale}: must be > 0 (1 = no shift)")
-        if "flow_shift" in given and self.flow_shift <= 0:
-            raise ConfigError(f"{prefix}.flow_shift = {self.flow_shift}: must be > 0 (1 = no shift)")
+        lo, hi = FLOW_SHIFT_RANGE
+        if "flow_shift" in given and not lo <= self.flow_shift <= hi:
+            raise ConfigError(f"{prefix}.flow_shift = {self.flow_shift:g}: must be between {lo:g} and {hi:g} "
+                              "(1 = no shift; SD3 uses 3, Wan 3 to 5): beyond them nearly every training "
+                              f"step and sampler step sits at one end of the noise range (at {hi:g} the median "
+                              f"training noise level is already {hi / (hi + 1):.2f})")
+        for key in ("flow_base_shift", "flow_max_shift"):  # mu = log of the shift
+            if abs(getattr(self, key)) > math.log(hi):
+                raise ConfigError(f"{prefix}.{key} = {getattr(self, key):g}: must be between {-math.log(hi):.2f} "
+                                  f"and {math.log(hi):.2f} (it is the log of the shift, e^mu; Flux uses 0.5 and "
+                                  f"1.15): beyond them the shift leaves {prefix}.flow_shift's range [{lo:g}, {hi:g}]")
         if not rules:
             return
         r = self.resolved()
@@ -546,23 +565,23 @@ def check_sampler(sampler: str, objective: str, key: str = "sampler", whose: str
 @dataclass
 class TrainConfig:
     """Stage 2 optimisation."""
-    epochs: int = 100
+    epochs: int = 100  # passes over the data at most (max_steps usually stops first)
     max_steps: Optional[int] = None  # stop at whichever comes first; null = epochs decide
     time_limit_minutes: Optional[float] = None  # stop (and save) this long after launch; LR anneals by then
     batch_size: int = 8  # per process
-    grad_accum_steps: int = 1
+    grad_accum_steps: int = 1  # micro-batches accumulated per optimizer step
     lr: float = 3e-4  # peak learning rate
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 100
-    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    warmup_steps: int = 100  # linear LR warmup, optimizer steps
+    lr_schedule: Literal["cosine", "constant"] = "cosine"  # after warmup: cosine down to min_lr_ratio x lr, or constant
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
     grad_clip: Optional[float] = 1.0  # max global grad norm; null = no clipping
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # EMA of the trainable weights (validation and predict sample it); 0 = off
     ema_warmup_steps: int = 100  # EMA decay ramps up over this many steps
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     tf32: bool = True  # CUDA only
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # recompute each block in the backward pass: memory for time
     compile: bool = False  # torch.compile the DiT
     # under torchrun: ddp replicates the DiT on every process; fsdp shards its parameters,
     # gradients, optimizer state and EMA over them (torch FSDP2; docs/distributed.md)
@@ -615,11 +634,11 @@ class ValidationFVDConfig:
 @dataclass
 class ValidationConfig:
     every_epochs: int = 10  # sample validation videos every k epochs (and at the end); 0 = never
-    num_videos: int = 4
+    num_videos: int = 4  # videos sampled at each validation
     sampler: SamplerName = "auto"  # auto: default_sampler(objective): ddpm for v, euler for flow
-    num_steps: int = 50
+    num_steps: int = 50  # sampler steps
     guidance_scale: float = 1.0  # classifier-free guidance; 1 = off
-    fps: int = 8
+    fps: int = 8  # frames per second of the validation videos
     seed: int = 1234  # sample i uses seed + i; also fixes the held-out loss's noise
     loss_clips: int = 16  # held-out (val split) windows for val/loss; 0 = no val/loss
     # text models: the prompts of the samples (cycled); null = captions of held-out clips
@@ -628,6 +647,7 @@ class ValidationConfig:
 
     def validate(self, prefix: str = "validation") -> None:
         _positive(self, prefix, "num_videos", "num_steps", "fps")
+        check_seed(self.seed, f"{prefix}.seed", max(self.num_videos, self.fvd.num_videos))
         hi = PREDICT_FPS_RANGE[1]  # the validation samples are written as .gif too
         if self.fps > hi:
             raise ConfigError(f"{prefix}.fps = {self.fps}: must be at most {hi:g} frames per second; "
@@ -645,31 +665,31 @@ class ValidationConfig:
 @dataclass
 class VAETrainConfig:
     """Stage 1 optimisation."""
-    epochs: int = 1000
-    max_steps: Optional[int] = 1600
+    epochs: int = 1000  # passes over the data at most (max_steps usually stops first)
+    max_steps: Optional[int] = 1600  # optimizer steps at most (the cap); null = epochs decide
     time_limit_minutes: Optional[float] = None  # wall time from launch (the LR anneals by then); null = stop on steps or the PSNR target
     target_psnr: Optional[float] = None  # dB: stop once the held-out PSNR reaches it; null = off
     eval_every: int = 200  # steps between held-out PSNR checks (with target_psnr)
     batch_size: int = 16  # clips per batch
     frames_per_clip: Optional[int] = 1  # random frames per clip in the VAE batch; null = all
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 50
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 50  # linear LR warmup, optimizer steps
     lr_schedule: Literal["cosine", "constant"] = "cosine"  # after warmup, over the step budget
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
-    l1_weight: float = 1.0
-    mse_weight: float = 1.0
-    kl_weight: float = 1e-6
-    grad_clip: Optional[float] = 1.0
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    tf32: bool = True
+    l1_weight: float = 1.0  # weight of the L1 reconstruction loss
+    mse_weight: float = 1.0  # weight of the MSE reconstruction loss
+    kl_weight: float = 1e-6  # weight of the KL term (keeps the posterior near N(0, 1))
+    grad_clip: Optional[float] = 1.0  # max global gradient norm; null = no clipping
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    tf32: bool = True  # TF32 matmuls (CUDA only)
     # NHWC weights and frames: the step ran 1.36x faster on a 2-core CPU at load ~1.5 but
     # 0.85x at load ~10 (one interleaved run each): off until the quiet-machine A/B of
     # README "Stage 1 speed" decides
     channels_last: bool = False
-    log_every: int = 25
+    log_every: int = 25  # optimizer steps between scalar logs
     image_every: int = 200  # steps between reconstruction grids in TensorBoard
-    checkpoint_every: int = 200
+    checkpoint_every: int = 200  # write latest.pth every k optimizer steps (and at the end)
     resume: Optional[str] = None  # null, auto, or a checkpoint path
     scale_num_clips: int = 64  # training clips used to measure the latent scaling_factor
     max_nonfinite_steps: int = 5  # stop after this many NaN/Inf losses in a row
@@ -705,7 +725,7 @@ class VAETrainConfig:
 @dataclass
 class VAERunConfig:
     """`train_vae.py --config config_vae.yaml`"""
-    device: str = "auto"
+    device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda or cuda:N
     experiment: ExperimentConfig = field(default_factory=lambda: ExperimentConfig(name="vae"))
     data: DataConfig = field(default_factory=DataConfig)
     vae: VAEArchConfig = field(default_factory=VAEArchConfig)
@@ -727,7 +747,7 @@ class VAERunConfig:
 @dataclass
 class TrainRunConfig:
     """`train_advanced.py --config config_advanced.yaml`"""
-    device: str = "auto"
+    device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda or cuda:N
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     vae: VAERefConfig = field(default_factory=VAERefConfig)
@@ -744,6 +764,11 @@ class TrainRunConfig:
         self.diffusion.validate("diffusion", rules=False)
         if self.model.pretrained is None:  # else once the pretrained model's schedule is known (setup)
             self.check_schedule()
+        if self.data.captions is not None and self.model.conditioning_kind() != "text":
+            raise ConfigError(f"data.captions = {self.data.captions!r} is set but model.conditioning = "
+                              f"{self.model.conditioning_kind()}: only text models read captions (and a "
+                              "caption file is checked row by row); remove data.captions, or set "
+                              "model.conditioning: text")
         if self.validation.prompts is not None and self.model.conditioning_kind() != "text":
             raise ConfigError(f"validation.prompts is set but model.conditioning = "
                               f"{self.model.conditioning_kind()}: prompts need a text model "
@@ -757,8 +782,9 @@ class TrainRunConfig:
         sampler and its step count."""
         diffusion = self.diffusion.resolved()
         diffusion.validate("diffusion", rules=True)
-        check_num_steps(self.validation.num_steps, diffusion.num_train_timesteps, "validation.num_steps")
-        check_sampler(self.validation.sampler, diffusion.objective, "validation.sampler")
+        if self.validation.every_epochs:  # validation off: its sampler and steps are never used
+            check_num_steps(self.validation.num_steps, diffusion.num_train_timesteps, "validation.num_steps")
+            check_sampler(self.validation.sampler, diffusion.objective, "validation.sampler")
 
 
 @dataclass
@@ -784,21 +810,21 @@ PREDICT_FPS_RANGE = (0.1, 100.0)
 @dataclass
 class PredictConfig:
     """`predict_advanced.py --config predict_advanced.yaml`"""
-    device: str = "auto"
-    checkpoint: str = "runs/demo/latest.pth"
-    output_dir: str = "runs/demo/predict"
+    device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda or cuda:N
+    checkpoint: str = "runs/demo/latest.pth"  # the stage-2 checkpoint to sample from
+    output_dir: str = "runs/demo/predict"  # folder the videos are written to
     # videos to make; null = one per prompt, image or class label given (`video_count`), else
     # DEFAULT_NUM_VIDEOS. A number: the prompts / images / labels are cycled over that many
     num_videos: Optional[int] = None
     batch_size: int = 4  # videos sampled at once
     sampler: SamplerName = "auto"  # auto: default_sampler(objective): ddpm for v, euler for flow
-    num_steps: int = 50
+    num_steps: int = 50  # sampler steps
     guidance_scale: float = 1.0  # classifier-free guidance; 1 = off
     class_labels: Optional[list[int]] = None  # one per video, cycled; null = 0, 1, 2, ...
     # text checkpoints: video i is prompt i (cycled when num_videos is larger); or prompts_file,
     # a UTF-8 file with one prompt per line
     prompts: Optional[list[str]] = None
-    prompts_file: Optional[str] = None
+    prompts_file: Optional[str] = None  # or a UTF-8 file, one prompt per line (not both)
     negative_prompt: Optional[str] = None  # the uncond half of guidance; null = the learned null caption
     seed: int = 0  # sample i uses seed + i: same seed, same video
     fps: Optional[float] = None  # frames per second of the written videos; null = the checkpoint's rate
@@ -812,7 +838,7 @@ class PredictConfig:
     # image-to-video (a checkpoint trained with model.first_frame_conditioning): a PNG/JPG that
     # becomes frame 0 of every video, or `images`, one per video (cycled)
     image: Optional[str] = None
-    images: Optional[list[str]] = None
+    images: Optional[list[str]] = None  # or one image per video (cycled)
     # pixel frames per video; null = the training window's. Longer: extended window by window
     num_frames: Optional[int] = None
 
@@ -856,7 +882,7 @@ class PredictConfig:
     def prompt_list(self) -> Optional[list[str]]:
         """`prompts`, or the lines of `prompts_file`, or None."""
         if self.prompts_file is not None:
-            from data.captions import read_prompts_file
+            from utils.prompts import read_prompts_file
             return read_prompts_file(self.prompts_file, "prompts_file")
         return self.prompts
 
@@ -871,6 +897,7 @@ class PredictConfig:
         _positive(self, "", "batch_size", "num_steps")
         if self.num_videos is not None:
             _positive(self, "", "num_videos")
+        check_seed(self.seed, "seed", self.num_videos or 1)
         if self.image is not None and self.images is not None:
             raise ConfigError("image and images are both set: give one image (every video) or a list "
                               "(one per video)")
@@ -882,6 +909,11 @@ class PredictConfig:
                               "null (one video per image)")
         if self.num_frames is not None:
             _positive(self, "", "num_frames")
+            if self.num_frames > MAX_VIDEO_FRAMES:
+                raise ConfigError(f"num_frames = {self.num_frames}: at most {MAX_VIDEO_FRAMES} frames per "
+                                  f"video (about {MAX_VIDEO_FRAMES / 24 / 60:.0f} minutes at 24 fps): a video "
+                                  "is sampled window after window and its frames are held in memory until "
+                                  f"it is written. Use at most {MAX_VIDEO_FRAMES}, or null (one training window)")
         lo, hi = PREDICT_FPS_RANGE
         if self.fps is not None and not lo <= self.fps <= hi:
             raise ConfigError(f"fps = {self.fps:g}: must be between {lo:g} and {hi:g} frames per second, "
@@ -956,6 +988,9 @@ class RealClipsConfig:
     dataset_seed: Optional[int] = None  # built-in data's experiment.seed; null = the checkpoint's, else 0
 
     def validate(self, prefix: str = "real") -> None:
+        check_seed(self.seed, f"{prefix}.seed")
+        if self.dataset_seed is not None:
+            check_seed(self.dataset_seed, f"{prefix}.dataset_seed")
         if self.num_clips is not None and self.num_clips < 2:
             raise ConfigError(f"{prefix}.num_clips = {self.num_clips}: need >= 2 (or null = num_videos)")
 
@@ -995,17 +1030,17 @@ class EvaluateConfig:
     """`evaluate.py --config evaluate.yaml`: FVD of generated videos against real clips.
 
     The sampling keys are predict's (`predict_advanced.yaml`), with the same meaning."""
-    device: str = "auto"
+    device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda or cuda:N
     checkpoint: Optional[str] = None  # sample num_videos from it exactly as predict does
     generated: GeneratedConfig = field(default_factory=GeneratedConfig)
     num_videos: int = 2048  # generated videos (StyleGAN-V's fvd2048_16f: 2048)
     batch_size: int = 16  # videos sampled at once
     sampler: SamplerName = "auto"  # auto: default_sampler(objective): ddpm for v, euler for flow
-    num_steps: int = 50
-    guidance_scale: float = 1.0
+    num_steps: int = 50  # sampler steps
+    guidance_scale: float = 1.0  # classifier-free guidance; 1 = off
     class_labels: Optional[list[int]] = None  # cycled over the videos; null = 0, 1, 2, ...
     seed: int = 0  # video i uses seed + i
-    use_ema: bool = True
+    use_ema: bool = True  # the EMA weights (false: the raw ones)
     vae: PredictVAEConfig = field(default_factory=PredictVAEConfig)
     # text checkpoints: video i is conditioned on real clip i's caption, embedded by this encoder
     text_encoder: PredictTextEncoderConfig = field(default_factory=PredictTextEncoderConfig)
@@ -1019,11 +1054,16 @@ class EvaluateConfig:
     # frame of real clip i (image_to_video) and/or runs `windows` training windows; FVD then
     # scores the first window, and each window position gets its own FVD and jigsaw score (drift)
     image_to_video: bool = False
-    windows: int = 1
+    windows: int = 1  # training windows per video (image_to_video / drift: FVD per window)
 
     def validate(self) -> None:
         _check_device(self.device)
         _positive(self, "", "num_videos", "batch_size", "num_steps", "windows")
+        check_seed(self.seed, "seed", self.num_videos)
+        if self.windows > MAX_WINDOWS:
+            raise ConfigError(f"windows = {self.windows}: at most {MAX_WINDOWS} window positions (each one "
+                              "is sampled for every video and gets its own FVD statistics); use at most "
+                              f"{MAX_WINDOWS}")
         if self.num_videos < 2:
             raise ConfigError(f"num_videos = {self.num_videos}: a covariance needs >= 2 videos")
         if self.guidance_scale < 0:
@@ -1156,6 +1196,15 @@ def _check_optimiser(tcfg: Any, prefix: str) -> None:
                           "norm) or null (no clipping)")
     if tcfg.weight_decay < 0:
         raise ConfigError(f"{prefix}.weight_decay = {tcfg.weight_decay}: must be >= 0")
+
+
+def check_seed(seed: int, key: str, videos: int = 1, top: int = MAX_SEED) -> None:
+    """A seed torch, numpy and python all take: 0 <= seed, and seed + i of each of `videos`
+    videos (video i uses seed + i) at most `top` (64 bits)."""
+    top -= videos - 1
+    if not 0 <= seed <= top:
+        each = f" (video i uses {key} + i, for {videos} videos)" if videos > 1 else ""
+        raise ConfigError(f"{key} = {seed}: must be between 0 and {top}{each}; seeds are 64-bit")
 
 
 def _positive(obj: Any, prefix: str, *names: str) -> None:

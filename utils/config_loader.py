@@ -20,6 +20,7 @@ import yaml
 from utils.errors import ConfigError, MissingFileError
 
 RawCheck = Callable[[dict, str], None]  # a schema's check of the raw mapping before building
+INT64 = (-2 ** 63, 2 ** 63 - 1)  # an integer setting's range: what torch and numpy take
 
 
 def load_config(cls: type, path: Optional[str], overrides: Collection[str] = (), *,
@@ -63,8 +64,8 @@ def read_yaml_mapping(path: str) -> dict:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if raw is None:
         raise ConfigError(f"--config {path} is empty (no keys at all); give a YAML mapping of "
-                          "keys such as config_advanced.yaml, or leave --config out to use the "
-                          "defaults")
+                          "keys: the shipped config of the command (config_advanced.yaml, "
+                          "config_vae.yaml, predict_advanced.yaml or evaluate.yaml), or a copy of it")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
     return raw
@@ -208,6 +209,9 @@ def coerce(tp: Any, value: Any, key: str, path_fields: Collection[str] = ()) -> 
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key} = {value!r}: expected an integer")
+        if not INT64[0] <= value <= INT64[1]:  # torch and numpy take no larger integer
+            raise ConfigError(f"{key} = {value}: does not fit in 64 bits (between {INT64[0]} and "
+                              f"{INT64[1]}); no setting takes a number this large")
         return value
     if tp is float:
         if isinstance(value, str):  # PyYAML (YAML 1.1) reads 3e-4 as a string

@@ -36,12 +36,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import warnings
 from typing import Iterable, Iterator, Literal, Optional
 
 import numpy as np
 import torch
 
 from utils.errors import MissingFileError, UserError
+from utils.paths import refuse_folder
 
 DETECTOR_KWARGS = dict(rescale=True, resize=True, return_features=True)  # StyleGAN-V's call
 INCEPTION_KWARGS = dict(return_features=True)  # StyleGAN2-ADA's call
@@ -177,10 +179,16 @@ def load_detector(path: Optional[str], device: torch.device, key: str = "fvd.det
     help_fn = detector_help if kind == "i3d" else inception_help
     if not path:
         raise MissingFileError(f"{key} is not set. {help_fn(key)}")
+    refuse_folder(path, key, f"the TorchScript file. {help_fn(key)}")
     if not os.path.isfile(path):
         raise MissingFileError(f"{key} = {path}: no such file. {help_fn(key)}")
     try:
-        detector = torch.jit.load(path, map_location=device)
+        with warnings.catch_warnings():
+            # The detectors papers use are TorchScript files (torch.export cannot read them), so
+            # torch's deprecation notice of jit.load is nothing a user can act on: not shown, and
+            # not kept in log.txt at every evaluate or training start.
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
+            detector = torch.jit.load(path, map_location=device)
     except (RuntimeError, ValueError) as e:
         raise UserError(f"{key} = {path}: not a TorchScript file ({str(e).splitlines()[0]}). "
                         f"{help_fn(key)}") from None

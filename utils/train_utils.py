@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import random
 from typing import Optional
 
@@ -35,6 +36,49 @@ def global_seed(seed: int, rank: int) -> int:
     """Seed of the global RNGs of rank `rank` > 0 once the model is built (rank 0 keeps the
     stream `experiment.seed` started), so that ranks draw their own label dropout and picks."""
     return seed * GLOBAL_SEED_STRIDE + rank
+
+
+PIXEL_BYTES = 4  # float32 pixels
+BATCH_COPIES = 2  # a batch of pixels exists twice while it is made: its clips and the collated tensor
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of host memory available now (Linux MemAvailable: free plus reclaimable cache,
+    else free pages); None when the system does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def device_memory(device: torch.device) -> Optional[int]:
+    """Bytes free on `device` now (CUDA: the driver's count; CPU: `available_memory`)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return available_memory()
+
+
+def check_batch_memory(data, batch_size: int, batch_key: str = "train.batch_size") -> None:
+    """Refuse, before anything is allocated, a batch of pixel clips larger than the host's
+    available memory: `batch_size` clips of data.num_frames frames at data.resolution, float32,
+    held twice while collated. `data`: a DataConfig. A lower bound (the VAE and the model need
+    memory on top), so a run it lets through may still be too big, but one it refuses cannot
+    fit."""
+    need = BATCH_COPIES * batch_size * 3 * data.num_frames * data.height * data.width * PIXEL_BYTES
+    free = available_memory()
+    if free is None or need <= free:
+        return
+    raise UserError(f"data.resolution = {data.resolution} with data.num_frames = {data.num_frames} and "
+                    f"{batch_key} = {batch_size}: one batch of pixel clips needs about {need / 2**30:.1f} GiB "
+                    f"(float32, as clips and as the batch), more than the {free / 2**30:.1f} GiB of memory "
+                    f"available here; lower data.resolution, data.num_frames or {batch_key}")
 
 
 def seed_everything(seed: int) -> None:

@@ -101,6 +101,9 @@ def _read_image(path: str) -> np.ndarray:
             return np.array(img.convert("RGB"))  # a writable copy (np.asarray's is read-only)
     except OSError as e:  # PIL.UnidentifiedImageError is an OSError
         raise VideoReadError(f"{path}: not a readable image ({e})") from None
+    except Image.DecompressionBombError as e:  # the header claims more pixels than PIL will decode
+        raise VideoReadError(f"{path}: too large to read ({e}); frames are resized to at most "
+                             "8192 pixels a side, so resize the image (e.g. to 4096 pixels a side)") from None
 
 
 def _frame_files(folder: str) -> list[str]:
