@@ -302,7 +302,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def two_process_lora_matches_one_process(pretrained_pipelines, tmp_path, extra=()) -> None:
     """2 gloo processes x batch 2 (overrides `extra`) == 1 process x batch 4 for a LoRA on the
     tiny Wan: adapters and their AdamW moments after 3 steps, t and noise fixed per window
@@ -326,6 +325,7 @@ def two_process_lora_matches_one_process(pretrained_pipelines, tmp_path, extra=(
                        {**two, "model": {k: two["model"][k] for k in lora}})
 
 
+@pytest.mark.slow
 def test_two_process_ddp_with_lora_matches_one_process(pretrained_pipelines, tmp_path):
     two_process_lora_matches_one_process(pretrained_pipelines, tmp_path)
 
