@@ -21,7 +21,8 @@ fully_shard contract: "the optimizer must be initialized with the DTensor model.
   1. activation checkpointing, around each block call inside the model's forward (the repo's
      DiT, diffusers' gradient checkpointing), switched on before sharding;
   2. torch.compile of each block in place (`block.compile()`, so parameter names and checkpoint
-     keys do not change; FSDP's hooks stay outside the compiled code: dynamo skips them);
+     keys do not change; FSDP2 marks its hooks torch._dynamo.disable, so they run outside the
+     compiled code);
   3. fully_shard(block) for each block, then fully_shard(root);
   4. the optimizer, over the sharded parameters (stage 2 builds it after `prepare`).
 Under ddp the order is unchanged: DDP, then torch.compile of the DDP module.
