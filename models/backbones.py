@@ -10,6 +10,7 @@ builds, and never test which family it is:
     family.schedule() / family.native_scheduler()   # the objective it was trained with
     family.text_convention(max_length)              # how its captions are encoded, its null caption
     module = family.build(dims, device, base_dtype) # forward(x (B, C, T, h, w), t, **condition)
+    family.blocks(module)                           # its transformer blocks (FSDP shards each)
     family.record(dims)                             # what the checkpoint keeps under "model"
     family.export(module, out_dir)                  # back to diffusers (pretrained families)
 
@@ -187,6 +188,11 @@ class Family:
         from models.dit import VideoDiT
         return VideoDiT(self.model_cfg, **dims).to(device)
 
+    def blocks(self, module: nn.Module) -> list[nn.Module]:
+        """The transformer blocks of a module `build` made, in call order: the units FSDP shards
+        one by one (`training/parallel.py`: each block's parameters are gathered only while it runs)."""
+        return list(module.blocks)
+
     def record(self) -> dict:
         """What a checkpoint keeps of the family (beside the model config and dims)."""
         return {"name": self.name}
@@ -296,6 +302,11 @@ class PretrainedFamily(Family):
                     p.data = p.data.float()
         return PretrainedDiT(self, transformer).to(device)
 
+    def blocks(self, module: nn.Module) -> list[nn.Module]:
+        return list(getattr(module.transformer, self.blocks_attr))
+
+    blocks_attr = ""  # the diffusers transformer's ModuleList of blocks
+
     def lora_target_modules(self) -> tuple[str, ...]:
         return tuple(self.lora.targets) if self.lora.targets else self.lora_targets
 
@@ -368,6 +379,7 @@ class WanFamily(PretrainedFamily):
     name = "wan"
     class_name = "WanTransformer3DModel"
     pipeline_class = "WanPipeline"
+    blocks_attr = "blocks"
     # Wan's folders ship UniPC with flow sigmas; a FlowMatchEuler or DPM-Solver++ folder is
     # sampled by its own class too
     NATIVE = {"UniPCMultistepScheduler": ("unipc", "UniPCMultistepScheduler"),
@@ -442,6 +454,7 @@ class CogVideoXFamily(PretrainedFamily):
     name = "cogvideox"
     class_name = "CogVideoXTransformer3DModel"
     pipeline_class = "CogVideoXPipeline"
+    blocks_attr = "transformer_blocks"
     # CogVideoXPipeline's DDIM; a 5B folder's CogVideoXDPMScheduler steps with another signature
     # (the previous x0 and timestep), so its config is sampled by CogVideoXDDIMScheduler
     NATIVE = {"CogVideoXDDIMScheduler": ("ddim", "CogVideoXDDIMScheduler"),

@@ -16,6 +16,14 @@
 #   torchrun     stage 2 under torchrun on every GPU: world size logged, losses finite and falling.
 #                With ONE GPU this is one process: DDP itself (gradient all-reduce, several
 #                ranks) is NOT exercised here; the 2-process CPU tests (tests/test_ddp*.py) cover it
+#   fsdp         stage 2 with train.parallel=fsdp on one GPU (world size 1) in bf16 (FSDP2 with bf16
+#                parameters, fp32 reduction), with torch.compile, activation checkpointing,
+#                sharded checkpoints and validation: losses finite and falling; latest.pth
+#                consolidated when it stops; rank 0's logged parameter bytes = the model's; a CUDA
+#                peak logged; the sharded DiT in bf16 vs eager fp32 within 5e-2 (outputs, gradients)
+#   ddp_fp32, fsdp_vs_ddp  the same 20 steps in fp32 (TF32 off) under torchrun on every GPU, ddp
+#                then fsdp: trained weights within 1e-2 (relative L2). With ONE GPU both are one
+#                process (FSDP's sharding over several ranks: tests/test_fsdp.py on 2 CPU processes)
 #   video_vae    a tiny causal video VAE (AutoencoderKLWan) in bf16: stage 2 with its per-window
 #                latent cache (layout 'window'), losses finite; bf16 vs fp32 encode/decode within 5e-2
 #   workers      stage 2 reading real mp4 files with DataLoader worker processes: losses finite
@@ -82,6 +90,8 @@ if [ -z "$DRY" ]; then
   PRED_N=4
   PRED=(num_videos=$PRED_N num_steps=20)
   DDP=(train.max_steps=100)
+  FSDP_CKPT=50
+  AGREE=(train.max_steps=20)
   VIDEO=(train.max_steps=30 vae.dtype=bf16)
   WORKER_STEPS=30
   WORKERS=(train.max_steps=$WORKER_STEPS data.num_workers=4)
@@ -105,6 +115,8 @@ else
   PRED_N=2
   PRED=(num_videos=$PRED_N num_steps=2)
   DDP=("${DIT[@]}")
+  FSDP_CKPT=4
+  AGREE=("${DIT[@]}")
   VIDEO=(data.resolution=16 data.num_frames=5 data.builtin.num_clips=4 data.builtin.clip_frames=9
          data.builtin.num_val_clips=2 train.max_steps=3 train.log_every=1 train.batch_size=2
          validation.num_videos=2 validation.num_steps=2 "${SMALL_DIT[@]}")
@@ -197,6 +209,21 @@ step torchrun "grep -q 'world size $NGPU' \"\$RUNS/ddp/log.txt\" && \"\${COND[@]
   "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" train_advanced.py \
   --config config_advanced.yaml "${COMMON[@]}" "$VAE_PATH" experiment.name=ddp \
   validation.every_epochs=0 "${DDP[@]}" "${EXTRA[@]}"
+
+step fsdp 'grep -q "parallel: fsdp" "$RUNS/fsdp/log.txt" && "${COND[@]}" loss "$RUNS/fsdp/log.txt" --falling && "${COND[@]}" fsdp "$RUNS/fsdp" $DEVICE' \
+  "$PY" train_advanced.py --config config_advanced.yaml "${COMMON[@]}" "$VAE_PATH" experiment.name=fsdp \
+  train.parallel=fsdp train.precision=bf16 train.compile=true train.activation_checkpointing=true \
+  "train.checkpoint_every=$FSDP_CKPT" validation.every_epochs=1 "${DIT[@]}" "${EXTRA[@]}"
+
+step ddp_fp32 '"${COND[@]}" loss "$RUNS/ddp32/log.txt"' \
+  "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" train_advanced.py \
+  --config config_advanced.yaml "${COMMON[@]}" "$VAE_PATH" experiment.name=ddp32 train.precision=fp32 \
+  train.tf32=false validation.every_epochs=0 "${AGREE[@]}" "${EXTRA[@]}"
+
+step fsdp_vs_ddp '"${COND[@]}" same_weights "$RUNS/ddp32/latest.pth" "$RUNS/fsdp32/latest.pth" 1e-2' \
+  "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" train_advanced.py \
+  --config config_advanced.yaml "${COMMON[@]}" "$VAE_PATH" experiment.name=fsdp32 train.parallel=fsdp \
+  train.precision=fp32 train.tf32=false validation.every_epochs=0 "${AGREE[@]}" "${EXTRA[@]}"
 
 step video_vae '"${COND[@]}" loss "$RUNS/video/log.txt" && "${COND[@]}" cache "$RUNS/video" && "${COND[@]}" vae_bf16 "$RUNS/video_vae" $DEVICE' \
   "$PY" train_advanced.py --config config_advanced.yaml "${COMMON[@]}" "vae.path=$RUNS/video_vae" \

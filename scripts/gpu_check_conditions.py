@@ -12,6 +12,12 @@ root: `python scripts/gpu_check_conditions.py loss runs/x/log.txt --falling`.
   bench JSON                    bench.py's samples/s, tokens/s and MFU are finite numbers > 0
   agree CKPT DEVICE             the checkpoint's DiT: torch.compile vs eager (outputs and
                                 gradients) and bf16 autocast vs fp32 (outputs), relative L2 error bounded
+  fsdp RUN DEVICE               a train.parallel=fsdp run: latest.pth consolidated (plain tensors, no
+                                shards left), the memory line's parameters = the model's bytes (world
+                                size 1), a CUDA peak logged; its DiT sharded (FSDP2, bf16 parameters)
+                                vs eager fp32: outputs and gradients within BF16_TOL (relative L2)
+  same_weights CKPT_A CKPT_B TOL  the trained weights of two checkpoints within TOL (relative L2 over
+                                all of them): FSDP against DDP on the same steps
   diagnose LOG                  every code-path check of diagnose.py PASSed (quality checks of a
                                 short run are reported, not required)
   vae_bf16 VAE DEVICE           a video VAE's bf16 encode/decode agrees with fp32 (relative L2)
@@ -137,6 +143,61 @@ def agree(ckpt_path: str, device_name: str) -> int:
         errs["bf16 output"] <= BF16_TOL
     return _result(ok, ", ".join(f"{k} {v:.1e}" for k, v in errs.items()) +
                    f" (relative L2 vs eager fp32; bounds {COMPILE_TOL:g} compiled, {BF16_TOL:g} bf16)")
+
+
+def fsdp(run: str, device_name: str) -> int:
+    import torch
+    from torch.distributed.tensor import DTensor
+    from training.checkpoints import family_of_checkpoint, latent_shape, model_dims, model_from_checkpoint
+    from training.parallel import Sharded, logged_memory
+    from utils.checkpoint import load_checkpoint
+    from utils.dist import DistInfo, cleanup
+    device, path = torch.device(device_name), os.path.join(run, "latest.pth")
+    raw = torch.load(path, weights_only=True)
+    plain = "sharded" not in raw and all(type(t) is torch.Tensor for t in raw["model_state"].values()) \
+        and not os.path.exists(os.path.join(run, "sharded"))
+    if not plain:
+        return _result(False, f"{path} is not consolidated: it names shards, holds DTensors, or shards are left")
+    memory = logged_memory(os.path.join(run, "log.txt"))[0]
+    model_mib = sum(t.numel() * t.element_size() for t in raw["model_state"].values()) / 2 ** 20
+    peak = memory.get("peak_gib", 0.0) > 0 or device.type != "cuda"
+    ckpt = load_checkpoint(path)
+    reference = model_from_checkpoint(ckpt, False, device, path).requires_grad_(True)
+    sharded = model_from_checkpoint(ckpt, False, device, path).requires_grad_(True)
+    strategy = Sharded(DistInfo(), device, torch.bfloat16)
+    try:
+        strategy.prepare(sharded, family_of_checkpoint(ckpt, path).blocks(sharded), compile_blocks=False)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, *latent_shape(model_dims(ckpt["model"])), generator=g).to(device)  # (B, C, T, h, w)
+        t = torch.tensor([100, 700], device=device)
+        y = torch.zeros(2, dtype=torch.long, device=device) if getattr(reference, "num_classes", 0) else None
+
+        def run_step(net, bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = net(x, t, y)
+            out.float().square().mean().backward()
+            grads = [p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for p in net.parameters()]
+            return out.detach(), torch.cat([gr.flatten().float() for gr in grads if gr is not None])
+        (ref_out, ref_grad), (out, grad) = run_step(reference, False), run_step(sharded, True)
+    finally:
+        cleanup(DistInfo())
+    errs = {"output": _rel(out, ref_out), "grads": _rel(grad, ref_grad)}
+    ok = abs(memory["params"] - model_mib) <= 0.01 * model_mib and peak and max(errs.values()) <= BF16_TOL
+    return _result(ok, f"latest.pth consolidated; rank 0 holds {memory['params']:.2f} MiB of parameters, the model {model_mib:.2f} MiB; "
+                       f"CUDA peak {memory.get('peak_gib', 'not logged')}; FSDP bf16 vs eager fp32: "
+                       + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()) + f" (bound {BF16_TOL:g})")
+
+
+def same_weights(path_a: str, path_b: str, tol: str) -> int:
+    import torch
+    from utils.checkpoint import load_checkpoint
+    a, b = load_checkpoint(path_a)["model_state"], load_checkpoint(path_b)["model_state"]
+    if set(a) != set(b):
+        return _result(False, f"{path_a} and {path_b} hold different weights ({len(a)} vs {len(b)} tensors)")
+    keys = sorted(a)
+    err = _rel(torch.cat([b[k].flatten().float() for k in keys]), torch.cat([a[k].flatten().float() for k in keys]))
+    return _result(err <= float(tol), f"trained weights differ by {err:.1e} (relative L2 over {len(keys)} tensors; "
+                                      f"bound {float(tol):g})")
 
 
 def diagnose(log: str) -> int:
@@ -278,6 +339,7 @@ def make_detector(path: str) -> int:
 
 
 COMMANDS = {"loss": loss, "val_loss": val_loss, "steps": lambda run, n: steps(run, int(n)), "bench": bench, "agree": agree,
+            "fsdp": fsdp, "same_weights": same_weights,
             "diagnose": diagnose, "vae_bf16": vae_bf16, "cache": cache, "fvd": fvd, "text": text,
             "first_frames": lambda path, n: first_frames(path, int(n)),
             "pretrained": pretrained, "make_pretrained": make_pretrained,

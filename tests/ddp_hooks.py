@@ -13,6 +13,9 @@ HOOKS, comma-separated:
 - `short_timeout`: the process group's default timeout is SHORT_TIMEOUT seconds (NCCL's 10
   minutes, scaled down), so a rank left waiting that long in a collective is torn down.
 - `slow_text`: every text-encoder call sleeps SLOW_TEXT seconds (an encoder of real size).
+- `kill_save<N>` (train.parallel=fsdp): rank 0 kills itself with SIGKILL while saving the sharded
+  checkpoint of step N, once every shard and the metadata are written but before the directory
+  is published (utils/sharded_checkpoint.py `publish`): a complete-looking but unpublished save.
 The record also counts the text encoders each rank loaded (`encoder_loads`).
 
 After training, each rank writes OUT_PREFIX.rank<R>.pt: its weights, the learning rate of each
@@ -68,6 +71,18 @@ def main(argv=None) -> int:
         init = torch_dist.init_process_group
         torch_dist.init_process_group = lambda *a, **k: init(
             *a, **{**k, "timeout": datetime.timedelta(seconds=SHORT_TIMEOUT)})
+    kill = next((h for h in hooks if h.startswith("kill_save")), None)
+    if kill and rank == 0:
+        import signal
+
+        from utils import sharded_checkpoint
+        publish, doomed = sharded_checkpoint.publish, sharded_checkpoint.dir_name(int(kill[len("kill_save"):]))
+
+        def killed_publish(tmp, final):
+            if os.path.basename(final) == doomed:
+                os.kill(os.getpid(), signal.SIGKILL)
+            publish(tmp, final)
+        sharded_checkpoint.publish = killed_publish
     from models.text_encoder import FrozenTextEncoder
     if "slow_text" in hooks:
         import time

@@ -71,8 +71,15 @@ def train_fixed(overrides: list[str], run_dir: str, dist: DistInfo = DistInfo(),
     s.diffusion = ItemNoise(s.diffusion, s.sampler, s.sampler.num_items, latent)
     train(s)
     s.log.close()
-    return {"step": s.pos.step, "model": {k: v.detach().clone() for k, v in s.model.state_dict().items()},
-            "exp_avg": [s.optimizer.state[p]["exp_avg"].clone() for p in s.model.parameters() if p.requires_grad]}
+    return {"step": s.pos.step, "model": {k: _whole(v).clone() for k, v in s.model.state_dict().items()},
+            "exp_avg": [_whole(s.optimizer.state[p]["exp_avg"]).clone() for p in s.model.parameters()
+                        if p.requires_grad]}
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A tensor whole: train.parallel=fsdp shards parameters and optimizer state (every rank calls this)."""
+    from torch.distributed.tensor import DTensor
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach()
 
 
 def assert_same_update(a: dict, b: dict, rtol: float = 1e-4, atol: float = 1e-6) -> None:

@@ -313,8 +313,8 @@ def test_val_loss_logged_and_deterministic_across_runs_and_resume(tmp_path, rand
     import training.stage2 as stage2
     ck6, original_save = os.path.join(tmp_path, "step6.pth"), stage2.save
 
-    def spy_save(s, name="latest.pth"):
-        original_save(s, name)
+    def spy_save(s, name="latest.pth", **kw):
+        original_save(s, name, **kw)
         if s.pos.step == 6 and name == "latest.pth" and not os.path.exists(ck6):
             shutil.copy(os.path.join(s.run_dir, name), ck6)
 

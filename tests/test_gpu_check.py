@@ -4,6 +4,7 @@ condition fails the script."""
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -45,9 +46,9 @@ def test_every_step_command_is_accepted_by_its_script():
             name, command = line[4:].split(":", 1)
             steps[name] = shlex.split(command)
     assert list(steps) == ["stage1", "stage2_bf16", "agreement", "stage2_fp16", "predict", "diagnose",
-                           "torchrun", "video_vae", "workers", "evaluate", "flow", "text", "first_frames",
-                           "image_to_video", "wan_lora", "wan_full", "cogvideox_lora", "cogvideox_full",
-                           "benchmark"]
+                           "torchrun", "fsdp", "ddp_fp32", "fsdp_vs_ddp", "video_vae", "workers", "evaluate", "flow",
+                           "text", "first_frames", "image_to_video", "wan_lora", "wan_full", "cogvideox_lora",
+                           "cogvideox_full", "benchmark"]
     for name, argv in steps.items():
         script = next((a for a in argv if a.endswith(".py")), None)
         if script in CONFIGS:
@@ -56,6 +57,12 @@ def test_every_step_command_is_accepted_by_its_script():
             cfg = load_config(cls, os.path.join(ROOT, config), overrides)
             assert cfg.device == "cpu", name
     assert "--nproc_per_node=2" in steps["torchrun"] and "torch.distributed.run" in steps["torchrun"]
+    fsdp = load_config(TrainRunConfig, os.path.join(ROOT, "config_advanced.yaml"),
+                       [a for a in steps["fsdp"] if "=" in a and not a.startswith("-")])
+    assert (fsdp.train.parallel, fsdp.train.precision, fsdp.train.compile, fsdp.train.activation_checkpointing) \
+        == ("fsdp", "bf16", True, True) and "torch.distributed.run" not in steps["fsdp"]  # world size 1
+    assert "train.parallel=fsdp" in steps["fsdp_vs_ddp"] and "train.parallel=fsdp" not in steps["ddp_fp32"]
+    assert all("train.precision=fp32" in steps[k] and "--nproc_per_node=2" in steps[k] for k in ("ddp_fp32", "fsdp_vs_ddp"))
     bf16 = load_config(TrainRunConfig, os.path.join(ROOT, "config_advanced.yaml"),
                        [a for a in steps["stage2_bf16"] if "=" in a and not a.startswith("-")])
     assert (bf16.train.precision, bf16.train.tf32, bf16.train.compile, bf16.train.activation_checkpointing) \
@@ -195,3 +202,33 @@ def test_a_failed_condition_fails_the_script():
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "FAIL stage1" in proc.stdout and "exit 0" in proc.stdout and "training losses logged" in proc.stdout
     assert "gpu_check: FAILED" in proc.stdout
+
+
+def test_fsdp_and_same_weights_conditions(tmp_path):
+    """`fsdp` passes on a consolidated one-process FSDP run and fails on a latest.pth that still
+    names shards; `same_weights` fails when the weights moved by more than its bound."""
+    import train_advanced
+    from tests.test_stage2 import TINY
+    from models.vae import build_autoencoder
+    from utils.config import VAEArchConfig
+    torch.manual_seed(0)
+    ae = build_autoencoder(VAEArchConfig(block_out_channels=[16, 16, 16], norm_num_groups=8))
+    ae.save_pretrained(str(tmp_path / "vae"))
+    assert train_advanced.main(["--config", os.path.join(ROOT, "config_advanced.yaml"), *TINY,
+                                f"vae.path={tmp_path / 'vae'}", f"experiment.runs_dir={tmp_path}", "experiment.name=run",
+                                "train.parallel=fsdp", "train.max_steps=3", "train.checkpoint_every=2"]) == 0
+    run = tmp_path / "run"
+    proc = _condition("fsdp", run, "cpu")
+    assert proc.returncode == 0 and "consolidated" in proc.stdout, proc.stdout + proc.stderr
+    latest = torch.load(run / "latest.pth", weights_only=True)
+    (tmp_path / "sharded_run").mkdir()
+    shutil.copy(run / "log.txt", tmp_path / "sharded_run" / "log.txt")
+    torch.save({**latest, "sharded": {"path": "sharded/step_0000002", "world_size": 2}},
+               tmp_path / "sharded_run" / "latest.pth")
+    proc = _condition("fsdp", tmp_path / "sharded_run", "cpu")
+    assert proc.returncode == 1 and "not consolidated" in proc.stdout
+    assert _condition("same_weights", run / "latest.pth", run / "latest.pth", 1e-6).returncode == 0
+    moved = {**latest, "model_state": {k: v * 1.01 for k, v in latest["model_state"].items()}}
+    torch.save(moved, tmp_path / "moved.pth")
+    proc = _condition("same_weights", run / "latest.pth", tmp_path / "moved.pth", 1e-3)
+    assert proc.returncode == 1 and "1.0e-02" in proc.stdout

@@ -426,7 +426,7 @@ def test_validation_image_to_video_of_a_text_model_uses_each_images_caption(monk
     logged = {}
     s = _validation_state(cfg, Seam(), ["an unrelated caption"], lambda tag, text, step: logged.setdefault(tag, text))
     monkeypatch.setattr(validation, "generate_videos", fake_generate)
-    validation._log_image_to_video(s)
+    validation._log_image_to_video(s, s.ema.model)
     val = build_dataset(cfg.data, "val", cfg.experiment.seed)
     index = np.unique(np.linspace(0, len(val) - 1, min(2, len(val))).round().astype(int))
     assert seen["prompts"] == [val[int(i)]["caption"] for i in index]
@@ -462,7 +462,7 @@ def test_validation_image_to_video_of_a_class_model_uses_each_images_class(monke
 
     s = _validation_state(cfg, Seam(), [], lambda *a: None)
     monkeypatch.setattr(validation, "generate_videos", fake_generate)
-    validation._log_image_to_video(s)
+    validation._log_image_to_video(s, s.ema.model)
     val = build_dataset(cfg.data, "val", cfg.experiment.seed)
     index = np.unique(np.linspace(0, len(val) - 1, min(3, len(val))).round().astype(int))
     expected = [int(val[int(i)]["label"]) for i in index]

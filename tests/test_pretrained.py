@@ -302,10 +302,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_process_ddp_with_lora_matches_one_process(pretrained_pipelines, tmp_path):
-    """2 gloo processes x batch 2 == 1 process x batch 4 for a LoRA on the tiny Wan: adapters and
-    their AdamW moments after 3 steps, t and noise fixed per window (tests/fixed_noise.py)."""
+def two_process_lora_matches_one_process(pretrained_pipelines, tmp_path, extra=()) -> None:
+    """2 gloo processes x batch 2 (overrides `extra`) == 1 process x batch 4 for a LoRA on the
+    tiny Wan: adapters and their AdamW moments after 3 steps, t and noise fixed per window
+    (tests/fixed_noise.py). The 2-process run is `tmp_path / "two"`."""
     from tests.fixed_noise import assert_same_update, train_fixed
     data = [*_tiny("wan"), f"model.pretrained={pretrained_pipelines['wan']}", "data.builtin.num_clips=4",
             "train.max_steps=3", "model.lora.rank=4", "validation.every_epochs=0"]
@@ -313,15 +313,21 @@ def test_two_process_ddp_with_lora_matches_one_process(pretrained_pipelines, tmp
     out = tmp_path / "two.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            "--master_addr=127.0.0.1", os.path.join(ROOT, "tests", "fixed_noise.py"), str(out), str(tmp_path / "two"),
-           "--config=config_finetune.yaml", *data, "train.batch_size=2"]
+           "--config=config_finetune.yaml", *data, "train.batch_size=2", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = torch.load(out, weights_only=True)
     lora = {k for k in one["model"] if "lora_" in k}
-    assert lora and len(one["exp_avg"]) == len(lora)  # the optimizer holds the adapters alone
+    # the optimizer holds the adapters alone, in both runs
+    assert lora and len(one["exp_avg"]) == len(two["exp_avg"]) == len(lora)
     assert_same_update({**one, "model": {k: one["model"][k] for k in lora}},
                        {**two, "model": {k: two["model"][k] for k in lora}})
+
+
+@pytest.mark.slow
+def test_two_process_ddp_with_lora_matches_one_process(pretrained_pipelines, tmp_path):
+    two_process_lora_matches_one_process(pretrained_pipelines, tmp_path)
 
 
 # --------------------------------------------------------------------------- refusals

@@ -103,8 +103,8 @@ def test_resume_matches_uninterrupted_run(tmp_path, random_vae, monkeypatch):
     ck4 = os.path.join(tmp_path, "step4.pth")
     original_save = stage2.save
 
-    def spy_save(s, name="latest.pth"):
-        original_save(s, name)
+    def spy_save(s, name="latest.pth", **kw):
+        original_save(s, name, **kw)
         if s.pos.step == 4 and name == "latest.pth":
             shutil.copy(os.path.join(s.run_dir, name), ck4)
 

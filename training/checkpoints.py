@@ -228,7 +228,10 @@ def _diff(recorded: dict, expected: dict, prefix: str = "") -> list[str]:
 
 
 def checkpoint_summary(ckpt: dict[str, Any]) -> str:
-    return (f"step {ckpt['step']}, epoch {ckpt['epoch']}, VAE {ckpt['vae']['fingerprint']}")
+    sharded = ckpt.get("sharded")
+    where = f", weights sharded by {sharded.get('world_size')} process(es) in {sharded.get('path')}" \
+        if isinstance(sharded, dict) else ""
+    return f"step {ckpt['step']}, epoch {ckpt['epoch']}, VAE {ckpt['vae']['fingerprint']}{where}"
 
 
 def family_of_checkpoint(ckpt: dict, ckpt_path: str, pretrained: Optional[str] = None,

@@ -23,7 +23,7 @@ from training.checkpoints import ensure_writable_dir, resolve_resume
 from utils.checkpoint import capture_rng, restore_rng
 from utils.cli import parse_args
 from utils.config import dump_config, load_config
-from utils.dist import DistInfo, all_reduce_max, cleanup, gather_objects, init_distributed
+from utils.dist import DistInfo, all_reduce_max, cleanup, gather_objects, init_distributed, local_tensor
 from utils.errors import UserError
 from utils.logging import RunLogger
 from utils.run_guard import RunLock
@@ -356,6 +356,7 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else math.inf)
+    grad_norm = local_tensor(grad_norm)  # fsdp: a replicated DTensor (the norm over every shard)
     # With a scaler, inf gradients are its business (it skips the step and lowers the scale).
     finite = torch.isfinite(loss).all() & (torch.isfinite(grad_norm) | scaler.is_enabled())
     if not agree(finite):

@@ -191,7 +191,8 @@ def check_gradients(cfg: TrainRunConfig, device: torch.device) -> Check:
     the plumbing this checks.
     """
     from training import stage2  # the real training setup: optimizer, wrappers, loader, latents
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache="off"))  # via vae.encode
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache="off"),  # via vae.encode
+                              train=dataclasses.replace(cfg.train, parallel="ddp"))  # one process: whole tensors
     with tempfile.TemporaryDirectory() as run_dir:
         s = stage2.setup(cfg, run_dir, DistInfo(), device,
                          resolve_precision(cfg.train.precision, device), RunLogger(None), None)

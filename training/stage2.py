@@ -32,19 +32,21 @@ from training.common import (Deadline, LoopHooks, LRPlan, Position, StepControl,
                              make_lr_schedule, maybe_no_sync, now, optimizer_step, out_of_memory,
                              restore_position, restore_rank_rng, run_epochs, seed_rank, total_steps)
 from training.outcome import signal_outcome, stage2_outcome, write_outcome
+from training.parallel import Replicated, grad_bytes, local_state_bytes, memory_line, parallel_for
 from training.conditioning import TEXT_CACHE_DIR, Conditioning, conditioning_for_training
 from training.first_frames import FirstFrames
 from training.validation import NUM_T_BUCKETS, HeldOut, validate
+from utils import sharded_checkpoint
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import TrainRunConfig, check_resolution_multiple, config_to_dict
-from utils.dist import DistInfo, all_reduce_mean, all_reduce_sum, any_rank, barrier, gather_dicts
+from utils.dist import (DistInfo, all_reduce_mean, all_reduce_sum, any_rank, barrier, gather_dicts,
+                        gather_objects, local_tensor)
 from utils.errors import ConfigError, UserError
 from utils.fvd import FeatureStats, load_detector
 from utils.logging import RunLogger
 from utils.run_guard import save_before_fail, weights_finite
-from utils.train_utils import (EMA, GracefulStop, autocast_context, count_parameters, device_memory,
-                               load_trainable_state_dict, make_adamw, make_grad_scaler,
-                               trainable_state_dict, use_fast_adamw)
+from utils.train_utils import (EMA, GracefulStop, autocast_context, count_parameters, device_memory, make_adamw,
+                               make_grad_scaler, use_fast_adamw)
 
 RMS_CLIPS = 8  # training clips whose normalised latent RMS is printed at start
 RMS_RANGE = (0.5, 2.0)  # outside: warn that the VAE's normalisation does not fit
@@ -62,9 +64,9 @@ class Stage2:
     log: RunLogger
     vae: FrozenVAE
     diffusion: Objective  # the objective (models/diffusion.py): the model's, for a pretrained one
-    model: nn.Module  # the bare module (VideoDiT, or a PretrainedDiT): EMA, checkpoints and sampling use this
+    model: nn.Module  # the bare module (VideoDiT, or a PretrainedDiT): EMA, checkpoints and sampling use this; fsdp: sharded
     net: nn.Module  # what the loop calls: maybe compiled and/or DDP-wrapped
-    ddp: Optional[DistributedDataParallel]  # the DDP module (no_sync lives here), None = 1 process
+    ddp: Optional[DistributedDataParallel]  # the DDP module (no_sync lives here), None = 1 process or fsdp
     ema: EMA
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -83,6 +85,7 @@ class Stage2:
     detector: Optional[torch.jit.ScriptModule] = None  # validation.fvd's I3D, if set
     fvd_real: Optional[FeatureStats] = None  # real clips' features for val/fvd, computed once
     saved_step: int = 0  # the step latest.pth holds (a failing run saves only what is newer)
+    saved_whole: bool = True  # latest.pth holds the weights itself (False: it names a sharded directory)
     last_data_wait_fraction: float = 0.0  # of the last logging interval (benchmarks read it)
     val_losses: list[float] = field(default_factory=list)  # val/loss (EMA) of each validation, this launch
     fps: Optional[float] = None  # frames per second of the training windows (in checkpoints)
@@ -91,6 +94,9 @@ class Stage2:
     val_captions: list = field(default_factory=list)  # distinct captions of the val split (text runs)
     first_frames: FirstFrames = field(default_factory=FirstFrames)  # model.first_frame_conditioning
     family: Family = None  # the DiT family (models/backbones.py): set by setup
+    parallel: Replicated = None  # train.parallel's strategy (training/parallel.py): set by setup
+    grad_bytes: Optional[int] = None  # local gradient bytes, measured before the last logged step
+    memory_logged: bool = False  # log.txt got this launch's memory line
 
 
 # ----------------------------------------------------------------------------- setup
@@ -124,6 +130,7 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
           started: Optional[float] = None) -> Stage2:
     """`started`: time.monotonic() at launch, from which train.time_limit_minutes counts."""
     tcfg = cfg.train
+    parallel = parallel_for(tcfg.parallel, dist, device, dtype)  # refuses what it cannot do, first
     family = _family(cfg, log)  # model.pretrained: its folder's config and schedule, not its weights yet
     vae = FrozenVAE.from_config(cfg.vae, device)
     log.info(f"VAE {vae.summary()}")
@@ -138,7 +145,8 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
     cond.check_family(family)  # a pretrained DiT reads text of its width
     dims = {**latent_dims(cfg, vae, family), **cond.dims()}  # resolution, frame rule, patch; classes / text
     steps_per_epoch = check_epoch(len(dataset), tcfg, dist, tcfg.grad_accum_steps)
-    ckpt = _checked_checkpoint(cfg, resume_path, vae, dims, cond, family) if resume_path else None
+    ckpt = _checked_checkpoint(cfg, resume_path, vae, dims, cond, family, parallel.reads_shards()) \
+        if resume_path else None
     detector = None
     if cfg.validation.fvd.detector_path is not None:  # fail now, not at the first validation
         detector = load_detector(cfg.validation.fvd.detector_path, device,  # tried on a clip
@@ -157,28 +165,23 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
                          world_size=dist.world_size, drop_last=True, device_type=device.type,
                          collate_fn=cond.collate)  # text: captions looked up in the data workers
     model = family.build(dims, device, base_dtype=dtype if family.pretrained else torch.float32)
-    model.activation_checkpointing = tcfg.activation_checkpointing
-    ema = EMA(model, tcfg.ema_decay, tcfg.ema_warmup_steps)  # the trainable weights (a LoRA: adapters only)
+    model.activation_checkpointing = tcfg.activation_checkpointing  # around each block call: before sharding
+    parallel.prepare(model, family.blocks(model), tcfg.compile)  # fsdp: compile, shard (training/parallel.py)
+    ema = parallel.make_ema(model, tcfg.ema_decay, tcfg.ema_warmup_steps)  # the trainable weights (a LoRA: adapters only)
     optimizer = make_adamw([p for p in model.parameters() if p.requires_grad], tcfg.lr, tcfg.betas,
-                           tcfg.weight_decay)
+                           tcfg.weight_decay)  # fsdp: over the sharded parameters
     total = total_steps(tcfg, steps_per_epoch)
     deadline = Deadline(now() if started is None else started, tcfg.time_limit_minutes)
     plan = LRPlan(tcfg, total, deadline)
     lr_sched = make_lr_schedule(optimizer, plan)
-    # DDP, then compile that: PyTorch's supported order, in which dynamo's DDP optimizer splits
-    # the graph at DDP's gradient buckets so their all-reduces overlap the rest of the backward.
-    # The loop keeps the DDP module itself for no_sync() (DDP's forward still runs it).
-    # benchmarks/ddp_compile_bench.py: the same weights as the other order, no_sync included.
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if dist.enabled else None
-    net = ddp if ddp is not None else model
-    net = torch.compile(net) if tcfg.compile else net
+    net, ddp = parallel.wrap(model, tcfg.compile)  # ddp: DDP, then compile that
     noise_gen = seed_rank(cfg.experiment.seed, dist, device)
     s = Stage2(cfg, run_dir, dist, device, dtype, log, vae, make_objective(cfg.diffusion, family.native_scheduler()),
                model, net, ddp, ema, optimizer, make_grad_scaler(device, dtype),
                lr_sched, loader, loader.sampler, noise_gen, dims,
                list(getattr(dataset, "class_names", [])), Position(), total, deadline, plan)
     s.detector, s.cond, s.val_captions, s.family = detector, cond, sorted(set(val_captions)), family
+    s.parallel = parallel
     s.first_frames = FirstFrames.of(cfg.model)
     # the windows' frame rate (data.fps, else the clips' median), or validation.fps for data
     # with no time of its own (built-in clips); predict writes videos at it by default
@@ -304,23 +307,25 @@ def _log_setup(s: Stage2, dataset, steps_per_epoch: int) -> None:
     s.log.info(f"device {s.device}, precision {str(s.dtype).replace('torch.', '')}, world size "
                f"{s.dist.world_size}, global batch {global_batch} = {t.batch_size} per process x "
                f"{s.dist.world_size} processes x {t.grad_accum_steps} accumulation")
+    s.log.info(f"parallel: {s.parallel.summary()}")
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_dict(s: Stage2, gather: bool = True) -> dict:
-    """Called on every rank (the RNG states are gathered); rank 0 writes it. `gather=False`: a
-    failing run, whose other ranks may not answer, records rank 0's RNG states alone."""
+def checkpoint_dict(s: Stage2, gather: bool = True, final: bool = False) -> dict:
+    """Called on every rank (the RNG states are gathered; under fsdp each rank writes its shards
+    of the weights); rank 0 writes it. `gather=False`: a failing run, whose other ranks may not
+    answer, records rank 0's RNG states alone. `final`: training stops (or an epoch checkpoint):
+    under fsdp the weights are gathered into the file, as ddp always has them."""
     return {
         "format": ckpts.FORMAT,
         "step": s.pos.step, "epoch": s.pos.epoch, "micro": s.pos.micro,
         "world_size": s.dist.world_size, "batch_size": s.cfg.train.batch_size,
         "num_items": len(s.loader.dataset),  # training windows: a resume on other data starts a new epoch
         "model": ckpts.model_record(s.cfg.model, s.dims, s.family),
-        "model_state": trainable_state_dict(s.model),  # a LoRA: the adapters alone
-        "ema_state": s.ema.state_dict(),
-        "optimizer": s.optimizer.state_dict(),
+        # model_state (a LoRA: the adapters alone), ema_state, optimizer (fsdp, while training: sharded)
+        **s.parallel.checkpoint_weights(s.model, s.ema, s.optimizer, s.run_dir, s.pos.step, final, gather),
         "scaler": s.scaler.state_dict(),
         "lr_sched": s.lr_sched.state_dict(),
         "lr_plan": s.plan.state_dict(),
@@ -334,14 +339,17 @@ def checkpoint_dict(s: Stage2, gather: bool = True) -> dict:
     }
 
 
-def save(s: Stage2, name: str = "latest.pth", collective: bool = True) -> None:
+def save(s: Stage2, name: str = "latest.pth", collective: bool = True, final: bool = False) -> None:
     """Rank 0 writes (atomically); everyone waits so no rank races ahead of a checkpoint.
-    `collective=False` (a failing run): no collective call, rank 0 alone writes."""
-    ckpt = checkpoint_dict(s, gather=collective)
+    `collective=False` (a failing run): no collective call, rank 0 alone writes. `final`: see
+    `checkpoint_dict`. Sharded directories latest.pth no longer names are removed after it."""
+    ckpt = checkpoint_dict(s, gather=collective, final=final)
     if s.dist.is_main:
         atomic_save(ckpt, os.path.join(s.run_dir, name))
+        if name == "latest.pth":
+            sharded_checkpoint.prune(s.run_dir, (ckpt.get("sharded") or {}).get("path"))
     if name == "latest.pth":
-        s.saved_step = s.pos.step
+        s.saved_step, s.saved_whole = s.pos.step, not ckpt.get("sharded")
     if collective:
         barrier(s.dist)
 
@@ -353,11 +361,12 @@ def _save_on_failure(s: Stage2) -> None:
 
 
 def _checked_checkpoint(cfg: TrainRunConfig, path: str, vae: FrozenVAE, dims: dict,
-                        cond: Conditioning, family: Family) -> dict:
+                        cond: Conditioning, family: Family, own_shards: bool = False) -> dict:
     """The checkpoint to resume from, refused now if it does not fit, naming what differs: the
     pretrained base, the condition (a text encoder), the data, the model, the diffusion
-    schedule or the VAE."""
-    ckpt = load_checkpoint(path, map_location="cpu")
+    schedule or the VAE. `own_shards`: a sharded one's tensors are left in its directory, for
+    each process to read its own shards (`Parallel.load_weights`)."""
+    ckpt = load_checkpoint(path, map_location="cpu", shards=not own_shards)
     ckpts.check_format(ckpt, path)
     ckpts.check_entries(ckpt, path)
     check_base((ckpt["model"].get("family") or {"name": "video_dit"}), family, path)
@@ -375,16 +384,14 @@ def _checked_checkpoint(cfg: TrainRunConfig, path: str, vae: FrozenVAE, dims: di
 
 
 def _resume(s: Stage2, ckpt: dict, path: str) -> None:
-    for entry, load in (("model_state", lambda state: load_trainable_state_dict(s.model, state)),
-                        ("ema_state", s.ema.load_state_dict),
-                        ("optimizer", s.optimizer.load_state_dict), ("scaler", s.scaler.load_state_dict),
-                        ("lr_sched", s.lr_sched.load_state_dict)):
+    s.parallel.load_weights(s.model, s.ema, s.optimizer, ckpt, path)  # model_state, ema_state, optimizer
+    for entry, load in (("scaler", s.scaler.load_state_dict), ("lr_sched", s.lr_sched.load_state_dict)):
         ckpts.load_entry(path, entry, load, ckpt[entry])
     use_fast_adamw(s.optimizer)  # the checkpoint may carry another implementation's flags
     rng = ckpt["rng"] if isinstance(ckpt["rng"], list) else [{**ckpt["rng"], "noise_gen": ckpt["noise_gen"]}]
     restore_rank_rng(rng, s.noise_gen, s.cfg.experiment.seed, s.dist, s.log)  # rank 0's only before
     s.pos = restore_position(ckpt, s.dist, s.cfg.train.batch_size, len(s.loader.dataset), s.log)
-    s.saved_step = s.pos.step
+    s.saved_step, s.saved_whole = s.pos.step, not ckpt.get("sharded")
     s.log.info(f"resumed from {path} ({ckpts.checkpoint_summary(ckpt)})")
     s.plan.load_state_dict(ckpt.get("lr_plan"), s.log)
 
@@ -434,7 +441,7 @@ def train(s: Stage2) -> Position:
     and is recorded in log.txt; a CUDA out-of-memory error becomes a message saying what to change."""
     try:
         with save_before_fail(lambda: _save_on_failure(s), lambda: s.pos.step, lambda: s.saved_step,
-                              lambda: weights_finite(s.model.parameters()), s.log,
+                              lambda: weights_finite(local_tensor(p) for p in s.model.parameters()), s.log,
                               os.path.join(s.run_dir, "latest.pth")):
             return _train_loop(s)
     except torch.OutOfMemoryError:
@@ -487,7 +494,7 @@ def _train_loop(s: Stage2) -> Position:
         s.ema.update(s.model, s.pos.step)
         # Log, sample, checkpoint.
         bar.update(1)
-        if s.pos.step % tcfg.log_every == 0 or s.pos.step == s.plan.end_step:
+        if _log_due(s, s.pos.step):
             _log_step(s, stats, bar)
         if s.pos.step % tcfg.checkpoint_every == 0:
             save(s)
@@ -524,7 +531,10 @@ def batch_latents(s: Stage2, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _optimizer_step(s: Stage2, stats: LossStats, per_sample: torch.Tensor) -> StepOutcome:
     """Clip, step, schedule: the LR schedule moves only when the update was made (on every
-    rank alike: `s.control.agree`)."""
+    rank alike: `s.control.agree`). Before a logged step: the gradients' local bytes (the step
+    frees them)."""
+    if _log_due(s, s.pos.step + 1):
+        s.grad_bytes = grad_bytes(s.model)
     outcome, grad_norm = optimizer_step(s.optimizer, s.scaler, per_sample, s.cfg.train.grad_clip,
                                         s.control.agree)
     if outcome is StepOutcome.STEPPED:
@@ -532,6 +542,10 @@ def _optimizer_step(s: Stage2, stats: LossStats, per_sample: torch.Tensor) -> St
         stats.grad_norm_sum += grad_norm.double()
         stats.steps += 1
     return outcome
+
+
+def _log_due(s: Stage2, step: int) -> bool:
+    return step % s.cfg.train.log_every == 0 or step == s.plan.end_step
 
 
 def _end_epoch(s: Stage2) -> None:
@@ -542,14 +556,14 @@ def _end_epoch(s: Stage2) -> None:
             save(s)
         validate(s)
     if tcfg.epoch_checkpoint_every and s.pos.epoch % tcfg.epoch_checkpoint_every == 0:
-        save(s, f"epoch_{s.pos.epoch:04d}.pth")
+        save(s, f"epoch_{s.pos.epoch:04d}.pth", final=True)  # kept for later use: whole under fsdp too
         if s.dist.is_main:
             ckpts.prune_epoch_checkpoints(s.run_dir, tcfg.keep_last)
 
 
 def _finish(s: Stage2, interrupted: bool, timed_out: bool = False) -> None:
-    if s.saved_step != s.pos.step or not os.path.exists(os.path.join(s.run_dir, "latest.pth")):
-        save(s)
+    if s.saved_step != s.pos.step or not s.saved_whole or not os.path.exists(os.path.join(s.run_dir, "latest.pth")):
+        save(s, final=True)  # under fsdp: the weights gathered into latest.pth, the shards removed
     if interrupted:
         s.log.info(f"stopped by signal at step {s.pos.step}; saved {s.run_dir}/latest.pth "
                    "(continue with train.resume=auto)")
@@ -574,7 +588,8 @@ def _export(s: Stage2) -> None:
     EMA weights where EMA is on (`export.py` does the same from any checkpoint)."""
     if not s.family.pretrained or not s.dist.is_main:
         return
-    module = s.ema.model if s.cfg.train.ema_decay > 0 else s.model
+    module = s.parallel.module_for_export(s.model, s.ema, s.cfg.train.ema_decay > 0,
+                                          os.path.join(s.run_dir, "latest.pth"))
     written = s.family.export(module, os.path.join(s.run_dir, "export"))
     s.log.info(f"exported the {'EMA' if s.cfg.train.ema_decay > 0 else 'trained'} weights for diffusers: {written}")
 
@@ -582,9 +597,7 @@ def _export(s: Stage2) -> None:
 def _log_step(s: Stage2, stats: LossStats, bar: tqdm) -> None:
     values = stats.summary(s.dist)
     values["train/lr"] = s.lr_sched.get_last_lr()[0]
-    if s.device.type == "cuda":  # peak memory of this logging interval
-        values["perf/peak_memory_gb"] = torch.cuda.max_memory_allocated(s.device) / 2 ** 30
-        torch.cuda.reset_peak_memory_stats(s.device)
+    _log_memory(s, values)
     s.last_data_wait_fraction = values["perf/data_wait_fraction"]
     s.log.scalars(values, s.pos.step)
     bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}",
@@ -594,6 +607,25 @@ def _log_step(s: Stage2, stats: LossStats, bar: tqdm) -> None:
                f"lr {values['train/lr']:.2e} {values['perf/samples_per_sec']:.1f} samples/s",
                echo=False)  # the progress bar shows it; log.txt keeps every log step
     stats.reset()
+
+
+def _log_memory(s: Stage2, values: dict) -> None:
+    """Every process's local parameter, gradient, optimizer and EMA bytes (and on CUDA its peak
+    allocated memory of this logging interval) into `values` (TensorBoard memory/..._mib/rank<R>),
+    and once per launch into log.txt. Called on every rank (one small all-gather)."""
+    mine: dict = local_state_bytes(s.model, s.optimizer, s.ema, s.grad_bytes)
+    if s.device.type == "cuda":  # peak memory of this logging interval
+        mine["peak_gib"] = torch.cuda.max_memory_allocated(s.device) / 2 ** 30
+        values["perf/peak_memory_gb"] = mine["peak_gib"]  # rank 0's, as ever
+        torch.cuda.reset_peak_memory_stats(s.device)
+    per_rank = gather_objects(mine, s.dist)
+    for rank, m in enumerate(per_rank):
+        values.update({f"memory/{k}_mib/rank{rank}": v / 2 ** 20 for k, v in m.items() if k != "peak_gib"})
+        if "peak_gib" in m:
+            values[f"memory/peak_allocated_gib/rank{rank}"] = m["peak_gib"]
+    if not s.memory_logged:
+        s.log.info(memory_line(per_rank, s.cfg.train.parallel), echo=False)
+        s.memory_logged = True
 
 
 def _epoch_desc(s: Stage2) -> str:

@@ -43,18 +43,23 @@ def validate(s: Stage2) -> bool:
     -> VAE decode -> mp4/gif under samples/ and a GIF in TensorBoard. The other ranks wait at the barrier:
     rank 0's part must finish within the process group's timeout (torch's default: 10 min
     with nccl, 30 min with gloo), which validation.num_videos samples and a few dozen forward
-    passes do by far.
+    passes do by far. Under train.parallel = fsdp no rank holds the whole model: every rank
+    runs rank 0's part too, the model's forwards in lockstep (each gathers block by block),
+    and rank 0 alone writes and logs.
 
     SIGINT/SIGTERM ends validation at once (StopRequested) and returns False: all of it with
-    one process, rank 0's own part under DDP (val/fvd's collectives must run on every rank).
+    one process, rank 0's own part under DDP (val/fvd's collectives must run on every rank);
+    under fsdp with several processes a signal waits for the validation's end (a rank that
+    left the lockstep alone would leave the others waiting in a collective).
     The caller writes latest.pth first, so that such a stop loses nothing."""
     stop = s.control.stop if s.control is not None else GracefulStop()
     alone, finished = not s.dist.enabled, True
+    lockstep = s.parallel.lockstep and not alone
     try:
         with stop.interruptible() if alone else contextlib.nullcontext():
             fvd = _val_fvd(s) if s.detector is not None else None
-            if s.dist.is_main:
-                with contextlib.nullcontext() if alone else stop.interruptible():
+            if s.dist.is_main or lockstep:
+                with contextlib.nullcontext() if alone or lockstep else stop.interruptible():
                     _validate_main(s, fvd)
     except StopRequested:
         finished = False
@@ -65,27 +70,38 @@ def validate(s: Stage2) -> bool:
 
 
 def _validate_main(s: Stage2, fvd: Optional[float]) -> None:
+    """Rank 0's part (every rank's under fsdp: `validate`): the trained weights' held-out loss,
+    then everything made with the EMA weights (fsdp: swapped into the trained module meanwhile)."""
+    raw = held_out_loss(s, s.model) if s.cfg.validation.loss_clips else None
+    with s.ema.applied(s.model) as ema_model:
+        _validate_ema(s, fvd, ema_model, raw)
+
+
+def _validate_ema(s: Stage2, fvd: Optional[float], ema_model: nn.Module, raw: Optional[torch.Tensor]) -> None:
     v = s.cfg.validation
     if v.loss_clips:
-        _log_held_out_loss(s)
+        _log_held_out_loss(s, ema_model, raw)
     conditions = validation_conditions(s, v.num_videos)
     videos = generate_videos(
-        s.ema.model, s.vae, s.diffusion, latent_shape=ckpts.latent_shape(s.dims),
+        ema_model, s.vae, s.diffusion, latent_shape=ckpts.latent_shape(s.dims),
         seeds=[v.seed + i for i in range(v.num_videos)], sampler=v.sampler,
         num_steps=v.num_steps, guidance_scale=v.guidance_scale, device=s.device,
         conditions=conditions)
     out = os.path.join(s.run_dir, "samples", f"step_{s.pos.step:07d}")
-    save_videos(out, videos, v.fps, conditions.prompts)  # + prompts.txt for a text model
-    s.log.video("val/samples", side_by_side(videos), s.pos.step, v.fps)
-    if any(conditions.prompts):  # TensorBoard's Text tab: each video's prompt, left to right
-        s.log.text("val/samples_prompts", "\n\n".join(
-            f"{i}: {p}" for i, p in enumerate(conditions.prompts)), s.pos.step)
-    cell = s.vae.downsample_factor * s.family.patch[1]  # patch side in pixels
-    score = jigsaw_score(torch.stack([uint8_to_video_tensor(x) for x in videos]), cell)
-    s.log.scalars({"val/jigsaw_score": score, "val/jigsaw_score_real": _real_jigsaw(s, cell)},
-                  s.pos.step)
+    if s.dist.is_main:
+        save_videos(out, videos, v.fps, conditions.prompts)  # + prompts.txt for a text model
+        s.log.video("val/samples", side_by_side(videos), s.pos.step, v.fps)
+        if any(conditions.prompts):  # TensorBoard's Text tab: each video's prompt, left to right
+            s.log.text("val/samples_prompts", "\n\n".join(
+                f"{i}: {p}" for i, p in enumerate(conditions.prompts)), s.pos.step)
+        cell = s.vae.downsample_factor * s.family.patch[1]  # patch side in pixels
+        score = jigsaw_score(torch.stack([uint8_to_video_tensor(x) for x in videos]), cell)
+        s.log.scalars({"val/jigsaw_score": score, "val/jigsaw_score_real": _real_jigsaw(s, cell)},
+                      s.pos.step)
     if s.first_frames.enabled:
-        _log_image_to_video(s)
+        _log_image_to_video(s, ema_model)
+    if not s.dist.is_main:
+        return
     if fvd is not None:
         s.log.scalar("val/fvd", fvd, s.pos.step)
     fvd_text = "" if fvd is None else f"; FVD {fvd:.2f} ({v.fvd.num_videos} generated vs {s.fvd_real.n} real clips)"
@@ -93,7 +109,7 @@ def _validate_main(s: Stage2, fvd: Optional[float]) -> None:
                f"{_real_jigsaw(s, cell):.2f}; well above real means patch seams){fvd_text}")
 
 
-def _log_image_to_video(s: Stage2) -> None:
+def _log_image_to_video(s: Stage2, ema_model: nn.Module) -> None:
     """A run trained with model.first_frame_conditioning: frame 0 of held-out clips as the
     image, EMA samples from it side by side in TensorBoard (val/image_to_video), and the PSNR
     of their frame 0 against the image (val/first_frame_psnr; the VAE round trip bounds it).
@@ -111,7 +127,7 @@ def _log_image_to_video(s: Stage2) -> None:
         [int(it["label"]) for it in items], [it.get("caption") for it in items])
     conditions = s.cond.samples(len(index), **request)
     videos = generate_videos(
-        s.ema.model, s.vae, s.diffusion, latent_shape=ckpts.latent_shape(s.dims),
+        ema_model, s.vae, s.diffusion, latent_shape=ckpts.latent_shape(s.dims),
         seeds=[v.seed + i for i in range(len(index))], sampler=v.sampler, num_steps=v.num_steps,
         guidance_scale=v.guidance_scale, device=s.device,
         conditions=conditions, images=images, condition_frames=s.first_frames.frames)
@@ -180,10 +196,10 @@ def held_out_loss(s: Stage2, model: nn.Module) -> torch.Tensor:
     return torch.cat(losses).reshape(NUM_T_BUCKETS, n).mean(1)
 
 
-def _log_held_out_loss(s: Stage2) -> None:
+def _log_held_out_loss(s: Stage2, ema_model: nn.Module, raw: torch.Tensor) -> None:
     """val/loss (EMA weights: what is sampled), val/loss_raw (the trained weights, like
-    train/loss), and val_loss_by_t/... (EMA) to TensorBoard and log.txt."""
-    ema, raw = held_out_loss(s, s.ema.model), held_out_loss(s, s.model)
+    train/loss: `raw`, measured before the EMA weights were applied), and val_loss_by_t/... (EMA) to TensorBoard and log.txt."""
+    ema = held_out_loss(s, ema_model)
     width = s.cfg.diffusion.num_train_timesteps // NUM_T_BUCKETS
     values = {"val/loss": ema.mean().item(), "val/loss_raw": raw.mean().item()}
     s.val_losses.append(values["val/loss"])  # for the outcome line (training/outcome.py)
@@ -212,14 +228,24 @@ def _val_fvd(s: Stage2) -> float:
                               "train", s.cfg.experiment.seed, f.num_videos, v.seed)
         s.fvd_real = _gather_stats(stats_of(s.detector, clip_batches(real.dataset, real.plan[r::w],
                                                                      f.batch_size), s.device), s.dist)
-    mine = list(range(r, f.num_videos, w))
-    videos = generate_videos(
-        s.ema.model, s.vae, s.diffusion, latent_shape=ckpts.latent_shape(s.dims),
-        seeds=[v.seed + i for i in mine], conditions=validation_conditions(s, f.num_videos).select(mine),
-        sampler=v.sampler, num_steps=v.num_steps, guidance_scale=v.guidance_scale,
-        device=s.device, batch_size=f.batch_size)
+    mine = fvd_share(f.num_videos, r, w, s.parallel.lockstep)
+    with s.ema.applied(s.model) as ema_model:
+        videos = generate_videos(
+            ema_model, s.vae, s.diffusion, latent_shape=ckpts.latent_shape(s.dims),
+            seeds=[v.seed + i for i in mine], conditions=validation_conditions(s, f.num_videos).select(mine),
+            sampler=v.sampler, num_steps=v.num_steps, guidance_scale=v.guidance_scale,
+            device=s.device, batch_size=f.batch_size)
+    videos = videos[:len(range(r, f.num_videos, w))]  # lockstep's filler videos are not counted
     generated = _gather_stats(stats_of(s.detector, video_batches(videos, f.batch_size), s.device), s.dist)
     return fvd_from_stats(s.fvd_real, generated)
+
+
+def fvd_share(n: int, rank: int, world: int, lockstep: bool) -> list[int]:
+    """The val/fvd videos rank `rank` generates: rank, rank + world, ... Under fsdp (`lockstep`)
+    every rank must run as many forwards, so the short shares are filled up with video 0 again
+    (generated, not counted)."""
+    mine = list(range(rank, n, world))
+    return mine + [0] * (-(-n // world) - len(mine)) if lockstep else mine
 
 
 def validation_conditions(s: Stage2, n: int) -> SampleConditions:

@@ -46,7 +46,7 @@ def atomic_save(obj: dict, path: str) -> None:
     finally:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 RESUME_KEY = "train.resume"
@@ -61,9 +61,12 @@ def checkpoint_advice(key: str = RESUME_KEY) -> str:
     return f"Point {key} at another checkpoint (e.g. an epoch_XXXX.pth of the same run)."
 
 
-def load_checkpoint(path: str, map_location: Any = "cpu", key: str = RESUME_KEY) -> dict:
+def load_checkpoint(path: str, map_location: Any = "cpu", key: str = RESUME_KEY, shards: bool = True) -> dict:
     """The plain dict at `path` (weights_only); `key`: the setting that named it, whose own
-    advice a bad file's message gives."""
+    advice a bad file's message gives. One whose tensors live in a sharded directory (its
+    `sharded` entry: written under train.parallel=fsdp, utils/sharded_checkpoint.py) comes back
+    with them read in, whole, like any other checkpoint; `shards=False` leaves them there (for
+    the processes of a sharded resume, which read only their own shards)."""
     if os.path.isdir(path):
         raise UserError(f"checkpoint {path} is a directory, not a file; give the .pth file in it "
                         f"(e.g. {os.path.join(path, 'latest.pth')})")
@@ -90,7 +93,20 @@ def load_checkpoint(path: str, map_location: Any = "cpu", key: str = RESUME_KEY)
                         f"corrupt or truncated. {checkpoint_advice(key)}") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"checkpoint {path} is not a checkpoint of this repo (not a dict)")
-    return ckpt
+    return with_shards(ckpt, path, key) if shards and ckpt.get("sharded") else ckpt
+
+
+def with_shards(ckpt: dict, path: str, key: str = RESUME_KEY) -> dict:
+    """`ckpt` with the tensors of the sharded directory it names merged in (whole, on the CPU),
+    and without its `sharded` entry: the plain checkpoint a replicated run writes."""
+    from utils import sharded_checkpoint
+    entry = ckpt["sharded"]
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+        raise UserError(f"checkpoint {path}: entry 'sharded' is malformed; the file was edited or not "
+                        f"written by this repo. {checkpoint_advice(key)}")
+    directory = os.path.join(os.path.dirname(os.path.abspath(path)), entry["path"])
+    merged = {k: v for k, v in ckpt.items() if k != "sharded"}
+    return sharded_checkpoint.unflatten_into(merged, sharded_checkpoint.read_shards(directory, path))
 
 
 def _refused_globals(path: str) -> list[str]:
@@ -206,7 +222,7 @@ def _check_free_space(path: str, directory: str) -> None:
                         "checkpoint is intact.")
 
 
-def _fsync_dir(directory: str) -> None:
+def fsync_dir(directory: str) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:

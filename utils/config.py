@@ -583,6 +583,9 @@ class TrainConfig:
     tf32: bool = True  # CUDA only
     activation_checkpointing: bool = False  # recompute each block in the backward pass: memory for time
     compile: bool = False  # torch.compile the DiT
+    # under torchrun: ddp replicates the DiT on every process; fsdp shards its parameters,
+    # gradients, optimizer state and EMA over them (torch FSDP2; docs/distributed.md)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     log_every: int = 10  # optimizer steps between scalar logs
     checkpoint_every: int = 200  # write latest.pth every k optimizer steps (and at the end)
     epoch_checkpoint_every: int = 0  # write epoch_XXXX.pth every k epochs; 0 = never

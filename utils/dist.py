@@ -110,9 +110,17 @@ def any_rank(flags: list[bool], info: DistInfo, device: torch.device) -> list[bo
     return [bool(x) for x in t.tolist()]
 
 
+def single_process_group(device: torch.device) -> None:
+    """A process group of one for a run that is not under torchrun but needs one (FSDP and its
+    sharded checkpoints); `cleanup` destroys it. A no-op when a group exists."""
+    if not torch_dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1)
+
+
 def cleanup(info: DistInfo) -> None:
     global _SETUP_GROUP
-    if info.enabled and torch_dist.is_initialized():
+    if torch_dist.is_initialized():  # torchrun's, or a one-process run's `single_process_group`
         torch_dist.destroy_process_group()
     _SETUP_GROUP = None
 
@@ -125,3 +133,22 @@ def gather_objects(obj, info: DistInfo, setup: bool = False) -> list:
     torch_dist.all_gather_object(parts, obj, group=_group(setup))
     return parts
 
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of `t`: the local shard of a DTensor (FSDP's sharded parameters,
+    their gradients, AdamW moments and EMA), `t` itself otherwise. No communication; a view, so
+    in-place writes (under no_grad) change the DTensor."""
+    from torch.distributed.tensor import DTensor
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def copy_shard_(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """`dst` <- `src`, each process its own part, without communication: `dst` a DTensor (or a
+    plain tensor), `src` a whole tensor (its slice is taken) or a DTensor placed like `dst`."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if isinstance(dst, DTensor) and not isinstance(src, DTensor):
+        src = distribute_tensor(src.detach().to(dst.device, dst.dtype), dst.device_mesh, dst.placements,
+                                src_data_rank=None)  # None: every process slices its own copy
+    with torch.no_grad():
+        local_tensor(dst).copy_(local_tensor(src))

@@ -222,11 +222,21 @@ class EMA:
         for b_ema, b in buffers:
             b_ema.copy_(b)
 
+    def averaged(self) -> list[torch.Tensor]:
+        """The averaged weights this EMA holds itself (not the frozen ones it shares)."""
+        return [p for n, p in self.model.named_parameters() if n in self._keys]
+
     def state_dict(self) -> dict:
         return {k: v for k, v in self.model.state_dict().items() if k in self._keys}
 
     def load_state_dict(self, state: dict) -> None:
         load_trainable_state_dict(self.model, state, self._keys)
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module):
+        """The module that holds the averaged weights, for sampling: this EMA's own copy (the
+        trained `model` is left as it is)."""
+        yield self.model
 
 
 def trainable_state_dict(model: nn.Module) -> dict:
@@ -239,7 +249,12 @@ def trainable_state_dict(model: nn.Module) -> dict:
 def load_trainable_state_dict(model: nn.Module, state: dict, keys: Optional[set] = None) -> None:
     """Load `state` (a `trainable_state_dict`) into `model`: exactly the keys it should hold
     (`keys`, default: the model's trainable ones), else a RuntimeError naming the difference."""
-    expected = set(trainable_state_dict(model)) if keys is None else set(keys)
+    check_state_keys(state, set(trainable_state_dict(model)) if keys is None else set(keys))
+    model.load_state_dict(state, strict=False)
+
+
+def check_state_keys(state: dict, expected: set) -> None:
+    """`state` is a mapping with exactly the keys `expected`, else an error naming the difference."""
     if not isinstance(state, dict):
         raise TypeError(f"a state dict is a mapping, got {type(state).__name__}")
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -248,7 +263,6 @@ def load_trainable_state_dict(model: nn.Module, state: dict, keys: Optional[set]
                            + (f"missing keys {missing[:3]}{' ...' if len(missing) > 3 else ''}; " if missing else "")
                            + (f"unexpected keys {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}"
                               if unexpected else ""))
-    model.load_state_dict(state, strict=False)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
