@@ -48,7 +48,8 @@ from utils.config import DataConfig
 from utils.errors import UserError
 
 MAX_LISTED = 20  # samples named in one message; the rest are counted
-AREA_STEPS = 2  # auto: sizes tried either side of the nearest width, in multiples (musubi-tuner's +-2)
+AREA_STEPS = 2  # auto: sizes tried either side of the nearest sides, in multiples (musubi-tuner's +-2)
+AREA_WEIGHT = 0.5  # auto: an area off by a factor k costs as much as a ratio off by sqrt(k)
 
 
 @dataclass(frozen=True)
@@ -100,17 +101,19 @@ class Sample(NamedTuple):
 
 
 def snapped_size(aspect: float, area: int, multiple: int) -> tuple[int, int]:
-    """(height, width), multiples of `multiple`, about `area` pixels, the ratio nearest `aspect`
-    (width / height) among the widths around sqrt(area * aspect) (musubi-tuner's search)."""
-    nearest = max(1, round(math.sqrt(area * aspect) / multiple))
-    best = None
-    for k in range(max(1, nearest - AREA_STEPS), nearest + AREA_STEPS + 1):
-        width = k * multiple
-        height = max(1, round(area / width / multiple)) * multiple
-        key = (abs(math.log(width / height / aspect)), abs(math.log(width * height / area)))
-        if best is None or key < best[0]:
-            best = (key, height, width)
-    return best[1], best[2]
+    """(height, width), multiples of `multiple`, of about `area` pixels with a ratio near
+    `aspect` (width / height): of the sides within AREA_STEPS multiples of sqrt(area / aspect)
+    and sqrt(area * aspect) (musubi-tuner's search, over both sides), the one with the least
+    |log ratio error| + AREA_WEIGHT |log area error| (a coarse multiple cannot keep both)."""
+    def near(side: float) -> range:
+        k = max(1, round(side / multiple))
+        return range(max(1, k - AREA_STEPS), k + AREA_STEPS + 1)
+
+    def cost(size: tuple[int, int]) -> tuple[float, int]:
+        h, w = size
+        return round(abs(math.log(w / h / aspect)) + AREA_WEIGHT * abs(math.log(h * w / area)), 9), h * w
+    return min(((h * multiple, w * multiple) for h in near(math.sqrt(area / aspect))
+                for w in near(math.sqrt(area * aspect))), key=cost)
 
 
 def bucket_batch(rules: Rules, reference: tuple[int, int, int], height: int, width: int,
@@ -173,19 +176,25 @@ def unfit_reason(sample: Sample, buckets: Sequence[Bucket], frame_stride: int) -
             f"needs {need}")
 
 
-def suggestion(sample: Sample, buckets: Sequence[Bucket], rules: Rules, frame_stride: int) -> Optional[str]:
-    """A bucket that would take `sample`: the listed one nearest its aspect ratio, with a frame
+def suggestion(sample: Sample, buckets: Sequence[Bucket], rules: Rules, cfg: DataConfig) -> Optional[str]:
+    """A bucket that would take `sample`, as a data.buckets entry: its own aspect ratio at the
+    area of the listed bucket nearest its ratio (auto: data.bucket_area), the longest frame
     count it fills (None: it is too short to be any clip)."""
     if sample.image:
         frames = 1
     else:
         fits = [n for n in range(2, sample.frames + 1)
-                if window_span(n, frame_stride) <= sample.frames and rules.frames_ok(n)]
+                if window_span(n, cfg.frame_stride) <= sample.frames and rules.frames_ok(n)]
         if not fits:
             return None
         frames = max(fits)
-    nearest = min(buckets, key=lambda b: abs(math.log(b.aspect * sample.height / sample.width)))
-    return nearest.spec(frames)
+    aspect = sample.width / sample.height
+    area = cfg.bucket_area or cfg.height * cfg.width
+    if isinstance(cfg.buckets, list) and buckets:
+        nearest = min(buckets, key=lambda b: abs(math.log(b.aspect / aspect)))
+        area = nearest.height * nearest.width
+    h, w = snapped_size(aspect, area, rules.multiple)
+    return Bucket(h, w, frames, bucket_batch(rules, (cfg.height, cfg.width, cfg.num_frames), h, w, frames)).spec()
 
 
 # --------------------------------------------------------------------------- the plan
@@ -251,15 +260,16 @@ def _refuse_unused(cfg: DataConfig, samples: Sequence[Sample], misfits: list[Sam
         return
     lines = []
     for s in lost[:MAX_LISTED]:
-        fix = suggestion(s, buckets, rules, cfg.frame_stride)
+        fix = suggestion(s, buckets, rules, cfg)
         take = f"; a bucket that takes it: {fix}" if fix else "; no clip bucket can take it (too short)"
         lines.append(f"{s.path} ({s.height}x{s.width}, {s.frames} frame{'s' if s.frames > 1 else ''}): "
                      f"{unfit_reason(s, buckets, cfg.frame_stride)}{take}")
     more = [f"... and {len(lost) - MAX_LISTED} more"] if len(lost) > MAX_LISTED else []
     what = "none of the" if len(lost) == len(samples) else "no sample of an aspect ratio among the"
-    listed = "[" + ", ".join(b.spec() for b in buckets) + "]" if buckets else "no bucket"
-    raise UserError(f"data.buckets = {cfg.buckets if isinstance(cfg.buckets, str) else 'the list'} ({listed}) "
-                    f"takes {what} {len(samples)} samples of data.path = {cfg.path}; nothing is encoded. "
+    listed = "[" + ", ".join(b.spec() for b in buckets) + "]"
+    given = listed if isinstance(cfg.buckets, list) else f"{cfg.buckets} (its buckets: {listed})"
+    raise UserError(f"data.buckets = {given} takes {what} {len(samples)} samples of data.path = {cfg.path}; "
+                    "nothing is encoded. "
                     "Add the buckets named below to data.buckets, lower data.num_frames (auto), or remove "
                     "those files:\n  " + "\n  ".join(lines + more))
 

@@ -56,9 +56,9 @@ def bucket_rules(cfg: TrainRunConfig, vae: "FrozenVAE", family: "Family") -> Opt
     def frames_ok(n: int) -> bool:  # the VAE encodes n frames, and the latent frames split into patches
         return geometry.frames_ok(n) and geometry.latent_frames(n) % patch_t == 0
 
-    def tokens(height: int, width: int, n: int) -> int:
-        return family.tokens((geometry.channels, geometry.latent_frames(n), height // geometry.spatial,
-                              width // geometry.spatial))
+    def tokens(height: int, width: int, n: int) -> int:  # >= 1: a shape the patch cannot take is refused later
+        return max(1, family.tokens((geometry.channels, geometry.latent_frames(n), height // geometry.spatial,
+                                     width // geometry.spatial)))
     return Rules(vae.downsample_factor * patch, frames_ok, tokens, cfg.train.batch_size)
 
 
@@ -76,8 +76,8 @@ def check_buckets(cfg: TrainRunConfig, vae: "FrozenVAE", family: "Family", rules
     """The plan's buckets checked (auto's are derived: a one-frame bucket for images may not
     fit model.patch_t, nor leave first frames anything to generate) with their latent shapes."""
     auto = "" if isinstance(cfg.data.buckets, list) else \
-        " (data.buckets: auto makes it for the clips, or the images at num_frames 1; list the buckets " \
-        "instead, or set data.images: exclude)"
+        " (data.buckets: auto makes one bucket per aspect ratio for the clips, at data.num_frames, and " \
+        "for the images, at 1 frame; list the buckets instead, or set data.images: exclude)"
     keys = [f"data.buckets[{i}]" for i in range(len(buckets))] if not auto else \
         [f"the bucket {b.name}" for b in buckets]
     shapes = [_check(cfg, vae, family, b, key, auto) for b, key in zip(buckets, keys)]
@@ -100,8 +100,8 @@ def _check(cfg: TrainRunConfig, vae: "FrozenVAE", family: "Family", bucket: Buck
         check_patchable(*shape[1:], patch_t, patch)
         family.check_latents(shape, vae.latent_channels, cfg.model.first_frame_conditioning > 0)
     except ConfigError as e:
-        raise ConfigError(f"{key} ({bucket.height}x{bucket.width}, {bucket.num_frames} frames: "
-                          f"{shape[1]} latent frames of {shape[2]}x{shape[3]}): {e}{advice}") from None
+        raise ConfigError(f"{key} ({bucket.height}x{bucket.width} pixels, {bucket.num_frames} frame(s): "
+                          f"{shape[1]} latent frame(s) of {shape[2]}x{shape[3]}): {e}{advice}") from None
     first = FirstFrames.of(cfg.model)
     if first.enabled and first.frames >= shape[1]:
         raise ConfigError(f"{key} has {shape[1]} latent frame(s) ({bucket.num_frames} frames) and "
@@ -156,15 +156,29 @@ def report(dataset, sampler: BucketBatchSampler, run_dir: str, dist: "DistInfo",
 # --------------------------------------------------------------------------- predict, evaluate
 
 
-def trained_shapes(ckpt: dict, vae_record: dict) -> list[tuple[int, int, int]]:
+def trained_shapes(ckpt: dict) -> list[tuple[int, int, int]]:
     """(height, width, frames) in pixels of every shape the checkpoint trained: its buckets, or
     the one shape of its dims (checkpoints without buckets)."""
-    from training.evaluation import generated_geometry
-    from training.checkpoints import model_dims
     if ckpt.get("buckets"):
         return [(b["resolution"][0], b["resolution"][1], b["num_frames"]) for b in ckpt["buckets"]]
-    g = generated_geometry(model_dims(ckpt["model"]), vae_record)
-    return [(g.height, g.width, g.num_frames)]
+    return [reference_shape(ckpt)]
+
+
+def reference_shape(ckpt: dict) -> tuple[int, int, int]:
+    """(height, width, frames) in pixels of the checkpoint's `dims`: data.resolution x
+    data.num_frames of its training run (its one shape without buckets)."""
+    from training.evaluation import generated_geometry
+    from training.checkpoints import model_dims
+    g = generated_geometry(model_dims(ckpt["model"]), ckpt["vae"])
+    return g.height, g.width, g.num_frames
+
+
+def default_shape(ckpt: dict) -> tuple[int, int, int]:
+    """What predict and evaluate sample when resolution and num_frames are null: the
+    reference shape if it was trained, else the trained bucket with the most frames (the
+    first such in the record)."""
+    trained, reference = trained_shapes(ckpt), reference_shape(ckpt)
+    return reference if reference in trained else max(trained, key=lambda x: x[2])
 
 
 def describe(shapes: Sequence[tuple[int, int, int]]) -> str:
@@ -190,14 +204,12 @@ def window_for(resolution, num_frames: Optional[int], ckpt: dict, vae: "FrozenVA
     warning naming the trained shapes; a resolution the VAE and patch cannot tile is refused."""
     from training.checkpoints import latent_shape as shape_of, model_dims, patch_of
     dims_shape = shape_of(model_dims(ckpt["model"]))
-    trained = trained_shapes(ckpt, ckpt["vae"])
+    trained, reference = trained_shapes(ckpt), reference_shape(ckpt)
     factor, g = vae.downsample_factor, vae.geometry
-    reference = (dims_shape[2] * factor, dims_shape[3] * factor, g.pixel_frames(dims_shape[1]))
-    if resolution is None and num_frames is None and (not ckpt.get("buckets") or reference in trained):
+    if resolution is None and num_frames is None and default_shape(ckpt) == reference:
         return Window(dims_shape, None, reference[0], reference[1])  # as before buckets
     if resolution is None:
-        default = reference if reference in trained or not trained else max(trained, key=lambda x: x[2])
-        height, width = default[:2]
+        height, width = default_shape(ckpt)[:2]
     else:
         height, width = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
         patch = patch_of(ckpt)[1]
@@ -222,7 +234,7 @@ def window_for(resolution, num_frames: Optional[int], ckpt: dict, vae: "FrozenVA
 
 def bucket_summary(ckpt: dict) -> str:
     """A line for predict: the trained buckets, if any."""
-    return "" if not ckpt.get("buckets") else f"; trained buckets {describe(trained_shapes(ckpt, ckpt['vae']))}"
+    return "" if not ckpt.get("buckets") else f"; trained buckets {describe(trained_shapes(ckpt))}"
 
 
 def read_report(run_dir: str) -> dict:
