@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
-from torch.utils.data import Sampler
 
+from data.loader import EpochSampler
 from data.windows import window_span, windows_per_clip
 from utils.config import DataConfig
 from utils.errors import UserError
@@ -277,7 +277,7 @@ def _refuse_unused(cfg: DataConfig, samples: Sequence[Sample], misfits: list[Sam
 # --------------------------------------------------------------------------- batches
 
 
-class BucketBatchSampler(Sampler[list[int]]):
+class BucketBatchSampler(EpochSampler):
     """Batches of one bucket each: this rank's share of the same global batch on every rank.
 
     `bucket_items[b]`: the dataset indices of bucket b's windows; `batch_sizes[b]`: its batch
@@ -293,7 +293,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.batches_of = [math.ceil(len(items) / (b * world_size)) if items else 0
                            for items, b in zip(self.bucket_items, self.batch_sizes)]
         self.per_rank = sum(self.batches_of)  # batches per epoch, the same on every rank
-        self.epoch, self.start = 0, 0
+        super().__init__()
 
     def global_batches(self) -> list[tuple[int, list[int]]]:
         """(bucket, the items of every rank) of each step of the current epoch, in order."""
@@ -316,15 +316,6 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter([items for _, items in self.epoch_batches()[self.start:]])
-
-    def __len__(self) -> int:
-        return self.per_rank - self.start
-
-    def set_epoch(self, epoch: int) -> None:
-        """Use epoch `epoch`'s order; a new epoch starts from its first batch."""
-        if epoch != self.epoch:
-            self.start = 0
-        self.epoch = epoch
 
     def set_start_batch(self, batches: int, batch_size: int = 0) -> None:
         """Skip the first `batches` batches of this epoch (mid-epoch resume; `batch_size`, the

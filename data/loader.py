@@ -26,7 +26,25 @@ from utils.train_utils import worker_seed
 PREFETCH_BATCHES = 2  # batches each worker keeps ready
 
 
-class ResumableSampler(Sampler[int]):
+class EpochSampler(Sampler):
+    """What both samplers share: the epoch whose order is drawn, and a start offset (items or
+    batches, `per_rank` of them per epoch) for resuming mid-epoch."""
+    per_rank: int
+
+    def __init__(self):
+        self.epoch, self.start = 0, 0
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use epoch `epoch`'s order; a new epoch starts from its first item."""
+        if epoch != self.epoch:
+            self.start = 0
+        self.epoch = epoch
+
+
+class ResumableSampler(EpochSampler):
     """Per-epoch permutation, a strided slice per rank, and a start offset for resuming.
 
     With drop_last every rank gets num_items // world_size items (the tail is dropped);
@@ -42,7 +60,7 @@ class ResumableSampler(Sampler[int]):
         self.rank, self.world_size = rank, world_size
         div = num_items / world_size
         self.per_rank = math.floor(div) if drop_last else math.ceil(div)  # items per epoch
-        self.epoch, self.start = 0, 0
+        super().__init__()
 
     def epoch_order(self) -> list[int]:
         """This rank's items for the current epoch, in order, before `set_start`."""
@@ -58,15 +76,6 @@ class ResumableSampler(Sampler[int]):
 
     def __iter__(self):
         return iter(self.epoch_order()[self.start:])
-
-    def __len__(self) -> int:
-        return self.per_rank - self.start
-
-    def set_epoch(self, epoch: int) -> None:
-        """Use epoch `epoch`'s order; a new epoch starts from its first item."""
-        if epoch != self.epoch:
-            self.start = 0
-        self.epoch = epoch
 
     def set_start(self, index: int) -> None:
         """Skip the first `index` items (not batches) of this rank's order for this epoch."""

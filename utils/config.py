@@ -140,24 +140,31 @@ def split_combination(text: str) -> tuple[str, str]:
 
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")  # stills: one-frame samples with data.buckets
+
+
+class Sized:
+    """`height` and `width` of a section's `resolution` (a square side or [height, width])."""
+    resolution: Union[int, list[int]]
+
+    @property
+    def height(self) -> int:
+        """Frame height in pixels."""
+        return self.resolution[0] if isinstance(self.resolution, (list, tuple)) else self.resolution
+
+    @property
+    def width(self) -> int:
+        """Frame width in pixels."""
+        return self.resolution[1] if isinstance(self.resolution, (list, tuple)) else self.resolution
 BUCKET_ORIGINS = ("auto",)  # data.buckets spelled as a word (else null or a list)
 
 
 @dataclass
-class BucketConfig:
+class BucketConfig(Sized):
     """One entry of `data.buckets`: the shape of its samples and how many make a batch."""
     resolution: Optional[Union[int, list[int]]] = None  # pixels: a square side or [height, width]
     num_frames: Optional[int] = None  # frames per sample; 1 = images (stills)
     batch_size: Optional[int] = None  # samples per batch, per process; null = train.batch_size x
                                       # the tokens of data.resolution x data.num_frames / this bucket's
-
-    @property
-    def height(self) -> int:
-        return self.resolution[0] if isinstance(self.resolution, (list, tuple)) else self.resolution
-
-    @property
-    def width(self) -> int:
-        return self.resolution[1] if isinstance(self.resolution, (list, tuple)) else self.resolution
 
     def validate(self, prefix: str) -> None:
         for name, example in (("resolution", "[32, 64]"), ("num_frames", "8")):
@@ -171,7 +178,7 @@ class BucketConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Sized):
     path: str = "builtin:moving_shapes"  # or a folder of videos / frame folders
     num_frames: int = 8  # frames per training clip (after frame_stride)
     resolution: Union[int, list[int]] = 32  # pixels: a square side, or [height, width]
@@ -200,16 +207,6 @@ class DataConfig:
     bucket_area: Optional[int] = None  # pixels per frame of auto buckets; null = resolution's area
     images: Literal["include", "exclude", "only"] = "include"  # stills under path (with buckets)
     builtin: BuiltinDataConfig = field(default_factory=BuiltinDataConfig)
-
-    @property
-    def height(self) -> int:
-        """Frame height in pixels (`resolution` is a square side or [height, width])."""
-        return self.resolution[0] if isinstance(self.resolution, (list, tuple)) else self.resolution
-
-    @property
-    def width(self) -> int:
-        """Frame width in pixels."""
-        return self.resolution[1] if isinstance(self.resolution, (list, tuple)) else self.resolution
 
     def validate(self, prefix: str = "data") -> None:
         _positive(self, prefix, "num_frames", "frame_stride", "window_stride")
