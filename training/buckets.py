@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from data.buckets import Bucket, BucketBatchSampler, Rules
 from data.loader import make_bucket_loader
@@ -151,6 +151,15 @@ def report(dataset, sampler: BucketBatchSampler, run_dir: str, dist: "DistInfo",
              f"({os.path.join(run_dir, BUCKETS_FILE)})")
     if dist.is_main:
         write_json(written, os.path.join(run_dir, BUCKETS_FILE))
+
+
+def by_shape(items: Sequence, shape_of: Callable = lambda x: x.shape) -> list[list]:
+    """`items` grouped by `shape_of(item)`, in order of first appearance: what can be stacked
+    (with buckets, clips of several shapes)."""
+    groups: dict[tuple, list] = {}
+    for item in items:
+        groups.setdefault(tuple(shape_of(item)), []).append(item)
+    return list(groups.values())
 
 
 # --------------------------------------------------------------------------- predict, evaluate

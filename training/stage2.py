@@ -28,7 +28,7 @@ from models.diffusion import Objective, make_objective
 from models.dit import check_condition_frames
 from models.vae import FrozenVAE
 from training import checkpoints as ckpts
-from training.buckets import (Buckets, bucket_loader, bucket_rules, bucket_sampler, check_buckets,
+from training.buckets import (Buckets, bucket_loader, bucket_rules, bucket_sampler, by_shape, check_buckets,
                               check_listed, report as report_buckets)
 from training.common import (Deadline, LoopHooks, LRPlan, Position, StepControl, StepOutcome,
                              StopReason, capture_rank_rng, check_epoch, checkpoint_note,
@@ -283,8 +283,8 @@ def _log_latent_rms(vae: FrozenVAE, dataset, log: RunLogger) -> None:
     schedule assumes ~1, and a wrong scale is the classic silent mistake."""
     n = min(len(dataset), RMS_CLIPS)
     items = [dataset[int(i)] for i in torch.linspace(0, len(dataset) - 1, n).round().long()]
-    squares = []  # (sum of squares, count) per shape of clip (buckets: several)
-    for group in _same_shape(items):
+    squares = []  # the squared latents of each shape of clip (buckets: several)
+    for group in by_shape(items, lambda it: it["mean" if "mean" in it else "video"].shape):
         if "mean" in group[0]:  # cached moments
             z = vae.latents_from_moments(torch.stack([it["mean"] for it in group]).to(vae.device),
                                          torch.stack([it["std"] for it in group]).to(vae.device), sample=False)
@@ -299,14 +299,6 @@ def _log_latent_rms(vae: FrozenVAE, dataset, log: RunLogger) -> None:
                  f"normalisation ({vae.normalisation.formula}, read from {vae.path}/config.json) does not "
                  "fit these latents, so the noise schedule sees the wrong scale. Check scaling_factor / "
                  "shift_factor / latents_mean / latents_std in that config.json")
-
-
-def _same_shape(items: list[dict]) -> list[list[dict]]:
-    """`items` grouped by the shape of their clip ("mean" or "video"), in order of first appearance."""
-    groups: dict[tuple, list[dict]] = {}
-    for it in items:
-        groups.setdefault(tuple(it["mean" if "mean" in it else "video"].shape), []).append(it)
-    return list(groups.values())
 
 
 def _schedule_note(d) -> str:

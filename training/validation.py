@@ -26,6 +26,7 @@ from torch import nn
 from data import build_dataset
 from data.latent_cache import CachedWindows
 from training import checkpoints as ckpts
+from training.buckets import by_shape
 from training.conditioning import SampleConditions
 from training.first_frames import psnr
 from training.evaluation import clip_batches, fvd_real_clips, generated_geometry, video_batches
@@ -301,10 +302,7 @@ def _real_jigsaw(s: Stage2, cell: int) -> float:
         pixels = s.loader.dataset
         pixels = pixels.dataset if isinstance(pixels, CachedWindows) else pixels  # the clips themselves
         n = min(len(pixels), 16)
-        clips: dict[tuple, list] = {}  # shape -> clips (buckets: several shapes)
-        for i in range(n):
-            video = pixels[i]["video"]  # (3, T, H, W)
-            clips.setdefault(tuple(video.shape), []).append(video)
-        scores = [(jigsaw_score(torch.stack(group), cell), len(group)) for group in clips.values()]
+        clips = by_shape([pixels[i]["video"] for i in range(n)])  # (3, T, H, W) each, grouped by shape
+        scores = [(jigsaw_score(torch.stack(group), cell), len(group)) for group in clips]
         s.real_jigsaw = scores[0][0] if len(scores) == 1 else sum(x * k for x, k in scores) / n
     return s.real_jigsaw
