@@ -19,6 +19,14 @@ the last frame: a shape that bounces is described by where it ends up going) and
 background ("on a dark blue and black gradient background" for gradients); several shapes
 are joined with "and". All words are in `CAPTION_WORDS`.
 
+Shapes (`data.buckets`, with the `Rules` stage 2 gives): clip k is rendered at its own size,
+`data.builtin.resolutions[k mod n]` (landscape, portrait, square...), and
+`data.builtin.num_stills` stills follow the clips (still j: frame 0 of the scene of clip
+num_clips + j, a one-frame source; the val split gets the same share of stills as of clips).
+The bucket plan (data/buckets.py) gives each source its shape; a clip whose bucket has another
+size is rendered at its own and resized and center-cropped to it (`crop_resize`), one of the
+bucket's size is rendered directly. Without buckets every clip is data.resolution, as always.
+
 Held-out combinations (`data.builtin.held_out_combinations`, e.g. ["red triangle"]): no
 training clip shows a shape in a held-out colour. The clip is drawn as usual, then each such
 shape gets another colour (one the list allows for its kind, drawn from the clip's own RNG
@@ -36,6 +44,8 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from data.buckets import BucketPlan, Rules, Sample
+from data.videos import cover_crop_box, crop_resize
 from data.windows import window_span, windows_per_clip
 from utils.config import BUILTIN_COLOURS, BUILTIN_SHAPES, DataConfig
 from utils.errors import ConfigError
@@ -65,10 +75,11 @@ class MovingShapes(torch.utils.data.Dataset):
     data.builtin.captions).
 
     `data.builtin.labels`: `shape` (3 classes, the shape kind) or `shape_colour` (18 classes,
-    e.g. "green square"; every shape of a clip then has the label's colour).
+    e.g. "green square"; every shape of a clip then has the label's colour). With `rules`
+    (data.buckets): items of their bucket's shape, with "bucket" (module docstring).
     """
 
-    def __init__(self, cfg: DataConfig, split: str = "train", seed: int = 0):
+    def __init__(self, cfg: DataConfig, split: str = "train", seed: int = 0, rules: Optional[Rules] = None):
         if split not in SPLIT_STREAMS:
             raise ValueError(f"split = {split!r}: use 'train' or 'val'")
         self.cfg, self.split, self.seed = cfg, split, seed
@@ -82,32 +93,85 @@ class MovingShapes(torch.utils.data.Dataset):
         self.held_out = set() if split != "train" else {
             (CLASS_NAMES.index(shape), COLOUR_NAMES.index(colour)) for colour, shape in b.held_out_pairs()}
         self.num_clips = b.num_clips if split == "train" else b.num_val_clips
+        self.rules = rules if cfg.buckets is not None else None
+        self.plan: Optional[BucketPlan] = None  # with rules: the buckets and each source's
+        self._grids: dict[tuple[int, int], tuple] = {}  # (height, width) -> pixel centres (`_grid`)
         self.windows = windows_per_clip(b.clip_frames, cfg.num_frames, cfg.frame_stride,
                                         cfg.window_stride)
-        if self.windows == 0:
+        if self.rules is not None:
+            self._plan_buckets()
+        elif self.windows == 0:
             span = window_span(cfg.num_frames, cfg.frame_stride)
             raise ConfigError(
                 f"data.num_frames = {cfg.num_frames} with data.frame_stride = {cfg.frame_stride} "
                 f"spans {span} source frames, but data.builtin.clip_frames = {b.clip_frames}: "
                 f"no window fits; raise data.builtin.clip_frames to >= {span} or lower data.num_frames")
-        # Pixel centres in units of the shorter side (a square frame spans [0, 1]), shared by
-        # every frame; `_extent` is the frame's (x, y) size in those units.
-        self._side = min(cfg.height, cfg.width)  # pixels
-        self._extent = np.array([cfg.width, cfg.height], dtype=np.float64) / self._side
-        self._x, self._y = np.meshgrid((np.arange(cfg.width, dtype=np.float32) + 0.5) / self._side,
-                                       (np.arange(cfg.height, dtype=np.float32) + 0.5) / self._side)  # (H, W) each
+        if self.plan is None:  # every clip at data.resolution, data.num_frames per window
+            self.sizes = [(cfg.height, cfg.width)] * self.num_clips  # (height, width) rendered, per source
+            self.shapes = [(cfg.num_frames, cfg.height, cfg.width)] * self.num_clips  # (frames, height, width) of items
+            self.counts = [self.windows] * self.num_clips
+        self._first = np.cumsum([0] + self.counts)  # (S + 1,) first window of each source
+
+    def _plan_buckets(self) -> None:
+        """Sources (clips at data.builtin.resolutions, then stills), their buckets and windows."""
+        cfg, b = self.cfg, self.cfg.builtin
+        sizes = [(r[0], r[1]) if isinstance(r, (list, tuple)) else (r, r)
+                 for r in (b.resolutions or [[cfg.height, cfg.width]])]
+        stills = b.num_stills if self.split == "train" else math.ceil(b.num_stills * b.num_val_clips / b.num_clips)
+
+        def samples(clips: int, stills: int) -> list[Sample]:
+            return [Sample(f"{'still' if k >= clips else 'clip'} {k}", k >= clips, 1 if k >= clips else b.clip_frames,
+                           *sizes[k % len(sizes)]) for k in range(clips + stills)]
+        mine, train = samples(self.num_clips, stills), samples(b.num_clips, b.num_stills)
+        if cfg.images != "include":  # the kind data.images leaves out
+            only = cfg.images == "only"
+            unused = [(s.path, f"{'a clip' if only else 'an image'} (data.images = {cfg.images})")
+                      for s in mine if s.image != only]
+            mine, train = [s for s in mine if s.image == only], [s for s in train if s.image == only]
+        else:
+            unused = []
+        self.plan, kept = BucketPlan.make(cfg, mine, train, self.rules, unused, refuse=self.split == "train")
+        self._ids = [int(mine[i].path.split()[1]) for i in kept]  # source -> clip (scene) index
+        self.sizes = [(mine[i].height, mine[i].width) for i in kept]
+        self.shapes = [(x.num_frames, x.height, x.width) for x in map(self.plan.buckets.__getitem__, self.plan.bucket_of)]
+        self.counts = [1 if mine[i].image else windows_per_clip(b.clip_frames, n, cfg.frame_stride, cfg.window_stride)
+                       for i, (n, _, _) in zip(kept, self.shapes)]
+        self._stills = {k for k, i in enumerate(kept) if mine[i].image}
+
+    def _grid(self, height: int, width: int) -> tuple:
+        """(side, extent, x, y) of a height x width frame: pixel centres in units of the shorter
+        side (a square frame spans [0, 1]), shared by every frame of that size; extent is the
+        frame's (x, y) size in those units; x, y (H, W) each."""
+        if (height, width) not in self._grids:
+            side = min(height, width)  # pixels
+            extent = np.array([width, height], dtype=np.float64) / side
+            x, y = np.meshgrid((np.arange(width, dtype=np.float32) + 0.5) / side,
+                               (np.arange(height, dtype=np.float32) + 0.5) / side)  # (H, W) each
+            self._grids[(height, width)] = (side, extent, x, y)
+        return self._grids[(height, width)]
 
     def __len__(self) -> int:
-        return self.num_clips * self.windows
+        return int(self._first[-1])
 
     def __getitem__(self, index: int) -> dict:
-        clip, frames = self.window(index)
-        scene = self.scene(clip)  # drawn once for the pixels and the label
-        video = self.render_frames(scene, frames)  # (3, T, H, W) in [0, 1]
-        item = {"video": torch.from_numpy(video * 2 - 1), "label": scene["label"]}
+        src, frames = self.window(index)
+        scene = self.scene(src)  # drawn once for the pixels and the label
+        item = {"video": self._pixels(src, scene, frames), "label": scene["label"]}
         if self.has_captions:
             item["caption"] = self.caption(index)
+        if self.plan is not None:
+            item["bucket"] = self.plan.bucket_of[src]
         return item
+
+    def _pixels(self, src: int, scene: dict, frames: list) -> torch.Tensor:
+        """Frames `frames` of source `src` -> (3, T, H, W) in [-1, 1] at its item shape: rendered at
+        its own size, then resized and center-cropped to its bucket's when that differs."""
+        video = torch.from_numpy(self.render_frames(scene, frames) * 2 - 1)  # (3, T, h, w)
+        (height, width), size = self.shapes[src][1:], self.sizes[src]
+        if (height, width) == size:
+            return video
+        x = crop_resize(video.transpose(0, 1), height, width, cover_crop_box(*size, height, width))  # (T, 3, H, W)
+        return x.clamp(-1, 1).transpose(0, 1).contiguous()
 
     # ----------------------------------------------------------------- captions
 
@@ -120,7 +184,7 @@ class MovingShapes(torch.utils.data.Dataset):
         return self.source_caption(*self.window(index))
 
     def source_caption(self, clip: int, frames: list[int]) -> str:
-        """What frames `frames` of clip `clip` show (evaluate's real clips are such windows)."""
+        """What frames `frames` of source `clip` show (evaluate's real clips are such windows)."""
         scene = self.scene(clip)
         start, end = frames[0], (frames[-1] if len(frames) > 1 else frames[0] + 1)
         moves = self.render_positions(scene, end) - self.render_positions(scene, start)  # (n, 2)
@@ -134,12 +198,12 @@ class MovingShapes(torch.utils.data.Dataset):
         return sorted({self.caption(i) for i in range(len(self))}) if self.has_captions else []
 
     def window(self, index: int) -> tuple[int, list[int]]:
-        """(clip, the source frame indices of window `index`)."""
+        """(source: a clip, the source frame indices of window `index`)."""
         if not 0 <= index < len(self):
             raise IndexError(index)
-        clip, w = divmod(int(index), self.windows)
-        start = w * self.cfg.window_stride
-        return clip, [start + self.cfg.frame_stride * i for i in range(self.cfg.num_frames)]
+        src = int(np.searchsorted(self._first, int(index), side="right")) - 1
+        start = (int(index) - int(self._first[src])) * self.cfg.window_stride
+        return src, [start + self.cfg.frame_stride * i for i in range(self.shapes[src][0])]
 
     # Latent cache protocol (see data/latent_cache.py): clips are the sources.
     augments = False  # procedural clips: the same pixels every epoch
@@ -147,35 +211,44 @@ class MovingShapes(torch.utils.data.Dataset):
 
     @property
     def num_sources(self) -> int:
-        return self.num_clips
+        return len(self.shapes)
 
     def source_length(self, clip: int) -> int:
-        return self.cfg.builtin.clip_frames
+        return 1 if self.plan is not None and clip in self._stills else self.cfg.builtin.clip_frames
 
     def source_label(self, clip: int) -> int:
         return self.scene(clip)["label"]
 
     def source_frames(self, clip: int, indices: list[int]) -> torch.Tensor:
         """Frames `indices` of `clip` -> (3, n, H, W) in [-1, 1]."""
-        video = self.render_frames(self.scene(clip), indices)  # (3, n, H, W) in [0, 1]
-        return torch.from_numpy(video * 2 - 1)
+        return self._pixels(clip, self.scene(clip), indices)
 
     def iter_source_frames(self, clip: int, indices: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
         """(index, (3, H, W) frame in [-1, 1]) for each of `indices`, one frame at a time."""
         scene = self.scene(clip)
         for t in indices:
-            yield t, torch.from_numpy(self.render(scene, t) * 2 - 1)
+            yield t, self._pixels(clip, scene, [t])[:, 0]
 
     def cache_key(self) -> dict:
         builtin = asdict(self.cfg.builtin)
         if not self.held_out:  # pixels as before the option (none, or the val split): the same key
             del builtin["held_out_combinations"]
-        return {"path": self.cfg.path, "split": self.split, "seed": self.seed,
-                "resolution": [self.cfg.height, self.cfg.width], "builtin": builtin}
+        for name, default in (("resolutions", None), ("num_stills", 0)):  # before buckets: the same key
+            if builtin[name] == default:
+                del builtin[name]
+        key = {"path": self.cfg.path, "split": self.split, "seed": self.seed,
+               "resolution": [self.cfg.height, self.cfg.width], "builtin": builtin}
+        if self.plan is not None:  # each source's pixels are its bucket's size
+            key["buckets"] = [list(shape[1:]) for shape in self.shapes]
+        return key
 
     def scene(self, clip: int) -> dict:
-        """Random scene parameters of one clip (everything drawn from the clip's own RNG)."""
+        """Random scene parameters of one source (everything drawn from its clip's own RNG;
+        with buckets, source `clip` is clip `_ids[clip]`, rendered at its own size)."""
         b = self.cfg.builtin
+        size = self.sizes[clip]
+        clip = clip if self.plan is None else self._ids[clip]
+        extent = self._grid(*size)[1]
         rng = np.random.default_rng((self.seed, SPLIT_STREAMS[self.split], clip))
         label = int(rng.integers(self.num_classes))
         kind, colour = divmod(label, len(COLOUR_NAMES)) if b.labels == "shape_colour" else (label, None)
@@ -201,8 +274,9 @@ class MovingShapes(torch.utils.data.Dataset):
             "colour_ids": [int(c) for c in colour_ids],  # into COLOUR_NAMES (captions)
             "background_ids": [int(b) for b in bg],  # into BACKGROUND_NAMES
             "half": half,
-            "extent": self._extent,  # (2,): frame width, height in shorter sides
-            "pos0": rng.uniform(half[:, None], self._extent - half[:, None], (n, 2)),  # (n, 2): x, y
+            "size": size,  # (height, width) pixels it is rendered at
+            "extent": extent,  # (2,): frame width, height in shorter sides
+            "pos0": rng.uniform(half[:, None], extent - half[:, None], (n, 2)),  # (n, 2): x, y
             "vel": speed[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1),  # (n, 2)
         }
 
@@ -242,23 +316,23 @@ class MovingShapes(torch.utils.data.Dataset):
         a window per clip at every step); per pixel the arithmetic is that of a single frame,
         so every frame is bitwise the same as rendered alone.
         """
+        side, _, x, y = self._grid(*scene["size"])
         img = self._background(scene)[:, None]  # (3, 1, H, W): every frame starts from it
         pos = self._positions(scene, np.asarray(times, dtype=np.float64))  # (n_shapes, n, 2)
         for shape_pos, h, colour in zip(pos, scene["half"], scene["colours"]):
             cx, cy = shape_pos[:, 0, None, None], shape_pos[:, 1, None, None]  # (n, 1, 1) each
-            cover = _coverage(self._sdf(scene["kind"], self._x - cx, self._y - cy, h),
-                              1.0 / self._side)  # (n, H, W)
+            cover = _coverage(self._sdf(scene["kind"], x - cx, y - cy, h), 1.0 / side)  # (n, H, W)
             img = img + cover * (colour[:, None, None, None] - img)  # (3, n, H, W)
-        return np.ascontiguousarray(np.broadcast_to(img, (3, len(times)) + self._x.shape),
-                                    dtype=np.float32)
+        return np.ascontiguousarray(np.broadcast_to(img, (3, len(times)) + x.shape), dtype=np.float32)
 
     def _background(self, scene: dict) -> np.ndarray:
+        _, extent, x, y = self._grid(*scene["size"])
         c0, c1 = scene["background"][:, :, None, None]  # (3, 1, 1) each
         if self.cfg.builtin.background == "plain":
-            return np.broadcast_to(c0, (3,) + self._x.shape).astype(np.float32)
+            return np.broadcast_to(c0, (3,) + x.shape).astype(np.float32)
         d = scene["gradient_dir"] / (np.linalg.norm(scene["gradient_dir"]) + 1e-8)
-        ex, ey = (float(v) for v in self._extent)  # python floats: float32 arithmetic, as on a square
-        ramp = (self._x - ex / 2) * d[0] + (self._y - ey / 2) * d[1]  # within +-half the diagonal
+        ex, ey = (float(v) for v in extent)  # python floats: float32 arithmetic, as on a square
+        ramp = (x - ex / 2) * d[0] + (y - ey / 2) * d[1]  # within +-half the diagonal
         diagonal = 1.42 * (math.hypot(ex, ey) / math.sqrt(2))  # 1.42 on a square frame
         a = np.clip(ramp / diagonal + 0.5, 0, 1)[None]  # (1, H, W)
         return (c0 + a * (c1 - c0)).astype(np.float32)

@@ -50,6 +50,11 @@ at a time, resized before it becomes float), and encodes frames or windows as th
 in chunks bounded by pixels, not frames, so a long or 4K source needs no more memory than a
 short small one.
 
+Buckets (`data.buckets`): each source is encoded at its bucket's size (the dataset's
+`iter_source_frames` gives its frames so), so an entry's latents carry their own shape; the
+key holds every source's size; a skipped source is served by another of its bucket, and items
+carry their "bucket".
+
 Datasets provide: `num_sources`, `source_length(i)`, `source_label(i)`,
 `iter_source_frames(i, increasing indices) -> (index, (3, H, W))` (no augmentation),
 `window(index) -> (source, frame indices)`, `augments` and `cache_key()`.
@@ -213,6 +218,12 @@ class LatentCache:
                             f"cache {self.dir}: " + "; ".join(sorted(set(skipped.values()))[:5]))
         if skipped:
             _warn_skipped(skipped, "in the latent cache")
+        plan = getattr(self.dataset, "plan", None)
+        for b, bucket in enumerate(plan.buckets if plan is not None else []):
+            mine = [s for s, x in enumerate(plan.bucket_of) if x == b]
+            if mine and all(s in skipped for s in mine):  # nothing of that shape to serve its batches
+                raise UserError(f"none of the {len(mine)} sources of bucket {bucket.name} could be read for "
+                                f"the latent cache {self.dir}: " + "; ".join(sorted(set(skipped[s] for s in mine))[:5]))
         return CachedWindows(self.dataset, latents)
 
     def _manifest(self) -> dict:
@@ -382,8 +393,9 @@ def _warn_skipped(skipped: dict[int, str], when: str) -> None:
 
 class CachedWindows(Dataset):
     """The dataset's windows, served from cached latents: {"mean", "std": (C, T, h, w), "label"}
-    (+ "caption": the window's caption when the dataset has captions). A skipped source's
-    windows are served by the first window of the next usable source."""
+    (+ "caption": the window's caption when the dataset has captions; + "bucket" with buckets).
+    A skipped source's windows are served by the first window of the next usable source of
+    its bucket (of any source without buckets)."""
 
     def __init__(self, dataset, latents: dict[int, dict]):
         self.dataset, self.latents = dataset, latents
@@ -391,6 +403,8 @@ class CachedWindows(Dataset):
         self.class_names = list(getattr(dataset, "class_names", []))
         self.frame_rate = getattr(dataset, "frame_rate", None)
         self.labels = [dataset.source_label(i) for i in range(dataset.num_sources)]  # once, not per item
+        self.plan = getattr(dataset, "plan", None)  # buckets: a substitute must have the same shape
+        self.shapes = getattr(dataset, "shapes", None) or [None] * dataset.num_sources
         self.rows = {(src, tuple(f)): row for src, entry in latents.items() if "frames" in entry
                      for row, f in enumerate(entry["frames"].tolist())}  # per-window layout
 
@@ -400,8 +414,8 @@ class CachedWindows(Dataset):
     def __getitem__(self, index: int) -> dict:
         wanted, frames = self.dataset.window(index)
         n = len(self.latents)
-        src = next(s for s in ((wanted + k) % n for k in range(n))
-                   if self._serves(s, frames if s == wanted else [f - frames[0] for f in frames]))
+        src = next(s for s in ((wanted + k) % n for k in range(n)) if self.shapes[s] == self.shapes[wanted]
+                   and self._serves(s, frames if s == wanted else [f - frames[0] for f in frames]))
         if src != wanted:
             frames = [f - frames[0] for f in frames]  # the substitute's first window
         entry = self.latents[src]
@@ -415,6 +429,8 @@ class CachedWindows(Dataset):
                     "label": self.labels[src]}
         if getattr(self.dataset, "has_captions", False):  # a substitute's latents get its own caption
             item["caption"] = self.dataset.caption(index) if src == wanted else self.dataset.captions[src]
+        if self.plan is not None:
+            item["bucket"] = self.plan.bucket_of[src]
         return item
 
     def _serves(self, src: int, frames: list[int]) -> bool:

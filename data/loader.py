@@ -2,9 +2,11 @@
 
 Order: epoch e's permutation comes from `torch.Generator().manual_seed(seed + epoch)`, so it
 depends on nothing but (seed, epoch). Rank r takes items r, r + W, r + 2W, ... of it.
-Resume: the training loop counts the items this rank consumed in the current epoch
-(batches done * batch_size) and calls `sampler.set_start(items)` after `set_epoch(epoch)`;
-the loader then yields exactly the rest of the uninterrupted epoch.
+Resume: the training loop counts the batches this rank consumed in the current epoch and
+calls `sampler.set_start_batch(batches, batch_size)` after `set_epoch(epoch)` (items here:
+batches * batch_size); the loader then yields exactly the rest of the uninterrupted epoch.
+Buckets (`data.buckets`): `make_bucket_loader`, batches of one shape from
+`data.buckets.BucketBatchSampler`, with the same protocol.
 Call `set_epoch(loader, epoch)` (below) at the start of each epoch: it moves both the
 sampler and the dataset (whose crops and flips depend on the epoch) to the new epoch.
 """
@@ -24,7 +26,25 @@ from utils.train_utils import worker_seed
 PREFETCH_BATCHES = 2  # batches each worker keeps ready
 
 
-class ResumableSampler(Sampler[int]):
+class EpochSampler(Sampler):
+    """What both samplers share: the epoch whose order is drawn, and a start offset (items or
+    batches, `per_rank` of them per epoch) for resuming mid-epoch."""
+    per_rank: int
+
+    def __init__(self):
+        self.epoch, self.start = 0, 0
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use epoch `epoch`'s order; a new epoch starts from its first item."""
+        if epoch != self.epoch:
+            self.start = 0
+        self.epoch = epoch
+
+
+class ResumableSampler(EpochSampler):
     """Per-epoch permutation, a strided slice per rank, and a start offset for resuming.
 
     With drop_last every rank gets num_items // world_size items (the tail is dropped);
@@ -40,7 +60,7 @@ class ResumableSampler(Sampler[int]):
         self.rank, self.world_size = rank, world_size
         div = num_items / world_size
         self.per_rank = math.floor(div) if drop_last else math.ceil(div)  # items per epoch
-        self.epoch, self.start = 0, 0
+        super().__init__()
 
     def epoch_order(self) -> list[int]:
         """This rank's items for the current epoch, in order, before `set_start`."""
@@ -57,20 +77,15 @@ class ResumableSampler(Sampler[int]):
     def __iter__(self):
         return iter(self.epoch_order()[self.start:])
 
-    def __len__(self) -> int:
-        return self.per_rank - self.start
-
-    def set_epoch(self, epoch: int) -> None:
-        """Use epoch `epoch`'s order; a new epoch starts from its first item."""
-        if epoch != self.epoch:
-            self.start = 0
-        self.epoch = epoch
-
     def set_start(self, index: int) -> None:
         """Skip the first `index` items (not batches) of this rank's order for this epoch."""
         if not 0 <= index <= self.per_rank:
             raise ValueError(f"start = {index} must be in [0, {self.per_rank}]")
         self.start = index
+
+    def set_start_batch(self, batches: int, batch_size: int) -> None:
+        """Skip the first `batches` batches of `batch_size` items (mid-epoch resume)."""
+        self.set_start(batches * batch_size)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -111,14 +126,33 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int,
                       generator=torch.Generator().manual_seed(worker_seed(seed, rank)), **workers)
 
 
+def make_bucket_loader(dataset: Dataset, sampler: Sampler, *, seed: int, num_workers: int = 0,
+                       rank: int = 0, device_type: str = "cpu",
+                       collate_fn: Optional[Callable[[list], dict]] = None) -> DataLoader:
+    """A DataLoader whose batches come from `sampler` (a `data.buckets.BucketBatchSampler`,
+    at `loader.batch_sampler`): one bucket's shape per batch. Workers as `make_loader`'s."""
+    workers = dict(persistent_workers=True, prefetch_factor=PREFETCH_BATCHES) if num_workers else {}
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                      pin_memory=device_type == "cuda", collate_fn=collate_fn, worker_init_fn=_seed_worker,
+                      generator=torch.Generator().manual_seed(worker_seed(seed, rank)), **workers)
+
+
+def position_sampler(loader: DataLoader):
+    """What orders `loader`'s epoch (set_epoch, set_start_batch, per_rank): its batch sampler
+    when that is one of ours (buckets), else its sampler."""
+    return loader.batch_sampler if hasattr(loader.batch_sampler, "set_epoch") else loader.sampler
+
+
 def set_epoch(loader: DataLoader, epoch: int) -> None:
     """Move the sampler (order) and the dataset (augmentation), if it has one, to `epoch`."""
-    loader.sampler.set_epoch(epoch)
+    position_sampler(loader).set_epoch(epoch)
     if hasattr(loader.dataset, "set_epoch"):
         loader.dataset.set_epoch(epoch)
 
 
 def batches_per_epoch(loader: DataLoader) -> int:
     """Batches in a full epoch on this rank (ignoring any `set_start` offset)."""
+    if loader.batch_size is None:  # a batch sampler: it counts batches
+        return position_sampler(loader).per_rank
     per_rank, bs = loader.sampler.per_rank, loader.batch_size
     return per_rank // bs if loader.drop_last else math.ceil(per_rank / bs)

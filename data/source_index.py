@@ -34,10 +34,11 @@ from tqdm import tqdm
 from utils import video_io
 from utils.checkpoint import write_json
 from utils.errors import UserError
-from utils.video_io import VideoReadError, frame_number_gaps, list_frame_files, probe_video
+from utils.video_io import (VideoReadError, frame_number_gaps, image_size, is_image_file, list_frame_files,
+                            probe_video)
 
 RUN_INDEX_FILE = "data_index.json"  # in the run directory, unless data.index_cache is set
-INDEX_FORMAT = 1  # the file's layout; what probing means is `probe_rules()`
+INDEX_FORMAT = 2  # the file's layout (2: with each source's frame size); what probing means is `probe_rules()`
 INDEX_PREFIX = '{"format":'  # how every index this module writes begins (even a truncated one)
 PARALLEL_MIN_SOURCES = 32  # fewer unknown sources are probed in this process (no pool start-up)
 PROGRESS_MIN_SOURCES = 64  # show the progress bar from this many sources to probe on
@@ -52,6 +53,7 @@ class SourceInfo(NamedTuple):
     rate: Optional[float]  # frames per second (None: unknown, e.g. a frame folder)
     times: Optional[list]  # seconds from the first frame, only for variable frame rate files
     transient: bool = False  # a failure that may pass (I/O, an unexpected error): not saved
+    frame_size: Optional[tuple] = None  # (height, width) pixels of its frames as shown (buckets)
 
 
 class DataWarning(UserWarning):
@@ -73,7 +75,11 @@ def probe_source(path: str) -> SourceInfo:
     try:
         if os.path.isdir(path):
             files = list_frame_files(path)
-            return SourceInfo(st.st_size, st.st_mtime_ns, len(files), frame_number_gaps(files), None, None)
+            size = image_size(files[0]) if files else None
+            return SourceInfo(st.st_size, st.st_mtime_ns, len(files), frame_number_gaps(files), None, None,
+                              frame_size=size)
+        if is_image_file(path):  # a still (data.images): one frame
+            return SourceInfo(st.st_size, st.st_mtime_ns, 1, [], None, None, frame_size=image_size(path))
         info = probe_video(path)
     except VideoReadError as e:  # the file itself: the same answer until it changes
         return SourceInfo(st.st_size, st.st_mtime_ns, str(e).removeprefix(f"{path}: "), [], None, None)
@@ -83,7 +89,7 @@ def probe_source(path: str) -> SourceInfo:
     except Exception as e:  # a decoder or library fault on this file: skip it, probe it next run
         return SourceInfo(st.st_size, st.st_mtime_ns, f"probing failed ({type(e).__name__}: {e}); "
                           "it is probed again next run", [], None, None, True)
-    return SourceInfo(st.st_size, st.st_mtime_ns, info.frames, [], info.rate, info.times)
+    return SourceInfo(st.st_size, st.st_mtime_ns, info.frames, [], info.rate, info.times, frame_size=info.size)
 
 
 @lru_cache(maxsize=None)
@@ -166,17 +172,20 @@ def _load(index_file: Optional[str], quiet: bool = False) -> dict[str, SourceInf
 
 def _entry(entry) -> Optional[SourceInfo]:
     """A saved entry as a SourceInfo, or None if it is not one this module writes."""
-    if not isinstance(entry, list) or len(entry) != 6:
+    if not isinstance(entry, list) or len(entry) != 7:
         return None
-    size, mtime, frames, gaps, rate, times = entry
+    size, mtime, frames, gaps, rate, times, frame_size = entry
     ok = (all(isinstance(v, int) and not isinstance(v, bool) for v in (size, mtime))
+          and (frame_size is None or isinstance(frame_size, list) and len(frame_size) == 2
+               and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in frame_size))
           and (isinstance(frames, str) or isinstance(frames, int) and not isinstance(frames, bool)
                and frames >= 0)
           and isinstance(gaps, list) and all(isinstance(g, list) and len(g) == 2 for g in gaps)
           and (rate is None or isinstance(rate, (int, float)) and rate > 0)
           and (times is None or isinstance(times, list)
                and all(isinstance(t, (int, float)) for t in times)))
-    return SourceInfo(size, mtime, frames, [tuple(g) for g in gaps], rate, times) if ok else None
+    return SourceInfo(size, mtime, frames, [tuple(g) for g in gaps], rate, times,
+                      frame_size=tuple(frame_size) if frame_size else None) if ok else None
 
 
 def _warn_index(text: str, quiet: bool) -> None:
@@ -188,7 +197,8 @@ def _save(index_file: str, entries: dict[str, SourceInfo]) -> None:
     """Merge `entries` into the file (other data paths sharing it keep theirs); atomic.
     Transient failures are left out: the next run probes those sources again."""
     merged = {**_load(index_file, quiet=True), **entries}
-    sources = {p: list(e)[:6] for p, e in merged.items() if not e.transient}
+    sources = {p: [*list(e)[:6], list(e.frame_size) if e.frame_size else None]
+               for p, e in merged.items() if not e.transient}
     try:
         write_json({"format": INDEX_FORMAT, "probe_rules": probe_rules(), "sources": sources},
                    index_file, indent=None)

@@ -25,6 +25,15 @@ Captions. `data.captions` (data/captions.py): null, sidecar `.txt` files or a me
 They are read and checked when the dataset is built, before any clip is probed; items then
 carry "caption" (a string; the substitute's caption when an unreadable source is replaced).
 
+Buckets (`data.buckets`, data/buckets.py; given the VAE's and the network's `Rules`). Stills
+(png/jpg/webp files that are not frames of a frame folder) are sources too, of one frame
+(`data.images`); a source of any length is usable, and the bucket plan decides its shape
+(frames, height, width): its windows are its bucket's frames, its pixels its bucket's size,
+and a source that fits no bucket is listed as unused with its reason (`plan.unused`, with the
+indexing skips, the images left out and the clips without captions). An unreadable source is
+served by another of its bucket, so a batch keeps one shape. Without `Rules` (validation's
+clips, evaluate) the dataset is the fixed-shape one of data.resolution x data.num_frames.
+
 Split. Every usable source goes to "val" when a stable hash of its relative path falls below
 `val_fraction`, independent of the seed, so stage 1, stage 2 and every seed agree. With >= 2
 sources each split gets at least one; with 1 source (or val_fraction = 0) val reuses train.
@@ -55,12 +64,14 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.data import Dataset
 
+from data.buckets import BucketPlan, Rules, Sample
 from data.captions import attach_captions
 from data.source_index import DataWarning, SourceInfo, index_sources, reprobe
 from data.windows import window_span, windows_per_clip
-from utils.config import DataConfig
+from utils.config import IMAGE_EXTS, DataConfig
 from utils.errors import MissingFileError, UserError
-from utils.video_io import FRAME_EXTS, VIDEO_EXTS, VideoReadError, iter_frames, list_frame_files, read_frames
+from utils.video_io import (FRAME_EXTS, VIDEO_EXTS, VideoReadError, is_image_file, iter_frames, list_frame_files,
+                            read_frames)
 
 SPLITS = ("train", "val")
 MAX_LISTED = 20  # problem files named in one warning; the rest are counted
@@ -73,8 +84,9 @@ TIME_TOLERANCE = 1e-3  # of a resampled frame: a source frame starting this clos
 VIRTUAL_FILESYSTEMS = ("/proc", "/sys", "/dev", "/run")  # never clips; walking them never ends
 
 
-def find_sources(root: str, skipped_links: Optional[list[str]] = None) -> list[str]:
-    """Relative posix paths of the video files and frame folders under `root`, sorted.
+def find_sources(root: str, skipped_links: Optional[list[str]] = None, images: bool = False) -> list[str]:
+    """Relative posix paths of the video files and frame folders under `root`, sorted; with
+    `images` also the stills: png/jpg/webp files that are not frames of a frame folder.
 
     Symlinked folders are followed (a dataset may be links to folders elsewhere), except a
     link back to `root` or to a folder above it or above the link (a loop, e.g. `ln -s / all`)
@@ -100,8 +112,13 @@ def find_sources(root: str, skipped_links: Optional[list[str]] = None) -> list[s
         dirs[:] = kept
         videos = [f for f in files if f.lower().endswith(VIDEO_EXTS) and not f.startswith(".")]
         found += [f if rel == "." else f"{rel}/{f}" for f in videos]
-        if not videos and list_frame_files(folder):  # images beside videos are not frames
+        frames = [] if videos else list_frame_files(folder)  # images beside videos are not frames
+        if frames:
             found.append(rel)
+        if images:
+            taken = {os.path.basename(f) for f in frames}
+            found += [f if rel == "." else f"{rel}/{f}" for f in files if f.lower().endswith(IMAGE_EXTS)
+                      and not f.startswith(".") and f not in taken]
     return sorted(found)
 
 
@@ -178,12 +195,15 @@ class VideoFolder(Dataset):
     cfg.captions is set), T = cfg.num_frames,
     H x W = cfg.resolution (a square side or [height, width]). `augment` (default: split ==
     "train") enables cfg.random_crop and cfg.hflip; a latent cache passes augment=False to get
-    the deterministic center crop.
+    the deterministic center crop. With `rules` (data.buckets): T, H, W are the item's bucket's,
+    and items carry "bucket" (its index in `plan.buckets`).
     """
 
     def __init__(self, cfg: DataConfig, split: str = "train", seed: int = 0,
-                 augment: Optional[bool] = None, index_file: Optional[str] = None):
-        """`index_file`: where to save the probed sources (data.index_cache overrides it)."""
+                 augment: Optional[bool] = None, index_file: Optional[str] = None,
+                 rules: Optional[Rules] = None):
+        """`index_file`: where to save the probed sources (data.index_cache overrides it);
+        `rules`: what the VAE and network need of a bucket (data.buckets; None: one shape)."""
         if split not in SPLITS:
             raise ValueError(f"split = {split!r}: use one of {SPLITS}")
         self.cfg, self.split, self.seed = cfg, split, seed
@@ -194,7 +214,14 @@ class VideoFolder(Dataset):
         self._unreadable: set[int] = set()  # sources that failed to read after indexing
         self._reprobed: set[int] = set()  # sources probed again after a failed read
         self._caps: dict[int, int] = {}  # source -> its length, where a stale index overstated it
-        rels, self._caption_of = attach_captions(cfg, self._find(cfg.path))  # checked before probing
+        self.rules = rules if cfg.buckets is not None else None  # None: every item at one shape
+        self.plan: Optional[BucketPlan] = None  # with rules: the buckets and each source's
+        self._unused: list[tuple[str, str]] = []  # (rel, reason) of sources left out before the plan
+        found = self._find(cfg.path)
+        rels, self._caption_of = attach_captions(cfg, found)  # checked before probing
+        kept = set(rels)
+        self._unused += [(r, f"no caption (data.missing_caption = {cfg.missing_caption})")
+                         for r in found if r not in kept]
         names = sorted({c for r in rels if (c := _class_of(r, self._is_dir(r))) is not None})
         if cfg.labels == "subfolder" and not names:
             raise UserError(f"data.labels = subfolder but {cfg.path} has no subfolders with "
@@ -209,6 +236,9 @@ class VideoFolder(Dataset):
     def _is_dir(self, rel: str) -> bool:
         return os.path.isdir(os.path.join(self.cfg.path, rel))
 
+    def _is_still(self, rel: str) -> bool:
+        return self.rules is not None and is_image_file(os.path.join(self.cfg.path, rel))
+
     def _find(self, root: str) -> list[str]:
         if not os.path.exists(root):
             raise MissingFileError(f"data.path = {root}: folder not found; point data.path at a "
@@ -217,9 +247,15 @@ class VideoFolder(Dataset):
             raise UserError(f"data.path = {root}: is a file; point data.path at the folder "
                             "that holds the videos")
         links: list[str] = []
-        rels = find_sources(root, links)
+        rels = find_sources(root, links, images=self.rules is not None)
         self._warn(f"{len(links)} folder symlink(s) not followed (point data.path at the target "
                    "folder instead if it holds clips)", links)
+        if self.rules is not None and self.cfg.images != "include":  # the kind data.images leaves out
+            only = self.cfg.images == "only"
+            out = [r for r in rels if self._is_still(r) != only]
+            self._unused += [(r, f"{'a clip' if only else 'an image'} (data.images = {self.cfg.images})")
+                             for r in out]
+            rels = [r for r in rels if self._is_still(r) == only]
         if not rels:
             raise UserError(f"data.path = {root}: no videos ({' '.join(VIDEO_EXTS)}) and no "
                             f"folders of numbered frames ({' '.join(FRAME_EXTS)}) found in it "
@@ -233,6 +269,8 @@ class VideoFolder(Dataset):
         infos = index_sources([os.path.abspath(os.path.join(cfg.path, r)) for r in rels],
                               self.index_file, cfg.index_workers, f"indexing {cfg.path}")
         usable, skipped, gappy, slower = [], [], [], []
+        need = 1 if self.rules is not None else self.span  # buckets: the plan decides what is too short
+        self._sizes: dict[str, tuple[int, int]] = {}  # rel -> (height, width) of its frames
         self._maps: dict[str, list[int]] = {}  # rel -> source frame of each resampled frame
         self._lengths: dict[str, int] = {}
         self._seconds: dict[str, float] = {}  # rel -> duration of a resampled source
@@ -246,11 +284,13 @@ class VideoFolder(Dataset):
                 skipped.append((rel, "not inside a class subfolder (data.labels: subfolder)"))
             elif isinstance(length, str):
                 skipped.append((rel, length))
-            elif length < self.span:
+            elif length < need:
                 at = f" at data.fps = {cfg.fps}" if cfg.fps else ""
                 skipped.append((rel, f"too short: {length} frames{at}, a window needs {self.span}"))
             else:
                 usable.append((rel, length))
+                if info.frame_size is not None:
+                    self._sizes[rel] = tuple(info.frame_size)
                 rate = self._rates.get(rel)
                 if cfg.fps is not None and rate is not None and cfg.fps > rate * (1 + TIME_TOLERANCE):
                     slower.append(f"{rel}: {rate:g} fps")
@@ -270,6 +310,8 @@ class VideoFolder(Dataset):
         """Frames the windows can use (resampled at data.fps if set), or why there are none."""
         if isinstance(info.frames, str):
             return info.frames
+        if self._is_still(rel):  # one frame, at any data.fps
+            return 1
         is_dir = self._is_dir(rel)
         rate = folder_fps if is_dir else info.rate
         if rate:
@@ -321,6 +363,8 @@ class VideoFolder(Dataset):
             why = "only one usable clip" if len(usable) == 1 else "data.val_fraction = 0"
             warnings.warn(f"data.path = {self.cfg.path}: {why}, so the val split reuses the "
                           "training clips", DataWarning)
+        if self.rules is not None:
+            mine = self._plan(mine, [s for s, v in zip(usable, is_val) if not v] or usable)
         cfg = self.cfg
         self.sources = [(os.path.join(cfg.path, r), n) for r, n in mine]  # (path, frames)
         self._frame_maps = [self._maps.get(r) for r, _ in mine]  # None: every source frame
@@ -331,9 +375,28 @@ class VideoFolder(Dataset):
                        if self.num_classes else 0 for r, _ in mine]
         # per source; None: data.captions is null
         self.captions: Optional[list[str]] = [self._caption_of[r] for r, _ in mine] if cfg.captions else None
-        counts = [windows_per_clip(n, cfg.num_frames, cfg.frame_stride, cfg.window_stride)
-                  for _, n in self.sources]
-        self._first = np.cumsum([0] + counts)  # (S + 1,) first window of each source
+        # (frames, height, width) of each source's items: its bucket's, or data's
+        self.shapes = [(cfg.num_frames, cfg.height, cfg.width)] * len(mine) if self.plan is None else \
+            [(b.num_frames, b.height, b.width) for b in map(self.plan.buckets.__getitem__, self.plan.bucket_of)]
+        self.counts = [windows_per_clip(n, frames, cfg.frame_stride, cfg.window_stride)
+                       for (_, n), (frames, _, _) in zip(self.sources, self.shapes)]
+        self._first = np.cumsum([0] + self.counts)  # (S + 1,) first window of each source
+
+    def _plan(self, mine: list[tuple[str, int]], train: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """The bucket plan of this split's sources `mine` (`train`: the training split's, whose
+        aspect ratios auto's buckets follow): sets `self.plan`, returns the sources it keeps.
+        The training split refuses a plan that leaves everything, or an aspect ratio, unused."""
+        def sample(rel: str, frames: int) -> Sample:
+            h, w = self._sizes.get(rel, (self.cfg.height, self.cfg.width))
+            return Sample(rel, self._is_still(rel), frames, h, w)
+        unused = self._unused + list(self.skipped)
+        self.plan, kept = BucketPlan.make(self.cfg, [sample(*m) for m in mine], [sample(*t) for t in train],
+                                          self.rules, unused, refuse=self.split == "train")
+        if not kept:  # a val split that no bucket takes: the training sources validate
+            self.plan, kept = BucketPlan.make(self.cfg, [sample(*t) for t in train],
+                                              [sample(*t) for t in train], self.rules, unused, refuse=False)
+            return [train[i] for i in kept]
+        return [mine[i] for i in kept]
 
     # ----------------------------------------------------------------- windows
 
@@ -347,7 +410,8 @@ class VideoFolder(Dataset):
             raise IndexError(f"window {index} out of range [0, {len(self)})")
         src = int(np.searchsorted(self._first, index, side="right")) - 1
         start = (index - int(self._first[src])) * self.cfg.window_stride
-        return src, list(range(start, start + self.span, self.cfg.frame_stride))
+        span = window_span(self.shapes[src][0], self.cfg.frame_stride)
+        return src, list(range(start, start + span, self.cfg.frame_stride))
 
     def source_windows(self) -> list[tuple[str, list[list[int]]]]:
         """Per source, in dataset order: (path, frame indices of each of its windows)."""
@@ -365,9 +429,11 @@ class VideoFolder(Dataset):
         g = None
         if self.augment and (self.cfg.random_crop or self.cfg.hflip):
             g = torch.Generator().manual_seed(_seed(self.seed, int(self._epoch), index))
-        item = {"video": self.transform(pixels, g), "label": self.labels[src]}
+        item = {"video": self.transform(pixels, g, self.shapes[src][1:]), "label": self.labels[src]}
         if self.captions is not None:
             item["caption"] = self.captions[src]
+        if self.plan is not None:
+            item["bucket"] = self.plan.bucket_of[src]
         return item
 
     def _read_or_substitute(self, src: int, frames: list[int]) -> tuple[int, np.ndarray]:
@@ -376,6 +442,8 @@ class VideoFolder(Dataset):
         one warning; its windows are served by the first window of the next readable source."""
         for attempt in range(self.num_sources):
             s = (src + attempt) % self.num_sources
+            if self.shapes[s] != self.shapes[src]:  # a batch has one shape: its bucket's sources only
+                continue
             window = frames if s == src else [f - frames[0] for f in frames]  # its first window
             pixels = self._try_read(s, window)
             if pixels is not None:
@@ -474,7 +542,8 @@ class VideoFolder(Dataset):
 
     def source_frames(self, src: int, indices: list[int]) -> torch.Tensor:
         """Frames `indices` of source `src`, center-cropped, no augmentation: (3, n, H, W)."""
-        return self.transform(read_frames(self.sources[src][0], self.source_indices(src, indices)))
+        return self.transform(read_frames(self.sources[src][0], self.source_indices(src, indices)),
+                              size=self.shapes[src][1:])
 
     def iter_source_frames(self, src: int, indices: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
         """(index, (3, H, W) center-cropped frame) for the increasing `indices` of source `src`,
@@ -491,7 +560,7 @@ class VideoFolder(Dataset):
             for i, m in zip(indices, mapped):
                 while at != m:  # a resampled clip may show one source frame twice
                     at, pixels = next(decoded)  # (h, w, 3) uint8
-                    frame = self.transform(pixels[None])[:, 0]  # (3, H, W)
+                    frame = self.transform(pixels[None], size=self.shapes[src][1:])[:, 0]  # (3, H, W)
                 yield i, frame
         except (VideoReadError, OSError):
             if not self._correct_stale_entry(src):
@@ -505,14 +574,19 @@ class VideoFolder(Dataset):
         for path, _ in self.sources:
             parts = [path] + (list_frame_files(path) if os.path.isdir(path) else [])
             files.append([[p, os.path.getsize(p), os.path.getmtime(p)] for p in parts])
-        return {"path": os.path.abspath(self.cfg.path), "split": self.split,
-                "resolution": [self.cfg.height, self.cfg.width], "crop": "center", "fps": self.cfg.fps,
-                "frame_folder_fps": self.cfg.frame_folder_fps, "files": files}
+        key = {"path": os.path.abspath(self.cfg.path), "split": self.split,
+               "resolution": [self.cfg.height, self.cfg.width], "crop": "center", "fps": self.cfg.fps,
+               "frame_folder_fps": self.cfg.frame_folder_fps, "files": files}
+        if self.plan is not None:  # each source's pixels are its bucket's size
+            key["buckets"] = [list(shape[1:]) for shape in self.shapes]
+        return key
 
     # ----------------------------------------------------------------- pixels
 
-    def transform(self, frames: np.ndarray, g: Optional[torch.Generator] = None) -> torch.Tensor:
-        """(T, h, w, 3) uint8 -> (3, T, H, W) float in [-1, 1]: crop, resize, flip.
+    def transform(self, frames: np.ndarray, g: Optional[torch.Generator] = None,
+                  size: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """(T, h, w, 3) uint8 -> (3, T, H, W) float in [-1, 1]: crop, resize, flip. H x W is
+        `size` (a source's bucket), else data.resolution.
 
         The largest box of the target's aspect ratio is cropped from the frame (centered, or at
         a random place when `g` is given and cfg.random_crop; `cover_crop_box`), then resized
@@ -523,18 +597,19 @@ class VideoFolder(Dataset):
         to whole source pixels and resizes once, with one scale per axis. The two agree exactly
         when the frame already has the target's aspect ratio (tests/test_data_hardening.py).
         """
-        height, width = self.cfg.height, self.cfg.width
+        height, width = size or (self.cfg.height, self.cfg.width)
         x = rearrange(torch.from_numpy(frames), "t h w c -> t c h w")  # uint8
-        x = crop_resize(x, height, width, self._crop_box(x.shape[2], x.shape[3], g)).float()
+        x = crop_resize(x, height, width, self._crop_box(x.shape[2], x.shape[3], g, height, width)).float()
         if g is not None and self.cfg.hflip and torch.rand((), generator=g) < 0.5:
             x = x.flip(-1)  # one flip for every frame of the window
         x = (x / 127.5 - 1).clamp(-1, 1)
         return rearrange(x, "t c h w -> c t h w").contiguous()  # (3, T, H, W)
 
-    def _crop_box(self, h: int, w: int, g: Optional[torch.Generator]) -> tuple[int, int, int, int]:
-        """(top, left, box height, box width) in an h x w source frame."""
+    def _crop_box(self, h: int, w: int, g: Optional[torch.Generator], height: int,
+                  width: int) -> tuple[int, int, int, int]:
+        """(top, left, box height, box width) in an h x w source frame for a height x width target."""
         rng = g if self.cfg.random_crop else None
-        return cover_crop_box(h, w, self.cfg.height, self.cfg.width, rng)
+        return cover_crop_box(h, w, height, width, rng)
 
 
 def crop_resize(x: torch.Tensor, height: int, width: int,

@@ -6,7 +6,12 @@ Design (DiT, Peebles & Xie 2023; Latte, Ma et al. 2024):
   the very code the round-trip test checks). Token order is frame-major: n = t * S + s, where
   S = (h / patch) * (w / patch) tokens per latent frame.
 - Position: fixed sin-cos, separable: a 2-D spatial table (half the channels for rows, half
-  for columns) plus a 1-D temporal table, summed and added once to the tokens. No RoPE.
+  for columns) plus a 1-D temporal table, summed and added once to the tokens. No RoPE. The
+  table is a function of the token grid alone, so the network takes latents of any grid
+  (aspect-ratio and duration buckets, `data.buckets`): the table of the grid it was built for
+  is a buffer (today's numbers, op for op), any other grid's is computed once and kept per
+  (grid, device). Row r and column c mean the same position in every grid: a taller frame has
+  more rows, not rescaled ones.
 - Blocks: pre-norm transformer blocks with adaLN-Zero conditioning on c = emb(t) + emb(y)
   (+ emb(pooled text)).
   `model.attention = "factorized"` alternates spatial blocks (the S tokens of one frame attend
@@ -345,8 +350,10 @@ class Condition(NamedTuple):
 
 
 class VideoDiT(nn.Module):
-    """Network on latents (B, C, T, h, w) with T = num_frames, h = latent_height,
-    w = latent_width (None: latent_height, a square grid).
+    """Network on latents (B, C, T, h, w) built for T = num_frames, h = latent_height,
+    w = latent_width (None: latent_height, a square grid): its reference grid (the position
+    table kept as a buffer, the checkpoint's `dims`). It takes any other T, h, w that split into
+    whole patches too (position tables computed per grid).
 
     `num_classes = 0`: no class labels. `text_dim` > 0 (the text encoder's hidden size, for
     `model.conditioning = text`): cross-attention to the text in every block; `pooled_dim` > 0
@@ -376,6 +383,7 @@ class VideoDiT(nn.Module):
 
         self.x_embed = nn.Linear(patch_dim, dim)
         self.register_buffer("pos_embed", video_pos_embed(dim, self.grid), persistent=False)  # (1, N, D)
+        self._pos_tables: dict = {}  # (grid, device) -> (1, N, D): grids other than self.grid
         self.t_embed = TimestepEmbedder(dim)
         self.y_embed = LabelEmbedder(num_classes, dim, cfg.class_dropout) if num_classes > 0 else None
         if text_dim > 0:  # only text models have these modules: other state_dicts are unchanged
@@ -444,11 +452,12 @@ class VideoDiT(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def condition(self, t: torch.Tensor, y: Optional[torch.Tensor], batch: int,
-                  pooled_emb: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  pooled_emb: Optional[torch.Tensor] = None, frames: Optional[int] = None) -> torch.Tensor:
         """Conditioning c = emb(t) + emb(y) (+ pooled text): (B, D) for t (B,) or a scalar;
-        (B, T', D) for t (B, T), one timestep per latent frame. y = None is the null class."""
+        (B, T', D) for t (B, T), one timestep per latent frame (`frames` T: the latents' frames,
+        None: the reference grid's). y = None is the null class."""
         if t.ndim == 2:
-            t = self._frame_timesteps(t, batch)  # (B, T')
+            t = self._frame_timesteps(t, batch, self.input_shape[1] if frames is None else frames)  # (B, T')
             c = self.t_embed(t.flatten()).view(batch, t.shape[1], -1)  # (B, T', D)
         else:
             t = t.expand(batch) if t.ndim == 0 else t  # (B,)
@@ -464,9 +473,9 @@ class VideoDiT(nn.Module):
         y_emb = self.y_embed(y)  # (B, D)
         return c + (y_emb if c.ndim == 2 else y_emb[:, None])
 
-    def _frame_timesteps(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+    def _frame_timesteps(self, t: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
         """(B, T) one timestep per latent frame -> (B, T') one per temporal patch."""
-        frames, pt = self.input_shape[1], self.cfg.patch_t
+        pt = self.cfg.patch_t
         if t.shape != (batch, frames):
             raise ValueError(f"per-frame timesteps must be (B, T) = ({batch}, {frames}), one per latent "
                              f"frame, got {tuple(t.shape)}")
@@ -488,22 +497,35 @@ class VideoDiT(nn.Module):
         """x (B, C, T, h, w) latents; t (B,) timesteps, or (B, T) one per latent frame (clean
         condition frames: t = 0); the condition as in `Condition` (text None on a text model: the
         null caption for every sample; in training, `drop_text` None draws caption dropout at
-        model.caption_dropout) -> (B, C, T, h, w)."""
-        if tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"VideoDiT built for latents (B, {', '.join(map(str, self.input_shape))}) "
-                             f"got {tuple(x.shape)}")
-        batch, frames = x.shape[0], self.grid[0]
+        model.caption_dropout) -> (B, C, T, h, w), for any T, h, w that split into whole patches."""
+        if x.ndim != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"VideoDiT takes latents (B, C={self.in_channels}, T, h, w), got {tuple(x.shape)}")
         p, pt = self.cfg.patch_size, self.cfg.patch_t
-        tokens = self.x_embed(patchify(x, pt, p)) + self.pos_embed  # (B, N, D), N = T' * S
+        grid = (x.shape[2] // pt, x.shape[3] // p, x.shape[4] // p)  # (T', H', W') tokens per axis
+        batch, frames = x.shape[0], grid[0]
+        tokens = self.x_embed(patchify(x, pt, p)) + self.positions(grid, x.device)  # (B, N, D), N = T' * S
         keys, key_mask, pooled_emb = self._text(text, text_mask, pooled, drop_text, batch)
-        c = self.condition(t, y, batch, pooled_emb)  # (B, D) or (B, T', D)
+        c = self.condition(t, y, batch, pooled_emb, x.shape[2])  # (B, D) or (B, T', D)
         for block in self.blocks:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(block, tokens, c, frames, keys, key_mask, use_reentrant=False)
             else:
                 tokens = block(tokens, c, frames, keys, key_mask)
         out = self.final_layer(tokens, c, frames)  # (B, N, pt * p * p * C)
-        return unpatchify(out, self.grid, pt, p)  # (B, C, T, h, w)
+        return unpatchify(out, grid, pt, p)  # (B, C, T, h, w)
+
+    def positions(self, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+        """(1, N, D) sin-cos position table of a token grid (T', H', W'): the buffer for the
+        reference grid, else computed once per (grid, device) and kept (a few KB to MB each;
+        a run has a handful of buckets). Not in the state dict: it is a function of the grid."""
+        if grid == self.grid:
+            return self.pos_embed
+        key = (grid, str(device), self.pos_embed.dtype)  # the buffer's dtype: as .to(dtype) left it
+        table = self._pos_tables.get(key)
+        if table is None:
+            table = video_pos_embed(self.cfg.hidden_size, grid).to(device=device, dtype=self.pos_embed.dtype)
+            self._pos_tables[key] = table
+        return table
 
     def _text(self, text: Optional[torch.Tensor], mask: Optional[torch.Tensor], pooled: Optional[torch.Tensor],
               drop: Optional[torch.Tensor], batch: int):

@@ -16,7 +16,8 @@ HOOKS, comma-separated:
 - `kill_save<N>` (train.parallel=fsdp): rank 0 kills itself with SIGKILL while saving the sharded
   checkpoint of step N, once every shard and the metadata are written but before the directory
   is published (utils/sharded_checkpoint.py `publish`): a complete-looking but unpublished save.
-The record also counts the text encoders each rank loaded (`encoder_loads`).
+The record also counts the text encoders each rank loaded (`encoder_loads`) and holds the
+latent shape of every micro-batch the rank trained on (`shapes`: data.buckets).
 
 After training, each rank writes OUT_PREFIX.rank<R>.pt: its weights, the learning rate of each
 update it attempted, and its LR plan.
@@ -92,7 +93,14 @@ def main(argv=None) -> int:
             time.sleep(SLOW_TEXT)
             return encode(self, texts)
         FrozenTextEncoder.encode = slow_encode
-    record = {"lr": [], "state": None, "plan": None, "encoder_loads": 0}
+    record = {"lr": [], "state": None, "plan": None, "encoder_loads": 0, "shapes": []}
+    batch_latents = stage2.batch_latents
+
+    def spy_latents(s, batch):
+        x0, given = batch_latents(s, batch)
+        record["shapes"].append(tuple(x0.shape))
+        return x0, given
+    stage2.batch_latents = spy_latents
     load = FrozenTextEncoder.from_pretrained.__func__
 
     def counted_load(cls, *a, **k):

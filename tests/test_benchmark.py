@@ -106,6 +106,22 @@ def test_data_benchmark_prints_every_ratio(tmp_path):
         assert text in proc.stdout, text
 
 
+def test_bucket_benchmark_quick_reports_speed_and_coherence_per_shape(tmp_path):
+    """benchmarks/bucket_bench.py --quick: the speed ratio and data wait of buckets against one
+    shape, and coherence per shape (every bucket; the fixed run at its clips' shapes)."""
+    out = tmp_path / "buckets.json"
+    proc = subprocess.run([sys.executable, "benchmarks/bucket_bench.py", "--quick", "--rounds", "1",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert len(r["throughput"]["ratio_steps_per_s"]) == 1 and r["throughput"]["ratio_steps_per_s"][0] > 0
+    assert all(0 <= x["data_wait_fraction"] < 1 for x in r["throughput"]["rounds"]["buckets"])
+    coherent = r["quality"]["coherent"]
+    assert set(coherent["buckets"]) == {"16x24x4", "16x16x4", "24x16x4", "16x24x1", "16x16x1", "24x16x1"}
+    assert set(coherent["fixed"]) == {"16x24x4", "16x16x4", "24x16x4"}
+    assert "buckets / fixed: steps/s" in proc.stdout and r["matmul_gflops"] > 0
+
+
 def test_time_to_quality_quick_scores_each_recipe(tmp_path):
     """benchmarks/time_to_quality.py --quick with two v-prediction recipes (two learning rates,
     one sampled with another sampler): evaluations at steps 2 and 4, the first reaching of each

@@ -159,8 +159,9 @@ def test_a_window_renders_bitwise_as_frame_by_frame(builtin, resolution):
             img = ds._background(scene)
             lo = scene["half"][:, None]
             pos = _bounce(scene["pos0"] + t * scene["vel"], lo, scene["extent"] - lo)  # (n, 2)
+            side, _, x, y = ds._grid(*scene["size"])  # the frame's pixel centres
             for (cx, cy), h, colour in zip(pos, scene["half"], scene["colours"]):
-                cover = _coverage(ds._sdf(scene["kind"], ds._x - cx, ds._y - cy, h), 1.0 / ds._side)
+                cover = _coverage(ds._sdf(scene["kind"], x - cx, y - cy, h), 1.0 / side)
                 img = img + cover * (colour[:, None, None] - img)
             assert torch.equal(video[:, i], torch.from_numpy(img.astype(np.float32) * 2 - 1)), (index, t)
 

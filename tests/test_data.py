@@ -185,7 +185,7 @@ def test_build_dataset_dispatches(tmp_path, monkeypatch):
     write_frame_folder(str(tmp_path / "b"), index_frames(5, 4, 4))
     assert isinstance(build_dataset(cfg_for(tmp_path), "train", 0), VideoFolder)
     fake = types.ModuleType("data.builtin")
-    fake.MovingShapes = lambda cfg, split, seed: ("shapes", split, seed)
+    fake.MovingShapes = lambda cfg, split, seed, rules=None: ("shapes", split, seed)
     monkeypatch.setitem(sys.modules, "data.builtin", fake)
     assert build_dataset(DataConfig(), "val", 3) == ("shapes", "val", 3)
 

@@ -61,10 +61,34 @@ def test_patch_mismatch_raises_config_error_naming_key():
         patchify(latents(1, 4, 6), 1, 4)
 
 
-def test_wrong_input_shape_is_refused():
+def test_wrong_channels_or_an_unpatchable_grid_is_refused():
     model = VideoDiT(tiny_cfg(), C, 4, 8)
-    with pytest.raises(ValueError, match="built for latents"):
-        model(latents(1, 5, 8), torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"latents \(B, C=4, T, h, w\)"):
+        model(torch.zeros(1, 3, 4, 8, 8), torch.tensor([1]))
+    with pytest.raises(ConfigError, match=r"model\.patch_size = 2 does not divide the latent size 7x8"):
+        model(torch.zeros(1, C, 4, 7, 8), torch.tensor([1]))
+
+
+@pytest.mark.parametrize("grid", [(5, 8, 8), (1, 4, 12), (3, 12, 4), (4, 8, 8)])
+def test_any_grid_equals_a_model_built_for_it(grid):
+    """Buckets: a DiT built for 4 x 8 x 8 latents takes any other grid, and its output there is
+    what a DiT built for that grid (the same weights) gives; the tables are cached per grid."""
+    torch.manual_seed(0)
+    model = VideoDiT(tiny_cfg(), C, 4, 8, num_classes=3)
+    randomize_zero_init(model)
+    own = VideoDiT(tiny_cfg(), C, grid[0], grid[1], grid[2], num_classes=3)
+    own.load_state_dict(model.state_dict())
+    model.eval(), own.eval()  # no label dropout
+    x = torch.randn(2, C, *grid, generator=torch.Generator().manual_seed(1))
+    t, y = torch.tensor([3, 700]), torch.tensor([0, 2])
+    out = model(x, t, y=y)
+    assert out.shape == x.shape and torch.equal(out, own(x, t, y=y))
+    per_frame = torch.tensor([[0] + [500] * (grid[0] - 1)] * 2)  # per-frame timesteps follow T
+    assert torch.equal(model(x, per_frame, y=y), own(x, per_frame, y=y))
+    tables = dict(model._pos_tables)
+    assert len(tables) == (0 if grid == (4, 8, 8) else 1)  # the reference grid uses the buffer
+    model(x, t, y=y)
+    assert all(model._pos_tables[k] is v for k, v in tables.items())  # computed once
 
 
 def test_preset_sets_sizes():

@@ -98,7 +98,7 @@ def test_probing_reads_no_stream_after_its_file_is_closed(tmp_path, monkeypatch)
     real = video_io._info
     monkeypatch.setattr(video_io, "_info", lambda facts, n, pts: seen.append(type(facts)) or real(facts, n, pts))
     answers = {probe_video(path) for _ in range(30)}
-    assert answers == {video_io.VideoInfo(16, 8.0, None)}
+    assert answers == {video_io.VideoInfo(16, 8.0, None, (16, 16))}
     assert set(seen) == {video_io._StreamFacts}
 
 

@@ -95,14 +95,16 @@ def prepare_run(resume: Optional[str], run_dir: str, dist: DistInfo) -> tuple[Op
 
 
 def restore_position(ckpt: dict, dist: DistInfo, batch_size: int, num_items: int,
-                     log: RunLogger) -> Position:
-    """The data position of a checkpoint; with another world size, batch size or number of
-    training windows (clips added or removed) the rest of the epoch cannot be found again, so
-    training continues from the next epoch. `num_items`: windows in the training set now."""
+                     log: RunLogger, buckets: Optional[list] = None) -> Position:
+    """The data position of a checkpoint; with another world size, batch size, number of
+    training windows (clips added or removed) or buckets the rest of the epoch cannot be found
+    again, so training continues from the next epoch. `num_items`: windows in the training set
+    now; `buckets`: the run's bucket record (stage 2 with data.buckets)."""
     pos = Position(ckpt["step"], ckpt["epoch"], ckpt["micro"])
     changed = [what for what, was, now in (
         ("world size", ckpt["world_size"], dist.world_size), ("batch size", ckpt["batch_size"], batch_size),
-        ("number of training windows", ckpt.get("num_items", num_items), num_items)) if was != now]
+        ("number of training windows", ckpt.get("num_items", num_items), num_items),
+        ("buckets", ckpt.get("buckets"), buckets)) if was != now]
     if changed:
         log.info(f"warning: the {' and '.join(changed)} changed since the checkpoint; the data "
                  "position cannot be restored exactly, continuing from the next epoch")
@@ -429,7 +431,7 @@ def run_epochs(s, hooks: LoopHooks) -> StopReason:
     reason = s.control.reason()  # a resume may start at the end
     while reason is None and s.pos.epoch < tcfg.epochs:
         set_epoch(s.loader, s.pos.epoch)  # sampler order and per-item augmentation
-        s.sampler.set_start(s.pos.micro * tcfg.batch_size)  # mid-epoch resume: skip what was seen
+        s.sampler.set_start_batch(s.pos.micro, tcfg.batch_size)  # mid-epoch resume: skip what was seen
         hooks.start_epoch()
         for batch in s.loader:
             s.pos.micro += 1

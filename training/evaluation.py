@@ -44,7 +44,7 @@ from models.vae import Geometry
 from training.checkpoints import PREDICT_ENTRIES, check_entries, check_format, model_dims
 from training.sampling import Loaded, load_sampler
 from utils.checkpoint import load_checkpoint, write_json
-from utils.config import DataConfig, EvaluateConfig, PredictConfig
+from utils.config import DataConfig, EvalDataConfig, EvaluateConfig, PredictConfig
 from utils.errors import UserError
 from utils.paths import check_output_file, refuse_file, refuse_folder
 from utils.fvd import (DETECTOR_KWARGS, FEATURE_DIMS, INCEPTION_KWARGS, FeatureStats,
@@ -347,8 +347,11 @@ def _generated_side(cfg: EvaluateConfig):
     computed yet."""
     if cfg.checkpoint is not None:
         ckpt = _load_stage2(cfg.checkpoint)
-        generated = generated_geometry(model_dims(ckpt["model"]), ckpt["vae"])
+        generated = bucket_geometry(cfg.data, ckpt) or generated_geometry(model_dims(ckpt["model"]), ckpt["vae"])
         data = cfg.data.resolved(ckpt["config"]["data"])
+        if ckpt.get("buckets"):  # null keys: the bucket's (not data.resolution and num_frames of training)
+            data = replace(data, num_frames=cfg.data.num_frames or generated.num_frames,
+                           resolution=cfg.data.resolution or generated.resolution())
         return ckpt, None, generated, data, _checkpoint_generator(cfg.checkpoint, ckpt)
     folder = GeneratedFolder.scan(cfg.generated.path, cfg.num_videos)
     frames = cfg.data.num_frames or PROTOCOL_FRAMES
@@ -358,6 +361,23 @@ def _generated_side(cfg: EvaluateConfig):
     data = cfg.data.resolved(None, {"num_frames": frames, "frame_stride": stride,
                                     "resolution": generated.resolution()})
     return None, folder, generated, data, f"generated.path = {cfg.generated.path}"
+
+
+def bucket_geometry(data: EvalDataConfig, ckpt: dict) -> Optional[ClipGeometry]:
+    """The trained bucket that data.resolution and data.num_frames (either may be null) name,
+    for a checkpoint trained on buckets (the most frames among those that match; both null:
+    predict's default); None: the checkpoint's own shape (no buckets, or no bucket matches:
+    refused later with the geometry check's message)."""
+    from training.buckets import default_shape, trained_shapes
+    if not ckpt.get("buckets"):
+        return None
+    if data.resolution is None and data.num_frames is None:
+        h, w, n = default_shape(ckpt)  # what predict samples by default
+        return ClipGeometry(n, h, w)
+    size = None if data.resolution is None else (data.height, data.width)
+    match = [(n, h, w) for h, w, n in trained_shapes(ckpt)
+             if size in (None, (h, w)) and data.num_frames in (None, n)]
+    return ClipGeometry(*max(match)) if match else None
 
 
 def _load_stage2(path: str) -> dict:
@@ -491,6 +511,8 @@ def _checkpoint_features(cfg: EvaluateConfig, loaded: Loaded, geometry: ClipGeom
             chunk = replace(cfg.sampling(), num_videos=n, seed=cfg.seed + start,
                             class_labels=None if labels is None else labels[start:start + n].tolist(),
                             prompts=None if prompts is None else prompts[start:start + n])
+            if ckpt.get("buckets"):  # a trained bucket's shape (bucket_geometry), sampled as predict does
+                chunk = replace(chunk, resolution=[geometry.height, geometry.width], num_frames=geometry.num_frames)
             if drift is not None:
                 chunk = replace(chunk, images=drift.images(start, n, images_dir),
                                 num_frames=None if cfg.windows == 1 else drift.num_frames)

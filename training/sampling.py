@@ -29,9 +29,10 @@ from torch import nn
 from models.diffusion import Objective, SamplingStopped, make_objective, sample
 from models.vae import FrozenVAE
 from training.conditioning import Conditioning, SampleConditions, conditioning_from_checkpoint
+from training.buckets import Window, bucket_summary, window_for
 from training.first_frames import FirstFrames, generate_long, load_image, window_plan
 from training.checkpoints import (PREDICT_ENTRIES, check_entries, check_format, check_vae,
-                                  latent_shape, load_entry, model_dims, model_from_checkpoint,
+                                  load_entry, model_from_checkpoint,
                                   objective_of, recorded_diffusion)
 from utils.checkpoint import load_checkpoint
 from utils.config import (AUTO_SAMPLER, DiffusionConfig, PredictConfig, VAERefConfig, check_num_steps,
@@ -375,6 +376,7 @@ class Loaded:
     images: Optional[torch.Tensor] = None  # (N, 3, H, W) in [-1, 1]: frame 0 of each video (image-to-video)
     seam: Conditioning = field(default_factory=Conditioning)  # the checkpoint's condition
     sampler: str = ""  # the configured sampler for the checkpoint's objective (`auto` resolved)
+    window: Optional[Window] = None  # the shape sampled (resolution, num_frames: training/buckets.py)
 
     def for_videos(self, cfg: PredictConfig) -> "Loaded":
         """The same checkpoint, weights, VAE and text encoder with the videos of `cfg` (which
@@ -382,7 +384,9 @@ class Loaded:
         the checkpoint, and their first frames. Nothing is loaded or hashed again: evaluate
         samples its thousands of videos in chunks this way."""
         conditions = _video_conditions(cfg, self.seam)
-        return replace(self, conditions=conditions, images=_first_frames(cfg, self.ckpt, self.vae, self.model))
+        window = window_for(cfg.resolution, cfg.num_frames, self.ckpt, self.vae)
+        return replace(self, conditions=conditions, window=window,
+                       images=_first_frames(cfg, self.ckpt, self.vae, window))
 
 
 def load_sampler(cfg: PredictConfig, device: torch.device, ckpt: Optional[dict] = None) -> Loaded:
@@ -412,7 +416,7 @@ def load_sampler(cfg: PredictConfig, device: torch.device, ckpt: Optional[dict] 
     print(f"checkpoint {cfg.checkpoint}: step {ckpt['step']}, {'EMA' if cfg.use_ema else 'raw'} weights, "
           f"{objective}; "
           f"VAE {vae.path} (fingerprint {vae.fingerprint} matches); {seam.summary()}; sampler {sampler}{auto}, "
-          f"{cfg.num_steps} steps, {seam.guidance_note(cfg.guidance_scale)}; {fps:g} fps")
+          f"{cfg.num_steps} steps, {seam.guidance_note(cfg.guidance_scale)}; {fps:g} fps{bucket_summary(ckpt)}")
     return Loaded(ckpt, model, vae, None, fps, None, seam, sampler)
 
 
@@ -504,7 +508,7 @@ def _batches(cfg: PredictConfig, loaded: Loaded, device: torch.device,
              should_stop: Optional[Callable[[], bool]] = None) -> Iterator[list[np.ndarray]]:
     try:
         yield from _generate(cfg, loaded.model, loaded.vae, loaded.ckpt, loaded.conditions, device,
-                             loaded.images, should_stop)
+                             loaded.window, loaded.images, should_stop)
     except torch.OutOfMemoryError:
         raise UserError(f"out of GPU memory sampling {cfg.batch_size} videos at once; lower "
                         "batch_size (videos sampled together) or guidance (cfg doubles the batch)") from None
@@ -521,24 +525,23 @@ def _trained_vae_settings(config: dict) -> VAERefConfig:
 
 
 def _generate(cfg: PredictConfig, model, vae, ckpt: dict, conditions: SampleConditions,
-              device, images: Optional[torch.Tensor] = None,
+              device, window: Window, images: Optional[torch.Tensor] = None,
               should_stop: Optional[Callable[[], bool]] = None) -> Iterator[list[np.ndarray]]:
     return generate_batches(
-        model, vae, objective_of(ckpt),
-        latent_shape=latent_shape(model_dims(ckpt["model"])),
+        model, vae, objective_of(ckpt), latent_shape=window.latent_shape,
         seeds=[cfg.seed + i for i in range(cfg.num_videos)], sampler=cfg.sampler,
         num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, conditions=conditions,
         device=device, batch_size=cfg.batch_size, progress=True, images=images,
-        num_frames=cfg.num_frames, condition_frames=FirstFrames.of(ckpt["model"]["config"]).frames,
+        num_frames=window.num_frames, condition_frames=FirstFrames.of(ckpt["model"]["config"]).frames,
         should_stop=should_stop)
 
 
-def _first_frames(cfg: PredictConfig, ckpt: dict, vae: FrozenVAE, model) -> Optional[torch.Tensor]:
+def _first_frames(cfg: PredictConfig, ckpt: dict, vae: FrozenVAE, sampled: Window) -> Optional[torch.Tensor]:
     """The `image` / `images` (N, 3, H, W) resized and cropped as training clips, or None; image
-    and a `num_frames` beyond the window refused for a checkpoint trained without first frames."""
+    and a `num_frames` beyond the window refused for a checkpoint trained without first frames.
+    `sampled`: the shape sampled (`window_for`)."""
     first = FirstFrames.of(ckpt["model"]["config"])
-    _, frames, h, w = latent_shape(model_dims(ckpt["model"]))
-    window = vae.geometry.pixel_frames(frames)
+    window = vae.geometry.pixel_frames(sampled.latent_shape[1])
     paths = cfg.image_list()
     if paths is not None:
         first.require("image-to-video (image / images)", cfg.checkpoint)
@@ -550,8 +553,8 @@ def _first_frames(cfg: PredictConfig, ckpt: dict, vae: FrozenVAE, model) -> Opti
               f"of {window} frames, each after the first conditioned on the {overlap} frame(s) before it")
     if paths is None:
         return None
-    height, width = h * vae.downsample_factor, w * vae.downsample_factor
-    return torch.stack([load_image(p, height, width, "image" if cfg.image else "images") for p in paths])
+    return torch.stack([load_image(p, sampled.height, sampled.width, "image" if cfg.image else "images")
+                        for p in paths])
 
 
 def _check_request(cfg: PredictConfig) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -20,13 +20,15 @@ from tqdm import tqdm
 
 from data import build_dataset
 from data.latent_cache import CacheCorruptError, LatentCache, cache_disabled_reason, cache_key
-from data.loader import ResumableSampler, make_loader
+from data.loader import ResumableSampler, make_loader, position_sampler
 from data.source_index import RUN_INDEX_FILE
 from models.backbones import Family, check_base, family_for, ignored_architecture_keys
 from models.diffusion import Objective, make_objective
 from models.dit import check_condition_frames
 from models.vae import FrozenVAE
 from training import checkpoints as ckpts
+from training.buckets import (Buckets, bucket_loader, bucket_rules, bucket_sampler, by_shape, check_buckets,
+                              check_listed, report as report_buckets)
 from training.common import (Deadline, LoopHooks, LRPlan, Position, StepControl, StepOutcome,
                              StopReason, capture_rank_rng, check_epoch, checkpoint_note,
                              make_lr_schedule, maybe_no_sync, now, optimizer_step, out_of_memory,
@@ -81,7 +83,7 @@ class Stage2:
     deadline: Deadline  # train.time_limit_minutes: a hard stop
     plan: LRPlan  # the step the LR anneals to (and training ends at) under the time limit
     real_jigsaw: Optional[float] = None  # jigsaw score of real clips, computed once
-    held_out: Optional[HeldOut] = None  # val/loss's fixed windows, encoded once (rank 0)
+    held_out: Optional[list[HeldOut]] = None  # val/loss's fixed windows (per bucket), encoded once (rank 0)
     detector: Optional[torch.jit.ScriptModule] = None  # validation.fvd's I3D, if set
     fvd_real: Optional[FeatureStats] = None  # real clips' features for val/fvd, computed once
     saved_step: int = 0  # the step latest.pth holds (a failing run saves only what is newer)
@@ -97,6 +99,7 @@ class Stage2:
     parallel: Replicated = None  # train.parallel's strategy (training/parallel.py): set by setup
     grad_bytes: Optional[int] = None  # local gradient bytes, measured before the last logged step
     memory_logged: bool = False  # log.txt got this launch's memory line
+    buckets: Optional[Buckets] = None  # data.buckets (training/buckets.py); None: one shape
 
 
 # ----------------------------------------------------------------------------- setup
@@ -137,14 +140,22 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
     _check_encode_memory(vae, cfg, device)
     # Every check the config, the data index, the VAE and the checkpoint allow, before the
     # latent cache is built or a step runs.
+    rules = bucket_rules(cfg, vae, family)  # data.buckets: what the VAE and the DiT allow (None: one shape)
+    check_listed(cfg, vae, family)
     dataset = build_dataset(cfg.data, "train", cfg.experiment.seed,  # the index: frame counts only
-                            index_file=os.path.join(run_dir, RUN_INDEX_FILE))
+                            index_file=os.path.join(run_dir, RUN_INDEX_FILE), rules=rules)
     text_length = family.text_length(cfg.text_encoder.max_length)
     cond = conditioning_for_training(cfg, dataset, device, log, dist, family.text_convention(text_length),
                                      text_length, family.default_text_length)  # text: the frozen encoder, loaded on rank 0
     cond.check_family(family)  # a pretrained DiT reads text of its width
     dims = {**latent_dims(cfg, vae, family), **cond.dims()}  # resolution, frame rule, patch; classes / text
-    steps_per_epoch = check_epoch(len(dataset), tcfg, dist, tcfg.grad_accum_steps)
+    buckets = sampler = None
+    if rules is not None:  # every bucket checked as data.resolution is; listed in log.txt and buckets.json
+        buckets = check_buckets(cfg, vae, family, rules, dataset.plan.buckets)
+        sampler = bucket_sampler(dataset, cfg, dist)
+        report_buckets(dataset, sampler, run_dir, dist, log)
+    steps_per_epoch = check_epoch(len(dataset), tcfg, dist, tcfg.grad_accum_steps) if sampler is None \
+        else sampler.per_rank // tcfg.grad_accum_steps
     ckpt = _checked_checkpoint(cfg, resume_path, vae, dims, cond, family, parallel.reads_shards()) \
         if resume_path else None
     detector = None
@@ -154,7 +165,7 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
     val_captions: list[str] = []
 
     def captions() -> list[str]:  # every caption the run looks up: both splits, validation prompts
-        val_captions.extend(build_dataset(cfg.data, "val", cfg.experiment.seed).distinct_captions())
+        val_captions.extend(build_dataset(cfg.data, "val", cfg.experiment.seed, rules=rules).distinct_captions())
         return [*dataset.distinct_captions(), *val_captions, *(cfg.validation.prompts or [])]
     cond.prepare(captions, os.path.join(run_dir, TEXT_CACHE_DIR), dist, log, cfg.text_encoder.batch_size)
     dataset = _maybe_cached(dataset, cfg, vae, run_dir, dist, device, log)
@@ -163,7 +174,8 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
     loader = make_loader(dataset, tcfg.batch_size, shuffle=True, seed=cfg.experiment.seed,
                          num_workers=cfg.data.num_workers, rank=dist.rank,
                          world_size=dist.world_size, drop_last=True, device_type=device.type,
-                         collate_fn=cond.collate)  # text: captions looked up in the data workers
+                         collate_fn=cond.collate) if sampler is None else \
+        bucket_loader(dataset, sampler, cfg, dist, device.type, cond.collate)  # text: captions looked up in the workers
     model = family.build(dims, device, base_dtype=dtype if family.pretrained else torch.float32)
     model.activation_checkpointing = tcfg.activation_checkpointing  # around each block call: before sharding
     parallel.prepare(model, family.blocks(model), tcfg.compile)  # fsdp: compile, shard (training/parallel.py)
@@ -178,10 +190,11 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
     noise_gen = seed_rank(cfg.experiment.seed, dist, device)
     s = Stage2(cfg, run_dir, dist, device, dtype, log, vae, make_objective(cfg.diffusion, family.native_scheduler()),
                model, net, ddp, ema, optimizer, make_grad_scaler(device, dtype),
-               lr_sched, loader, loader.sampler, noise_gen, dims,
+               lr_sched, loader, position_sampler(loader), noise_gen, dims,
                list(getattr(dataset, "class_names", [])), Position(), total, deadline, plan)
     s.detector, s.cond, s.val_captions, s.family = detector, cond, sorted(set(val_captions)), family
     s.parallel = parallel
+    s.buckets = buckets
     s.first_frames = FirstFrames.of(cfg.model)
     # the windows' frame rate (data.fps, else the clips' median), or validation.fps for data
     # with no time of its own (built-in clips); predict writes videos at it by default
@@ -267,12 +280,16 @@ def _log_latent_rms(vae: FrozenVAE, dataset, log: RunLogger) -> None:
     schedule assumes ~1, and a wrong scale is the classic silent mistake."""
     n = min(len(dataset), RMS_CLIPS)
     items = [dataset[int(i)] for i in torch.linspace(0, len(dataset) - 1, n).round().long()]
-    if "mean" in items[0]:  # cached moments
-        z = vae.latents_from_moments(torch.stack([it["mean"] for it in items]).to(vae.device),
-                                     torch.stack([it["std"] for it in items]).to(vae.device), sample=False)
-    else:
-        z = vae.encode(torch.stack([it["video"] for it in items]), sample=False)  # (n, C, t, h, w)
-    rms = z.float().pow(2).mean().sqrt().item()
+    squares = []  # the squared latents of each shape of clip (buckets: several)
+    for group in by_shape(items, lambda it: it["mean" if "mean" in it else "video"].shape):
+        if "mean" in group[0]:  # cached moments
+            z = vae.latents_from_moments(torch.stack([it["mean"] for it in group]).to(vae.device),
+                                         torch.stack([it["std"] for it in group]).to(vae.device), sample=False)
+        else:
+            z = vae.encode(torch.stack([it["video"] for it in group]), sample=False)  # (n, C, t, h, w)
+        squares.append(z.float().pow(2))
+    rms = (squares[0].mean() if len(squares) == 1 else  # one shape: as before buckets
+           sum(x.sum() for x in squares) / sum(x.numel() for x in squares)).sqrt().item()
     log.info(f"normalised training latents: RMS {rms:.3f} over {n} clips (posterior means; want ~1)")
     if not RMS_RANGE[0] <= rms <= RMS_RANGE[1]:
         log.info(f"warning: latent RMS {rms:.3f} is outside [{RMS_RANGE[0]}, {RMS_RANGE[1]}]: the VAE's "
@@ -336,6 +353,7 @@ def checkpoint_dict(s: Stage2, gather: bool = True, final: bool = False) -> dict
         "conditioning": s.cond.record(),  # kind, classes or the text encoder's describe()
         "fps": s.fps,
         "config": config_to_dict(s.cfg),
+        **({"buckets": s.buckets.record()} if s.buckets is not None else {}),  # the shapes trained
     }
 
 
@@ -390,7 +408,8 @@ def _resume(s: Stage2, ckpt: dict, path: str) -> None:
     use_fast_adamw(s.optimizer)  # the checkpoint may carry another implementation's flags
     rng = ckpt["rng"] if isinstance(ckpt["rng"], list) else [{**ckpt["rng"], "noise_gen": ckpt["noise_gen"]}]
     restore_rank_rng(rng, s.noise_gen, s.cfg.experiment.seed, s.dist, s.log)  # rank 0's only before
-    s.pos = restore_position(ckpt, s.dist, s.cfg.train.batch_size, len(s.loader.dataset), s.log)
+    s.pos = restore_position(ckpt, s.dist, s.cfg.train.batch_size, len(s.loader.dataset), s.log,
+                             s.buckets.record() if s.buckets is not None else None)
     s.saved_step, s.saved_whole = s.pos.step, not ckpt.get("sharded")
     s.log.info(f"resumed from {path} ({ckpts.checkpoint_summary(ckpt)})")
     s.plan.load_state_dict(ckpt.get("lr_plan"), s.log)
@@ -400,24 +419,31 @@ def _resume(s: Stage2, ckpt: dict, path: str) -> None:
 
 
 class LossStats:
-    """Device-side sums between log steps: no host sync on ordinary steps."""
+    """Device-side sums between log steps: no host sync on ordinary steps. `buckets`: the
+    names of data.buckets' buckets, whose losses are also summed apart (train_loss_by_bucket/)."""
 
-    def __init__(self, device: torch.device, num_train_timesteps: int):
-        self.device, self.T = device, num_train_timesteps
+    def __init__(self, device: torch.device, num_train_timesteps: int, buckets: Sequence[str] = ()):
+        self.device, self.T, self.buckets = device, num_train_timesteps, list(buckets)
         self.reset()
 
     def reset(self) -> None:
         self.loss_sum = torch.zeros(NUM_T_BUCKETS, device=self.device, dtype=torch.float64)
         self.count = torch.zeros(NUM_T_BUCKETS, device=self.device, dtype=torch.float64)
+        self.by_bucket = torch.zeros(2, len(self.buckets), device=self.device, dtype=torch.float64)  # sums, counts
         self.grad_norm_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         self.steps, self.samples, self.data_wait, self.t0 = 0, 0, 0.0, time.perf_counter()
         self.wait_start = self.t0  # when the loop last asked the loader for a batch
 
-    def add(self, per_sample: torch.Tensor, t: torch.Tensor) -> None:
-        # t is the model time in [0, T]: integer (v) or float s * T (flow), bucketed by t / T
+    def add(self, per_sample: torch.Tensor, t: torch.Tensor, shape: Optional[torch.Tensor] = None) -> None:
+        # t is the model time in [0, T]: integer (v) or float s * T (flow), bucketed by t / T;
+        # shape: (B,) the data bucket of each sample (data.buckets), None without buckets
         bucket = (t * NUM_T_BUCKETS // self.T).long().clamp_(max=NUM_T_BUCKETS - 1)
         self.loss_sum.index_add_(0, bucket, per_sample.detach().double())
         self.count.index_add_(0, bucket, torch.ones_like(per_sample, dtype=torch.float64))
+        if shape is not None and self.buckets:
+            shape = shape.to(self.device, non_blocking=True)
+            self.by_bucket[0].index_add_(0, shape, per_sample.detach().double())
+            self.by_bucket[1].index_add_(0, shape, torch.ones_like(per_sample, dtype=torch.float64))
         self.samples += per_sample.shape[0]
 
     def summary(self, dist: DistInfo) -> dict[str, float]:
@@ -433,6 +459,11 @@ class LossStats:
             if sums[1, b] > 0:
                 out[f"train_loss_by_t/t{b * width:04d}-{(b + 1) * width - 1:04d}"] = \
                     (sums[0, b] / sums[1, b]).item()
+        if self.buckets:  # every rank trains the same bucket at a step: one more sum over ranks
+            by_bucket = all_reduce_sum(self.by_bucket, dist).cpu()  # (2, buckets)
+            for name, total, n in zip(self.buckets, *by_bucket.tolist()):
+                if n > 0:
+                    out[f"train_loss_by_bucket/{name}"] = total / n
         return out
 
 
@@ -453,7 +484,7 @@ def train(s: Stage2) -> Position:
 
 def _train_loop(s: Stage2) -> Position:
     tcfg, T = s.cfg.train, s.cfg.diffusion.num_train_timesteps
-    stats = LossStats(s.device, T)
+    stats = LossStats(s.device, T, s.buckets.names if s.buckets is not None else ())
     bar = tqdm(total=s.total_steps, initial=s.pos.step, disable=not s.dist.is_main,
                dynamic_ncols=True, desc=_epoch_desc(s))
 
@@ -483,7 +514,8 @@ def _train_loop(s: Stage2) -> Position:
             v_pred = s.net(x_t, t, **kw)  # (B, C, T, h, w)
         per_sample = s.diffusion.loss(v_pred.float(), x0, noise, t, frame_mask).loss  # (B,)
         s.scaler.scale(per_sample.mean() / tcfg.grad_accum_steps).backward()
-        stats.add(per_sample, t if t.ndim == 1 else t.max(dim=1).values)  # the generated frames' t
+        stats.add(per_sample, t if t.ndim == 1 else t.max(dim=1).values,  # the generated frames' t
+                  batch.get("bucket"))
         # Step (when this micro-batch closes one).
         outcome = _optimizer_step(s, stats, per_sample) if sync else None
         stats.wait_start = time.perf_counter()

@@ -3,6 +3,11 @@ held-out loss by timestep, the jigsaw score against real clips, val/fvd and,
 for a model trained with first-frame conditioning, image-to-video samples (val/image_to_video,
 val/first_frame_psnr).
 
+With data.buckets the samples, their jigsaw scores and the held-out loss are per bucket
+(samples/step_N/<bucket>/, val/samples_<bucket>, val/loss_<bucket>: the val split's windows of
+that bucket); val/loss and val/jigsaw_score are then over all of them. val/fvd and the
+image-to-video samples stay at the run's reference shape (data.resolution x data.num_frames).
+
 `validate(s)` runs on every rank with the training state `s` (training.stage2.Stage2); a
 SIGINT/SIGTERM ends it at once (see its docstring). Nothing here changes a training RNG or
 weight: the held-out loss and the samples draw from generators seeded by validation.seed.
@@ -21,6 +26,7 @@ from torch import nn
 from data import build_dataset
 from data.latent_cache import CachedWindows
 from training import checkpoints as ckpts
+from training.buckets import by_shape
 from training.conditioning import SampleConditions
 from training.first_frames import psnr
 from training.evaluation import clip_batches, fvd_real_clips, generated_geometry, video_batches
@@ -77,25 +83,34 @@ def _validate_main(s: Stage2, fvd: Optional[float]) -> None:
         _validate_ema(s, fvd, ema_model, raw)
 
 
-def _validate_ema(s: Stage2, fvd: Optional[float], ema_model: nn.Module, raw: Optional[torch.Tensor]) -> None:
+def _validate_ema(s: Stage2, fvd: Optional[float], ema_model: nn.Module,
+                  raw: Optional[dict[str, torch.Tensor]]) -> None:
     v = s.cfg.validation
     if v.loss_clips:
         _log_held_out_loss(s, ema_model, raw)
     conditions = validation_conditions(s, v.num_videos)
-    videos = generate_videos(
-        ema_model, s.vae, s.diffusion, latent_shape=ckpts.latent_shape(s.dims),
-        seeds=[v.seed + i for i in range(v.num_videos)], sampler=v.sampler,
-        num_steps=v.num_steps, guidance_scale=v.guidance_scale, device=s.device,
-        conditions=conditions)
+    cell = s.vae.downsample_factor * s.family.patch[1]  # patch side in pixels
+    scores = []
+    for name, shape in sample_shapes(s):  # one shape, or each bucket's
+        videos = generate_videos(
+            ema_model, s.vae, s.diffusion, latent_shape=shape,
+            seeds=[v.seed + i for i in range(v.num_videos)], sampler=v.sampler,
+            num_steps=v.num_steps, guidance_scale=v.guidance_scale, device=s.device,
+            conditions=conditions)
+        if not s.dist.is_main:
+            continue
+        out = os.path.join(s.run_dir, "samples", f"step_{s.pos.step:07d}", *([name] if name else []))
+        save_videos(out, videos, v.fps, conditions.prompts)  # + prompts.txt for a text model
+        s.log.video("val/samples" + (f"_{name}" if name else ""), side_by_side(videos), s.pos.step, v.fps)
+        scores.append(jigsaw_score(torch.stack([uint8_to_video_tensor(x) for x in videos]), cell))
+        if name:
+            s.log.scalar(f"val/jigsaw_score_{name}", scores[-1], s.pos.step)
     out = os.path.join(s.run_dir, "samples", f"step_{s.pos.step:07d}")
     if s.dist.is_main:
-        save_videos(out, videos, v.fps, conditions.prompts)  # + prompts.txt for a text model
-        s.log.video("val/samples", side_by_side(videos), s.pos.step, v.fps)
         if any(conditions.prompts):  # TensorBoard's Text tab: each video's prompt, left to right
             s.log.text("val/samples_prompts", "\n\n".join(
                 f"{i}: {p}" for i, p in enumerate(conditions.prompts)), s.pos.step)
-        cell = s.vae.downsample_factor * s.family.patch[1]  # patch side in pixels
-        score = jigsaw_score(torch.stack([uint8_to_video_tensor(x) for x in videos]), cell)
+        score = scores[0] if len(scores) == 1 else float(np.mean(scores))
         s.log.scalars({"val/jigsaw_score": score, "val/jigsaw_score_real": _real_jigsaw(s, cell)},
                       s.pos.step)
     if s.first_frames.enabled:
@@ -144,35 +159,65 @@ def _log_image_to_video(s: Stage2, ema_model: nn.Module) -> None:
 # ----------------------------------------------------------------------------- held-out loss
 
 
+def sample_shapes(s: Stage2) -> list[tuple[str, tuple[int, int, int, int]]]:
+    """(name, latent shape (C, T, h, w)) of each shape validation samples: the run's one shape
+    (name ""), or every bucket's (its name, e.g. "32x64x8")."""
+    if s.buckets is None:
+        return [("", ckpts.latent_shape(s.dims))]
+    return list(zip(s.buckets.names, s.buckets.latent_shapes))
+
+
 @dataclass
 class HeldOut:
     """val/loss's fixed windows of the val split, as the frozen VAE's scaled posterior means."""
     latents: torch.Tensor  # (N, C, T, h, w) on the training device
     cond: dict  # the seam's eval keyword arguments, (N, ...) each ({} for an unconditional model)
+    name: str = ""  # the data bucket of these windows ("" without buckets)
 
 
-def _held_out(s: Stage2) -> HeldOut:
-    """`validation.loss_clips` windows spread evenly over the val split, encoded once."""
+def _held_out(s: Stage2) -> list[HeldOut]:
+    """`validation.loss_clips` windows spread evenly over the val split (over each bucket's
+    windows, with buckets), encoded once."""
     if s.held_out is None:
-        dataset = build_dataset(s.cfg.data, "val", s.cfg.experiment.seed)  # no augmentation
-        n = min(s.cfg.validation.loss_clips, len(dataset))
-        index = np.unique(np.linspace(0, len(dataset) - 1, n).round().astype(int))
-        items = [dataset[int(i)] for i in index]
-        pixels = torch.stack([it["video"] for it in items])  # (N, 3, T, H, W)
-        latents = torch.cat([s.vae.encode(p.to(s.device), sample=False)  # the posterior mean
-                             for p in pixels.split(s.cfg.train.batch_size)])  # (N, C, T, h, w)
-        batch = {"label": torch.tensor([it["label"] for it in items]),
-                 "caption": [it.get("caption") for it in items]}
-        s.held_out = HeldOut(latents, s.cond.eval_kwargs(batch, s.device))
+        rules = s.buckets.rules if s.buckets is not None else None
+        dataset = build_dataset(s.cfg.data, "val", s.cfg.experiment.seed, rules=rules)  # no augmentation
+        s.held_out = [_encoded_windows(s, dataset, index, name) for name, index in _val_windows(s, dataset)]
     return s.held_out
 
 
+def _val_windows(s: Stage2, dataset) -> list[tuple[str, np.ndarray]]:
+    """(bucket name, the windows of the val split it holds out): one group without buckets."""
+    def spread(windows: np.ndarray) -> np.ndarray:
+        n = min(s.cfg.validation.loss_clips, len(windows))
+        return windows[np.unique(np.linspace(0, len(windows) - 1, n).round().astype(int))]
+    plan = getattr(dataset, "plan", None)
+    if plan is None:
+        return [("", spread(np.arange(len(dataset))))]
+    of_window = np.repeat(plan.bucket_of, dataset.counts)  # (N,) the bucket of each window
+    return [(b.name, spread(np.flatnonzero(of_window == k))) for k, b in enumerate(plan.buckets)
+            if b.name in s.buckets.names and (of_window == k).any()]
+
+
+def _encoded_windows(s: Stage2, dataset, index: np.ndarray, name: str) -> HeldOut:
+    items = [dataset[int(i)] for i in index]
+    pixels = torch.stack([it["video"] for it in items])  # (N, 3, T, H, W)
+    latents = torch.cat([s.vae.encode(p.to(s.device), sample=False)  # the posterior mean
+                         for p in pixels.split(s.cfg.train.batch_size)])  # (N, C, T, h, w)
+    batch = {"label": torch.tensor([it["label"] for it in items]),
+             "caption": [it.get("caption") for it in items]}
+    return HeldOut(latents, s.cond.eval_kwargs(batch, s.device), name)
+
+
 @torch.no_grad()
-def held_out_loss(s: Stage2, model: nn.Module) -> torch.Tensor:
-    """(NUM_T_BUCKETS,) mean loss of `model` on the held-out windows at each bucket's central
-    timestep, with noise drawn from `validation.seed`: the same inputs at every validation,
-    so the curve moves only when the model does. Touches no training RNG."""
-    held = _held_out(s)
+def held_out_loss(s: Stage2, model: nn.Module) -> dict[str, torch.Tensor]:
+    """{bucket name ("" without buckets): (NUM_T_BUCKETS,) mean loss of `model` on its held-out
+    windows at each bucket's central timestep}, with noise drawn from `validation.seed`: the
+    same inputs at every validation, so the curve moves only when the model does. Touches no
+    training RNG."""
+    return {held.name: _group_loss(s, model, held) for held in _held_out(s)}
+
+
+def _group_loss(s: Stage2, model: nn.Module, held: HeldOut) -> torch.Tensor:
     n, T = held.latents.shape[0], s.cfg.diffusion.num_train_timesteps
     width = T // NUM_T_BUCKETS
     gen = torch.Generator().manual_seed(s.cfg.validation.seed)  # CPU: same noise on any device
@@ -196,19 +241,32 @@ def held_out_loss(s: Stage2, model: nn.Module) -> torch.Tensor:
     return torch.cat(losses).reshape(NUM_T_BUCKETS, n).mean(1)
 
 
-def _log_held_out_loss(s: Stage2, ema_model: nn.Module, raw: torch.Tensor) -> None:
+def _log_held_out_loss(s: Stage2, ema_model: nn.Module, by_raw: dict[str, torch.Tensor]) -> None:
     """val/loss (EMA weights: what is sampled), val/loss_raw (the trained weights, like
-    train/loss: `raw`, measured before the EMA weights were applied), and val_loss_by_t/... (EMA) to TensorBoard and log.txt."""
-    ema = held_out_loss(s, ema_model)
+    train/loss: `by_raw`, measured before the EMA weights were applied), and val_loss_by_t/... (EMA)
+    to TensorBoard and log.txt; with buckets also val/loss_<bucket> (EMA), and the others over every
+    bucket's windows."""
+    by_ema = held_out_loss(s, ema_model)
+    ema, raw = _pooled(s, by_ema), _pooled(s, by_raw)
     width = s.cfg.diffusion.num_train_timesteps // NUM_T_BUCKETS
     values = {"val/loss": ema.mean().item(), "val/loss_raw": raw.mean().item()}
+    values.update({f"val/loss_{name}": x.mean().item() for name, x in by_ema.items() if name})
     s.val_losses.append(values["val/loss"])  # for the outcome line (training/outcome.py)
     for b in range(NUM_T_BUCKETS):
         values[f"val_loss_by_t/t{b * width:04d}-{(b + 1) * width - 1:04d}"] = ema[b].item()
     s.log.scalars(values, s.pos.step)
+    buckets = "".join(f"; {name} {x.mean().item():.4f}" for name, x in by_ema.items() if name)
     s.log.info(f"step {s.pos.step} val/loss {values['val/loss']:.4f} (EMA) val/loss_raw "
-               f"{values['val/loss_raw']:.4f} on {s.held_out.latents.shape[0]} held-out clips; by t: "
-               + " ".join(f"{x:.4f}" for x in ema.tolist()))
+               f"{values['val/loss_raw']:.4f} on {sum(h.latents.shape[0] for h in s.held_out)} held-out clips; by t: "
+               + " ".join(f"{x:.4f}" for x in ema.tolist()) + buckets)
+
+
+def _pooled(s: Stage2, by_bucket: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(NUM_T_BUCKETS,) losses over every group's windows (the one group's, without buckets)."""
+    if len(by_bucket) == 1:
+        return next(iter(by_bucket.values()))
+    counts = torch.tensor([h.latents.shape[0] for h in s.held_out], dtype=torch.float64)  # (G,)
+    return (torch.stack(list(by_bucket.values())) * counts[:, None]).sum(0) / counts.sum()
 
 
 # ----------------------------------------------------------------------------- val/fvd
@@ -273,6 +331,7 @@ def _real_jigsaw(s: Stage2, cell: int) -> float:
         pixels = s.loader.dataset
         pixels = pixels.dataset if isinstance(pixels, CachedWindows) else pixels  # the clips themselves
         n = min(len(pixels), 16)
-        clips = torch.stack([pixels[i]["video"] for i in range(n)])  # (n, 3, T, H, W)
-        s.real_jigsaw = jigsaw_score(clips, cell)
+        clips = by_shape([pixels[i]["video"] for i in range(n)])  # (3, T, H, W) each, grouped by shape
+        scores = [(jigsaw_score(torch.stack(group), cell), len(group)) for group in clips]
+        s.real_jigsaw = scores[0][0] if len(scores) == 1 else sum(x * k for x, k in scores) / n
     return s.real_jigsaw

@@ -82,6 +82,10 @@ class BuiltinDataConfig:
     # "<colour> <shape>" pairs, e.g. "red triangle", that no training clip shows (its shape gets
     # another colour); the validation split keeps them: a test of compositional generalisation
     held_out_combinations: list[str] = field(default_factory=list)
+    # With data.buckets: the clips' own sizes, cycled over them (clip k is rendered at entry
+    # k mod n: a square side or [height, width]); null = data.resolution for every clip
+    resolutions: Optional[list[Union[int, list[int]]]] = None
+    num_stills: int = 0  # with data.buckets: still images (one frame of a clip each) beside the clips
 
     def held_out_pairs(self) -> list[tuple[str, str]]:
         """held_out_combinations as (colour, shape) pairs (lower case; checked by `validate`)."""
@@ -98,6 +102,14 @@ class BuiltinDataConfig:
         if not 0 <= self.min_speed <= self.max_speed:
             raise ConfigError(f"{prefix}.min_speed / max_speed = {self.min_speed} / {self.max_speed}: "
                               "need 0 <= min_speed <= max_speed")
+        if self.resolutions is not None:
+            if not self.resolutions:
+                raise ConfigError(f"{prefix}.resolutions is an empty list: give sizes (e.g. [[32, 64], "
+                                  "[64, 32], 48]) or null (every clip at data.resolution)")
+            for i, res in enumerate(self.resolutions):
+                _check_resolution(res, f"{prefix}.resolutions[{i}]")
+        if self.num_stills < 0:
+            raise ConfigError(f"{prefix}.num_stills = {self.num_stills}: must be >= 0")
 
     def _check_held_out(self, key: str) -> None:
         """Each entry a known "<colour> <shape>"; every shape keeps at least one training colour."""
@@ -127,8 +139,46 @@ def split_combination(text: str) -> tuple[str, str]:
     return colour, shape
 
 
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")  # stills: one-frame samples with data.buckets
+
+
+class Sized:
+    """`height` and `width` of a section's `resolution` (a square side or [height, width])."""
+    resolution: Union[int, list[int]]
+
+    @property
+    def height(self) -> int:
+        """Frame height in pixels."""
+        return self.resolution[0] if isinstance(self.resolution, (list, tuple)) else self.resolution
+
+    @property
+    def width(self) -> int:
+        """Frame width in pixels."""
+        return self.resolution[1] if isinstance(self.resolution, (list, tuple)) else self.resolution
+BUCKET_ORIGINS = ("auto",)  # data.buckets spelled as a word (else null or a list)
+
+
 @dataclass
-class DataConfig:
+class BucketConfig(Sized):
+    """One entry of `data.buckets`: the shape of its samples and how many make a batch."""
+    resolution: Optional[Union[int, list[int]]] = None  # pixels: a square side or [height, width]
+    num_frames: Optional[int] = None  # frames per sample; 1 = images (stills)
+    batch_size: Optional[int] = None  # samples per batch, per process; null = train.batch_size x
+                                      # the tokens of data.resolution x data.num_frames / this bucket's
+
+    def validate(self, prefix: str) -> None:
+        for name, example in (("resolution", "[32, 64]"), ("num_frames", "8")):
+            if getattr(self, name) is None:
+                raise ConfigError(f"{prefix}.{name} is missing: every bucket needs resolution and "
+                                  f"num_frames (e.g. {name}: {example}); batch_size may be null")
+        _check_resolution(self.resolution, prefix + ".resolution")
+        _positive(self, prefix, "num_frames")
+        if self.batch_size is not None:
+            _positive(self, prefix, "batch_size")
+
+
+@dataclass
+class DataConfig(Sized):
     path: str = "builtin:moving_shapes"  # or a folder of videos / frame folders
     num_frames: int = 8  # frames per training clip (after frame_stride)
     resolution: Union[int, list[int]] = 32  # pixels: a square side, or [height, width]
@@ -149,17 +199,14 @@ class DataConfig:
     # text / caption / prompt; docs/data.md)
     captions: Optional[str] = None
     missing_caption: Literal["error", "skip", "empty"] = "error"  # a clip with no (or an empty) caption
+    # Buckets (docs/data.md "Buckets"): null = every sample at resolution x num_frames; auto = one
+    # bucket per aspect ratio found, at about bucket_area pixels (clips: num_frames; images: 1);
+    # or a list of {resolution, num_frames, batch_size}: each sample goes to the nearest aspect
+    # ratio and the longest frame count it fills, is resized and cropped to it, never padded
+    buckets: Optional[Union[Literal["auto"], list[BucketConfig]]] = None
+    bucket_area: Optional[int] = None  # pixels per frame of auto buckets; null = resolution's area
+    images: Literal["include", "exclude", "only"] = "include"  # stills under path (with buckets)
     builtin: BuiltinDataConfig = field(default_factory=BuiltinDataConfig)
-
-    @property
-    def height(self) -> int:
-        """Frame height in pixels (`resolution` is a square side or [height, width])."""
-        return self.resolution[0] if isinstance(self.resolution, (list, tuple)) else self.resolution
-
-    @property
-    def width(self) -> int:
-        """Frame width in pixels."""
-        return self.resolution[1] if isinstance(self.resolution, (list, tuple)) else self.resolution
 
     def validate(self, prefix: str = "data") -> None:
         _positive(self, prefix, "num_frames", "frame_stride", "window_stride")
@@ -194,6 +241,48 @@ class DataConfig:
                               f"(<clip stem>.txt beside each clip) or a metadata file ending in "
                               f"{', '.join(CAPTION_FILE_EXTS)}")
         self.builtin.validate(prefix + ".builtin")
+        self._check_buckets(prefix)
+
+    def _check_buckets(self, prefix: str) -> None:
+        """data.buckets, bucket_area, images and the built-in shapes agree with each other."""
+        b = self.builtin
+        if self.buckets is None:
+            needs = [(f"{prefix}.images = {self.images}", self.images == "only"),
+                     (f"{prefix}.bucket_area = {self.bucket_area}", self.bucket_area is not None),
+                     (f"{prefix}.builtin.resolutions = {b.resolutions}", b.resolutions is not None),
+                     (f"{prefix}.builtin.num_stills = {b.num_stills}", b.num_stills > 0)]
+            for what, given in needs:
+                if given:
+                    raise ConfigError(f"{what} needs {prefix}.buckets (samples of several shapes, stills "
+                                      f"in one-frame batches); set {prefix}.buckets: auto (or a list), or "
+                                      "remove it")
+            return
+        if isinstance(self.buckets, list):
+            if not self.buckets:
+                raise ConfigError(f"{prefix}.buckets is an empty list: list buckets ({{resolution: [32, 64], "
+                                  f"num_frames: 8, batch_size: 4}}, ...), or use auto or null")
+            seen = {}
+            for i, bucket in enumerate(self.buckets):
+                bucket.validate(f"{prefix}.buckets[{i}]")
+                shape = (bucket.height, bucket.width, bucket.num_frames)
+                if shape in seen:
+                    raise ConfigError(f"{prefix}.buckets[{i}] repeats {prefix}.buckets[{seen[shape]}] "
+                                      f"({bucket.height}x{bucket.width}, {bucket.num_frames} frames): give "
+                                      "each shape once")
+                seen[shape] = i
+            if self.bucket_area is not None:
+                raise ConfigError(f"{prefix}.bucket_area = {self.bucket_area} sizes {prefix}.buckets: auto "
+                                  f"only, and the buckets are listed: remove {prefix}.bucket_area")
+            if self.images == "only" and not any(x.num_frames == 1 for x in self.buckets):
+                raise ConfigError(f"{prefix}.images = only but no bucket of {prefix}.buckets has num_frames "
+                                  "1 (images are one-frame samples): add one, e.g. {resolution: [32, 32], "
+                                  "num_frames: 1, batch_size: 32}")
+        if self.bucket_area is not None and not 1 <= self.bucket_area <= MAX_RESOLUTION ** 2:
+            raise ConfigError(f"{prefix}.bucket_area = {self.bucket_area}: pixels per frame, between 1 and "
+                              f"{MAX_RESOLUTION ** 2} (e.g. 1024 for about 32x32), or null (data.resolution's)")
+        if self.images == "only" and b.num_stills == 0 and self.path.startswith("builtin:"):
+            raise ConfigError(f"{prefix}.images = only but {prefix}.builtin.num_stills = 0: the built-in "
+                              f"data has no stills; set {prefix}.builtin.num_stills")
 
 
 @dataclass
@@ -737,6 +826,10 @@ class VAERunConfig:
         self.data.validate()
         self.vae.validate()
         self.train.validate()
+        if self.data.buckets is not None:
+            raise ConfigError(f"data.buckets = {self.data.buckets!r}: stage 1 trains the VAE on frames of "
+                              "one shape (data.resolution); buckets are for stage 2 (train_advanced.py). "
+                              "Remove data.buckets here")
         factor = self.vae.downsample_factor
         check_resolution_multiple(self.data, factor, f"the VAE's downsampling factor {factor}")
         if (self.train.frames_per_clip or 0) > self.data.num_frames:
@@ -841,6 +934,9 @@ class PredictConfig:
     images: Optional[list[str]] = None  # or one image per video (cycled)
     # pixel frames per video; null = the training window's. Longer: extended window by window
     num_frames: Optional[int] = None
+    # [height, width] (or a side) of the videos in pixels; null = the checkpoint's training shape.
+    # A checkpoint trained on buckets samples any of them (resolution and num_frames of a bucket)
+    resolution: Optional[Union[int, list[int]]] = None
 
     def image_list(self) -> Optional[list[str]]:
         """The image of each video (cycled over num_videos), or None."""
@@ -914,6 +1010,8 @@ class PredictConfig:
                                   f"video (about {MAX_VIDEO_FRAMES / 24 / 60:.0f} minutes at 24 fps): a video "
                                   "is sampled window after window and its frames are held in memory until "
                                   f"it is written. Use at most {MAX_VIDEO_FRAMES}, or null (one training window)")
+        if self.resolution is not None:
+            _check_resolution(self.resolution, "resolution")
         lo, hi = PREDICT_FPS_RANGE
         if self.fps is not None and not lo <= self.fps <= hi:
             raise ConfigError(f"fps = {self.fps:g}: must be between {lo:g} and {hi:g} frames per second, "
@@ -1177,14 +1275,20 @@ def _check_resolution(res: Union[int, list[int]], key: str) -> None:
 def check_resolution_multiple(data: DataConfig, multiple: int, what: str) -> None:
     """ConfigError unless `multiple` (described by `what`) divides both sides of
     data.resolution; the message names the side that is wrong and the nearest valid values."""
-    for side, v in (("height", data.height), ("width", data.width)):
+    check_size_multiple(data.height, data.width, multiple, what, "data.resolution", data.resolution)
+
+
+def check_size_multiple(height: int, width: int, multiple: int, what: str, key: str, value: Any,
+                        error: type = ConfigError, note: str = "") -> None:
+    """`error` unless `multiple` (described by `what`) divides both sides of the size `key` =
+    `value` (pixels); the message names the side that is wrong, the nearest valid values and
+    ends with `note`."""
+    for side, v in (("height", height), ("width", width)):
         if v % multiple:
             near = " or ".join(str(m) for m in (v // multiple * multiple, (v // multiple + 1) * multiple)
                                if m > 0)
-            where = f"data.resolution = {data.resolution}" if data.height == data.width \
-                else f"data.resolution = {data.resolution}: {side} {v}"
-            raise ConfigError(f"{where} is not divisible by {what}; pick a multiple of {multiple} "
-                              f"({near})")
+            where = f"{key} = {value}" if height == width else f"{key} = {value}: {side} {v}"
+            raise error(f"{where} is not divisible by {what}; pick a multiple of {multiple} ({near}){note}")
 
 
 def _check_optimiser(tcfg: Any, prefix: str) -> None:

@@ -172,6 +172,14 @@ def build(cls: type, raw: Any, prefix: str = "", path_fields: Collection[str] = 
     return cls(**kwargs)
 
 
+def _list_example(tp: Any) -> str:
+    """How a list of `tp` is written: [1, 2], or [{a: ..., b: ...}] for a list of sections."""
+    item = typing.get_args(tp)[0]
+    if dataclasses.is_dataclass(item):
+        return "[{" + ", ".join(f"{f.name}: ..." for f in dataclasses.fields(item)) + "}]"
+    return "[1, 2]"
+
+
 def coerce(tp: Any, value: Any, key: str, path_fields: Collection[str] = ()) -> Any:
     """`value` as type `tp` (dataclass, Optional/Union, Literal, list, bool, int, float, str)."""
     origin = typing.get_origin(tp)
@@ -191,7 +199,7 @@ def coerce(tp: Any, value: Any, key: str, path_fields: Collection[str] = ()) -> 
         try:
             return coerce(next(a for a in inner if a not in lists), value, key, path_fields)
         except ConfigError as e:
-            raise ConfigError(f"{e}, or a list, e.g. [1, 2]") from None
+            raise ConfigError(f"{e}, or a list, e.g. {_list_example(lists[0])}") from None
     if origin is Literal:
         if isinstance(value, bool) and {"off", "on"} & set(args):  # YAML 1.1 reads off/on as bools
             value = "on" if value else "off"

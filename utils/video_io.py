@@ -36,6 +36,7 @@ import torch
 from einops import rearrange
 from PIL import Image
 
+from utils.config import IMAGE_EXTS
 from utils.errors import UserError
 
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif")
@@ -134,10 +135,11 @@ def _iter_folder_frames(folder: str, indices: Sequence[int]) -> Iterator[tuple[i
 
 
 class VideoInfo(NamedTuple):
-    """What indexing learns about a source: its frames and their times."""
+    """What indexing learns about a source: its frames, their times and their size."""
     frames: int
     rate: Optional[float]  # average frames per second; None when unknown (e.g. a frame folder)
     times: Optional[list[float]]  # seconds from the first frame, only when unevenly spaced (VFR)
+    size: Optional[tuple[int, int]] = None  # (height, width) pixels of a frame as shown (rotation applied)
 
 
 class _Timeline(NamedTuple):
@@ -180,6 +182,12 @@ def _rgb(frame: av.VideoFrame) -> np.ndarray:
     rgb = frame.to_ndarray(format="rgb24")  # (H, W, 3)
     quarter_turns = round(frame.rotation / 90) % 4  # counter-clockwise, as np.rot90 turns
     return np.ascontiguousarray(np.rot90(rgb, quarter_turns)) if quarter_turns else rgb
+
+
+def _shown_size(frame: av.VideoFrame) -> tuple[int, int]:
+    """(height, width) of a decoded frame as `_rgb` gives it (a quarter turn swaps them)."""
+    turned = round(frame.rotation / 90) % 2
+    return (frame.width, frame.height) if turned else (frame.height, frame.width)
 
 
 def _header_frame_count(container: av.container.InputContainer) -> Optional[int]:
@@ -319,24 +327,42 @@ def probe_video(path: str) -> VideoInfo:
                                      f"holds {found} (re-download or re-encode it)")
             container.seek(0)  # back to the start, to prove the first frame decodes
             frames = _decode(container, path)
-            if next(frames, None) is None:
+            first = next(frames, None)
+            if first is None:
                 raise VideoReadError(f"{path}: no decodable frames")
             frames.close()
-            return _info(_stream_facts(stream), n, timeline.pts[:n])
+            return _info(_stream_facts(stream), n, timeline.pts[:n])._replace(size=_shown_size(first))
         stream.thread_type = "AUTO"  # every frame gets decoded: let FFmpeg use threads
-        pts = [frame.pts for frame in _decode(container, path)]
+        pts, size = [], None
+        for frame in _decode(container, path):
+            pts.append(frame.pts)
+            size = size or _shown_size(frame)
         facts = _stream_facts(stream)  # now: the stream must not be read once the file is closed
     if not pts:
         raise VideoReadError(f"{path}: no decodable frames")
     known = None if any(p is None for p in pts) else np.asarray(pts, dtype=np.int64)
-    return _info(facts, len(pts), known)
+    return _info(facts, len(pts), known)._replace(size=size)
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(height, width) of a png/jpg/webp from its header (a frame folder's first frame, a still)."""
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except OSError as e:  # PIL.UnidentifiedImageError is an OSError
+        raise VideoReadError(f"{path}: not a readable image ({e})") from None
+
+
+def is_image_file(path: str) -> bool:
+    """A still (png/jpg/webp file), not a video or a frame folder."""
+    return path.lower().endswith(IMAGE_EXTS) and not os.path.isdir(path)
 
 
 # What an index's answers depend on: data/source_index.py fingerprints these functions' code,
 # and an index written under other code is probed again.
 PROBE_FUNCTIONS = (probe_video, _info, _grid_rate, _simplest_between, _stream_facts,
                    _header_frame_count, _demux_timeline, _open_video, _decode, list_frame_files,
-                   frame_number, frame_number_gaps)
+                   frame_number, frame_number_gaps, _shown_size, image_size, is_image_file)
 
 
 def count_frames(path: str) -> int:
@@ -403,6 +429,11 @@ def iter_frames(path: str, indices: Sequence[int]) -> Iterator[tuple[int, np.nda
         return
     if os.path.isdir(path):
         yield from _iter_folder_frames(path, indices)
+        return
+    if is_image_file(path):  # a still: its one frame
+        if indices != [0]:
+            raise VideoReadError(f"{path}: a still image has frame 0 only, frames {indices} were asked for")
+        yield 0, _read_image(path)
         return
     wanted, last, seen = set(indices), indices[-1], -1
     with _open_video(path) as container:
