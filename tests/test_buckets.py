@@ -297,8 +297,8 @@ def test_a_bucketed_run_resumes_mid_epoch_bit_for_bit(tmp_path, random_vae):  # 
     ck5 = os.path.join(tmp_path, "step5.pth")
     original = stage2.save
 
-    def spy_save(s, name="latest.pth", collective=True):
-        original(s, name, collective)
+    def spy_save(s, name="latest.pth", **kw):
+        original(s, name, **kw)
         if s.pos.step == 5 and name == "latest.pth":
             shutil.copy(os.path.join(s.run_dir, name), ck5)
     stage2.save = spy_save

@@ -17,6 +17,7 @@ import torch
 
 import train_advanced
 import training.stage2 as stage2
+import utils.train_utils as train_utils
 from models.diffusion import Diffusion
 from tests.test_stage2 import ROOT, TINY, random_vae  # noqa: F401  (random_vae is a fixture)
 from utils.checkpoint import load_checkpoint
@@ -99,14 +100,14 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, random_vae):
 
 def test_sigint_in_process_saves_at_the_step_reached(tmp_path, random_vae, monkeypatch):
     """Ctrl-C at step 3 of 50: the loop finishes that step, saves it and returns normally."""
-    original = stage2.EMA.update
+    original = train_utils.EMA.update
 
     def update_then_interrupt(self, model, step):
         original(self, model, step)
         if step == 3:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(stage2.EMA, "update", update_then_interrupt)
+    monkeypatch.setattr(train_utils.EMA, "update", update_then_interrupt)
     # The handler the run must put back: Python's default_int_handler, or SIG_IGN when this
     # process was started in the background by a non-interactive shell (`cmd &` ignores SIGINT).
     before = signal.getsignal(signal.SIGINT)

@@ -18,12 +18,13 @@ import torch
 
 import training.common as common
 import training.stage2 as stage2
+import utils.train_utils as train_utils
 from tests.test_ddp import _free_port
 from tests.test_stage2 import ROOT, TINY, random_vae  # noqa: F401  (fixture)
 from utils.checkpoint import load_checkpoint
 
 HOOKS = os.path.join(ROOT, "tests", "ddp_hooks.py")
-STEP, EMA_UPDATE = stage2._optimizer_step, stage2.EMA.update  # unpatched, whatever a test patched
+STEP, EMA_UPDATE = stage2._optimizer_step, train_utils.EMA.update  # unpatched, whatever a test patched
 PROCESS_TIMEOUT = 300  # s: far below gloo's 30-minute collective timeout, so a hang fails
 
 
@@ -123,7 +124,7 @@ def _train(tmp_path, vae, name, extra, monkeypatch, interrupt_at=None):
         if step == interrupt_at:
             os.kill(os.getpid(), signal.SIGINT)
     monkeypatch.setattr(stage2, "_optimizer_step", spy_step)
-    monkeypatch.setattr(stage2.EMA, "update", update)
+    monkeypatch.setattr(train_utils.EMA, "update", update)
     args = ["--config", os.path.join(ROOT, "config_advanced.yaml"), *_args(tmp_path, vae, name, extra)]
     assert train_advanced.main(args) == 0
     run = os.path.join(tmp_path, name)

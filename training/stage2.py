@@ -10,96 +10,48 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Optional, Sequence
 
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import build_dataset
 from data.latent_cache import CacheCorruptError, LatentCache, cache_disabled_reason, cache_key
-from data.loader import ResumableSampler, make_loader, position_sampler
+from data.loader import make_loader, position_sampler
 from data.source_index import RUN_INDEX_FILE
 from models.backbones import Family, check_base, family_for, ignored_architecture_keys
-from models.diffusion import Objective, make_objective
+from models.diffusion import make_objective
 from models.dit import check_condition_frames
 from models.vae import FrozenVAE
 from training import checkpoints as ckpts
-from training.buckets import (Buckets, bucket_loader, bucket_rules, bucket_sampler, by_shape, check_buckets,
+from training.buckets import (bucket_loader, bucket_rules, bucket_sampler, by_shape, check_buckets,
                               check_listed, report as report_buckets)
 from training.common import (Deadline, LoopHooks, LRPlan, Position, StepControl, StepOutcome,
                              StopReason, capture_rank_rng, check_epoch, checkpoint_note,
                              make_lr_schedule, maybe_no_sync, now, optimizer_step, out_of_memory,
                              restore_position, restore_rank_rng, run_epochs, seed_rank, total_steps)
 from training.outcome import signal_outcome, stage2_outcome, write_outcome
-from training.parallel import Replicated, grad_bytes, local_state_bytes, memory_line, parallel_for
+from training.parallel import grad_bytes, local_state_bytes, memory_line, parallel_for
 from training.conditioning import TEXT_CACHE_DIR, Conditioning, conditioning_for_training
 from training.first_frames import FirstFrames
-from training.validation import NUM_T_BUCKETS, HeldOut, validate
+from training.state import Stage2
+from training.validation import NUM_T_BUCKETS, validate
 from utils import sharded_checkpoint
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.config import TrainRunConfig, check_resolution_multiple, config_to_dict
 from utils.dist import (DistInfo, all_reduce_mean, all_reduce_sum, any_rank, barrier, gather_dicts,
                         gather_objects, local_tensor)
 from utils.errors import ConfigError, UserError
-from utils.fvd import FeatureStats, load_detector
+from utils.fvd import load_detector
 from utils.logging import RunLogger
 from utils.run_guard import save_before_fail, weights_finite
-from utils.train_utils import (EMA, GracefulStop, autocast_context, count_parameters, device_memory, make_adamw,
+from utils.train_utils import (GracefulStop, autocast_context, count_parameters, device_memory, make_adamw,
                                make_grad_scaler, use_fast_adamw)
 
 RMS_CLIPS = 8  # training clips whose normalised latent RMS is printed at start
 RMS_RANGE = (0.5, 2.0)  # outside: warn that the VAE's normalisation does not fit
 
-
-
-@dataclass
-class Stage2:
-    """Everything the loop needs, built once by `setup()`."""
-    cfg: TrainRunConfig
-    run_dir: str
-    dist: DistInfo
-    device: torch.device
-    dtype: torch.dtype
-    log: RunLogger
-    vae: FrozenVAE
-    diffusion: Objective  # the objective (models/diffusion.py): the model's, for a pretrained one
-    model: nn.Module  # the bare module (VideoDiT, or a PretrainedDiT): EMA, checkpoints and sampling use this; fsdp: sharded
-    net: nn.Module  # what the loop calls: maybe compiled and/or DDP-wrapped
-    ddp: Optional[DistributedDataParallel]  # the DDP module (no_sync lives here), None = 1 process or fsdp
-    ema: EMA
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    lr_sched: torch.optim.lr_scheduler.LambdaLR
-    loader: torch.utils.data.DataLoader
-    sampler: ResumableSampler
-    noise_gen: torch.Generator  # t, noise and posterior samples: its state is checkpointed
-    dims: dict
-    class_names: list
-    pos: Position
-    total_steps: int
-    deadline: Deadline  # train.time_limit_minutes: a hard stop
-    plan: LRPlan  # the step the LR anneals to (and training ends at) under the time limit
-    real_jigsaw: Optional[float] = None  # jigsaw score of real clips, computed once
-    held_out: Optional[list[HeldOut]] = None  # val/loss's fixed windows (per bucket), encoded once (rank 0)
-    detector: Optional[torch.jit.ScriptModule] = None  # validation.fvd's I3D, if set
-    fvd_real: Optional[FeatureStats] = None  # real clips' features for val/fvd, computed once
-    saved_step: int = 0  # the step latest.pth holds (a failing run saves only what is newer)
-    saved_whole: bool = True  # latest.pth holds the weights itself (False: it names a sharded directory)
-    last_data_wait_fraction: float = 0.0  # of the last logging interval (benchmarks read it)
-    val_losses: list[float] = field(default_factory=list)  # val/loss (EMA) of each validation, this launch
-    fps: Optional[float] = None  # frames per second of the training windows (in checkpoints)
-    control: Optional[StepControl] = None  # the loop's agreed stop decisions (set by train())
-    cond: Conditioning = field(default_factory=Conditioning)  # what a condition is (training/conditioning.py)
-    val_captions: list = field(default_factory=list)  # distinct captions of the val split (text runs)
-    first_frames: FirstFrames = field(default_factory=FirstFrames)  # model.first_frame_conditioning
-    family: Family = None  # the DiT family (models/backbones.py): set by setup
-    parallel: Replicated = None  # train.parallel's strategy (training/parallel.py): set by setup
-    grad_bytes: Optional[int] = None  # local gradient bytes, measured before the last logged step
-    memory_logged: bool = False  # log.txt got this launch's memory line
-    buckets: Optional[Buckets] = None  # data.buckets (training/buckets.py); None: one shape
 
 
 # ----------------------------------------------------------------------------- setup

@@ -8,7 +8,7 @@ With data.buckets the samples, their jigsaw scores and the held-out loss are per
 that bucket); val/loss and val/jigsaw_score are then over all of them. val/fvd and the
 image-to-video samples stay at the run's reference shape (data.resolution x data.num_frames).
 
-`validate(s)` runs on every rank with the training state `s` (training.stage2.Stage2); a
+`validate(s)` runs on every rank with the training state `s` (training.state.Stage2); a
 SIGINT/SIGTERM ends it at once (see its docstring). Nothing here changes a training RNG or
 weight: the held-out loss and the samples draw from generators seeded by validation.seed.
 """
@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -31,14 +30,13 @@ from training.conditioning import SampleConditions
 from training.first_frames import psnr
 from training.evaluation import clip_batches, fvd_real_clips, generated_geometry, video_batches
 from training.sampling import generate_videos, save_videos, side_by_side
+from training.state import HeldOut, Stage2
 from utils.dist import DistInfo, barrier, gather_dicts
 from utils.fvd import FeatureStats, fvd_from_stats, stats_of
 from utils.metrics import jigsaw_score
 from utils.train_utils import GracefulStop, StopRequested, autocast_context
 from utils.video_io import uint8_to_video_tensor, video_tensor_to_uint8
 
-if TYPE_CHECKING:
-    from training.stage2 import Stage2
 
 NUM_T_BUCKETS = 10  # loss per timestep bucket (train and val), so learning at high noise is visible
 VAL_BATCH_FACTOR = 4  # held-out loss batches: this many training batches (forward only)
@@ -165,14 +163,6 @@ def sample_shapes(s: Stage2) -> list[tuple[str, tuple[int, int, int, int]]]:
     if s.buckets is None:
         return [("", ckpts.latent_shape(s.dims))]
     return list(zip(s.buckets.names, s.buckets.latent_shapes))
-
-
-@dataclass
-class HeldOut:
-    """val/loss's fixed windows of the val split, as the frozen VAE's scaled posterior means."""
-    latents: torch.Tensor  # (N, C, T, h, w) on the training device
-    cond: dict  # the seam's eval keyword arguments, (N, ...) each ({} for an unconditional model)
-    name: str = ""  # the data bucket of these windows ("" without buckets)
 
 
 def _held_out(s: Stage2) -> list[HeldOut]:
