@@ -95,6 +95,23 @@ def test_fsdp_trains_as_ddp_does(pair):
     assert "parallel: fsdp: 2 transformer blocks and the root sharded over 2 process(es)" in log
 
 
+@pytest.mark.slow  # two 2-process runs, ~50 s
+def test_fsdp_trains_buckets_as_ddp_does(tmp_path, random_vae):  # noqa: F811
+    """data.buckets under fsdp: every step's batch has one shape on both ranks (the sharded
+    all-gathers see the same blocks), and 6 steps over buckets of three aspect ratios and stills
+    end with ddp's weights."""
+    from tests.test_buckets import BUILTIN
+    extra = [*BUILTIN, "data.builtin.num_clips=10", "train.max_steps=6", "validation.every_epochs=0",
+             "train.checkpoint_every=100", "data.cache=auto"]
+    runs = {kind: _train2(tmp_path, kind, random_vae, kind, extra) for kind in ("ddp", "fsdp")}
+    ddp, fsdp = (load_checkpoint(os.path.join(runs[k], "latest.pth")) for k in ("ddp", "fsdp"))
+    assert fsdp["step"] == ddp["step"] == 6 and len(fsdp["buckets"]) > 2 and fsdp["buckets"] == ddp["buckets"]
+    _assert_close(fsdp["model_state"], ddp["model_state"], "model_state")
+    _assert_close(fsdp["ema_state"], ddp["ema_state"], "ema_state")
+    losses = {k: _scalars(run, "train/loss") for k, run in runs.items()}
+    assert len(losses["fsdp"]) == 6 and all(abs(a - b) <= TOL for (_, a), (_, b) in zip(*losses.values()))
+
+
 @pytest.mark.slow
 def test_each_process_holds_one_half_under_fsdp(pair):
     """Parameters, gradients, AdamW state and EMA held locally: each FSDP process about 1/2 of
