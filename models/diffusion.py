@@ -255,7 +255,7 @@ class Objective:
     @property
     def default_sampler(self) -> str:
         """What `sampler: auto` is for this objective: a pretrained model's own sampler (Wan
-        unipc, CogVideoX ddim), else `default_sampler(objective)` (utils/config.py)."""
+        unipc, CogVideoX ddim), else `default_sampler(objective)` (utils/config_common.py)."""
         return self.native["sampler"] if self.native is not None else default_sampler(self.objective)
 
     def resolve_sampler(self, name: str, key: str = "sampler", whose: str = "") -> str:
@@ -511,7 +511,7 @@ def scheduler_config(cfg: DiffusionConfig) -> dict:
 def make_scheduler(name: str, cfg: DiffusionConfig):
     """A fresh diffusers scheduler for sampler `name` from `cfg`'s objective and schedule.
 
-    `auto` is `default_sampler(cfg.objective)` (utils/config.py). A sampler that cannot serve
+    `auto` is `default_sampler(cfg.objective)` (utils/config_common.py). A sampler that cannot serve
     the objective is refused naming those that can (SAMPLERS for v_prediction, FLOW_SAMPLERS
     for flow_matching). A scheduler with a dynamic flow shift needs `mu` in `set_timesteps`:
     `sample(..., mu=flow_mu(cfg, shape))`.

@@ -5,7 +5,7 @@ from the code.
     python scripts/config_reference.py            # rewrite docs/configuration.md
     python scripts/config_reference.py --check    # exit 1 if docs/configuration.md is out of date
 
-The schemas are the dataclasses of utils/config.py (and the modules it re-exports); a key's
+The schemas are the dataclasses utils/config.py re-exports (utils/config_*.py); a key's
 meaning is the comment written beside its field (or the comment lines just above it), its
 section's description the dataclass's docstring. tests/test_config_reference.py checks that the
 file is current and that every key has a meaning.

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 import utils.config
+from utils import config_loader
 from models.vae import build_autoencoder
 from utils.config import VAEArchConfig
 from utils.config import (EvaluateConfig, ModelConfig, PredictConfig, TrainRunConfig, VAERunConfig, config_from_dict,
@@ -186,15 +187,17 @@ _MACHINERY = {"validate", "_positive", "_check_device", "_build", "_coerce", "lo
 def recorded_reads():
     """Yields a set that fills with (class name, field) for each use of a config field."""
     reads, originals = set(), {}
-    config_file = os.path.abspath(utils.config.__file__)
-    for cls in [c for c in vars(utils.config).values() if dataclasses.is_dataclass(c) and isinstance(c, type)]:
+    classes = [c for c in vars(utils.config).values() if dataclasses.is_dataclass(c) and isinstance(c, type)]
+    schema_files = {os.path.abspath(sys.modules[c.__module__].__file__) for c in classes}  # utils/config_*.py
+    schema_files |= {os.path.abspath(utils.config.__file__), os.path.abspath(config_loader.__file__)}
+    for cls in classes:
         names = {f.name for f in dataclasses.fields(cls)}
 
         def getattribute(self, name, _names=names):
             if name in _names:
                 code = sys._getframe(1).f_code
                 machinery = (code.co_filename.startswith("<") or code.co_filename == dataclasses.__file__
-                             or (os.path.abspath(code.co_filename) == config_file
+                             or (os.path.abspath(code.co_filename) in schema_files
                                  and code.co_name in _MACHINERY))
                 if not machinery:
                     reads.add((type(self).__name__, name))

@@ -1,7 +1,7 @@
 """The generic config machinery: YAML (unique keys) + dotted overrides -> a strict dataclass.
 
-Knows nothing about any particular config: `utils/config.py` holds the schemas (one
-dataclass per part, with their `validate`) and calls these functions. Loading rejects unknown
+Knows nothing about any particular config: the schemas (one dataclass per part, with their
+`validate`) are utils/config_*.py, and `utils/config.py` calls these functions. Loading rejects unknown
 keys (naming the closest valid one) and wrong types, always naming the key and the value;
 nothing in a config is evaluated or executed (`yaml.SafeLoader`).
 """
