@@ -43,6 +43,7 @@ from transformers import (AutoTokenizer, CLIPTextModel, CLIPTextModelWithProject
                           T5EncoderModel, UMT5EncoderModel)
 from transformers.utils import logging as hf_logging
 
+from models.frozen import FrozenPretrained
 from utils.checkpoint import pickle_weights_error
 from utils.config import TextEncoderConfig
 from utils.errors import ConfigError, MissingFileError, UserError
@@ -223,9 +224,11 @@ def text_encoder_fingerprint(parts: dict) -> str:
 # ----------------------------------------------------------------------------- the adapter
 
 
-class FrozenTextEncoder(nn.Module):
-    """A transformers text encoder and its tokenizer that never train. Construct with
-    `from_config` / `from_pretrained`."""
+class FrozenTextEncoder(FrozenPretrained):
+    """A transformers text encoder and its tokenizer that never train (models/frozen.py).
+    Construct with `from_config` / `from_pretrained`."""
+
+    held = "model"
 
     def __init__(self, model: nn.Module, tokenizer, path: str = "", tokenizer_dir: str = "",
                  max_length: Optional[int] = None, dtype: Optional[torch.dtype] = None, found: str = "",
@@ -244,14 +247,9 @@ class FrozenTextEncoder(nn.Module):
         if self.class_name not in ENCODERS:
             raise UserError(f"{self.class_name} is not a supported text encoder; supported: {', '.join(ENCODERS)}")
         self.kind = ENCODERS[self.class_name]
-        self._path, self.found = path, found or path
         self.parts = {"weights": weights_fingerprint(model), "config": config_fingerprint(model),
                       "tokenizer": tokenizer_fingerprint(tokenizer_dir) if tokenizer_dir else ""}
-        self._fingerprint = text_encoder_fingerprint(self.parts)  # before any dtype cast
-        if dtype is not None and dtype != next(model.parameters()).dtype:
-            model = model.to(dtype=dtype)
-        self.model = model.eval().requires_grad_(False)
-        self.eval()
+        self.model = self.hold(model, path, found, text_encoder_fingerprint(self.parts), dtype)  # identity before the cast
         self.tokenizer = self._prepare_tokenizer(tokenizer)
         self.max_length = self._resolve_max_length(max_length, default_length)
         probe = self.encode([""])  # measures the sizes, and that the encoder runs at all
@@ -311,9 +309,6 @@ class FrozenTextEncoder(nn.Module):
                               "tokenizer, or a pipeline folder with text_encoder/ and tokenizer/")
         return cls.from_pretrained(path or cfg.path, device, cfg.dtype, max_length or cfg.max_length,
                                    cfg.subfolder, attend_padding, default_length)
-
-    def train(self, mode: bool = True) -> "FrozenTextEncoder":
-        return super().train(False)  # frozen: stays in eval whatever the caller asks
 
     def _prepare_tokenizer(self, tokenizer):
         tokenizer.padding_side = "right"  # the mask is then a prefix of each row
@@ -409,26 +404,6 @@ class FrozenTextEncoder(nn.Module):
                             "text_encoder.dtype to bf16 or fp32")
 
     # ------------------------------------------------------------------------- identity
-
-    @property
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
-    @property
-    def path(self) -> str:
-        return self._path
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).replace("torch.", "")
 
     def describe(self) -> dict:
         """The record a checkpoint keeps (and the text cache's key is built from)."""

@@ -33,6 +33,7 @@ from diffusers import (AutoencoderKL, AutoencoderKLCogVideoX, AutoencoderKLHunyu
 from einops import rearrange
 from torch import nn
 
+from models.frozen import FrozenPretrained
 from utils.checkpoint import pickle_weights_error
 from utils.config import VAEArchConfig, VAERefConfig
 from utils.errors import ConfigError, MissingFileError, UserError
@@ -372,12 +373,14 @@ def _family_of(folder: str) -> str:
 # ----------------------------------------------------------------------------- the adapter
 
 
-class FrozenVAE(nn.Module):
-    """A diffusers VAE that never trains: eval mode, no grads, encode/decode of videos.
+class FrozenVAE(FrozenPretrained):
+    """A diffusers VAE that never trains (models/frozen.py): eval mode, no grads, encode/decode of videos.
 
     `geometry` is measured at construction (one probe encode) and checked against the config;
     `normalisation` is read from the VAE. Construct with `from_config` / `from_pretrained`.
     """
+
+    held = "ae"
 
     def __init__(self, ae: nn.Module, path: str = "", encode_batch_frames: int = 64,
                  dtype: Optional[torch.dtype] = None, tiling: bool = False, slicing: bool = False,
@@ -387,9 +390,8 @@ class FrozenVAE(nn.Module):
         if self.class_name not in FAMILIES:
             raise UserError(f"{self.class_name} is not a supported VAE class; supported: {', '.join(FAMILIES)}")
         self.family = FAMILIES[self.class_name]
-        self._path, self.found = path, found or path  # `found`: how vae.path led here (for the log)
         self.encode_batch_frames = encode_batch_frames  # frames per VAE call (memory bound)
-        self._fingerprint = vae_fingerprint(ae)  # before any dtype cast: the weights as stored
+        fingerprint = vae_fingerprint(ae)  # before any dtype cast: the weights as stored
         try:
             self.normalisation = self.family.normalisation(ae)
         except (TypeError, ValueError) as e:  # a config.json value that is not a number
@@ -397,15 +399,12 @@ class FrozenVAE(nn.Module):
             raise UserError(f"VAE {path or self.class_name}: config.json key {(bad or ['?'])[0]!r} = "
                             f"{_cfg(ae, (bad or ['scaling_factor'])[0])!r} is not a number ({e}); "
                             "restore the config.json that came with the weights") from None
-        if dtype is not None and dtype != next(ae.parameters()).dtype:
-            ae = ae.to(dtype=dtype)
-        self.ae = ae.eval().requires_grad_(False)
+        self.ae = self.hold(ae, path, found, fingerprint, dtype)  # `found`: how vae.path led here (for the log)
         self.tiling = tiling  # diffusers' spatial tiling: encode memory no longer grows with the frame
         if tiling:
             self.ae.enable_tiling()
         if slicing:
             self.ae.enable_slicing()
-        self.eval()  # the wrapper too: `.training` is False from the start
         self.geometry = self._probe()
         if not len(self.normalisation.mean) == len(self.normalisation.std) == self.geometry.channels:
             raise UserError(f"VAE {path or self.class_name}: its normalisation has {len(self.normalisation.mean)} "
@@ -437,9 +436,6 @@ class FrozenVAE(nn.Module):
         """The VAE `cfg` describes (`path` overrides cfg.path, e.g. a checkpoint's record)."""
         return cls.from_pretrained(path or cfg.path, device, cfg.encode_batch_frames, cfg.dtype,
                                    cfg.tiling, cfg.slicing, cfg.subfolder)
-
-    def train(self, mode: bool = True) -> "FrozenVAE":
-        return super().train(False)  # frozen: stays in eval whatever the caller asks
 
     # ------------------------------------------------------------------------- geometry
 
@@ -520,27 +516,19 @@ class FrozenVAE(nn.Module):
     def temporal_factor(self) -> int:
         return self.geometry.temporal
 
-    @property
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
-    @property
-    def path(self) -> str:
-        return self._path
-
     def describe(self) -> dict:
         """Class, measured geometry and normalisation: recorded in checkpoints and cache manifests."""
         g = self.geometry
         return {"class_name": self.class_name, "spatial_factor": g.spatial, "temporal_factor": g.temporal,
                 "latent_channels": g.channels, "frame_step": g.frame_step, "frame_rule": g.frame_rule(),
-                "normalisation": self.normalisation.record(), "dtype": str(self.dtype).replace("torch.", "")}
+                "normalisation": self.normalisation.record(), "dtype": self.dtype_name}
 
     def summary(self) -> str:
         g, n = self.geometry, self.normalisation
         return (f"{self.class_name} from {self.found}: fingerprint {self.fingerprint}, {g.spatial}x spatial, "
                 f"{g.temporal}x temporal ({g.frame_rule()}), {g.channels} latent channels, "
                 f"normalisation {n.formula} (scaling_factor {n.scaling_factor:.4f}), "
-                f"{str(self.dtype).replace('torch.', '')} (frozen)")
+                f"{self.dtype_name} (frozen)")
 
     # ------------------------------------------------------------------------- normalisation
 
@@ -630,14 +618,6 @@ class FrozenVAE(nn.Module):
                   for chunk in z.split(self.encode_batch_frames)]  # (n, 3, H, W) each
         pixels = rearrange(torch.cat(frames), "(b t) c h w -> b c t h w", b=b)
         return pixels.clamp(-1, 1)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.ae.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.ae.parameters()).dtype
 
 
 @dataclass
