@@ -38,9 +38,18 @@ def run(cmd: list[str], log: str) -> None:
 
 
 def coherence(checkpoint: str, seed: int, videos: int, out: str) -> int:
+    """Coherent videos of `videos` sampled from `checkpoint` with `seed` (shape_coherence.py's
+    count, kept in `out`; an `out` written after the checkpoint, for it and as many videos, is
+    read again rather than sampled anew, so an interrupted run resumes)."""
+    if os.path.isfile(out) and os.path.getmtime(out) > os.path.getmtime(checkpoint):
+        with open(out) as f:
+            done = json.load(f)
+        if done.get("checkpoint") == checkpoint and done["coherence"]["videos"] == videos and done["seed"] == seed:
+            return int(done["coherence"]["coherent"])
     run([sys.executable, "benchmarks/shape_coherence.py", "--config", "predict_advanced.yaml", "device=cpu",
          f"checkpoint={checkpoint}", f"num_videos={videos}", f"seed={seed}", "--json", out], out + ".log")
-    return int(json.load(open(out))["coherent"])
+    with open(out) as f:
+        return int(json.load(f)["coherence"]["coherent"])
 
 
 def matmul_gflops() -> float:

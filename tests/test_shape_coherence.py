@@ -67,13 +67,17 @@ def test_scores_the_videos_predict_makes(tmp_path, random_vae, capsys):
     """End to end on a 2-step checkpoint: samples like predict (nothing written) and reports."""
     from tests.test_stage2 import _train
     run = _train(tmp_path, random_vae, "run", ["train.max_steps=2"])
-    out = tmp_path / "never_written"
-    assert main(["--config", os.path.join(ROOT, "predict_advanced.yaml"), "device=cpu",
-                 f"checkpoint={run}/latest.pth", f"output_dir={out}", "num_videos=3", "num_steps=2"]) == 0
+    out, scores = tmp_path / "never_written", tmp_path / "scores.json"
+    assert main(["--config", os.path.join(ROOT, "predict_advanced.yaml"), "device=cpu", "seed=0",
+                 f"checkpoint={run}/latest.pth", f"output_dir={out}", "num_videos=3", "num_steps=2",
+                 "--json", str(scores)]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     m = re.search(r"ddpm 2 steps, guidance 2.5: (\d+) of 3 videos coherent; frames with one shape ([\d.]+)%", line)
     assert m and 0 <= int(m.group(1)) <= 3 and 0 <= float(m.group(2)) <= 100, line
     assert not out.exists()
+    # benchmarks/demo_seeds.py reads the count back from that file (and does not sample again)
+    from benchmarks.demo_seeds import coherence
+    assert coherence(f"{run}/latest.pth", 0, 3, str(scores)) == int(m.group(1))
 
 
 def _uint8(video):
