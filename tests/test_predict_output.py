@@ -207,7 +207,8 @@ def test_should_stop_changes_no_number_and_ends_between_steps(checkpoint):
 
     def run(should_stop):
         return [v for batch in sampling._generate(cfg, loaded.model, loaded.vae, loaded.ckpt, loaded.conditions,
-                                                  torch.device("cpu"), should_stop=should_stop) for v in batch]
+                                                  torch.device("cpu"), loaded.window, should_stop=should_stop)
+                for v in batch]
 
     plain = run(None)
     asked = []
