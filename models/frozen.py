@@ -55,9 +55,3 @@ class FrozenPretrained(nn.Module):
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).replace("torch.", "")
-
-    def describe(self) -> dict:
-        raise NotImplementedError
-
-    def summary(self) -> str:
-        raise NotImplementedError
