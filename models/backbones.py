@@ -6,7 +6,8 @@ builds, and never test which family it is:
 
     family = family_for(cfg.model)                  # training: the repo's DiT, or model.pretrained
     family = family_from_record(ckpt["model"], where, pretrained_path)   # predict, evaluate
-    family.check_latents((C, T, h, w), first_frames)  # patch sizes, frame rule, channels, positions
+    family.check_latents((C, T, h, w), vae, first_frames)  # patch sizes, frame rule, channels, positions
+    family.first_frame_inputs(first, x0, x_t, t, given)  # how given first frames enter the network
     family.schedule() / family.native_scheduler()   # the objective it was trained with
     family.text_convention(max_length)              # how its captions are encoded, its null caption
     module = family.build(dims, device, base_dtype) # forward(x (B, C, T, h, w), t, **condition)
@@ -34,9 +35,18 @@ Members:
   226 tokens (max_text_seq_length) with the padding's embeddings kept and no mask (the
   pipeline encodes with no attention mask); the null the encoding of ""; objective
   v-prediction on the folder's CogVideoXDDIMScheduler schedule (scaled_linear betas, SNR shift
-  snr_shift_scale, zero terminal SNR, trailing spacing); one timestep per clip, so no
-  first-frame conditioning (CogVideoX's own image-to-video concatenates image latents on the
-  channels, `in_channels` = 2 x the VAE's, a different model that is refused here).
+  snr_shift_scale, zero terminal SNR, trailing spacing); one timestep per clip, so the
+  text-to-video models take no first frames. The image-to-video ones (CogVideoX-5b-I2V,
+  CogVideoX1.5-5B-I2V: `in_channels` = 2 x the VAE's) take them as CogVideoXImageToVideoPipeline
+  gives them: the image's latent frame, zeros behind it, concatenated on the channels at every
+  step and in both halves of guidance, the loss on every frame (diffusers'
+  train_cogvideox_image_to_video_lora.py); scaled by 1 / scaling_factor^2 where the VAE config
+  says `invert_scale_latents` (1.5, as the pipeline does).
+
+First frames: `first_frames_as` says how a network takes them, "prefix" (clean latent frames at
+per-frame t = 0, no loss on them: the repo's DiT, Wan), "channels" (CogVideoX-I2V) or None (it
+cannot: model.first_frame_conditioning is refused, naming the ones that can); the loop asks
+`first_frame_inputs`, the sampler the module's `first_frames_as`.
 
 Pretrained folders: `model.pretrained` is a diffusers pipeline folder (its `transformer/`, and
 `scheduler/` for the schedule) or a transformer folder (config.json + safetensors). The family
@@ -106,6 +116,7 @@ class Family:
     class_name = "VideoDiT"
     pretrained = False
     per_frame_timesteps = True  # takes t (B, T), one per latent frame (first-frame conditioning)
+    first_frames_as: Optional[str] = "prefix"  # "prefix", "channels" or None (the module docstring)
     text_required = False  # only a text-conditioned model exists (pretrained families)
 
     def __init__(self, model_cfg: ModelConfig):
@@ -123,19 +134,32 @@ class Family:
         pt, p = self.patch
         return (latent_shape[1] // pt) * (latent_shape[2] // p) * (latent_shape[3] // p)
 
-    def check_latents(self, latent_shape: Sequence[int], vae_channels: int, first_frames: bool) -> None:
-        """Refuse latents (C, T, h, w) the network cannot take, naming what to change."""
+    def check_latents(self, latent_shape: Sequence[int], vae, first_frames: bool) -> None:
+        """Refuse latents (C, T, h, w) of `vae` (models/vae.py FrozenVAE) the network cannot
+        take, naming what to change."""
         from models.dit import check_patchable
         self.check_first_frames(first_frames)
         check_patchable(latent_shape[1], latent_shape[2], latent_shape[3], *self.patch)
 
-    def check_first_frames(self, enabled: bool) -> None:
-        """Refuse first-frame conditioning for a network with one timestep per clip."""
-        if enabled and not self.per_frame_timesteps:
-            raise ConfigError(f"model.first_frame_conditioning needs a network that takes one timestep per "
-                              f"latent frame, and {self.class_name} takes one per clip; use a Wan "
-                              "transformer (WanTransformer3DModel) or the repo's own DiT (model.pretrained: "
-                              "null) for image-to-video, or set model.first_frame_conditioning: 0")
+    def check_first_frames(self, enabled: bool, frames: int = 1) -> None:
+        """Refuse first-frame conditioning for a network that cannot take it (one timestep per
+        clip and no image channels), and an image-to-video network trained without it."""
+        if enabled and self.first_frames_as is None:
+            raise ConfigError(f"model.first_frame_conditioning needs a network that takes first frames, and "
+                              f"{self.class_name} takes one timestep per clip and no image channels; use a "
+                              "Wan transformer (WanTransformer3DModel), a CogVideoX image-to-video one "
+                              "(CogVideoX-5b-I2V, CogVideoX1.5-5B-I2V) or the repo's own DiT "
+                              "(model.pretrained: null) for image-to-video, or set "
+                              "model.first_frame_conditioning: 0")
+
+    def first_frame_inputs(self, first, clean: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                           given: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                   Optional[torch.Tensor], dict]:
+        """(x_t, t, frame_mask, extra keyword inputs) of a training step whose clips `given`
+        (B,) bool (None: the condition is off) get their first frames (`first`: FirstFrames;
+        `clean`: the posterior means they are given as). The prefix form: training/first_frames.py."""
+        x_t, t, mask = first.noised(clean, x_t, t, given)
+        return x_t, t, mask, {}
 
     # ---- objective and text
 
@@ -228,11 +252,19 @@ class PretrainedDiT(nn.Module):
         elif self.activation_checkpointing:
             self.transformer.disable_gradient_checkpointing()
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: Optional[torch.Tensor] = None) -> torch.Tensor:
+    @property
+    def first_frames_as(self) -> Optional[str]:
+        return self._family.first_frames_as
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: Optional[torch.Tensor] = None,
+                image: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`image` (B, C, T, h, w): a "channels" family's image input (None: no image, zeros)."""
         if text is None:
             raise ValueError(f"the pretrained {self._family.class_name} is text-conditioned: pass text "
                              "(B, L, D), the empty caption's encoding for the null condition")
-        return self._family.call(self.transformer, x, t, text)
+        if image is not None and self.first_frames_as != "channels":
+            raise ValueError(f"the pretrained {self._family.class_name} takes no image channels")
+        return self._family.call(self.transformer, x, t, text, image)
 
 
 class PretrainedFamily(Family):
@@ -240,7 +272,9 @@ class PretrainedFamily(Family):
     their call, their schedule and their text convention."""
     pretrained = True
     per_frame_timesteps = False
+    first_frames_as: Optional[str] = None
     text_required = True
+    image_scale = 1.0  # a "channels" family's image input: normalised latents times this
     lora_targets: tuple[str, ...] = ()
 
     def __init__(self, model_cfg: ModelConfig, folder: str, source: str, config: dict,
@@ -266,7 +300,8 @@ class PretrainedFamily(Family):
             self._fingerprint = folder_fingerprint(self.folder)
         return self._fingerprint
 
-    def call(self, transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def call(self, transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+             image: Optional[torch.Tensor] = None) -> torch.Tensor:
         raise NotImplementedError
 
     # ---- the network
@@ -314,7 +349,7 @@ class PretrainedFamily(Family):
         return {"name": self.name, "class_name": self.class_name, "path": self.folder,
                 "source": self.source, "fingerprint": self.fingerprint, "config": dict(self.config),
                 "scheduler": self.scheduler, "finetune": self.finetune,
-                "lora": asdict(self.lora) if self.finetune == "lora" else None}
+                "lora": asdict(self.lora) if self.finetune == "lora" else None, "image_scale": self.image_scale}
 
     def summary(self) -> str:
         what = (f"LoRA rank {self.lora.rank}, alpha {self.lora.alpha:g} on "
@@ -386,6 +421,7 @@ class WanFamily(PretrainedFamily):
               "FlowMatchEulerDiscreteScheduler": ("euler", "FlowMatchEulerDiscreteScheduler"),
               "DPMSolverMultistepScheduler": ("dpm++", "DPMSolverMultistepScheduler")}
     per_frame_timesteps = True  # per-token timesteps (Wan 2.2 TI2V's (B, seq_len) form)
+    first_frames_as = "prefix"
     # attention q/k/v/out of self- (attn1) and cross-attention (attn2), and the feed-forward
     # linears (ffn.net.0.proj, ffn.net.2): finetrainers' and DiffSynth's default set
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
@@ -399,8 +435,8 @@ class WanFamily(PretrainedFamily):
             raise ConfigError(f"{self.folder}: patch_size {self.config.get('patch_size')} is not square")
         return int(pt), int(ph)
 
-    def check_latents(self, latent_shape: Sequence[int], vae_channels: int, first_frames: bool) -> None:
-        channels = int(self.config.get("in_channels", 16))
+    def check_latents(self, latent_shape: Sequence[int], vae, first_frames: bool) -> None:
+        channels, vae_channels = int(self.config.get("in_channels", 16)), vae.latent_channels
         if channels != vae_channels:
             raise ConfigError(
                 f"the pretrained {self.class_name} in {self.folder} takes {channels} input channels but "
@@ -408,7 +444,7 @@ class WanFamily(PretrainedFamily):
                 "(vae.path: its pipeline folder). Wan's image-to-video transformers (36 channels: latents, "
                 "mask and image latents) are not supported; first-frame conditioning works on the "
                 "text-to-video ones")
-        super().check_latents(latent_shape, vae_channels, first_frames)
+        super().check_latents(latent_shape, vae, first_frames)
         pt, p = self.patch
         grid = (latent_shape[1] // pt, latent_shape[2] // p, latent_shape[3] // p)
         limit = int(self.config.get("rope_max_seq_len", 1024))
@@ -437,7 +473,8 @@ class WanFamily(PretrainedFamily):
         return TextConvention("zero_padded", encoder_mask=True, model_mask=False, null="empty",
                               length=max_length)
 
-    def call(self, transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def call(self, transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+             image: Optional[torch.Tensor] = None) -> torch.Tensor:
         # x (B, C, T, h, w) as Wan's hidden_states; t (B,) = 1000 * sigma, or (B, T) per latent
         # frame -> (B, T' * S) per token, the form Wan 2.2 TI2V passes
         dtype = transformer.patch_embedding.weight.dtype
@@ -453,7 +490,7 @@ class WanFamily(PretrainedFamily):
 class CogVideoXFamily(PretrainedFamily):
     name = "cogvideox"
     class_name = "CogVideoXTransformer3DModel"
-    pipeline_class = "CogVideoXPipeline"
+    T2V_PIPELINE, I2V_PIPELINE = "CogVideoXPipeline", "CogVideoXImageToVideoPipeline"
     blocks_attr = "transformer_blocks"
     # CogVideoXPipeline's DDIM; a 5B folder's CogVideoXDPMScheduler steps with another signature
     # (the previous x0 and timestep), so its config is sampled by CogVideoXDDIMScheduler
@@ -473,13 +510,44 @@ class CogVideoXFamily(PretrainedFamily):
     def patch(self) -> tuple[int, int]:
         return int(self.config.get("patch_size_t") or 1), int(self.config.get("patch_size", 2))
 
-    def check_latents(self, latent_shape: Sequence[int], vae_channels: int, first_frames: bool) -> None:
-        channels = int(self.config.get("in_channels", 16))
-        if channels == 2 * vae_channels:
-            raise ConfigError(f"{self.folder} is a CogVideoX image-to-video transformer ({channels} input "
-                              "channels: latents and image latents), which is not supported here; use a "
-                              "text-to-video CogVideoX, or a Wan transformer / the repo's DiT for "
-                              "model.first_frame_conditioning")
+    @property
+    def image_to_video(self) -> bool:
+        """An image-to-video transformer: its input is the latents and the image latents."""
+        return int(self.config.get("in_channels", 16)) == 2 * int(self.config.get("out_channels", 16))
+
+    @property
+    def first_frames_as(self) -> Optional[str]:
+        return "channels" if self.image_to_video else None
+
+    @property
+    def pipeline_class(self) -> str:
+        return self.I2V_PIPELINE if self.image_to_video else self.T2V_PIPELINE
+
+    def check_first_frames(self, enabled: bool, frames: int = 1) -> None:
+        super().check_first_frames(enabled, frames)
+        if self.image_to_video and not enabled:
+            raise ConfigError(f"{self.folder} is a CogVideoX image-to-video transformer (its input: latents "
+                              "and the first frame's image latents): set model.first_frame_conditioning > 0, "
+                              "the share of clips given their first frame (0.95: diffusers' "
+                              "train_cogvideox_image_to_video_lora.py drops the image for 5%), or use a "
+                              "text-to-video CogVideoX")
+        if self.image_to_video and frames != 1:
+            raise ConfigError(f"model.condition_frames = {frames}: a CogVideoX image-to-video transformer takes "
+                              "one image (one latent frame); set model.condition_frames: 1")
+
+    def first_frame_inputs(self, first, clean, x_t, t, given):
+        """The channel form (the module docstring): x_t, t and the loss as without the condition,
+        the `image` input the given clips' first latent frame, zeros elsewhere."""
+        if not self.image_to_video:
+            return super().first_frame_inputs(first, clean, x_t, t, given)
+        return x_t, t, None, {"image": first.image_input(clean, given)}
+
+    def check_latents(self, latent_shape: Sequence[int], vae, first_frames: bool) -> None:
+        vae_channels = vae.latent_channels
+        channels = int(self.config.get("in_channels", 16)) // (2 if self.image_to_video else 1)
+        if self.image_to_video:  # CogVideoXImageToVideoPipeline's scale of the image latents
+            invert = bool(getattr(vae.ae.config, "invert_scale_latents", False))
+            self.image_scale = 1.0 / vae.scaling_factor ** 2 if invert else 1.0
         if channels != vae_channels:
             raise ConfigError(f"the pretrained {self.class_name} in {self.folder} takes {channels} input "
                               f"channels but the VAE gives {vae_channels}-channel latents: use the VAE it "
@@ -489,7 +557,7 @@ class CogVideoXFamily(PretrainedFamily):
             raise ConfigError(f"{latent_shape[1]} latent frames do not split into the temporal patches of "
                               f"{pt} frames of {self.folder} (CogVideoX 1.5): pick data.num_frames giving an "
                               "even latent frame count (with a 4x causal VAE: 5, 13, 21, ... 85 frames)")
-        super().check_latents(latent_shape, vae_channels, first_frames)
+        super().check_latents(latent_shape, vae, first_frames)
         if self.config.get("use_learned_positional_embeddings"):
             want = (int(self.config.get("sample_height", 60)), int(self.config.get("sample_width", 90)))
             if tuple(latent_shape[2:]) != want:
@@ -546,11 +614,16 @@ class CogVideoXFamily(PretrainedFamily):
             self._rotary[key] = emb
         return self._rotary[key]
 
-    def call(self, transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        # x (B, C, T, h, w) -> CogVideoX's (B, T, C, h, w); t (B,) integer schedule indices
+    def call(self, transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+             image: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # x (B, C, T, h, w) -> CogVideoX's (B, T, C, h, w); t (B,) integer schedule indices;
+        # image-to-video: [x, image latents] on the channels (zeros: no image)
         if t.ndim != 1:
             raise ValueError(f"{self.class_name} takes one timestep per clip, got t of shape {tuple(t.shape)}")
         dtype = transformer.patch_embed.proj.weight.dtype
+        if self.image_to_video:
+            image = torch.zeros_like(x) if image is None else image.to(x.dtype) * self.image_scale
+            x = torch.cat([x, image], dim=1)
         rotary = self._rotary_embeddings(x.shape[2], x.shape[3], x.shape[4], x.device)
         ofs = None if self.config.get("ofs_embed_dim") is None else x.new_full((x.shape[0],), 2.0)
         out = transformer(hidden_states=rearrange(x, "b c t h w -> b t c h w").to(dtype),
@@ -676,11 +749,13 @@ def family_from_record(record: dict, model_cfg: ModelConfig, where: str,
     model_cfg = copy.copy(model_cfg)
     model_cfg.finetune, model_cfg.lora = family.get("finetune", "full"), lora_cfg
     if (model_cfg.finetune == "full" and pretrained_path is None) or not load:
-        return cls(model_cfg, family["path"], family.get("source", family["path"]), family["config"],
-                   family.get("scheduler"), family["fingerprint"])
-    loaded = load_pretrained(model_cfg, pretrained_path or family.get("source") or family["path"],
-                             "pretrained" if pretrained_path else f"{where}: the recorded model.pretrained")
-    check_base(family, loaded, where)
+        loaded = cls(model_cfg, family["path"], family.get("source", family["path"]), family["config"],
+                     family.get("scheduler"), family["fingerprint"])
+    else:
+        loaded = load_pretrained(model_cfg, pretrained_path or family.get("source") or family["path"],
+                                 "pretrained" if pretrained_path else f"{where}: the recorded model.pretrained")
+        check_base(family, loaded, where)
+    loaded.image_scale = float(family.get("image_scale", 1.0))  # how its training gave images
     return loaded
 
 

@@ -632,6 +632,29 @@ class CleanPrefix:
         return x
 
 
+class GivenImage(CleanPrefix):
+    """The channel form of given first frames (a module whose `first_frames_as` is "channels":
+    CogVideoX-I2V): every call gets `image` (B, C, T, h, w), the clean latents `frames` (B, C, k,
+    h, w) followed by zeros, tiled to the call's batch (both halves of guidance see it, as
+    CogVideoXImageToVideoPipeline gives it); x and t are the sampler's, and nothing is put back
+    into the result: the model generates the first frames too."""
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, *args, **cond) -> torch.Tensor:
+        reps = x.shape[0] // self.frames.shape[0]
+        image = torch.zeros_like(x)
+        image[:, :, :self.k] = self.frames.repeat(reps, 1, 1, 1, 1).to(x.dtype)
+        return self.model_fn(x, t, *args, image=image, **cond)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def first_frames_as(model_fn) -> Optional[str]:
+    """How a model takes given first frames: its `first_frames_as` ("prefix", "channels"), or
+    "prefix" for a plain function (the repo's DiT, tests' stand-ins)."""
+    return getattr(model_fn, "first_frames_as", "prefix")
+
+
 class SamplingStopped(Exception):
     """`sample` ended early because its `should_stop()` said so (raised between steps, never
     from a signal handler)."""
@@ -657,7 +680,8 @@ def sample(model_fn: ModelFn, shape: tuple[int, ...], *, scheduler, num_steps: i
     `SampleConditions.rows`), or the older class form `y` with `null_class_id`.
     `cond_frames` (B, C, k, h, w): clean latents of the first k latent frames (image-to-video,
     extension; a model trained with model.first_frame_conditioning): the model call is wrapped
-    in a `CleanPrefix`, and the returned x0 holds them unchanged.
+    in a `CleanPrefix`, and the returned x0 holds them unchanged; or, for a model that takes
+    them on its channels (`first_frames_as` "channels"), in a `GivenImage`.
     """
     if cond is not None and y is not None:
         raise ValueError("give the condition as cond (a dict) or y (class labels), not both")
@@ -672,7 +696,8 @@ def sample(model_fn: ModelFn, shape: tuple[int, ...], *, scheduler, num_steps: i
                 or k >= shape[2]:
             raise ValueError(f"cond_frames of shape {tuple(cond_frames.shape)} do not fit latents "
                              f"{tuple(shape)}: need (B, C, k, h, w) with k < T")
-        model_fn = prefix = CleanPrefix(model_fn, cond_frames.to(device))
+        wrap = GivenImage if first_frames_as(model_fn) == "channels" else CleanPrefix
+        model_fn = prefix = wrap(model_fn, cond_frames.to(device))
     scheduler.set_timesteps(num_steps, device=device, **({"mu": mu} if dynamic else {}))
     # Flow schedulers start at sigma = 1 and need no input scaling; FlowMatchEuler has neither.
     x = initial_noise(shape, generator, device) * getattr(scheduler, "init_noise_sigma", 1.0)

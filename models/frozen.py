@@ -8,7 +8,8 @@ one of these.
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -47,6 +48,20 @@ class FrozenPretrained(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(getattr(self, self.held).parameters()).device
+
+    @contextlib.contextmanager
+    def on(self, device: torch.device | str) -> Iterator["FrozenPretrained"]:
+        """This module on `device` for the block, and back where it was after: a module parked
+        in CPU memory between its uses (the VAE while training reads cached latents) comes to
+        the GPU only while it works."""
+        home = self.device
+        self.to(device)
+        try:
+            yield self
+        finally:
+            self.to(home)
+            if torch.device(device).type == "cuda" and home.type != "cuda":
+                torch.cuda.empty_cache()
 
     @property
     def dtype(self) -> torch.dtype:

@@ -47,7 +47,11 @@
 #                full: losses finite, the held-out loss (fixed noise and t) falls between the
 #                first and last validation; the checkpoint holds the trainable weights
 #                only (a LoRA: fp32 adapters) and the base's fingerprint; export/ written; the
-#                rebuilt model in bf16 autocast agrees with fp32 within 5e-2 (relative L2)
+#                rebuilt model in bf16 autocast agrees with fp32 within 5e-2 (relative L2); on the GPU the
+#                VAE waited in CPU memory (latents cached)
+#   cogvideox_i2v_lora
+#                the same for a LoRA on a tiny CogVideoX image-to-video transformer (image latents
+#                on the channels), trained with model.first_frame_conditioning=0.95
 #   benchmark    bench.py --real-size --compile: a DiT-B/2 step on 16 x 32 x 32 latents, samples/s > 0, MFU
 # All runs go into a temporary runs dir (kept, with one log per step, when a step fails or
 # GPU_CHECK_KEEP=1). Without CUDA it stops at once with exit status 1.
@@ -258,7 +262,8 @@ step image_to_video '"${COND[@]}" first_frames "$RUNS/i2v.json" 2' \
 # Fine-tuning a pretrained DiT: tiny random Wan and CogVideoX pipeline folders (the family seam,
 # LoRA through peft, gradient checkpointing, the native schedule and sampler, export).
 PRETRAINED="$RUNS/pretrained"
-if [ "$DRY" != 1 ] && { wanted wan_lora || wanted wan_full || wanted cogvideox_lora || wanted cogvideox_full; }; then
+if [ "$DRY" != 1 ] && { wanted wan_lora || wanted wan_full || wanted cogvideox_lora || wanted cogvideox_full \
+    || wanted cogvideox_i2v_lora; }; then
   "${COND[@]}" make_pretrained "$PRETRAINED" >"$RUNS/prepare_pretrained.log" 2>&1 || {
     echo "FAIL prepare: the tiny pretrained pipelines; log $RUNS/prepare_pretrained.log"; FAILED=1; }
 fi
@@ -269,12 +274,16 @@ FT_DATA=(data.path=builtin:moving_shapes data.captions=null data.builtin.caption
 for family in wan cogvideox; do
   frames=5; [ $family = cogvideox ] && frames=9
   for finetune in lora full; do
-    step "${family}_$finetune" 'grep -q "precision bfloat16" "$RUNS/ft_${family}_$finetune/log.txt" && "${COND[@]}" loss "$RUNS/ft_${family}_$finetune/log.txt" && "${COND[@]}" val_loss "$RUNS/ft_${family}_$finetune/log.txt" && "${COND[@]}" pretrained "$RUNS/ft_${family}_$finetune" $finetune $DEVICE' \
+    step "${family}_$finetune" 'grep -q "precision bfloat16" "$RUNS/ft_${family}_$finetune/log.txt" && "${COND[@]}" loss "$RUNS/ft_${family}_$finetune/log.txt" && "${COND[@]}" val_loss "$RUNS/ft_${family}_$finetune/log.txt" && "${COND[@]}" pretrained "$RUNS/ft_${family}_$finetune" $finetune $DEVICE && "${COND[@]}" parked "$RUNS/ft_${family}_$finetune/log.txt" $DEVICE' \
       "$PY" train_advanced.py --config config_finetune.yaml "${COMMON[@]}" "model.pretrained=$PRETRAINED/$family" \
       "experiment.name=ft_${family}_$finetune" "model.finetune=$finetune" data.num_frames=$frames \
       "${FT_DATA[@]}" "${FT[@]}" "${EXTRA[@]}"
   done
 done
+step cogvideox_i2v_lora 'grep -q "precision bfloat16" "$RUNS/ft_cogvideox_i2v/log.txt" && "${COND[@]}" loss "$RUNS/ft_cogvideox_i2v/log.txt" && "${COND[@]}" pretrained "$RUNS/ft_cogvideox_i2v" lora $DEVICE && "${COND[@]}" parked "$RUNS/ft_cogvideox_i2v/log.txt" $DEVICE' \
+  "$PY" train_advanced.py --config config_finetune.yaml "${COMMON[@]}" "model.pretrained=$PRETRAINED/cogvideox_i2v" \
+  experiment.name=ft_cogvideox_i2v model.finetune=lora data.num_frames=9 model.first_frame_conditioning=0.95 \
+  "${FT_DATA[@]}" "${FT[@]}" "${EXTRA[@]}"
 
 step benchmark 'grep -q MFU "$RUNS/benchmark.log" && "${COND[@]}" bench "$RUNS/bench.json"' \
   "$PY" benchmarks/bench.py "${BENCH[@]}" --json "$RUNS/bench.json"

@@ -239,6 +239,14 @@ def cache(run: str) -> int:
                                        f"window of a causal video VAE) in {manifest}")
 
 
+def parked(log: str, device_name: str) -> int:
+    """On a GPU with every latent cached, the VAE waited in CPU memory (training/stage2.py `park_vae`)."""
+    with open(log) as f:
+        found = "VAE parked in CPU memory" in f.read()
+    ok = found or not device_name.startswith("cuda")
+    return _result(ok, f"VAE parked in CPU memory between validations: {found} ({log}, device {device_name})")
+
+
 def fvd(path: str) -> int:
     record = json.load(open(path))
     value = record.get("fvd")
@@ -311,9 +319,11 @@ def pretrained(run: str, finetune: str, device_name: str) -> int:
 
 
 def make_pretrained(folder: str) -> int:
-    from tests.pretrained_fixtures import write_pipelines
+    from tests.pretrained_fixtures import cogvideox_pipeline, write_pipelines
     written = write_pipelines(folder)
-    return _result(True, f"tiny Wan and CogVideoX pipelines in {', '.join(written.values())}")
+    written["cogvideox_i2v"] = os.path.join(folder, "cogvideox_i2v")
+    cogvideox_pipeline(image_to_video=True).save_pretrained(written["cogvideox_i2v"])
+    return _result(True, f"tiny Wan, CogVideoX and CogVideoX-I2V pipelines in {', '.join(written.values())}")
 
 
 def make_video_vae(folder: str) -> int:
@@ -340,7 +350,7 @@ def make_detector(path: str) -> int:
 
 COMMANDS = {"loss": loss, "val_loss": val_loss, "steps": lambda run, n: steps(run, int(n)), "bench": bench, "agree": agree,
             "fsdp": fsdp, "same_weights": same_weights,
-            "diagnose": diagnose, "vae_bf16": vae_bf16, "cache": cache, "fvd": fvd, "text": text,
+            "diagnose": diagnose, "vae_bf16": vae_bf16, "cache": cache, "parked": parked, "fvd": fvd, "text": text,
             "first_frames": lambda path, n: first_frames(path, int(n)),
             "pretrained": pretrained, "make_pretrained": make_pretrained,
             "make_video_vae": make_video_vae, "make_clips": make_clips, "make_detector": make_detector}

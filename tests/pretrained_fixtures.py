@@ -14,8 +14,8 @@ import os
 
 import torch
 from diffusers import (AutoencoderKLCogVideoX, AutoencoderKLWan, CogVideoXDDIMScheduler,
-                       CogVideoXPipeline, CogVideoXTransformer3DModel, UniPCMultistepScheduler,
-                       WanPipeline, WanTransformer3DModel)
+                       CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXTransformer3DModel,
+                       UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel)
 
 from tests.text_fixtures import HIDDEN, MAX_LENGTH, build as build_encoder
 
@@ -32,12 +32,17 @@ def wan_transformer(seed: int = 0) -> WanTransformer3DModel:
         qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
 
 
-def cogvideox_transformer(seed: int = 0, rotary: bool = True) -> CogVideoXTransformer3DModel:
+def cogvideox_transformer(seed: int = 0, rotary: bool = True, image_to_video: bool = False,
+                          v15: bool = False) -> CogVideoXTransformer3DModel:
+    """`image_to_video`: twice the input channels (CogVideoX-5b-I2V); `v15`: CogVideoX 1.5's
+    temporal patches of 2, sliced rotary positions and the ofs embedding (1.5-5B-I2V)."""
     torch.manual_seed(seed)
+    extra = dict(patch_size_t=2, ofs_embed_dim=8, patch_bias=False) if v15 else {}
     return CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
-        text_embed_dim=HIDDEN, num_layers=2, sample_width=4, sample_height=4, sample_frames=5, patch_size=2,
-        temporal_compression_ratio=4, max_text_seq_length=MAX_LENGTH, use_rotary_positional_embeddings=rotary)
+        num_attention_heads=2, attention_head_dim=16, in_channels=8 if image_to_video else 4, out_channels=4,
+        time_embed_dim=8, text_embed_dim=HIDDEN, num_layers=2, sample_width=4, sample_height=4, sample_frames=5,
+        patch_size=2, temporal_compression_ratio=4, max_text_seq_length=MAX_LENGTH,
+        use_rotary_positional_embeddings=rotary, **extra)
 
 
 def _randomise(module: torch.nn.Module, seed: int) -> None:
@@ -64,21 +69,24 @@ def wan_pipeline(seed: int = 0) -> WanPipeline:
                        scheduler=scheduler)
 
 
-def cogvideox_pipeline(seed: int = 0, rotary: bool = True) -> CogVideoXPipeline:
-    transformer = cogvideox_transformer(seed, rotary)
+def cogvideox_pipeline(seed: int = 0, rotary: bool = True, image_to_video: bool = False,
+                       v15: bool = False) -> CogVideoXPipeline:
+    """`image_to_video`: a CogVideoXImageToVideoPipeline; `v15`: as CogVideoX1.5-5B-I2V, whose VAE
+    config says invert_scale_latents (the pipeline scales image latents by 1 / scaling_factor)."""
+    transformer = cogvideox_transformer(seed, rotary, image_to_video, v15)
     _randomise(transformer, seed)
     torch.manual_seed(seed)
     vae = AutoencoderKLCogVideoX(
         down_block_types=("CogVideoXDownBlock3D",) * 3, up_block_types=("CogVideoXUpBlock3D",) * 3,
         block_out_channels=(8, 16, 16), latent_channels=4, layers_per_block=1, norm_num_groups=4,
-        temporal_compression_ratio=4, scaling_factor=0.9)
+        temporal_compression_ratio=4, scaling_factor=0.9, invert_scale_latents=v15)
     encoder, tokenizer = build_encoder("t5", seed=seed)
     scheduler = CogVideoXDDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        prediction_type="v_prediction", rescale_betas_zero_snr=True,
                                        snr_shift_scale=COGVIDEOX_SNR_SHIFT, timestep_spacing="trailing",
                                        clip_sample=False, set_alpha_to_one=True)
-    return CogVideoXPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=transformer,
-                             scheduler=scheduler)
+    cls = CogVideoXImageToVideoPipeline if image_to_video else CogVideoXPipeline
+    return cls(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=transformer, scheduler=scheduler)
 
 
 def write_pipelines(root: str) -> dict[str, str]:

@@ -34,3 +34,32 @@ def test_a_frozen_module_stays_frozen_and_keeps_its_identity_under_a_cast(frozen
     assert fp32.fingerprint == bf16.fingerprint  # taken from the weights as stored
     assert fp32.device == torch.device("cpu") and fp32.path == bf16.path
     assert fp32.describe()["dtype"] == "float32" and "(frozen)" in fp32.summary()
+
+
+def test_a_vae_is_parked_in_cpu_memory_while_training_reads_cached_latents(frozen, monkeypatch):
+    """On a GPU with every latent cached the VAE waits in CPU memory (training/stage2.py
+    `park_vae`) and `on(device)` brings it to the GPU for validation only, back after it, also
+    when validation fails. The moves are recorded (this host has no GPU to move to)."""
+    from training.stage2 import park_vae
+    vae = frozen["vae"]("fp32")
+    moves = []
+    monkeypatch.setattr(type(vae), "to", lambda self, device: moves.append(str(device)) or self)
+
+    class Log:
+        lines: list = []
+
+        def info(self, line):
+            self.lines.append(line)
+    log = Log()
+    assert not park_vae(vae, True, torch.device("cpu"), log)  # on CPU: nothing to free
+    assert not park_vae(vae, False, torch.device("cuda"), log)  # not cached: the step encodes
+    assert moves == [] and log.lines == []
+    assert park_vae(vae, True, torch.device("cuda"), log)
+    assert moves == ["cpu"] and "VAE parked in CPU memory" in log.lines[0]
+    with vae.on(torch.device("cuda:0")):
+        assert moves[-1] == "cuda:0"
+    assert moves[-1] == "cpu"
+    with pytest.raises(RuntimeError):
+        with vae.on("cuda:0"):
+            raise RuntimeError("validation failed")
+    assert moves[-2:] == ["cuda:0", "cpu"]

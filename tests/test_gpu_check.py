@@ -48,7 +48,7 @@ def test_every_step_command_is_accepted_by_its_script():
     assert list(steps) == ["stage1", "stage2_bf16", "agreement", "stage2_fp16", "predict", "diagnose",
                            "torchrun", "fsdp", "ddp_fp32", "fsdp_vs_ddp", "video_vae", "workers", "evaluate", "flow",
                            "text", "first_frames", "image_to_video", "wan_lora", "wan_full", "cogvideox_lora",
-                           "cogvideox_full", "benchmark"]
+                           "cogvideox_full", "cogvideox_i2v_lora", "benchmark"]
     for name, argv in steps.items():
         script = next((a for a in argv if a.endswith(".py")), None)
         if script in CONFIGS:
@@ -87,6 +87,9 @@ def test_every_step_command_is_accepted_by_its_script():
                              [a for a in steps[f"{family}_{finetune}"] if "=" in a and not a.startswith("-")])
             assert ft.model.pretrained.endswith(f"pretrained/{family}") and ft.model.finetune == finetune
             assert ft.train.precision == "bf16" and ft.train.activation_checkpointing
+    i2v = load_config(TrainRunConfig, os.path.join(ROOT, "config_finetune.yaml"),
+                      [a for a in steps["cogvideox_i2v_lora"] if "=" in a and not a.startswith("-")])
+    assert i2v.model.pretrained.endswith("pretrained/cogvideox_i2v") and i2v.model.first_frame_conditioning > 0
 
 
 def test_the_header_says_ddp_is_not_exercised_on_one_gpu():
@@ -192,6 +195,15 @@ def test_fvd_and_bench_conditions(tmp_path):
     assert _condition("fvd", tmp_path / "f.json").returncode == 1
     (tmp_path / "b.json").write_text(json.dumps({"samples_per_s": 3.0, "tokens_per_s": 9.0, "mfu": 0.0}))
     assert _condition("bench", tmp_path / "b.json").returncode == 1
+
+
+def test_parked_condition(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text("latent cache: using runs/x/latent_cache\n")
+    assert _condition("parked", log, "cuda").returncode == 1  # cached on a GPU, yet the VAE stayed there
+    assert _condition("parked", log, "cpu").returncode == 0
+    log.write_text("VAE parked in CPU memory (0.1M parameters): training reads cached latents\n")
+    assert _condition("parked", log, "cuda").returncode == 0
 
 
 def test_a_failed_condition_fails_the_script():

@@ -372,7 +372,8 @@ def test_refusals_name_what_is_wrong(pretrained_pipelines, tmp_path, capsys):
     _refused(capsys, base[:-1] + [*_tiny("cogvideox"), f"experiment.runs_dir={tmp_path}",
                                   f"model.pretrained={pretrained_pipelines['cogvideox']}", "experiment.name=f",
                                   "model.first_frame_conditioning=0.5"],
-             "takes one per clip", "WanTransformer3DModel")
+             "takes one timestep per clip and no image channels", "WanTransformer3DModel",
+             "CogVideoX image-to-video")
 
 
 def test_a_changed_base_is_refused_on_resume_and_predict(pretrained_pipelines, tmp_path, capsys):

@@ -98,7 +98,7 @@ def _check(cfg: TrainRunConfig, vae: "FrozenVAE", family: "Family", bucket: Buck
     shape = vae.latent_shape(bucket.num_frames, bucket.height, bucket.width)  # (C, t, h, w)
     try:
         check_patchable(*shape[1:], patch_t, patch)
-        family.check_latents(shape, vae.latent_channels, cfg.model.first_frame_conditioning > 0)
+        family.check_latents(shape, vae, cfg.model.first_frame_conditioning > 0)
     except ConfigError as e:
         raise ConfigError(f"{key} ({bucket.height}x{bucket.width} pixels, {bucket.num_frames} frame(s): "
                           f"{shape[1]} latent frame(s) of {shape[2]}x{shape[3]}): {e}{advice}") from None

@@ -139,6 +139,16 @@ class FirstFrames:
                                t[:, None].expand(batch, frames))  # (B, T)
         return x_t, t_frames, ~cond
 
+    def image_input(self, clean: torch.Tensor, given: Optional[torch.Tensor]) -> torch.Tensor:
+        """The channel form of the condition (CogVideoX-I2V, models/backbones.py): (B, C, T, h, w)
+        with the first k latent frames of `clean` for the `given` (B,) clips, zeros elsewhere
+        (None: zeros for every clip). Noise and t are left as they are; every frame has loss."""
+        image = torch.zeros_like(clean)
+        if given is not None:
+            image[:, :, :self.frames] = torch.where(given[:, None, None, None, None],
+                                                    clean[:, :, :self.frames], image[:, :, :self.frames])
+        return image
+
 
 # --------------------------------------------------------------------------- predict
 

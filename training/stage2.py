@@ -73,7 +73,7 @@ def latent_dims(cfg: TrainRunConfig, vae: FrozenVAE, family: Optional[Family] = 
     if frames % patch_t and not family.pretrained:
         raise ConfigError(f"data.num_frames = {cfg.data.num_frames} gives {frames} latent frames, not "
                           f"divisible by model.patch_t = {mcfg.patch_t}")
-    family.check_latents((channels, frames, height, width), vae.latent_channels, mcfg.first_frame_conditioning > 0)
+    family.check_latents((channels, frames, height, width), vae, mcfg.first_frame_conditioning > 0)
     check_condition_frames(mcfg, frames)  # first frames: some latent frame left to generate
     FirstFrames.of(mcfg).check_vae(vae.geometry, frames, patch_t,  # ... and the VAE can encode them alone
                                    f"the VAE {vae.path} ({vae.class_name})")
@@ -120,9 +120,11 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
         val_captions.extend(build_dataset(cfg.data, "val", cfg.experiment.seed, rules=rules).distinct_captions())
         return [*dataset.distinct_captions(), *val_captions, *(cfg.validation.prompts or [])]
     cond.prepare(captions, os.path.join(run_dir, TEXT_CACHE_DIR), dist, log, cfg.text_encoder.batch_size)
-    dataset = _maybe_cached(dataset, cfg, vae, run_dir, dist, device, log)
+    cached = _maybe_cached(dataset, cfg, vae, run_dir, dist, device, log)
     if dist.is_main:
-        _log_latent_rms(vae, dataset, log)
+        _log_latent_rms(vae, cached, log)
+    park_vae(vae, cached is not dataset, device, log)
+    dataset = cached
     loader = make_loader(dataset, tcfg.batch_size, shuffle=True, seed=cfg.experiment.seed,
                          num_workers=cfg.data.num_workers, rank=dist.rank,
                          world_size=dist.world_size, drop_last=True, device_type=device.type,
@@ -163,7 +165,7 @@ def _family(cfg: TrainRunConfig, log: RunLogger) -> Family:
     contradiction refused), vae.path and text_encoder.path defaulting to a pretrained pipeline
     folder's vae/ and text_encoder/, and the keys that depend on the schedule."""
     family = family_for(cfg.model)
-    family.check_first_frames(cfg.model.first_frame_conditioning > 0)
+    family.check_first_frames(cfg.model.first_frame_conditioning > 0, cfg.model.condition_frames)
     if family.pretrained:
         log.info(f"model: {family.summary()}")
         ignored = ignored_architecture_keys(cfg.model)
@@ -225,6 +227,19 @@ def _maybe_cached(dataset, cfg: TrainRunConfig, vae: FrozenVAE, run_dir: str, di
         cache.write_manifest(shards)
     barrier(dist, setup=True)
     return cache.load()
+
+
+def park_vae(vae: FrozenVAE, cached: bool, device: torch.device, log: RunLogger) -> bool:
+    """With every latent cached, the training step never runs the VAE: on a GPU it waits in CPU
+    memory and comes back only while validation decodes (`validate`: `vae.on(device)`), as the
+    text encoder is released once the captions are cached. True when parked."""
+    if not (cached and device.type == "cuda"):
+        return False
+    vae.to("cpu")
+    torch.cuda.empty_cache()
+    log.info(f"VAE parked in CPU memory ({count_parameters(vae)[1] / 1e6:.1f}M parameters): training reads "
+             "cached latents, validation brings it to the GPU while it decodes")
+    return True
 
 
 def _log_latent_rms(vae: FrozenVAE, dataset, log: RunLogger) -> None:
@@ -456,10 +471,12 @@ def _train_loop(s: Stage2) -> Position:
         x_t = s.diffusion.add_noise(x0, noise, t)
         # The condition (cached text, labels; caption dropout from noise_gen), from the seam.
         kw = s.cond.train_kwargs(batch, s.device, s.noise_gen)
-        # First frames (model.first_frame_conditioning): some clips keep their first latent
-        # frames clean at t = 0, without loss (training/first_frames.py says why); drawn from noise_gen.
+        # First frames (model.first_frame_conditioning): some clips, drawn from noise_gen, are
+        # given their first latent frames as the family takes them: clean at t = 0 without loss
+        # (training/first_frames.py says why), or as image channels (CogVideoX-I2V).
         given = s.first_frames.draw(x0.shape[0], s.device, s.noise_gen)
-        x_t, t, frame_mask = s.first_frames.noised(x_given, x_t, t, given)  # t (B,) or (B, T)
+        x_t, t, frame_mask, image = s.family.first_frame_inputs(s.first_frames, x_given, x_t, t, given)
+        kw = {**kw, **image}  # t (B,) or (B, T)
         # Forward and backward.
         sync = s.pos.micro % tcfg.grad_accum_steps == 0
         with maybe_no_sync(s.ddp, sync), autocast_context(s.device, s.dtype):

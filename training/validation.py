@@ -60,7 +60,7 @@ def validate(s: Stage2) -> bool:
     alone, finished = not s.dist.enabled, True
     lockstep = s.parallel.lockstep and not alone
     try:
-        with stop.interruptible() if alone else contextlib.nullcontext():
+        with stop.interruptible() if alone else contextlib.nullcontext(), s.vae.on(s.device):  # parked: back
             fvd = _val_fvd(s) if s.detector is not None else None
             if s.dist.is_main or lockstep:
                 with contextlib.nullcontext() if alone or lockstep else stop.interruptible():
