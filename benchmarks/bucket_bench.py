@@ -2,6 +2,7 @@
 
     python benchmarks/bucket_bench.py [--vae tests/fixtures/vae] [--rounds 3] [--steps 300]
         [--quality-steps 4000] [--videos 36] [--skip-quality] [--runs-dir DIR] [--json out.json] [--quick]
+        [--seed N] [--only buckets|fixed]
 
 Both runs are the demo's stage 2 (`config_advanced.yaml`: the built-in shapes, class labels,
 the latent cache) on the VAE `--vae`; the bucketed one renders the built-in clips landscape
@@ -22,6 +23,10 @@ Quality: each run trained `--quality-steps` steps (the LR schedule spanning them
 as predict does (EMA, ddpm 100 steps, guidance 2.5, seeds 0...) `--videos` videos at every
 bucket of the bucketed run, and the fixed run at its own shape and at the others (which it was
 never trained on), each scored by benchmarks/shape_coherence.py.
+
+`--seed N`: the training runs' experiment.seed (another draw of init, data order and noise: the
+spread between training seeds); `--only NAME`: one of the two runs (two processes can then train
+them side by side, each with `--threads 1`).
 
 `--quick`: tiny sizes and a random VAE; checks the script, not the numbers.
 """
@@ -56,6 +61,7 @@ from utils.train_utils import setup_runtime  # noqa: E402
 
 SHAPES = "[[24,40],[40,24],32]"  # the built-in clips' own sizes, cycled (landscape, portrait, square)
 QUICK_SHAPES = "[[16,24],[24,16],16]"
+VIDEO, QUICK_VIDEO = ((24, 40), (32, 32), (40, 24)), ((16, 24), (16, 16), (24, 16))  # their video buckets
 
 
 def variants(stills: int, quick: bool) -> dict[str, list[str]]:
@@ -164,18 +170,21 @@ def throughput(base: list[str], runs: dict[str, list[str]], runs_dir: str, round
 
 
 def quality(base: list[str], runs: dict[str, list[str]], runs_dir: str, steps: int, videos: int,
-            quick: bool, device: torch.device) -> dict:
+            quick: bool, device: torch.device, suffix: str = "") -> dict:
     """Coherent videos of `videos` per shape: every bucket of the bucketed run; the fixed run at
     its shape and the bucketed run's (untrained for it)."""
     ckpts, minutes = {}, {}
     for name, overrides in runs.items():
         start = time.perf_counter()
-        s = train_run([*base, *overrides, f"experiment.name=quality_{name}"],
-                      os.path.join(runs_dir, f"quality_{name}"), steps, max(1, steps // 10))
+        s = train_run([*base, *overrides, f"experiment.name=quality_{name}{suffix}"],
+                      os.path.join(runs_dir, f"quality_{name}{suffix}"), steps, max(1, steps // 10))
         minutes[name] = (time.perf_counter() - start) / 60
         ckpts[name] = os.path.join(s.run_dir, "latest.pth")
         print(f"{name}: {steps} steps in {minutes[name]:.1f} min", flush=True)
-    shapes = [(b["resolution"], b["num_frames"]) for b in load_checkpoint(ckpts["buckets"])["buckets"]]
+    if "buckets" in ckpts:
+        shapes = [(b["resolution"], b["num_frames"]) for b in load_checkpoint(ckpts["buckets"])["buckets"]]
+    else:  # the fixed run alone: the video buckets `data.buckets: auto` makes of the three shapes
+        shapes = [(list(r), 8 if not quick else 4) for r in (QUICK_VIDEO if quick else VIDEO)]
     predict = [f"num_videos={videos}", f"device={device.type}"] + (["num_steps=2", "batch_size=2"] if quick else [])
     result = {name: {} for name in runs}
     for name, path in ckpts.items():
@@ -198,15 +207,18 @@ def run(args: argparse.Namespace) -> dict:
     runs_dir = tmp.name if tmp else args.runs_dir
     vae = _random_vae(runs_dir) if args.quick else args.vae
     base = [f"vae.path={vae}", f"experiment.runs_dir={runs_dir}", "data.cache=auto", f"device={device.type}",
-            *(QUICK_TRAIN if args.quick else [])]
+            *(QUICK_TRAIN if args.quick else []), *([f"experiment.seed={args.seed}"] if args.seed is not None else [])]
     runs = variants(args.stills, args.quick)
+    if args.only:
+        runs = {args.only: runs[args.only]}
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch_threads": torch.get_num_threads(),
               "matmul_gflops": matmul_peak(device, torch.float32, 256 if args.quick else 1024, 5),
               "variants": runs, "vae": vae, "quick": args.quick}
     if not args.skip_throughput:
         result["throughput"] = throughput(base, runs, runs_dir, args.rounds, args.steps, args.reps)
     if not args.skip_quality:
-        result["quality"] = quality(base, runs, runs_dir, args.quality_steps, args.videos, args.quick, device)
+        result["quality"] = quality(base, runs, runs_dir, args.quality_steps, args.videos, args.quick, device,
+                                    "" if args.seed is None else f"_seed{args.seed}")
     if tmp:
         tmp.cleanup()
     return result
@@ -242,10 +254,10 @@ def print_throughput(t: dict) -> None:
 def print_quality(q: dict) -> None:
     print(f"  coherent of {q['videos']} after {q['steps']} steps (training minutes "
           + ", ".join(f"{k} {v:.1f}" for k, v in q["train_minutes"].items()) + "):")
-    for shape in q["coherent"]["buckets"]:
-        fixed = q["coherent"]["fixed"].get(shape)
-        print(f"    {shape}: buckets {q['coherent']['buckets'][shape]['coherent']}, fixed "
-              + ("-" if fixed is None else str(fixed["coherent"])))
+    shapes = dict.fromkeys(k for run in q["coherent"].values() for k in run)
+    for shape in shapes:
+        got = {name: run.get(shape) for name, run in q["coherent"].items()}
+        print(f"    {shape}: " + ", ".join(f"{name} {'-' if v is None else v['coherent']}" for name, v in got.items()))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -265,11 +277,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "fastest when other jobs keep the cores busy)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, a random VAE: checks the script")
     p.add_argument("--json", default=None)
+    p.add_argument("--seed", type=int, default=None, help="experiment.seed of the training runs (default: the config's)")
+    p.add_argument("--only", choices=["buckets", "fixed"], default=None, help="train and score one of the two runs")
     args = p.parse_args(argv)
     for key, (small, full) in dict(steps=(6, 300), quality_steps=(4, 4000), videos=(2, 36), stills=(4, 256),
                                    reps=(2, 40)).items():
         if getattr(args, key) is None:
             setattr(args, key, small if args.quick else full)
+    if args.only and not args.skip_throughput:
+        from utils.errors import UserError
+        raise UserError(f"--only {args.only} trains one of the two runs, and the speed ratio needs both: add "
+                        "--skip-throughput")
     if args.json:
         check_output_file(args.json, "--json")
     if args.threads:
