@@ -115,8 +115,9 @@ class Family:
     name = "video_dit"
     class_name = "VideoDiT"
     pretrained = False
-    per_frame_timesteps = True  # takes t (B, T), one per latent frame (first-frame conditioning)
-    first_frames_as: Optional[str] = "prefix"  # "prefix", "channels" or None (the module docstring)
+    # first frames as a clean "prefix" at per-frame t = 0 (it takes t (B, T)), as image
+    # "channels", or None (it cannot): the module docstring
+    first_frames_as: Optional[str] = "prefix"
     text_required = False  # only a text-conditioned model exists (pretrained families)
 
     def __init__(self, model_cfg: ModelConfig):
@@ -271,7 +272,6 @@ class PretrainedFamily(Family):
     """A diffusers transformer folder on disk. Subclasses: the layout, time and positions of
     their call, their schedule and their text convention."""
     pretrained = True
-    per_frame_timesteps = False
     first_frames_as: Optional[str] = None
     text_required = True
     image_scale = 1.0  # a "channels" family's image input: normalised latents times this
@@ -420,8 +420,7 @@ class WanFamily(PretrainedFamily):
     NATIVE = {"UniPCMultistepScheduler": ("unipc", "UniPCMultistepScheduler"),
               "FlowMatchEulerDiscreteScheduler": ("euler", "FlowMatchEulerDiscreteScheduler"),
               "DPMSolverMultistepScheduler": ("dpm++", "DPMSolverMultistepScheduler")}
-    per_frame_timesteps = True  # per-token timesteps (Wan 2.2 TI2V's (B, seq_len) form)
-    first_frames_as = "prefix"
+    first_frames_as = "prefix"  # per-token timesteps (Wan 2.2 TI2V's (B, seq_len) form)
     # attention q/k/v/out of self- (attn1) and cross-attention (attn2), and the feed-forward
     # linears (ffn.net.0.proj, ffn.net.2): finetrainers' and DiffSynth's default set
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")

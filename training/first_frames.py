@@ -24,6 +24,9 @@ loss on all frames, conditioning.md 4 (b), (c)):
 - with flow matching t = 0 is s = 0, exactly the clean sample; with v_prediction t = 0 is the
   schedule's least noisy step (alpha_bar_0 = 1 - beta_0), and the frames are the clean latents
   anyway (no noise is added), so the model learns "t = 0 = given".
+A pretrained model trained the channel way keeps it: CogVideoX-I2V gets the image's latent on
+its extra input channels (`FirstFrames.image_input`, models/backbones.py `first_frames_as`), as
+its pipeline gives it, since fine-tuning it on another form would unlearn it.
 Which latents are the condition: the posterior MEANS, in training and at predict alike.
 Predict encodes the image (or the decoded previous window) with `vae.encode(..., sample=False)`;
 training takes the condition frames of x_t from the posterior means of the clip too
