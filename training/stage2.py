@@ -475,8 +475,9 @@ def _train_loop(s: Stage2) -> Position:
         # given their first latent frames as the family takes them: clean at t = 0 without loss
         # (training/first_frames.py says why), or as image channels (CogVideoX-I2V).
         given = s.first_frames.draw(x0.shape[0], s.device, s.noise_gen)
-        x_t, t, frame_mask, image = s.family.first_frame_inputs(s.first_frames, x_given, x_t, t, given)
-        kw = {**kw, **image}  # t (B,) or (B, T)
+        x_t, t, frame_mask, inputs = s.family.first_frame_inputs(  # t (B,) or (B, T)
+            s.first_frames, x_given, x_t, t, given)
+        kw = {**kw, **inputs}  # the image channels' input, where the family takes one
         # Forward and backward.
         sync = s.pos.micro % tcfg.grad_accum_steps == 0
         with maybe_no_sync(s.ddp, sync), autocast_context(s.device, s.dtype):
