@@ -640,10 +640,13 @@ class GivenImage(CleanPrefix):
     into the result: the model generates the first frames too."""
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, *args, **cond) -> torch.Tensor:
-        reps = x.shape[0] // self.frames.shape[0]
-        image = torch.zeros_like(x)
-        image[:, :, :self.k] = self.frames.repeat(reps, 1, 1, 1, 1).to(x.dtype)
-        return self.model_fn(x, t, *args, image=image, **cond)
+        key = (x.shape, x.dtype, x.device)
+        if getattr(self, "_key", None) != key:  # built once per call shape, not at every step
+            reps = x.shape[0] // self.frames.shape[0]
+            self._image = torch.zeros_like(x)
+            self._image[:, :, :self.k] = self.frames.repeat(reps, 1, 1, 1, 1).to(x.dtype)
+            self._key = key
+        return self.model_fn(x, t, *args, image=self._image, **cond)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return x

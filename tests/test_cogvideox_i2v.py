@@ -5,15 +5,13 @@ I2V training convention, then trained, sampled from an image, exported and refus
 import os
 
 import diffusers
-import numpy as np
 import pytest
 import torch
 
-import predict_advanced
 from models.backbones import load_pretrained
 from models.diffusion import make_objective, sample
 from models.vae import FrozenVAE
-from tests.test_pretrained import ROOT, TINY, _ft
+from tests.test_pretrained import ROOT, TINY, _ft, predict_from_image
 from training.first_frames import FirstFrames
 from utils.config import DiffusionConfig, ModelConfig
 from utils.errors import ConfigError
@@ -141,23 +139,13 @@ def test_i2v_trains_as_the_diffusers_example(i2v_pipelines):
 
 
 def test_i2v_lora_trains_predicts_from_an_image_and_exports(i2v_pipelines, tmp_path):
-    from PIL import Image
-
-    from utils.video_io import count_frames
     folder = i2v_pipelines["i2v"]
     run = _ft(str(tmp_path), "cogvideox", "run", folder,
               [*_tiny("i2v"), "train.max_steps=3", "model.finetune=lora", "model.lora.rank=4",
                "model.first_frame_conditioning=0.95", "validation.every_epochs=1"])
     log = open(os.path.join(run, "log.txt")).read()
     assert "first 1 latent frame(s) given with p = 0.95" in log
-    image = str(tmp_path / "first.png")
-    Image.fromarray(np.full((16, 16, 3), 200, dtype=np.uint8)).save(image)
-    out = str(tmp_path / "i2v")
-    assert predict_advanced.main(["--config", os.path.join(ROOT, "predict_advanced.yaml"), "device=cpu",
-                                  f"checkpoint={run}/latest.pth", f"output_dir={out}", "num_videos=1",
-                                  "num_steps=2", "sampler=ddim", "prompts=[a red square moving left]",
-                                  f"image={image}", "num_frames=13"]) == 0
-    assert count_frames(os.path.join(out, "sample_000.mp4")) == 13  # two windows of 9, joined on frame 9
+    assert predict_from_image(run, str(tmp_path / "i2v"), "ddim", 13) == 13  # two windows of 9, joined on frame 9
     # the export loads in diffusers' image-to-video pipeline
     pipe = diffusers.CogVideoXImageToVideoPipeline.from_pretrained(folder)
     pipe.load_lora_weights(os.path.join(run, "export"))

@@ -419,19 +419,24 @@ def wan_lora_run(pretrained_pipelines, tmp_path_factory):
                                                                  "model.first_frame_conditioning=0.5"])
 
 
-def test_wan_image_to_video_and_extension(wan_lora_run, tmp_path):
+def predict_from_image(run: str, out: str, sampler: str, num_frames: int) -> int:
+    """Predict one video from a grey 16x16 PNG with `num_frames` frames; its frame count."""
     import numpy as np
     from PIL import Image
 
     from utils.video_io import count_frames
-    image = str(tmp_path / "first.png")
+    os.makedirs(out, exist_ok=True)
+    image = os.path.join(out, "first.png")
     Image.fromarray(np.full((16, 16, 3), 200, dtype=np.uint8)).save(image)
-    out = str(tmp_path / "i2v")
     assert predict_advanced.main(["--config", os.path.join(ROOT, "predict_advanced.yaml"), "device=cpu",
-                                  f"checkpoint={wan_lora_run}/latest.pth", f"output_dir={out}", "num_videos=1",
-                                  "num_steps=2", "sampler=unipc", "prompts=[a red square moving left]",
-                                  f"image={image}", "num_frames=9"]) == 0
-    assert count_frames(os.path.join(out, "sample_000.mp4")) == 9  # two windows of 5, joined on frame 5
+                                  f"checkpoint={run}/latest.pth", f"output_dir={out}/videos", "num_videos=1",
+                                  "num_steps=2", f"sampler={sampler}", "prompts=[a red square moving left]",
+                                  f"image={image}", f"num_frames={num_frames}"]) == 0
+    return count_frames(os.path.join(out, "videos", "sample_000.mp4"))
+
+
+def test_wan_image_to_video_and_extension(wan_lora_run, tmp_path):
+    assert predict_from_image(wan_lora_run, str(tmp_path), "unipc", 9) == 9  # two windows of 5, joined on frame 5
 
 
 def test_diagnose_and_evaluate_read_a_fine_tuned_checkpoint(wan_lora_run, pretrained_pipelines, tmp_path):
