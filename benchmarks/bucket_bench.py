@@ -2,7 +2,7 @@
 
     python benchmarks/bucket_bench.py [--vae tests/fixtures/vae] [--rounds 3] [--steps 300]
         [--quality-steps 4000] [--videos 36] [--skip-quality] [--runs-dir DIR] [--json out.json] [--quick]
-        [--seed N] [--only buckets|fixed]
+        [--seed N] [--only buckets|fixed] [--set KEY=VALUE ...] [--tag NAME]
 
 Both runs are the demo's stage 2 (`config_advanced.yaml`: the built-in shapes, class labels,
 the latent cache) on the VAE `--vae`; the bucketed one renders the built-in clips landscape
@@ -27,6 +27,10 @@ never trained on), each scored by benchmarks/shape_coherence.py.
 `--seed N`: the training runs' experiment.seed (another draw of init, data order and noise: the
 spread between training seeds); `--only NAME`: one of the two runs (two processes can then train
 them side by side, each with `--threads 1`).
+
+`--set KEY=VALUE` (repeatable): a config override for both runs (e.g. `model.positions=rope`);
+`--tag NAME`: a word in the quality runs' names (`quality_buckets_NAME_seed1`), so variants
+trained into one `--runs-dir` keep their own folders.
 
 `--quick`: tiny sizes and a random VAE; checks the script, not the numbers.
 """
@@ -207,18 +211,19 @@ def run(args: argparse.Namespace) -> dict:
     runs_dir = tmp.name if tmp else args.runs_dir
     vae = _random_vae(runs_dir) if args.quick else args.vae
     base = [f"vae.path={vae}", f"experiment.runs_dir={runs_dir}", "data.cache=auto", f"device={device.type}",
-            *(QUICK_TRAIN if args.quick else []), *([f"experiment.seed={args.seed}"] if args.seed is not None else [])]
+            *(QUICK_TRAIN if args.quick else []), *([f"experiment.seed={args.seed}"] if args.seed is not None else []), *args.set]
     runs = variants(args.stills, args.quick)
     if args.only:
         runs = {args.only: runs[args.only]}
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch_threads": torch.get_num_threads(),
               "matmul_gflops": matmul_peak(device, torch.float32, 256 if args.quick else 1024, 5),
-              "variants": runs, "vae": vae, "quick": args.quick}
+              "variants": runs, "overrides": args.set, "vae": vae, "quick": args.quick}
     if not args.skip_throughput:
         result["throughput"] = throughput(base, runs, runs_dir, args.rounds, args.steps, args.reps)
     if not args.skip_quality:
         result["quality"] = quality(base, runs, runs_dir, args.quality_steps, args.videos, args.quick, device,
-                                    "" if args.seed is None else f"_seed{args.seed}")
+                                    (f"_{args.tag}" if args.tag else "")
+                                    + ("" if args.seed is None else f"_seed{args.seed}"))
     if tmp:
         tmp.cleanup()
     return result
@@ -278,6 +283,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes, a random VAE: checks the script")
     p.add_argument("--json", default=None)
     p.add_argument("--seed", type=int, default=None, help="experiment.seed of the training runs (default: the config's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for both runs (repeatable), e.g. model.positions=rope")
+    p.add_argument("--tag", default=None, help="a word in the quality runs' folder names")
     p.add_argument("--only", choices=["buckets", "fixed"], default=None, help="train and score one of the two runs")
     args = p.parse_args(argv)
     for key, (small, full) in dict(steps=(6, 300), quality_steps=(4, 4000), videos=(2, 36), stills=(4, 256),
