@@ -10,7 +10,8 @@ Prints a table (and writes JSON) of:
     of equal width, block count and token count; the ratio ours / peer. Each model runs as
     its authors configure it: Latte with its tanh-approximate GELU (Latte-1's setting) and its
     caption cross-attention fed one token and torch's default AdamW (Latte's train.py), ours
-    with exact GELU, qk-norm and the trainer's fused AdamW. --compile adds both compiled,
+    with exact GELU, qk-norm and the trainer's fused AdamW (also timed: without qk-norm, and
+    with rotary positions, model.positions = rope). --compile adds both compiled,
     timed in a process of their own;
   - DiT training step conditioned on a caption (cross-attention to TEXT's tokens in every
     block) vs on a class label, at equal width, depth and tokens: the cost of text;
@@ -101,10 +102,10 @@ def demo_size() -> dict:
                 batch=cfg.train.batch_size)
 
 
-def ours(size: dict, device: torch.device, qk_norm: bool = True) -> torch.nn.Module:
+def ours(size: dict, device: torch.device, qk_norm: bool = True, positions: str = "sincos") -> torch.nn.Module:
     cfg = ModelConfig(hidden_size=size["hidden"], depth=size["depth"], num_heads=size["heads"],
                       patch_size=2, patch_t=1, attention=size.get("attention", "factorized"),
-                      qk_norm=qk_norm, conditioning="none")
+                      qk_norm=qk_norm, positions=positions, conditioning="none")
     return VideoDiT(cfg, in_channels=4, num_frames=size["frames"], latent_height=size["latent"]).to(device)
 
 
@@ -163,7 +164,8 @@ def time_variants(size: dict, device: torch.device, variants: list, reps: int) -
     steps, out = {}, {}
     for name, kind, opts in variants:
         torch.manual_seed(0)
-        model = peer(size, device) if kind == "latte" else ours(size, device, qk_norm=opts.get("qk_norm", True))
+        model = peer(size, device) if kind == "latte" else ours(size, device, qk_norm=opts.get("qk_norm", True),
+                                                                 positions=opts.get("positions", "sincos"))
         step, forward, x = train_step_fn(model, kind, size, device)
         flops = step_flops(model, forward, x)
         if opts.get("compile"):
@@ -185,11 +187,13 @@ COMPILED = [("ours_compiled", "ours", {"compile": True}), ("latte_compiled", "la
 
 
 def bench_models(size: dict, device: torch.device, peak: float, reps: int, compile_models: bool) -> dict:
-    """Training step of ours (as shipped: qk-norm on), ours without qk-norm and Latte; with
+    """Training step of ours (as shipped: qk-norm on, sin-cos positions), ours without qk-norm,
+    ours with rotary positions (model.positions = rope) and Latte; with
     `compile_models` also both through torch.compile, timed in a process of their own: once
     Latte has been compiled, its eager steps in the same process run ~12% slower (measured:
     1.39 vs 1.24 s), which would flatter us."""
-    variants = [("ours", "ours", {}), ("ours_no_qk_norm", "ours", {"qk_norm": False}), ("latte", "latte", {})]
+    variants = [("ours", "ours", {}), ("ours_no_qk_norm", "ours", {"qk_norm": False}),
+                ("ours_rope", "ours", {"positions": "rope"}), ("latte", "latte", {})]
     out = time_variants(size, device, variants, reps)
     if compile_models:
         proc = subprocess.run([sys.executable, __file__, "--compiled-probe", json.dumps(size),

@@ -73,7 +73,7 @@ from utils.errors import ConfigError, MissingFileError, UserError
 
 # Architecture keys of `model.*` that describe the repo's own DiT: a pretrained model brings its own.
 OWN_ARCHITECTURE_KEYS = ("preset", "hidden_size", "depth", "num_heads", "mlp_ratio", "patch_size",
-                         "patch_t", "attention", "qk_norm")
+                         "patch_t", "attention", "qk_norm", "positions")
 VOLATILE_CONFIG_KEYS = ("_diffusers_version", "_name_or_path", "_use_default_values")
 HASH_CHUNK = 16 * 2 ** 20  # bytes read at a time when fingerprinting weight files
 

@@ -5,13 +5,20 @@ Design (DiT, Peebles & Xie 2023; Latte, Ma et al. 2024):
   (a linear layer on rearranged patches is a Conv3d with stride = kernel, and patchify is then
   the very code the round-trip test checks). Token order is frame-major: n = t * S + s, where
   S = (h / patch) * (w / patch) tokens per latent frame.
-- Position: fixed sin-cos, separable: a 2-D spatial table (half the channels for rows, half
-  for columns) plus a 1-D temporal table, summed and added once to the tokens. No RoPE. The
-  table is a function of the token grid alone, so the network takes latents of any grid
-  (aspect-ratio and duration buckets, `data.buckets`): the table of the grid it was built for
-  is a buffer (today's numbers, op for op), any other grid's is computed once and kept per
-  (grid, device). Row r and column c mean the same position in every grid: a taller frame has
-  more rows, not rescaled ones.
+- Position (`model.positions`), a function of the token grid alone either way, so the network
+  takes latents of any grid (aspect-ratio and duration buckets, `data.buckets`). Row r and
+  column c mean the same position in every grid: a taller frame has more rows, not rescaled ones.
+  `sincos` (the default): fixed sin-cos, separable: a 2-D spatial table (half the channels for
+  rows, half for columns) plus a 1-D temporal table, summed and added once to the tokens. The
+  table of the grid the model was built for is a buffer (the numbers it always had, op for op),
+  any other grid's is computed once and kept per (grid, device).
+  `rope`: 3-D rotary positions (RoFormer; Wan's split of a head's channels: 2 * (E // 6) for
+  rows, as many for columns, the rest for frames) rotate every self-attention's queries and keys
+  after qk-norm, so attention sees relative offsets only; nothing is added to the tokens and no
+  parameter changes. diffusers' `get_1d_rotary_pos_embed` makes each axis' cos / sin and
+  `apply_rotary_emb` rotates. A spatial block's tokens share a frame and a temporal block's a
+  position, so their tables are the full table's first frame and first position (the rotation
+  of the axis they share cancels in q . k).
 - Blocks: pre-norm transformer blocks with adaLN-Zero conditioning on c = emb(t) + emb(y)
   (+ emb(pooled text)).
   `model.attention = "factorized"` alternates spatial blocks (the S tokens of one frame attend
@@ -111,6 +118,30 @@ def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
     angles = positions.double()[:, None] * omega[None]  # (L, dim/2)
     return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """A head's channels rotated by (frame, row, column), as Wan: 2 * (E // 6) for rows and for
+    columns, the rest for frames (all even: pairs never straddle two axes)."""
+    side = 2 * (head_dim // 6)
+    return head_dim - 2 * side, side, side
+
+
+def video_rope(head_dim: int, grid: tuple[int, int, int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """3-D rotary tables of a token grid (T', H', W') for each attention kind: kind -> (cos, sin),
+    each (L, head_dim) float32 in the interleaved-pairs layout of diffusers' apply_rotary_emb:
+    `full` over all N tokens (frame-major), `spatial` over one frame's S tokens (frame 0),
+    `temporal` over one position's T' tokens (row 0, column 0)."""
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+    t, h, w = grid
+    axes = [get_1d_rotary_pos_embed(dim, n, use_real=True, freqs_dtype=torch.float64)
+            for dim, n in zip(rope_split(head_dim), grid)]  # per axis (cos, sin), each (n, dim)
+    index = (torch.arange(t).repeat_interleave(h * w), torch.arange(h).repeat_interleave(w).repeat(t),
+             torch.arange(w).repeat(t * h))  # frame, row, column of token n
+    cos, sin = (torch.cat([axis[part][i] for axis, i in zip(axes, index)], dim=1).float() for part in (0, 1))
+    s = h * w
+    return {"full": (cos, sin), "spatial": (cos[:s].contiguous(), sin[:s].contiguous()),
+            "temporal": (cos[::s].contiguous(), sin[::s].contiguous())}
 
 
 def video_pos_embed(dim: int, grid: tuple[int, int, int]) -> torch.Tensor:
@@ -242,7 +273,8 @@ _OUT = {
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over `kind` groups of tokens, with optional qk-norm."""
+    """Multi-head self-attention over `kind` groups of tokens, with optional qk-norm and, given
+    `rope` tables (`video_rope`), rotary positions on the queries and keys."""
 
     def __init__(self, dim: int, num_heads: int, kind: str, qk_norm: bool):
         super().__init__()
@@ -253,10 +285,14 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(dim // num_heads, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, frames: int, rope: Optional[dict] = None) -> torch.Tensor:
         group = {} if self.kind == "full" else {"t": frames}
         q, k, v = rearrange(self.qkv(x), _QKV_IN[self.kind], k=3, h=self.num_heads, **group)
-        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)  # (batch, h, L, e)
+        q, k = self.q_norm(q), self.k_norm(k)  # (batch, h, L, e)
+        if rope is not None:
+            from diffusers.models.embeddings import apply_rotary_emb  # loaded by video_rope already
+            q, k = apply_rotary_emb(q, rope[self.kind]), apply_rotary_emb(k, rope[self.kind])
+        out = F.scaled_dot_product_attention(q, k, v)  # (batch, h, L, e)
         return self.proj(rearrange(out, _OUT[self.kind], b=x.shape[0]))  # (B, N, D)
 
 
@@ -302,15 +338,16 @@ class Block(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, frames: int, text: Optional[torch.Tensor] = None,
-                text_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                text_mask: Optional[torch.Tensor] = None, rope: Optional[dict] = None) -> torch.Tensor:
         # x (B, N, D) tokens, N = T' * S; c (B, D) one conditioning per clip, or (B, T', D) one per
-        # latent frame; text (B, L, D) cross-attention keys, text_mask (B, L) bool or None
+        # latent frame; text (B, L, D) cross-attention keys, text_mask (B, L) bool or None;
+        # rope: the grid's rotary tables (model.positions = rope) or None
         tokens = x.shape  # (B, N, D): attention works on this layout
         if c.ndim == 3:
             x = x.view(tokens[0], frames, -1, tokens[2])  # (B, T', S, D): a view, no copy
         mods = self.adaLN_modulation(c).unsqueeze(-2).chunk(6, dim=-1)  # each (B, 1, D) or (B, T', 1, D)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
-        h = self.attn(modulate(self.norm1(x), shift_a, scale_a).view(tokens), frames)  # (B, N, D)
+        h = self.attn(modulate(self.norm1(x), shift_a, scale_a).view(tokens), frames, rope)  # (B, N, D)
         x = torch.addcmul(x, gate_a, h.view(x.shape))
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.norm_cross(x).view(tokens), text, text_mask).view(x.shape)
@@ -369,7 +406,7 @@ class VideoDiT(nn.Module):
         cfg = cfg.resolved()
         latent_width = latent_height if latent_width is None else latent_width
         check_patchable(num_frames, latent_height, latent_width, cfg.patch_t, cfg.patch_size)
-        if cfg.hidden_size % 4:
+        if cfg.positions == "sincos" and cfg.hidden_size % 4:
             raise ConfigError(f"model.hidden_size = {cfg.hidden_size}: must be a multiple of 4 "
                               "(2-D sin-cos position embedding)")
         self._check_condition(cfg, num_frames, num_classes, text_dim, pooled_dim)
@@ -382,8 +419,11 @@ class VideoDiT(nn.Module):
         dim = cfg.hidden_size
 
         self.x_embed = nn.Linear(patch_dim, dim)
-        self.register_buffer("pos_embed", video_pos_embed(dim, self.grid), persistent=False)  # (1, N, D)
-        self._pos_tables: dict = {}  # (grid, device) -> (1, N, D): grids other than self.grid
+        if cfg.positions == "sincos":
+            self.register_buffer("pos_embed", video_pos_embed(dim, self.grid), persistent=False)  # (1, N, D)
+        else:
+            self.pos_embed = None  # rope: positions rotate q and k in attention (`rotary`)
+        self._pos_tables: dict = {}  # (grid, device) -> (1, N, D) sin-cos (other grids than self.grid) or rope tables
         self.t_embed = TimestepEmbedder(dim)
         self.y_embed = LabelEmbedder(num_classes, dim, cfg.class_dropout) if num_classes > 0 else None
         if text_dim > 0:  # only text models have these modules: other state_dicts are unchanged
@@ -503,14 +543,19 @@ class VideoDiT(nn.Module):
         p, pt = self.cfg.patch_size, self.cfg.patch_t
         grid = (x.shape[2] // pt, x.shape[3] // p, x.shape[4] // p)  # (T', H', W') tokens per axis
         batch, frames = x.shape[0], grid[0]
-        tokens = self.x_embed(patchify(x, pt, p)) + self.positions(grid, x.device)  # (B, N, D), N = T' * S
+        tokens = self.x_embed(patchify(x, pt, p))  # (B, N, D), N = T' * S
+        rope = None
+        if self.cfg.positions == "sincos":
+            tokens = tokens + self.positions(grid, x.device)
+        else:
+            rope = self.rotary(grid, x.device)
         keys, key_mask, pooled_emb = self._text(text, text_mask, pooled, drop_text, batch)
         c = self.condition(t, y, batch, pooled_emb, x.shape[2])  # (B, D) or (B, T', D)
         for block in self.blocks:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, c, frames, keys, key_mask, use_reentrant=False)
+                tokens = checkpoint(block, tokens, c, frames, keys, key_mask, rope, use_reentrant=False)
             else:
-                tokens = block(tokens, c, frames, keys, key_mask)
+                tokens = block(tokens, c, frames, keys, key_mask, rope)
         out = self.final_layer(tokens, c, frames)  # (B, N, pt * p * p * C)
         return unpatchify(out, grid, pt, p)  # (B, C, T, h, w)
 
@@ -526,6 +571,17 @@ class VideoDiT(nn.Module):
             table = video_pos_embed(self.cfg.hidden_size, grid).to(device=device, dtype=self.pos_embed.dtype)
             self._pos_tables[key] = table
         return table
+
+    def rotary(self, grid: tuple[int, int, int], device: torch.device) -> dict:
+        """The rotary tables of a token grid (`video_rope`), computed once per (grid, device) and
+        kept; float32 whatever the model's dtype (apply_rotary_emb rotates in float32)."""
+        key = ("rope", grid, str(device))
+        tables = self._pos_tables.get(key)
+        if tables is None:
+            tables = {kind: tuple(a.to(device) for a in pair)
+                      for kind, pair in video_rope(self.cfg.hidden_size // self.cfg.num_heads, grid).items()}
+            self._pos_tables[key] = tables
+        return tables
 
     def _text(self, text: Optional[torch.Tensor], mask: Optional[torch.Tensor], pooled: Optional[torch.Tensor],
               drop: Optional[torch.Tensor], batch: int):

@@ -29,6 +29,7 @@ def test_benchmark_quick_reports_everything(tmp_path):
     assert c["text"]["params_M"] > c["class"]["params_M"] and "text / class" in proc.stdout
     assert {"ddim_10", "dpm++_10"} <= set(r["sampling_sec_per_video"])
     assert "speed: ours over latte " in proc.stdout and "ours_no_qk_norm over latte" in proc.stdout
+    assert "ours_rope over latte" in proc.stdout
     t = r["text_encoding"]
     assert set(t["encoders"]) == {"tiny"} and t["captions"] > 0  # --quick: the demo's encoder only
     assert "text encoder tiny " in proc.stdout and f"{t['captions']} captions cached once in " in proc.stdout

@@ -393,7 +393,8 @@ def test_two_processes_draw_one_bucket_per_step_and_resume_exactly(tmp_path, ran
 @pytest.fixture(scope="module")
 def bucketed_run(tmp_path_factory, random_vae):  # noqa: F811
     tmp = tmp_path_factory.mktemp("bucketed")
-    return _train(tmp, random_vae, "run", [*BUILTIN, "train.max_steps=2", "data.cache=auto"])
+    # rotary positions (model.positions = rope): predict and evaluate at every bucket with them
+    return _train(tmp, random_vae, "run", [*BUILTIN, "train.max_steps=2", "data.cache=auto", "model.positions=rope"])
 
 
 @pytest.mark.parametrize("extra, shape", [
@@ -408,6 +409,7 @@ def test_predict_samples_any_trained_bucket(bucketed_run, tmp_path, capsys, extr
     assert iio.imread(str(tmp_path / "out" / "sample_000.gif")).shape[:3] == shape
     out = capsys.readouterr().out
     assert "trained buckets [16, 32] x 4, [24, 24] x 4, [32, 16] x 4" in out and "warning" not in out
+    assert load_checkpoint(os.path.join(bucketed_run, "latest.pth"))["model"]["config"]["positions"] == "rope"
 
 
 def test_predict_warns_for_an_untrained_shape_and_refuses_one_the_patch_cannot_tile(bucketed_run, tmp_path, capsys):

@@ -69,14 +69,15 @@ def test_wrong_channels_or_an_unpatchable_grid_is_refused():
         model(torch.zeros(1, C, 4, 7, 8), torch.tensor([1]))
 
 
+@pytest.mark.parametrize("positions", ["sincos", "rope"])
 @pytest.mark.parametrize("grid", [(5, 8, 8), (1, 4, 12), (3, 12, 4), (4, 8, 8)])
-def test_any_grid_equals_a_model_built_for_it(grid):
+def test_any_grid_equals_a_model_built_for_it(grid, positions):
     """Buckets: a DiT built for 4 x 8 x 8 latents takes any other grid, and its output there is
     what a DiT built for that grid (the same weights) gives; the tables are cached per grid."""
     torch.manual_seed(0)
-    model = VideoDiT(tiny_cfg(), C, 4, 8, num_classes=3)
+    model = VideoDiT(tiny_cfg(positions=positions), C, 4, 8, num_classes=3)
     randomize_zero_init(model)
-    own = VideoDiT(tiny_cfg(), C, grid[0], grid[1], grid[2], num_classes=3)
+    own = VideoDiT(tiny_cfg(positions=positions), C, grid[0], grid[1], grid[2], num_classes=3)
     own.load_state_dict(model.state_dict())
     model.eval(), own.eval()  # no label dropout
     x = torch.randn(2, C, *grid, generator=torch.Generator().manual_seed(1))
@@ -86,9 +87,61 @@ def test_any_grid_equals_a_model_built_for_it(grid):
     per_frame = torch.tensor([[0] + [500] * (grid[0] - 1)] * 2)  # per-frame timesteps follow T
     assert torch.equal(model(x, per_frame, y=y), own(x, per_frame, y=y))
     tables = dict(model._pos_tables)
-    assert len(tables) == (0 if grid == (4, 8, 8) else 1)  # the reference grid uses the buffer
+    # sin-cos: the reference grid uses the buffer; rope: every grid's tables are kept alike
+    assert len(tables) == (0 if grid == (4, 8, 8) and positions == "sincos" else 1)
     model(x, t, y=y)
     assert all(model._pos_tables[k] is v for k, v in tables.items())  # computed once
+
+
+def test_rope_scores_depend_on_the_offset_alone_and_each_block_kind_reads_its_axes():
+    """model.positions = rope: after rotation q_i . k_j is a function of the (frame, row, column)
+    offset of tokens i and j alone, and different offsets give different scores (each axis has
+    its own channels); a spatial block's table (one frame) and a temporal block's (one position)
+    give the very scores the full table gives inside a frame and along a position."""
+    from diffusers.models.embeddings import apply_rotary_emb
+    from models.dit import rope_split, video_rope
+    grid, e = (3, 4, 5), 32
+    assert rope_split(e) == (12, 10, 10) and rope_split(128) == (44, 42, 42)  # Wan's split at 128
+    tables = video_rope(e, grid)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(4, 1, 1, e, generator=g), torch.randn(4, 1, 1, e, generator=g)  # 4 pairs
+
+    def scores(kind: str, n: int) -> torch.Tensor:
+        rq = apply_rotary_emb(q.expand(4, 1, n, e), tables[kind])[:, 0].double()
+        rk = apply_rotary_emb(k.expand(4, 1, n, e), tables[kind])[:, 0].double()
+        return rq @ rk.transpose(1, 2)  # (4, n, n): each pair the same at every token, so only positions differ
+
+    full = scores("full", 60)
+    where = [(t, r, c) for t in range(3) for r in range(4) for c in range(5)]  # frame-major
+    by_offset: dict = {}
+    for i, a in enumerate(where):
+        for j, b in enumerate(where):
+            by_offset.setdefault(tuple(x - y for x, y in zip(a, b)), []).append(full[:, i, j])
+    assert len(by_offset) == 5 * 7 * 9
+    assert max((torch.stack(v) - v[0]).abs().max().item() for v in by_offset.values()) < 1e-5
+    firsts = torch.stack([v[0] for v in by_offset.values()])  # (offsets, 4)
+    assert (torch.cdist(firsts, firsts) + torch.eye(len(firsts))).min() > 1e-3  # distinct offsets, distinct scores
+    assert torch.allclose(scores("spatial", 20), full[:, 40:60, 40:60], atol=1e-5)  # frame 2
+    along = [7, 27, 47]  # row 1, column 2 of each frame
+    assert torch.allclose(scores("temporal", 3), full[:, along][:, :, along], atol=1e-5)
+
+
+def test_rope_keeps_the_parameters_and_moves_position_into_attention():
+    """The same state dict as sin-cos (no buffer, no parameter added): a sin-cos model's weights
+    load into a rope one; nothing is added to the tokens, and the output differs from sin-cos'."""
+    torch.manual_seed(0)
+    sincos = VideoDiT(tiny_cfg(), C, 4, 8, num_classes=3)
+    randomize_zero_init(sincos)
+    rope = VideoDiT(tiny_cfg(positions="rope"), C, 4, 8, num_classes=3)
+    rope.load_state_dict(sincos.state_dict())
+    assert rope.pos_embed is None and "pos_embed" not in dict(rope.named_buffers())
+    sincos.eval(), rope.eval()
+    x, t, y = latents(2, 4, 8), torch.tensor([3, 700]), torch.tensor([0, 2])
+    a, b = sincos(x, t, y), rope(x, t, y)
+    assert a.shape == b.shape and (a - b).abs().max() > 1e-3
+    cfg = tiny_cfg(positions="rope", hidden_size=24, num_heads=4)  # head dim 6: too few channels
+    with pytest.raises(ConfigError, match=r"model\.positions = rope: head dim 6 .* at least 8 channels"):
+        cfg.validate()
 
 
 def test_preset_sets_sizes():

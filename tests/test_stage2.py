@@ -132,10 +132,11 @@ def test_resume_refuses_other_model(tmp_path, random_vae):
 
 def _as_written_before_conditions(src: str, dst: str) -> None:
     """A checkpoint as train_advanced.py wrote it before the conditioning seam and first frames:
-    no model.conditioning / caption_dropout / first_frame_conditioning / condition_frames in
+    no model.conditioning / caption_dropout / first_frame_conditioning / condition_frames /
+    positions in
     its model record, no 'conditioning' or 'lr_plan' entry."""
     ckpt = torch.load(src, weights_only=True)
-    for key in ("conditioning", "caption_dropout", "first_frame_conditioning", "condition_frames"):
+    for key in ("conditioning", "caption_dropout", "first_frame_conditioning", "condition_frames", "positions"):
         ckpt["model"]["config"].pop(key)
     ckpt.pop("conditioning")
     ckpt.pop("lr_plan")
@@ -154,6 +155,9 @@ def test_resume_of_a_checkpoint_older_than_the_new_model_keys(tmp_path, random_v
                                         r"checkpoint but 0.5 now"):
         _train(tmp_path, random_vae, "ffc", ["train.max_steps=3", f"train.resume={old}",
                                              "model.first_frame_conditioning=0.5"])
+    with pytest.raises(UserError, match=r"another model: config.positions is 'sincos' in the checkpoint but "
+                                        r"'rope' now"):  # a checkpoint before positions was sin-cos
+        _train(tmp_path, random_vae, "rope", ["train.max_steps=3", f"train.resume={old}", "model.positions=rope"])
 
 
 def test_fresh_start_does_not_overwrite(tmp_path, random_vae):

@@ -364,6 +364,10 @@ class ModelConfig:
     patch_t: int = 1  # temporal patch length in latent frames
     attention: Literal["factorized", "full"] = "factorized"  # spatial/temporal alternating, or space-time
     qk_norm: bool = True  # LayerNorm on each head's queries and keys
+    # Where a token is: `sincos` (a fixed 3-D sin-cos table added to the tokens once, DiT/Latte)
+    # or `rope` (3-D rotary positions on each self-attention's queries and keys, as Wan and
+    # HunyuanVideo: relative positions, for models trained on several shapes, data.buckets).
+    positions: Literal["sincos", "rope"] = "sincos"
     # What the DiT is told besides (x_t, t): `none`, `class` (the dataset's labels, if it has
     # any) or `text` (captions through a frozen text encoder). null: from class_conditional.
     conditioning: Optional[Literal["none", "class", "text"]] = None
@@ -415,6 +419,10 @@ class ModelConfig:
                               f"num_heads = {r.num_heads}")
         if (r.hidden_size // r.num_heads) % 2:
             raise ConfigError(f"{prefix}: head dim {r.hidden_size // r.num_heads} must be even")
+        if r.positions == "rope" and r.hidden_size // r.num_heads < 8:
+            raise ConfigError(f"{prefix}.positions = rope: head dim {r.hidden_size // r.num_heads} (hidden_size / "
+                              "num_heads) is too small to rotate by frame, row and column; give each head at "
+                              "least 8 channels (fewer heads or a larger hidden_size), or positions sincos")
         if self.mlp_ratio <= 0:
             raise ConfigError(f"{prefix}.mlp_ratio = {self.mlp_ratio}: must be > 0 (the MLP's width as a "
                               "multiple of hidden_size; DiT uses 4.0)")
