@@ -222,8 +222,16 @@ class Family:
         """What a checkpoint keeps of the family (beside the model config and dims)."""
         return {"name": self.name}
 
+    def prepare_shapes(self, module: nn.Module, latent_shapes: Sequence, device: torch.device) -> None:
+        """Make what `module` keeps per latent shape (C, T, h, w) (position tables) for every
+        shape it will train on, before torch.compile traces it (`VideoDiT.prepare_grids`)."""
+        module.prepare_grids(latent_shapes, device)
+
     def summary(self) -> str:
-        return "the repo's VideoDiT, from random weights"
+        m = self.model_cfg
+        return (f"the repo's VideoDiT, from random weights: hidden {m.hidden_size}, depth {m.depth}, "
+                f"{m.num_heads} heads, patch {m.patch_t}x{m.patch_size}x{m.patch_size}, {m.attention} attention, "
+                f"qk-norm {'on' if m.qk_norm else 'off'}, positions {m.positions}")
 
     def export(self, module: nn.Module, out_dir: str) -> Optional[str]:
         """Write `module`'s weights back in diffusers' format; None for the repo's own DiT."""
@@ -344,6 +352,9 @@ class PretrainedFamily(Family):
 
     def lora_target_modules(self) -> tuple[str, ...]:
         return tuple(self.lora.targets) if self.lora.targets else self.lora_targets
+
+    def prepare_shapes(self, module: nn.Module, latent_shapes: Sequence, device: torch.device) -> None:
+        """Nothing kept per shape by default (Wan builds its rotary positions inside its forward)."""
 
     def record(self) -> dict:
         return {"name": self.name, "class_name": self.class_name, "path": self.folder,
@@ -588,6 +599,10 @@ class CogVideoXFamily(PretrainedFamily):
     def text_convention(self, max_length: Optional[int]) -> TextConvention:
         return TextConvention("full_padded", encoder_mask=False, model_mask=False, null="empty",
                               length=self.text_length(max_length))
+
+    def prepare_shapes(self, module: nn.Module, latent_shapes: Sequence, device: torch.device) -> None:
+        for _, frames, height, width in latent_shapes:  # the rotary tables `call` reads, made before compile
+            self._rotary_embeddings(frames, height, width, device)
 
     def _rotary_embeddings(self, frames: int, height: int, width: int, device: torch.device):
         """CogVideoXPipeline's `_prepare_rotary_positional_embeddings` for latents (T, h, w):

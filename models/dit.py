@@ -572,6 +572,18 @@ class VideoDiT(nn.Module):
             self._pos_tables[key] = table
         return table
 
+    def prepare_grids(self, latent_shapes, device: torch.device) -> None:
+        """Make and keep the position tables of every latent shape (C, T, h, w) the model will
+        be called on (the buckets) before torch.compile traces it: a table made inside a compiled
+        call changes the cache the next call reads, and dynamo would compile that shape twice."""
+        p, pt = self.cfg.patch_size, self.cfg.patch_t
+        for _, frames, height, width in latent_shapes:
+            grid = (frames // pt, height // p, width // p)
+            if self.cfg.positions == "sincos":
+                self.positions(grid, device)
+            else:
+                self.rotary(grid, device)
+
     def rotary(self, grid: tuple[int, int, int], device: torch.device) -> dict:
         """The rotary tables of a token grid (`video_rope`), computed once per (grid, device) and
         kept; float32 whatever the model's dtype (apply_rotary_emb rotates in float32)."""

@@ -52,6 +52,8 @@
 #   cogvideox_i2v_lora
 #                the same for a LoRA on a tiny CogVideoX image-to-video transformer (image latents
 #                on the channels), trained with model.first_frame_conditioning=0.95
+#   buckets      data.buckets auto over three aspect ratios and stills, model.positions rope, bf16,
+#                compile (a shape per bucket): loss falling, samples written for every bucket
 #   benchmark    bench.py --real-size --compile: a DiT-B/2 step on 16 x 32 x 32 latents, samples/s > 0, MFU
 # All runs go into a temporary runs dir (kept, with one log per step, when a step fails or
 # GPU_CHECK_KEEP=1). Without CUDA it stops at once with exit status 1.
@@ -95,6 +97,8 @@ if [ -z "$DRY" ]; then
   PRED=(num_videos=$PRED_N num_steps=20)
   DDP=(train.max_steps=100)
   FSDP_CKPT=50
+  BUCKETS=(train.max_steps=200 validation.num_steps=20 "data.builtin.resolutions=[[24,40],[40,24],32]"
+           data.builtin.num_stills=64)
   AGREE=(train.max_steps=20)
   VIDEO=(train.max_steps=30 vae.dtype=bf16)
   WORKER_STEPS=30
@@ -120,6 +124,7 @@ else
   PRED=(num_videos=$PRED_N num_steps=2)
   DDP=("${DIT[@]}")
   FSDP_CKPT=4
+  BUCKETS=("${DIT[@]}" "data.builtin.resolutions=[[16,24],[24,16],16]" data.builtin.num_stills=4 data.bucket_area=256)
   AGREE=("${DIT[@]}")
   VIDEO=(data.resolution=16 data.num_frames=5 data.builtin.num_clips=4 data.builtin.clip_frames=9
          data.builtin.num_val_clips=2 train.max_steps=3 train.log_every=1 train.batch_size=2
@@ -218,6 +223,11 @@ step fsdp 'grep -q "parallel: fsdp" "$RUNS/fsdp/log.txt" && "${COND[@]}" loss "$
   "$PY" train_advanced.py --config config_advanced.yaml "${COMMON[@]}" "$VAE_PATH" experiment.name=fsdp \
   train.parallel=fsdp train.precision=bf16 train.compile=true train.activation_checkpointing=true \
   "train.checkpoint_every=$FSDP_CKPT" validation.every_epochs=1 "${DIT[@]}" "${EXTRA[@]}"
+
+step buckets 'grep -q "positions rope" "$RUNS/buckets/log.txt" && "${COND[@]}" loss "$RUNS/buckets/log.txt" --falling && n=$(ls -d "$RUNS"/buckets/samples/*/*x*x*/ | wc -l) && echo "$n bucket sample folders" && [ "$n" -ge 3 ]' \
+  "$PY" train_advanced.py --config config_advanced.yaml "${COMMON[@]}" "$VAE_PATH" experiment.name=buckets \
+  data.buckets=auto model.positions=rope train.precision=bf16 train.compile=true validation.every_epochs=1 \
+  "${BUCKETS[@]}" "${EXTRA[@]}"
 
 step ddp_fp32 '"${COND[@]}" loss "$RUNS/ddp32/log.txt"' \
   "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" train_advanced.py \

@@ -307,3 +307,32 @@ def test_float_and_int_timesteps_agree():
     randomize_zero_init(model)
     x = latents(2, 2, 4)
     assert torch.allclose(model(x, torch.tensor([7, 999])), model(x, torch.tensor([7.0, 999.0])))
+
+
+def test_compiled_buckets_compile_each_shape_once_per_grad_mode():
+    """torch.compile over bucket shapes (dynamo alone, backend eager: no code generation): with
+    the tables made beforehand (`prepare_grids`, what stage 2 does for data.buckets) each shape
+    compiles once in training and once under no_grad, and a second pass compiles nothing; the
+    limit `allow_recompiles` sets holds them all (dynamo's default, 8, would not)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from training.parallel import allow_recompiles
+    shapes = [(C, 4, 6, 10), (C, 4, 10, 6), (C, 1, 8, 8)]
+    with torch._dynamo.config.patch(recompile_limit=8):
+        assert allow_recompiles(len(shapes)) == (8, 20) and allow_recompiles(len(shapes)) is None
+        assert torch._dynamo.config.recompile_limit == 20
+    model = VideoDiT(tiny_cfg(positions="rope"), C, 4, 8, num_classes=3)  # sincos: the same cache
+    model.prepare_grids(shapes, torch.device("cpu"))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    graphs = []
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            for _ in range(2):
+                for shape in shapes:
+                    batch = 2 if shape[1] > 1 else 5
+                    compiled(torch.randn(batch, *shape), torch.rand(batch) * 999, torch.zeros(batch, dtype=torch.long))
+                graphs.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert graphs == [3, 3, 6, 6]

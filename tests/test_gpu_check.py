@@ -46,7 +46,7 @@ def test_every_step_command_is_accepted_by_its_script():
             name, command = line[4:].split(":", 1)
             steps[name] = shlex.split(command)
     assert list(steps) == ["stage1", "stage2_bf16", "agreement", "stage2_fp16", "predict", "diagnose",
-                           "torchrun", "fsdp", "ddp_fp32", "fsdp_vs_ddp", "video_vae", "workers", "evaluate", "flow",
+                           "torchrun", "fsdp", "buckets", "ddp_fp32", "fsdp_vs_ddp", "video_vae", "workers", "evaluate", "flow",
                            "text", "first_frames", "image_to_video", "wan_lora", "wan_full", "cogvideox_lora",
                            "cogvideox_full", "cogvideox_i2v_lora", "benchmark"]
     for name, argv in steps.items():
@@ -61,6 +61,10 @@ def test_every_step_command_is_accepted_by_its_script():
                        [a for a in steps["fsdp"] if "=" in a and not a.startswith("-")])
     assert (fsdp.train.parallel, fsdp.train.precision, fsdp.train.compile, fsdp.train.activation_checkpointing) \
         == ("fsdp", "bf16", True, True) and "torch.distributed.run" not in steps["fsdp"]  # world size 1
+    buckets = load_config(TrainRunConfig, os.path.join(ROOT, "config_advanced.yaml"),
+                          [a for a in steps["buckets"] if "=" in a and not a.startswith("-")])
+    assert (buckets.data.buckets, buckets.model.positions, buckets.train.precision, buckets.train.compile) \
+        == ("auto", "rope", "bf16", True) and buckets.data.builtin.num_stills > 0
     assert "train.parallel=fsdp" in steps["fsdp_vs_ddp"] and "train.parallel=fsdp" not in steps["ddp_fp32"]
     assert all("train.precision=fp32" in steps[k] and "--nproc_per_node=2" in steps[k] for k in ("ddp_fp32", "fsdp_vs_ddp"))
     bf16 = load_config(TrainRunConfig, os.path.join(ROOT, "config_advanced.yaml"),

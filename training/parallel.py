@@ -247,6 +247,21 @@ class Sharded(Replicated):
         return model_from_checkpoint(load_checkpoint(latest), use_ema, "cpu", latest)
 
 
+def allow_recompiles(shapes: int) -> Optional[tuple[int, int]]:
+    """torch.compile with `shapes` latent shapes (data.buckets): dynamo compiles each shape once
+    per grad mode (training; fsdp's compiled blocks also run validation) and per block kind
+    (spatial, temporal), and past `torch._dynamo.config.recompile_limit` (8) it runs new shapes
+    uncompiled, with a warning only. Raise the limit to 4 per shape + 8; returns (old, new), or
+    None when it was high enough already."""
+    import torch._dynamo
+    config = torch._dynamo.config
+    need = 4 * shapes + 8
+    if config.recompile_limit >= need:
+        return None
+    old, config.recompile_limit = config.recompile_limit, need
+    return old, need
+
+
 def parallel_for(kind: str, dist: DistInfo, device: torch.device, dtype: torch.dtype) -> Replicated:
     """`train.parallel`'s strategy."""
     return Sharded(dist, device, dtype) if kind == "fsdp" else Replicated(dist, device, dtype)

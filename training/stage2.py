@@ -32,7 +32,7 @@ from training.common import (Deadline, LoopHooks, LRPlan, Position, StepControl,
                              make_lr_schedule, maybe_no_sync, now, optimizer_step, out_of_memory,
                              restore_position, restore_rank_rng, run_epochs, seed_rank, total_steps)
 from training.outcome import signal_outcome, stage2_outcome, write_outcome
-from training.parallel import grad_bytes, local_state_bytes, memory_line, parallel_for
+from training.parallel import allow_recompiles, grad_bytes, local_state_bytes, memory_line, parallel_for
 from training.conditioning import TEXT_CACHE_DIR, Conditioning, conditioning_for_training
 from training.first_frames import FirstFrames
 from training.state import Stage2
@@ -132,6 +132,12 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
         bucket_loader(dataset, sampler, cfg, dist, device.type, cond.collate)  # text: captions looked up in the workers
     model = family.build(dims, device, base_dtype=dtype if family.pretrained else torch.float32)
     model.activation_checkpointing = tcfg.activation_checkpointing  # around each block call: before sharding
+    if buckets is not None:  # per-shape tables made now, not inside a compiled call
+        family.prepare_shapes(model, buckets.latent_shapes, device)
+        raised = allow_recompiles(len(buckets.latent_shapes)) if tcfg.compile else None
+        if raised:
+            log.info(f"compile: {len(buckets.latent_shapes)} bucket shapes, each compiled on first use; "
+                     f"torch._dynamo recompile_limit raised from {raised[0]} to {raised[1]}")
     parallel.prepare(model, family.blocks(model), tcfg.compile)  # fsdp: compile, shard (training/parallel.py)
     ema = parallel.make_ema(model, tcfg.ema_decay, tcfg.ema_warmup_steps)  # the trainable weights (a LoRA: adapters only)
     optimizer = make_adamw([p for p in model.parameters() if p.requires_grad], tcfg.lr, tcfg.betas,
@@ -166,8 +172,8 @@ def _family(cfg: TrainRunConfig, log: RunLogger) -> Family:
     folder's vae/ and text_encoder/, and the keys that depend on the schedule."""
     family = family_for(cfg.model)
     family.check_first_frames(cfg.model.first_frame_conditioning > 0, cfg.model.condition_frames)
+    log.info(f"model: {family.summary()}")
     if family.pretrained:
-        log.info(f"model: {family.summary()}")
         ignored = ignored_architecture_keys(cfg.model)
         if ignored:
             log.info(f"warning: {', '.join('model.' + k for k in ignored)} describe the repo's own DiT and are "
