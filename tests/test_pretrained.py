@@ -411,6 +411,40 @@ def test_architecture_keys_are_ignored_loudly_and_the_family_needs_text(pretrain
 # --------------------------------------------------------------------------- downstream
 
 
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_pretrained_families_train_and_predict_buckets(pretrained_pipelines, tmp_path, monkeypatch, name):
+    """data.buckets with a pretrained DiT (rotary positions: any grid): landscape and portrait
+    clips train at their own shapes, one bucket per step, and predict samples the portrait
+    bucket; CogVideoX's rotary tables for both shapes are made before training (prepare_shapes)."""
+    import imageio.v3 as iio
+    from models.backbones import CogVideoXFamily
+    frames = FAMILY[name]["frames"]
+    prepared = []
+    original = CogVideoXFamily.prepare_shapes
+
+    def spy(self, module, shapes, device):
+        prepared.extend(tuple(s) for s in shapes)
+        original(self, module, shapes, device)
+        assert {k[:3] for k in self._rotary} >= {tuple(s[1:]) for s in shapes}  # made, before any call
+    monkeypatch.setattr(CogVideoXFamily, "prepare_shapes", spy)
+    buckets = ", ".join(f"{{resolution: {r}, num_frames: {frames}, batch_size: 2}}" for r in ("[16, 32]", "[32, 16]"))
+    run = _ft(str(tmp_path), name, "run", pretrained_pipelines[name],
+              ["train.max_steps=4", f"data.buckets=[{buckets}]", "data.builtin.resolutions=[[16,32],[32,16]]"])
+    ckpt = load_checkpoint(os.path.join(run, "latest.pth"))
+    assert [b["resolution"] for b in ckpt["buckets"]] == [[16, 32], [32, 16]] and ckpt["step"] == 4
+    latent = FAMILY[name]["latent"]
+    assert [b["latent_shape"] for b in ckpt["buckets"]] == [[latent[0], latent[1], 4, 8], [latent[0], latent[1], 8, 4]]
+    assert prepared == ([] if name == "wan" else [tuple(b["latent_shape"]) for b in ckpt["buckets"]])
+    log = open(os.path.join(run, "log.txt")).read()
+    assert f"bucket 16x32x{frames}: 16x32 pixels" in log and f"bucket 32x16x{frames}: 32x16 pixels" in log
+    out = str(tmp_path / "out")
+    assert predict_advanced.main(["--config", os.path.join(ROOT, "predict_advanced.yaml"), "device=cpu",
+                                  f"checkpoint={run}/latest.pth", f"output_dir={out}", "num_videos=1", "num_steps=2",
+                                  f"sampler={FAMILY[name]['sampler']}", "prompts=[a red square moving left]",
+                                  "resolution=[32,16]", f"num_frames={frames}"]) == 0
+    assert iio.imread(os.path.join(out, "sample_000.mp4")).shape[:3] == (frames, 32, 16)
+
+
 @pytest.fixture(scope="module")
 def wan_lora_run(pretrained_pipelines, tmp_path_factory):
     """A LoRA on the tiny Wan, trained with first-frame conditioning (per-token timesteps)."""
