@@ -322,6 +322,7 @@ def test_a_bucketed_run_resumes_mid_epoch_bit_for_bit(tmp_path, random_vae):  # 
     assert sum(x["sources"] for x in report["buckets"]) == 6 + 4 and report["unused"] == []
     log = open(os.path.join(straight, "log.txt")).read()
     assert "bucket 24x24x1: 24x24 pixels, 1 frame(s), batch" in log and "train" in log
+    assert "note: buckets with model.positions sincos; rotary positions (model.positions=rope)" in log
     warned = [line for line in open(os.path.join(tmp_path, "resumed", "log.txt")).read().splitlines()
               if "data position" in line]
     assert not warned  # the position was restored, not skipped to the next epoch
@@ -410,6 +411,7 @@ def test_predict_samples_any_trained_bucket(bucketed_run, tmp_path, capsys, extr
     out = capsys.readouterr().out
     assert "trained buckets [16, 32] x 4, [24, 24] x 4, [32, 16] x 4" in out and "warning" not in out
     assert load_checkpoint(os.path.join(bucketed_run, "latest.pth"))["model"]["config"]["positions"] == "rope"
+    assert "note: buckets" not in open(os.path.join(bucketed_run, "log.txt")).read()  # rope: no advice
 
 
 def test_predict_warns_for_an_untrained_shape_and_refuses_one_the_patch_cannot_tile(bucketed_run, tmp_path, capsys):

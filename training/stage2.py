@@ -106,6 +106,9 @@ def setup(cfg: TrainRunConfig, run_dir: str, dist: DistInfo, device: torch.devic
         buckets = check_buckets(cfg, vae, family, rules, dataset.plan.buckets)
         sampler = bucket_sampler(dataset, cfg, dist)
         report_buckets(dataset, sampler, run_dir, dist, log)
+        if not family.pretrained and cfg.model.positions == "sincos":
+            log.info("note: buckets with model.positions sincos; rotary positions (model.positions=rope) "
+                     "sampled more coherent videos at every bucket shape here (docs/data.md#measured)")
     steps_per_epoch = check_epoch(len(dataset), tcfg, dist, tcfg.grad_accum_steps) if sampler is None \
         else sampler.per_rank // tcfg.grad_accum_steps
     ckpt = _checked_checkpoint(cfg, resume_path, vae, dims, cond, family, parallel.reads_shards()) \
