@@ -414,7 +414,7 @@ class VideoDiT(nn.Module):
         self.text_dim, self.pooled_dim = text_dim, pooled_dim
         self.input_shape = (in_channels, num_frames, latent_height, latent_width)  # (C, T, h, w)
         # (T', H', W') tokens per axis: N = T' * H' * W', S = H' * W' per latent frame
-        self.grid = (num_frames // cfg.patch_t, latent_height // cfg.patch_size, latent_width // cfg.patch_size)
+        self.grid = self.token_grid(self.input_shape)
         patch_dim = in_channels * cfg.patch_t * cfg.patch_size ** 2
         dim = cfg.hidden_size
 
@@ -541,14 +541,12 @@ class VideoDiT(nn.Module):
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"VideoDiT takes latents (B, C={self.in_channels}, T, h, w), got {tuple(x.shape)}")
         p, pt = self.cfg.patch_size, self.cfg.patch_t
-        grid = (x.shape[2] // pt, x.shape[3] // p, x.shape[4] // p)  # (T', H', W') tokens per axis
+        grid = self.token_grid(x.shape[1:])  # (T', H', W') tokens per axis
         batch, frames = x.shape[0], grid[0]
+        table, rope = self.position_inputs(grid, x.device)
         tokens = self.x_embed(patchify(x, pt, p))  # (B, N, D), N = T' * S
-        rope = None
-        if self.cfg.positions == "sincos":
-            tokens = tokens + self.positions(grid, x.device)
-        else:
-            rope = self.rotary(grid, x.device)
+        if table is not None:
+            tokens = tokens + table
         keys, key_mask, pooled_emb = self._text(text, text_mask, pooled, drop_text, batch)
         c = self.condition(t, y, batch, pooled_emb, x.shape[2])  # (B, D) or (B, T', D)
         for block in self.blocks:
@@ -572,17 +570,25 @@ class VideoDiT(nn.Module):
             self._pos_tables[key] = table
         return table
 
+    def token_grid(self, latent_shape) -> tuple[int, int, int]:
+        """(T', H', W') tokens per axis of latents (C, T, h, w)."""
+        p, pt = self.cfg.patch_size, self.cfg.patch_t
+        return latent_shape[1] // pt, latent_shape[2] // p, latent_shape[3] // p
+
+    def position_inputs(self, grid: tuple[int, int, int], device: torch.device
+                        ) -> tuple[Optional[torch.Tensor], Optional[dict]]:
+        """Where the tokens of `grid` are, as model.positions says: (the sin-cos table to add,
+        None) or (None, the rotary tables attention applies). Kept per grid once made."""
+        if self.cfg.positions == "sincos":
+            return self.positions(grid, device), None
+        return None, self.rotary(grid, device)
+
     def prepare_grids(self, latent_shapes, device: torch.device) -> None:
         """Make and keep the position tables of every latent shape (C, T, h, w) the model will
         be called on (the buckets) before torch.compile traces it: a table made inside a compiled
         call changes the cache the next call reads, and dynamo would compile that shape twice."""
-        p, pt = self.cfg.patch_size, self.cfg.patch_t
-        for _, frames, height, width in latent_shapes:
-            grid = (frames // pt, height // p, width // p)
-            if self.cfg.positions == "sincos":
-                self.positions(grid, device)
-            else:
-                self.rotary(grid, device)
+        for shape in latent_shapes:
+            self.position_inputs(self.token_grid(shape), device)
 
     def rotary(self, grid: tuple[int, int, int], device: torch.device) -> dict:
         """The rotary tables of a token grid (`video_rope`), computed once per (grid, device) and
