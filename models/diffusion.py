@@ -618,11 +618,19 @@ class CleanPrefix:
 
     def __init__(self, model_fn: ModelFn, frames: torch.Tensor):
         self.model_fn, self.frames, self.k = model_fn, frames, frames.shape[2]
+        self._tiled: dict = {}  # (batch, dtype, device) -> frames tiled to that batch
+
+    def tiled(self, x: torch.Tensor) -> torch.Tensor:
+        """`frames` tiled to x's batch (twice under guidance) in x's dtype: made once per call
+        shape, not at every sampler step."""
+        key = (x.shape[0], x.dtype, x.device)
+        if key not in self._tiled:
+            self._tiled[key] = self.frames.repeat(x.shape[0] // self.frames.shape[0], 1, 1, 1, 1).to(x.dtype)
+        return self._tiled[key]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, *args, **cond) -> torch.Tensor:
-        reps = x.shape[0] // self.frames.shape[0]  # 2 under guidance
         x = x.clone()
-        x[:, :, :self.k] = self.frames.repeat(reps, 1, 1, 1, 1).to(x.dtype)
+        x[:, :, :self.k] = self.tiled(x)
         t = t[:, None].repeat(1, x.shape[2])  # (B, T)
         t[:, :self.k] = 0
         return self.model_fn(x, t, *args, **cond)
@@ -639,14 +647,17 @@ class GivenImage(CleanPrefix):
     CogVideoXImageToVideoPipeline gives it); x and t are the sampler's, and nothing is put back
     into the result: the model generates the first frames too."""
 
+    def __init__(self, model_fn: ModelFn, frames: torch.Tensor):
+        super().__init__(model_fn, frames)
+        self._image: Optional[torch.Tensor] = None  # the image input of the last call shape
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor, *args, **cond) -> torch.Tensor:
-        key = (x.shape, x.dtype, x.device)
-        if getattr(self, "_key", None) != key:  # built once per call shape, not at every step
-            reps = x.shape[0] // self.frames.shape[0]
-            self._image = torch.zeros_like(x)
-            self._image[:, :, :self.k] = self.frames.repeat(reps, 1, 1, 1, 1).to(x.dtype)
-            self._key = key
-        return self.model_fn(x, t, *args, image=self._image, **cond)
+        image = self._image
+        if image is None or (image.shape, image.dtype, image.device) != (x.shape, x.dtype, x.device):
+            image = torch.zeros_like(x)  # built once per call shape, not at every step
+            image[:, :, :self.k] = self.tiled(x)
+            self._image = image
+        return self.model_fn(x, t, *args, image=image, **cond)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return x
